@@ -1,0 +1,649 @@
+"""Layer 2: NCCL communicators made from a unique id, outside any torch.distributed group.
+
+``group()`` defers: send/recv calls inside it are validated and queued, and the whole batch
+is issued (ncclGroupStart, the ops, ncclGroupEnd) when the outermost ``group()`` exits
+without an exception. An exception inside the block therefore launches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import _buffers
+from ._nccl import cuda as _cuda
+from ._nccl import library as _library
+from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
+from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
+
+__all__ = ["UniqueId", "Communicator", "group", "library_path", "nccl_version", "DEFAULT_TIMEOUT"]
+
+TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+_REDOPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
+
+
+def _default_timeout() -> float:
+    v = os.environ.get(TIMEOUT_ENV)
+    if v is None:
+        return DEFAULT_TIMEOUT
+    try:
+        t = float(v)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={v!r} is not a number of seconds") from None
+    if t <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {v}")
+    return t
+
+
+def library_path() -> str:
+    """Path of the libnccl this process uses (loading it by the discovery order if needed)."""
+    return _library.load().path
+
+
+def nccl_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the loaded libnccl."""
+    return _library.load().version
+
+
+class UniqueId:
+    """An ncclUniqueId: 128 opaque bytes made by one rank and shared with the others."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise TypeError(f"unique id must be bytes, got {type(raw).__name__}")
+        raw = bytes(raw)
+        if len(raw) != UNIQUE_ID_BYTES:
+            raise ValueError(f"unique id must be {UNIQUE_ID_BYTES} bytes, got {len(raw)}")
+        self._raw = raw
+
+    @classmethod
+    def generate(cls) -> UniqueId:
+        """A new id from ncclGetUniqueId (rank 0 calls this and shares the bytes)."""
+        return cls(_library.load().get_unique_id())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> UniqueId:
+        return cls(raw)
+
+    @classmethod
+    def from_hex(cls, text: str) -> UniqueId:
+        try:
+            raw = bytes.fromhex(text)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"unique id hex is not valid hex: {e}") from None
+        return cls(raw)
+
+    def hex(self) -> str:
+        return self._raw.hex()
+
+    def __bytes__(self) -> bytes:
+        return self._raw
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UniqueId) and other._raw == self._raw
+
+    def __hash__(self) -> int:
+        return hash(self._raw)
+
+    def __repr__(self) -> str:
+        return f"UniqueId({self._raw[:8].hex()}...)"
+
+
+# ---- groups --------------------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _state():
+    st = getattr(_tls, "st", None)
+    if st is None:
+        st = _tls.st = _GroupState()
+    return st
+
+
+class _GroupState:
+    __slots__ = ("depth", "ops", "comms")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.ops: list = []
+        self.comms: dict[int, Communicator] = {}
+
+
+class group:
+    """Context manager fusing the send/recv/collectives inside it into one NCCL group.
+
+    Nests. Ops are issued when the outermost group exits normally; on an exception nothing
+    queued inside this (inner) group is issued. For non-blocking communicators the exit waits
+    (polling ncclCommGetAsyncError) until the launch completed, up to each communicator's
+    timeout; a timeout aborts that communicator and raises NcclTimeoutError.
+    """
+
+    __slots__ = ("_mark", "_st")
+
+    def __enter__(self):
+        st = self._st = _state()
+        st.depth += 1
+        self._mark = len(st.ops)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        st = self._st
+        st.depth -= 1
+        if exc_type is not None:
+            del st.ops[self._mark :]
+            if st.depth == 0:
+                st.comms.clear()
+            return False
+        if st.depth == 0:
+            ops, st.ops = st.ops, []
+            comms, st.comms = st.comms, {}
+            if ops:
+                _issue(ops, comms)
+        return False
+
+
+def _issue(ops: list, comms: dict) -> None:
+    lib = _library.load()
+    lib.group_start()
+    try:
+        run: list = []
+        for op in ops:
+            if op[0] is None:  # a deferred collective
+                if run:
+                    lib.issue_p2p(run)
+                    run = []
+                op[1]()
+            else:
+                run.append(op)
+        if run:
+            lib.issue_p2p(run)
+    finally:
+        rc = lib.group_end()
+    if rc == NCCL_IN_PROGRESS or any(not c._blocking for c in comms.values()):
+        for c in comms.values():
+            if not c._blocking:
+                c._wait_ready("ncclGroupEnd")
+
+
+# ---- communicator --------------------------------------------------------------------------
+
+
+def _parse_device(device) -> int | None:
+    if device is None:
+        return None
+    if isinstance(device, bool):
+        raise TypeError("device must be an int, 'cuda:N' or a torch.device, got bool")
+    if isinstance(device, int):
+        idx = device
+    elif isinstance(device, str):
+        s = device.strip()
+        if s.startswith("cuda"):
+            s = s[4:].lstrip(":") or "0"
+        try:
+            idx = int(s)
+        except ValueError:
+            raise ValueError(f"device {device!r} is not 'cuda:N' or an index") from None
+    elif getattr(device, "type", None) is not None:
+        if device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device, got {device}")
+        idx = device.index if device.index is not None else 0
+    else:
+        raise TypeError(f"device must be an int, 'cuda:N' or a torch.device, got {type(device).__name__}")
+    if idx < 0:
+        raise ValueError(f"device index must be >= 0, got {idx}")
+    return idx
+
+
+def _current_device() -> int:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    drv = _cuda.driver()
+    if drv is not None:
+        d = drv.current_device()
+        if d is not None:
+            return d
+    return 0
+
+
+class Communicator:
+    """A NCCL communicator over ``world_size`` ranks, one GPU each.
+
+    Args:
+        unique_id: the :class:`UniqueId` rank 0 generated (all ranks pass the same).
+        rank, world_size: this rank and the number of ranks.
+        device: CUDA device index (int, ``"cuda:N"`` or torch.device); None = current device.
+        blocking: False makes a non-blocking communicator: init and every grouped launch poll
+            ncclCommGetAsyncError until done, aborting and raising NcclTimeoutError after
+            ``timeout`` seconds. With blocking=True, init blocks inside NCCL until all ranks
+            join (no timeout possible there); ``timeout`` still bounds :meth:`wait`.
+        timeout: seconds; None = ``$EPLB_PYNCCL_TIMEOUT`` or 600.
+        max_ctas, min_ctas, comm_name, cga_cluster_size, net_name, split_share: ncclConfig_t
+            fields, refused with a clear error when the loaded NCCL is too old for them.
+
+    ``close()`` is collective (ncclCommFinalize + ncclCommDestroy: every rank must call it);
+    ``abort()`` is local. Garbage collection of an open communicator aborts it (never a
+    collective). As a context manager it closes on normal exit and aborts on an exception.
+    """
+
+    def __init__(
+        self,
+        unique_id: UniqueId,
+        rank: int,
+        world_size: int,
+        device=None,
+        *,
+        blocking: bool = True,
+        timeout: float | None = None,
+        max_ctas: int | None = None,
+        min_ctas: int | None = None,
+        comm_name: str | None = None,
+        cga_cluster_size: int | None = None,
+        net_name: str | None = None,
+        split_share: bool | None = None,
+    ) -> None:
+        self._comm = 0
+        self._comm_obj = None
+        self._state = "init"
+        if not isinstance(unique_id, UniqueId):
+            if isinstance(unique_id, (bytes, bytearray)):
+                unique_id = UniqueId(bytes(unique_id))
+            else:
+                raise TypeError(f"unique_id must be a UniqueId, got {type(unique_id).__name__}")
+        for name, v in (("rank", rank), ("world_size", world_size)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if timeout is None:
+            timeout = _default_timeout()
+        elif not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        for name, v in (("max_ctas", max_ctas), ("min_ctas", min_ctas)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if max_ctas is not None and min_ctas is not None and min_ctas > max_ctas:
+            raise ValueError(f"min_ctas ({min_ctas}) must be <= max_ctas ({max_ctas})")
+        dev = _parse_device(device)
+
+        lib = self._lib = _library.load()
+        options: dict[str, Any] = {
+            "blocking": None if blocking else 0,
+            "max_ctas": max_ctas,
+            "min_ctas": min_ctas,
+            "comm_name": comm_name,
+            "cga_cluster_size": cga_cluster_size,
+            "net_name": net_name,
+            "split_share": None if split_share is None else int(bool(split_share)),
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        # Config problems (option too new for this NCCL) are raised before any NCCL call.
+        if options:
+            from ._nccl.config import build_config
+
+            build_config(lib.version, **options)
+
+        drv = _cuda.driver()
+        if dev is None:
+            dev = _current_device()
+        if drv is not None:
+            n = drv.device_count()
+            if dev >= n:
+                raise ValueError(f"device {dev} does not exist: this machine has {n} CUDA device(s)")
+        self._rank = rank
+        self._world_size = world_size
+        self._device = dev
+        self._blocking = bool(blocking)
+        self._timeout = float(timeout)
+        self._scratch_ptr = 0
+
+        prev = drv.current_device() if drv is not None else None
+        if drv is not None:
+            drv.set_device(dev)
+        try:
+            self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+            self._comm_obj = lib.comm_obj(self._comm)
+            self._state = "open"
+            if not self._blocking:
+                self._wait_ready("ncclCommInitRankConfig")
+        finally:
+            if drv is not None and prev is not None and prev != dev:
+                drv.set_device(prev)
+        _live[id(self)] = weakref.ref(self)
+
+    @classmethod
+    def from_store(
+        cls,
+        store,
+        rank: int,
+        world_size: int,
+        device=None,
+        key: str = "eplb_pynccl/unique_id",
+        **kwargs,
+    ) -> Communicator:
+        """Make a communicator, sharing the unique id through a key-value store.
+
+        ``store`` is anything with ``set(key, bytes)`` and ``get(key) -> bytes`` where get
+        waits for the key (torch.distributed.TCPStore and FileStore do). Rank 0 generates the id
+        and sets it under ``key``; the others get it. No process group is created. Use a
+        different ``key`` for each communicator made through the same store.
+        """
+        if not (hasattr(store, "set") and hasattr(store, "get")):
+            raise TypeError(f"store must have set() and get(), got {type(store).__name__}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if rank == 0:
+            uid = UniqueId.generate()
+            store.set(key, bytes(uid))
+        else:
+            raw = store.get(key)
+            if isinstance(raw, str):
+                raw = raw.encode("latin-1")
+            uid = UniqueId.from_bytes(raw)
+        return cls(uid, rank, world_size, device, **kwargs)
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def device(self) -> int:
+        return self._device
+
+    @property
+    def nccl_version(self) -> tuple[int, int, int]:
+        return self._lib.version
+
+    @property
+    def blocking(self) -> bool:
+        return self._blocking
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def closed(self) -> bool:
+        return self._state != "open"
+
+    @property
+    def handle(self) -> int:
+        """The raw ncclComm_t (an int)."""
+        self._check_open()
+        return self._comm
+
+    def __repr__(self) -> str:
+        return (
+            f"Communicator(rank={self._rank}, world_size={self._world_size}, "
+            f"device={self._device}, state={self._state})"
+        )
+
+    # -- checks --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise CommunicatorStateError(f"communicator is {self._state}; no further operations are allowed")
+
+    def _op(self, buf, peer, stream, is_send: bool, name: str):
+        if self._comm_obj is None:
+            self._check_open()
+        if type(peer) is not int or not 0 <= peer < self._world_size:
+            if isinstance(peer, int) and not isinstance(peer, bool):
+                raise ValueError(f"peer must be in [0, {self._world_size}), got {peer}")
+            raise TypeError(f"peer must be an int, got {type(peer).__name__}")
+        ptr, nbytes, dev, hint = _buffers.resolve(buf, name)
+        if dev != self._device:
+            if dev == -2:  # raw pointer: check its device once per pointer if CUDA is there
+                dev = _buffers._pointer_device(ptr)
+            if dev >= 0 and dev != self._device:
+                raise ValueError(
+                    f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}"
+                )
+        s = stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
+        op = (is_send, ptr, nbytes, peer, self._comm_obj, self._lib.stream_obj(s))
+        st = getattr(_tls, "st", None) or _state()
+        if st.depth:
+            st.ops.append(op)
+            if not self._blocking:
+                st.comms[id(self)] = self
+        else:
+            _issue([op], {id(self): self})
+
+    # -- point to point ------------------------------------------------------------------
+    def send(self, buf, peer: int, stream=None) -> None:
+        """Send ``buf``'s bytes to ``peer`` (inside :func:`group` to pair with receives)."""
+        self._op(buf, peer, stream, True, "buf")
+
+    def recv(self, buf, peer: int, stream=None) -> None:
+        """Receive ``buf``'s size in bytes from ``peer`` into ``buf``."""
+        self._op(buf, peer, stream, False, "buf")
+
+    # -- collectives (small, for metadata) ----------------------------------------------
+    def _typed(self, buf, name):
+        ptr, nbytes, dev, hint = _buffers.resolve(buf, name)
+        if dev == -2:
+            dev = _buffers._pointer_device(ptr)
+        if dev >= 0 and dev != self._device:
+            raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+        dtype, size = _buffers.nccl_dtype(buf, name)
+        if dtype >= 10 and self._lib.version < (2, 24, 0):
+            raise TypeError(f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}")
+        return ptr, nbytes, dtype, size, hint
+
+    def _collective(self, fn, stream, hint) -> None:
+        s = self._lib.stream_obj(_buffers.stream_handle(stream, hint, self._device))
+        op = (None, lambda: fn(s))
+        st = _state()
+        if st.depth:
+            st.ops.append(op)
+            if not self._blocking:
+                st.comms[id(self)] = self
+        else:
+            _issue([op], {id(self): self})
+
+    def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
+        """All-reduce ``buf`` into ``out`` (in place when out is None)."""
+        self._check_open()
+        if op not in _REDOPS:
+            raise ValueError(f"op must be one of {sorted(_REDOPS)}, got {op!r}")
+        sptr, sbytes, dtype, size, hint = self._typed(buf, "buf")
+        rptr, rbytes = sptr, sbytes
+        if out is not None:
+            rptr, rbytes, rdtype, _, _ = self._typed(out, "out")
+            if rdtype != dtype:
+                raise TypeError("out must have the same dtype as buf")
+            if rbytes != sbytes:
+                raise ValueError(f"out has {rbytes} bytes but buf has {sbytes}")
+        lib, comm, count, red = self._lib, self._comm, sbytes // size, _REDOPS[op]
+        self._collective(lambda s: lib.all_reduce(sptr, rptr, count, dtype, red, comm, s), stream, hint)
+
+    def all_gather(self, buf, out, stream=None) -> None:
+        """Gather every rank's ``buf`` into ``out`` (world_size times buf's size, rank order)."""
+        self._check_open()
+        sptr, sbytes, dtype, size, hint = self._typed(buf, "buf")
+        rptr, rbytes, rdtype, _, _ = self._typed(out, "out")
+        if rdtype != dtype:
+            raise TypeError("out must have the same dtype as buf")
+        if rbytes != sbytes * self._world_size:
+            raise ValueError(
+                f"out has {rbytes} bytes; all_gather needs world_size * {sbytes} = {sbytes * self._world_size}"
+            )
+        lib, comm, count = self._lib, self._comm, sbytes // size
+        self._collective(lambda s: lib.all_gather(sptr, rptr, count, dtype, comm, s), stream, hint)
+
+    def broadcast(self, buf, root: int = 0, stream=None) -> None:
+        """Broadcast ``buf`` from ``root`` in place."""
+        self._check_open()
+        if not isinstance(root, int) or not 0 <= root < self._world_size:
+            raise ValueError(f"root must be in [0, {self._world_size}), got {root}")
+        ptr, nbytes, dtype, size, hint = self._typed(buf, "buf")
+        lib, comm, count = self._lib, self._comm, nbytes // size
+        self._collective(lambda s: lib.broadcast(ptr, ptr, count, dtype, root, comm, s), stream, hint)
+
+    # -- synchronisation and health ------------------------------------------------------
+    def _wait_ready(self, what: str) -> None:
+        deadline = time.monotonic() + self._timeout
+        try:
+            self._lib.wait_ready(self._comm, deadline, what)
+        except NcclTimeoutError:
+            self._mark_aborted()
+            raise
+
+    def async_error(self) -> NcclError | None:
+        """The communicator's asynchronous error as an NcclError, or None (in progress: None)."""
+        self._check_open()
+        code = self._lib.async_error(self._comm)
+        if code in (0, NCCL_IN_PROGRESS):
+            return None
+        return self._lib.error(code, "ncclCommGetAsyncError", self._comm)
+
+    def wait(self, stream=None, timeout: float | None = None) -> None:
+        """Wait until the work queued on ``stream`` so far is done, watching for NCCL errors.
+
+        ``stream`` None means torch's current stream on this device when torch is loaded,
+        else the default stream. Past ``timeout`` (default: the communicator's) or on an
+        asynchronous NCCL error the communicator is aborted and the error raised.
+        """
+        self._check_open()
+        drv = _cuda.driver()
+        if drv is None:
+            raise RuntimeError(f"wait() needs the CUDA driver: {_cuda.unavailable_reason()}")
+        hint = _buffers.HINT_TORCH if "torch" in sys.modules else _buffers.HINT_DEFAULT
+        s = _buffers.stream_handle(stream, hint, self._device)
+        t = self._timeout if timeout is None else float(timeout)
+        prev = drv.current_device()
+        drv.set_device(self._device)
+        ev = drv.event_create()
+        try:
+            drv.event_record(ev, s)
+            deadline = time.monotonic() + t
+            delay = 1e-5
+            while not drv.event_done(ev):
+                code = self._lib.async_error(self._comm)
+                if code not in (0, NCCL_IN_PROGRESS):
+                    err = self._lib.error(code, "wait", self._comm, "the communicator was aborted")
+                    self.abort()
+                    raise err
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise NcclTimeoutError(
+                        8, "operation timed out", "", "wait",
+                        f"stream work not done after {t:g} s; the communicator was aborted",
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 1e-3)
+        finally:
+            drv.event_destroy(ev)
+            if prev is not None and prev != self._device:
+                drv.set_device(prev)
+
+    def _scratch(self) -> int:
+        if not self._scratch_ptr:
+            self._scratch_ptr = self._lib.mem_alloc(4096)
+        return self._scratch_ptr
+
+    def barrier(self, stream=None, timeout: float | None = None) -> None:
+        """All ranks meet: a 1-element all-reduce, then :meth:`wait` (collective)."""
+        self._check_open()
+        drv = _cuda.driver()
+        if drv is not None:
+            drv.set_device(self._device)
+        ptr = self._scratch()
+        lib, comm = self._lib, self._comm
+        s = 0 if stream is None else _buffers.stream_handle(stream, 0, self._device)
+        self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, 7, 0, comm, so), s, 0)
+        self.wait(s, timeout)
+
+    def connect_peers(self, stream=None, timeout: float | None = None) -> None:
+        """Open the p2p connection to every peer now (collective): one tiny grouped exchange
+        with all ranks, so no lazy connection set-up happens later, in the middle of serving."""
+        self._check_open()
+        drv = _cuda.driver()
+        if drv is not None:
+            drv.set_device(self._device)
+        ptr = self._scratch()
+        s = 0 if stream is None else _buffers.stream_handle(stream, 0, self._device)
+        n = self._world_size
+        with group():
+            for k in range(1, n):
+                self.send((ptr, 4), (self._rank + k) % n, s)
+                self.recv((ptr + 64, 4), (self._rank - k) % n, s)
+        self.wait(s, timeout)
+
+    # -- registration --------------------------------------------------------------------
+    def register(self, buf) -> int:
+        """ncclCommRegister the buffer; returns a handle for :meth:`deregister`."""
+        self._check_open()
+        ptr, nbytes, _, _ = _buffers.resolve(buf, "buf")
+        return self._lib.comm_register(self._comm, ptr, nbytes)
+
+    def deregister(self, handle: int) -> None:
+        self._check_open()
+        self._lib.comm_deregister(self._comm, handle)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _mark_aborted(self) -> None:
+        self._state = "aborted"
+        self._comm_obj = None
+        _live.pop(id(self), None)
+
+    def close(self) -> None:
+        """Finalize and destroy (collective: every rank must call it). Idempotent."""
+        if self._state != "open":
+            return
+        lib, comm = self._lib, self._comm
+        drv = _cuda.driver()
+        if drv is not None:
+            drv.set_device(self._device)
+        if self._scratch_ptr:
+            lib.mem_free(self._scratch_ptr)
+            self._scratch_ptr = 0
+        rc = lib.comm_finalize(comm)
+        if rc == NCCL_IN_PROGRESS or not self._blocking:
+            self._wait_ready("ncclCommFinalize")
+        self._state = "closed"
+        self._comm_obj = None
+        _live.pop(id(self), None)
+        lib.comm_destroy(comm)
+
+    def abort(self) -> None:
+        """Abort (local, never collective): pending NCCL work is cancelled. Idempotent."""
+        if self._state not in ("open",):
+            return
+        self._mark_aborted()
+        self._lib.comm_abort(self._comm)
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_state", None) == "open":
+                self._state = "aborted"
+                self._lib.comm_abort(self._comm)
+        except Exception:
+            pass
+
+
+# Open communicators (for diagnostics; weak so GC still aborts them).
+_live: dict[int, weakref.ref] = {}

@@ -1,0 +1,164 @@
+"""Exceptions raised by eplb_pynccl.
+
+Two families:
+
+* Errors found by this package before anything reaches NCCL (bad arguments, a closed
+  communicator, a missing library) are ordinary Python exceptions: ``ValueError``,
+  ``TypeError``, :class:`CommunicatorStateError`, :class:`NcclLibraryError`.
+* Errors NCCL itself reports are :class:`NcclError` (``.code``, NCCL's error string and the
+  text of ``ncclGetLastError``), narrowed to a subclass callers can act on.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EplbPyncclError",
+    "NcclLibraryError",
+    "CommunicatorStateError",
+    "NcclError",
+    "NcclInvalidError",
+    "NcclSystemError",
+    "NcclInternalError",
+    "NcclRemoteError",
+    "NcclTimeoutError",
+    "RearrangeError",
+    "RESULT_NAMES",
+]
+
+# ncclResult_t values (checked against csrc_headers/eplb_nccl.h and nccl.h by the tests).
+RESULT_NAMES = {
+    0: "ncclSuccess",
+    1: "ncclUnhandledCudaError",
+    2: "ncclSystemError",
+    3: "ncclInternalError",
+    4: "ncclInvalidArgument",
+    5: "ncclInvalidUsage",
+    6: "ncclRemoteError",
+    7: "ncclInProgress",
+    8: "ncclTimeout",
+}
+
+
+class EplbPyncclError(Exception):
+    """Base class of every exception this package defines."""
+
+
+class NcclLibraryError(EplbPyncclError, OSError):
+    """libnccl could not be found, could not be loaded, or is too old."""
+
+
+class CommunicatorStateError(EplbPyncclError, RuntimeError):
+    """The communicator was closed or aborted (or an async handle already failed)."""
+
+
+class NcclError(EplbPyncclError):
+    """NCCL returned an error code.
+
+    Attributes:
+        code: the ``ncclResult_t`` value.
+        name: its enum name, e.g. ``"ncclInvalidUsage"``.
+        error_string: ``ncclGetErrorString(code)``.
+        last_error: ``ncclGetLastError`` text ("" when NCCL gave none).
+        function: the NCCL function (or operation) that failed.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        error_string: str = "",
+        last_error: str = "",
+        function: str = "",
+        detail: str = "",
+    ) -> None:
+        self.code = int(code)
+        self.name = RESULT_NAMES.get(self.code, f"ncclResult({self.code})")
+        self.error_string = error_string
+        self.last_error = last_error
+        self.function = function
+        self.detail = detail
+        parts = [f"{function} failed: " if function else "", f"{self.name} ({self.code})"]
+        if error_string:
+            parts.append(f": {error_string}")
+        if last_error:
+            parts.append(f"; NCCL last error: {last_error}")
+        if detail:
+            parts.append(f"; {detail}")
+        super().__init__("".join(parts))
+
+    def __reduce__(self):  # keep the attributes through pickling (multiprocessing)
+        return (
+            type(self),
+            (self.code, self.error_string, self.last_error, self.function, self.detail),
+        )
+
+
+class NcclInvalidError(NcclError, ValueError):
+    """ncclInvalidArgument / ncclInvalidUsage: the call was wrong; retrying will not help."""
+
+
+class NcclSystemError(NcclError):
+    """ncclUnhandledCudaError / ncclSystemError: CUDA, the driver or the OS failed."""
+
+
+class NcclInternalError(NcclError):
+    """ncclInternalError."""
+
+
+class NcclRemoteError(NcclError):
+    """ncclRemoteError: a peer failed or went away."""
+
+
+class NcclTimeoutError(NcclError, TimeoutError):
+    """An operation did not finish within its timeout (the communicator was aborted)."""
+
+
+_BY_CODE = {
+    1: NcclSystemError,
+    2: NcclSystemError,
+    3: NcclInternalError,
+    4: NcclInvalidError,
+    5: NcclInvalidError,
+    6: NcclRemoteError,
+    8: NcclTimeoutError,
+}
+
+
+def error_class(code: int) -> type[NcclError]:
+    """The NcclError subclass for an ncclResult_t code."""
+    return _BY_CODE.get(int(code), NcclError)
+
+
+class RearrangeError(EplbPyncclError, RuntimeError):
+    """A rearrangement failed part-way.
+
+    Attributes:
+        completed_layers: layers whose weights are entirely new (the engine should switch
+            its routing map for exactly these).
+        pending_layers: layers whose weights are entirely old.
+        peers: ranks involved in the failed exchange (may be empty when unknown).
+        cause: the underlying exception.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        completed_layers=(),
+        pending_layers=(),
+        peers=(),
+        cause: BaseException | None = None,
+    ) -> None:
+        self.completed_layers = sorted(int(x) for x in completed_layers)
+        self.pending_layers = sorted(int(x) for x in pending_layers)
+        self.peers = sorted(int(x) for x in peers)
+        self.cause = cause
+        self.message = message
+        super().__init__(
+            f"{message} (layers complete: {self.completed_layers}; layers still old: "
+            f"{self.pending_layers}; peers involved: {self.peers})"
+        )
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.message, self.completed_layers, self.pending_layers, self.peers, None),
+        )
