@@ -1,0 +1,69 @@
+# eplb_pynccl: the two commands users run are `make bench` and `make test`.
+#
+# Python: the ambient interpreter when it already has everything (a GPU machine with torch,
+# NCCL and cupy preinstalled, possibly without network); otherwise a virtual environment in
+# .venv with the package, its `test` and `cu12` extras, and the CPU torch on machines without
+# an NVIDIA driver.
+
+PYTHON ?= python3
+VENV ?= .venv
+# torch for machines without a GPU (a CPU build where the local index has one).
+TORCH_CPU_SPEC ?= torch==2.13.0
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+AMBIENT_OK := $(shell $(PYTHON) -c "import numpy, torch, pytest, hypothesis, importlib.util as u; assert u.find_spec('nvidia.nccl') or u.find_spec('torch')" >/dev/null 2>&1 && echo yes)
+
+ifeq ($(AMBIENT_OK)$(FORCE_VENV),yes)
+PY := $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+endif
+
+# NVLink multicast stays off everywhere this project starts NCCL.
+export NCCL_NVLS_ENABLE ?= 0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST ?= 1
+export NVSHMEM_DISABLE_NVLS ?= 1
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: test test-gpu bench lint test-abi setup clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+ifeq ($(GPU),yes)
+	$(VENV)/bin/python -m pip install -q -e '.[test,cu12,torch,bench]'
+else
+	$(VENV)/bin/python -m pip install -q '$(TORCH_CPU_SPEC)'
+	$(VENV)/bin/python -m pip install -q -e '.[test,cu12,bench]'
+endif
+	touch $@
+
+setup: $(SETUP)
+
+## make test: the whole suite (GPU tests skip, with their reason, where there is no GPU).
+test: $(SETUP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## make test-gpu: only the GPU suite, with the Python already there (no install).
+test-gpu:
+	$(PYTHON) -m pytest tests -m gpu $(PYTEST_ARGS)
+
+## make bench: every part the machine can run (see bench/README or `python -m bench.run -h`).
+bench: $(SETUP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+## make lint: ruff over the package, tests, bench and tools.
+lint: $(SETUP)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check eplb_pynccl tests bench tools
+
+## make test-abi: load one nvidia-nccl-cu12 wheel per NCCL minor (2.19 .. newest); downloads GBs.
+test-abi: $(SETUP)
+	$(PY) tools/abi_matrix.py
+
+clean:
+	rm -rf $(VENV) bench_out .pytest_cache .hypothesis

@@ -1,0 +1,608 @@
+"""Rearrangement planner: which expert rows move where when an EPLB placement changes.
+
+An engine holds, for each MoE layer, a weight tensor shaped ``[num_local_experts, ...]`` on
+each of ``ep_size`` ranks. A *placement map* is an integer array ``[num_layers,
+num_physical]`` giving the logical expert id held by every physical slot (``-1``: empty).
+Slot ``s`` lives on rank ``s // P`` at local row ``s % P`` with
+``P = num_physical // ep_size``.
+
+:func:`plan_rearrangement` turns an old and a new map into a :class:`RearrangementPlan`:
+
+* rows whose expert does not change, and rows whose new expert is ``-1``, are left alone;
+* a changed row whose new expert the same rank already holds (in the old map) is a *local
+  copy* of that row's old content (an unchanged holder row is preferred, then the lowest);
+* otherwise the expert crosses the network, at most once per (layer, receiving rank): the
+  lowest such row receives it and the rank's other rows needing it copy that row's *new*
+  content (``src_is_new``);
+* the sender is a rank holding the expert in the old map; when several do, senders are
+  chosen greedily to balance the number of rows each rank sends (cumulative over layers,
+  ties to the lower rank), preferring a holder on the receiver's node when
+  ``ranks_per_node`` is given.
+
+The planner is pure and deterministic: every rank computes the identical plan from the
+same maps, with no communication. All of it is numpy-vectorised except the greedy choice
+among several candidate senders, which loops in Python over just those requests.
+
+:func:`simulate` applies a plan to a model of the ranks (content = expert id per slot) and
+is what the tests use to check that a plan produces the new map.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement", "simulate"]
+
+_I64 = np.int64
+_KEY_LIMIT = 1 << 62  # composite sort keys must stay below this to fit in int64
+
+
+# ---------------------------------------------------------------------------------------
+# data structures
+# ---------------------------------------------------------------------------------------
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class RankPlan:
+    """The part of a :class:`RearrangementPlan` that concerns one rank.
+
+    Sends (``s_*``) are sorted by (layer, dst rank, dst row); receives (``r_*``) by
+    (layer, src rank, dst row). For any pair of ranks and any layer, the sender's list of
+    sends to the receiver and the receiver's list of receives from the sender are therefore
+    in the same order, which is what per-pair point-to-point matching needs.
+
+    Local copies (``c_*``) are sorted by (layer, dst row): copy row ``c_src_row`` into row
+    ``c_dst_row``; ``c_src_is_new`` False reads the source row's *old* content, True its
+    *new* content (after this layer's receives and old-content copies have landed).
+
+    ``s_expert``, ``r_expert`` and ``c_expert`` (the logical expert id moved) are extras
+    for logging and checking; the executor does not need them.
+    """
+
+    rank: int
+    s_layer: np.ndarray
+    s_peer: np.ndarray
+    s_src_row: np.ndarray
+    s_dst_row: np.ndarray
+    r_layer: np.ndarray
+    r_peer: np.ndarray
+    r_src_row: np.ndarray
+    r_dst_row: np.ndarray
+    c_layer: np.ndarray
+    c_src_row: np.ndarray
+    c_dst_row: np.ndarray
+    c_src_is_new: np.ndarray
+    s_expert: np.ndarray
+    r_expert: np.ndarray
+    c_expert: np.ndarray
+
+    @property
+    def num_sends(self) -> int:
+        return int(self.s_layer.shape[0])
+
+    @property
+    def num_recvs(self) -> int:
+        return int(self.r_layer.shape[0])
+
+    @property
+    def num_copies(self) -> int:
+        return int(self.c_layer.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"RankPlan(rank={self.rank}, sends={self.num_sends}, recvs={self.num_recvs}, "
+            f"copies={self.num_copies})"
+        )
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class RearrangementPlan:
+    """Everything that moves when the placement changes from ``old_map`` to ``new_map``.
+
+    Network transfers (one expert row each; ``t_*``, int64 arrays of equal length) are
+    sorted by (layer, src rank, dst rank, dst row). Local copies (``c_*``) are sorted by
+    (layer, rank, dst row); ``c_src_is_new`` marks copies that read the source row's *new*
+    content (the source row then receives the same expert over the network in the same
+    layer, and its own op is never itself ``src_is_new``).
+
+    ``source_needed[layer, slot]`` is True for rows whose *old* content is read by a send
+    or an old-content local copy; an executor must read (or stage) those before it
+    overwrites them. ``changed[layer, slot]`` is ``new != old and new != -1``: exactly the
+    rows that are written. All arrays are read-only.
+    """
+
+    num_layers: int
+    num_physical: int
+    ep_size: int
+    slots_per_rank: int
+    t_layer: np.ndarray
+    t_src_rank: np.ndarray
+    t_src_row: np.ndarray
+    t_dst_rank: np.ndarray
+    t_dst_row: np.ndarray
+    t_expert: np.ndarray
+    c_layer: np.ndarray
+    c_rank: np.ndarray
+    c_src_row: np.ndarray
+    c_dst_row: np.ndarray
+    c_expert: np.ndarray
+    c_src_is_new: np.ndarray
+    source_needed: np.ndarray
+    changed: np.ndarray
+
+    @property
+    def num_transfers(self) -> int:
+        return int(self.t_layer.shape[0])
+
+    @property
+    def num_copies(self) -> int:
+        return int(self.c_layer.shape[0])
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing moves (no transfers and no local copies)."""
+        return self.num_transfers == 0 and self.num_copies == 0
+
+    def rank_view(self, rank: int) -> RankPlan:
+        """The sends, receives and local copies of one rank."""
+        rank = _index(rank, "rank")
+        if not 0 <= rank < self.ep_size:
+            raise ValueError(f"rank must be in [0, {self.ep_size}), got {rank}")
+        # The plan order (layer, src, dst, dst_row) restricted to one src is
+        # (layer, dst, dst_row); restricted to one dst it is (layer, src, dst_row).
+        s = np.flatnonzero(self.t_src_rank == rank)
+        r = np.flatnonzero(self.t_dst_rank == rank)
+        c = np.flatnonzero(self.c_rank == rank)
+        return RankPlan(
+            rank=rank,
+            s_layer=_frozen(self.t_layer[s]),
+            s_peer=_frozen(self.t_dst_rank[s]),
+            s_src_row=_frozen(self.t_src_row[s]),
+            s_dst_row=_frozen(self.t_dst_row[s]),
+            r_layer=_frozen(self.t_layer[r]),
+            r_peer=_frozen(self.t_src_rank[r]),
+            r_src_row=_frozen(self.t_src_row[r]),
+            r_dst_row=_frozen(self.t_dst_row[r]),
+            c_layer=_frozen(self.c_layer[c]),
+            c_src_row=_frozen(self.c_src_row[c]),
+            c_dst_row=_frozen(self.c_dst_row[c]),
+            c_src_is_new=_frozen(self.c_src_is_new[c]),
+            s_expert=_frozen(self.t_expert[s]),
+            r_expert=_frozen(self.t_expert[r]),
+            c_expert=_frozen(self.c_expert[c]),
+        )
+
+    def sent_per_rank(self) -> np.ndarray:
+        """``[ep_size]``: number of expert rows each rank sends over the network."""
+        return np.bincount(self.t_src_rank, minlength=self.ep_size).astype(_I64)
+
+    def received_per_rank(self) -> np.ndarray:
+        """``[ep_size]``: number of expert rows each rank receives over the network."""
+        return np.bincount(self.t_dst_rank, minlength=self.ep_size).astype(_I64)
+
+    def layer_ranks_involved(self, layer: int) -> np.ndarray:
+        """Sorted rank ids that send, receive or copy anything in ``layer``."""
+        layer = _index(layer, "layer")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        t = self.t_layer == layer
+        c = self.c_layer == layer
+        hit = np.zeros(self.ep_size, dtype=bool)
+        hit[self.t_src_rank[t]] = True
+        hit[self.t_dst_rank[t]] = True
+        hit[self.c_rank[c]] = True
+        return np.flatnonzero(hit).astype(_I64)
+
+    def equals(self, other: RearrangementPlan) -> bool:
+        """Field-by-field equality (arrays compared by value and dtype)."""
+        if not isinstance(other, RearrangementPlan):
+            return False
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray):
+                if a.dtype != b.dtype or not np.array_equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"RearrangementPlan(num_layers={self.num_layers}, "
+            f"num_physical={self.num_physical}, ep_size={self.ep_size}, "
+            f"transfers={self.num_transfers}, copies={self.num_copies})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _positive(value, name: str) -> int:
+    v = _index(value, name)
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def _as_map(x, name: str) -> np.ndarray:
+    """numpy int64 [L, N] from a numpy array, a torch tensor or nested lists."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "numpy"):
+        # A torch tensor (or anything like one); torch itself is never imported here.
+        if hasattr(x, "detach"):
+            x = x.detach()
+        if hasattr(x, "cpu"):
+            x = x.cpu()
+        x = x.numpy()
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a 2-D integer array: {exc}") from None
+    kind = arr.dtype.kind
+    if kind not in "iu":
+        if arr.size == 0 and kind == "f":
+            arr = arr.astype(_I64)  # np.asarray([]) is float64
+        else:
+            raise TypeError(f"{name} must be an integer array, got {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D [num_layers, num_physical], got shape {tuple(arr.shape)}"
+        )
+    if kind == "u" and arr.size and int(arr.max()) > np.iinfo(_I64).max:
+        flat = int(np.argmax(arr.ravel() > np.iinfo(_I64).max))
+        layer, slot = divmod(flat, arr.shape[1])
+        raise ValueError(
+            f"{name}: layer {layer}, slot {slot} holds expert id {int(arr[layer, slot])}, "
+            "which does not fit in int64"
+        )
+    return np.ascontiguousarray(arr, dtype=_I64)
+
+
+def _check_ids(arr: np.ndarray, name: str, num_logical: int | None) -> None:
+    if arr.size == 0:
+        return
+    flat = arr.ravel()
+    if int(flat.min()) < -1:
+        i = int(np.argmax(flat < -1))
+        layer, slot = divmod(i, arr.shape[1])
+        raise ValueError(
+            f"{name}: layer {layer}, slot {slot} holds expert id {int(flat[i])}; "
+            "ids must be >= -1 (-1 = empty slot)"
+        )
+    if num_logical is not None and int(flat.max()) >= num_logical:
+        i = int(np.argmax(flat >= num_logical))
+        layer, slot = divmod(i, arr.shape[1])
+        raise ValueError(
+            f"{name}: layer {layer}, slot {slot} holds expert id {int(flat[i])}, "
+            f"which is >= num_logical ({num_logical})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------
+
+
+def plan_rearrangement(
+    old_map,
+    new_map,
+    ep_size: int,
+    *,
+    ranks_per_node: int | None = None,
+    num_logical: int | None = None,
+) -> RearrangementPlan:
+    """Plan the expert moves that turn placement ``old_map`` into ``new_map``.
+
+    Args:
+        old_map, new_map: integer arrays ``[num_layers, num_physical]`` (numpy, torch or
+            nested lists), slot -> logical expert id, ``-1`` = empty.
+        ep_size: number of expert-parallel ranks; must divide ``num_physical``.
+        ranks_per_node: when given, a sender on the receiver's node (``rank //
+            ranks_per_node``) is preferred over load balance.
+        num_logical: when given, every id must be below it.
+
+    Returns:
+        The :class:`RearrangementPlan`; identical on every rank for the same inputs.
+
+    Raises:
+        TypeError: a map that is not an integer array, a non-integer ``ep_size`` etc.
+        ValueError: bad shapes, ids out of range, ``num_physical`` not divisible by
+            ``ep_size``, or an expert the new map needs in a layer that the old map holds
+            nowhere in that layer.
+    """
+    ep = _positive(ep_size, "ep_size")
+    rpn = None if ranks_per_node is None else _positive(ranks_per_node, "ranks_per_node")
+    nlog = None if num_logical is None else _positive(num_logical, "num_logical")
+    old = _as_map(old_map, "old_map")
+    new = _as_map(new_map, "new_map")
+    if old.shape != new.shape:
+        raise ValueError(
+            "old_map and new_map must have the same shape, got "
+            f"{tuple(old.shape)} and {tuple(new.shape)}"
+        )
+    num_layers, num_physical = old.shape
+    if num_physical == 0:
+        raise ValueError("num_physical must be >= 1, got 0 (the maps have no slots)")
+    if num_physical % ep:
+        raise ValueError(f"num_physical ({num_physical}) is not divisible by ep_size ({ep})")
+    _check_ids(old, "old_map", nlog)
+    _check_ids(new, "new_map", nlog)
+    return _plan(old, new, ep, rpn)
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Bool mask: True where a run of equal keys starts."""
+    first = np.empty(sorted_keys.shape[0], dtype=bool)
+    if first.shape[0]:
+        first[0] = True
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    return first
+
+
+def _plan(old: np.ndarray, new: np.ndarray, ep: int, rpn: int | None) -> RearrangementPlan:
+    L, N = old.shape
+    P = N // ep
+    oldf = old.ravel()
+    newf = new.ravel()
+    changed = (newf != oldf) & (newf != -1)
+
+    # Expert codes for the composite keys: the ids themselves when the keys fit in int64,
+    # else dense codes (only for absurdly sparse ids).
+    max_id = int(max(oldf.max(), newf.max())) if oldf.size else -1
+    E = max_id + 1 if max_id >= 0 else 1
+    if (L + 1) * (ep + 1) * (E + 1) * 2 * (P + 1) >= _KEY_LIMIT:
+        uniq, inv = np.unique(np.concatenate([oldf, newf]), return_inverse=True)
+        inv = inv.astype(_I64)
+        if uniq[0] == -1:
+            inv -= 1
+        oldc, newc = inv[: oldf.size], inv[oldf.size :]
+        E = max(int(uniq.size), 1)
+    else:
+        oldc, newc = oldf, newf
+
+    # -- holders per (layer, rank, expert): the best old row ---------------------------
+    # flat slot index f = layer*N + rank*P + row, so f // P = layer*ep + rank ("lr").
+    fo = np.flatnonzero(oldc != -1)
+    lr_o = fo // P
+    prio = (newf[fo] != oldf[fo]).astype(_I64)  # 0: the row keeps its expert (preferred)
+    sv = ((lr_o * E + oldc[fo]) * 2 + prio) * P + (fo - lr_o * P)
+    sv.sort()
+    k = sv // (2 * P)
+    first = _group_starts(k)
+    h_key = k[first]  # sorted unique lr*E + e
+    h_row = sv[first] % P
+
+    # -- changed rows: local copy or network -------------------------------------------
+    fc = np.flatnonzero(changed)
+    lr_c = fc // P
+    row_c = fc - lr_c * P
+    key_c = lr_c * E + newc[fc]
+    if h_key.size:
+        pos = np.searchsorted(h_key, key_c)
+        np.minimum(pos, h_key.size - 1, out=pos)
+        local = h_key[pos] == key_c
+    else:
+        pos = np.zeros(fc.size, dtype=_I64)
+        local = np.zeros(fc.size, dtype=bool)
+
+    copy_src = np.empty(fc.size, dtype=_I64)
+    copy_src[local] = h_row[pos[local]]
+    is_copy = local.copy()
+    is_new = np.zeros(fc.size, dtype=bool)
+
+    # Network-bound rows: group by (layer, rank, expert); the lowest row receives.
+    net = np.flatnonzero(~local)  # positions in fc (slot order)
+    kn = key_c[net]
+    order = np.argsort(kn, kind="stable")
+    starts = _group_starts(kn[order])
+    lead = order[np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))]
+    dup = ~starts
+    dup_pos = net[order[dup]]
+    copy_src[dup_pos] = row_c[net[lead[dup]]]
+    is_copy[dup_pos] = True
+    is_new[dup_pos] = True
+    recv = net[np.sort(order[starts])]  # receiving rows, in slot order
+
+    # -- candidate senders: holders of (layer, expert) sorted by rank ------------------
+    lr_h = h_key // E
+    e_h = h_key - lr_h * E
+    l_h = lr_h // ep
+    r_h = lr_h - l_h * ep
+    sv2 = ((l_h * E + e_h) * ep + r_h) * P + h_row
+    sv2.sort()
+    g2 = sv2 // (ep * P)  # layer*E + expert
+    hs_rank = (sv2 // P) % ep
+    hs_row = sv2 % P
+
+    q_f = fc[recv]
+    q_lr = lr_c[recv]
+    q_l = q_lr // ep
+    q_dst = q_lr - q_l * ep
+    q_row = row_c[recv]
+    gq = q_l * E + newc[q_f]
+    lo = np.searchsorted(g2, gq, side="left")
+    hi = np.searchsorted(g2, gq, side="right")
+    cnt = hi - lo
+    if cnt.size and int(cnt.min()) == 0:
+        i = int(np.argmax(cnt == 0))
+        raise ValueError(
+            f"layer {int(q_l[i])}: new_map needs expert {int(newf[q_f[i]])}, "
+            "which old_map holds nowhere"
+        )
+    sel = lo.copy()
+    multi = np.flatnonzero(cnt > 1)
+    if multi.size:
+        sel[multi] = _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank)
+    t_src = hs_rank[sel]
+    t_srow = hs_row[sel]
+
+    # -- assemble ------------------------------------------------------------------------
+    torder = np.argsort(((q_l * ep + t_src) * ep + q_dst) * P + q_row, kind="stable")
+    t_layer = q_l[torder]
+    t_src_rank = t_src[torder]
+    t_src_row = t_srow[torder]
+    t_dst_rank = q_dst[torder]
+    t_dst_row = q_row[torder]
+    t_expert = newf[q_f][torder]
+
+    cp = np.flatnonzero(is_copy)  # slot order = (layer, rank, dst_row)
+    c_lr = lr_c[cp]
+    c_layer = c_lr // ep
+    c_rank = c_lr - c_layer * ep
+    c_dst_row = row_c[cp]
+    c_src_row = copy_src[cp]
+    c_src_is_new = is_new[cp]
+    c_expert = newf[fc[cp]]
+
+    needed = np.zeros(L * N, dtype=bool)
+    needed[t_layer * N + t_src_rank * P + t_src_row] = True
+    lp = np.flatnonzero(local)
+    needed[lr_c[lp] * P + copy_src[lp]] = True
+
+    return RearrangementPlan(
+        num_layers=int(L),
+        num_physical=int(N),
+        ep_size=int(ep),
+        slots_per_rank=int(P),
+        t_layer=_frozen(t_layer),
+        t_src_rank=_frozen(t_src_rank),
+        t_src_row=_frozen(t_src_row),
+        t_dst_rank=_frozen(t_dst_rank),
+        t_dst_row=_frozen(t_dst_row),
+        t_expert=_frozen(t_expert),
+        c_layer=_frozen(c_layer),
+        c_rank=_frozen(c_rank),
+        c_src_row=_frozen(c_src_row),
+        c_dst_row=_frozen(c_dst_row),
+        c_expert=_frozen(c_expert),
+        c_src_is_new=_frozen(c_src_is_new),
+        source_needed=_frozen(needed.reshape(L, N)),
+        changed=_frozen(changed.reshape(L, N)),
+    )
+
+
+def _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank) -> np.ndarray:
+    """Greedy sender choice for requests with several candidate holders.
+
+    Loads count rows sent per rank, cumulative over layers. Within a layer, the sends with
+    a single candidate (including those left with one after the node filter) are counted
+    first; then requests go in order of (number of candidates, dst rank, dst row), each
+    to the least-loaded candidate, ties to the lower rank. Returns the chosen index into
+    the holder arrays for each request in ``multi``.
+    """
+    forced = np.ones(q_l.size, dtype=bool)
+    forced[multi] = False
+    fl = np.bincount(q_l[forced] * ep + hs_rank[lo[forced]], minlength=L * ep)
+    cum = np.cumsum(fl.reshape(L, ep), axis=0)  # forced loads through each layer
+
+    ml = q_l[multi].tolist()
+    mlo = lo[multi].tolist()
+    mhi = hi[multi].tolist()
+    mdst = q_dst[multi].tolist()
+    mrow = q_row[multi].tolist()
+    rank_of = hs_rank.tolist()
+    extra = [0] * ep  # greedy-chosen sends so far, all layers
+    choice = [0] * len(ml)
+    n = len(ml)
+    i = 0
+    while i < n:
+        layer = ml[i]
+        j = i
+        while j < n and ml[j] == layer:
+            j += 1
+        load = [a + b for a, b in zip(cum[layer].tolist(), extra, strict=True)]
+        todo = []
+        for m in range(i, j):
+            cands = list(range(mlo[m], mhi[m]))
+            if rpn is not None:
+                node = mdst[m] // rpn
+                near = [c for c in cands if rank_of[c] // rpn == node]
+                if near:
+                    cands = near
+            if len(cands) == 1:
+                c = cands[0]
+                choice[m] = c
+                load[rank_of[c]] += 1
+                extra[rank_of[c]] += 1
+            else:
+                todo.append((len(cands), mdst[m], mrow[m], m, cands))
+        todo.sort(key=lambda t: t[:4])
+        for _, _, _, m, cands in todo:
+            best = cands[0]
+            best_load = load[rank_of[best]]
+            for c in cands[1:]:  # candidates ascend by rank: strict < keeps the lower rank
+                v = load[rank_of[c]]
+                if v < best_load:
+                    best, best_load = c, v
+            choice[m] = best
+            load[rank_of[best]] += 1
+            extra[rank_of[best]] += 1
+        i = j
+    return np.asarray(choice, dtype=_I64)
+
+
+# ---------------------------------------------------------------------------------------
+# simulation (for tests)
+# ---------------------------------------------------------------------------------------
+
+
+def simulate(plan: RearrangementPlan, old_map, new_map) -> np.ndarray:
+    """Apply ``plan`` to a model of the ranks and return the resulting map.
+
+    The model's content is the expert id held per slot, starting from ``old_map`` (``-1``
+    = unknown/garbage). Per layer, every send and every old-content local copy reads the
+    *old* state; ``src_is_new`` copies read the state after those have landed. Slots the
+    plan does not write keep their old content (so slots where ``new_map`` is ``-1`` may
+    hold anything). ``new_map`` is only used to check shapes.
+
+    Raises ValueError when the plan is ill-formed in a way the hazard model cannot give a
+    meaning to: a slot written twice in one layer, or a ``src_is_new`` copy whose source
+    row is not written by a receive or old-content copy of the same layer.
+    """
+    old = _as_map(old_map, "old_map")
+    new = _as_map(new_map, "new_map")
+    shape = (plan.num_layers, plan.num_physical)
+    if old.shape != shape or new.shape != shape:
+        raise ValueError(
+            f"maps must have the plan's shape {shape}, got {old.shape} and {new.shape}"
+        )
+    N, P = plan.num_physical, plan.slots_per_rank
+    oldf = old.ravel()
+    out = oldf.copy()
+
+    t_dst = plan.t_layer * N + plan.t_dst_rank * P + plan.t_dst_row
+    t_src = plan.t_layer * N + plan.t_src_rank * P + plan.t_src_row
+    base = plan.c_layer * N + plan.c_rank * P
+    c_dst = base + plan.c_dst_row
+    c_src = base + plan.c_src_row
+    nw = plan.c_src_is_new
+
+    written = np.concatenate([t_dst, c_dst])
+    if np.unique(written).size != written.size:
+        raise ValueError("plan writes some slot more than once in a layer")
+    first_wave = np.concatenate([t_dst, c_dst[~nw]])
+    if not np.isin(c_src[nw], first_wave).all():
+        raise ValueError("a src_is_new copy reads a row that no receive/old copy writes")
+
+    out[t_dst] = oldf[t_src]
+    out[c_dst[~nw]] = oldf[c_src[~nw]]
+    out[c_dst[nw]] = out[c_src[nw]]
+    return out.reshape(shape)

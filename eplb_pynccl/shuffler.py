@@ -1,0 +1,676 @@
+"""Layer 4: the expert-weight shuffler (executor).
+
+Given the plan (``planner.plan_rearrangement``), each rank moves its expert rows in *rounds*.
+A round is a set of whole layers, the same on every rank (computed from the global plan, with
+no communication), sized so that every rank's staging fits ``staging_bytes``. Per round:
+
+A. on the exchange stream: stash old rows that a local copy needs but that will be overwritten;
+   pack small tensors' rows (below ``pack_threshold`` bytes per row) into one buffer per peer;
+   in non-transactional mode also do local copies into rows nobody reads.
+B. one grouped exchange through the transport: large rows are sent straight from the weight
+   rows and received straight into destination rows where that is hazard-free (a row whose
+   old content no send or copy reads, non-transactional mode only), else into staging.
+C. once the host has seen B complete (so a failed exchange never reaches live weights):
+   copy staging into the live rows, then duplicate rows (copies of rows received this layer).
+
+Transactional mode (the default) writes no live row before C, so after any failure each layer
+is entirely old or entirely new, and :class:`~eplb_pynccl.RearrangeError` lists which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import RearrangeError
+from .planner import RearrangementPlan, plan_rearrangement
+from .transport import Transport
+
+__all__ = ["ExpertShuffler", "RearrangeStats", "RearrangeHandle"]
+
+_ALIGN = 16  # staging parts start 16-byte aligned (any dtype view, vector copies)
+DEFAULT_PACK_THRESHOLD = 1 << 20  # rows below 1 MiB are packed per peer
+DEFAULT_MAX_MESSAGES = 1024
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass
+class RearrangeStats:
+    """What one rearrangement did on this rank."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0  # point-to-point messages posted by this rank (sends + receives)
+    local_copies: int = 0  # expert rows copied on this rank (all tensors of a row count once)
+    experts_sent: int = 0
+    experts_received: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    planner_seconds: float = 0.0
+    peak_extra_bytes: int = 0  # staging device memory held at the peak
+    layers_changed: list = field(default_factory=list)
+
+
+@dataclass
+class _LayerWork:
+    layer: int
+    # sends: (peer, src_row) in plan order; recvs: (peer, dst_row, staged_slot or -1)
+    sends: list
+    recvs: list
+    copies_a: list  # (src_row, dst_row): done in phase A (non-transactional, dst unread)
+    stash: list  # (src_row, slot): phase A copies old rows into staging
+    copies_c: list  # (kind, a, dst_row): kind 's' = from stash slot a, 'r' = from live row a
+    copies_new: list  # (src_row, dst_row): phase C, after the rest (duplicates)
+    send_pack: dict  # peer -> list of src rows (small tensors, packed)
+    recv_pack: dict  # peer -> list of dst rows
+    need: int = 0
+
+
+class _Round:
+    __slots__ = ("index", "layers", "works", "event", "launched_at", "done")
+
+    def __init__(self, index, layers):
+        self.index = index
+        self.layers = layers
+        self.works = []
+        self.event = None
+        self.launched_at = 0.0
+        self.done = False
+
+
+class ExpertShuffler:
+    """Rearranges expert weights in place across the ranks of a transport.
+
+    Args:
+        transport: :class:`NcclTransport` or :class:`TorchTransport` (or another Transport).
+        expert_weights: ``expert_weights[layer] = [tensor, ...]``, each tensor shaped
+            ``[num_local_experts, ...]`` and contiguous, on the transport's device (TorchTransport
+            over gloo also takes CUDA tensors, staged through the host). Tensors keep their
+            storage: rearrangement writes into them.
+        staging_bytes: bound on extra device memory; default one layer of local experts
+            (the largest layer). Larger exchanges are split into rounds of whole layers.
+        pack_threshold: tensors whose row is smaller than this many bytes are packed into one
+            message per peer; larger rows travel as their own messages without a copy.
+        transactional: True (default): no live row is written before its layer's exchange has
+            completed, so a failure leaves every layer entirely old or entirely new.
+            False: rows nobody else reads are received into directly (less copying).
+        max_messages_per_round: cap on p2p messages one rank posts in one NCCL group.
+        ranks_per_node: prefer senders on the receiver's node (planner).
+        timeout: seconds a round may take before the transport is aborted (default: the
+            communicator's timeout for NcclTransport, else 600).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        expert_weights,
+        *,
+        staging_bytes: int | None = None,
+        pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+        transactional: bool = True,
+        max_messages_per_round: int = DEFAULT_MAX_MESSAGES,
+        ranks_per_node: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if not isinstance(transport, Transport):
+            raise TypeError(f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}")
+        import torch
+
+        self._torch = torch
+        self.transport = transport
+        self.rank = transport.rank
+        self.ep_size = transport.world_size
+        if isinstance(expert_weights, (str, bytes)) or not hasattr(expert_weights, "__len__"):
+            raise TypeError("expert_weights must be a list (per layer) of lists of tensors")
+        if len(expert_weights) == 0:
+            raise ValueError("expert_weights is empty: give at least one layer")
+        layers = []
+        rows = None
+        for li, ws in enumerate(expert_weights):
+            if isinstance(ws, torch.Tensor) or not hasattr(ws, "__len__") or len(ws) == 0:
+                raise TypeError(f"expert_weights[{li}] must be a non-empty list of tensors")
+            lw = []
+            for ti, t in enumerate(ws):
+                name = f"expert_weights[{li}][{ti}]"
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+                if t.dim() < 1:
+                    raise ValueError(f"{name} must have a leading expert dimension, got a 0-d tensor")
+                if not t.is_contiguous():
+                    raise ValueError(f"{name} is not contiguous")
+                transport.check_tensor(t, name)
+                if rows is None:
+                    rows = t.shape[0]
+                if t.shape[0] != rows:
+                    raise ValueError(
+                        f"{name} has {t.shape[0]} expert rows but expert_weights[0][0] has {rows}: "
+                        "every weight tensor holds the same local experts"
+                    )
+                lw.append(t)
+            layers.append(lw)
+        self.weights = layers
+        self.num_local = rows
+        self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
+        layer_bytes = max(sum(_align(b) for b in rb) for rb in self.row_bytes) * rows
+        if staging_bytes is None:
+            staging_bytes = layer_bytes
+        if not isinstance(staging_bytes, int) or staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
+        if not isinstance(pack_threshold, int) or pack_threshold < 0:
+            raise ValueError(f"pack_threshold must be a non-negative int, got {pack_threshold!r}")
+        if not isinstance(max_messages_per_round, int) or max_messages_per_round < 1:
+            raise ValueError(f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}")
+        self.staging_bytes = staging_bytes
+        self.pack_threshold = pack_threshold
+        self.transactional = bool(transactional)
+        self.max_messages = max_messages_per_round
+        self.ranks_per_node = ranks_per_node
+        if timeout is None:
+            comm = getattr(transport, "comm", None)
+            timeout = comm.timeout if comm is not None else 600.0
+        self.timeout = float(timeout)
+        self.device = layers[0][0].device
+        self._is_cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._is_cuda else None
+        self._active: RearrangeHandle | None = None
+        self._failed: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------
+    def plan(self, old_map, new_map) -> RearrangementPlan:
+        """The plan this shuffler would execute (pure; also validates the maps)."""
+        return plan_rearrangement(old_map, new_map, self.ep_size, ranks_per_node=self.ranks_per_node)
+
+    def rearrange(self, old_map, new_map, *, verify: bool = False, stream=None) -> RearrangeStats:
+        """Move the experts so every rank holds what ``new_map`` assigns to its slots (in place).
+
+        Synchronous: returns when every layer is done. ``stream`` (torch.cuda.Stream, default:
+        the current stream) is where the switch to new weights is ordered; the exchange runs on
+        the shuffler's own stream. Raises ValueError/TypeError before anything moves on bad
+        input, RearrangeError (naming complete and still-old layers) on a failure mid-way.
+        """
+        h = self.rearrange_async(old_map, new_map, verify=verify, stream=stream)
+        h.wait()
+        return h.stats
+
+    def rearrange_async(self, old_map, new_map, *, verify: bool = False, stream=None) -> RearrangeHandle:
+        """Start a rearrangement and return at once; drive it with ``handle.step()`` between
+        forward steps (same call order on every rank), or ``handle.wait()``.
+
+        Forced transactional: live weights change only inside ``step()``/``wait()``, on the
+        caller's stream, one whole layer at a time.
+        """
+        if self._failed is not None:
+            raise RearrangeError(
+                f"this shuffler's transport failed earlier ({self._failed!r}); make a new "
+                "communicator and shuffler",
+                cause=self._failed,
+            )
+        if self._active is not None and not self._active.done:
+            raise RuntimeError("a rearrangement is already in progress on this shuffler; finish it first")
+        t0 = time.perf_counter()
+        plan = self.plan(old_map, new_map)
+        planner_s = time.perf_counter() - t0
+        if plan.num_layers != len(self.weights):
+            raise ValueError(
+                f"old_map/new_map have {plan.num_layers} layers but expert_weights has {len(self.weights)}"
+            )
+        if plan.slots_per_rank != self.num_local:
+            raise ValueError(
+                f"maps give {plan.slots_per_rank} slots per rank (num_physical {plan.num_physical} / "
+                f"ep_size {self.ep_size}) but the weight tensors have {self.num_local} expert rows"
+            )
+        if verify:
+            self._verify(plan, old_map, new_map)
+        return RearrangeHandle(self, plan, planner_s, stream)
+
+    def _verify(self, plan, old_map, new_map) -> None:
+        h = hashlib.sha256()
+        h.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
+        h.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
+        self.transport.fingerprint_check(h.digest(), "old_map/new_map")
+        h = hashlib.sha256()
+        for lw in self.weights:
+            for t in lw:
+                h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(b"|")
+        self.transport.fingerprint_check(h.digest(), "expert weight shapes/dtypes")
+
+    # ---- round construction (pure given the plan; identical on every rank) --------------
+    def _split(self, layer: int, packed: bool):
+        """(tensors sent as their own messages, tensors packed per peer) of a layer."""
+        rb = self.row_bytes[layer]
+        if not packed:
+            return list(range(len(rb))), []
+        thr = self.pack_threshold
+        return [i for i, b in enumerate(rb) if b >= thr], [i for i, b in enumerate(rb) if b < thr]
+
+    def _rounds(self, plan: RearrangementPlan, transactional: bool):
+        """Rounds of whole layers, identical on every rank (computed from the global plan).
+
+        Per layer: packing is used when the layer has rows under ``pack_threshold`` and every
+        rank's staging for it fits ``staging_bytes``; otherwise all its tensors travel as
+        their own messages (staging then only holds rows that cannot be written in place,
+        at most one layer). Returns (rounds, staging bytes per round, packed per layer).
+        """
+        P = plan.slots_per_rank
+        L, n = plan.num_layers, plan.ep_size
+        changed = plan.changed.reshape(L, n, P)
+        needed = plan.source_needed.reshape(L, n, P)
+        unsafe = changed if transactional else needed  # rows that may not be written before C
+        tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
+        cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
+        full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
+        stash = np.zeros((L, n), dtype=np.int64)
+        if cl.size:
+            st = ~cn & unsafe[cl, cr, cd] & changed[cl, cr, cs]
+            np.add.at(stash, (cl[st], cr[st]), full[cl[st]])
+        staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
+        pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
+
+        def needs(packed: bool):
+            big = np.zeros(L, dtype=np.int64)
+            small = np.zeros(L, dtype=np.int64)
+            nbig = np.zeros(L, dtype=np.int64)
+            nsmall = np.zeros(L, dtype=np.int64)
+            for layer in range(L):
+                b_ids, s_ids = self._split(layer, packed)
+                rb = self.row_bytes[layer]
+                big[layer] = sum(_align(rb[i]) for i in b_ids)
+                small[layer] = sum(rb[i] for i in s_ids)
+                nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
+            need = stash.copy()
+            msgs = np.zeros((L, n), dtype=np.int64)
+            if tl.size:
+                np.add.at(need, (tl[staged], td[staged]), big[tl[staged]])
+                np.add.at(need, (tl, td), small[tl])  # packed receives
+                np.add.at(need, (tl, ts), small[tl])  # packed sends
+                np.add.at(msgs, (tl, ts), nbig[tl])
+                np.add.at(msgs, (tl, td), nbig[tl])
+                hs = nsmall[pairs[0]] > 0
+                np.add.at(msgs, (pairs[0][hs], pairs[1][hs]), 1)
+                np.add.at(msgs, (pairs[0][hs], pairs[2][hs]), 1)
+                # alignment slack of packed parts: one per (peer, small tensor, direction)
+                need += np.where(need > 0, _ALIGN * 2 * n * nsmall[:, None], 0)
+            return need, msgs
+
+        need_p, msgs_p = needs(True)
+        need_u, msgs_u = needs(False)
+        has_small = np.array([bool(self._split(l, True)[1]) for l in range(L)])
+        packed = has_small & (need_p.max(axis=1) <= self.staging_bytes)
+        need = np.where(packed[:, None], need_p, need_u)
+        msgs = np.where(packed[:, None], msgs_p, msgs_u)
+        worst = need.max(axis=1)
+        active = np.flatnonzero(changed.reshape(L, -1).any(axis=1))
+        for layer in active:
+            if worst[layer] > self.staging_bytes:
+                r = int(need[layer].argmax())
+                raise ValueError(
+                    f"staging_bytes={self.staging_bytes} is too small: layer {layer} needs "
+                    f"{int(worst[layer])} bytes of staging on rank {r}"
+                    + (" (transactional)" if transactional else "")
+                    + "; raise staging_bytes (default: one layer of local experts)"
+                )
+        rounds = []
+        cur: list[int] = []
+        acc = np.zeros(n, dtype=np.int64)
+        macc = np.zeros(n, dtype=np.int64)
+        for layer in active:
+            if cur and (
+                (acc + need[layer]).max() > self.staging_bytes
+                or (macc + msgs[layer]).max() > self.max_messages
+            ):
+                rounds.append(cur)
+                cur, acc, macc = [], np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+            cur.append(int(layer))
+            acc += need[layer]
+            macc += msgs[layer]
+        if cur:
+            rounds.append(cur)
+        round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
+        return rounds, round_need, packed
+
+    def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool, slots) -> _LayerWork:
+        """This rank's ops for one layer; staging slots are handed out by ``slots``."""
+        P = plan.slots_per_rank
+        r = self.rank
+        base = r * P
+        changed = plan.changed[layer, base : base + P]
+        needed = plan.source_needed[layer, base : base + P]
+        unsafe = changed if transactional else needed
+        rb = self.row_bytes[layer]
+        big_ids, small_ids = self._split(layer, packed)
+        full = sum(_align(b) for b in rb)
+        big_bytes = sum(_align(rb[i]) for i in big_ids)
+
+        m = rv.s_layer == layer
+        sends = list(zip(rv.s_peer[m].tolist(), rv.s_src_row[m].tolist()))
+        m = rv.r_layer == layer
+        recvs = []
+        for peer, row in zip(rv.r_peer[m].tolist(), rv.r_dst_row[m].tolist()):
+            slot = slots(big_bytes) if (unsafe[row] and big_bytes) else -1
+            recvs.append((peer, row, slot))
+        m = rv.c_layer == layer
+        copies_a, stash, copies_c, copies_new = [], [], [], []
+        for src, dst, is_new in zip(
+            rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()
+        ):
+            if is_new:
+                copies_new.append((src, dst))
+            elif not unsafe[dst]:
+                copies_a.append((src, dst))
+            elif changed[src]:
+                slot = slots(full)
+                stash.append((src, slot))
+                copies_c.append(("s", slot, dst))
+            else:
+                copies_c.append(("r", src, dst))
+        send_pack: dict = {}
+        recv_pack: dict = {}
+        if small_ids:
+            for peer, src in sends:
+                send_pack.setdefault(peer, []).append(src)
+            for peer, dst, _ in recvs:
+                recv_pack.setdefault(peer, []).append(dst)
+        return _LayerWork(layer, sends, recvs, copies_a, stash, copies_c, copies_new, send_pack, recv_pack)
+
+
+def _host(x):
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
+
+
+class RearrangeHandle:
+    """A rearrangement in progress (see :meth:`ExpertShuffler.rearrange_async`).
+
+    ``step()`` launches and applies rounds; ``done``; ``wait(timeout)``; ``applied_layers``;
+    ``stats``. After a failure every call raises the same :class:`RearrangeError`.
+    """
+
+    def __init__(self, shuffler: ExpertShuffler, plan: RearrangementPlan, planner_s: float, stream) -> None:
+        self.s = shuffler
+        self.plan = plan
+        self.stats = RearrangeStats(planner_seconds=planner_s)
+        self._t0 = time.perf_counter()
+        self._user_stream = stream
+        rounds, needs, self._packed = shuffler._rounds(plan, shuffler.transactional)
+        self._rounds = [_Round(i, rl) for i, rl in enumerate(rounds)]
+        self.stats.rounds = len(rounds)
+        self.stats.layers_changed = [l for rl in rounds for l in rl]
+        self._next = 0  # next round to launch
+        self._inflight: _Round | None = None
+        self.applied_layers: list[int] = []
+        self._error: RearrangeError | None = None
+        self._rv = plan.rank_view(shuffler.rank)
+        torch = shuffler._torch
+        cap = max(needs) if needs else 0
+        self._staging = None
+        if cap:
+            self._staging = torch.empty(cap, dtype=torch.uint8, device=shuffler.device)
+            if shuffler._stream is not None:
+                self._staging.record_stream(shuffler._stream)
+        self.stats.peak_extra_bytes = cap
+        self._release = None  # event after the last consumer of staging
+        shuffler._active = self
+        if not rounds:
+            self._finish()
+
+    # ---- public ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._rounds) and self._inflight is None
+
+    @property
+    def pending_layers(self) -> list[int]:
+        return [l for r in self._rounds if not r.done for l in r.layers]
+
+    def step(self) -> list[int]:
+        """Apply the layers whose data has arrived (on the caller's current stream) and launch
+        the next round; returns the layers switched to new weights by this call."""
+        return self._advance(block=False)
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Run to completion (blocking); returns the layers applied by this call."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        applied = []
+        while not self.done:
+            applied += self._advance(block=True, deadline=deadline)
+        if self.s._is_cuda:
+            (self._user_stream or self.s._torch.cuda.current_stream(self.s.device)).synchronize()
+        self.stats.seconds = time.perf_counter() - self._t0
+        return applied
+
+    # ---- engine -----------------------------------------------------------------------------
+    def _advance(self, block: bool, deadline: float | None = None) -> list[int]:
+        if self._error is not None:
+            raise self._error
+        try:
+            applied = []
+            if self._inflight is None and self._next < len(self._rounds):
+                self._launch(self._rounds[self._next])
+                self._next += 1
+            rnd = self._inflight
+            if rnd is not None and self._arrived(rnd, block, deadline):
+                self._apply(rnd)
+                applied = list(rnd.layers)
+                self._inflight = None
+                if self._next < len(self._rounds):
+                    self._launch(self._rounds[self._next])
+                    self._next += 1
+            if self.done:
+                self._finish()
+            return applied
+        except RearrangeError:
+            raise
+        except BaseException as e:
+            self._fail(e)
+            raise self._error from e
+
+    def _fail(self, e: BaseException) -> None:
+        rnd = self._inflight
+        peers = set()
+        if rnd is not None:
+            for w in rnd.works:
+                peers.update(p for p, _ in w.sends)
+                peers.update(p for p, _, _ in w.recvs)
+        partial = [] if self.s.transactional or rnd is None else list(rnd.layers)
+        msg = f"rearrangement failed on rank {self.s.rank}: {type(e).__name__}: {e}"
+        if partial:
+            msg += f"; non-transactional mode: layers {partial} may be partly written"
+        self._error = RearrangeError(msg, self.applied_layers, self.pending_layers, peers, e)
+        self.s._failed = e
+        self._staging = None
+        self._inflight = None
+        self.s._active = None
+
+    def _finish(self) -> None:
+        self._staging = None
+        if self.s._active is self:
+            self.s._active = None
+
+    def _slots(self, rnd_base: list):
+        def take(nbytes: int) -> int:
+            off = rnd_base[0]
+            rnd_base[0] = off + _align(nbytes)
+            return off
+
+        return take
+
+    def _view(self, offset: int, rows: int, like):
+        """A [rows, *like.shape[1:]] tensor of like's dtype over staging at ``offset``."""
+        nbytes = rows * like[0].nbytes
+        return self._staging[offset : offset + nbytes].view(like.dtype).view(rows, *like.shape[1:])
+
+    def _launch(self, rnd: _Round) -> None:
+        s = self.s
+        torch = s._torch
+        cursor = [0]
+        take = self._slots(cursor)
+        rnd.works = [
+            s._layer_work(self.plan, self._rv, l, s.transactional, bool(self._packed[l]), take)
+            for l in rnd.layers
+        ]
+        sends, recvs = [], []
+        stream = s._stream
+        ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        with ctx:
+            if stream is not None:
+                if self._release is not None:
+                    stream.wait_event(self._release)  # staging is free again
+                else:  # first round: after the caller's earlier work on the weights
+                    stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
+            st = self.stats
+            for w in rnd.works:
+                W = s.weights[w.layer]
+                rb = s.row_bytes[w.layer]
+                big, small = s._split(w.layer, bool(self._packed[w.layer]))
+                # A: local copies into rows nobody reads; stash old rows that C needs.
+                for src, dst in w.copies_a:
+                    for t in W:
+                        t[dst].copy_(t[src])
+                for src, slot in w.stash:
+                    off = slot
+                    for t in W:
+                        self._view(off, 1, t)[0].copy_(t[src])
+                        off += _align(t[0].nbytes)
+                st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
+                # B: large rows straight from/to rows or staging.
+                for peer, src in w.sends:
+                    for i in big:
+                        sends.append((peer, W[i][src]))
+                for peer, dst, slot in w.recvs:
+                    off = slot
+                    for i in big:
+                        t = W[i]
+                        if slot < 0:
+                            recvs.append((peer, t[dst]))
+                        else:
+                            recvs.append((peer, self._view(off, 1, t)[0]))
+                            off += _align(t[0].nbytes)
+                # small tensors: one packed message per peer per layer
+                if small:
+                    w.recv_pack_bufs = {}
+                    for peer, rows in w.send_pack.items():
+                        parts = []
+                        for i in small:
+                            t = W[i]
+                            off = take(len(rows) * t[0].nbytes)
+                            v = self._view(off, len(rows), t)
+                            idx = torch.as_tensor(rows, device=t.device)
+                            torch.index_select(t, 0, idx, out=v)
+                            parts.append((off, len(rows) * t[0].nbytes))
+                        sends.append((peer, self._span(parts)))
+                    for peer, rows in w.recv_pack.items():
+                        parts = []
+                        for i in small:
+                            t = W[i]
+                            off = take(len(rows) * t[0].nbytes)
+                            parts.append((off, len(rows) * t[0].nbytes))
+                        w.recv_pack_bufs[peer] = parts
+                        recvs.append((peer, self._span(parts)))
+                nrow = sum(rb)
+                st.bytes_sent += nrow * len(w.sends)
+                st.bytes_received += nrow * len(w.recvs)
+                st.experts_sent += len(w.sends)
+                st.experts_received += len(w.recvs)
+            st.messages += len(sends) + len(recvs)
+            s.transport.exchange(sends, recvs, stream)
+            if stream is not None:
+                rnd.event = torch.cuda.Event()
+                rnd.event.record(stream)
+        rnd.launched_at = time.monotonic()
+        self._inflight = rnd
+
+    def _span(self, parts):
+        """One contiguous uint8 view covering consecutive staging parts (aligned, adjacent)."""
+        start = parts[0][0]
+        end = parts[-1][0] + parts[-1][1]
+        return self._staging[start:end]
+
+    def _arrived(self, rnd: _Round, block: bool, deadline: float | None) -> bool:
+        if rnd.event is None:
+            return True  # host transport: exchange() returned complete
+        s = self.s
+        limit = rnd.launched_at + s.timeout
+        if deadline is not None:
+            limit = min(limit, deadline)
+        delay = 2e-5
+        while True:
+            if rnd.event.query():
+                return True
+            poll = getattr(s.transport, "poll_error", None)
+            if poll is not None:
+                poll()
+            if time.monotonic() > limit:
+                abort = getattr(s.transport, "abort", None)
+                if abort is not None:
+                    abort()
+                raise TimeoutError(
+                    f"round {rnd.index} (layers {rnd.layers}) did not complete within "
+                    f"{limit - rnd.launched_at:.1f} s; the transport was aborted"
+                )
+            if not block:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-4)
+
+    def _apply(self, rnd: _Round) -> None:
+        s = self.s
+        torch = s._torch
+        if s._is_cuda:
+            cs = self._user_stream or torch.cuda.current_stream(s.device)
+            cs.wait_event(rnd.event)
+            ctx = torch.cuda.stream(cs)
+        else:
+            cs = None
+            ctx = _Null()
+        with ctx:
+            for w in rnd.works:
+                W = s.weights[w.layer]
+                rb = s.row_bytes[w.layer]
+                big, small = s._split(w.layer, bool(self._packed[w.layer]))
+                # staged receives
+                for _, dst, slot in w.recvs:
+                    if slot >= 0:
+                        off = slot
+                        for i in big:
+                            t = W[i]
+                            t[dst].copy_(self._view(off, 1, t)[0])
+                            off += _align(t[0].nbytes)
+                if small:
+                    for peer, rows in w.recv_pack.items():
+                        idx = torch.as_tensor(rows, device=W[0].device)
+                        for i, (off, _) in zip(small, w.recv_pack_bufs[peer]):
+                            t = W[i]
+                            t.index_copy_(0, idx, self._view(off, len(rows), t))
+                for kind, a, dst in w.copies_c:
+                    if kind == "s":
+                        off = a
+                        for t in W:
+                            t[dst].copy_(self._view(off, 1, t)[0])
+                            off += _align(t[0].nbytes)
+                    else:
+                        for t in W:
+                            t[dst].copy_(t[a])
+                for src, dst in w.copies_new:
+                    for t in W:
+                        t[dst].copy_(t[src])
+            if cs is not None:
+                self._release = torch.cuda.Event()
+                self._release.record(cs)
+        rnd.done = True
+        self.applied_layers.extend(rnd.layers)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

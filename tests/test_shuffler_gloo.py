@@ -1,0 +1,154 @@
+"""End to end on the CPU: ExpertShuffler over TorchTransport(gloo) with 2, 3 and 4 processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world, port, fn, args, q):
+    try:
+        import torch.distributed as dist
+
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            q.put((rank, "ok", fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        q.put((rank, "err", traceback.format_exc()))
+
+
+def run_gloo(fn, world, *args, timeout=120):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(world):
+            rank, status, val = q.get(timeout=timeout)
+            if status == "err":
+                raise AssertionError(f"rank {rank} failed:\n{val}")
+            out[rank] = val
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+
+SPECS = [
+    [((4, 6), "float8_e4m3fn"), ((6, 2), "bfloat16"), ((3,), "float32")],
+    [((5, 3), "bfloat16"), ((2, 2), "int32")],
+    [((40,), "float16")],
+]
+
+
+def _specs(names):
+    return [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in names]
+
+
+def _rearrange_job(rank, world, seed, rounds, pack_threshold, transactional, staging, max_messages=1024):
+    import torch as T
+
+    from eplb_pynccl import ExpertShuffler, TorchTransport
+    from tests.shuffle_util import check_weights, make_weights, random_maps
+
+    rng = np.random.default_rng(seed)
+    P = 3
+    specs = _specs(SPECS)
+    num_logical = max(2, world * P - 2)
+    old, new = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
+    weights = make_weights(T, specs, old, rank, world, "cpu")
+    ptrs = [[t.data_ptr() for t in ws] for ws in weights]
+    kw = {"pack_threshold": pack_threshold, "transactional": transactional, "max_messages_per_round": max_messages}
+    if staging is not None:
+        kw["staging_bytes"] = staging
+    sh = ExpertShuffler(TorchTransport(), weights, **kw)
+    results = []
+    cur = old
+    for _ in range(rounds):
+        _, nxt = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
+        # nxt must only need experts cur holds: reuse the generator's guarantee against cur
+        held = [set(cur[l][cur[l] >= 0].tolist()) for l in range(len(specs))]
+        for l in range(len(specs)):
+            for s in range(nxt.shape[1]):
+                if nxt[l, s] >= 0 and nxt[l, s] not in held[l]:
+                    nxt[l, s] = cur[l, s]
+        stats = sh.rearrange(cur, nxt, verify=True)
+        bad = check_weights(T, weights, nxt, rank, world)
+        results.append((bad, stats.bytes_sent, stats.bytes_received, stats.rounds))
+        # -1 slots hold junk now; a later map may not rely on them
+        cur = nxt
+    same = ptrs == [[t.data_ptr() for t in ws] for ws in weights]
+    # no change moves nothing
+    stats = sh.rearrange(cur, cur)
+    return results, same, (stats.bytes_sent, stats.bytes_received, stats.messages, stats.local_copies)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gloo_random_rearrangements_exact(world):
+    out = run_gloo(_rearrange_job, world, 100 + world, 3, 1 << 20, True, None)
+    for results, same, nochange in out:
+        for bad, *_ in results:
+            assert bad == []
+        assert same, "weights lost their storage"
+        assert nochange == (0, 0, 0, 0)
+    # bytes sent by all ranks equal bytes received by all ranks
+    for i in range(3):
+        assert sum(o[0][i][1] for o in out) == sum(o[0][i][2] for o in out)
+
+
+def test_gloo_direct_mode_and_small_staging_rounds():
+    # pack_threshold 0: every tensor as its own message; non-transactional: direct receives;
+    # a small staging bound forces several rounds.
+    out = run_gloo(_rearrange_job, 3, 7, 2, 0, False, 4096, 8)
+    for results, same, _ in out:
+        for bad, _, _, nrounds in results:
+            assert bad == []
+            assert nrounds >= 2
+        assert same
+
+
+def _too_small_job(rank, world):
+    import torch as T
+
+    from eplb_pynccl import ExpertShuffler, TorchTransport
+    from tests.shuffle_util import make_weights, random_maps
+
+    rng = np.random.default_rng(3)
+    old, new = random_maps(rng, 1, 6, world, 4)
+    weights = make_weights(T, [[((64,), T.float32)]], old, rank, world, "cpu")
+    before = [t.clone() for t in weights[0]]
+    sh = ExpertShuffler(TorchTransport(), weights, staging_bytes=64)
+    try:
+        sh.rearrange(old, new)
+    except ValueError as e:
+        return str(e), all(T.equal(a.view(T.uint8), b.view(T.uint8)) for a, b in zip(before, weights[0]))
+    return None, None
+
+
+def test_gloo_staging_too_small_is_refused_before_anything_moves():
+    for msg, unchanged in run_gloo(_too_small_job, 2):
+        assert msg is not None and msg.startswith("staging_bytes=64 is too small: layer 0 needs ")
+        assert "raise staging_bytes" in msg
+        assert unchanged
