@@ -77,6 +77,14 @@ _TYPESTR_NAMES = {
 }
 
 
+# (DLDataTypeCode, bits) -> name, for collectives on objects known only through DLPack.
+_DLPACK_NAMES = {
+    (0, 8): "int8", (0, 32): "int32", (0, 64): "int64",
+    (1, 8): "uint8", (1, 32): "uint32", (1, 64): "uint64",
+    (2, 16): "float16", (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16",
+}
+
+
 def _cai_buffer(obj, name):
     cai = obj.__cuda_array_interface__
     ptr = cai["data"][0]
@@ -147,6 +155,8 @@ def resolve(buf, name: str = "buf"):
     if adapter is None:
         adapter = _find_adapter(cls)
         if adapter is None:
+            if hasattr(buf, "__cuda_array_interface__"):  # set on the instance, not the class
+                return _cai_buffer(buf, name)
             raise TypeError(
                 f"{name} must be a torch CUDA tensor, a cupy array, an object with "
                 f"__cuda_array_interface__ or __dlpack__, or a (pointer, nbytes) tuple; got {cls.__name__}"
@@ -169,7 +179,11 @@ def dtype_name(buf) -> str | None:
     if isinstance(buf, tuple):
         return None
     if hasattr(buf, "__dlpack__"):
-        return None
+        info = read_capsule(buf.__dlpack__())
+        key = (info.dtype_code, info.dtype_bits)
+        if info.dtype_lanes == 1 and key in _DLPACK_NAMES:
+            return _DLPACK_NAMES[key]
+        return f"DLPack(code={info.dtype_code}, bits={info.dtype_bits}, lanes={info.dtype_lanes})"
     return None
 
 

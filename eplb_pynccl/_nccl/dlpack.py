@@ -44,6 +44,9 @@ class DLInfo(NamedTuple):
     shape: tuple[int, ...]
     strides: tuple[int, ...] | None  # in elements, None means C-contiguous
     itemsize: int
+    dtype_code: int = -1  # DLDataTypeCode (0 int, 1 uint, 2 float, 4 bfloat, 6 bool)
+    dtype_bits: int = 0
+    dtype_lanes: int = 1
 
 
 def read_capsule(capsule) -> DLInfo:
@@ -62,4 +65,7 @@ def read_capsule(capsule) -> DLInfo:
         shape,
         strides,
         itemsize,
+        t.dtype.code,
+        t.dtype.bits,
+        t.dtype.lanes,
     )

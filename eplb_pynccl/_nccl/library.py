@@ -187,6 +187,13 @@ class NcclLibrary:
             err = self.error(rc, name, comm.value)
             if comm.value:
                 self.fn("ncclCommAbort")(comm.value)
+            # A failed ncclCommInitRankConfig can leave this thread inside an NCCL group (seen
+            # with NCCL 2.32.3), which would hold back every later launch on the thread. This
+            # package never keeps an NCCL group open outside _issue, so end any such level.
+            end = self.fn("ncclGroupEnd")
+            for _ in range(16):
+                if end() != NCCL_SUCCESS:
+                    break
             raise err
         return comm.value or 0, rc
 
