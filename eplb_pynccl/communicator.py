@@ -175,6 +175,24 @@ def _issue(ops: list, comms: dict) -> None:
 
 # ---- communicator --------------------------------------------------------------------------
 
+_TORCH_TENSOR = None
+
+
+def _torch_tensor_cls():
+    """torch.Tensor once torch is imported (never imports it); a placeholder class before."""
+    global _TORCH_TENSOR
+    if _TORCH_TENSOR is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return _NoClass
+        _TORCH_TENSOR = torch.Tensor
+    return _TORCH_TENSOR
+
+
+class _NoClass:
+    pass
+
+
 
 def _parse_device(device) -> int | None:
     if device is None:
@@ -306,6 +324,7 @@ class Communicator:
         self._blocking = bool(blocking)
         self._timeout = float(timeout)
         self._scratch_ptr = 0
+        self._range = (0, 0)  # last raw-pointer allocation seen on this device
 
         prev = drv.current_device() if drv is not None else None
         if drv is not None:
@@ -398,23 +417,59 @@ class Communicator:
         if self._state != "open":
             raise CommunicatorStateError(f"communicator is {self._state}; no further operations are allowed")
 
-    def _op(self, buf, peer, stream, is_send: bool, name: str):
-        if self._comm_obj is None:
-            self._check_open()
-        if type(peer) is not int or not 0 <= peer < self._world_size:
-            if isinstance(peer, int) and not isinstance(peer, bool):
-                raise ValueError(f"peer must be in [0, {self._world_size}), got {peer}")
-            raise TypeError(f"peer must be an int, got {type(peer).__name__}")
+    def _raw_device(self, ptr: int, nbytes: int, name: str) -> None:
+        """Check a raw pointer is on this communicator's device (cached allocation range)."""
+        lo, hi = self._range
+        if lo <= ptr and ptr + nbytes <= hi:
+            return
+        drv = _cuda.driver()
+        r = drv.pointer_range(ptr) if drv is not None and ptr else None
+        if r is None:
+            return  # CUDA cannot tell (e.g. no driver): trust the caller
+        start, size, dev = r
+        if dev != self._device:
+            raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+        if ptr + nbytes > start + size:
+            raise ValueError(
+                f"{name}: {nbytes} bytes at {ptr:#x} run past the end of its allocation "
+                f"({start:#x} + {size} bytes)"
+            )
+        self._range = (start, start + size)
+
+    def _resolve(self, buf, name: str):
+        """(ptr, nbytes, stream hint) of a buffer, validated for this communicator."""
+        cls = type(buf)
+        if cls is tuple and len(buf) == 2:
+            ptr, nbytes = buf
+            if type(ptr) is not int or type(nbytes) is not int:
+                raise TypeError(f"{name}: a raw buffer is a (pointer: int, nbytes: int) tuple")
+            if nbytes < 0:
+                raise ValueError(f"{name}: nbytes must be >= 0, got {nbytes}")
+            if ptr <= 0 and nbytes:
+                raise ValueError(f"{name}: pointer must be a positive device address, got {ptr}")
+            self._raw_device(ptr, nbytes, name)
+            return ptr, nbytes, _buffers.HINT_DEFAULT
+        if cls is _torch_tensor_cls():
+            dev = buf.get_device()
+            if dev == self._device and buf.is_contiguous():
+                return buf.data_ptr(), buf.nbytes, _buffers.HINT_TORCH
         ptr, nbytes, dev, hint = _buffers.resolve(buf, name)
         if dev != self._device:
-            if dev == -2:  # raw pointer: check its device once per pointer if CUDA is there
-                dev = _buffers._pointer_device(ptr)
-            if dev >= 0 and dev != self._device:
-                raise ValueError(
-                    f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}"
-                )
+            if dev == -2:
+                self._raw_device(ptr, nbytes, name)
+            elif dev >= 0:
+                raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+        return ptr, nbytes, hint
+
+    def _op(self, buf, peer, stream, is_send: bool, name: str):
+        comm = self._comm_obj
+        if comm is None:
+            self._check_open()
+        if type(peer) is not int or not 0 <= peer < self._world_size:
+            self._bad_peer(peer)
+        ptr, nbytes, hint = self._resolve(buf, name)
         s = stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
-        op = (is_send, ptr, nbytes, peer, self._comm_obj, self._lib.stream_obj(s))
+        op = (is_send, ptr, nbytes, peer, comm, self._lib.stream_obj(s))
         st = getattr(_tls, "st", None) or _state()
         if st.depth:
             st.ops.append(op)
@@ -422,6 +477,11 @@ class Communicator:
                 st.comms[id(self)] = self
         else:
             _issue([op], {id(self): self})
+
+    def _bad_peer(self, peer):
+        if isinstance(peer, int) and not isinstance(peer, bool):
+            raise ValueError(f"peer must be in [0, {self._world_size}), got {peer}")
+        raise TypeError(f"peer must be an int, got {type(peer).__name__}")
 
     # -- point to point ------------------------------------------------------------------
     def send(self, buf, peer: int, stream=None) -> None:
@@ -431,6 +491,46 @@ class Communicator:
     def recv(self, buf, peer: int, stream=None) -> None:
         """Receive ``buf``'s size in bytes from ``peer`` into ``buf``."""
         self._op(buf, peer, stream, False, "buf")
+
+    def p2p(self, sends=(), recvs=(), stream=None) -> None:
+        """Post many sends and receives in one NCCL group (or the enclosing :func:`group`).
+
+        ``sends``/``recvs``: sequences of ``(buf, peer)``. Everything is validated first; if
+        any entry is bad, nothing is issued and the error names it (``sends[3]``). One
+        stream for all (None: torch's current stream for torch tensors, else the default
+        stream). Between two ranks, the i-th send matches the i-th receive on the peer.
+        """
+        comm = self._comm_obj
+        if comm is None:
+            self._check_open()
+        n = self._world_size
+        resolve = self._resolve
+        ops = []
+        hint = None
+        for is_send, items, what in ((True, sends, "sends"), (False, recvs, "recvs")):
+            for k, (buf, peer) in enumerate(items):
+                if type(peer) is not int or not 0 <= peer < n:
+                    try:
+                        self._bad_peer(peer)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"{what}[{k}]: {e}") from None
+                ptr, nbytes, h = resolve(buf, f"{what}[{k}]")
+                if hint is None:
+                    hint = h
+                ops.append((is_send, ptr, nbytes, peer, comm))
+        if not ops:
+            return
+        s = self._lib.stream_obj(
+            stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
+        )
+        ops = [op + (s,) for op in ops]
+        st = getattr(_tls, "st", None) or _state()
+        if st.depth:
+            st.ops.extend(ops)
+            if not self._blocking:
+                st.comms[id(self)] = self
+        else:
+            _issue(ops, {id(self): self})
 
     # -- collectives (small, for metadata) ----------------------------------------------
     def _typed(self, buf, name):

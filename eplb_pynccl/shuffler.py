@@ -54,22 +54,38 @@ class RearrangeStats:
     seconds: float = 0.0
     planner_seconds: float = 0.0
     peak_extra_bytes: int = 0  # staging device memory held at the peak
+    # host time split (seconds): enqueueing rounds (copies, packing, NCCL calls), waiting for
+    # exchanges to complete, enqueueing the copies that apply them
+    launch_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    apply_seconds: float = 0.0
     layers_changed: list = field(default_factory=list)
 
 
 @dataclass
 class _LayerWork:
+    """One layer's ops on this rank, with its staging layout (offsets into the round's
+    staging buffer) and index ranges (into the rearrangement's device index tensor)."""
+
     layer: int
-    # sends: (peer, src_row) in plan order; recvs: (peer, dst_row, staged_slot or -1)
-    sends: list
-    recvs: list
-    copies_a: list  # (src_row, dst_row): done in phase A (non-transactional, dst unread)
-    stash: list  # (src_row, slot): phase A copies old rows into staging
-    copies_c: list  # (kind, a, dst_row): kind 's' = from stash slot a, 'r' = from live row a
-    copies_new: list  # (src_row, dst_row): phase C, after the rest (duplicates)
-    send_pack: dict  # peer -> list of src rows (small tensors, packed)
-    recv_pack: dict  # peer -> list of dst rows
-    need: int = 0
+    big: list  # tensors sent as their own messages
+    small: list  # tensors packed per peer
+    sends: list  # (peer, src_row) in plan order
+    recvs: list  # (peer, dst_row, j): j = row of the staged-receive blocks, -1 = in place
+    recv_rows: list  # dst rows of the staged receives, by j
+    copies_a: list  # (src, dst): phase A, into rows nobody reads (non-transactional)
+    stash_src: list  # phase A: old rows saved into the stash blocks ...
+    stash_dst: list  # ... and copied to these rows in C
+    copies_live: list  # (src, dst): phase C, from rows that do not change
+    copies_new: list  # (src, dst): phase C last, duplicates of rows new in this layer
+    send_pack: dict  # peer -> src rows (small tensors)
+    recv_pack: dict  # peer -> dst rows
+    recv_block: dict = field(default_factory=dict)  # tensor -> staging offset
+    stash_block: dict = field(default_factory=dict)
+    send_parts: dict = field(default_factory=dict)  # peer -> (start, end) staging span
+    recv_parts: dict = field(default_factory=dict)
+    part_off: dict = field(default_factory=dict)  # (dir, peer, tensor) -> offset
+    idx: dict = field(default_factory=dict)  # name -> (start, length) in the index tensor
 
 
 class _Round:
@@ -155,6 +171,9 @@ class ExpertShuffler:
                 lw.append(t)
             layers.append(lw)
         self.weights = layers
+        self._bytes = [[t.view(torch.uint8).view(t.shape[0], -1) for t in lw] for lw in layers]
+        # the NCCL transport takes (pointer, nbytes) rows: no tensor view per message
+        self._raw = bool(getattr(transport, "accepts_raw", False))
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
         layer_bytes = max(sum(_align(b) for b in rb) for rb in self.row_bytes) * rows
@@ -231,9 +250,10 @@ class ExpertShuffler:
 
     def _verify(self, plan, old_map, new_map) -> None:
         h = hashlib.sha256()
+        h.update(f"ep_size={self.ep_size};rows={self.num_local};".encode())
         h.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
         h.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
-        self.transport.fingerprint_check(h.digest(), "old_map/new_map")
+        self.transport.fingerprint_check(h.digest(), "old_map/new_map, ep_size or local expert rows")
         h = hashlib.sha256()
         for lw in self.weights:
             for t in lw:
@@ -335,49 +355,49 @@ class ExpertShuffler:
         round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
         return rounds, round_need, packed
 
-    def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool, slots) -> _LayerWork:
-        """This rank's ops for one layer; staging slots are handed out by ``slots``."""
+    def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool) -> _LayerWork:
+        """This rank's ops for one layer (no staging offsets yet)."""
         P = plan.slots_per_rank
-        r = self.rank
-        base = r * P
+        base = self.rank * P
         changed = plan.changed[layer, base : base + P]
         needed = plan.source_needed[layer, base : base + P]
         unsafe = changed if transactional else needed
-        rb = self.row_bytes[layer]
-        big_ids, small_ids = self._split(layer, packed)
-        full = sum(_align(b) for b in rb)
-        big_bytes = sum(_align(rb[i]) for i in big_ids)
-
+        big, small = self._split(layer, packed)
         m = rv.s_layer == layer
         sends = list(zip(rv.s_peer[m].tolist(), rv.s_src_row[m].tolist()))
         m = rv.r_layer == layer
-        recvs = []
+        recvs, recv_rows = [], []
         for peer, row in zip(rv.r_peer[m].tolist(), rv.r_dst_row[m].tolist()):
-            slot = slots(big_bytes) if (unsafe[row] and big_bytes) else -1
-            recvs.append((peer, row, slot))
+            if unsafe[row] and big:
+                recvs.append((peer, row, len(recv_rows)))
+                recv_rows.append(row)
+            else:
+                recvs.append((peer, row, -1))
         m = rv.c_layer == layer
-        copies_a, stash, copies_c, copies_new = [], [], [], []
+        copies_a, stash_src, stash_dst, live, new = [], [], [], [], []
         for src, dst, is_new in zip(
             rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()
         ):
             if is_new:
-                copies_new.append((src, dst))
+                new.append((src, dst))
             elif not unsafe[dst]:
                 copies_a.append((src, dst))
             elif changed[src]:
-                slot = slots(full)
-                stash.append((src, slot))
-                copies_c.append(("s", slot, dst))
+                stash_src.append(src)
+                stash_dst.append(dst)
             else:
-                copies_c.append(("r", src, dst))
+                live.append((src, dst))
         send_pack: dict = {}
         recv_pack: dict = {}
-        if small_ids:
+        if small:
             for peer, src in sends:
                 send_pack.setdefault(peer, []).append(src)
             for peer, dst, _ in recvs:
                 recv_pack.setdefault(peer, []).append(dst)
-        return _LayerWork(layer, sends, recvs, copies_a, stash, copies_c, copies_new, send_pack, recv_pack)
+        return _LayerWork(
+            layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, stash_dst, live, new,
+            send_pack, recv_pack,
+        )
 
 
 def _host(x):
@@ -409,13 +429,27 @@ class RearrangeHandle:
         self._error: RearrangeError | None = None
         self._rv = plan.rank_view(shuffler.rank)
         torch = shuffler._torch
-        cap = max(needs) if needs else 0
+        index_parts: list = []
+        cap = 0
+        for rnd in self._rounds:
+            rnd.works = [
+                shuffler._layer_work(plan, self._rv, l, shuffler.transactional, bool(self._packed[l]))
+                for l in rnd.layers
+            ]
+            cap = max(cap, self._layout(rnd.works, index_parts))
         self._staging = None
+        self._idx = None
+        self._idx_host = None
         if cap:
             self._staging = torch.empty(cap, dtype=torch.uint8, device=shuffler.device)
             if shuffler._stream is not None:
                 self._staging.record_stream(shuffler._stream)
-        self.stats.peak_extra_bytes = cap
+        if index_parts:
+            host = torch.from_numpy(np.concatenate(index_parts).astype(np.int64))
+            if shuffler._is_cuda:
+                host = host.pin_memory()
+            self._idx_host = host  # copied to the device by the first launch (non-blocking)
+        self.stats.peak_extra_bytes = cap + (0 if self._idx_host is None else self._idx_host.numel() * 8)
         self._release = None  # event after the last consumer of staging
         shuffler._active = self
         if not rounds:
@@ -456,8 +490,13 @@ class RearrangeHandle:
                 self._launch(self._rounds[self._next])
                 self._next += 1
             rnd = self._inflight
-            if rnd is not None and self._arrived(rnd, block, deadline):
+            t_wait = time.perf_counter()
+            arrived = rnd is not None and self._arrived(rnd, block, deadline)
+            self.stats.wait_seconds += time.perf_counter() - t_wait
+            if arrived:
+                t_apply = time.perf_counter()
                 self._apply(rnd)
+                self.stats.apply_seconds += time.perf_counter() - t_apply
                 applied = list(rnd.layers)
                 self._inflight = None
                 if self._next < len(self._rounds):
@@ -486,36 +525,68 @@ class RearrangeHandle:
         self._error = RearrangeError(msg, self.applied_layers, self.pending_layers, peers, e)
         self.s._failed = e
         self._staging = None
+        self._idx = None
         self._inflight = None
         self.s._active = None
 
     def _finish(self) -> None:
         self._staging = None
+        self._idx = None
         if self.s._active is self:
             self.s._active = None
 
-    def _slots(self, rnd_base: list):
-        def take(nbytes: int) -> int:
-            off = rnd_base[0]
-            rnd_base[0] = off + _align(nbytes)
+    def _layout(self, works: list, index_parts: list) -> int:
+        """Staging offsets and index ranges for one round's works; returns its staging bytes."""
+        rb_all = self.s.row_bytes
+        cursor = 0
+        pos = sum(len(p) for p in index_parts)
+
+        def take(n: int) -> int:
+            nonlocal cursor
+            off = cursor
+            cursor += _align(n)
             return off
 
-        return take
+        def index(w, name, rows):
+            nonlocal pos
+            if rows:
+                index_parts.append(np.asarray(rows, dtype=np.int64))
+                w.idx[name] = (pos, len(rows))
+                pos += len(rows)
 
-    def _view(self, offset: int, rows: int, like):
-        """A [rows, *like.shape[1:]] tensor of like's dtype over staging at ``offset``."""
-        nbytes = rows * like[0].nbytes
-        return self._staging[offset : offset + nbytes].view(like.dtype).view(rows, *like.shape[1:])
+        for w in works:
+            rb = rb_all[w.layer]
+            for i in w.big:
+                if w.recv_rows:
+                    w.recv_block[i] = take(len(w.recv_rows) * rb[i])
+            for i in range(len(rb)):
+                if w.stash_src:
+                    w.stash_block[i] = take(len(w.stash_src) * rb[i])
+            index(w, "recv", w.recv_rows)
+            index(w, "stash_src", w.stash_src)
+            index(w, "stash_dst", w.stash_dst)
+            for tag, pack, spans in (("s", w.send_pack, w.send_parts), ("r", w.recv_pack, w.recv_parts)):
+                for peer, rows in pack.items():
+                    start = cursor
+                    for i in w.small:
+                        w.part_off[(tag, peer, i)] = take(len(rows) * rb[i])
+                    spans[peer] = (start, cursor)
+                    index(w, f"{tag}{peer}", rows)
+        return cursor
+
+    def _ix(self, w, name):
+        start, n = w.idx[name]
+        return self._idx[start : start + n]
+
+    def _block(self, offset: int, rows: int, t):
+        """A [rows, row_bytes] uint8 view of staging at ``offset`` (t: a byte-rows view)."""
+        return self._staging[offset : offset + rows * t.shape[1]].view(rows, t.shape[1])
 
     def _launch(self, rnd: _Round) -> None:
+        t_start = time.perf_counter()
         s = self.s
         torch = s._torch
-        cursor = [0]
-        take = self._slots(cursor)
-        rnd.works = [
-            s._layer_work(self.plan, self._rv, l, s.transactional, bool(self._packed[l]), take)
-            for l in rnd.layers
-        ]
+        raw = s._raw
         sends, recvs = [], []
         stream = s._stream
         ctx = torch.cuda.stream(stream) if stream is not None else _Null()
@@ -525,55 +596,50 @@ class RearrangeHandle:
                     stream.wait_event(self._release)  # staging is free again
                 else:  # first round: after the caller's earlier work on the weights
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
+            if self._idx is None and self._idx_host is not None:
+                self._idx = self._idx_host.to(s.device, non_blocking=True)
             st = self.stats
+            sbase = self._staging.data_ptr() if self._staging is not None else 0
             for w in rnd.works:
                 W = s.weights[w.layer]
+                B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views
                 rb = s.row_bytes[w.layer]
-                big, small = s._split(w.layer, bool(self._packed[w.layer]))
                 # A: local copies into rows nobody reads; stash old rows that C needs.
                 for src, dst in w.copies_a:
                     for t in W:
                         t[dst].copy_(t[src])
-                for src, slot in w.stash:
-                    off = slot
-                    for t in W:
-                        self._view(off, 1, t)[0].copy_(t[src])
-                        off += _align(t[0].nbytes)
-                st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
-                # B: large rows straight from/to rows or staging.
-                for peer, src in w.sends:
-                    for i in big:
-                        sends.append((peer, W[i][src]))
-                for peer, dst, slot in w.recvs:
-                    off = slot
-                    for i in big:
-                        t = W[i]
-                        if slot < 0:
-                            recvs.append((peer, t[dst]))
+                if w.stash_src:
+                    ix = self._ix(w, "stash_src")
+                    for i, b in enumerate(B):
+                        torch.index_select(b, 0, ix, out=self._block(w.stash_block[i], len(w.stash_src), b))
+                for peer, rows in w.send_pack.items():
+                    ix = self._ix(w, f"s{peer}")
+                    for i in w.small:
+                        b = B[i]
+                        torch.index_select(b, 0, ix, out=self._block(w.part_off[("s", peer, i)], len(rows), b))
+                st.local_copies += len(w.copies_a) + len(w.stash_src) + len(w.copies_live) + len(w.copies_new)
+                # B: rows straight from the weights; receives in place or into staging blocks.
+                # per pair, both sides list messages transfer by transfer, tensor by tensor
+                if raw:
+                    bases = [(B[i].data_ptr(), rb[i]) for i in w.big]
+                    for peer, src in w.sends:
+                        sends.extend((peer, (base + src * n, n)) for base, n in bases)
+                else:
+                    for peer, src in w.sends:
+                        sends.extend((peer, B[i][src]) for i in w.big)
+                for peer, dst, j in w.recvs:
+                    for i in w.big:
+                        b, n = B[i], rb[i]
+                        if j < 0:
+                            recvs.append((peer, (b.data_ptr() + dst * n, n) if raw else b[dst]))
+                        elif raw:
+                            recvs.append((peer, (sbase + w.recv_block[i] + j * n, n)))
                         else:
-                            recvs.append((peer, self._view(off, 1, t)[0]))
-                            off += _align(t[0].nbytes)
-                # small tensors: one packed message per peer per layer
-                if small:
-                    w.recv_pack_bufs = {}
-                    for peer, rows in w.send_pack.items():
-                        parts = []
-                        for i in small:
-                            t = W[i]
-                            off = take(len(rows) * t[0].nbytes)
-                            v = self._view(off, len(rows), t)
-                            idx = torch.as_tensor(rows, device=t.device)
-                            torch.index_select(t, 0, idx, out=v)
-                            parts.append((off, len(rows) * t[0].nbytes))
-                        sends.append((peer, self._span(parts)))
-                    for peer, rows in w.recv_pack.items():
-                        parts = []
-                        for i in small:
-                            t = W[i]
-                            off = take(len(rows) * t[0].nbytes)
-                            parts.append((off, len(rows) * t[0].nbytes))
-                        w.recv_pack_bufs[peer] = parts
-                        recvs.append((peer, self._span(parts)))
+                            recvs.append((peer, self._block(w.recv_block[i], len(w.recv_rows), b)[j]))
+                for peer, (a, e) in w.send_parts.items():
+                    sends.append((peer, (sbase + a, e - a) if raw else self._staging[a:e]))
+                for peer, (a, e) in w.recv_parts.items():
+                    recvs.append((peer, (sbase + a, e - a) if raw else self._staging[a:e]))
                 nrow = sum(rb)
                 st.bytes_sent += nrow * len(w.sends)
                 st.bytes_received += nrow * len(w.recvs)
@@ -586,12 +652,7 @@ class RearrangeHandle:
                 rnd.event.record(stream)
         rnd.launched_at = time.monotonic()
         self._inflight = rnd
-
-    def _span(self, parts):
-        """One contiguous uint8 view covering consecutive staging parts (aligned, adjacent)."""
-        start = parts[0][0]
-        end = parts[-1][0] + parts[-1][1]
-        return self._staging[start:end]
+        self.stats.launch_seconds += time.perf_counter() - t_start
 
     def _arrived(self, rnd: _Round, block: bool, deadline: float | None) -> bool:
         if rnd.event is None:
@@ -633,37 +694,30 @@ class RearrangeHandle:
         with ctx:
             for w in rnd.works:
                 W = s.weights[w.layer]
-                rb = s.row_bytes[w.layer]
-                big, small = s._split(w.layer, bool(self._packed[w.layer]))
-                # staged receives
-                for _, dst, slot in w.recvs:
-                    if slot >= 0:
-                        off = slot
-                        for i in big:
-                            t = W[i]
-                            t[dst].copy_(self._view(off, 1, t)[0])
-                            off += _align(t[0].nbytes)
-                if small:
-                    for peer, rows in w.recv_pack.items():
-                        idx = torch.as_tensor(rows, device=W[0].device)
-                        for i, (off, _) in zip(small, w.recv_pack_bufs[peer]):
-                            t = W[i]
-                            t.index_copy_(0, idx, self._view(off, len(rows), t))
-                for kind, a, dst in w.copies_c:
-                    if kind == "s":
-                        off = a
-                        for t in W:
-                            t[dst].copy_(self._view(off, 1, t)[0])
-                            off += _align(t[0].nbytes)
-                    else:
-                        for t in W:
-                            t[dst].copy_(t[a])
+                B = s._bytes[w.layer]
+                if w.recv_rows:
+                    ix = self._ix(w, "recv")
+                    for i in w.big:
+                        B[i].index_copy_(0, ix, self._block(w.recv_block[i], len(w.recv_rows), B[i]))
+                for peer, rows in w.recv_pack.items():
+                    ix = self._ix(w, f"r{peer}")
+                    for i in w.small:
+                        B[i].index_copy_(0, ix, self._block(w.part_off[("r", peer, i)], len(rows), B[i]))
+                if w.stash_src:
+                    ix = self._ix(w, "stash_dst")
+                    for i, b in enumerate(B):
+                        b.index_copy_(0, ix, self._block(w.stash_block[i], len(w.stash_src), b))
+                for src, dst in w.copies_live:
+                    for t in W:
+                        t[dst].copy_(t[src])
                 for src, dst in w.copies_new:
                     for t in W:
                         t[dst].copy_(t[src])
             if cs is not None:
                 self._release = torch.cuda.Event()
                 self._release.record(cs)
+                if self._idx is not None and rnd.index == 0:
+                    self._idx.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)
 

@@ -18,7 +18,7 @@ import abc
 import hashlib
 from typing import Any
 
-from .communicator import Communicator, group
+from .communicator import Communicator
 
 __all__ = ["Transport", "NcclTransport", "TorchTransport"]
 
@@ -72,7 +72,12 @@ class Transport(abc.ABC):
 
 
 class NcclTransport(Transport):
-    """Rounds through an eplb_pynccl :class:`Communicator` (one NCCL group per round)."""
+    """Rounds through an eplb_pynccl :class:`Communicator` (one NCCL group per round).
+
+    Buffers may be tensors or raw ``(pointer, nbytes)`` device buffers (``accepts_raw``).
+    """
+
+    accepts_raw = True
 
     def __init__(self, communicator: Communicator) -> None:
         if not isinstance(communicator, Communicator):
@@ -93,13 +98,7 @@ class NcclTransport(Transport):
 
     def exchange(self, sends, recvs, stream=None) -> None:
         s = _torch().cuda.current_stream(self.comm.device) if stream is None else stream
-        h = s.cuda_stream
-        send, recv = self.comm.send, self.comm.recv
-        with group():
-            for peer, t in sends:
-                send(t, peer, h)
-            for peer, t in recvs:
-                recv(t, peer, h)
+        self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
 
     def wait(self, stream=None, timeout: float | None = None) -> None:
         h = None if stream is None else stream.cuda_stream

@@ -14,6 +14,8 @@ import threading
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_NOT_READY = 600
 _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+_CU_POINTER_ATTRIBUTE_RANGE_START_ADDR = 11
+_CU_POINTER_ATTRIBUTE_RANGE_SIZE = 12
 _CU_EVENT_DISABLE_TIMING = 2
 
 
@@ -92,6 +94,21 @@ class Driver:
             ctypes.byref(d), _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr
         )
         return d.value if rc == _CUDA_SUCCESS else None
+
+    def pointer_range(self, ptr: int) -> tuple[int, int, int] | None:
+        """(start, size, device) of the allocation holding ``ptr``, or None if CUDA does not
+        know the pointer."""
+        d = ctypes.c_int()
+        fn = self._fn["cuPointerGetAttribute"]
+        if fn(ctypes.byref(d), _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr) != _CUDA_SUCCESS:
+            return None
+        start = ctypes.c_void_p()
+        size = ctypes.c_size_t()
+        if fn(ctypes.byref(start), _CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, ptr) != _CUDA_SUCCESS:
+            return ptr, 1, d.value
+        if fn(ctypes.byref(size), _CU_POINTER_ATTRIBUTE_RANGE_SIZE, ptr) != _CUDA_SUCCESS:
+            return ptr, 1, d.value
+        return start.value or 0, size.value, d.value
 
     def event_create(self) -> int:
         e = ctypes.c_void_p()
