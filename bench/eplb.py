@@ -1,0 +1,362 @@
+"""Part 4: the EPLB rearrangement benchmark.
+
+Cases (``--eplb-cases``, comma-separated; default: both on GPU, the small CPU cases on CPU):
+
+* ``dsv3``: DeepSeek-V3 fp8 experts (w13 [4096, 7168] and w2 [7168, 2048] float8_e4m3fn, scales
+  [32, 56] and [56, 16] fp32: 42.0 MiB per expert), 256 logical + 32 redundant experts,
+  EP = number of GPUs, ``--eplb-layers-dsv3`` layers.
+* ``qwen3``: Qwen3-30B-A3B bf16 experts (w13 [1536, 2048], w2 [2048, 768]), 128 logical experts plus
+  redundant ones to fill the ranks evenly (12.5% extra, rounded up to a multiple of EP),
+  ``--eplb-layers-qwen`` layers.
+* ``dsv3-cpu`` / ``qwen3-cpu``: the same layouts shrunk for gloo on the CPU.
+
+Placements: a greedy EPLB rebalance of Zipf(1.5) expert loads (replicate the hottest experts,
+then place replicas heaviest first on the least loaded rank with room), old and new from
+different seeded loads; the seed is in every row.
+
+Methods, all in this run and all verified byte-exact after every timed repeat:
+
+* ``eplb_pynccl``: ExpertShuffler over NcclTransport (defaults: transactional, packing rows
+  < 1 MiB). ``eplb_pynccl direct``: non-transactional (receives into free rows in place).
+  ``eplb_pynccl/torch-nccl``: the same shuffler over TorchTransport on the nccl group.
+* ``vllm-style``: written here after the description in ANCHORS.md: one torch P2POp per expert per
+  weight tensor, one batch_isend_irecv per layer, receive into a one-layer buffer, copy back.
+* ``link-floor``: max bytes any GPU receives over the network / the all-to-all bus bandwidth the
+  alltoall part measured for eplb_pynccl in this run at the nearest per-rank size.
+
+Time is wall time from a common start (after a barrier) to the end of the slowest rank,
+median over ``--eplb-repeats``; GB/s per GPU = max bytes received by any GPU / time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench.harness import BenchContext, PartSkipped
+
+MiB = 1 << 20
+
+
+def _cases(ctx: BenchContext):
+    a = ctx.args
+    wanted = [c for c in (getattr(a, "eplb_cases", "") or "").split(",") if c]
+    n = ctx.world_size
+    if not wanted:
+        wanted = ["dsv3", "qwen3"] if ctx.is_gpu else ["dsv3-cpu", "qwen3-cpu"]
+    out = []
+    for c in wanted:
+        if c == "dsv3":
+            spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
+                    ((32, 56), "float32"), ((56, 16), "float32")]
+            out.append((c, spec, 256, 288, a.eplb_layers_dsv3))
+        elif c == "qwen3":
+            phys = -(-int(128 * 1.125) // n) * n
+            out.append((c, [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")], 128, phys, a.eplb_layers_qwen))
+        elif c == "dsv3-cpu":
+            spec = [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"),
+                    ((2, 4), "float32"), ((4, 2), "float32")]
+            out.append((c, spec, 32, 32 + 4 * n, 2))
+        elif c == "qwen3-cpu":
+            out.append((c, [((48, 64), "bfloat16"), ((64, 24), "bfloat16")], 16, 16 + 2 * n, 2))
+        else:
+            raise ValueError(f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu)")
+    return out
+
+
+# ---- placements -----------------------------------------------------------------------------
+
+
+def greedy_placement(loads: np.ndarray, num_physical: int, ep: int) -> np.ndarray:
+    """Slot -> expert: replicate the hottest experts, then place heaviest replicas first on the
+    least loaded rank that has room (and does not hold that expert yet, where possible)."""
+    num_logical = len(loads)
+    reps = np.ones(num_logical, dtype=np.int64)
+    for _ in range(num_physical - num_logical):
+        reps[np.argmax(loads / reps)] += 1
+    per = num_physical // ep
+    items = sorted(
+        ((loads[e] / reps[e], e) for e in range(num_logical) for _ in range(reps[e])),
+        key=lambda x: (-x[0], x[1]),
+    )
+    rank_load = np.zeros(ep)
+    rank_rows: list[list[int]] = [[] for _ in range(ep)]
+    for load, e in items:
+        order = np.argsort(rank_load, kind="stable")
+        choice = None
+        for r in order:
+            if len(rank_rows[r]) < per and e not in rank_rows[r]:
+                choice = r
+                break
+        if choice is None:
+            choice = next(r for r in order if len(rank_rows[r]) < per)
+        rank_rows[choice].append(e)
+        rank_load[choice] += load
+    return np.array([e for rows in rank_rows for e in rows], dtype=np.int64)
+
+
+def make_maps(seed: int, layers: int, num_logical: int, num_physical: int, ep: int):
+    rng = np.random.default_rng(seed)
+    old = np.empty((layers, num_physical), dtype=np.int64)
+    new = np.empty_like(old)
+    ranks = np.arange(1, num_logical + 1)
+    for layer in range(layers):
+        for m in (old, new):
+            loads = (1.0 / ranks**1.5)[rng.permutation(num_logical)] * 1e6
+            m[layer] = greedy_placement(loads, num_physical, ep)
+    return old, new
+
+
+# ---- weights: a per-(layer, expert, tensor) byte pattern made and checked on the device -------
+
+
+def _pattern(torch, n: int, layer: int, expert: int, index: int, device):
+    h = (layer * 1_000_003 + expert * 7919 + index * 104_729 + 17) & 0x7FFFFFFF
+    mul, add = (h % 251) * 2 + 1, h % 256
+    idx = torch.arange(n, device=device, dtype=torch.int32)
+    return ((idx * mul + add) & 0xFF).to(torch.uint8)
+
+
+def _fill(torch, weights, amap, rank, P, first_layer=0):
+    """Write each row's expert pattern (``weights[k]`` is layer ``first_layer + k``)."""
+    for k, ws in enumerate(weights):
+        layer = first_layer + k
+        for i, t in enumerate(ws):
+            v = t.view(torch.uint8).view(P, -1)
+            for r in range(P):
+                e = int(amap[k, rank * P + r])
+                v[r].copy_(_pattern(torch, v.shape[1], layer, max(e, 0), i, t.device))
+
+
+def _check(torch, weights, amap, rank, P, first_layer=0) -> bool:
+    """Whether every non-empty row holds its expert's pattern (``amap[k]`` maps ``weights[k]``,
+    which is layer ``first_layer + k``)."""
+    for k, ws in enumerate(weights):
+        layer = first_layer + k
+        for i, t in enumerate(ws):
+            v = t.view(torch.uint8).view(P, -1)
+            for r in range(P):
+                e = int(amap[k, rank * P + r])
+                if e >= 0 and not torch.equal(v[r], _pattern(torch, v.shape[1], layer, e, i, t.device)):
+                    return False
+    return True
+
+
+# ---- the vLLM-style baseline ------------------------------------------------------------------
+
+
+def vllm_style(torch, weights, plan, rank, group=None):
+    """One P2POp per expert per tensor, one batch_isend_irecv per layer, receive into a
+    one-layer buffer, copy back. Uses the same plan (who sends what) as eplb_pynccl."""
+    dist = torch.distributed
+    rv = plan.rank_view(rank)
+    P = plan.slots_per_rank
+    buf = [torch.empty_like(t) for t in weights[0]]
+    for layer, ws in enumerate(weights):
+        if not plan.changed[layer].any():
+            continue
+        if any(b.shape != t.shape or b.dtype != t.dtype for b, t in zip(buf, ws)):
+            buf = [torch.empty_like(t) for t in ws]
+        ops = []
+        m = rv.s_layer == layer
+        for peer, src in zip(rv.s_peer[m].tolist(), rv.s_src_row[m].tolist()):
+            for t in ws:
+                ops.append(dist.P2POp(dist.isend, t[src], peer, group))
+        m = rv.r_layer == layer
+        for peer, dst in zip(rv.r_peer[m].tolist(), rv.r_dst_row[m].tolist()):
+            for b in buf:
+                ops.append(dist.P2POp(dist.irecv, b[dst], peer, group))
+        m = rv.c_layer == layer
+        copies = list(zip(rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()))
+        for src, dst, is_new in copies:
+            if not is_new:
+                for b, t in zip(buf, ws):
+                    b[dst].copy_(t[src])
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        for src, dst, is_new in copies:
+            if is_new:
+                for b in buf:
+                    b[dst].copy_(b[src])
+        rows = np.flatnonzero(plan.changed[layer, rank * P : (rank + 1) * P])
+        if rows.size:
+            idx = torch.as_tensor(rows, device=ws[0].device)
+            for b, t in zip(buf, ws):  # byte views: fp8 has no index kernels everywhere
+                tb, bb = t.view(torch.uint8).view(P, -1), b.view(torch.uint8).view(P, -1)
+                tb.index_copy_(0, idx, bb.index_select(0, idx))
+    del buf
+
+
+# ---- the part ---------------------------------------------------------------------------------
+
+
+def _floor_bw(ctx: BenchContext, per_rank_total: float):
+    rows = [r for r in ctx.results.get("alltoall", []) if r.get("binding") == "eplb_pynccl" and r.get("busbw_gbps")]
+    if not rows:
+        return None, None
+    best = min(rows, key=lambda r: abs(np.log(max(r["size_bytes"], 1) / max(per_rank_total, 1))))
+    return best["busbw_gbps"], best["size_bytes"]
+
+
+def _methods(ctx: BenchContext, ep, layer_bytes: int):
+    """(name, factory(weights) -> ExpertShuffler, or None for the vLLM-style baseline)."""
+    methods = []
+    if ctx.is_gpu:
+        if ctx.comm is not None:
+            nccl_t = ep.NcclTransport(ctx.comm)
+            methods.append(("eplb_pynccl", lambda w: ep.ExpertShuffler(nccl_t, w)))
+            methods.append(("eplb_pynccl direct", lambda w: ep.ExpertShuffler(nccl_t, w, transactional=False)))
+            # probe: every tensor packed per peer (one message per peer per layer); that needs
+            # send and receive staging, so two layers of it
+            methods.append(("eplb_pynccl packed-2L", lambda w: ep.ExpertShuffler(
+                nccl_t, w, pack_threshold=1 << 62, staging_bytes=2 * layer_bytes)))
+        methods.append(("eplb_pynccl/torch-nccl", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
+    else:
+        methods.append(("eplb_pynccl/gloo", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
+    methods.append(("vllm-style", None))
+    return methods
+
+
+def run_p2p_shape(ctx: BenchContext):
+    """Probe: the same bytes to every peer as one message or as many (EPLB-sized) messages."""
+    import torch
+
+    import eplb_pynccl as ep
+
+    if not ctx.is_gpu:
+        raise PartSkipped("needs GPUs")
+    n, rank = ctx.world_size, ctx.rank
+    row = 4096 * 7168
+    k = 24
+    src = torch.empty(k * row, dtype=torch.uint8, device=ctx.device).random_(0, 255)
+    dst = [torch.empty(k * row, dtype=torch.uint8, device=ctx.device) for _ in range(n)]
+    peers = [p for p in range(n) if p != rank]
+    shapes = {"1 op/peer": [(0, k * row)], "24 ops/peer 29MB": [(i * row, row) for i in range(k)],
+              "48 ops/peer 14.7MB": [(i * row // 2, row // 2) for i in range(2 * k)]}
+    rows = []
+    for name, pieces in shapes.items():
+        times = []
+        for rep_ in range(6):
+            ctx.barrier()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with ep.group():
+                for p in peers:
+                    for off, ln in pieces:
+                        ctx.comm.send(src[off : off + ln], p)
+                        ctx.comm.recv(dst[p][off : off + ln], p)
+            torch.cuda.synchronize()
+            if rep_:
+                times.append(time.perf_counter() - t0)
+        t = max(ctx.allgather(float(np.median(times))))
+        rows.append({"shape": name, "bytes_per_peer": k * row, "time_ms": round(t * 1e3, 2),
+                     "gbps_per_gpu": round(k * row * len(peers) / t / 1e9, 1),
+                     "check": "ok" if torch.equal(dst[peers[0]], src) else "FAIL"})
+    return rows
+
+
+def run_eplb(ctx: BenchContext):
+    import torch
+
+    import eplb_pynccl as ep
+
+    n, rank = ctx.world_size, ctx.rank
+    if n < 2:
+        raise PartSkipped("eplb needs at least 2 ranks")
+    repeats = int(getattr(ctx.args, "eplb_repeats", 5) or 5)
+    variants = [v for v in (getattr(ctx.args, "eplb_methods", "") or "").split(",") if v]
+    dev = ctx.device
+    rows = []
+    for case, spec, num_logical, num_physical, layers in _cases(ctx):
+        if num_physical % n:
+            raise PartSkipped(f"{case}: {num_physical} slots do not divide over {n} ranks")
+        P = num_physical // n
+        seed = ctx.args.seed
+        old, new = make_maps(seed, layers, num_logical, num_physical, n)
+        tspec = [(shape, getattr(torch, dt)) for shape, dt in spec]
+        weights = [[torch.empty((P, *shape), dtype=dt, device=dev) for shape, dt in tspec] for _ in range(layers)]
+        row_bytes = sum(t[0].nbytes for t in weights[0])
+        t0 = time.perf_counter()
+        plan = ep.plan_rearrangement(old, new, n)
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        recv_rows = plan.received_per_rank()
+        max_recv = int(recv_rows.max()) * row_bytes
+        changed = float(plan.changed.mean())
+        label = f"{case} ep{n} {layers}L"
+        methods = _methods(ctx, ep, row_bytes * P)
+
+        if variants:
+            methods = [m for m in methods if m[0] in variants]
+        results = {}
+        for name, make in methods:
+            shuffler = make(weights) if make is not None else None
+            times, ok, stats = [], True, None
+            for rep in range(repeats + 1):  # the first is warm-up (connections, allocator)
+                _fill(torch, weights, old, rank, P)
+                ctx.sync()
+                if ctx.is_gpu:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base_mem = torch.cuda.memory_allocated(dev)
+                ctx.barrier()
+                t0 = time.perf_counter()
+                if shuffler is not None:
+                    stats = shuffler.rearrange(old, new)
+                else:
+                    vllm_style(torch, weights, plan, rank)
+                ctx.sync()
+                dt = time.perf_counter() - t0
+                extra = (torch.cuda.max_memory_allocated(dev) - base_mem) if ctx.is_gpu else 0
+                good = _check(torch, weights, new, rank, P)
+                ok = ok and good
+                if rep:
+                    times.append((dt, extra))
+            del shuffler
+            every = ctx.allgather((times, ok, None if stats is None else (
+                stats.messages, stats.rounds, stats.peak_extra_bytes,
+                stats.launch_seconds, stats.wait_seconds, stats.apply_seconds)))
+            slow = [max(every[r][0][i][0] for r in range(n)) for i in range(repeats)]
+            peak = max(every[r][0][i][1] for r in range(n) for i in range(repeats))
+            all_ok = all(e[1] for e in every)
+            med = float(np.median(slow)) * 1e3
+            row = {
+                "case": label, "method": name, "world_size": n, "layers": layers,
+                "time_ms": round(med, 3), "time_ms_min": round(min(slow) * 1e3, 3),
+                "time_ms_max": round(max(slow) * 1e3, 3),
+                "gbps_per_gpu": round(max_recv / (med * 1e-3) / 1e9, 1),
+                "bytes_max_per_gpu": max_recv, "peak_extra_mib": round(peak / MiB, 1),
+                "layer_mib_per_gpu": round(row_bytes * P / MiB, 1),
+                "repeats": repeats, "check": "ok" if all_ok else "FAIL", "seed": seed,
+                "changed_frac": round(changed, 3), "planner_ms": round(plan_ms, 2),
+            }
+            if every[0][2] is not None:
+                row["messages_max"] = max(e[2][0] for e in every)
+                row["rounds"] = every[0][2][1]
+                row["host_launch_ms"] = round(max(e[2][3] for e in every) * 1e3, 2)
+                row["host_wait_ms"] = round(max(e[2][4] for e in every) * 1e3, 2)
+                row["host_apply_ms"] = round(max(e[2][5] for e in every) * 1e3, 2)
+            results[name] = med
+            rows.append(row)
+        base = results.get("vllm-style")
+        for row in rows:
+            if row["case"] == label and base and row["method"] != "vllm-style":
+                row["speedup"] = round(base / row["time_ms"], 2)
+                row["note"] = "speedup vs vllm-style"
+        bw, at = _floor_bw(ctx, max_recv / max(n - 1, 1) * n / layers)
+        if bw:
+            floor_ms = max_recv / (bw * 1e9) * 1e3
+            rows.append({
+                "case": label, "method": "link-floor", "world_size": n, "layers": layers,
+                "time_ms": round(floor_ms, 3), "gbps_per_gpu": bw, "bytes_max_per_gpu": max_recv,
+                "reference": True,
+                "note": f"max bytes received / eplb_pynccl alltoall busbw at {at} B per rank",
+            })
+            for row in rows:
+                if row["case"] == label and row["method"].startswith("eplb_pynccl"):
+                    row["floor_frac"] = round(floor_ms / row["time_ms"], 3)
+        del weights
+        if ctx.is_gpu:
+            torch.cuda.empty_cache()
+        ctx.log(f"eplb {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results.items()))
+    return rows
