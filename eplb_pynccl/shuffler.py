@@ -53,7 +53,8 @@ class RearrangeStats:
     rounds: int = 0
     seconds: float = 0.0
     planner_seconds: float = 0.0
-    peak_extra_bytes: int = 0  # staging device memory held at the peak
+    peak_extra_bytes: int = 0  # staging + row-index device memory held at the peak
+    staging_bound: int = 0  # the bound in force (staging_bytes; see ExpertShuffler)
     # host time split (seconds): enqueueing rounds (copies, packing, NCCL calls), waiting for
     # exchanges to complete, enqueueing the copies that apply them
     launch_seconds: float = 0.0
@@ -177,6 +178,7 @@ class ExpertShuffler:
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
         layer_bytes = max(sum(_align(b) for b in rb) for rb in self.row_bytes) * rows
+        self._staging_auto = staging_bytes is None
         if staging_bytes is None:
             staging_bytes = layer_bytes
         if not isinstance(staging_bytes, int) or staging_bytes < 0:
@@ -276,10 +278,19 @@ class ExpertShuffler:
         Per layer: packing is used when the layer has rows under ``pack_threshold`` and every
         rank's staging for it fits ``staging_bytes``; otherwise all its tensors travel as
         their own messages (staging then only holds rows that cannot be written in place,
-        at most one layer). Returns (rounds, staging bytes per round, packed per layer).
+        at most one layer). Returns (rounds, staging bytes per round, packed per layer, the
+        bound in force: ``staging_bytes``, or with the default, more only if this
+        rearrangement cannot be done within one layer of local experts).
         """
         P = plan.slots_per_rank
         L, n = plan.num_layers, plan.ep_size
+        # The device index tensor (rows to gather/scatter) counts against the bound too:
+        # reserve an upper bound that is the same on every rank (8 bytes per index, at most
+        # two indices per transfer end and per local copy).
+        ends = np.bincount(plan.t_src_rank, minlength=n) + np.bincount(plan.t_dst_rank, minlength=n)
+        ends = ends + np.bincount(plan.c_rank, minlength=n)
+        reserve = int(16 * ends.max()) if ends.size else 0
+        budget = self.staging_bytes - reserve
         changed = plan.changed.reshape(L, n, P)
         needed = plan.source_needed.reshape(L, n, P)
         unsafe = changed if transactional else needed  # rows that may not be written before C
@@ -322,17 +333,21 @@ class ExpertShuffler:
         need_p, msgs_p = needs(True)
         need_u, msgs_u = needs(False)
         has_small = np.array([bool(self._split(l, True)[1]) for l in range(L)])
-        packed = has_small & (need_p.max(axis=1) <= self.staging_bytes)
+        packed = has_small & (need_p.max(axis=1) <= budget)
         need = np.where(packed[:, None], need_p, need_u)
         msgs = np.where(packed[:, None], msgs_p, msgs_u)
         worst = need.max(axis=1)
         active = np.flatnonzero(changed.reshape(L, -1).any(axis=1))
+        if self._staging_auto and active.size and worst[active].max() > budget:
+            # default bound (one layer of local experts) below this rearrangement's minimum:
+            # only with tiny rows, where alignment and row indices dominate; use the minimum
+            budget = int(worst[active].max())
         for layer in active:
-            if worst[layer] > self.staging_bytes:
+            if worst[layer] > budget:
                 r = int(need[layer].argmax())
                 raise ValueError(
                     f"staging_bytes={self.staging_bytes} is too small: layer {layer} needs "
-                    f"{int(worst[layer])} bytes of staging on rank {r}"
+                    f"{int(worst[layer]) + self.staging_bytes - budget} bytes of staging on rank {r}"
                     + (" (transactional)" if transactional else "")
                     + "; raise staging_bytes (default: one layer of local experts)"
                 )
@@ -342,7 +357,7 @@ class ExpertShuffler:
         macc = np.zeros(n, dtype=np.int64)
         for layer in active:
             if cur and (
-                (acc + need[layer]).max() > self.staging_bytes
+                (acc + need[layer]).max() > budget
                 or (macc + msgs[layer]).max() > self.max_messages
             ):
                 rounds.append(cur)
@@ -353,7 +368,7 @@ class ExpertShuffler:
         if cur:
             rounds.append(cur)
         round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
-        return rounds, round_need, packed
+        return rounds, round_need, packed, budget + reserve
 
     def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool) -> _LayerWork:
         """This rank's ops for one layer (no staging offsets yet)."""
@@ -419,7 +434,8 @@ class RearrangeHandle:
         self.stats = RearrangeStats(planner_seconds=planner_s)
         self._t0 = time.perf_counter()
         self._user_stream = stream
-        rounds, needs, self._packed = shuffler._rounds(plan, shuffler.transactional)
+        rounds, needs, self._packed, bound = shuffler._rounds(plan, shuffler.transactional)
+        self.stats.staging_bound = bound
         self._rounds = [_Round(i, rl) for i, rl in enumerate(rounds)]
         self.stats.rounds = len(rounds)
         self.stats.layers_changed = [l for rl in rounds for l in rl]

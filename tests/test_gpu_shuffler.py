@@ -74,7 +74,8 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
         peak = torch.cuda.max_memory_allocated(dev) - base
         out.append({
             "bad": check_weights(torch, weights, nxt, rank, n),
-            "peak": peak, "staging": stats.peak_extra_bytes, "bound": sh.staging_bytes,
+            "peak": peak, "staging": stats.peak_extra_bytes, "bound": stats.staging_bound,
+            "explicit": sh.staging_bytes if staging_bytes else None,
             "rounds": stats.rounds, "sent": stats.bytes_sent, "recv": stats.bytes_received,
         })
         cur = nxt
@@ -105,6 +106,8 @@ def test_gpu_shuffler_exact(world_size, case):
         for i, r in enumerate(out):
             assert r["bad"] == []
             assert r["staging"] <= r["bound"]
+            if r["explicit"] is not None:  # an explicit staging_bytes is a hard bound
+                assert r["bound"] == r["explicit"]
             # staging plus a few small index tensors (allocator granularity: 512 B blocks)
             assert r["peak"] <= r["bound"] + 64 * 1024, r
             total_sent[i] += r["sent"]

@@ -96,6 +96,7 @@ def _rearrange_job(rank, world, seed, rounds, pack_threshold, transactional, sta
                     nxt[l, s] = cur[l, s]
         stats = sh.rearrange(cur, nxt, verify=True)
         bad = check_weights(T, weights, nxt, rank, world)
+        assert stats.peak_extra_bytes <= stats.staging_bound, (stats.peak_extra_bytes, stats.staging_bound)
         results.append((bad, stats.bytes_sent, stats.bytes_received, stats.rounds))
         # -1 slots hold junk now; a later map may not rely on them
         cur = nxt

@@ -116,9 +116,13 @@ class NcclLibrary:
             raise NcclLibraryError(f"ncclGetVersion failed with {rc} in {path}")
         self.version_code = v.value
         self.version = decode_version(v.value)
-        # The hot path: fresh function pointers without argtypes, fed prebuilt ctypes objects.
-        self._raw_send = self._cdll["ncclSend"] if "ncclSend" not in self.missing else None
-        self._raw_recv = self._cdll["ncclRecv"] if "ncclRecv" not in self.missing else None
+        # The hot path: function pointers without argtypes, fed prebuilt ctypes objects, and
+        # loaded through PyDLL so the GIL is kept: inside a group ncclSend/ncclRecv only
+        # enqueue (they never block), and releasing and re-taking the GIL per call costs more
+        # than the call. ncclGroupEnd, which may block, still releases it.
+        hot = ctypes.PyDLL(path)
+        self._raw_send = hot["ncclSend"] if "ncclSend" not in self.missing else None
+        self._raw_recv = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
         self._stream_objs: dict[int, ctypes.c_void_p] = {}
 
     # -- basics -------------------------------------------------------------------------
