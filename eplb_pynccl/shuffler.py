@@ -235,33 +235,61 @@ class ExpertShuffler:
         if self._active is not None and not self._active.done:
             raise RuntimeError("a rearrangement is already in progress on this shuffler; finish it first")
         t0 = time.perf_counter()
-        plan = self.plan(old_map, new_map)
+        plan, err = None, None
+        try:
+            plan = self.plan(old_map, new_map)
+            if plan.num_layers != len(self.weights):
+                raise ValueError(
+                    f"old_map/new_map have {plan.num_layers} layers but expert_weights has {len(self.weights)}"
+                )
+            if plan.slots_per_rank != self.num_local:
+                raise ValueError(
+                    f"maps give {plan.slots_per_rank} slots per rank (num_physical {plan.num_physical} / "
+                    f"ep_size {self.ep_size}) but the weight tensors have {self.num_local} expert rows"
+                )
+        except (ValueError, TypeError) as e:
+            err = e
         planner_s = time.perf_counter() - t0
-        if plan.num_layers != len(self.weights):
-            raise ValueError(
-                f"old_map/new_map have {plan.num_layers} layers but expert_weights has {len(self.weights)}"
-            )
-        if plan.slots_per_rank != self.num_local:
-            raise ValueError(
-                f"maps give {plan.slots_per_rank} slots per rank (num_physical {plan.num_physical} / "
-                f"ep_size {self.ep_size}) but the weight tensors have {self.num_local} expert rows"
-            )
         if verify:
-            self._verify(plan, old_map, new_map)
+            # every rank joins, also one whose own checks failed: no peer is left waiting
+            self._verify(old_map, new_map, err)
+        if err is not None:
+            raise err
         return RearrangeHandle(self, plan, planner_s, stream)
 
-    def _verify(self, plan, old_map, new_map) -> None:
-        h = hashlib.sha256()
-        h.update(f"ep_size={self.ep_size};rows={self.num_local};".encode())
-        h.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
-        h.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
-        self.transport.fingerprint_check(h.digest(), "old_map/new_map, ep_size or local expert rows")
-        h = hashlib.sha256()
-        for lw in self.weights:
-            for t in lw:
-                h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(b"|")
-        self.transport.fingerprint_check(h.digest(), "expert weight shapes/dtypes")
+    def _verify(self, old_map, new_map, err: BaseException | None) -> None:
+        """Collective: every rank's maps/ep_size/rows and weight shapes/dtypes must agree, and
+        no rank may have refused the input; otherwise every rank raises ValueError (a rank
+        that refused raises its own error). Nothing has moved yet."""
+        maps = hashlib.sha256()
+        shapes = hashlib.sha256()
+        if err is None:
+            try:
+                maps.update(f"ep_size={self.ep_size};rows={self.num_local};".encode())
+                maps.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
+                maps.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
+                for lw in self.weights:
+                    for t in lw:
+                        shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+                    shapes.update(b"|")
+            except (ValueError, TypeError) as e:
+                err = e
+        if err is not None:
+            maps = shapes = hashlib.sha256(f"refused by rank {self.rank}: {err}".encode())
+        everyone = self.transport.all_gather_bytes(maps.digest() + shapes.digest())
+        if err is not None:
+            raise err
+        differ = []
+        for name, part in (("old_map/new_map, ep_size or local expert rows", slice(0, 32)),
+                           ("expert weight shapes/dtypes", slice(32, 64))):
+            bad = [r for r, d in enumerate(everyone) if d[part] != everyone[self.rank][part]]
+            if bad:
+                differ.append(f"{name} (ranks {bad} differ from rank {self.rank})")
+        if differ:
+            raise ValueError(
+                "verify=True: ranks disagree or refused the input: " + "; ".join(differ)
+                + "; nothing was moved"
+            )
 
     # ---- round construction (pure given the plan; identical on every rank) --------------
     def _split(self, layer: int, packed: bool):

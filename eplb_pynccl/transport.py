@@ -9,13 +9,13 @@ list them in the same order on both sides (the planner guarantees this).
   a gloo group moves CPU tensors, and CUDA tensors staged through host memory; an nccl group
   moves CUDA tensors.
 
-A third transport implements the same five members.
+A third transport implements the same members (``device``, ``check_tensor``, ``exchange``,
+``wait``, ``all_gather_bytes``; optionally ``poll_error``/``abort`` and ``accepts_raw``).
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 from typing import Any
 
 from .communicator import Communicator
@@ -58,17 +58,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data`` (equal lengths), in rank order. Collective."""
-
-    def fingerprint_check(self, data: bytes, what: str) -> None:
-        """Collective: raise ValueError on every rank unless all ranks passed equal ``data``."""
-        digest = hashlib.sha256(data).digest()
-        everyone = self.all_gather_bytes(digest)
-        bad = [r for r, d in enumerate(everyone) if d != everyone[0]]
-        if bad:
-            raise ValueError(
-                f"{what} differ across ranks: ranks {bad} disagree with rank 0 "
-                f"(this rank is {self.rank}); nothing was moved"
-            )
 
 
 class NcclTransport(Transport):
@@ -214,7 +203,9 @@ class TorchTransport(Transport):
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self._cuda_capable:
             t = t.to(self.device)
-        outs = [torch.empty_like(t) for _ in range(self.world_size)]
+        # the group's real size, not self.world_size: a transport misreporting its size must
+        # still meet its peers here, so that verify=True can tell them all
+        outs = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(outs, t, group=self.group)
         return [o.cpu().numpy().tobytes() for o in outs]
 

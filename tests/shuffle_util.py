@@ -6,7 +6,14 @@ row can be checked exactly against the expert the new map assigns to its slot.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import queue
+import traceback
+
 import numpy as np
+
+from tests.gpu_util import free_port
 
 
 def expert_bytes(layer: int, expert: int, index: int, nbytes: int) -> np.ndarray:
@@ -72,3 +79,51 @@ def random_maps(rng: np.random.Generator, num_layers, num_logical, ep_size, slot
             if new[layer, s] >= 0 and new[layer, s] not in held:
                 new[layer, s] = old[layer, s]
     return old, new
+
+
+# ---- CPU process groups (gloo) -------------------------------------------------------------
+
+def _child(rank, world, port, fn, args, q):
+    try:
+        import torch.distributed as dist
+
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            q.put((rank, "ok", fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        q.put((rank, "err", traceback.format_exc()))
+
+
+def run_gloo(fn, world, *args, timeout=120):
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined by a gloo group;
+    return the results in rank order. A failing rank fails the call with its traceback; a job
+    past ``timeout`` seconds fails it too (the processes are killed)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(world):
+            try:
+                rank, status, val = q.get(timeout=timeout)
+            except queue.Empty:
+                missing = sorted(set(range(world)) - set(out))
+                raise AssertionError(f"ranks {missing} did not finish within {timeout} s") from None
+            if status == "err":
+                raise AssertionError(f"rank {rank} failed:\n{val}")
+            out[rank] = val
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+

@@ -2,58 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
-import traceback
-
 import numpy as np
 import pytest
 
+from tests.shuffle_util import run_gloo
+
 torch = pytest.importorskip("torch")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank, world, port, fn, args, q):
-    try:
-        import torch.distributed as dist
-
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            q.put((rank, "ok", fn(rank, world, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        q.put((rank, "err", traceback.format_exc()))
-
-
-def run_gloo(fn, world, *args, timeout=120):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {}
-    try:
-        for _ in range(world):
-            rank, status, val = q.get(timeout=timeout)
-            if status == "err":
-                raise AssertionError(f"rank {rank} failed:\n{val}")
-            out[rank] = val
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(world)]
 
 
 SPECS = [
