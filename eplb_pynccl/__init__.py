@@ -12,7 +12,15 @@ Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl load
 
 from __future__ import annotations
 
-from .communicator import DEFAULT_TIMEOUT, Communicator, UniqueId, group, library_path, nccl_version
+from .communicator import (
+    DEFAULT_TIMEOUT,
+    Communicator,
+    UniqueId,
+    group,
+    library_path,
+    load_library,
+    nccl_version,
+)
 from .errors import (
     CommunicatorStateError,
     EplbPyncclError,
@@ -56,6 +64,7 @@ __all__ = [
     "UniqueId",
     "group",
     "library_path",
+    "load_library",
     "nccl_version",
     *_LAZY,
 ]

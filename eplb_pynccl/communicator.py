@@ -20,7 +20,7 @@ from ._nccl import library as _library
 from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
-__all__ = ["UniqueId", "Communicator", "group", "library_path", "nccl_version", "DEFAULT_TIMEOUT"]
+__all__ = ["UniqueId", "Communicator", "group", "library_path", "load_library", "nccl_version", "DEFAULT_TIMEOUT"]
 
 TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -38,6 +38,15 @@ def _default_timeout() -> float:
     if t <= 0:
         raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {v}")
     return t
+
+
+def load_library(path: str | os.PathLike | None = None) -> str:
+    """Load libnccl now (``path``, or the discovery order when None) and return its path.
+
+    An explicit path that does not load raises NcclLibraryError naming it; a process holds one
+    libnccl, so a second, different path is refused too.
+    """
+    return _library.load(path).path
 
 
 def library_path() -> str:

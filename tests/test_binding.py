@@ -745,3 +745,24 @@ def test_import_works_where_torch_and_cupy_are_not_installed():
         pythonpath="",
     )
     assert r == {"visible": [], "mods": [], "names": ["Communicator", "NcclError", "UniqueId", "group"]}
+
+
+def test_load_library_public_entry_point():
+    """eplb_pynccl.load_library: an explicit path loads and is reported; a bad one is named."""
+    import subprocess
+    import sys
+
+    code = (
+        "import eplb_pynccl as ep, sys\n"
+        "try:\n"
+        "    ep.load_library('/nonexistent/libnccl.so.2')\n"
+        "except ep.NcclLibraryError as e:\n"
+        "    print('ERR', e)\n"
+        "p = ep._nccl.library.candidate_paths()\n"
+        "wheel = [x for s, x in p if s == 'nvidia.nccl wheel'][0]\n"
+        "print('PATH', ep.load_library(wheel) == wheel == ep.library_path())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "ERR cannot load libnccl from /nonexistent/libnccl.so.2 (explicit path)" in out.stdout
+    assert "PATH True" in out.stdout
