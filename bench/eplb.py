@@ -118,29 +118,28 @@ def _pattern(torch, n: int, layer: int, expert: int, index: int, device):
     return ((idx * mul + add) & 0xFF).to(torch.uint8)
 
 
-def _fill(torch, weights, amap, rank, P, first_layer=0):
-    """Write each row's expert pattern (``weights[k]`` is layer ``first_layer + k``)."""
+def _rows(torch, weights, amap, rank, P, first_layer):
+    """(byte row, layer, expert, tensor index) for every row; ``weights[k]`` is layer
+    ``first_layer + k`` and ``amap[k]`` its map."""
     for k, ws in enumerate(weights):
-        layer = first_layer + k
         for i, t in enumerate(ws):
             v = t.view(torch.uint8).view(P, -1)
             for r in range(P):
-                e = int(amap[k, rank * P + r])
-                v[r].copy_(_pattern(torch, v.shape[1], layer, max(e, 0), i, t.device))
+                yield v[r], first_layer + k, int(amap[k, rank * P + r]), i
+
+
+def _fill(torch, weights, amap, rank, P, first_layer=0):
+    """Write each row's expert pattern (empty slots get expert 0's)."""
+    for row, layer, e, i in _rows(torch, weights, amap, rank, P, first_layer):
+        row.copy_(_pattern(torch, row.numel(), layer, max(e, 0), i, row.device))
 
 
 def _check(torch, weights, amap, rank, P, first_layer=0) -> bool:
-    """Whether every non-empty row holds its expert's pattern (``amap[k]`` maps ``weights[k]``,
-    which is layer ``first_layer + k``)."""
-    for k, ws in enumerate(weights):
-        layer = first_layer + k
-        for i, t in enumerate(ws):
-            v = t.view(torch.uint8).view(P, -1)
-            for r in range(P):
-                e = int(amap[k, rank * P + r])
-                if e >= 0 and not torch.equal(v[r], _pattern(torch, v.shape[1], layer, e, i, t.device)):
-                    return False
-    return True
+    """Whether every non-empty row holds its expert's pattern."""
+    return all(
+        e < 0 or torch.equal(row, _pattern(torch, row.numel(), layer, e, i, row.device))
+        for row, layer, e, i in _rows(torch, weights, amap, rank, P, first_layer)
+    )
 
 
 # ---- the vLLM-style baseline ------------------------------------------------------------------
