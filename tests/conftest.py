@@ -5,7 +5,7 @@
   ``max(gpus=..., world_size)`` GPUs: ``@pytest.mark.gpu(gpus=2)`` and/or the ``world_size``
   parameter below.
 * ``world_size``: a test that takes this argument runs once per size in
-  ``$EPLB_PYNCCL_TEST_WORLD_SIZES`` (comma separated, default ``2,4``); sizes the machine
+  ``$EPLB_PYNCCL_TEST_WORLD_SIZES`` (comma separated, default ``2,4,8``); sizes the machine
   cannot run are skipped, never silently dropped. The parameter is module scoped so pytest
   runs all tests of one size before the next (the GPU suite keeps one process pool per size).
 """
@@ -17,7 +17,7 @@ import os
 import pytest
 
 WORLD_SIZES_ENV = "EPLB_PYNCCL_TEST_WORLD_SIZES"
-DEFAULT_WORLD_SIZES = (2, 4)
+DEFAULT_WORLD_SIZES = (2, 4, 8)
 
 _gpu_probe: tuple[int, str | None] | None = None
 
