@@ -107,3 +107,46 @@ def test_gloo_staging_too_small_is_refused_before_anything_moves():
         assert msg is not None and msg.startswith("staging_bytes=64 is too small: layer 0 needs ")
         assert "raise staging_bytes" in msg
         assert unchanged
+
+
+def _config_sweep_job(rank, world, seed, n):
+    import torch as T
+
+    from eplb_pynccl import ExpertShuffler, TorchTransport
+    from tests.shuffle_util import check_weights, make_weights, random_maps
+
+    rng = np.random.default_rng(seed)  # same stream on every rank: same configs and maps
+    specs = _specs(SPECS)
+    P = 3
+    num_logical = max(2, world * P - 1)
+    cur, _ = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
+    weights = make_weights(T, specs, cur, rank, world, "cpu")
+    failures = []
+    for k in range(n):
+        cfg = {
+            "transactional": bool(rng.integers(2)),
+            "pack_threshold": int(rng.choice([0, 64, 1 << 20])),
+            "max_messages_per_round": int(rng.choice([8, 1024])),
+        }
+        if rng.integers(2):
+            cfg["staging_bytes"] = 1 << 16
+        _, nxt = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1, keep_frac=float(rng.random()))
+        for layer in range(len(specs)):
+            held = set(cur[layer][cur[layer] >= 0].tolist())
+            for s in range(nxt.shape[1]):
+                if nxt[layer, s] >= 0 and nxt[layer, s] not in held:
+                    nxt[layer, s] = cur[layer, s]
+        sh = ExpertShuffler(TorchTransport(), weights, **cfg)
+        sh.rearrange(cur, nxt)
+        bad = check_weights(T, weights, nxt, rank, world)
+        if bad:
+            failures.append((k, cfg, bad[:3]))
+        cur = nxt
+    return failures
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_gloo_random_configurations_sweep(world):
+    # world 1: everything is a local copy (no network); world 3: every executor option mixed
+    for failures in run_gloo(_config_sweep_job, world, 2024 + world, 12, timeout=180):
+        assert failures == []
