@@ -1,6 +1,6 @@
 """Rearrange expert weights across 2 processes on the CPU (gloo), then check every row.
 
-    python examples/shuffle_gloo.py
+    PYTHONPATH=. python examples/shuffle_gloo.py      (from the repository root)
 
 On GPUs the same code takes ``NcclTransport(Communicator.from_store(...))`` and CUDA tensors
 (see README "Expert shuffler").
