@@ -479,6 +479,7 @@ class Communicator:
         ptr, nbytes, hint = self._resolve(buf, name)
         s = stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
         op = (is_send, ptr, nbytes, peer, comm, self._lib.stream_obj(s))
+        # _enqueue([op]) inlined: this is the per-op hot path
         st = getattr(_tls, "st", None) or _state()
         if st.depth:
             st.ops.append(op)
@@ -532,7 +533,10 @@ class Communicator:
         s = self._lib.stream_obj(
             stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
         )
-        ops = [op + (s,) for op in ops]
+        self._enqueue([op + (s,) for op in ops])
+
+    def _enqueue(self, ops: list) -> None:
+        """Queue ops in the enclosing group(), or issue them as a group of their own."""
         st = getattr(_tls, "st", None) or _state()
         if st.depth:
             st.ops.extend(ops)
@@ -543,11 +547,7 @@ class Communicator:
 
     # -- collectives (small, for metadata) ----------------------------------------------
     def _typed(self, buf, name):
-        ptr, nbytes, dev, hint = _buffers.resolve(buf, name)
-        if dev == -2:
-            dev = _buffers._pointer_device(ptr)
-        if dev >= 0 and dev != self._device:
-            raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+        ptr, nbytes, hint = self._resolve(buf, name)
         dtype, size = _buffers.nccl_dtype(buf, name)
         if dtype >= 10 and self._lib.version < (2, 24, 0):
             raise TypeError(f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}")
@@ -555,14 +555,7 @@ class Communicator:
 
     def _collective(self, fn, stream, hint) -> None:
         s = self._lib.stream_obj(_buffers.stream_handle(stream, hint, self._device))
-        op = (None, lambda: fn(s))
-        st = _state()
-        if st.depth:
-            st.ops.append(op)
-            if not self._blocking:
-                st.comms[id(self)] = self
-        else:
-            _issue([op], {id(self): self})
+        self._enqueue([(None, lambda: fn(s))])
 
     def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
         """All-reduce ``buf`` into ``out`` (in place when out is None)."""

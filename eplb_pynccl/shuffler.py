@@ -19,6 +19,7 @@ is entirely old or entirely new, and :class:`~eplb_pynccl.RearrangeError` lists 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -633,7 +634,7 @@ class RearrangeHandle:
         raw = s._raw
         sends, recvs = [], []
         stream = s._stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             if stream is not None:
                 if self._release is not None:
@@ -734,7 +735,7 @@ class RearrangeHandle:
             ctx = torch.cuda.stream(cs)
         else:
             cs = None
-            ctx = _Null()
+            ctx = contextlib.nullcontext()
         with ctx:
             for w in rnd.works:
                 W = s.weights[w.layer]
@@ -764,11 +765,3 @@ class RearrangeHandle:
                     self._idx.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -33,7 +33,7 @@ NCCL_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 
-__all__ = ["NCCL_ENV", "RankContext", "RankFailure", "RankPool", "RankTimeout", "free_port", "run_ranks"]
+__all__ = ["NCCL_ENV", "RankContext", "RankFailure", "RankPool", "RankTimeout", "free_port", "libcuda_loadable", "run_ranks"]
 
 
 class RankFailure(AssertionError):
@@ -42,6 +42,17 @@ class RankFailure(AssertionError):
 
 class RankTimeout(AssertionError):
     """A job did not finish in time; every rank process was killed."""
+
+
+def libcuda_loadable() -> bool:
+    """Whether the CUDA driver library loads here (a GPU driver is installed)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -42,6 +42,7 @@ from eplb_pynccl import (
 from eplb_pynccl._nccl import config, library, table
 from eplb_pynccl.communicator import _live
 from eplb_pynccl.errors import RESULT_NAMES, error_class
+from tests.gpu_util import libcuda_loadable
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_VAR = "EPLB_PYNCCL_NCCL_SO"
@@ -72,16 +73,10 @@ WHEEL = _wheel_nccl()
 needs_wheel = pytest.mark.skipif(WHEEL is None, reason="no nvidia-nccl-cu12/cu13 wheel installed")
 
 
-def _libcuda_loadable() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 no_cuda_driver = pytest.mark.skipif(
-    _libcuda_loadable(),
+    libcuda_loadable(),
     reason="a CUDA driver (libcuda.so.1) is present: ncclCommInitRank would not fail here",
 )
 

@@ -9,7 +9,6 @@ results, failures with tracebacks, and that a hung rank is killed instead of han
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import subprocess
@@ -25,17 +24,12 @@ from eplb_pynccl import Communicator, NcclInvalidError, UniqueId, _buffers, grou
 from eplb_pynccl import communicator as comm_mod
 from eplb_pynccl._nccl import library, table
 from eplb_pynccl._nccl.dlpack import KDL_CUDA, read_capsule
+from tests.gpu_util import libcuda_loadable
 
 REPO = Path(__file__).resolve().parent.parent
 UID = UniqueId(bytes(range(128)))
 
 
-def _libcuda_loadable() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 # ---- Communicator argument validation ----------------------------------------------------------
@@ -155,7 +149,7 @@ class _DictStore:
         return v.decode("latin-1") if self.as_str else v
 
 
-@pytest.mark.skipif(_libcuda_loadable(), reason="a CUDA driver is present: the init would succeed")
+@pytest.mark.skipif(libcuda_loadable(), reason="a CUDA driver is present: the init would succeed")
 @pytest.mark.parametrize("as_str", [False, True])
 def test_from_store_publishes_and_reads_the_id(as_str):
     from eplb_pynccl import NcclSystemError
@@ -172,7 +166,7 @@ def test_from_store_publishes_and_reads_the_id(as_str):
     assert UniqueId(store.data["k/1"]) == uid
 
 
-@pytest.mark.skipif(_libcuda_loadable(), reason="a CUDA driver is present")
+@pytest.mark.skipif(libcuda_loadable(), reason="a CUDA driver is present")
 def test_from_store_with_torch_tcpstore():
     pytest.importorskip("torch")
     from datetime import timedelta
