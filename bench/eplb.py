@@ -179,12 +179,10 @@ def vllm_style(torch, weights, plan, rank, group=None):
             if is_new:
                 for b in buf:
                     b[dst].copy_(b[src])
-        rows = np.flatnonzero(plan.changed[layer, rank * P : (rank + 1) * P])
-        if rows.size:
-            idx = torch.as_tensor(rows, device=ws[0].device)
-            for b, t in zip(buf, ws):  # byte views: fp8 has no index kernels everywhere
-                tb, bb = t.view(torch.uint8).view(P, -1), b.view(torch.uint8).view(P, -1)
-                tb.index_copy_(0, idx, bb.index_select(0, idx))
+        # copy back row by row, as vLLM does (one copy kernel per changed row and tensor)
+        for row in np.flatnonzero(plan.changed[layer, rank * P : (rank + 1) * P]).tolist():
+            for b, t in zip(buf, ws):
+                t[row].copy_(b[row])
     del buf
 
 
@@ -218,8 +216,57 @@ def _methods(ctx: BenchContext, ep, layer_bytes: int):
     return methods
 
 
+def run_copy_probe(ctx: BenchContext):
+    """Probe: gather/scatter of expert rows on one GPU (DeepSeek-V3 w13 rows, 29.4 MB each):
+    index kernels over byte views vs 8-byte word views vs one copy per row. Rank 0 measures;
+    the others wait."""
+    import torch
+
+    if not ctx.is_gpu:
+        raise PartSkipped("needs a GPU")
+    rows = []
+    if ctx.rank == 0:
+        P, k, row = 72, 55, 4096 * 7168
+        w = torch.randint(0, 255, (P, row), dtype=torch.uint8, device=ctx.device)
+        stage = torch.empty((k, row), dtype=torch.uint8, device=ctx.device)
+        sel = torch.randperm(P, device=ctx.device)[:k].sort().values
+        sel_l = sel.tolist()
+
+        def timed(fn):
+            fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(5):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                fn()
+                e1.record()
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1) / 1e3)
+            return float(np.median(ts))
+
+        w64, s64 = w.view(torch.int64), stage.view(torch.int64)
+        cases = {
+            "gather index_select uint8": lambda: torch.index_select(w, 0, sel, out=stage),
+            "gather index_select int64": lambda: torch.index_select(w64, 0, sel, out=s64),
+            "gather copy per row": lambda: [stage[j].copy_(w[r]) for j, r in enumerate(sel_l)],
+            "scatter index_copy_ uint8": lambda: w.index_copy_(0, sel, stage),
+            "scatter index_copy_ int64": lambda: w64.index_copy_(0, sel, s64),
+            "scatter copy per row": lambda: [w[r].copy_(stage[j]) for j, r in enumerate(sel_l)],
+        }
+        for name, fn in cases.items():
+            t = timed(fn)
+            rows.append({"kernel": name, "rows": k, "row_bytes": row, "time_ms": round(t * 1e3, 3),
+                         "gbps_copied": round(k * row / t / 1e9, 1)})
+    ctx.barrier()
+    return ctx.allgather(rows)[0]
+
+
 def run_p2p_shape(ctx: BenchContext):
-    """Probe: the same bytes to every peer as one message or as many (EPLB-sized) messages."""
+    """Probe: the same bytes to every peer (DeepSeek-V3 sized: 24 w13 rows, 704 MB) as one
+    message, as many EPLB-sized messages in one group, or as a sequence of groups of one
+    chunk per peer (with and without packing each chunk from the rows on a second stream
+    while the previous chunk is in flight, through two ring slots per peer)."""
     import torch
 
     import eplb_pynccl as ep
@@ -229,30 +276,147 @@ def run_p2p_shape(ctx: BenchContext):
     n, rank = ctx.world_size, ctx.rank
     row = 4096 * 7168
     k = 24
-    src = torch.full((k * row,), rank + 1, dtype=torch.uint8, device=ctx.device)  # peer p sends p + 1
-    dst = [torch.empty(k * row, dtype=torch.uint8, device=ctx.device) for _ in range(n)]
+    total = k * row
+    src = torch.full((total,), rank + 1, dtype=torch.uint8, device=ctx.device)  # peer p sends p + 1
+    dst = [torch.empty(total, dtype=torch.uint8, device=ctx.device) for _ in range(n)]
     peers = [p for p in range(n) if p != rank]
-    shapes = {"1 op/peer": [(0, k * row)], "24 ops/peer 29MB": [(i * row, row) for i in range(k)],
-              "48 ops/peer 14.7MB": [(i * row // 2, row // 2) for i in range(2 * k)]}
+
+    def chunks(c):
+        return [[(o, min(c, total - o))] for o in range(0, total, c)]
+
+    mixed = []
+    o = 0
+    while o < total:  # w13 row then w2 row (half as long), as one expert's two big tensors
+        for ln in (row, row // 2):
+            mixed.append((o, min(ln, total - o)))
+            o += ln
+    shapes = {
+        "1 op/peer": [[(0, total)]],
+        "24 ops/peer 29MB": [[(i * row, row) for i in range(k)]],
+        "48 ops/peer 14.7MB": [[(i * row // 2, row // 2) for i in range(2 * k)]],
+        "32 ops/peer 29+14.7MB": [mixed],
+        "11 groups x 64MiB/peer": chunks(64 * MiB),
+        "22 groups x 32MiB/peer": chunks(32 * MiB),
+        "11 groups x 64MiB/peer, packed": "ring",
+    }
+    pack_stream = torch.cuda.Stream(ctx.device)
+    ring = [[torch.empty(64 * MiB, dtype=torch.uint8, device=ctx.device) for _ in range(2)] for _ in range(n)]
+
+    def ring_run(c=64 * MiB):
+        # pack chunk j of every peer into slot j % 2 (after the group that last read that slot)
+        # on pack_stream; group j on the current stream after its chunk is packed
+        cur = torch.cuda.current_stream(ctx.device)
+        sent = [None, None]
+        for j, o in enumerate(range(0, total, c)):
+            ln = min(c, total - o)
+            with torch.cuda.stream(pack_stream):
+                if sent[j % 2] is not None:
+                    pack_stream.wait_event(sent[j % 2])
+                for p in peers:
+                    ring[p][j % 2][:ln].copy_(src[o : o + ln])
+                packed = torch.cuda.Event()
+                packed.record(pack_stream)
+            cur.wait_event(packed)
+            with ep.group():
+                for p in peers:
+                    ctx.comm.send(ring[p][j % 2][:ln], p)
+                    ctx.comm.recv(dst[p][o : o + ln], p)
+            ev = torch.cuda.Event()
+            ev.record(cur)
+            sent[j % 2] = ev
+
     rows = []
-    for name, pieces in shapes.items():
+    for name, groups in shapes.items():
+        times = []
+        for p in peers:
+            dst[p].zero_()
+        for rep_ in range(6):
+            ctx.barrier()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if groups == "ring":
+                ring_run()
+            else:
+                for pieces in groups:
+                    with ep.group():
+                        for p in peers:
+                            for off, ln in pieces:
+                                ctx.comm.send(src[off : off + ln], p)
+                                ctx.comm.recv(dst[p][off : off + ln], p)
+            torch.cuda.synchronize()
+            if rep_:
+                times.append(time.perf_counter() - t0)
+        t = max(ctx.allgather(float(np.median(times))))
+        rows.append({"shape": name, "bytes_per_peer": total, "time_ms": round(t * 1e3, 2),
+                     "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
+                     "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL"})
+    return rows
+
+
+def run_p2p_skew(ctx: BenchContext):
+    """Probe: an uneven exchange, as EPLB layers are (rank r sends 24, 16 and 8 rows of 29 MB
+    to r+1, r+2, r+3): one group of per-row messages, one group of one message per peer,
+    and sub-groups that each carry at most 8 rows per pair (so later groups hold only the
+    heavy pairs). Needs 4 ranks."""
+    import torch
+
+    import eplb_pynccl as ep
+
+    n, rank = ctx.world_size, ctx.rank
+    if not ctx.is_gpu or n != 4:
+        raise PartSkipped("needs 4 GPUs")
+    row = 4096 * 7168
+    cnt = {1: 24, 2: 16, 3: 8}
+    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
+
+    def ops(d, first, last, per_row):
+        # (send to rank + d, recv from rank - d) rows [first, last)
+        step = 1 if per_row else last - first
+        for a in range(first, last, step):
+            sl = slice(a * row, (a + step) * row)
+            yield (rank + d) % n, src[d][sl], (rank - d) % n, dst[d][sl]
+
+    plans = {
+        "one group, per-row ops": [[(d, 0, cnt[d], True) for d in cnt]],
+        "one group, one op per peer": [[(d, 0, cnt[d], False) for d in cnt]],
+        "groups of <= 8 rows per pair, per-row ops": [
+            [(d, g, min(g + 8, cnt[d]), True) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)],
+        "groups of <= 8 rows per pair, one op per peer": [
+            [(d, g, min(g + 8, cnt[d]), False) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)],
+    }
+    for name in list(plans):
+        if "per-row" in name and "groups" not in name or name == "one group, one op per peer":
+            plans[name + " (buffers ncclCommRegister'ed)"] = plans[name]
+    handles = []
+    rows = []
+    for name, groups in plans.items():
+        if "Register" in name and not handles:
+            handles = [ctx.comm.register(t) for t in (*src.values(), *dst.values())]
+        for d in cnt:
+            dst[d].zero_()
         times = []
         for rep_ in range(6):
             ctx.barrier()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with ep.group():
-                for p in peers:
-                    for off, ln in pieces:
-                        ctx.comm.send(src[off : off + ln], p)
-                        ctx.comm.recv(dst[p][off : off + ln], p)
+            for grp in groups:
+                with ep.group():
+                    for d, a, b, per_row in grp:
+                        for sp, st, rp, rt in ops(d, a, b, per_row):
+                            ctx.comm.send(st, sp)
+                            ctx.comm.recv(rt, rp)
             torch.cuda.synchronize()
             if rep_:
                 times.append(time.perf_counter() - t0)
         t = max(ctx.allgather(float(np.median(times))))
-        rows.append({"shape": name, "bytes_per_peer": k * row, "time_ms": round(t * 1e3, 2),
-                     "gbps_per_gpu": round(k * row * len(peers) / t / 1e9, 1),
-                     "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL"})
+        total = sum(cnt.values()) * row
+        rows.append({"shape": name, "bytes_out_per_gpu": total, "time_ms": round(t * 1e3, 2),
+                     "gbps_per_gpu": round(total / t / 1e9, 1),
+                     "check": "ok" if all(bool((dst[d] == (rank - d) % n + 1).all()) for d in cnt) else "FAIL"})
+    torch.cuda.synchronize()
+    for h in handles:
+        ctx.comm.deregister(h)
     return rows
 
 
@@ -311,10 +475,20 @@ def run_eplb(ctx: BenchContext):
                 ok = ok and good
                 if rep:
                     times.append((dt, extra))
+            gpu_ms = {}
+            if shuffler is not None and ctx.is_gpu:
+                # one more (untimed) run with CUDA events per phase: where the GPU time goes
+                shuffler.profile = True
+                _fill(torch, weights, old, rank, P)
+                ctx.sync()
+                ctx.barrier()
+                gpu_ms = shuffler.rearrange(old, new).gpu_ms
+                ok = ok and _check(torch, weights, new, rank, P)
             del shuffler
             every = ctx.allgather((times, ok, None if stats is None else (
                 stats.messages, stats.rounds, stats.peak_extra_bytes,
-                stats.launch_seconds, stats.wait_seconds, stats.apply_seconds)))
+                stats.launch_seconds, stats.wait_seconds, stats.apply_seconds, stats.setup_seconds,
+                gpu_ms)))
             slow = [max(every[r][0][i][0] for r in range(n)) for i in range(repeats)]
             peak = max(every[r][0][i][1] for r in range(n) for i in range(repeats))
             all_ok = all(e[1] for e in every)
@@ -335,6 +509,12 @@ def run_eplb(ctx: BenchContext):
                 row["host_launch_ms"] = round(max(e[2][3] for e in every) * 1e3, 2)
                 row["host_wait_ms"] = round(max(e[2][4] for e in every) * 1e3, 2)
                 row["host_apply_ms"] = round(max(e[2][5] for e in every) * 1e3, 2)
+                row["host_setup_ms"] = round(max(e[2][6] for e in every) * 1e3, 2)
+                if every[0][2][7]:
+                    # slowest rank per phase (profiled run)
+                    row["gpu_ms"] = " / ".join(
+                        f"{k} {max(e[2][7][k] for e in every):.1f}" for k in every[0][2][7]
+                    )
             results[name] = med
             rows.append(row)
         base = results.get("vllm-style")

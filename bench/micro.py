@@ -12,6 +12,8 @@ eplb_pynccl[stream]        the same, passing the stream as an int handle (overhe
 eplb_pynccl[raw]           ``(ptr, nbytes)`` tuples and an int stream (overhead part only)
 eplb_pynccl[p2p]           ``Communicator.p2p(sends, recvs, stream)`` with ``(ptr, nbytes)`` tuples:
                            the batched call the shuffler uses (overhead part only)
+eplb_pynccl[prepared]      ``Communicator.prepare_p2p(sends, recvs)`` once, then ``launch(stream)``
+                           per group: validation paid once, one ctypes call per op (overhead only)
 cupy                       ``cupy.cuda.nccl``: ``groupStart(); comm.send(ptr, n, NCCL_UINT8, peer,
                            stream) ...; groupEnd()`` with raw pointers
 torch                      ``torch.distributed.batch_isend_irecv`` of ``P2POp`` s, then ``wait()``
@@ -63,6 +65,14 @@ def _prep_eplb(ctx: BenchContext, ops: list[Op], mode: str = "tensor") -> Issue:
             comm.p2p(sends, recvs, st)
 
         return issue_batch
+    if mode == "prepared":  # validated once, reissued: what a repeating exchange pays per op
+        st = ctx.stream_handle()
+        batch = comm.prepare_p2p([(t, p) for s, t, p in ops if s], [(t, p) for s, t, p in ops if not s])
+
+        def issue_prepared() -> None:
+            batch.launch(st)
+
+        return issue_prepared
     send, recv = comm.send, comm.recv
     if mode == "raw":
         calls = [(send if s else recv, (t.data_ptr(), _nbytes(t)), p) for s, t, p in ops]
@@ -158,13 +168,15 @@ P2P_BINDINGS: dict[str, tuple[str, Callable[[BenchContext, list[Op]], Issue]]] =
     "eplb_pynccl[stream]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "stream")),
     "eplb_pynccl[raw]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "raw")),
     "eplb_pynccl[p2p]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "p2p")),
+    "eplb_pynccl[prepared]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "prepared")),
     "cupy": ("cupy", _prep_cupy),
     "torch": ("torch", _prep_torch),
     "nccl4py": ("nccl4py", _prep_nccl4py),
 }
 BW_BINDINGS = ["eplb_pynccl", "cupy", "torch", "nccl4py"]
 OVERHEAD_BINDINGS = [
-    "eplb_pynccl", "eplb_pynccl[stream]", "eplb_pynccl[raw]", "eplb_pynccl[p2p]", "cupy", "torch", "nccl4py",
+    "eplb_pynccl", "eplb_pynccl[stream]", "eplb_pynccl[raw]", "eplb_pynccl[p2p]", "eplb_pynccl[prepared]",
+    "cupy", "torch", "nccl4py",
 ]
 
 

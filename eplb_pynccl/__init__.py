@@ -15,6 +15,7 @@ from __future__ import annotations
 from .communicator import (
     DEFAULT_TIMEOUT,
     Communicator,
+    PreparedP2P,
     UniqueId,
     group,
     library_path,
@@ -51,6 +52,7 @@ _LAZY = {
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Communicator",
+    "PreparedP2P",
     "CommunicatorStateError",
     "EplbPyncclError",
     "NcclError",

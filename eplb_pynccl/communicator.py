@@ -184,6 +184,46 @@ def _issue(ops: list, comms: dict) -> None:
 
 # ---- communicator --------------------------------------------------------------------------
 
+
+class PreparedP2P:
+    """A validated batch of p2p ops (see :meth:`Communicator.prepare_p2p`)."""
+
+    __slots__ = ("_comm", "_calls", "_hint", "_keep", "num_ops")
+
+    def __init__(self, comm: Communicator, ops: list, hint, keep) -> None:
+        self._comm = comm
+        self._calls = comm._lib.prepare_p2p(ops)
+        self._hint = hint
+        self._keep = keep  # the buffers stay alive as long as the batch
+        self.num_ops = len(ops)
+
+    def launch(self, stream=None) -> None:
+        """Issue the batch on ``stream`` (torch/cupy stream, raw handle or None as for
+        :meth:`Communicator.p2p`): as one NCCL group, or inside the enclosing :func:`group`."""
+        c = self._comm
+        if c._comm_obj is None:
+            c._check_open()
+        calls = self._calls
+        h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
+        if not self.num_ops:
+            return
+        st = getattr(_tls, "st", None) or _state()
+        if st.depth:  # deferred to the group's end, with this launch's stream
+            st.ops.append((None, lambda: (calls.set_stream(h), calls.issue())))
+            if not c._blocking:
+                st.comms[id(c)] = c
+            return
+        calls.set_stream(h)
+        lib = c._lib
+        lib.group_start()
+        try:
+            calls.issue()
+        finally:
+            rc = lib.group_end()
+        if rc == NCCL_IN_PROGRESS or not c._blocking:
+            c._wait_ready("ncclGroupEnd")
+
+
 _TORCH_TENSOR = None
 
 
@@ -510,6 +550,27 @@ class Communicator:
         stream for all (None: torch's current stream for torch tensors, else the default
         stream). Between two ranks, the i-th send matches the i-th receive on the peer.
         """
+        ops, hint = self._p2p_ops(sends, recvs)
+        if not ops:
+            return
+        s = self._lib.stream_obj(
+            stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
+        )
+        self._enqueue([op + (s,) for op in ops])
+
+    def prepare_p2p(self, sends=(), recvs=()) -> PreparedP2P:
+        """Validate a batch of sends and receives once and return a :class:`PreparedP2P`
+        whose ``launch(stream)`` issues it as one NCCL group with no per-op validation.
+
+        For exchanges that repeat with the same buffers (a fixed pipeline, the same
+        rearrangement pattern again): the buffers are referenced, not copied (their
+        contents are read when launched) and kept alive by the batch.
+        """
+        sends, recvs = list(sends), list(recvs)
+        ops, hint = self._p2p_ops(sends, recvs)
+        return PreparedP2P(self, ops, hint, (sends, recvs))
+
+    def _p2p_ops(self, sends, recvs):
         comm = self._comm_obj
         if comm is None:
             self._check_open()
@@ -528,12 +589,7 @@ class Communicator:
                 if hint is None:
                     hint = h
                 ops.append((is_send, ptr, nbytes, peer, comm))
-        if not ops:
-            return
-        s = self._lib.stream_obj(
-            stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
-        )
-        self._enqueue([op + (s,) for op in ops])
+        return ops, hint
 
     def _enqueue(self, ops: list) -> None:
         """Queue ops in the enclosing group(), or issue them as a group of their own."""

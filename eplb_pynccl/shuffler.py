@@ -61,7 +61,13 @@ class RearrangeStats:
     launch_seconds: float = 0.0
     wait_seconds: float = 0.0
     apply_seconds: float = 0.0
+    setup_seconds: float = 0.0  # host: building the rounds, staging and row indices
     layers_changed: list = field(default_factory=list)
+    # ExpertShuffler(profile=True) only: GPU time per phase in ms, summed over rounds, from CUDA
+    # events: "pack" (stash and pack copies), "exchange" (the NCCL group), "apply" (copies into
+    # the live rows), "idle_after_exchange" (exchange done -> apply starts: the host seeing the
+    # round complete), "idle_before_round" (previous apply done -> next round starts)
+    gpu_ms: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +97,7 @@ class _LayerWork:
 
 
 class _Round:
-    __slots__ = ("index", "layers", "works", "event", "launched_at", "done")
+    __slots__ = ("index", "layers", "works", "event", "launched_at", "done", "marks")
 
     def __init__(self, index, layers):
         self.index = index
@@ -100,6 +106,7 @@ class _Round:
         self.event = None
         self.launched_at = 0.0
         self.done = False
+        self.marks = {}  # profile=True: phase name -> CUDA event
 
 
 class ExpertShuffler:
@@ -122,6 +129,8 @@ class ExpertShuffler:
         ranks_per_node: prefer senders on the receiver's node (planner).
         timeout: seconds a round may take before the transport is aborted (default: the
             communicator's timeout for NcclTransport, else 600).
+        profile: record CUDA events around each phase and report GPU time per phase in
+            ``RearrangeStats.gpu_ms`` (filled by ``wait()``; costs a few events per round).
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class ExpertShuffler:
         max_messages_per_round: int = DEFAULT_MAX_MESSAGES,
         ranks_per_node: int | None = None,
         timeout: float | None = None,
+        profile: bool = False,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}")
@@ -174,6 +184,9 @@ class ExpertShuffler:
             layers.append(lw)
         self.weights = layers
         self._bytes = [[t.view(torch.uint8).view(t.shape[0], -1) for t in lw] for lw in layers]
+        # the same rows as the widest words that divide them: the gather/scatter kernels move
+        # one element per thread, so 8-byte words run several times faster than bytes
+        self._words = [[_word_rows(torch, b) for b in lb] for lb in self._bytes]
         # the NCCL transport takes (pointer, nbytes) rows: no tensor view per message
         self._raw = bool(getattr(transport, "accepts_raw", False))
         self.num_local = rows
@@ -200,6 +213,7 @@ class ExpertShuffler:
         self.device = layers[0][0].device
         self._is_cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._is_cuda else None
+        self.profile = bool(profile) and self._is_cuda
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
 
@@ -444,6 +458,22 @@ class ExpertShuffler:
         )
 
 
+def _mark(torch, stream):
+    e = torch.cuda.Event(enable_timing=True)
+    e.record(stream)
+    return e
+
+
+def _word_rows(torch, b):
+    """``b`` ([rows, row_bytes] uint8) as [rows, k] of the widest integer type whose size
+    divides the row length and the start address."""
+    n = b.shape[1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if n % size == 0 and b.data_ptr() % size == 0:
+            return b.view(dtype)
+    return b
+
+
 def _host(x):
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         return x.detach().cpu().numpy()
@@ -462,6 +492,7 @@ class RearrangeHandle:
         self.plan = plan
         self.stats = RearrangeStats(planner_seconds=planner_s)
         self._t0 = time.perf_counter()
+        t_setup = self._t0
         self._user_stream = stream
         rounds, needs, self._packed, bound = shuffler._rounds(plan, shuffler.transactional)
         self.stats.staging_bound = bound
@@ -497,6 +528,7 @@ class RearrangeHandle:
         self.stats.peak_extra_bytes = cap + (0 if self._idx_host is None else self._idx_host.numel() * 8)
         self._release = None  # event after the last consumer of staging
         shuffler._active = self
+        self.stats.setup_seconds = time.perf_counter() - t_setup
         if not rounds:
             self._finish()
 
@@ -523,7 +555,25 @@ class RearrangeHandle:
         if self.s._is_cuda:
             (self._user_stream or self.s._torch.cuda.current_stream(self.s.device)).synchronize()
         self.stats.seconds = time.perf_counter() - self._t0
+        if self.s.profile:
+            self.stats.gpu_ms = self._phase_times()
         return applied
+
+    def _phase_times(self) -> dict:
+        out = {"pack": 0.0, "exchange": 0.0, "apply": 0.0, "idle_after_exchange": 0.0, "idle_before_round": 0.0}
+        prev = None
+        for r in self._rounds:
+            m = r.marks
+            if not {"start", "packed", "apply", "end"} <= m.keys():
+                continue
+            out["pack"] += m["start"].elapsed_time(m["packed"])
+            out["exchange"] += m["packed"].elapsed_time(r.event)
+            out["idle_after_exchange"] += r.event.elapsed_time(m["apply"])
+            out["apply"] += m["apply"].elapsed_time(m["end"])
+            if prev is not None:
+                out["idle_before_round"] += prev.elapsed_time(m["start"])
+            prev = m["end"]
+        return {k: round(v, 3) for k, v in out.items()}
 
     # ---- engine -----------------------------------------------------------------------------
     def _advance(self, block: bool, deadline: float | None = None) -> list[int]:
@@ -624,8 +674,10 @@ class RearrangeHandle:
         return self._idx[start : start + n]
 
     def _block(self, offset: int, rows: int, t):
-        """A [rows, row_bytes] uint8 view of staging at ``offset`` (t: a byte-rows view)."""
-        return self._staging[offset : offset + rows * t.shape[1]].view(rows, t.shape[1])
+        """A [rows, k] view of staging at ``offset`` shaped and typed like the rows of ``t``
+        (a [rows, k] byte or word view of a weight)."""
+        n = rows * t.shape[1] * t.element_size()
+        return self._staging[offset : offset + n].view(t.dtype).view(rows, t.shape[1])
 
     def _launch(self, rnd: _Round) -> None:
         t_start = time.perf_counter()
@@ -643,11 +695,14 @@ class RearrangeHandle:
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
             if self._idx is None and self._idx_host is not None:
                 self._idx = self._idx_host.to(s.device, non_blocking=True)
+            if s.profile:
+                rnd.marks["start"] = _mark(torch, stream)
             st = self.stats
             sbase = self._staging.data_ptr() if self._staging is not None else 0
             for w in rnd.works:
                 W = s.weights[w.layer]
-                B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views
+                B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views (messages)
+                Wd = s._words[w.layer]  # the same rows as words (copy kernels)
                 rb = s.row_bytes[w.layer]
                 # A: local copies into rows nobody reads; stash old rows that C needs.
                 for src, dst in w.copies_a:
@@ -655,12 +710,12 @@ class RearrangeHandle:
                         t[dst].copy_(t[src])
                 if w.stash_src:
                     ix = self._ix(w, "stash_src")
-                    for i, b in enumerate(B):
+                    for i, b in enumerate(Wd):
                         torch.index_select(b, 0, ix, out=self._block(w.stash_block[i], len(w.stash_src), b))
                 for peer, rows in w.send_pack.items():
                     ix = self._ix(w, f"s{peer}")
                     for i in w.small:
-                        b = B[i]
+                        b = Wd[i]
                         torch.index_select(b, 0, ix, out=self._block(w.part_off[("s", peer, i)], len(rows), b))
                 st.local_copies += len(w.copies_a) + len(w.stash_src) + len(w.copies_live) + len(w.copies_new)
                 # B: rows straight from the weights; receives in place or into staging blocks.
@@ -691,9 +746,11 @@ class RearrangeHandle:
                 st.experts_sent += len(w.sends)
                 st.experts_received += len(w.recvs)
             st.messages += len(sends) + len(recvs)
+            if s.profile:
+                rnd.marks["packed"] = _mark(torch, stream)
             s.transport.exchange(sends, recvs, stream)
             if stream is not None:
-                rnd.event = torch.cuda.Event()
+                rnd.event = torch.cuda.Event(enable_timing=s.profile)
                 rnd.event.record(stream)
         rnd.launched_at = time.monotonic()
         self._inflight = rnd
@@ -724,7 +781,8 @@ class RearrangeHandle:
             if not block:
                 return False
             time.sleep(delay)
-            delay = min(delay * 2, 5e-4)
+            # short cap: every round's apply (and the next round) waits for the host to see it
+            delay = min(delay * 2, 1e-4)
 
     def _apply(self, rnd: _Round) -> None:
         s = self.s
@@ -732,6 +790,8 @@ class RearrangeHandle:
         if s._is_cuda:
             cs = self._user_stream or torch.cuda.current_stream(s.device)
             cs.wait_event(rnd.event)
+            if s.profile:
+                rnd.marks["apply"] = _mark(torch, cs)
             ctx = torch.cuda.stream(cs)
         else:
             cs = None
@@ -739,7 +799,7 @@ class RearrangeHandle:
         with ctx:
             for w in rnd.works:
                 W = s.weights[w.layer]
-                B = s._bytes[w.layer]
+                B = s._words[w.layer]
                 if w.recv_rows:
                     ix = self._ix(w, "recv")
                     for i in w.big:
@@ -759,8 +819,9 @@ class RearrangeHandle:
                     for t in W:
                         t[dst].copy_(t[src])
             if cs is not None:
-                self._release = torch.cuda.Event()
+                self._release = torch.cuda.Event(enable_timing=s.profile)
                 self._release.record(cs)
+                rnd.marks["end"] = self._release
                 if self._idx is not None and rnd.index == 0:
                     self._idx.record_stream(cs)
         rnd.done = True

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 SPECS = [
     [((4, 6), "float8_e4m3fn"), ((6, 2), "bfloat16"), ((3,), "float32")],
     [((5, 3), "bfloat16"), ((2, 2), "int32")],
-    [((40,), "float16")],
+    [((40,), "float16"), ((7,), "uint8")],
 ]
 
 

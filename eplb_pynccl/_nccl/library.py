@@ -276,6 +276,10 @@ class NcclLibrary:
             if rc != NCCL_SUCCESS and rc != NCCL_IN_PROGRESS:
                 raise self.error(rc, "ncclSend" if is_send else "ncclRecv", comm.value)
 
+    def prepare_p2p(self, ops) -> PreparedCalls:
+        """Prebuilt calls for ops as for :meth:`issue_p2p`, without the stream (set per issue)."""
+        return PreparedCalls(self, ops)
+
     def all_reduce(self, sptr, rptr, count, dtype, op, comm, stream) -> int:
         return self.check(
             self.fn("ncclAllReduce")(sptr, rptr, count, dtype, op, comm, stream), "ncclAllReduce", comm
@@ -311,6 +315,36 @@ class NcclLibrary:
 
     def mem_free(self, ptr: int) -> None:
         self.check(self.fn("ncclMemFree")(ptr), "ncclMemFree")
+
+
+class PreparedCalls:
+    """ncclSend/ncclRecv calls with every argument prebuilt; the stream is one shared object
+    set by :meth:`set_stream` before :meth:`issue` (which the caller brackets with a group)."""
+
+    __slots__ = ("_lib", "_calls", "_stream")
+
+    def __init__(self, lib: NcclLibrary, ops) -> None:
+        self._lib = lib
+        self._stream = ctypes.c_void_p(0)
+        self._calls = [
+            (lib._raw_send if is_send else lib._raw_recv,
+             (ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0, peer, comm, self._stream))
+            for is_send, ptr, nbytes, peer, comm in ops
+        ]
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def set_stream(self, stream: int) -> None:
+        self._stream.value = stream
+
+    def issue(self) -> None:
+        """The prepared hot loop: one ctypes call per op, nothing else unless one fails."""
+        for fn, args in self._calls:
+            rc = fn(*args)
+            if rc and rc != NCCL_IN_PROGRESS:
+                lib = self._lib
+                raise lib.error(rc, "ncclSend" if fn is lib._raw_send else "ncclRecv", args[4].value)
 
 
 _lock = threading.Lock()
