@@ -420,6 +420,54 @@ def run_p2p_skew(ctx: BenchContext):
     return rows
 
 
+def run_p2p_ctas(ctx: BenchContext):
+    """Probe: the uneven exchange of :func:`run_p2p_skew` (per-row messages, and one message
+    per peer) on communicators with at most 32, 16, 8 and 4 CTAs (``max_ctas``)."""
+    import torch
+
+    import eplb_pynccl as ep
+
+    n, rank = ctx.world_size, ctx.rank
+    if not ctx.is_gpu or n != 4:
+        raise PartSkipped("needs 4 GPUs")
+    row = 4096 * 7168
+    cnt = {1: 24, 2: 16, 3: 8}
+    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    rows = []
+    for ctas in (32, 16, 8, 4):
+        comm = ep.Communicator.from_store(ctx.store, rank, n, ctx.device.index, key=f"probe/ctas{ctas}",
+                                          max_ctas=ctas)
+        comm.connect_peers()
+        for per_row in (True, False):
+            sends, recvs = [], []
+            for d in cnt:
+                step = 1 if per_row else cnt[d]
+                for a in range(0, cnt[d], step):
+                    sl = slice(a * row, (a + step) * row)
+                    sends.append((src[d][sl], (rank + d) % n))
+                    recvs.append((dst[d][sl], (rank - d) % n))
+            batch = comm.prepare_p2p(sends, recvs)
+            for d in cnt:
+                dst[d].zero_()
+            times = []
+            for rep_ in range(6):
+                ctx.barrier()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                batch.launch()
+                torch.cuda.synchronize()
+                if rep_:
+                    times.append(time.perf_counter() - t0)
+            t = max(ctx.allgather(float(np.median(times))))
+            total = sum(cnt.values()) * row
+            rows.append({"max_ctas": ctas, "shape": "per-row ops" if per_row else "one op per peer",
+                         "time_ms": round(t * 1e3, 2), "gbps_per_gpu": round(total / t / 1e9, 1),
+                         "check": "ok" if all(bool((dst[d] == (rank - d) % n + 1).all()) for d in cnt) else "FAIL"})
+        comm.close()
+    return rows
+
+
 def run_eplb(ctx: BenchContext):
     import torch
 

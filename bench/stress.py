@@ -2,16 +2,22 @@
 
 Every rank runs a forward-like loop on its compute stream (bf16 matmuls, an all-to-all and an
 all-reduce on torch.distributed's own NCCL communicator) while eplb_pynccl rearranges expert
-weights asynchronously on a *separate* communicator, back to back with random maps, and each
-rank sleeps a random time per step so the ranks drift out of phase. NCCL work of the
-rearrangement is launched only from ``handle.step()``, called by the loop's own thread between
-steps. Rearrangement k starts at step k * ``period`` on every rank (as an engine triggers
-rebalancing at step counts all ranks agree on); a rank whose previous one is still in flight
-then finishes it first with ``wait()`` (counted as a forced wait).
+weights asynchronously on a *separate* communicator, back to back with random maps: a rank
+starts the next rearrangement at the step after its previous one completed. Each rank sleeps a
+random time per step so the ranks drift out of phase. NCCL work of the rearrangement is
+launched only from ``handle.step()``, called by the loop's own thread between steps.
 
-Checked: every completed rearrangement exactly (every row of every layer), and at sampled
-steps that each layer is entirely old or entirely new. Measured: forward step time with and
-without a rearrangement in flight, async rearrangement time, and the synchronous path's time.
+Variants (``VARIANTS``) switch the safety measures one at a time: non-blocking communicator,
+``max_ctas``, peers connected at set-up, lockstep ``step(wait=True)``, and a small forward step
+(host-bound). ``NCCL_LAUNCH_ORDER_IMPLICIT`` is an environment setting of the whole process;
+``make bench`` runs it as a separate invocation (the row records the setting).
+
+Checked: every completed rearrangement exactly (every row of every layer), and every
+``check_every`` steps that each layer is entirely old or entirely new. Timed: the loop's wall
+time per step while rearranging, *excluding* those checks (the GPU is synchronised before a
+check, so the work queued before it is counted), against the same loop without
+rearrangements; the host time spent inside ``step()``; the async rearrangement time (start to
+done) against the synchronous path's.
 
 Used by tests/test_gpu_async.py (the GPU stress test) and by ``make bench`` (part ``stress``).
 Public API only.
@@ -19,18 +25,37 @@ Public API only.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from bench.eplb import _check, _fill, make_maps
 
+# name -> communicator settings and loop settings (the default variant is what the test runs)
+VARIANTS = {
+    "default": {},
+    "lockstep": {"lockstep": True},
+    "no-max-ctas": {"max_ctas": None},
+    "blocking": {"blocking": True},
+    "lazy-connect": {"connect": False},
+    "small-forward": {"matmul": 4096},
+}
+DEFAULTS = {"blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192}
+
+
+def variant_settings(name: str) -> dict:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown stress variant {name!r}; known: {', '.join(VARIANTS)}")
+    return {**DEFAULTS, **VARIANTS[name]}
+
 
 def _forward(torch, state):
-    a, b, x, y, r = state
+    a, b, c, x, y, r = state
     for _ in range(2):
-        torch.matmul(a, b, out=a)
-        a.mul_(1e-3)
+        torch.matmul(a, b, out=c)
+        torch.matmul(c, b, out=a)
+        a.mul_(1e-4)
     torch.distributed.all_to_all_single(y, x)
     torch.distributed.all_reduce(r)
 
@@ -51,15 +76,17 @@ def stress_rank(
     comm,
     *,
     steps: int = 500,
-    min_rearrangements: int = 20,
     seed: int = 0,
     layers: int = 4,
     num_logical: int = 24,
     redundant_per_rank: int = 2,
-    row_shape=(256, 1024),
+    row_shape=(1024, 1024),
+    matmul: int = 8192,
+    a2a_bytes: int = 16 << 20,
     max_delay_ms: float = 2.0,
-    check_every: int = 10,
-    period: int = 12,
+    check_every: int = 25,
+    lockstep: bool = False,
+    sync_repeats: int = 3,
     log=None,
 ) -> dict:
     import torch
@@ -76,13 +103,14 @@ def stress_rank(
         for _ in range(layers)
     ]
     shuffler = ep.ExpertShuffler(ep.NcclTransport(comm), weights)
-    n = 4096
+    n = matmul
     fwd = (
         torch.randn(n, n, device=dev, dtype=torch.bfloat16),
-        torch.randn(n, n, device=dev, dtype=torch.bfloat16),
-        torch.randn(world * (1 << 20), device=dev, dtype=torch.float32),
-        torch.empty(world * (1 << 20), device=dev, dtype=torch.float32),
-        torch.randn(1 << 20, device=dev, dtype=torch.float32),
+        torch.randn(n, n, device=dev, dtype=torch.bfloat16) * (1.0 / n),
+        torch.empty(n, n, device=dev, dtype=torch.bfloat16),
+        torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
+        torch.empty(a2a_bytes // 4, device=dev, dtype=torch.float32),
+        torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
     )
     delays = np.random.default_rng([seed, rank, 99])
 
@@ -109,7 +137,7 @@ def stress_rank(
 
     # the synchronous path, same sizes
     sync_times = []
-    for k in range(1, 4):
+    for k in range(1, 1 + sync_repeats):
         nxt = maps(k)[1]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -118,113 +146,148 @@ def stress_rank(
         if not _check(torch, weights, nxt, rank, P):
             raise AssertionError(f"rank {rank}: sync rearrangement {k} wrong")
         cur = nxt
+    say(f"sync rearrangements {[round(t * 1e3, 2) for t in sync_times]} ms")
 
-    say(f"sync rearrangements {[round(t * 1e3, 1) for t in sync_times]} ms")
     done = 0
-    forced = 0
-    mismatches = []
-    half = []
-    async_times = []
-    busy_time = 0.0
-    busy_steps = 0
+    mismatches, half, async_times = [], [], []
+    step_host = 0.0
+    step_calls = 0
+    excluded = 0.0  # seconds spent verifying (not part of the loop's cost)
     handle = None
     started = 0.0
     target = None
-    k = 10
-
-    def finish():
-        nonlocal cur, handle, done
-        torch.cuda.synchronize()
-        async_times.append(time.perf_counter() - started)
-        if not _check(torch, weights, target, rank, P):
-            mismatches.append(k)
-        cur, handle = target, None
-        done += 1
-
-    step = 0
+    k = 100
     torch.cuda.synchronize()
     t_loop = time.perf_counter()
-    total = max(steps, min_rearrangements * period + 1)
-    while step < total:
-        t0 = time.perf_counter()
+    # the same number of steps on every rank: the forward's collectives must pair up
+    for step in range(steps):
         _forward(torch, fwd)
         time.sleep(delays.random() * max_delay_ms * 1e-3)
-        if step % period == 0:
-            if handle is not None:  # same step on every rank: finish the previous one
-                handle.wait()
-                forced += 1
-                finish()
+        if handle is None:
             k += 1
             target = maps(k)[1]
-            handle = shuffler.rearrange_async(cur, target)
             started = time.perf_counter()
-        elif handle is not None:
-            handle.step()
+            handle = shuffler.rearrange_async(cur, target)
+        else:
+            t0 = time.perf_counter()
+            handle.step(wait=lockstep)
+            step_host += time.perf_counter() - t0
+            step_calls += 1
             if handle.done:
-                finish()
+                async_times.append(time.perf_counter() - started)
+                # the compute stream only: a device-wide sync while a peer's round is in flight
+                # can deadlock (README, threading model)
+                torch.cuda.current_stream().synchronize()
+                tx = time.perf_counter()
+                if not _check(torch, weights, target, rank, P):
+                    mismatches.append(k)
+                excluded += time.perf_counter() - tx
+                cur, handle = target, None
+                done += 1
             elif check_every and step % check_every == 0:
+                torch.cuda.current_stream().synchronize()
+                tx = time.perf_counter()
                 bad = _layer_state(torch, weights, cur, target, rank, P, set(handle.applied_layers))
                 if bad:
                     half.append((k, bad))
-        if handle is not None:
-            busy_time += time.perf_counter() - t0
-            busy_steps += 1
-        step += 1
-        if step % 100 == 0:
-            say(f"step {step}: {done} rearrangements done ({forced} forced waits)")
+                excluded += time.perf_counter() - tx
+        if (step + 1) % 100 == 0:
+            say(f"step {step + 1}: {done} rearrangements done")
     if handle is not None:
         handle.wait()
-        finish()
+        async_times.append(time.perf_counter() - started)
+        if not _check(torch, weights, target, rank, P):
+            mismatches.append(k)
+        cur = target
+        done += 1
     torch.cuda.synchronize()
-    loop_s = time.perf_counter() - t_loop
+    loop_s = time.perf_counter() - t_loop - excluded
+    # free-running ranks may have started different numbers of rearrangements: the ones
+    # behind run the missing ones (every rank must run the same sequence)
+    started_max = torch.tensor([k], dtype=torch.int64, device=dev)
+    torch.distributed.all_reduce(started_max, op=torch.distributed.ReduceOp.MAX)
+    while k < int(started_max.item()):
+        k += 1
+        target = maps(k)[1]
+        shuffler.rearrange(cur, target)
+        if not _check(torch, weights, target, rank, P):
+            mismatches.append(k)
+        cur = target
+    torch.cuda.synchronize()
     after_step = loop_time(min(steps, 200))
     return {
         "rank": rank,
-        "steps": step,
+        "steps": steps,
         "rearrangements": done,
-        "forced_waits": forced,
         "mismatches": mismatches,
         "half_layers": half,
         "base_step_ms": base_step * 1e3,
         "base_step_after_ms": after_step * 1e3,
-        "loop_step_ms": loop_s / step * 1e3,
-        "busy_step_ms": (busy_time / busy_steps * 1e3) if busy_steps else 0.0,
+        "busy_step_ms": loop_s / steps * 1e3,
+        "step_host_us": step_host / max(step_calls, 1) * 1e6,
         "sync_ms": float(np.median(sync_times)) * 1e3,
         "async_ms": float(np.median(async_times)) * 1e3 if async_times else 0.0,
         "layer_mib": sum(t[0].nbytes for t in weights[0]) * P / 2**20,
     }
 
 
-def run_stress(ctx):
-    """bench part ``stress`` (GPU): the workload above on this run's ranks, summarised."""
-    import eplb_pynccl as ep
-    from bench.harness import PartSkipped
-
-    if not ctx.is_gpu or ctx.world_size < 2:
-        raise PartSkipped("stress needs 2+ GPUs")
-    comm = ep.Communicator.from_store(
-        ctx.store, ctx.rank, ctx.world_size, ctx.device.index, key="bench/stress/uid",
-        blocking=False, max_ctas=8, timeout=120,
-    )
-    try:
-        comm.connect_peers()
-        res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed)
-    finally:
-        comm.close()
-    every = ctx.allgather(res)
-    base = max(r["base_step_ms"] for r in every)
+def summarize(every: list[dict]) -> dict:
+    """One row from every rank's result: the slowest rank's figures."""
+    base = max(max(r["base_step_ms"], r["base_step_after_ms"]) for r in every)
     busy = max(r["busy_step_ms"] for r in every)
-    return [{
-        "world_size": ctx.world_size,
+    return {
         "steps": min(r["steps"] for r in every),
         "rearrangements": min(r["rearrangements"] for r in every),
-        "forced_waits": max(r["forced_waits"] for r in every),
         "mismatches": sum(len(r["mismatches"]) for r in every),
         "half_layers_seen": sum(len(r["half_layers"]) for r in every),
         "base_step_ms": round(base, 3),
         "busy_step_ms": round(busy, 3),
         "slowdown_pct": round((busy / base - 1) * 100, 1),
+        "step_host_us": round(max(r["step_host_us"] for r in every), 1),
         "async_ms": round(max(r["async_ms"] for r in every), 2),
         "sync_ms": round(max(r["sync_ms"] for r in every), 2),
         "layer_mib": round(every[0]["layer_mib"], 1),
-    }]
+    }
+
+
+def run_stress(ctx):
+    """bench part ``stress`` (GPU): the workload above on this run's ranks, per variant."""
+    import eplb_pynccl as ep
+    from bench.harness import PartSkipped
+
+    if not ctx.is_gpu or ctx.world_size < 2:
+        raise PartSkipped("stress needs 2+ GPUs")
+    names = [v for v in (getattr(ctx.args, "stress_variants", "") or "default").split(",") if v]
+    steps = int(getattr(ctx.args, "stress_steps", 500) or 500)
+    timeout = float(getattr(ctx.args, "stress_timeout", 60) or 60)
+    implicit = os.environ.get("NCCL_LAUNCH_ORDER_IMPLICIT", "")
+    rows = []
+    for name in names:
+        cfg = variant_settings(name)
+        comm = ep.Communicator.from_store(
+            ctx.store, ctx.rank, ctx.world_size, ctx.device.index, key=f"bench/stress/{name}",
+            blocking=cfg["blocking"], max_ctas=cfg["max_ctas"], timeout=timeout,
+        )
+        err = None
+        try:
+            if cfg["connect"]:
+                comm.connect_peers()
+            res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed, steps=steps,
+                              lockstep=cfg["lockstep"], matmul=cfg["matmul"])
+        except ep.RearrangeError as e:  # e.g. a launch-order deadlock caught by the timeout
+            err, res = f"{type(e).__name__}: {e}", None
+        if err is None:
+            comm.close()
+        else:
+            comm.abort()
+        every = ctx.allgather((res, err))
+        row = {"variant": name, "world_size": ctx.world_size,
+               "launch_order_implicit": implicit or "unset",
+               "settings": ", ".join(f"{k}={v}" for k, v in cfg.items())}
+        errs = [e for _, e in every if e]
+        if errs:
+            row["error"] = errs[0][:300]
+        else:
+            row.update(summarize([r for r, _ in every]))
+        rows.append(row)
+    return rows

@@ -541,9 +541,19 @@ class RearrangeHandle:
     def pending_layers(self) -> list[int]:
         return [l for r in self._rounds if not r.done for l in r.layers]
 
-    def step(self) -> list[int]:
+    def step(self, wait: bool = False) -> list[int]:
         """Apply the layers whose data has arrived (on the caller's current stream) and launch
-        the next round; returns the layers switched to new weights by this call."""
+        the next round; returns the layers switched to new weights by this call.
+
+        ``wait=False`` (default): never blocks; a round still in flight is left for a later
+        call, so how far a rank has got depends on its timing. ``wait=True`` (lockstep): every
+        call advances exactly one round: it waits (up to the timeout) for the round in flight,
+        applies it and launches the next. Called at the same forward steps on every rank, the
+        NCCL launches then come at the same point of every rank's launch sequence, which
+        ``NCCL_LAUNCH_ORDER_IMPLICIT`` requires (README, threading model).
+        """
+        if wait:
+            return self._lockstep()
         return self._advance(block=False)
 
     def wait(self, timeout: float | None = None) -> list[int]:
@@ -597,6 +607,33 @@ class RearrangeHandle:
                 if self._next < len(self._rounds):
                     self._launch(self._rounds[self._next])
                     self._next += 1
+            if self.done:
+                self._finish()
+            return applied
+        except RearrangeError:
+            raise
+        except BaseException as e:
+            self._fail(e)
+            raise self._error from e
+
+    def _lockstep(self) -> list[int]:
+        if self._error is not None:
+            raise self._error
+        try:
+            applied = []
+            rnd = self._inflight
+            if rnd is not None:
+                t_wait = time.perf_counter()
+                self._arrived(rnd, True, None)  # returns True, or raises on timeout / peer error
+                self.stats.wait_seconds += time.perf_counter() - t_wait
+                t_apply = time.perf_counter()
+                self._apply(rnd)
+                self.stats.apply_seconds += time.perf_counter() - t_apply
+                applied = list(rnd.layers)
+                self._inflight = None
+            if self._next < len(self._rounds):
+                self._launch(self._rounds[self._next])
+                self._next += 1
             if self.done:
                 self._finish()
             return applied

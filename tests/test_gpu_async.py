@@ -36,32 +36,35 @@ def _init(ctx, **comm_kw):
     return comm
 
 
-def _stress_job(ctx, steps, min_rearrangements):
+def _stress_job(ctx, steps, lockstep):
     from bench.stress import stress_rank
 
     comm = _init(ctx, blocking=False, max_ctas=8, timeout=60)
     res = stress_rank(
-        ctx.rank, ctx.world_size, comm, steps=steps, min_rearrangements=min_rearrangements, seed=5,
+        ctx.rank, ctx.world_size, comm, steps=steps, seed=5, lockstep=lockstep,
         log=lambda m: print(f"[rank {ctx.rank}] {m}", flush=True),
     )
     comm.close()
     return res
 
 
-def test_async_stress_beside_live_nccl(world_size):
+@pytest.mark.parametrize("lockstep", [False, True], ids=["free-running", "lockstep"])
+def test_async_stress_beside_live_nccl(world_size, lockstep):
+    from bench.stress import summarize
+
     t0 = time.monotonic()
-    results = run_ranks(_stress_job, world_size, 500, 20, timeout=110)
+    results = run_ranks(_stress_job, world_size, 500, lockstep, timeout=110)
     for r in results:
         assert r["mismatches"] == [], r
         assert r["half_layers"] == [], r
         assert r["steps"] >= 500 and r["rearrangements"] >= 20, r
-    base = max(r["base_step_ms"] for r in results)
-    busy = max(r["busy_step_ms"] for r in results)
+    row = summarize(results)
     print(
-        f"\nstress ws{world_size}: {min(r['steps'] for r in results)} steps, "
-        f"{min(r['rearrangements'] for r in results)} rearrangements in {time.monotonic() - t0:.0f} s; "
-        f"step {base:.3f} ms idle vs {busy:.3f} ms while rearranging ({(busy / base - 1) * 100:+.1f}%); "
-        f"async {max(r['async_ms'] for r in results):.1f} ms vs sync {max(r['sync_ms'] for r in results):.1f} ms"
+        f"\nstress ws{world_size} {'lockstep' if lockstep else 'free-running'}: {row['steps']} steps, "
+        f"{row['rearrangements']} rearrangements in {time.monotonic() - t0:.0f} s; step "
+        f"{row['base_step_ms']:.3f} ms idle vs {row['busy_step_ms']:.3f} ms while rearranging "
+        f"({row['slowdown_pct']:+.1f}%); step() {row['step_host_us']:.0f} us; "
+        f"async {row['async_ms']:.1f} ms vs sync {row['sync_ms']:.1f} ms"
     )
 
 

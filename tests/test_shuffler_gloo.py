@@ -150,3 +150,38 @@ def test_gloo_random_configurations_sweep(world):
     # world 1: everything is a local copy (no network); world 3: every executor option mixed
     for failures in run_gloo(_config_sweep_job, world, 2024 + world, 12, timeout=180):
         assert failures == []
+
+
+def _lockstep_job(rank, world, seed):
+    import torch as T
+
+    from eplb_pynccl import ExpertShuffler, TorchTransport
+    from tests.shuffle_util import check_weights, make_weights, random_maps
+
+    rng = np.random.default_rng(seed)
+    P = 3
+    specs = _specs(SPECS)
+    old, new = random_maps(rng, len(specs), world * P - 1, world, P)
+    weights = make_weights(T, specs, old, rank, world, "cpu")
+    # at most one message per round: every changed layer is a round of its own
+    sh = ExpertShuffler(TorchTransport(), weights, max_messages_per_round=1)
+    h = sh.rearrange_async(old, new)
+    rounds = h.stats.rounds
+    calls = []
+    while not h.done:
+        calls.append(h.step(wait=True))
+    return rounds, calls, check_weights(T, weights, new, rank, world)
+
+
+def test_gloo_lockstep_step_advances_one_round_per_call():
+    out = run_gloo(_lockstep_job, 2, 11)
+    assert out[0][:2] == out[1][:2]  # the same sequence on both ranks
+    for rounds, calls, bad in out:
+        assert bad == []
+        assert rounds >= 2
+        # call 1 launches round 0; call k applies round k-2 and launches round k-1; the last
+        # call applies the last round: rounds + 1 calls, each layer applied exactly once
+        assert len(calls) == rounds + 1 and calls[0] == []
+        assert all(len(c) >= 1 for c in calls[1:])
+        applied = [l for c in calls for l in c]
+        assert len(applied) == len(set(applied))
