@@ -1,7 +1,8 @@
 """Async rearrangement beside live NCCL traffic: the stress workload (issue: no hangs).
 
-Every rank runs a forward-like loop on its compute stream (bf16 matmuls, an all-to-all and an
-all-reduce on torch.distributed's own NCCL communicator) while eplb_pynccl rearranges expert
+Every rank runs a forward-like loop on its compute stream (four bf16 8192² matmuls, an
+all-to-all and an all-reduce of 16 MiB on torch.distributed's own NCCL communicator, then the
+host reads one value of the result, as an engine reads its sampled tokens) while eplb_pynccl rearranges expert
 weights asynchronously on a *separate* communicator, back to back with random maps: a rank
 starts the next rearrangement at the step after its previous one completed. Each rank sleeps a
 random time per step so the ranks drift out of phase. NCCL work of the rearrangement is
@@ -9,7 +10,8 @@ launched only from ``handle.step()``, called by the loop's own thread between st
 
 Variants (``VARIANTS``) switch the safety measures one at a time: non-blocking communicator,
 ``max_ctas``, peers connected at set-up, lockstep ``step(wait=True)``, and a small forward step
-(host-bound). ``NCCL_LAUNCH_ORDER_IMPLICIT`` is an environment setting of the whole process;
+(host-bound), or no host read per step (the host runs ahead of the GPU by several steps, so a
+free-running ``step()`` sees each round complete only that much later). ``NCCL_LAUNCH_ORDER_IMPLICIT`` is an environment setting of the whole process;
 ``make bench`` runs it as a separate invocation (the row records the setting).
 
 Checked: every completed rearrangement exactly (every row of every layer), and every
@@ -40,8 +42,9 @@ VARIANTS = {
     "blocking": {"blocking": True},
     "lazy-connect": {"connect": False},
     "small-forward": {"matmul": 4096},
+    "no-host-sync": {"host_sync": False},
 }
-DEFAULTS = {"blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192}
+DEFAULTS = {"blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192, "host_sync": True}
 
 
 def variant_settings(name: str) -> dict:
@@ -50,7 +53,7 @@ def variant_settings(name: str) -> dict:
     return {**DEFAULTS, **VARIANTS[name]}
 
 
-def _forward(torch, state):
+def _forward(torch, state, host_sync: bool):
     a, b, c, x, y, r = state
     for _ in range(2):
         torch.matmul(a, b, out=c)
@@ -58,6 +61,8 @@ def _forward(torch, state):
         a.mul_(1e-4)
     torch.distributed.all_to_all_single(y, x)
     torch.distributed.all_reduce(r)
+    if host_sync:  # the host reads a small result (as an engine reads the sampled tokens)
+        float(r[0])
 
 
 def _layer_state(torch, weights, old, new, rank, P, applied):
@@ -86,6 +91,7 @@ def stress_rank(
     max_delay_ms: float = 2.0,
     check_every: int = 25,
     lockstep: bool = False,
+    host_sync: bool = True,
     sync_repeats: int = 3,
     log=None,
 ) -> dict:
@@ -125,7 +131,7 @@ def stress_rank(
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(nsteps):
-            _forward(torch, fwd)
+            _forward(torch, fwd, host_sync)
             time.sleep(delays.random() * max_delay_ms * 1e-3)
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / nsteps
@@ -161,7 +167,7 @@ def stress_rank(
     t_loop = time.perf_counter()
     # the same number of steps on every rank: the forward's collectives must pair up
     for step in range(steps):
-        _forward(torch, fwd)
+        _forward(torch, fwd, host_sync)
         time.sleep(delays.random() * max_delay_ms * 1e-3)
         if handle is None:
             k += 1
@@ -273,7 +279,7 @@ def run_stress(ctx):
             if cfg["connect"]:
                 comm.connect_peers()
             res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed, steps=steps,
-                              lockstep=cfg["lockstep"], matmul=cfg["matmul"])
+                              lockstep=cfg["lockstep"], matmul=cfg["matmul"], host_sync=cfg["host_sync"])
         except ep.RearrangeError as e:  # e.g. a launch-order deadlock caught by the timeout
             err, res = f"{type(e).__name__}: {e}", None
         if err is None:
