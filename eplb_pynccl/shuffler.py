@@ -4,14 +4,17 @@ Given the plan (``planner.plan_rearrangement``), each rank moves its expert rows
 A round is a set of whole layers, the same on every rank (computed from the global plan, with
 no communication), sized so that every rank's staging fits ``staging_bytes``. Per round:
 
-A. on the exchange stream: stash old rows that a local copy needs but that will be overwritten;
-   pack small tensors' rows (below ``pack_threshold`` bytes per row) into one buffer per peer;
-   in non-transactional mode also do local copies into rows nobody reads.
+A. on the exchange stream: save the rows that break cycles of local copies (the stash; one
+   row per cycle, usually none); pack small tensors' rows (below ``pack_threshold`` bytes per
+   row) into one buffer per peer; in non-transactional mode also do local copies into rows
+   nobody reads.
 B. one grouped exchange through the transport: large rows are sent straight from the weight
    rows and received straight into destination rows where that is hazard-free (a row whose
-   old content no send or copy reads, non-transactional mode only), else into staging.
-C. once the host has seen B complete (so a failed exchange never reaches live weights):
-   copy staging into the live rows, then duplicate rows (copies of rows received this layer).
+   old content no send or copy reads, non-transactional mode only), else into staging. A run
+   of consecutive source rows to one peer, all staged, travels as one message per tensor.
+C. once the host has seen B complete (so a failed exchange never reaches live weights): the
+   local copies of old content, ordered so that every row is read before it is overwritten;
+   then staging into the live rows; then duplicates of rows received in this layer.
 
 Transactional mode (the default) writes no live row before C, so after any failure each layer
 is entirely old or entirely new, and :class:`~eplb_pynccl.RearrangeError` lists which.
@@ -78,16 +81,18 @@ class _LayerWork:
     layer: int
     big: list  # tensors sent as their own messages
     small: list  # tensors packed per peer
-    sends: list  # (peer, src_row) in plan order
-    recvs: list  # (peer, dst_row, j): j = row of the staged-receive blocks, -1 = in place
+    sends: list  # (peer, src_row), per peer by (src row, dst row) (see _layer_work)
+    recvs: list  # (peer, dst_row, j) in the same order: j = row of the staged-receive blocks, -1 = in place
     recv_rows: list  # dst rows of the staged receives, by j
     copies_a: list  # (src, dst): phase A, into rows nobody reads (non-transactional)
-    stash_src: list  # phase A: old rows saved into the stash blocks ...
-    stash_dst: list  # ... and copied to these rows in C
-    copies_live: list  # (src, dst): phase C, from rows that do not change
+    stash_src: list  # phase A: old rows saved into the stash blocks (one per copy cycle)
+    copies_c: list  # (src, j, dst): phase C first, old content, ordered so that every row is
+    # read before it is written; j >= 0: from stash block row j instead of row src
     copies_new: list  # (src, dst): phase C last, duplicates of rows new in this layer
     send_pack: dict  # peer -> src rows (small tensors)
     recv_pack: dict  # peer -> dst rows
+    send_msgs: list  # (peer, first src row, rows): big tensors, one message per tensor
+    recv_msgs: list  # (peer, first dst row, first j or -1 (in place), rows)
     recv_block: dict = field(default_factory=dict)  # tensor -> staging offset
     stash_block: dict = field(default_factory=dict)
     send_parts: dict = field(default_factory=dict)  # peer -> (start, end) staging span
@@ -340,10 +345,15 @@ class ExpertShuffler:
         tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
         cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
         full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
+        # stash: one row per cycle of old-content copies applied in phase C (see _layer_work)
         stash = np.zeros((L, n), dtype=np.int64)
         if cl.size:
-            st = ~cn & unsafe[cl, cr, cd] & changed[cl, cr, cs]
-            np.add.at(stash, (cl[st], cr[st]), full[cl[st]])
+            tc = ~cn & unsafe[cl, cr, cd]
+            parent = np.full(L * n * P, -1, dtype=np.int64)
+            node = (cl * n + cr) * P
+            parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
+            heads = _cycle_heads(parent)
+            np.add.at(stash, (heads // (n * P), heads // P % n), full[heads // (n * P)])
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
         pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
 
@@ -421,18 +431,34 @@ class ExpertShuffler:
         needed = plan.source_needed[layer, base : base + P]
         unsafe = changed if transactional else needed
         big, small = self._split(layer, packed)
+        # Per pair of ranks both sides list the transfers by (source row, destination row),
+        # and a run of transfers from consecutive source rows, all received into staging,
+        # travels as one message per tensor (k rows of the source tensor -> k staged rows).
+        # The receiver's staging decision comes from the global plan, so the sender breaks
+        # runs where the receiver does.
+        lay_unsafe = (plan.changed if transactional else plan.source_needed)[layer]
         m = rv.s_layer == layer
-        sends = list(zip(rv.s_peer[m].tolist(), rv.s_src_row[m].tolist()))
+        sp, ss, sd = rv.s_peer[m], rv.s_src_row[m], rv.s_dst_row[m]
+        o = np.lexsort((sd, ss, sp))
+        sp, ss, sd = sp[o], ss[o], sd[o]
+        staged_s = lay_unsafe[sp * P + sd] if big else np.zeros(len(sp), dtype=bool)
+        sends = list(zip(sp.tolist(), ss.tolist()))
+        send_msgs = [(int(sp[a]), int(ss[a]), k) for a, k in _runs(sp, ss, staged_s)]
         m = rv.r_layer == layer
+        rp, rs, rd = rv.r_peer[m], rv.r_src_row[m], rv.r_dst_row[m]
+        o = np.lexsort((rd, rs, rp))
+        rp, rs, rd = rp[o], rs[o], rd[o]
+        staged_r = unsafe[rd] if big else np.zeros(len(rp), dtype=bool)
         recvs, recv_rows = [], []
-        for peer, row in zip(rv.r_peer[m].tolist(), rv.r_dst_row[m].tolist()):
-            if unsafe[row] and big:
+        for peer, row, staged in zip(rp.tolist(), rd.tolist(), staged_r.tolist()):
+            if staged:
                 recvs.append((peer, row, len(recv_rows)))
                 recv_rows.append(row)
             else:
                 recvs.append((peer, row, -1))
+        recv_msgs = [recvs[a] + (k,) for a, k in _runs(rp, rs, staged_r)]
         m = rv.c_layer == layer
-        copies_a, stash_src, stash_dst, live, new = [], [], [], [], []
+        copies_a, tc, new = [], [], []
         for src, dst, is_new in zip(
             rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()
         ):
@@ -440,11 +466,9 @@ class ExpertShuffler:
                 new.append((src, dst))
             elif not unsafe[dst]:
                 copies_a.append((src, dst))
-            elif changed[src]:
-                stash_src.append(src)
-                stash_dst.append(dst)
             else:
-                live.append((src, dst))
+                tc.append((src, dst))
+        stash_src, copies_c = _order_copies(tc, P)
         send_pack: dict = {}
         recv_pack: dict = {}
         if small:
@@ -453,9 +477,74 @@ class ExpertShuffler:
             for peer, dst, _ in recvs:
                 recv_pack.setdefault(peer, []).append(dst)
         return _LayerWork(
-            layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, stash_dst, live, new,
-            send_pack, recv_pack,
+            layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, copies_c, new,
+            send_pack, recv_pack, send_msgs, recv_msgs,
         )
+
+
+def _cycle_heads(parent: np.ndarray) -> np.ndarray:
+    """The smallest node of every cycle of ``parent`` (node -> node, -1: none), sorted.
+
+    Pointer doubling: after ``2**J >= len`` steps a node's image is on a cycle (or is the
+    sentinel for chains that end), every cycle node is such an image, and the running minimum
+    along the path covers its whole cycle."""
+    n = len(parent)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    p = np.append(np.where(parent >= 0, parent, n), n)  # sentinel n: the end of a chain
+    mn = np.append(np.arange(n, dtype=np.int64), np.iinfo(np.int64).max)
+    for _ in range(max(1, int(n - 1).bit_length()) + 1):
+        mn = np.minimum(mn, mn[p])
+        p = p[p]
+    on_cycle = np.unique(p[:n][p[:n] != n])
+    return on_cycle[mn[on_cycle] == on_cycle]
+
+
+def _order_copies(copies: list, rows: int):
+    """Order old-content copies (src, dst) so every row is read before it is written.
+
+    Rows form chains and cycles (a row is written by at most one copy); the smallest row of
+    each cycle is saved first (the stash) and its readers read the saved copy. Returns
+    (stash rows, [(src, j, dst)]) with j the stash index of src, or -1 to read row src.
+    """
+    if not copies:
+        return [], []
+    parent = np.full(rows, -1, dtype=np.int64)
+    for src, dst in copies:
+        parent[dst] = src
+    stash = _cycle_heads(parent).tolist()
+    slot = {r: j for j, r in enumerate(stash)}
+    writer = {dst: k for k, (_, dst) in enumerate(copies)}
+    readers: dict = {}
+    for src, _ in copies:
+        if src not in slot:
+            readers[src] = readers.get(src, 0) + 1
+    ready = [k for k, (_, dst) in enumerate(copies) if not readers.get(dst)]
+    order = []
+    while ready:
+        k = ready.pop()
+        src, dst = copies[k]
+        order.append((src, slot.get(src, -1), dst))
+        if src not in slot:
+            readers[src] -= 1
+            if readers[src] == 0 and src in writer:
+                ready.append(writer[src])
+    if len(order) != len(copies):  # cannot happen: one stash row per cycle breaks them all
+        raise AssertionError(f"local copies could not be ordered: {copies}")
+    return stash, order
+
+
+def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray) -> list:
+    """(start, length) of the runs of a sorted transfer list: same peer, consecutive source
+    rows, every one staged; an unstaged transfer is a run of its own."""
+    n = len(peer)
+    if n == 0:
+        return []
+    brk = np.ones(n, dtype=bool)
+    brk[1:] = (peer[1:] != peer[:-1]) | (src[1:] != src[:-1] + 1) | ~staged[1:] | ~staged[:-1]
+    starts = np.flatnonzero(brk)
+    lengths = np.diff(np.append(starts, n))
+    return list(zip(starts.tolist(), lengths.tolist()))
 
 
 def _mark(torch, stream):
@@ -696,7 +785,6 @@ class RearrangeHandle:
                     w.stash_block[i] = take(len(w.stash_src) * rb[i])
             index(w, "recv", w.recv_rows)
             index(w, "stash_src", w.stash_src)
-            index(w, "stash_dst", w.stash_dst)
             for tag, pack, spans in (("s", w.send_pack, w.send_parts), ("r", w.recv_pack, w.recv_parts)):
                 for peer, rows in pack.items():
                     start = cursor
@@ -754,25 +842,25 @@ class RearrangeHandle:
                     for i in w.small:
                         b = Wd[i]
                         torch.index_select(b, 0, ix, out=self._block(w.part_off[("s", peer, i)], len(rows), b))
-                st.local_copies += len(w.copies_a) + len(w.stash_src) + len(w.copies_live) + len(w.copies_new)
+                st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
                 # B: rows straight from the weights; receives in place or into staging blocks.
                 # per pair, both sides list messages transfer by transfer, tensor by tensor
                 if raw:
                     bases = [(B[i].data_ptr(), rb[i]) for i in w.big]
-                    for peer, src in w.sends:
-                        sends.extend((peer, (base + src * n, n)) for base, n in bases)
+                    for peer, src, k in w.send_msgs:
+                        sends.extend((peer, (base + src * n, k * n)) for base, n in bases)
                 else:
-                    for peer, src in w.sends:
-                        sends.extend((peer, B[i][src]) for i in w.big)
-                for peer, dst, j in w.recvs:
+                    for peer, src, k in w.send_msgs:
+                        sends.extend((peer, B[i][src : src + k]) for i in w.big)
+                for peer, dst, j, k in w.recv_msgs:
                     for i in w.big:
                         b, n = B[i], rb[i]
                         if j < 0:
                             recvs.append((peer, (b.data_ptr() + dst * n, n) if raw else b[dst]))
                         elif raw:
-                            recvs.append((peer, (sbase + w.recv_block[i] + j * n, n)))
+                            recvs.append((peer, (sbase + w.recv_block[i] + j * n, k * n)))
                         else:
-                            recvs.append((peer, self._block(w.recv_block[i], len(w.recv_rows), b)[j]))
+                            recvs.append((peer, self._block(w.recv_block[i], len(w.recv_rows), b)[j : j + k]))
                 for peer, (a, e) in w.send_parts.items():
                     sends.append((peer, (sbase + a, e - a) if raw else self._staging[a:e]))
                 for peer, (a, e) in w.recv_parts.items():
@@ -835,8 +923,14 @@ class RearrangeHandle:
             ctx = contextlib.nullcontext()
         with ctx:
             for w in rnd.works:
-                W = s.weights[w.layer]
                 B = s._words[w.layer]
+                # old-content copies first (their sources may be overwritten below)
+                if w.copies_c:
+                    blocks = [self._block(w.stash_block[i], len(w.stash_src), b) if w.stash_src else None
+                              for i, b in enumerate(B)]
+                    for src, j, dst in w.copies_c:
+                        for b, blk in zip(B, blocks):
+                            b[dst].copy_(b[src] if j < 0 else blk[j])
                 if w.recv_rows:
                     ix = self._ix(w, "recv")
                     for i in w.big:
@@ -845,16 +939,9 @@ class RearrangeHandle:
                     ix = self._ix(w, f"r{peer}")
                     for i in w.small:
                         B[i].index_copy_(0, ix, self._block(w.part_off[("r", peer, i)], len(rows), B[i]))
-                if w.stash_src:
-                    ix = self._ix(w, "stash_dst")
-                    for i, b in enumerate(B):
-                        b.index_copy_(0, ix, self._block(w.stash_block[i], len(w.stash_src), b))
-                for src, dst in w.copies_live:
-                    for t in W:
-                        t[dst].copy_(t[src])
                 for src, dst in w.copies_new:
-                    for t in W:
-                        t[dst].copy_(t[src])
+                    for b in B:
+                        b[dst].copy_(b[src])
             if cs is not None:
                 self._release = torch.cuda.Event(enable_timing=s.profile)
                 self._release.record(cs)

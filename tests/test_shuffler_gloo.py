@@ -185,3 +185,35 @@ def test_gloo_lockstep_step_advances_one_round_per_call():
         assert all(len(c) >= 1 for c in calls[1:])
         applied = [l for c in calls for l in c]
         assert len(applied) == len(set(applied))
+
+
+def _runs_job(rank, world, new, transactional):
+    import torch as T
+
+    from eplb_pynccl import ExpertShuffler, TorchTransport
+    from tests.shuffle_util import check_weights, make_weights
+
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])  # rank 0 holds experts 0..3, rank 1 holds 4..7
+    new = np.array([new])
+    weights = make_weights(T, [[((3, 8), T.bfloat16), ((5,), T.float32)]], old, rank, world, "cpu")
+    sh = ExpertShuffler(TorchTransport(), weights, pack_threshold=0, transactional=transactional)
+    st = sh.rearrange(old, new)
+    return st.messages, st.experts_sent + st.experts_received, check_weights(T, weights, new, rank, world)
+
+
+@pytest.mark.parametrize("transactional", [True, False])
+def test_gloo_consecutive_rows_travel_as_one_message(transactional):
+    # a swap of the two ranks' experts; slots 2 and 3 cross over, but sorted by source row
+    # the four transfers of each direction are still rows 0..3: one run, one message per
+    # tensor each way (every old row is read by a send, so every receive is staged)
+    for messages, moved, bad in run_gloo(_runs_job, 2, [4, 5, 7, 6, 0, 1, 3, 2], transactional):
+        assert bad == []
+        assert moved == 8
+        assert messages == 2 * 2
+    # rank 1's slots 0 and 1 get experts 0 and 1 (rank 0's rows 0 and 1); their old experts
+    # 4 and 5 are read by nobody: non-transactional mode receives in place, row by row
+    out = run_gloo(_runs_job, 2, [0, 1, 2, 3, 0, 1, 6, 7], transactional)
+    for messages, moved, bad in out:
+        assert bad == []
+        assert moved == 2
+        assert messages == (2 if transactional else 4)
