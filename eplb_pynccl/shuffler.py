@@ -95,6 +95,7 @@ class _LayerWork:
     recv_msgs: list  # (peer, first dst row, first j or -1 (in place), rows)
     recv_block: dict = field(default_factory=dict)  # tensor -> staging offset
     stash_block: dict = field(default_factory=dict)
+    copy_block: dict = field(default_factory=dict)  # small tensor -> offset of its copies_c rows
     send_parts: dict = field(default_factory=dict)  # peer -> (start, end) staging span
     recv_parts: dict = field(default_factory=dict)
     part_off: dict = field(default_factory=dict)  # (dir, peer, tensor) -> offset
@@ -354,6 +355,10 @@ class ExpertShuffler:
             parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
             heads = _cycle_heads(parent)
             np.add.at(stash, (heads // (n * P), heads // P % n), full[heads // (n * P)])
+            tcount = np.zeros((L, n), dtype=np.int64)
+            np.add.at(tcount, (cl[tc], cr[tc]), 1)
+        else:
+            tcount = np.zeros((L, n), dtype=np.int64)
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
         pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
 
@@ -362,13 +367,16 @@ class ExpertShuffler:
             small = np.zeros(L, dtype=np.int64)
             nbig = np.zeros(L, dtype=np.int64)
             nsmall = np.zeros(L, dtype=np.int64)
+            small_al = np.zeros(L, dtype=np.int64)
             for layer in range(L):
                 b_ids, s_ids = self._split(layer, packed)
                 rb = self.row_bytes[layer]
                 big[layer] = sum(_align(rb[i]) for i in b_ids)
                 small[layer] = sum(rb[i] for i in s_ids)
+                small_al[layer] = sum(_align(rb[i]) for i in s_ids)
                 nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
-            need = stash.copy()
+            # stash rows, and the old content of small tensors' rows copied in phase C
+            need = stash + tcount * small_al[:, None]
             msgs = np.zeros((L, n), dtype=np.int64)
             if tl.size:
                 np.add.at(need, (tl[staged], td[staged]), big[tl[staged]])
@@ -785,6 +793,11 @@ class RearrangeHandle:
                     w.stash_block[i] = take(len(w.stash_src) * rb[i])
             index(w, "recv", w.recv_rows)
             index(w, "stash_src", w.stash_src)
+            if w.copies_c and w.small and not w.stash_src:
+                for i in w.small:
+                    w.copy_block[i] = take(len(w.copies_c) * rb[i])
+                index(w, "c_src", [src for src, _, _ in w.copies_c])
+                index(w, "c_dst", [dst for _, _, dst in w.copies_c])
             for tag, pack, spans in (("s", w.send_pack, w.send_parts), ("r", w.recv_pack, w.recv_parts)):
                 for peer, rows in pack.items():
                     start = cursor
@@ -924,13 +937,22 @@ class RearrangeHandle:
         with ctx:
             for w in rnd.works:
                 B = s._words[w.layer]
-                # old-content copies first (their sources may be overwritten below)
+                # old-content copies first (their sources may be overwritten below): small
+                # tensors gathered to staging and scattered back (two kernels each, any
+                # order); the rest row by row in read-before-write order
                 if w.copies_c:
-                    blocks = [self._block(w.stash_block[i], len(w.stash_src), b) if w.stash_src else None
-                              for i, b in enumerate(B)]
+                    nc = len(w.copies_c)
+                    small = [(B[i], self._block(off, nc, B[i])) for i, off in w.copy_block.items()]
+                    for b, blk in small:
+                        torch.index_select(b, 0, self._ix(w, "c_src"), out=blk)
+                    rows = [i for i in range(len(B)) if i not in w.copy_block]
+                    blocks = {i: self._block(w.stash_block[i], len(w.stash_src), B[i]) for i in rows} if w.stash_src else {}
                     for src, j, dst in w.copies_c:
-                        for b, blk in zip(B, blocks):
-                            b[dst].copy_(b[src] if j < 0 else blk[j])
+                        for i in rows:
+                            b = B[i]
+                            b[dst].copy_(b[src] if j < 0 else blocks[i][j])
+                    for b, blk in small:
+                        b.index_copy_(0, self._ix(w, "c_dst"), blk)
                 if w.recv_rows:
                     ix = self._ix(w, "recv")
                     for i in w.big:
