@@ -262,6 +262,21 @@ def run_copy_probe(ctx: BenchContext):
     return ctx.allgather(rows)[0]
 
 
+def _probe_time(ctx: BenchContext, torch, issue, reps: int = 5) -> float:
+    """Seconds per call of ``issue`` (one untimed call first), median over ``reps`` timed
+    calls, each from a barrier to a device sync; the slowest rank's."""
+    times = []
+    for rep in range(reps + 1):
+        ctx.barrier()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        issue()
+        torch.cuda.synchronize()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return max(ctx.allgather(float(np.median(times))))
+
+
 def run_p2p_shape(ctx: BenchContext):
     """Probe: the same bytes to every peer (DeepSeek-V3 sized: 24 w13 rows, 704 MB) as one
     message, as many EPLB-sized messages in one group, or as a sequence of groups of one
@@ -327,30 +342,44 @@ def run_p2p_shape(ctx: BenchContext):
 
     rows = []
     for name, groups in shapes.items():
-        times = []
         for p in peers:
             dst[p].zero_()
-        for rep_ in range(6):
-            ctx.barrier()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def issue(groups=groups):
             if groups == "ring":
                 ring_run()
-            else:
-                for pieces in groups:
-                    with ep.group():
-                        for p in peers:
-                            for off, ln in pieces:
-                                ctx.comm.send(src[off : off + ln], p)
-                                ctx.comm.recv(dst[p][off : off + ln], p)
-            torch.cuda.synchronize()
-            if rep_:
-                times.append(time.perf_counter() - t0)
-        t = max(ctx.allgather(float(np.median(times))))
+                return
+            for pieces in groups:
+                with ep.group():
+                    for p in peers:
+                        for off, ln in pieces:
+                            ctx.comm.send(src[off : off + ln], p)
+                            ctx.comm.recv(dst[p][off : off + ln], p)
+
+        t = _probe_time(ctx, torch, issue)
         rows.append({"shape": name, "bytes_per_peer": total, "time_ms": round(t * 1e3, 2),
                      "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
                      "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL"})
     return rows
+
+
+def _skew_buffers(ctx: BenchContext):
+    """The uneven exchange of the skew probes: rank r sends cnt[d] rows of 29 MB (bytes r + 1)
+    to rank r + d and receives as many from r - d, for d = 1, 2, 3. Needs 4 GPU ranks."""
+    import torch
+
+    n, rank = ctx.world_size, ctx.rank
+    if not ctx.is_gpu or n != 4:
+        raise PartSkipped("needs 4 GPUs")
+    row = 4096 * 7168
+    cnt = {1: 24, 2: 16, 3: 8}
+    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    return n, rank, row, cnt, src, dst
+
+
+def _skew_ok(dst, n, rank) -> str:
+    return "ok" if all(bool((t == (rank - d) % n + 1).all()) for d, t in dst.items()) else "FAIL"
 
 
 def run_p2p_skew(ctx: BenchContext):
@@ -362,13 +391,7 @@ def run_p2p_skew(ctx: BenchContext):
 
     import eplb_pynccl as ep
 
-    n, rank = ctx.world_size, ctx.rank
-    if not ctx.is_gpu or n != 4:
-        raise PartSkipped("needs 4 GPUs")
-    row = 4096 * 7168
-    cnt = {1: 24, 2: 16, 3: 8}
-    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
-    dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    n, rank, row, cnt, src, dst = _skew_buffers(ctx)
 
     def ops(d, first, last, per_row):
         # (send to rank + d, recv from rank - d) rows [first, last)
@@ -395,25 +418,19 @@ def run_p2p_skew(ctx: BenchContext):
             handles = [ctx.comm.register(t) for t in (*src.values(), *dst.values())]
         for d in cnt:
             dst[d].zero_()
-        times = []
-        for rep_ in range(6):
-            ctx.barrier()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        def issue(groups=groups):
             for grp in groups:
                 with ep.group():
                     for d, a, b, per_row in grp:
                         for sp, st, rp, rt in ops(d, a, b, per_row):
                             ctx.comm.send(st, sp)
                             ctx.comm.recv(rt, rp)
-            torch.cuda.synchronize()
-            if rep_:
-                times.append(time.perf_counter() - t0)
-        t = max(ctx.allgather(float(np.median(times))))
+
+        t = _probe_time(ctx, torch, issue)
         total = sum(cnt.values()) * row
         rows.append({"shape": name, "bytes_out_per_gpu": total, "time_ms": round(t * 1e3, 2),
                      "gbps_per_gpu": round(total / t / 1e9, 1),
-                     "check": "ok" if all(bool((dst[d] == (rank - d) % n + 1).all()) for d in cnt) else "FAIL"})
+                     "check": _skew_ok(dst, n, rank)})
     torch.cuda.synchronize()
     for h in handles:
         ctx.comm.deregister(h)
@@ -427,13 +444,7 @@ def run_p2p_ctas(ctx: BenchContext):
 
     import eplb_pynccl as ep
 
-    n, rank = ctx.world_size, ctx.rank
-    if not ctx.is_gpu or n != 4:
-        raise PartSkipped("needs 4 GPUs")
-    row = 4096 * 7168
-    cnt = {1: 24, 2: 16, 3: 8}
-    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
-    dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    n, rank, row, cnt, src, dst = _skew_buffers(ctx)
     rows = []
     for ctas in (32, 16, 8, 4):
         comm = ep.Communicator.from_store(ctx.store, rank, n, ctx.device.index, key=f"probe/ctas{ctas}",
@@ -450,20 +461,11 @@ def run_p2p_ctas(ctx: BenchContext):
             batch = comm.prepare_p2p(sends, recvs)
             for d in cnt:
                 dst[d].zero_()
-            times = []
-            for rep_ in range(6):
-                ctx.barrier()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                batch.launch()
-                torch.cuda.synchronize()
-                if rep_:
-                    times.append(time.perf_counter() - t0)
-            t = max(ctx.allgather(float(np.median(times))))
+            t = _probe_time(ctx, torch, batch.launch)
             total = sum(cnt.values()) * row
             rows.append({"max_ctas": ctas, "shape": "per-row ops" if per_row else "one op per peer",
                          "time_ms": round(t * 1e3, 2), "gbps_per_gpu": round(total / t / 1e9, 1),
-                         "check": "ok" if all(bool((dst[d] == (rank - d) % n + 1).all()) for d in cnt) else "FAIL"})
+                         "check": _skew_ok(dst, n, rank)})
         comm.close()
     return rows
 

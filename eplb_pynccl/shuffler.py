@@ -684,26 +684,34 @@ class RearrangeHandle:
 
     # ---- engine -----------------------------------------------------------------------------
     def _advance(self, block: bool, deadline: float | None = None) -> list[int]:
+        def body():
+            if self._inflight is None:
+                self._launch_next()
+            rnd = self._inflight
+            applied = self._wait_and_apply(rnd, block, deadline) if rnd is not None else None
+            if applied is None:
+                return []
+            self._launch_next()
+            return applied
+
+        return self._guarded(body)
+
+    def _lockstep(self) -> list[int]:
+        def body():
+            rnd = self._inflight
+            # blocking: returns the layers, or raises on timeout / peer error
+            applied = self._wait_and_apply(rnd, True, None) if rnd is not None else []
+            self._launch_next()
+            return applied
+
+        return self._guarded(body)
+
+    def _guarded(self, body) -> list[int]:
+        """Run one step of the engine; any failure becomes this handle's RearrangeError."""
         if self._error is not None:
             raise self._error
         try:
-            applied = []
-            if self._inflight is None and self._next < len(self._rounds):
-                self._launch(self._rounds[self._next])
-                self._next += 1
-            rnd = self._inflight
-            t_wait = time.perf_counter()
-            arrived = rnd is not None and self._arrived(rnd, block, deadline)
-            self.stats.wait_seconds += time.perf_counter() - t_wait
-            if arrived:
-                t_apply = time.perf_counter()
-                self._apply(rnd)
-                self.stats.apply_seconds += time.perf_counter() - t_apply
-                applied = list(rnd.layers)
-                self._inflight = None
-                if self._next < len(self._rounds):
-                    self._launch(self._rounds[self._next])
-                    self._next += 1
+            applied = body()
             if self.done:
                 self._finish()
             return applied
@@ -713,32 +721,23 @@ class RearrangeHandle:
             self._fail(e)
             raise self._error from e
 
-    def _lockstep(self) -> list[int]:
-        if self._error is not None:
-            raise self._error
-        try:
-            applied = []
-            rnd = self._inflight
-            if rnd is not None:
-                t_wait = time.perf_counter()
-                self._arrived(rnd, True, None)  # returns True, or raises on timeout / peer error
-                self.stats.wait_seconds += time.perf_counter() - t_wait
-                t_apply = time.perf_counter()
-                self._apply(rnd)
-                self.stats.apply_seconds += time.perf_counter() - t_apply
-                applied = list(rnd.layers)
-                self._inflight = None
-            if self._next < len(self._rounds):
-                self._launch(self._rounds[self._next])
-                self._next += 1
-            if self.done:
-                self._finish()
-            return applied
-        except RearrangeError:
-            raise
-        except BaseException as e:
-            self._fail(e)
-            raise self._error from e
+    def _launch_next(self) -> None:
+        if self._next < len(self._rounds):
+            self._launch(self._rounds[self._next])
+            self._next += 1
+
+    def _wait_and_apply(self, rnd: _Round, block: bool, deadline: float | None):
+        """Apply ``rnd`` once it has arrived; returns its layers, or None if not yet."""
+        t_wait = time.perf_counter()
+        arrived = self._arrived(rnd, block, deadline)
+        self.stats.wait_seconds += time.perf_counter() - t_wait
+        if not arrived:
+            return None
+        t_apply = time.perf_counter()
+        self._apply(rnd)
+        self.stats.apply_seconds += time.perf_counter() - t_apply
+        self._inflight = None
+        return list(rnd.layers)
 
     def _fail(self, e: BaseException) -> None:
         rnd = self._inflight
