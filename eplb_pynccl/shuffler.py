@@ -344,21 +344,9 @@ class ExpertShuffler:
         needed = plan.source_needed.reshape(L, n, P)
         unsafe = changed if transactional else needed  # rows that may not be written before C
         tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
-        cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
         full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
-        # stash: one row per cycle of old-content copies applied in phase C (see _layer_work)
-        stash = np.zeros((L, n), dtype=np.int64)
-        if cl.size:
-            tc = ~cn & unsafe[cl, cr, cd]
-            parent = np.full(L * n * P, -1, dtype=np.int64)
-            node = (cl * n + cr) * P
-            parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
-            heads = _cycle_heads(parent)
-            np.add.at(stash, (heads // (n * P), heads // P % n), full[heads // (n * P)])
-            tcount = np.zeros((L, n), dtype=np.int64)
-            np.add.at(tcount, (cl[tc], cr[tc]), 1)
-        else:
-            tcount = np.zeros((L, n), dtype=np.int64)
+        cycles, tcount = _phase_c_copies(plan, transactional)
+        stash = cycles * full[:, None]
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
         pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
 
@@ -488,6 +476,26 @@ class ExpertShuffler:
             layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, copies_c, new,
             send_pack, recv_pack, send_msgs, recv_msgs,
         )
+
+
+def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
+    """Per (layer, rank), from the global plan: (cycles among the old-content copies that
+    phase C applies, i.e. stash rows; number of those copies). ``_layer_work`` executes
+    exactly these on each rank."""
+    L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
+    cycles = np.zeros((L, n), dtype=np.int64)
+    count = np.zeros((L, n), dtype=np.int64)
+    cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
+    if cl.size:
+        unsafe = (plan.changed if transactional else plan.source_needed).reshape(L, n, P)
+        tc = ~cn & unsafe[cl, cr, cd]
+        parent = np.full(L * n * P, -1, dtype=np.int64)
+        node = (cl * n + cr) * P
+        parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
+        heads = _cycle_heads(parent)
+        np.add.at(cycles, (heads // (n * P), heads // P % n), 1)
+        np.add.at(count, (cl[tc], cr[tc]), 1)
+    return cycles, count
 
 
 def _cycle_heads(parent: np.ndarray) -> np.ndarray:

@@ -75,3 +75,28 @@ def test_a_swap_and_a_three_cycle_with_a_tail():
     for src, j, dst in order:
         cur[dst] = saved[j] if j >= 0 else cur[src]
     assert cur.tolist() == [10, 0, 40, 20, 30, 30]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(2, 6), st.booleans())
+def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slots, transactional):
+    # the staging bound is computed from the global plan on every rank; each rank then orders
+    # its own copies: the stash rows and copy counts must be the same numbers
+    from eplb_pynccl import plan_rearrangement
+    from eplb_pynccl.shuffler import _phase_c_copies
+    from tests.shuffle_util import random_maps
+
+    rng = np.random.default_rng(seed)
+    layers = 3
+    old, new = random_maps(rng, layers, max(1, ep_size * slots - 1), ep_size, slots, empty_frac=0.1)
+    plan = plan_rearrangement(old, new, ep_size)
+    cycles, count = _phase_c_copies(plan, transactional)
+    unsafe = (plan.changed if transactional else plan.source_needed).reshape(layers, ep_size, slots)
+    for rank in range(ep_size):
+        rv = plan.rank_view(rank)
+        for layer in range(layers):
+            m = rv.c_layer == layer
+            tc = [(s, d) for s, d, is_new in zip(rv.c_src_row[m], rv.c_dst_row[m], rv.c_src_is_new[m])
+                  if not is_new and unsafe[layer, rank, d]]
+            stash, order = _order_copies([(int(s), int(d)) for s, d in tc], slots)
+            assert (len(stash), len(order)) == (cycles[layer, rank], count[layer, rank])
