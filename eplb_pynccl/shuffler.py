@@ -422,17 +422,15 @@ class ExpertShuffler:
     def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool) -> _LayerWork:
         """This rank's ops for one layer (no staging offsets yet)."""
         P = plan.slots_per_rank
-        base = self.rank * P
-        changed = plan.changed[layer, base : base + P]
-        needed = plan.source_needed[layer, base : base + P]
-        unsafe = changed if transactional else needed
+        # rows (of every rank, this layer) that may not be written before phase C
+        lay_unsafe = (plan.changed if transactional else plan.source_needed)[layer]
+        unsafe = lay_unsafe[self.rank * P : (self.rank + 1) * P]
         big, small = self._split(layer, packed)
         # Per pair of ranks both sides list the transfers by (source row, destination row),
         # and a run of transfers from consecutive source rows, all received into staging,
         # travels as one message per tensor (k rows of the source tensor -> k staged rows).
         # The receiver's staging decision comes from the global plan, so the sender breaks
         # runs where the receiver does.
-        lay_unsafe = (plan.changed if transactional else plan.source_needed)[layer]
         m = rv.s_layer == layer
         sp, ss, sd = rv.s_peer[m], rv.s_src_row[m], rv.s_dst_row[m]
         o = np.lexsort((sd, ss, sp))
@@ -849,7 +847,7 @@ class RearrangeHandle:
                 B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views (messages)
                 Wd = s._words[w.layer]  # the same rows as words (copy kernels)
                 rb = s.row_bytes[w.layer]
-                # A: local copies into rows nobody reads; stash old rows that C needs.
+                # A: local copies into rows nobody reads; save the rows that break copy cycles.
                 for src, dst in w.copies_a:
                     for t in W:
                         t[dst].copy_(t[src])
@@ -864,7 +862,7 @@ class RearrangeHandle:
                         torch.index_select(b, 0, ix, out=self._block(w.part_off[("s", peer, i)], len(rows), b))
                 st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
                 # B: rows straight from the weights; receives in place or into staging blocks.
-                # per pair, both sides list messages transfer by transfer, tensor by tensor
+                # per pair, both sides list messages run by run, tensor by tensor
                 if raw:
                     bases = [(B[i].data_ptr(), rb[i]) for i in w.big]
                     for peer, src, k in w.send_msgs:
