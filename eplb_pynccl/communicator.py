@@ -207,21 +207,9 @@ class PreparedP2P:
         h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
         if not self.num_ops:
             return
-        st = getattr(_tls, "st", None) or _state()
-        if st.depth:  # deferred to the group's end, with this launch's stream
-            st.ops.append((None, lambda: (calls.set_stream(h), calls.issue())))
-            if not c._blocking:
-                st.comms[id(c)] = c
-            return
-        calls.set_stream(h)
-        lib = c._lib
-        lib.group_start()
-        try:
-            calls.issue()
-        finally:
-            rc = lib.group_end()
-        if rc == NCCL_IN_PROGRESS or not c._blocking:
-            c._wait_ready("ncclGroupEnd")
+        # one deferred op with this launch's stream: issued now as a group of its own, or at
+        # the enclosing group's end
+        c._enqueue([(None, lambda: (calls.set_stream(h), calls.issue()))])
 
 
 _TORCH_TENSOR = None
