@@ -7,6 +7,7 @@ without an exception. An exception inside the block therefore launches nothing.
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import threading
@@ -361,7 +362,10 @@ class Communicator:
         self._blocking = bool(blocking)
         self._timeout = float(timeout)
         self._scratch_ptr = 0
-        self._range = (0, 0)  # last raw-pointer allocation seen on this device
+        # allocations (start, end) raw pointers were found in, sorted by start: a pointer
+        # inside one needs no driver query (a shuffler's rows span a few hundred allocations)
+        self._ranges: list = []
+        self._starts: list = []
 
         prev = drv.current_device() if drv is not None else None
         if drv is not None:
@@ -455,10 +459,13 @@ class Communicator:
             raise CommunicatorStateError(f"communicator is {self._state}; no further operations are allowed")
 
     def _raw_device(self, ptr: int, nbytes: int, name: str) -> None:
-        """Check a raw pointer is on this communicator's device (cached allocation range)."""
-        lo, hi = self._range
-        if lo <= ptr and ptr + nbytes <= hi:
-            return
+        """Check a raw pointer is on this communicator's device and its bytes lie inside
+        one allocation (allocation ranges are cached: a cache hit costs no driver call)."""
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i >= 0:
+            lo, hi = self._ranges[i]
+            if ptr + nbytes <= hi:
+                return
         drv = _cuda.driver()
         r = drv.pointer_range(ptr) if drv is not None and ptr else None
         if r is None:
@@ -471,7 +478,15 @@ class Communicator:
                 f"{name}: {nbytes} bytes at {ptr:#x} run past the end of its allocation "
                 f"({start:#x} + {size} bytes)"
             )
-        self._range = (start, start + size)
+        if len(self._ranges) >= 4096:  # allocations come and go: start over
+            self._ranges, self._starts = [], []
+        # an allocation freed and replaced by one at the same start replaces its entry
+        j = bisect.bisect_left(self._starts, start)
+        if j < len(self._starts) and self._starts[j] == start:
+            self._ranges[j] = (start, start + size)
+        else:
+            self._starts.insert(j, start)
+            self._ranges.insert(j, (start, start + size))
 
     def _resolve(self, buf, name: str):
         """(ptr, nbytes, stream hint) of a buffer, validated for this communicator."""
