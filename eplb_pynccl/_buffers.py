@@ -244,3 +244,12 @@ def stream_handle(stream, hint: int, device: int) -> int:
         "stream must be None, an int handle, a torch.cuda.Stream, a cupy Stream or an object "
         f"with __cuda_stream__; got {type(stream).__name__}"
     )
+
+
+def copy_async(copies, stream: int) -> None:
+    """Device-to-device copies ``[(dst_ptr, src_ptr, nbytes)]`` enqueued in order on the raw
+    stream handle ``stream`` (the caller guarantees the pointers: no checks here)."""
+    drv = _cuda.driver()
+    if drv is None:
+        raise RuntimeError(f"device copies need the CUDA driver: {_cuda.unavailable_reason()}")
+    drv.memcpy_dtod_async(copies, stream)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _buffers
 from .errors import RearrangeError
 from .planner import RearrangementPlan, plan_rearrangement
 from .transport import Transport
@@ -81,7 +82,7 @@ class _LayerWork:
     layer: int
     big: list  # tensors sent as their own messages
     small: list  # tensors packed per peer
-    sends: list  # (peer, src_row), per peer by (src row, dst row) (see _layer_work)
+    sends: list  # (peer, src_row), per peer by (src row, dst row) (see _layer_works)
     recvs: list  # (peer, dst_row, j) in the same order: j = row of the staged-receive blocks, -1 = in place
     recv_rows: list  # dst rows of the staged receives, by j
     copies_a: list  # (src, dst): phase A, into rows nobody reads (non-transactional)
@@ -96,9 +97,11 @@ class _LayerWork:
     recv_block: dict = field(default_factory=dict)  # tensor -> staging offset
     stash_block: dict = field(default_factory=dict)
     copy_block: dict = field(default_factory=dict)  # small tensor -> offset of its copies_c rows
-    send_parts: dict = field(default_factory=dict)  # peer -> (start, end) staging span
-    recv_parts: dict = field(default_factory=dict)
-    part_off: dict = field(default_factory=dict)  # (dir, peer, tensor) -> offset
+    # packed small tensors: per direction ("s"/"r") and small tensor, one staging block with
+    # every peer's rows (peers in send_pack/recv_pack order): one gather or scatter kernel per
+    # tensor, one message per (peer, tensor)
+    pack_block: dict = field(default_factory=dict)  # (dir, tensor) -> offset
+    pack_spans: dict = field(default_factory=dict)  # dir -> [(peer, first row, rows)]
     idx: dict = field(default_factory=dict)  # name -> (start, length) in the index tensor
 
 
@@ -195,6 +198,8 @@ class ExpertShuffler:
         self._words = [[_word_rows(torch, b) for b in lb] for lb in self._bytes]
         # the NCCL transport takes (pointer, nbytes) rows: no tensor view per message
         self._raw = bool(getattr(transport, "accepts_raw", False))
+        # CUDA: row copies are driver memcpys on the stream (no tensor view per row)
+        self._ptrs = [[t.data_ptr() for t in lw] for lw in layers] if layers[0][0].is_cuda else None
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
         layer_bytes = max(sum(_align(b) for b in rb) for rb in self.row_bytes) * rows
@@ -222,6 +227,8 @@ class ExpertShuffler:
         self.profile = bool(profile) and self._is_cuda
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
+        self._size_cache: dict = {}
+        self._full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
 
     # ------------------------------------------------------------------------------------
     def plan(self, old_map, new_map) -> RearrangementPlan:
@@ -321,6 +328,23 @@ class ExpertShuffler:
         thr = self.pack_threshold
         return [i for i, b in enumerate(rb) if b >= thr], [i for i, b in enumerate(rb) if b < thr]
 
+    def _sizes(self, packed: bool):
+        """Per layer (arrays, fixed for this shuffler): aligned bytes of the tensors sent as
+        their own messages, bytes and aligned bytes of the packed ones, and their counts."""
+        out = self._size_cache.get(packed)
+        if out is None:
+            L = len(self.row_bytes)
+            out = tuple(np.zeros(L, dtype=np.int64) for _ in range(5))
+            big, small, small_al, nbig, nsmall = out
+            for layer, rb in enumerate(self.row_bytes):
+                b_ids, s_ids = self._split(layer, packed)
+                big[layer] = sum(_align(rb[i]) for i in b_ids)
+                small[layer] = sum(rb[i] for i in s_ids)
+                small_al[layer] = sum(_align(rb[i]) for i in s_ids)
+                nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
+            self._size_cache[packed] = out
+        return out
+
     def _rounds(self, plan: RearrangementPlan, transactional: bool):
         """Rounds of whole layers, identical on every rank (computed from the global plan).
 
@@ -344,25 +368,14 @@ class ExpertShuffler:
         needed = plan.source_needed.reshape(L, n, P)
         unsafe = changed if transactional else needed  # rows that may not be written before C
         tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
-        full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
+        full = self._full
         cycles, tcount = _phase_c_copies(plan, transactional)
         stash = cycles * full[:, None]
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
         pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
 
         def needs(packed: bool):
-            big = np.zeros(L, dtype=np.int64)
-            small = np.zeros(L, dtype=np.int64)
-            nbig = np.zeros(L, dtype=np.int64)
-            nsmall = np.zeros(L, dtype=np.int64)
-            small_al = np.zeros(L, dtype=np.int64)
-            for layer in range(L):
-                b_ids, s_ids = self._split(layer, packed)
-                rb = self.row_bytes[layer]
-                big[layer] = sum(_align(rb[i]) for i in b_ids)
-                small[layer] = sum(rb[i] for i in s_ids)
-                small_al[layer] = sum(_align(rb[i]) for i in s_ids)
-                nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
+            big, small, small_al, nbig, nsmall = self._sizes(packed)
             # stash rows, and the old content of small tensors' rows copied in phase C
             need = stash + tcount * small_al[:, None]
             msgs = np.zeros((L, n), dtype=np.int64)
@@ -372,16 +385,18 @@ class ExpertShuffler:
                 np.add.at(need, (tl, ts), small[tl])  # packed sends
                 np.add.at(msgs, (tl, ts), nbig[tl])
                 np.add.at(msgs, (tl, td), nbig[tl])
-                hs = nsmall[pairs[0]] > 0
-                np.add.at(msgs, (pairs[0][hs], pairs[1][hs]), 1)
-                np.add.at(msgs, (pairs[0][hs], pairs[2][hs]), 1)
-                # alignment slack of packed parts: one per (peer, small tensor, direction)
+                # packed parts: one message per (peer, small tensor) each way
+                k = nsmall[pairs[0]]
+                np.add.at(msgs, (pairs[0], pairs[1]), k)
+                np.add.at(msgs, (pairs[0], pairs[2]), k)
+                # alignment slack of packed blocks: one per (small tensor, direction) (the
+                # bound used to count one per peer too; kept: it only over-reserves)
                 need += np.where(need > 0, _ALIGN * 2 * n * nsmall[:, None], 0)
             return need, msgs
 
         need_p, msgs_p = needs(True)
         need_u, msgs_u = needs(False)
-        has_small = np.array([bool(self._split(l, True)[1]) for l in range(L)])
+        has_small = self._sizes(True)[4] > 0
         packed = has_small & (need_p.max(axis=1) <= budget)
         need = np.where(packed[:, None], need_p, need_u)
         msgs = np.where(packed[:, None], msgs_p, msgs_u)
@@ -419,66 +434,90 @@ class ExpertShuffler:
         round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
         return rounds, round_need, packed, budget + reserve
 
-    def _layer_work(self, plan, rv, layer: int, transactional: bool, packed: bool) -> _LayerWork:
-        """This rank's ops for one layer (no staging offsets yet)."""
+    def _layer_works(self, plan, rv, layers, transactional: bool, packed) -> dict:
+        """This rank's ops for each of ``layers`` (no staging offsets yet): layer -> _LayerWork.
+
+        Sorting and run detection are done once over all layers (numpy); only the per-layer
+        lists are built in Python.
+        """
         P = plan.slots_per_rank
-        # rows (of every rank, this layer) that may not be written before phase C
-        lay_unsafe = (plan.changed if transactional else plan.source_needed)[layer]
-        unsafe = lay_unsafe[self.rank * P : (self.rank + 1) * P]
-        big, small = self._split(layer, packed)
+        nP = plan.ep_size * P
+        # rows (of every rank) that may not be written before phase C, flat per layer
+        unsafe_all = (plan.changed if transactional else plan.source_needed).reshape(-1)
+        nbig = np.where(packed, self._sizes(True)[3], self._sizes(False)[3])
+        has_big = nbig > 0
         # Per pair of ranks both sides list the transfers by (source row, destination row),
         # and a run of transfers from consecutive source rows, all received into staging,
         # travels as one message per tensor (k rows of the source tensor -> k staged rows).
         # The receiver's staging decision comes from the global plan, so the sender breaks
         # runs where the receiver does.
-        m = rv.s_layer == layer
-        sp, ss, sd = rv.s_peer[m], rv.s_src_row[m], rv.s_dst_row[m]
-        o = np.lexsort((sd, ss, sp))
-        sp, ss, sd = sp[o], ss[o], sd[o]
-        staged_s = lay_unsafe[sp * P + sd] if big else np.zeros(len(sp), dtype=bool)
-        sends = list(zip(sp.tolist(), ss.tolist()))
-        send_msgs = [(int(sp[a]), int(ss[a]), k) for a, k in _runs(sp, ss, staged_s)]
-        m = rv.r_layer == layer
-        rp, rs, rd = rv.r_peer[m], rv.r_src_row[m], rv.r_dst_row[m]
-        o = np.lexsort((rd, rs, rp))
-        rp, rs, rd = rp[o], rs[o], rd[o]
-        staged_r = unsafe[rd] if big else np.zeros(len(rp), dtype=bool)
-        recvs, recv_rows = [], []
-        for peer, row, staged in zip(rp.tolist(), rd.tolist(), staged_r.tolist()):
-            if staged:
-                recvs.append((peer, row, len(recv_rows)))
-                recv_rows.append(row)
-            else:
-                recvs.append((peer, row, -1))
-        recv_msgs = [recvs[a] + (k,) for a, k in _runs(rp, rs, staged_r)]
-        m = rv.c_layer == layer
-        copies_a, tc, new = [], [], []
-        for src, dst, is_new in zip(
-            rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()
-        ):
-            if is_new:
-                new.append((src, dst))
-            elif not unsafe[dst]:
-                copies_a.append((src, dst))
-            else:
-                tc.append((src, dst))
-        stash_src, copies_c = _order_copies(tc, P)
-        send_pack: dict = {}
-        recv_pack: dict = {}
-        if small:
-            for peer, src in sends:
-                send_pack.setdefault(peer, []).append(src)
-            for peer, dst, _ in recvs:
-                recv_pack.setdefault(peer, []).append(dst)
-        return _LayerWork(
-            layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, copies_c, new,
-            send_pack, recv_pack, send_msgs, recv_msgs,
-        )
+        sl, sp, ss, sd = rv.s_layer, rv.s_peer, rv.s_src_row, rv.s_dst_row
+        o = np.lexsort((sd, ss, sp, sl))
+        sl, sp, ss, sd = sl[o], sp[o], ss[o], sd[o]
+        staged_s = unsafe_all[sl * nP + sp * P + sd] & has_big[sl]
+        s_runs = _runs(sp, ss, staged_s, sl)
+        rl, rp, rs, rd = rv.r_layer, rv.r_peer, rv.r_src_row, rv.r_dst_row
+        o = np.lexsort((rd, rs, rp, rl))
+        rl, rp, rs, rd = rl[o], rp[o], rs[o], rd[o]
+        staged_r = unsafe_all[rl * nP + self.rank * P + rd] & has_big[rl]
+        r_runs = _runs(rp, rs, staged_r, rl)
+        o = np.argsort(rv.c_layer, kind="stable")
+        cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
+        # 0: duplicate of a new row (phase C last), 1: into a row nobody reads (phase A),
+        # 2: old content into a row that is read or live (phase C first, ordered)
+        ckind = np.where(cn, 0, np.where(unsafe_all[cl * nP + self.rank * P + cd], 2, 1))
+        lay = np.asarray(layers, dtype=np.int64)
+        sb = np.stack([np.searchsorted(sl, lay), np.searchsorted(sl, lay, side="right")]).T.tolist()
+        rb_ = np.stack([np.searchsorted(rl, lay), np.searchsorted(rl, lay, side="right")]).T.tolist()
+        cb = np.stack([np.searchsorted(cl, lay), np.searchsorted(cl, lay, side="right")]).T.tolist()
+        s_starts, s_len = s_runs
+        r_starts, r_len = r_runs
+        srb = np.searchsorted(s_starts, np.asarray(sb).reshape(-1)).reshape(-1, 2).tolist() if sb else []
+        rrb = np.searchsorted(r_starts, np.asarray(rb_).reshape(-1)).reshape(-1, 2).tolist() if rb_ else []
+        sp_l, ss_l = sp.tolist(), ss.tolist()
+        rp_l, rd_l, stg_l = rp.tolist(), rd.tolist(), staged_r.tolist()
+        cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
+        s_starts, s_len, r_starts, r_len = s_starts.tolist(), s_len.tolist(), r_starts.tolist(), r_len.tolist()
+        out = {}
+        for k, layer in enumerate(layers):
+            big, small = self._split(layer, bool(packed[layer]))
+            a, b = sb[k]
+            sends = list(zip(sp_l[a:b], ss_l[a:b]))
+            i0, i1 = srb[k]
+            send_msgs = [(sp_l[x], ss_l[x], n) for x, n in zip(s_starts[i0:i1], s_len[i0:i1])]
+            a, b = rb_[k]
+            recvs, recv_rows = [], []
+            for peer, row, staged in zip(rp_l[a:b], rd_l[a:b], stg_l[a:b]):
+                if staged:
+                    recvs.append((peer, row, len(recv_rows)))
+                    recv_rows.append(row)
+                else:
+                    recvs.append((peer, row, -1))
+            i0, i1 = rrb[k]
+            recv_msgs = [recvs[x - a] + (n,) for x, n in zip(r_starts[i0:i1], r_len[i0:i1])]
+            a, b = cb[k]
+            lists: tuple = ([], [], [])  # new, copies_a, to order
+            for src, dst, kind in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b]):
+                lists[kind].append((src, dst))
+            new, copies_a, tc = lists
+            stash_src, copies_c = _order_copies(tc, P)
+            send_pack: dict = {}
+            recv_pack: dict = {}
+            if small:
+                for peer, src in sends:
+                    send_pack.setdefault(peer, []).append(src)
+                for peer, dst, _ in recvs:
+                    recv_pack.setdefault(peer, []).append(dst)
+            out[layer] = _LayerWork(
+                layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, copies_c, new,
+                send_pack, recv_pack, send_msgs, recv_msgs,
+            )
+        return out
 
 
 def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
     """Per (layer, rank), from the global plan: (cycles among the old-content copies that
-    phase C applies, i.e. stash rows; number of those copies). ``_layer_work`` executes
+    phase C applies, i.e. stash rows; number of those copies). ``_layer_works`` executes
     exactly these on each rank."""
     L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
     cycles = np.zeros((L, n), dtype=np.int64)
@@ -523,10 +562,20 @@ def _order_copies(copies: list, rows: int):
     """
     if not copies:
         return [], []
-    parent = np.full(rows, -1, dtype=np.int64)
-    for src, dst in copies:
-        parent[dst] = src
-    stash = _cycle_heads(parent).tolist()
+    # cycles of dst -> src (a few rows: plain Python beats numpy calls here)
+    parent = {dst: src for src, dst in copies}
+    seen: dict = {}
+    heads = []
+    for start in parent:
+        path = []
+        x = start
+        while x in parent and x not in seen:
+            seen[x] = start
+            path.append(x)
+            x = parent[x]
+        if seen.get(x) == start and x in parent:  # this walk closed a cycle at x
+            heads.append(min(path[path.index(x) :]))
+    stash = sorted(heads)
     slot = {r: j for j, r in enumerate(stash)}
     writer = {dst: k for k, (_, dst) in enumerate(copies)}
     readers: dict = {}
@@ -548,17 +597,19 @@ def _order_copies(copies: list, rows: int):
     return stash, order
 
 
-def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray) -> list:
-    """(start, length) of the runs of a sorted transfer list: same peer, consecutive source
-    rows, every one staged; an unstaged transfer is a run of its own."""
+def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarray):
+    """(starts, lengths) of the runs of a sorted transfer list: same layer and peer,
+    consecutive source rows, every one staged; an unstaged transfer is a run of its own."""
     n = len(peer)
     if n == 0:
-        return []
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     brk = np.ones(n, dtype=bool)
-    brk[1:] = (peer[1:] != peer[:-1]) | (src[1:] != src[:-1] + 1) | ~staged[1:] | ~staged[:-1]
+    brk[1:] = (
+        (layer[1:] != layer[:-1]) | (peer[1:] != peer[:-1]) | (src[1:] != src[:-1] + 1)
+        | ~staged[1:] | ~staged[:-1]
+    )
     starts = np.flatnonzero(brk)
-    lengths = np.diff(np.append(starts, n))
-    return list(zip(starts.tolist(), lengths.tolist()))
+    return starts, np.diff(np.append(starts, n))
 
 
 def _mark(torch, stream):
@@ -610,11 +661,11 @@ class RearrangeHandle:
         torch = shuffler._torch
         index_parts: list = []
         cap = 0
+        works = shuffler._layer_works(
+            plan, self._rv, [l for r in self._rounds for l in r.layers], shuffler.transactional, self._packed
+        )
         for rnd in self._rounds:
-            rnd.works = [
-                shuffler._layer_work(plan, self._rv, l, shuffler.transactional, bool(self._packed[l]))
-                for l in rnd.layers
-            ]
+            rnd.works = [works[l] for l in rnd.layers]
             cap = max(cap, self._layout(rnd.works, index_parts))
         self._staging = None
         self._idx = None
@@ -803,13 +854,18 @@ class RearrangeHandle:
                     w.copy_block[i] = take(len(w.copies_c) * rb[i])
                 index(w, "c_src", [src for src, _, _ in w.copies_c])
                 index(w, "c_dst", [dst for _, _, dst in w.copies_c])
-            for tag, pack, spans in (("s", w.send_pack, w.send_parts), ("r", w.recv_pack, w.recv_parts)):
-                for peer, rows in pack.items():
-                    start = cursor
-                    for i in w.small:
-                        w.part_off[(tag, peer, i)] = take(len(rows) * rb[i])
-                    spans[peer] = (start, cursor)
-                    index(w, f"{tag}{peer}", rows)
+            for tag, pack in (("s", w.send_pack), ("r", w.recv_pack)):
+                if not pack:
+                    continue
+                spans, rows, first = [], [], 0
+                for peer, pr in pack.items():
+                    spans.append((peer, first, len(pr)))
+                    rows += pr
+                    first += len(pr)
+                w.pack_spans[tag] = spans
+                for i in w.small:
+                    w.pack_block[(tag, i)] = take(first * rb[i])
+                index(w, tag, rows)
         return cursor
 
     def _ix(self, w, name):
@@ -827,7 +883,7 @@ class RearrangeHandle:
         s = self.s
         torch = s._torch
         raw = s._raw
-        sends, recvs = [], []
+        sends, recvs, copies = [], [], []
         stream = s._stream
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
@@ -843,26 +899,30 @@ class RearrangeHandle:
             st = self.stats
             sbase = self._staging.data_ptr() if self._staging is not None else 0
             for w in rnd.works:
-                W = s.weights[w.layer]
                 B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views (messages)
                 Wd = s._words[w.layer]  # the same rows as words (copy kernels)
                 rb = s.row_bytes[w.layer]
                 # A: local copies into rows nobody reads; save the rows that break copy cycles.
-                for src, dst in w.copies_a:
-                    for t in W:
-                        t[dst].copy_(t[src])
+                if s._ptrs is not None:
+                    ptrs = s._ptrs[w.layer]
+                    copies += [(p + dst * n, p + src * n, n) for src, dst in w.copies_a for p, n in zip(ptrs, rb)]
+                else:
+                    for src, dst in w.copies_a:
+                        for b in B:
+                            b[dst].copy_(b[src])
                 if w.stash_src:
                     ix = self._ix(w, "stash_src")
                     for i, b in enumerate(Wd):
                         torch.index_select(b, 0, ix, out=self._block(w.stash_block[i], len(w.stash_src), b))
-                for peer, rows in w.send_pack.items():
-                    ix = self._ix(w, f"s{peer}")
+                if w.send_pack:
+                    ix = self._ix(w, "s")
                     for i in w.small:
                         b = Wd[i]
-                        torch.index_select(b, 0, ix, out=self._block(w.part_off[("s", peer, i)], len(rows), b))
+                        torch.index_select(b, 0, ix, out=self._block(w.pack_block[("s", i)], len(ix), b))
                 st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
                 # B: rows straight from the weights; receives in place or into staging blocks.
-                # per pair, both sides list messages run by run, tensor by tensor
+                # per pair, both sides list messages run by run, tensor by tensor, then the
+                # packed parts tensor by tensor
                 if raw:
                     bases = [(B[i].data_ptr(), rb[i]) for i in w.big]
                     for peer, src, k in w.send_msgs:
@@ -879,15 +939,19 @@ class RearrangeHandle:
                             recvs.append((peer, (sbase + w.recv_block[i] + j * n, k * n)))
                         else:
                             recvs.append((peer, self._block(w.recv_block[i], len(w.recv_rows), b)[j : j + k]))
-                for peer, (a, e) in w.send_parts.items():
-                    sends.append((peer, (sbase + a, e - a) if raw else self._staging[a:e]))
-                for peer, (a, e) in w.recv_parts.items():
-                    recvs.append((peer, (sbase + a, e - a) if raw else self._staging[a:e]))
+                for tag, out in (("s", sends), ("r", recvs)):
+                    for peer, first, k in w.pack_spans.get(tag, ()):
+                        for i in w.small:
+                            a = w.pack_block[(tag, i)] + first * rb[i]
+                            n = k * rb[i]
+                            out.append((peer, (sbase + a, n) if raw else self._staging[a : a + n]))
                 nrow = sum(rb)
                 st.bytes_sent += nrow * len(w.sends)
                 st.bytes_received += nrow * len(w.recvs)
                 st.experts_sent += len(w.sends)
                 st.experts_received += len(w.recvs)
+            if copies:  # before the exchange: in-place receives may overwrite their sources
+                _buffers.copy_async(copies, stream.cuda_stream)
             st.messages += len(sends) + len(recvs)
             if s.profile:
                 rnd.marks["packed"] = _mark(torch, stream)
@@ -939,9 +1003,12 @@ class RearrangeHandle:
         else:
             cs = None
             ctx = contextlib.nullcontext()
+        sbase = self._staging.data_ptr() if self._staging is not None else 0
         with ctx:
             for w in rnd.works:
                 B = s._words[w.layer]
+                rb = s.row_bytes[w.layer]
+                ptrs = s._ptrs[w.layer] if s._ptrs is not None else None
                 # old-content copies first (their sources may be overwritten below): small
                 # tensors gathered to staging and scattered back (two kernels each, any
                 # order); the rest row by row in read-before-write order
@@ -951,24 +1018,39 @@ class RearrangeHandle:
                     for b, blk in small:
                         torch.index_select(b, 0, self._ix(w, "c_src"), out=blk)
                     rows = [i for i in range(len(B)) if i not in w.copy_block]
-                    blocks = {i: self._block(w.stash_block[i], len(w.stash_src), B[i]) for i in rows} if w.stash_src else {}
-                    for src, j, dst in w.copies_c:
-                        for i in rows:
-                            b = B[i]
-                            b[dst].copy_(b[src] if j < 0 else blocks[i][j])
+                    if ptrs is not None:
+                        copies = []
+                        for src, j, dst in w.copies_c:
+                            for i in rows:
+                                n = rb[i]
+                                at = ptrs[i] + src * n if j < 0 else sbase + w.stash_block[i] + j * n
+                                copies.append((ptrs[i] + dst * n, at, n))
+                        _buffers.copy_async(copies, cs.cuda_stream)
+                    else:
+                        blocks = {i: self._block(w.stash_block[i], len(w.stash_src), B[i]) for i in rows} if w.stash_src else {}
+                        for src, j, dst in w.copies_c:
+                            for i in rows:
+                                b = B[i]
+                                b[dst].copy_(b[src] if j < 0 else blocks[i][j])
                     for b, blk in small:
                         b.index_copy_(0, self._ix(w, "c_dst"), blk)
                 if w.recv_rows:
                     ix = self._ix(w, "recv")
                     for i in w.big:
                         B[i].index_copy_(0, ix, self._block(w.recv_block[i], len(w.recv_rows), B[i]))
-                for peer, rows in w.recv_pack.items():
-                    ix = self._ix(w, f"r{peer}")
+                if w.recv_pack:
+                    ix = self._ix(w, "r")
                     for i in w.small:
-                        B[i].index_copy_(0, ix, self._block(w.part_off[("r", peer, i)], len(rows), B[i]))
-                for src, dst in w.copies_new:
-                    for b in B:
-                        b[dst].copy_(b[src])
+                        B[i].index_copy_(0, ix, self._block(w.pack_block[("r", i)], len(ix), B[i]))
+                if ptrs is not None:
+                    _buffers.copy_async(
+                        [(p + dst * n, p + src * n, n) for src, dst in w.copies_new for p, n in zip(ptrs, rb)],
+                        cs.cuda_stream,
+                    )
+                else:
+                    for src, dst in w.copies_new:
+                        for b in B:
+                            b[dst].copy_(b[src])
             if cs is not None:
                 self._release = torch.cuda.Event(enable_timing=s.profile)
                 self._release.record(cs)

@@ -1,8 +1,9 @@
 """The few CUDA driver calls the communicator needs, through libcuda.so.1.
 
 Used to make a device current (the primary context, as the CUDA runtime and torch use), to
-find the device of a raw pointer, and to wait on a stream with a timeout (an event polled
-beside ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
+find the device of a raw pointer, to copy device memory on a stream (the shuffler's row
+copies), and to wait on a stream with a timeout (an event polled beside
+ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
 returns None there and callers skip what needs it.
 """
 
@@ -42,6 +43,7 @@ class Driver:
             "cuEventQuery": [ctypes.c_void_p],
             "cuEventDestroy_v2": [ctypes.c_void_p],
             "cuStreamQuery": [ctypes.c_void_p],
+            "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p],
             "cuGetErrorString": [ctypes.c_int, ctypes.c_void_p],
         }
         for name, args in sig.items():
@@ -126,6 +128,15 @@ class Driver:
             return False
         self._check(rc, "cuEventQuery")
         return False
+
+    def memcpy_dtod_async(self, copies, stream: int) -> None:
+        """Enqueue device-to-device copies ``[(dst, src, nbytes)]`` on ``stream``, in order
+        (one driver call each: no tensor views, no dispatcher)."""
+        fn = self._fn["cuMemcpyDtoDAsync_v2"]
+        for dst, src, n in copies:
+            rc = fn(dst, src, n, stream)
+            if rc != _CUDA_SUCCESS:
+                self._check(rc, "cuMemcpyDtoDAsync")
 
     def event_destroy(self, event: int) -> None:
         self._fn["cuEventDestroy_v2"](event)
