@@ -6,7 +6,10 @@ host reads one value of the result, as an engine reads its sampled tokens) while
 weights asynchronously on a *separate* communicator, back to back with random maps: a rank
 starts the next rearrangement at the step after its previous one completed. Each rank sleeps a
 random time per step so the ranks drift out of phase. NCCL work of the rearrangement is
-launched only from ``handle.step()``, called by the loop's own thread between steps.
+launched only from ``handle.step()``, called by the loop's own thread between steps: by
+default right after the step's forward work is enqueued and before the host reads its result
+(the placement the README recommends: the host work of ``step()`` then runs while the GPU
+computes), in variant ``step-after-read`` after the read (the host work adds to the step).
 
 Variants (``VARIANTS``) switch the safety measures one at a time: non-blocking communicator,
 ``max_ctas``, peers connected at set-up, lockstep ``step(wait=True)``, and a small forward step
@@ -18,7 +21,8 @@ Checked: every completed rearrangement exactly (every row of every layer), and e
 ``check_every`` steps that each layer is entirely old or entirely new. Timed: the loop's wall
 time per step while rearranging, *excluding* those checks (the GPU is synchronised before a
 check, so the work queued before it is counted), against the same loop without
-rearrangements; the host time spent inside ``step()``; the async rearrangement time (start to
+rearrangements; the host time spent inside ``step()`` (per call, and with
+``rearrange_async()`` per forward step); the async rearrangement time (start to
 done) against the synchronous path's.
 
 Used by tests/test_gpu_async.py (the GPU stress test) and by ``make bench`` (part ``stress``).
@@ -43,8 +47,13 @@ VARIANTS = {
     "lazy-connect": {"connect": False},
     "small-forward": {"matmul": 4096},
     "no-host-sync": {"host_sync": False},
+    "step-after-read": {"step_before_read": False},
+    "lockstep-after-read": {"lockstep": True, "step_before_read": False},
 }
-DEFAULTS = {"blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192, "host_sync": True}
+DEFAULTS = {
+    "blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192,
+    "host_sync": True, "step_before_read": True,
+}
 
 
 def variant_settings(name: str) -> dict:
@@ -53,7 +62,8 @@ def variant_settings(name: str) -> dict:
     return {**DEFAULTS, **VARIANTS[name]}
 
 
-def _forward(torch, state, host_sync: bool):
+def _forward(torch, state):
+    """Enqueue one forward step (returns before the GPU has run it)."""
     a, b, c, x, y, r = state
     for _ in range(2):
         torch.matmul(a, b, out=c)
@@ -61,8 +71,11 @@ def _forward(torch, state, host_sync: bool):
         a.mul_(1e-4)
     torch.distributed.all_to_all_single(y, x)
     torch.distributed.all_reduce(r)
+
+
+def _read(state, host_sync: bool):
     if host_sync:  # the host reads a small result (as an engine reads the sampled tokens)
-        float(r[0])
+        float(state[5][0])
 
 
 def _layer_state(torch, weights, old, new, rank, P, applied):
@@ -92,6 +105,7 @@ def stress_rank(
     check_every: int = 25,
     lockstep: bool = False,
     host_sync: bool = True,
+    step_before_read: bool = True,
     sync_repeats: int = 3,
     log=None,
 ) -> dict:
@@ -131,7 +145,8 @@ def stress_rank(
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(nsteps):
-            _forward(torch, fwd, host_sync)
+            _forward(torch, fwd)
+            _read(fwd, host_sync)
             time.sleep(delays.random() * max_delay_ms * 1e-3)
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / nsteps
@@ -163,40 +178,51 @@ def stress_rank(
     started = 0.0
     target = None
     k = 100
-    torch.cuda.synchronize()
-    t_loop = time.perf_counter()
-    # the same number of steps on every rank: the forward's collectives must pair up
-    for step in range(steps):
-        _forward(torch, fwd, host_sync)
-        time.sleep(delays.random() * max_delay_ms * 1e-3)
+    start_host = 0.0  # host time inside rearrange_async()
+
+    def rearrangement_step(step):
+        nonlocal handle, k, target, started, step_host, start_host, step_calls, excluded, done, cur
         if handle is None:
             k += 1
             target = maps(k)[1]
             started = time.perf_counter()
             handle = shuffler.rearrange_async(cur, target)
-        else:
-            t0 = time.perf_counter()
-            handle.step(wait=lockstep)
-            step_host += time.perf_counter() - t0
-            step_calls += 1
-            if handle.done:
-                async_times.append(time.perf_counter() - started)
-                # the compute stream only: a device-wide sync while a peer's round is in flight
-                # can deadlock (README, threading model)
-                torch.cuda.current_stream().synchronize()
-                tx = time.perf_counter()
-                if not _check(torch, weights, target, rank, P):
-                    mismatches.append(k)
-                excluded += time.perf_counter() - tx
-                cur, handle = target, None
-                done += 1
-            elif check_every and step % check_every == 0:
-                torch.cuda.current_stream().synchronize()
-                tx = time.perf_counter()
-                bad = _layer_state(torch, weights, cur, target, rank, P, set(handle.applied_layers))
-                if bad:
-                    half.append((k, bad))
-                excluded += time.perf_counter() - tx
+            start_host += time.perf_counter() - started
+            return
+        t0 = time.perf_counter()
+        handle.step(wait=lockstep)
+        step_host += time.perf_counter() - t0
+        step_calls += 1
+        if handle.done:
+            async_times.append(time.perf_counter() - started)
+            # the compute stream only: a device-wide sync while a peer's round is in flight
+            # can deadlock (README, threading model)
+            torch.cuda.current_stream().synchronize()
+            tx = time.perf_counter()
+            if not _check(torch, weights, target, rank, P):
+                mismatches.append(k)
+            excluded += time.perf_counter() - tx
+            cur, handle = target, None
+            done += 1
+        elif check_every and step % check_every == 0:
+            torch.cuda.current_stream().synchronize()
+            tx = time.perf_counter()
+            bad = _layer_state(torch, weights, cur, target, rank, P, set(handle.applied_layers))
+            if bad:
+                half.append((k, bad))
+            excluded += time.perf_counter() - tx
+
+    torch.cuda.synchronize()
+    t_loop = time.perf_counter()
+    # the same number of steps on every rank: the forward's collectives must pair up
+    for step in range(steps):
+        _forward(torch, fwd)
+        if step_before_read:  # while the GPU runs this step: the host's work is hidden
+            rearrangement_step(step)
+        _read(fwd, host_sync)
+        time.sleep(delays.random() * max_delay_ms * 1e-3)
+        if not step_before_read:
+            rearrangement_step(step)
         if (step + 1) % 100 == 0:
             say(f"step {step + 1}: {done} rearrangements done")
     if handle is not None:
@@ -231,6 +257,8 @@ def stress_rank(
         "base_step_after_ms": after_step * 1e3,
         "busy_step_ms": loop_s / steps * 1e3,
         "step_host_us": step_host / max(step_calls, 1) * 1e6,
+        # host time in rearrange_async() and step() per forward step
+        "host_per_step_us": (step_host + start_host) / steps * 1e6,
         "sync_ms": float(np.median(sync_times)) * 1e3,
         "async_ms": float(np.median(async_times)) * 1e3 if async_times else 0.0,
         "layer_mib": sum(t[0].nbytes for t in weights[0]) * P / 2**20,
@@ -250,6 +278,7 @@ def summarize(every: list[dict]) -> dict:
         "busy_step_ms": round(busy, 3),
         "slowdown_pct": round((busy / base - 1) * 100, 1),
         "step_host_us": round(max(r["step_host_us"] for r in every), 1),
+        "host_per_step_us": round(max(r["host_per_step_us"] for r in every), 1),
         "async_ms": round(max(r["async_ms"] for r in every), 2),
         "sync_ms": round(max(r["sync_ms"] for r in every), 2),
         "layer_mib": round(every[0]["layer_mib"], 1),
@@ -279,7 +308,8 @@ def run_stress(ctx):
             if cfg["connect"]:
                 comm.connect_peers()
             res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed, steps=steps,
-                              lockstep=cfg["lockstep"], matmul=cfg["matmul"], host_sync=cfg["host_sync"])
+                              lockstep=cfg["lockstep"], matmul=cfg["matmul"], host_sync=cfg["host_sync"],
+                              step_before_read=cfg["step_before_read"])
         except ep.RearrangeError as e:  # e.g. a launch-order deadlock caught by the timeout
             err, res = f"{type(e).__name__}: {e}", None
         if err is None:

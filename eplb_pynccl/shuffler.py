@@ -1042,7 +1042,7 @@ class RearrangeHandle:
                     ix = self._ix(w, "r")
                     for i in w.small:
                         B[i].index_copy_(0, ix, self._block(w.pack_block[("r", i)], len(ix), B[i]))
-                if ptrs is not None:
+                if ptrs is not None and w.copies_new:
                     _buffers.copy_async(
                         [(p + dst * n, p + src * n, n) for src, dst in w.copies_new for p, n in zip(ptrs, rb)],
                         cs.cuda_stream,

@@ -36,34 +36,39 @@ def _init(ctx, **comm_kw):
     return comm
 
 
-def _stress_job(ctx, steps, lockstep):
-    from bench.stress import stress_rank
+def _stress_job(ctx, steps, variant):
+    from bench.stress import stress_rank, variant_settings
 
+    cfg = variant_settings(variant)
     comm = _init(ctx, blocking=False, max_ctas=8, timeout=60)
     res = stress_rank(
-        ctx.rank, ctx.world_size, comm, steps=steps, seed=5, lockstep=lockstep,
+        ctx.rank, ctx.world_size, comm, steps=steps, seed=5, lockstep=cfg["lockstep"],
+        step_before_read=cfg["step_before_read"],
         log=lambda m: print(f"[rank {ctx.rank}] {m}", flush=True),
     )
     comm.close()
     return res
 
 
-@pytest.mark.parametrize("lockstep", [False, True], ids=["free-running", "lockstep"])
-def test_async_stress_beside_live_nccl(world_size, lockstep):
+@pytest.mark.parametrize("variant", ["default", "lockstep", "step-after-read"])
+def test_async_stress_beside_live_nccl(world_size, variant):
+    """default: free-running step() between enqueueing a forward step and reading its
+    result; lockstep: step(wait=True) there; step-after-read: free-running, after the read."""
     from bench.stress import summarize
 
     t0 = time.monotonic()
-    results = run_ranks(_stress_job, world_size, 500, lockstep, timeout=110)
+    results = run_ranks(_stress_job, world_size, 500, variant, timeout=110)
     for r in results:
         assert r["mismatches"] == [], r
         assert r["half_layers"] == [], r
         assert r["steps"] >= 500 and r["rearrangements"] >= 20, r
     row = summarize(results)
     print(
-        f"\nstress ws{world_size} {'lockstep' if lockstep else 'free-running'}: {row['steps']} steps, "
+        f"\nstress ws{world_size} {variant}: {row['steps']} steps, "
         f"{row['rearrangements']} rearrangements in {time.monotonic() - t0:.0f} s; step "
         f"{row['base_step_ms']:.3f} ms idle vs {row['busy_step_ms']:.3f} ms while rearranging "
-        f"({row['slowdown_pct']:+.1f}%); step() {row['step_host_us']:.0f} us; "
+        f"({row['slowdown_pct']:+.1f}%); step() {row['step_host_us']:.0f} us, host "
+        f"{row['host_per_step_us']:.0f} us per step; "
         f"async {row['async_ms']:.1f} ms vs sync {row['sync_ms']:.1f} ms"
     )
 
