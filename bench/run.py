@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eplb-methods", default="", help="EPLB methods to run (default: bench/eplb.py decides)")
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
     g = ap.add_argument_group("stress (bench/stress.py)")
-    g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,blocking,lazy-connect,small-forward,no-host-sync",
+    g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync",
                    help="comma-separated variants (bench/stress.py VARIANTS)")
     g.add_argument("--stress-steps", type=int, default=500, help="forward steps per variant")
     g.add_argument("--stress-timeout", type=float, default=60.0,

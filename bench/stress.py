@@ -43,6 +43,7 @@ VARIANTS = {
     "default": {},
     "lockstep": {"lockstep": True},
     "no-max-ctas": {"max_ctas": None},
+    "max-ctas-2": {"max_ctas": 2},
     "blocking": {"blocking": True},
     "lazy-connect": {"connect": False},
     "small-forward": {"matmul": 4096},

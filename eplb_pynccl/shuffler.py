@@ -228,6 +228,8 @@ class ExpertShuffler:
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
         self._size_cache: dict = {}
+        self._pinned = None  # host buffer of row indices (CUDA), see _index_host
+        self._pinned_free = None  # event after the last copy out of it
         self._full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
 
     # ------------------------------------------------------------------------------------
@@ -319,6 +321,25 @@ class ExpertShuffler:
                 + "; nothing was moved"
             )
 
+    def _index_host(self, values: np.ndarray):
+        """The row indices as an int64 host tensor; on CUDA in a pinned buffer kept by the
+        shuffler (pinning a fresh one per rearrangement cost ~0.5 ms of host time), reused
+        once the previous rearrangement's copy out of it has completed."""
+        torch = self._torch
+        values = values.astype(np.int64, copy=False)
+        if not self._is_cuda:
+            return torch.from_numpy(values)
+        n = values.size
+        buf = self._pinned
+        if buf is None or buf.numel() < n:
+            buf = self._pinned = torch.empty(max(n, 2 * (0 if buf is None else buf.numel()), 4096),
+                                             dtype=torch.int64, pin_memory=True)
+            self._pinned_free = None
+        elif self._pinned_free is not None:
+            self._pinned_free.synchronize()  # already complete unless a rearrangement was cut short
+        buf[:n].numpy()[:] = values
+        return buf[:n]
+
     # ---- round construction (pure given the plan; identical on every rank) --------------
     def _split(self, layer: int, packed: bool):
         """(tensors sent as their own messages, tensors packed per peer) of a layer."""
@@ -372,7 +393,8 @@ class ExpertShuffler:
         cycles, tcount = _phase_c_copies(plan, transactional)
         stash = cycles * full[:, None]
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
-        pairs = np.unique(np.stack([tl, ts, td]), axis=1) if tl.size else np.zeros((3, 0), np.int64)
+        key = _distinct((tl * n + ts) * n + td)  # (layer, src, dst) with transfers
+        pairs = np.stack([key // (n * n), key // n % n, key % n])
 
         def needs(packed: bool):
             big, small, small_al, nbig, nsmall = self._sizes(packed)
@@ -549,8 +571,17 @@ def _cycle_heads(parent: np.ndarray) -> np.ndarray:
     for _ in range(max(1, int(n - 1).bit_length()) + 1):
         mn = np.minimum(mn, mn[p])
         p = p[p]
-    on_cycle = np.unique(p[:n][p[:n] != n])
+    on_cycle = _distinct(p[:n][p[:n] != n])
     return on_cycle[mn[on_cycle] == on_cycle]
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a 1-D int array (np.unique without its lazy import of
+    numpy.ma: ~0.1 s on the first call, which would land in the middle of serving)."""
+    a = np.sort(a)
+    if a.size:
+        a = a[np.append(True, a[1:] != a[:-1])]
+    return a
 
 
 def _order_copies(copies: list, rows: int):
@@ -675,10 +706,8 @@ class RearrangeHandle:
             if shuffler._stream is not None:
                 self._staging.record_stream(shuffler._stream)
         if index_parts:
-            host = torch.from_numpy(np.concatenate(index_parts).astype(np.int64))
-            if shuffler._is_cuda:
-                host = host.pin_memory()
-            self._idx_host = host  # copied to the device by the first launch (non-blocking)
+            # copied to the device by the first launch (non-blocking)
+            self._idx_host = shuffler._index_host(np.concatenate(index_parts))
         self.stats.peak_extra_bytes = cap + (0 if self._idx_host is None else self._idx_host.numel() * 8)
         self._release = None  # event after the last consumer of staging
         shuffler._active = self
@@ -894,6 +923,9 @@ class RearrangeHandle:
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
             if self._idx is None and self._idx_host is not None:
                 self._idx = self._idx_host.to(s.device, non_blocking=True)
+                if stream is not None:
+                    s._pinned_free = torch.cuda.Event()
+                    s._pinned_free.record(stream)
             if s.profile:
                 rnd.marks["start"] = _mark(torch, stream)
             st = self.stats
