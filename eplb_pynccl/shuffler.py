@@ -228,6 +228,8 @@ class ExpertShuffler:
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
         self._size_cache: dict = {}
+        if self._is_cuda:
+            self._warm_up()
         self._pinned = None  # host buffer of row indices (CUDA), see _index_host
         self._pinned_free = None  # event after the last copy out of it
         self._full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
@@ -320,6 +322,21 @@ class ExpertShuffler:
                 "verify=True: ranks disagree or refused the input: " + "; ".join(differ)
                 + "; nothing was moved"
             )
+
+    def _warm_up(self) -> None:
+        """Run the gather/scatter kernels once on tiny tensors of every word type in use:
+        with CUDA's lazy module loading their first launch costs ~10 ms each (~110 ms for the
+        first rearrangement of a process, measured on H100), which belongs at set-up, not in
+        the middle of serving. Small and large index counts use different kernels."""
+        torch = self._torch
+        dev = self.device
+        for dtype in {b.dtype for lw in self._words for b in lw}:
+            for k in (1, 32):
+                ix = torch.arange(k, device=dev)
+                rows = torch.zeros((k, 4), dtype=dtype, device=dev)
+                out = torch.empty_like(rows)
+                torch.index_select(rows, 0, ix, out=out)
+                rows.index_copy_(0, ix, out)
 
     def _index_host(self, values: np.ndarray):
         """The row indices as an int64 host tensor; on CUDA in a pinned buffer kept by the
