@@ -6,8 +6,8 @@ no communication), sized so that every rank's staging fits ``staging_bytes``. Pe
 
 A. on the exchange stream: save the rows that break cycles of local copies (the stash; one
    row per cycle, usually none); pack small tensors' rows (below ``pack_threshold`` bytes per
-   row) into one buffer per peer; in non-transactional mode also do local copies into rows
-   nobody reads.
+   row) into one block per tensor, peer by peer; in non-transactional mode also do local
+   copies into rows nobody reads.
 B. one grouped exchange through the transport: large rows are sent straight from the weight
    rows and received straight into destination rows where that is hazard-free (a row whose
    old content no send or copy reads, non-transactional mode only), else into staging. A run
@@ -129,8 +129,9 @@ class ExpertShuffler:
             storage: rearrangement writes into them.
         staging_bytes: bound on extra device memory; default one layer of local experts
             (the largest layer). Larger exchanges are split into rounds of whole layers.
-        pack_threshold: tensors whose row is smaller than this many bytes are packed into one
-            message per peer; larger rows travel as their own messages without a copy.
+        pack_threshold: tensors whose row is smaller than this many bytes are packed (one
+            gather per tensor, one message per peer and tensor); larger rows travel as their
+            own messages without a copy.
         transactional: True (default): no live row is written before its layer's exchange has
             completed, so a failure leaves every layer entirely old or entirely new.
             False: rows nobody else reads are received into directly (less copying).
@@ -140,6 +141,9 @@ class ExpertShuffler:
             communicator's timeout for NcclTransport, else 600).
         profile: record CUDA events around each phase and report GPU time per phase in
             ``RearrangeStats.gpu_ms`` (filled by ``wait()``; costs a few events per round).
+
+    On CUDA, construction also launches the copy kernels once on tiny tensors (~0.1 s), so
+    that lazy module loading does not land in the first rearrangement.
     """
 
     def __init__(
