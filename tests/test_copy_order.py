@@ -100,3 +100,28 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
                   if not is_new and unsafe[layer, rank, d]]
             stash, order = _order_copies([(int(s), int(d)) for s, d in tc], slots)
             assert (len(stash), len(order)) == (cycles[layer, rank], count[layer, rank])
+
+
+def test_runs_break_at_layer_peer_gap_and_unstaged_rows():
+    from eplb_pynccl.shuffler import _runs
+
+    layer = np.array([0, 0, 1, 1, 1, 1, 1])
+    peer = np.array([2, 2, 2, 2, 3, 3, 3])
+    src = np.array([3, 4, 5, 6, 7, 9, 10])
+    staged = np.array([True, True, True, True, True, False, True])
+    starts, lengths = _runs(peer, src, staged, layer)
+    # rows 3,4 (layer 0) | 5,6 (layer 1: consecutive with 4, but another layer) | 7 (peer 3)
+    # | 9 (unstaged: alone) | 10
+    assert starts.tolist() == [0, 2, 4, 5, 6]
+    assert lengths.tolist() == [2, 2, 1, 1, 1]
+    e = _runs(peer[:0], src[:0], staged[:0], layer[:0])
+    assert e[0].tolist() == [] and e[1].tolist() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-5, 50), max_size=60))
+def test_distinct_matches_numpy_unique(raw):
+    from eplb_pynccl.shuffler import _distinct
+
+    a = np.array(raw, dtype=np.int64)
+    assert _distinct(a).tolist() == np.unique(a).tolist()
