@@ -510,13 +510,14 @@ class ExpertShuffler:
         # 2: old content into a row that is read or live (phase C first, ordered)
         ckind = np.where(cn, 0, np.where(unsafe_all[cl * nP + self.rank * P + cd], 2, 1))
         lay = np.asarray(layers, dtype=np.int64)
-        sb = np.stack([np.searchsorted(sl, lay), np.searchsorted(sl, lay, side="right")]).T.tolist()
-        rb_ = np.stack([np.searchsorted(rl, lay), np.searchsorted(rl, lay, side="right")]).T.tolist()
-        cb = np.stack([np.searchsorted(cl, lay), np.searchsorted(cl, lay, side="right")]).T.tolist()
+        # per layer: [start, end) of its transfers/copies, and of its runs
+        sb, rb_, cb = (np.stack([np.searchsorted(x, lay), np.searchsorted(x, lay, side="right")], axis=1)
+                       for x in (sl, rl, cl))
         s_starts, s_len = s_runs
         r_starts, r_len = r_runs
-        srb = np.searchsorted(s_starts, np.asarray(sb).reshape(-1)).reshape(-1, 2).tolist() if sb else []
-        rrb = np.searchsorted(r_starts, np.asarray(rb_).reshape(-1)).reshape(-1, 2).tolist() if rb_ else []
+        srb = np.searchsorted(s_starts, sb).tolist()
+        rrb = np.searchsorted(r_starts, rb_).tolist()
+        sb, rb_, cb = sb.tolist(), rb_.tolist(), cb.tolist()
         sp_l, ss_l = sp.tolist(), ss.tolist()
         rp_l, rd_l, stg_l = rp.tolist(), rd.tolist(), staged_r.tolist()
         cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
