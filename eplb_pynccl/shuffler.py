@@ -236,7 +236,6 @@ class ExpertShuffler:
             self._warm_up()
         self._pinned = None  # host buffer of row indices (CUDA), see _index_host
         self._pinned_free = None  # event after the last copy out of it
-        self._full = np.array([sum(_align(b) for b in rb) for rb in self.row_bytes], dtype=np.int64)
 
     # ------------------------------------------------------------------------------------
     def plan(self, old_map, new_map) -> RearrangementPlan:
@@ -410,7 +409,7 @@ class ExpertShuffler:
         needed = plan.source_needed.reshape(L, n, P)
         unsafe = changed if transactional else needed  # rows that may not be written before C
         tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
-        full = self._full
+        full = self._sizes(False)[0]  # aligned bytes of a whole row (every tensor on its own)
         cycles, tcount = _phase_c_copies(plan, transactional)
         stash = cycles * full[:, None]
         staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
@@ -544,7 +543,7 @@ class ExpertShuffler:
             for src, dst, kind in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b]):
                 lists[kind].append((src, dst))
             new, copies_a, tc = lists
-            stash_src, copies_c = _order_copies(tc, P)
+            stash_src, copies_c = _order_copies(tc)
             send_pack: dict = {}
             recv_pack: dict = {}
             if small:
@@ -606,7 +605,7 @@ def _distinct(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _order_copies(copies: list, rows: int):
+def _order_copies(copies: list):
     """Order old-content copies (src, dst) so every row is read before it is written.
 
     Rows form chains and cycles (a row is written by at most one copy); the smallest row of
@@ -663,6 +662,12 @@ def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarr
     )
     starts = np.flatnonzero(brk)
     return starts, np.diff(np.append(starts, n))
+
+
+def _row_copies(ptrs: list, row_bytes: list, pairs: list) -> list:
+    """(dst, src, nbytes) device copies of whole rows ``(src, dst)`` of every tensor of a
+    layer, given the tensors' base pointers and row sizes."""
+    return [(p + dst * n, p + src * n, n) for src, dst in pairs for p, n in zip(ptrs, row_bytes)]
 
 
 def _mark(torch, stream):
@@ -959,7 +964,7 @@ class RearrangeHandle:
                 # A: local copies into rows nobody reads; save the rows that break copy cycles.
                 if s._ptrs is not None:
                     ptrs = s._ptrs[w.layer]
-                    copies += [(p + dst * n, p + src * n, n) for src, dst in w.copies_a for p, n in zip(ptrs, rb)]
+                    copies += _row_copies(ptrs, rb, w.copies_a)
                 else:
                     for src, dst in w.copies_a:
                         for b in B:
@@ -1097,10 +1102,7 @@ class RearrangeHandle:
                     for i in w.small:
                         B[i].index_copy_(0, ix, self._block(w.pack_block[("r", i)], len(ix), B[i]))
                 if ptrs is not None and w.copies_new:
-                    _buffers.copy_async(
-                        [(p + dst * n, p + src * n, n) for src, dst in w.copies_new for p, n in zip(ptrs, rb)],
-                        cs.cuda_stream,
-                    )
+                    _buffers.copy_async(_row_copies(ptrs, rb, w.copies_new), cs.cuda_stream)
                 else:
                     for src, dst in w.copies_new:
                         for b in B:

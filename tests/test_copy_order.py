@@ -41,7 +41,7 @@ def copy_sets(draw):
 @given(copy_sets())
 def test_order_applies_every_copy_from_old_content(case):
     rows, copies = case
-    stash, order = _order_copies(copies, rows)
+    stash, order = _order_copies(copies)
     old = np.arange(100, 100 + rows)
     cur = old.copy()
     saved = [cur[r] for r in stash]  # phase A: the stash
@@ -67,7 +67,7 @@ def test_cycle_heads_match_a_naive_walk(raw):
 def test_a_swap_and_a_three_cycle_with_a_tail():
     # rows 0<->1 swap; 2 -> 3 -> 4 -> 2; row 5 copies row 3 (a reader hanging off the cycle)
     copies = [(1, 0), (0, 1), (2, 3), (3, 4), (4, 2), (3, 5)]
-    stash, order = _order_copies(copies, 6)
+    stash, order = _order_copies(copies)
     assert stash == [0, 2]
     old = np.arange(6) * 10
     cur = old.copy()
@@ -98,7 +98,7 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
             m = rv.c_layer == layer
             tc = [(s, d) for s, d, is_new in zip(rv.c_src_row[m], rv.c_dst_row[m], rv.c_src_is_new[m])
                   if not is_new and unsafe[layer, rank, d]]
-            stash, order = _order_copies([(int(s), int(d)) for s, d in tc], slots)
+            stash, order = _order_copies([(int(s), int(d)) for s, d in tc])
             assert (len(stash), len(order)) == (cycles[layer, rank], count[layer, rank])
 
 
@@ -125,3 +125,11 @@ def test_distinct_matches_numpy_unique(raw):
 
     a = np.array(raw, dtype=np.int64)
     assert _distinct(a).tolist() == np.unique(a).tolist()
+
+
+def test_row_copies_cover_every_tensor_of_each_row_pair():
+    from eplb_pynccl.shuffler import _row_copies
+
+    # two tensors at 1000 and 5000 with rows of 16 and 4 bytes; copies row 2 -> 0, 1 -> 3
+    got = _row_copies([1000, 5000], [16, 4], [(2, 0), (1, 3)])
+    assert got == [(1000, 1032, 16), (5000, 5008, 4), (1048, 1016, 16), (5012, 5004, 4)]
