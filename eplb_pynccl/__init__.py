@@ -5,7 +5,9 @@ Layers (each uses only those below it):
 1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
 2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
 3. :class:`Transport` with :class:`NcclTransport` and :class:`TorchTransport`.
-4. :func:`plan_rearrangement` (pure planner) and :class:`ExpertShuffler` (executor).
+4. :func:`plan_rearrangement` (pure planner) and :mod:`eplb_pynccl.schedule` (every rank's
+   rounds of ops, and a virtual cluster that checks them), pure numpy.
+5. :class:`ExpertShuffler` (``executor.py`` walks a schedule on streams; the async handle).
 
 Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
 """
@@ -72,12 +74,18 @@ __all__ = [
 ]
 
 
+# submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
+_SUBMODULES = ("planner", "schedule", "executor", "shuffler", "transport")
+
+
 def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'eplb_pynccl' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(mod, __name__), name)
     globals()[name] = value
     return value

@@ -258,6 +258,14 @@ def _parse_device(device) -> int | None:
     return idx
 
 
+def _no_gpu() -> str:
+    """Why NCCL cannot work here when the CUDA driver does not load (no GPU)."""
+    return (
+        "no usable GPU on this machine: the CUDA driver does not load "
+        f"({_cuda.unavailable_reason()}); a Communicator needs an NVIDIA GPU and its driver"
+    )
+
+
 def _current_device() -> int:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -313,7 +321,10 @@ class Communicator:
             if isinstance(unique_id, (bytes, bytearray)):
                 unique_id = UniqueId(bytes(unique_id))
             else:
-                raise TypeError(f"unique_id must be a UniqueId, got {type(unique_id).__name__}")
+                raise TypeError(
+                    "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
+                    f"{type(unique_id).__name__}"
+                )
         for name, v in (("rank", rank), ("world_size", world_size)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -371,7 +382,12 @@ class Communicator:
         if drv is not None:
             drv.set_device(dev)
         try:
-            self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+            try:
+                self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+            except NcclError as e:
+                if drv is None and e.code == 1:  # ncclUnhandledCudaError without a driver
+                    raise type(e)(e.code, e.error_string, e.last_error, e.function, _no_gpu()) from None
+                raise
             self._comm_obj = lib.comm_obj(self._comm)
             self._state = "open"
             if not self._blocking:
