@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .communicator import (
     DEFAULT_TIMEOUT,
+    CapturedP2P,
     Communicator,
     PreparedP2P,
     UniqueId,
@@ -46,6 +47,8 @@ _LAZY = {
     "Transport": ".transport",
     "NcclTransport": ".transport",
     "TorchTransport": ".transport",
+    "TransportRound": ".transport",
+    "IpcTransport": ".ipc",
     "ExpertShuffler": ".shuffler",
     "RearrangeStats": ".shuffler",
     "RearrangeHandle": ".shuffler",
@@ -53,6 +56,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "CapturedP2P",
     "Communicator",
     "PreparedP2P",
     "CommunicatorStateError",
@@ -75,7 +79,7 @@ __all__ = [
 
 
 # submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
-_SUBMODULES = ("planner", "schedule", "executor", "shuffler", "transport")
+_SUBMODULES = ("planner", "schedule", "executor", "shuffler", "transport", "ipc")
 
 
 def __getattr__(name: str):
