@@ -210,6 +210,9 @@ def _methods(ctx: BenchContext, ep, layer_bytes: int):
             methods.append(("eplb_pynccl packed-2L", lambda w: ep.ExpertShuffler(
                 nccl_t, w, pack_threshold=1 << 62, staging_bytes=2 * layer_bytes)))
         methods.append(("eplb_pynccl/torch-nccl", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
+        if ctx.comm is not None:
+            # copy engines over CUDA IPC (one transport per shuffler: it shares its weights)
+            methods.append(("eplb_pynccl ipc", lambda w: ep.ExpertShuffler(ep.IpcTransport(communicator=ctx.comm), w)))
     else:
         methods.append(("eplb_pynccl/gloo", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
     methods.append(("vllm-style", None))

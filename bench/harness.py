@@ -109,6 +109,10 @@ PARTS: dict[str, PartSpec] = {
         "stress", "bench.stress:run_stress", "child", True,
         "async rearrangement beside a forward loop with its own NCCL traffic (bench/stress.py)",
     ),
+    "ipc": PartSpec(
+        "ipc", "bench.ipc_bench:run_ipc", "parent", False,
+        "copy-engine transport: pull rate, host time per round, a rearrangement (bench/ipc_bench.py)",
+    ),
     "planner": PartSpec(
         "planner", "bench.planner_bench:bench_planner", "parent", False,
         "EPLB planner timing, CPU only (bench/planner_bench.py)",
@@ -120,7 +124,7 @@ PARTS: dict[str, PartSpec] = {
     ),
 }
 
-DEFAULT_PARTS = ("sendrecv", "alltoall", "overhead", "eplb", "stress", "planner")
+DEFAULT_PARTS = ("sendrecv", "alltoall", "overhead", "eplb", "stress", "ipc", "planner")
 
 
 def part_spec(name: str) -> PartSpec:

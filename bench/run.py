@@ -69,11 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eplb-methods", default="", help="EPLB methods to run (default: bench/eplb.py decides)")
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
     g = ap.add_argument_group("stress (bench/stress.py)")
-    g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync",
+    g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
                    help="comma-separated variants (bench/stress.py VARIANTS)")
     g.add_argument("--stress-steps", type=int, default=500, help="forward steps per variant")
     g.add_argument("--stress-timeout", type=float, default=60.0,
                    help="communicator timeout (s) in the stress part: a hang fails the variant")
+    g = ap.add_argument_group("ipc (bench/ipc_bench.py)")
+    g.add_argument("--ipc-procs", type=int, default=4,
+                   help="processes of the copy-engine part, spread over the visible GPUs")
     g = ap.add_argument_group("planner")
     g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
     g = ap.add_argument_group("output and robustness")

@@ -50,10 +50,13 @@ VARIANTS = {
     "no-host-sync": {"host_sync": False},
     "step-after-read": {"step_before_read": False},
     "lockstep-after-read": {"lockstep": True, "step_before_read": False},
+    # the copy-engine transport (IpcTransport, set up over the communicator), step() both ways
+    "ipc": {"transport": "ipc"},
+    "ipc-after-read": {"transport": "ipc", "step_before_read": False},
 }
 DEFAULTS = {
     "blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192,
-    "host_sync": True, "step_before_read": True,
+    "host_sync": True, "step_before_read": True, "transport": "nccl",
 }
 
 
@@ -108,6 +111,7 @@ def stress_rank(
     host_sync: bool = True,
     step_before_read: bool = True,
     sync_repeats: int = 3,
+    transport: str = "nccl",
     log=None,
 ) -> dict:
     import torch
@@ -123,7 +127,8 @@ def stress_rank(
          torch.empty((P, 8), dtype=torch.float32, device=dev)]
         for _ in range(layers)
     ]
-    shuffler = ep.ExpertShuffler(ep.NcclTransport(comm), weights)
+    tr = ep.IpcTransport(communicator=comm) if transport == "ipc" else ep.NcclTransport(comm)
+    shuffler = ep.ExpertShuffler(tr, weights)
     n = matmul
     fwd = (
         torch.randn(n, n, device=dev, dtype=torch.bfloat16),
@@ -248,6 +253,8 @@ def stress_rank(
         cur = target
     torch.cuda.synchronize()
     after_step = loop_time(min(steps, 200))
+    if transport == "ipc":
+        tr.close()
     return {
         "rank": rank,
         "steps": steps,
@@ -310,7 +317,7 @@ def run_stress(ctx):
                 comm.connect_peers()
             res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed, steps=steps,
                               lockstep=cfg["lockstep"], matmul=cfg["matmul"], host_sync=cfg["host_sync"],
-                              step_before_read=cfg["step_before_read"])
+                              step_before_read=cfg["step_before_read"], transport=cfg["transport"])
         except ep.RearrangeError as e:  # e.g. a launch-order deadlock caught by the timeout
             err, res = f"{type(e).__name__}: {e}", None
         if err is None:

@@ -67,7 +67,7 @@ class Executor:
                     self.index = torch.empty(rs.index.size, dtype=torch.int64, device=device)
             else:
                 self.index = index_host
-        self._index_copied = not cuda
+        self._index_copied = not cuda or self.index is None
         raw = bool(getattr(transport, "accepts_raw", False)) and cuda
         sbase = self.staging.data_ptr() if self.staging is not None else 0
         self._bases = np.append(bufs.ptrs, sbase)  # index -1 = STAGING

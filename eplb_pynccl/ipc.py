@@ -32,11 +32,11 @@ rank sets its ``failed`` counter, so its peers raise at once instead of at their
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import socket
 import time
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -150,10 +150,8 @@ class IpcTransport(Transport):
         self._ready = drv.event_create_ipc()
         self._done = drv.event_create_ipc()
         self._events += [self._ready, self._done]
-        name = f"eplb_ipc_{os.getpid()}_{id(self):x}"
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=64)
-        self._counters = np.ndarray((8,), dtype=np.int64, buffer=self._shm.buf)
-        self._counters[:] = 0
+        self._shm = _Page.create(f"eplb_ipc_{os.getpid()}_{id(self):x}")
+        self._counters = self._shm.counters
         self._info = drv.device_info(self._device)
 
     # ---- Transport members ---------------------------------------------------------------
@@ -338,10 +336,8 @@ class IpcTransport(Transport):
                 ready = drv.ipc_open_event(e["ready"])
                 done = drv.ipc_open_event(e["done"])
                 self._events += [ready, done]
-                shm = shared_memory.SharedMemory(name=e["shm"])
-                _untrack(shm)
-                counters = np.ndarray((8,), dtype=np.int64, buffer=shm.buf)
-                self._peers[r] = _Peer(r, bases, ready, done, counters, shm, e["pid"] if e["host"] == host else None)
+                shm = _Page.attach(e["shm"])
+                self._peers[r] = _Peer(r, bases, ready, done, shm.counters, shm, e["pid"] if e["host"] == host else None)
         except BaseException:
             self._release_peers()
             raise
@@ -369,8 +365,7 @@ class IpcTransport(Transport):
         self._events = []
         drv.stream_destroy(self._copy_stream)
         self._counters = None
-        self._shm.close()
-        self._shm.unlink()
+        self._shm.close(unlink=True)
 
     def _release_peers(self) -> None:
         drv = self._drv
@@ -413,14 +408,40 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _untrack(shm) -> None:
-    """Attached (not created) pages must not be unlinked by this process's resource tracker."""
-    try:
-        from multiprocessing import resource_tracker
+class _Page:
+    """A page of int64 counters in /dev/shm, shared by the processes of a node: the owner
+    creates and unlinks it, peers attach (no multiprocessing resource tracker, whose shared
+    bookkeeping across spawned processes mixed up owners and attachers)."""
 
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - best effort; only affects a warning at exit
-        pass
+    def __init__(self, name: str, fd: int, owner: bool) -> None:
+        self.name, self._owner = name, owner
+        self._map = mmap.mmap(fd, 64)
+        os.close(fd)
+        self.counters = np.ndarray((8,), dtype=np.int64, buffer=self._map)
+
+    @classmethod
+    def create(cls, name: str) -> _Page:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(fd, 64)
+        page = cls(name, fd, True)
+        page.counters[:] = 0
+        return page
+
+    @classmethod
+    def attach(cls, name: str) -> _Page:
+        return cls(name, os.open(f"/dev/shm/{name}", os.O_RDWR), False)
+
+    def close(self, unlink: bool = False) -> None:
+        self.counters = None
+        try:
+            self._map.close()
+        except BufferError:  # a view still alive; the mapping goes with the process
+            pass
+        if unlink and self._owner:
+            try:
+                os.unlink(f"/dev/shm/{self.name}")
+            except FileNotFoundError:
+                pass
 
 
 def _poll(cond, deadline: float, what: str, t: IpcTransport) -> None:

@@ -53,6 +53,8 @@ class RearrangeStats:
     launch_seconds: float = 0.0
     wait_seconds: float = 0.0
     apply_seconds: float = 0.0
+    poll_seconds: float = 0.0  # of wait_seconds: inside the transport's done() (a one-sided
+    # transport issues its copies there), not sleeping
     setup_seconds: float = 0.0  # host: schedule, staging, row indices, prepared rounds
     layers_changed: list = field(default_factory=list)
     # ExpertShuffler(profile=True) only: GPU time per phase in ms, summed over rounds, from CUDA
@@ -581,7 +583,10 @@ class RearrangeHandle:
             limit = min(limit, deadline)
         delay = 2e-5
         while True:
-            if rnd.tround.done():
+            t0 = time.perf_counter()
+            ok = rnd.tround.done()
+            self.stats.poll_seconds += time.perf_counter() - t0
+            if ok:
                 return True
             if time.monotonic() > limit:
                 s.transport.abort()
@@ -603,7 +608,9 @@ class RearrangeHandle:
             ev = rnd.tround.end_event()
             if ev is not None:
                 cs.wait_event(ev)
-            else:
+            else:  # the transport made its stream wait for the round's end (one-sided copies)
+                if s.profile:
+                    rnd.marks["exchanged"] = _mark(torch, s._stream)
                 cs.wait_stream(s._stream)
             if s.profile:
                 rnd.marks["apply"] = _mark(torch, cs)

@@ -43,14 +43,14 @@ def _stress_job(ctx, steps, variant):
     comm = _init(ctx, blocking=False, max_ctas=8, timeout=60)
     res = stress_rank(
         ctx.rank, ctx.world_size, comm, steps=steps, seed=5, lockstep=cfg["lockstep"],
-        step_before_read=cfg["step_before_read"],
+        step_before_read=cfg["step_before_read"], transport=cfg["transport"],
         log=lambda m: print(f"[rank {ctx.rank}] {m}", flush=True),
     )
     comm.close()
     return res
 
 
-@pytest.mark.parametrize("variant", ["default", "lockstep", "step-after-read"])
+@pytest.mark.parametrize("variant", ["default", "lockstep", "step-after-read", "ipc", "ipc-after-read"])
 def test_async_stress_beside_live_nccl(world_size, variant):
     """default: free-running step() between enqueueing a forward step and reading its
     result; lockstep: step(wait=True) there; step-after-read: free-running, after the read."""

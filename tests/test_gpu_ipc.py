@@ -56,7 +56,6 @@ def _ipc_job(ctx, seed, rearrangements):
     P = 5
     num_logical = n * P - 3  # redundant slots: duplicates
     cur, _ = random_maps(rng, len(specs), num_logical, n, P, empty_frac=0.1)
-    first = cur.copy()
     weights = make_weights(torch, specs, cur, rank, n, dev)
     ptrs = [[w.data_ptr() for w in ws] for ws in weights]
     shufflers = {
@@ -89,8 +88,10 @@ def _ipc_job(ctx, seed, rearrangements):
     opened = len(t._opened)
     t.close()
     after = {"opened": len(t._opened), "events": len(t._events), "peers": len(t._peers)}
-    try:  # use after close: refused before anything moves (every layer has work to do)
-        sh.rearrange(cur, first, verify=False)
+    swapped = cur.copy()  # rank 0's and rank 1's first rows trade experts: work in every layer
+    swapped[:, [0, P]] = cur[:, [P, 0]]
+    try:  # use after close: refused before anything moves
+        sh.rearrange(cur, swapped, verify=False)
         refused = None
     except Exception as e:  # noqa: BLE001 - the exact type is asserted by the test
         refused = f"{type(e).__name__}: {e}"

@@ -1,0 +1,235 @@
+"""Part ``ipc``: the copy-engine transport (IpcTransport), on however many GPUs there are.
+
+It starts its own ``--ipc-procs`` processes (default 4), spread over the visible GPUs (several
+share a GPU when there are fewer GPUs than processes: CUDA IPC works between processes of one
+device), joined by a TCPStore only (no NCCL). Public API only. Rows:
+
+* ``probe``: rank 0 receives rows from rank 1 through ``ExpertShuffler`` over IpcTransport
+  (one layer: 24 DeepSeek-V3 w13 rows of 29.4 MB; the same as whole 42 MiB experts of 4
+  tensors), every other rank idle; time, GB/s and the GPU time of the pulls (profile). With
+  one GPU these are copies inside the GPU by its copy engines, not a link.
+* ``host``: host time per round of DeepSeek-V3 EP``n`` plans (288 slots, the 4 tensors of an
+  expert, 4 layers), with rows scaled down to 4 KiB per tensor (the same ops, little data):
+  launch, poll (the pulls are issued there) and apply per round, slowest rank.
+* ``eplb``: a whole rearrangement of Qwen3-30B-A3B bf16 experts (real sizes), verified.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+
+import numpy as np
+
+from bench.harness import PartSkipped
+
+DSV3 = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"), ((32, 56), "float32"), ((56, 16), "float32")]
+QWEN3 = [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_time(torch, fn, reps):
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), out
+
+
+def _worker(rank, n, port, device, opts, q):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    try:
+        import datetime
+
+        import torch
+        from torch.distributed import TCPStore
+
+        import eplb_pynccl as ep
+        from bench.eplb import _check, _fill, make_maps
+
+        torch.cuda.set_device(device)
+        store = TCPStore("127.0.0.1", port, n, rank == 0, datetime.timedelta(seconds=120), wait_for_workers=False)
+        rows = []
+
+        def barrier(tag):
+            key = f"bar/{tag}"
+            if store.add(key, 1) == n:
+                store.set(key + "/go", b"1")
+            store.wait([key + "/go"], datetime.timedelta(seconds=120))
+
+        dev = torch.device("cuda", device)
+        reps = int(opts["reps"])
+
+        def shuffler(tag, spec, P, layers, **kw):
+            t = ep.IpcTransport(rank, n, store, device=device, key=f"ipc/{tag}", timeout=120)
+            w = [[torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev) for shape, dt in spec]
+                 for _ in range(layers)]
+            return t, w, ep.ExpertShuffler(t, w, **kw)
+
+        # -- probe: rank 0 receives 24 rows from rank 1 -------------------------------------
+        for name, spec in (("24 w13 rows (29.4 MB each)", DSV3[:1]), ("24 experts (4 tensors, 42 MiB)", DSV3)):
+            P = 24
+            old = np.arange(n * P, dtype=np.int64)[None, :]
+            new = old.copy()
+            new[0, :P] = old[0, P : 2 * P]  # rank 0's rows become rank 1's experts
+            new[0, P : 2 * P] = old[0, :P]
+            if n > 2:
+                new[0, 2 * P :] = old[0, 2 * P :]
+            t, w, sh = shuffler(f"probe{len(spec)}", spec, P, 1, profile=True)
+            times = []
+            ok = True
+            gpu = []
+            for k in range(reps + 1):
+                _fill(torch, w, old, rank, P)
+                torch.cuda.synchronize()
+                barrier(f"probe{len(spec)}/{k}")
+                t0 = time.perf_counter()
+                st = sh.rearrange(old, new)
+                torch.cuda.synchronize()
+                if k:
+                    times.append(time.perf_counter() - t0)
+                    gpu.append(st.gpu_ms.get("exchange", 0.0))
+                ok = ok and _check(torch, w, new, rank, P)
+            nbytes = P * sum(x[0].nbytes for x in w[0])
+            if rank in (0, 1):
+                med = float(np.median(times))
+                rows.append({"case": "probe", "what": name, "procs": n, "rank": rank, "bytes": nbytes,
+                             "time_ms": round(med * 1e3, 3), "gbps": round(nbytes / med / 1e9, 1),
+                             "pull_gpu_ms": round(float(np.median(gpu)), 3),
+                             "pull_gbps": round(nbytes / (float(np.median(gpu)) * 1e-3) / 1e9, 1) if np.median(gpu) else None,
+                             "check": "ok" if ok else "FAIL"})
+            t.close()
+            del w, sh
+            torch.cuda.empty_cache()
+        # a device copy of the same bytes on this GPU, for reference
+        if rank == 0:
+            a = torch.empty(24 * 4096 * 7168, dtype=torch.uint8, device=dev)
+            b = torch.empty_like(a)
+            med, _ = _sync_time(torch, lambda: b.copy_(a), reps)
+            rows.append({"case": "probe", "what": "torch copy_ on one GPU (reference)", "procs": 1, "rank": 0,
+                         "bytes": a.numel(), "time_ms": round(med * 1e3, 3), "gbps": round(a.numel() / med / 1e9, 1)})
+            del a, b
+        # -- host time per round: DeepSeek-V3 EPn plans, rows scaled down --------------------
+        L = 4
+        num_physical = 288 if 288 % n == 0 else 288 + (-288) % n
+        P = num_physical // n
+        small = [((1024,), "float32"), ((1024,), "float32"), ((1024,), "float32"), ((1024,), "float32")]
+        t, w, sh = shuffler("host", small, P, L, pack_threshold=0)
+        old, new = make_maps(opts["seed"], L, 256, num_physical, n)
+        per = []
+        ok = True
+        for k in range(reps + 1):
+            _fill(torch, w, old, rank, P)
+            torch.cuda.synchronize()
+            barrier(f"host/{k}")
+            st = sh.rearrange(old, new)
+            torch.cuda.synchronize()
+            ok = ok and _check(torch, w, new, rank, P)
+            if k:
+                per.append((st.launch_seconds / st.rounds, st.poll_seconds / st.rounds, st.apply_seconds / st.rounds,
+                            st.rounds, st.messages, st.setup_seconds))
+        a = np.median(np.asarray(per), axis=0)
+        rows.append({"case": "host", "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows", "procs": n, "rank": rank,
+                     "launch_ms_per_round": round(a[0] * 1e3, 3), "poll_ms_per_round": round(a[1] * 1e3, 3),
+                     "apply_ms_per_round": round(a[2] * 1e3, 3), "rounds": int(a[3]), "messages": int(a[4]),
+                     "setup_ms": round(a[5] * 1e3, 3), "check": "ok" if ok else "FAIL"})
+        t.close()
+        del w, sh
+        torch.cuda.empty_cache()
+        # -- a whole rearrangement: Qwen3-30B-A3B experts, real sizes -------------------------
+        L = 8
+        num_physical = -(-int(128 * 1.125) // n) * n
+        P = num_physical // n
+        t, w, sh = shuffler("qwen3", QWEN3, P, L)
+        old, new = make_maps(opts["seed"], L, 128, num_physical, n)
+        times = []
+        ok = True
+        for k in range(reps + 1):
+            _fill(torch, w, old, rank, P)
+            torch.cuda.synchronize()
+            barrier(f"qwen/{k}")
+            t0 = time.perf_counter()
+            st = sh.rearrange(old, new)
+            torch.cuda.synchronize()
+            if k:
+                times.append(time.perf_counter() - t0)
+            ok = ok and _check(torch, w, new, rank, P)
+        rows.append({"case": "eplb", "what": f"qwen3 bf16 ep{n} {L}L", "procs": n, "rank": rank,
+                     "time_ms": round(float(np.median(times)) * 1e3, 3), "bytes_received": st.bytes_received,
+                     "gbps": round(st.bytes_received / float(np.median(times)) / 1e9, 2),
+                     "rounds": st.rounds, "check": "ok" if ok else "FAIL"})
+        t.close()
+        q.put((rank, "ok", rows))
+    except BaseException:
+        q.put((rank, "err", traceback.format_exc()))
+
+
+def run_ipc(args) -> list[dict]:
+    try:
+        import torch
+    except ImportError as e:
+        raise PartSkipped(f"needs torch ({e})") from None
+    if getattr(args, "cpu", False) or getattr(args, "gpus", None) == 0 or not torch.cuda.is_available():
+        raise PartSkipped("needs a GPU (IpcTransport: CUDA IPC)")
+    import multiprocessing as mp
+
+    n = int(getattr(args, "ipc_procs", 4))
+    if n < 2:
+        raise PartSkipped("--ipc-procs must be >= 2")
+    ngpu = torch.cuda.device_count()
+    devices = [r % ngpu for r in range(n)]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    opts = {"reps": int(getattr(args, "eplb_repeats", 5) or 5), "seed": int(getattr(args, "seed", 0))}
+    procs = [ctx.Process(target=_worker, args=(r, n, port, devices[r], opts, q)) for r in range(n)]
+    for p in procs:
+        p.start()
+    out, errs = {}, []
+    deadline = time.monotonic() + float(getattr(args, "timeout", 1800.0))
+    try:
+        while len(out) + len(errs) < n:
+            try:
+                rank, status, val = q.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"ipc: ranks {sorted(set(range(n)) - set(out))} did not finish") from None
+            if status == "ok":
+                out[rank] = val
+            else:
+                errs.append(f"rank {rank}:\n{val}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if errs:
+        raise RuntimeError("ipc part failed: " + errs[0])
+    rows = [r for rank in sorted(out) for r in out[rank]]
+    note = f"{n} processes on {ngpu} GPU(s)" + (" (copies inside one GPU, no link)" if ngpu == 1 else "")
+    merged = []
+    for case in ("probe", "host", "eplb"):
+        group = [r for r in rows if r["case"] == case]
+        if case == "host" or case == "eplb":
+            # the slowest rank per column
+            first = dict(group[0])
+            for k, v in first.items():
+                if isinstance(v, float):
+                    first[k] = max(r[k] for r in group)
+            first["check"] = "ok" if all(r["check"] == "ok" for r in group) else "FAIL"
+            first.pop("rank", None)
+            merged.append({**first, "note": note})
+        else:
+            merged += [{**r, "note": note} for r in group]
+    return merged
