@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="communicator timeout (s) in the stress part: a hang fails the variant")
     g = ap.add_argument_group("planner")
     g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
+    g = ap.add_argument_group("placement (bench/placement_bench.py)")
+    g.add_argument("--placement-steps", type=int, default=20,
+                   help="consecutive rebalances per shape, drift level and policy")
+    g.add_argument("--placement-shapes", default="",
+                   help="comma-separated shapes (default: all of bench/placement_bench.py SHAPES)")
+    g.add_argument("--placement-drifts", default="",
+                   help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)")
     g = ap.add_argument_group("output and robustness")
     g.add_argument("--out", default="bench_out", help="directory for results.json, summary.md, PNGs")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
