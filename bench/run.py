@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eplb-layers-qwen", type=int, default=8, help="Qwen layers")
     g.add_argument("--eplb-repeats", type=int, default=5, help="timed repeats per EPLB method")
     g.add_argument("--eplb-methods", default="", help="EPLB methods to run (default: bench/eplb.py decides)")
+    g.add_argument("--eplb-seq-steps", type=int, default=4,
+                   help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)")
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
     g = ap.add_argument_group("stress (bench/stress.py)")
     g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync",
