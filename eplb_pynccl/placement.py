@@ -864,7 +864,11 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         gb = g[r_, gpuB]
         d = wa[..., None] - wb[:, None, None, :]  # [La, M, P, KP]
         g4 = gH[:, :, None, None]
-        gain_s = g4 - np.maximum(g4 - d, gb[:, None, None, :] + d)
+        newB = gb[:, None, None, :] + d
+        gain_s = g4 - np.maximum(g4 - d, newB)
+        lim4 = limit[:, None, None, None]
+        over_b = np.maximum(gb - limit[:, None], 0.0)[:, None, None, :]
+        red_s = (g4 - lim4) - np.maximum(g4 - d - lim4, 0.0) + over_b - np.maximum(newB - lim4, 0.0)
         gain_s = np.where((gpuB[:, None, :] == heavy[:, :, None])[:, :, None, :], -np.inf, gain_s)
         ea = c[r_[:, :, None], sH]
         eb = c[r_, sB]
@@ -876,7 +880,7 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         rcB = rc[idx[:, None, None], gpuB[:, None, :], ea.reshape(La, M * P, 1)]
         cost_s += np.where(ob[:, None, None, :] == ea[..., None], 0.0, rcB.reshape(cost_s.shape))
         cost_s -= cc[r_, sB][:, None, None, :]
-        score_s = _score(gain_s, needH[:, :, None, None], cost_s).reshape(La, M, -1)
+        score_s = _score(gain_s, red_s, cost_s).reshape(La, M, -1)
         best_s = np.argmax(score_s, axis=2)  # [La, M]
         sc_sM = np.take_along_axis(score_s, best_s[:, :, None], 2)[:, :, 0]
         sc_sM = np.where(needH > 0, sc_sM, -np.inf)
@@ -908,7 +912,11 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         dy = ly / cy - wy_new
         Hx = H[li, :, x]  # [La, Kd, ep]
         others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
-        xpeak = np.where(others, g[:, None, :] + Hx * dx[:, :, None], -np.inf).max(2)
+        gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
+        xpeak = np.where(others, gxn, -np.inf).max(2)
+        lim3 = limit[:, None, None]
+        x_over = np.where(others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0),
+                          0.0).sum(2)  # [La, Kd]: excess they gain
         hxA = H[li, A[:, None], x]  # [La, Kd]
         hyA = H[li, A[:, None], y]  # [La, Ky]
         hx_rs = H[li, rs, x]  # [La, Kd]
@@ -921,12 +929,15 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         new_rs = (g_rs + hx_rs * dx)[:, None, :] - hy_rs * dy[:, :, None] + delta
         peak_m = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
         gain_m = gA[:, None, None] - peak_m
+        red_m = (gA - limit)[:, None, None] - np.maximum(newA - lim3, 0) - x_over[:, None, :]
+        red_m += np.where(at_A[:, None, :], 0.0,
+                          np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0))
         gain_m = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain_m, -np.inf)
         os_ = oi[r_, ds]
         rcm = rc[idx[:, None, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
         cost_m = np.where(os_[:, None, :] == y[:, :, None], 0.0, rcm)
         cost_m -= cc[r_, ds][:, None, :]
-        score_m = _score(gain_m, need[:, None, None], cost_m).reshape(La, -1)
+        score_m = _score(gain_m, red_m, cost_m).reshape(La, -1)
         best_m = np.argmax(score_m, axis=1)
         sc_m = score_m[ar, best_m]
 
@@ -971,13 +982,13 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
     return cur, rounds
 
 
-def _score(gain, need, cost):
-    """Load removed from the most loaded GPU (capped at what the target needs) per unit of
-    movement cost, plus a tie-break on the load removed; -inf where the operation is not
-    allowed (it does not lower the most loaded GPU below its load)."""
-    capped = np.minimum(gain, need)
-    s = capped / np.maximum(cost, _MIN_COST) + 1e-6 * gain
-    return np.where(gain > 0, s, -np.inf)
+def _score(gain, reduction, cost):
+    """How much an operation reduces the layer's excess over the target (sum over GPUs of
+    load above it) per unit of movement cost, plus a tie-break on the load it removes from
+    the heaviest GPU; -inf where it is not allowed: it must lower that GPU below its load,
+    leave every GPU it raises below that load (``gain > 0``) and reduce the excess."""
+    s = reduction / np.maximum(cost, _MIN_COST) + 1e-6 * gain
+    return np.where((gain > 0) & (reduction > 0), s, -np.inf)
 
 
 def _update_cost(ccur, cur, old, rc, li, s, P) -> None:
