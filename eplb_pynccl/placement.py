@@ -86,7 +86,7 @@ _LOCAL_COST = 0.05  # repair cost of writing an expert the GPU already held (a l
 _NODE_COST = 1.0  # extra repair cost of an expert no GPU of the receiver's node held
 _MIN_COST = 0.01  # floor of an operation's cost in the score (reverting a change is < 0)
 _SWAP_GPUS = 8  # swap partners: slots of this many least loaded GPUs
-_HEAVY_GPUS = 2  # swaps: GPUs above the target handled in one round (disjoint swaps)
+_HEAVY_GPUS = 2  # swaps: GPUs above the target handled in one round (when P <= 12)
 _DONORS = 16  # replica moves: candidate donor slots per step
 _RECEIVERS = 6  # replica moves: heaviest slots of the most loaded GPU to replicate
 
@@ -843,7 +843,7 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         ar = np.arange(La)
         r_ = ar[:, None]
         li = idx[:, None]
-        M = min(_HEAVY_GPUS, ep - 1)
+        M = min(_HEAVY_GPUS if P <= 12 else 1, ep - 1)
         heavy = np.argsort(-g, axis=1, kind="stable")[:, :M]  # [La, M], heaviest first
         gH = g[r_, heavy]
         needH = gH - limit[:, None]  # > 0: above the target
@@ -862,23 +862,33 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         wa = w[r_[:, :, None], sH]
         wb = w[r_, sB]
         gb = g[r_, gpuB]
-        d = wa[..., None] - wb[:, None, None, :]  # [La, M, P, KP]
-        g4 = gH[:, :, None, None]
-        newB = gb[:, None, None, :] + d
-        gain_s = g4 - np.maximum(g4 - d, newB)
-        lim4 = limit[:, None, None, None]
-        over_b = np.maximum(gb - limit[:, None], 0.0)[:, None, None, :]
-        red_s = (g4 - lim4) - np.maximum(g4 - d - lim4, 0.0) + over_b - np.maximum(newB - lim4, 0.0)
-        gain_s = np.where((gpuB[:, None, :] == heavy[:, :, None])[:, :, None, :], -np.inf, gain_s)
+        # A gives d = wa - wb to B. Heaviest-GPU gain: min(d, gA - gB - d) (<= 0 when B is
+        # as loaded as A, itself included); excess reduction with a = gA - limit,
+        # b = gB - limit: min(d, a) + max(b, 0) - max(b + d, 0). In place: these are the
+        # largest arrays of the repair, [La, M, P, K * P].
+        d = wa[..., None] - wb[:, None, None, :]
+        gap = (gH[:, :, None] - gb[:, None, :])[:, :, None, :]
+        gain_s = gap - d
+        np.minimum(gain_s, d, out=gain_s)
+        a4 = needH[:, :, None, None]
+        b4 = (gb - limit[:, None])[:, None, None, :]
+        red_s = np.minimum(d, a4)
+        red_s += np.maximum(b4, 0.0)
+        d += b4
+        np.maximum(d, 0.0, out=d)
+        red_s -= d
+        del d
         ea = c[r_[:, :, None], sH]
         eb = c[r_, sB]
         oa = oi[r_[:, :, None], sH]
         ob = oi[r_, sB]
         rcA = rc[idx[:, None, None], heavy[:, :, None], eb[:, None, :]]  # [La, M, KP]
-        cost_s = np.where(oa[..., None] == eb[:, None, None, :], 0.0, rcA[:, :, None, :])
+        cost_s = np.where(oa[..., None] == eb[:, None, None, :], np.float32(0), rcA[:, :, None, :])
         cost_s -= cc[r_[:, :, None], sH][..., None]
-        rcB = rc[idx[:, None, None], gpuB[:, None, :], ea.reshape(La, M * P, 1)]
-        cost_s += np.where(ob[:, None, None, :] == ea[..., None], 0.0, rcB.reshape(cost_s.shape))
+        # B receiving a's expert costs the same for every slot of B: gather per GPU
+        rcB = rc[idx[:, None, None], Bs[:, None, :], ea.reshape(La, M * P, 1)]  # [La, MP, K]
+        rcB = np.repeat(rcB.reshape(La, M, P, K), P, axis=3)
+        cost_s += np.where(ob[:, None, None, :] == ea[..., None], np.float32(0), rcB)
         cost_s -= cc[r_, sB][:, None, None, :]
         score_s = _score(gain_s, red_s, cost_s).reshape(La, M, -1)
         best_s = np.argmax(score_s, axis=2)  # [La, M]
@@ -986,9 +996,15 @@ def _score(gain, reduction, cost):
     """How much an operation reduces the layer's excess over the target (sum over GPUs of
     load above it) per unit of movement cost, plus a tie-break on the load it removes from
     the heaviest GPU; -inf where it is not allowed: it must lower that GPU below its load,
-    leave every GPU it raises below that load (``gain > 0``) and reduce the excess."""
-    s = reduction / np.maximum(cost, _MIN_COST) + 1e-6 * gain
-    return np.where((gain > 0) & (reduction > 0), s, -np.inf)
+    leave every GPU it raises below that load (``gain > 0``) and reduce the excess.
+    Overwrites ``reduction``."""
+    bad = (gain <= 0) | (reduction <= 0)
+    np.maximum(cost, _MIN_COST, out=cost)
+    reduction /= cost
+    gain *= 1e-6
+    reduction += gain
+    reduction[bad] = -np.inf
+    return reduction
 
 
 def _update_cost(ccur, cur, old, rc, li, s, P) -> None:
