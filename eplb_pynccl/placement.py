@@ -29,23 +29,29 @@ Policies
     ``sum_e min(new_e, old_e)`` rows, the most possible). Same imbalance as ``"deepseek"``.
 ``"migration_aware"`` (the default when ``old_map`` is given)
     Per layer: a layer whose ``old_map`` imbalance under the new loads is already within the
-    target is kept as it is. Otherwise an incremental repair of ``old_map``: repeatedly, on
-    the most loaded GPU, the single operation with the best ratio of load removed (capped at
-    what the target needs) to movement cost: a swap of two slots between that GPU and one
-    of the least loaded ones, or moving a replica (one slot of an expert that has several
-    becomes a new replica of an expert on the most loaded GPU). An operation is allowed only
-    when every GPU it touches ends below the most loaded GPU's current load, so the sorted
-    load vector decreases at every step and the repair terminates. Movement cost per slot
-    written: 0 when a slot gets its old expert back, 0.05 for an expert its GPU already
-    held (a local copy), 1 for a network transfer, 2 when no GPU of the receiver's node held
-    the expert (``num_nodes > 1``). The repair stops at the target, when no operation
-    helps, or when it has changed as many slots as the relabelled reference; the layer then
-    takes the repair if it met the target (or neither met it and the repair is no worse),
-    else the relabelled reference. So no layer changes more slots than the reference.
-    Finally, if the largest number of experts any rank receives (summed over layers)
-    exceeds the reference's, layers are switched to the reference, largest excess on the
-    worst rank first, until it does not (only layers where the reference meets the
-    target); with the default target it never moves more bytes than the reference.
+    target is kept as it is. Otherwise an incremental repair of ``old_map``, in rounds (all
+    layers at once, one operation per layer and round; when GPUs have at most 12 slots, up
+    to two swaps on disjoint GPUs). Candidates, for the most loaded GPU ``A``: a swap of
+    one of its slots with a slot of one of the 8 least loaded GPUs; a replica move (one
+    of 16 donor slots, whose expert has several replicas, becomes a further replica of one
+    of the 6 heaviest experts on ``A``). Each is scored by how much it reduces the layer's
+    excess over the target (the sum over GPUs of load above it) per unit of movement cost,
+    and the best is applied. An operation is allowed only when it lowers ``A`` and every
+    GPU it raises ends below ``A``'s current load, so the sorted load vector decreases at
+    every step and the repair terminates. Movement cost per slot written: 0 when a slot
+    gets its old expert back (reverting an earlier step counts negative), 0.05 for an
+    expert its GPU already held (a local copy), 1 for a network transfer, 2 when no GPU of
+    the receiver's node held the expert (``num_nodes > 1``). Empty slots of ``old_map``
+    are first given the expert with the largest load per replica. The repair stops at the
+    target, when nothing helps, or when it has changed as many slots as the relabelled
+    reference; the layer then takes the repair if it met the target (or neither met it
+    and the repair is no worse), else the relabelled reference. So no layer changes more
+    slots than the reference. Finally, if the largest number of experts any rank receives
+    (summed over layers) exceeds the reference's, layers are switched to the reference,
+    largest excess on the worst rank first, until it does not (only layers where the
+    reference meets the target): with the default target it never moves more bytes than
+    the reference. The repair ignores ``num_groups``: it may move an expert to another
+    node's GPUs, at the cross-node cost above.
 
 Target (``max_imbalance``): by default, per layer, the imbalance ``"deepseek"`` reaches on
 these loads; a number (or one per layer) otherwise. ``RebalanceResult.target_met`` says
@@ -849,7 +855,6 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         needH = gH - limit[:, None]  # > 0: above the target
         A = heavy[:, 0]
         gA = gH[:, 0]
-        need = needH[:, 0]
         oi = old[idx]
         cc = ccur[idx]
 
