@@ -210,18 +210,20 @@ def targets(rows: list[dict]) -> list[dict]:
                             f"vs {rl['imb_mean']:.4f}",
                 "status": "met" if ok_b and ok_imb else "MISSED: " + "; ".join(why),
             })
-    for r in rows:
-        if r.get("shape") == "dsv3 ep32 4n" and r.get("policy") == "migration_aware" \
-                and r.get("drift") in ("steady", "moderate"):
+    for r in rows:  # the time target, at every drift level (judged on the median)
+        if r.get("shape") == "dsv3 ep32 4n" and r.get("policy") == "migration_aware":
             ds = next(x for x in rows if x.get("shape") == r["shape"] and x.get("drift") == r["drift"]
                       and x.get("policy") == "deepseek")
             ok = r["ms_median"] <= TIME_TARGET_MS
+            status = "met" if ok else f"MISSED: median {r['ms_median']:.1f} ms"
+            if ok and r["ms_max"] > TIME_TARGET_MS:
+                status += f" (median; the slowest rebalance took {r['ms_max']:.1f} ms)"
             out.append({
                 "shape": r["shape"], "drift": r["drift"],
                 "target": f"policy time <= {TIME_TARGET_MS:g} ms",
                 "measured": f"migration_aware {r['ms_median']:.1f} ms median (max {r['ms_max']:.1f}); "
                             f"deepseek {ds['ms_median']:.1f} ms",
-                "status": "met" if ok else f"MISSED: {r['ms_median']:.1f} ms",
+                "status": status,
             })
     for r in out:
         r["part"] = "placement-targets"
