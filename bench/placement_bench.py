@@ -145,6 +145,8 @@ def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[di
             "imb_mean": round(float(im.mean()), 4),
             "imb_max": round(float(im.max()), 4),
             "imb_worst_layer_mean": round(float(im.max(1).mean()), 4),
+            "excess_pct": round(100 * float(im.mean() - 1), 3),
+            "excess_pct_max": round(100 * float(im.max() - 1), 2),
             "changed_pct": round(100 * float(np.mean(chg)), 2),
             "recv_max_gib": round(float(np.mean(recv)) / GiB, 3),
             "recv_max_gib_peak": round(float(np.max(recv)) / GiB, 3),

@@ -46,6 +46,7 @@ placement (bench/placement_bench.py, runs in the parent), one row per (shape, dr
 
     shape, drift, policy, rebalances
     imb_mean, imb_max      max GPU load / mean GPU load, mean and max over layers and rebalances
+    excess_pct(_max)       the same as % above perfect balance: 100 * (imb - 1) (in the table)
     changed_pct            slots changed, % of all slots, mean per rebalance
     recv_max_gib(_peak)    bytes received by the busiest GPU per rebalance, mean (max) over them
     internode_gib          bytes crossing nodes per rebalance (all GPUs), mean
@@ -73,7 +74,7 @@ EPLB_REQUIRED = ("case", "method", "time_ms", "gbps_per_gpu")
 OVERHEAD_TARGET_RATIO = 2.0
 OUTPUT_FILES = ("results.json", "summary.md", "sendrecv_busbw.png", "alltoall_busbw.png",
                 "overhead_host.png", "eplb.png", "placement.png")
-PLACEMENT_COLUMNS = ("shape", "drift", "policy", "imb_mean", "imb_max", "changed_pct",
+PLACEMENT_COLUMNS = ("shape", "drift", "policy", "excess_pct", "excess_pct_max", "changed_pct",
                      "recv_max_gib", "recv_max_gib_peak", "internode_gib", "ms_median", "ms_max",
                      "bytes_vs_deepseek")
 
@@ -545,6 +546,7 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
                               ("migration_aware", 1.07, 0.4 * k), ("keep old", 1.1 * k, 0.0)):
             rows.append({"part": "placement", "shape": "dsv3 ep32 4n", "drift": drift,
                          "policy": pol, "rebalances": 20, "imb_mean": imb, "imb_max": imb + 0.3,
+                         "excess_pct": 100 * (imb - 1), "excess_pct_max": 100 * (imb - 0.7),
                          "changed_pct": 80.0 if gib > 1 else 2.0, "recv_max_gib": gib,
                          "recv_max_gib_peak": gib * 1.1, "internode_gib": gib * 2,
                          "ms_median": 25.0, "ms_max": 40.0, "bytes_vs_deepseek": gib / 18.0})
