@@ -422,24 +422,26 @@ def rebalance(
         old_imb, old_cost = _imbalance(old, lam, ep)
 
     rounds = 0
+    recv = inter = None
     if policy == "deepseek":
         new, imb, cost = ref, ref_imb, ref_cost
         source = ["deepseek"] * L
     else:
         rel = _relabel(ref, old, ep, nodes, nodes_h, E)
         if policy == "deepseek_relabelled":
-            new, imb, cost = rel, ref_imb, ref_cost
+            new, imb, cost = _relabel_maps(ref, old, rel[0], np.arange(L)), ref_imb, ref_cost
             source = ["reference"] * L
         else:
-            new, imb, cost, source, rounds = _migration_aware(
-                old, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes
+            new, imb, cost, source, rounds, recv, inter = _migration_aware(
+                old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes
             )
 
     replicas = _expert_counts(new, E)
-    sc = recv = inter = None
+    sc = None
     if old is not None:
         sc = ((new != old) & (new != -1)).sum(1).astype(_I64)
-        recv, inter = _received(old, new, ep, nodes, E)
+        if recv is None:
+            recv, inter = _received(old, new, ep, nodes, E)
     res = RebalanceResult(
         policy=policy,
         new_map=_frozen(new),
@@ -644,9 +646,14 @@ def _lsa():
     return linear_sum_assignment
 
 
-def _relabel(ref, old, ep, nodes, nodes_h, E) -> np.ndarray:
-    """``ref``'s GPU packs (and node packs when ``nodes_h > 1``) placed on GPUs and rows to
-    minimise, lexicographically, experts crossing nodes, experts received, rows changed."""
+def _relabel(ref, old, ep, nodes, nodes_h, E):
+    """Where ``ref``'s GPU packs (and node packs when ``nodes_h > 1``) go to minimise,
+    lexicographically, experts crossing nodes, experts received, rows changed.
+
+    Returns ``(gpu_of_pack [L, ep], changed [L], recv [L, ep], inter [L, ep])``: the
+    assignment and, read off its cost matrices, the rows the relabelled map changes and
+    the experts each GPU receives (of which across nodes). :func:`_relabel_maps` builds
+    the maps themselves, only for the layers that need them."""
     lsa = _lsa()
     L, N = ref.shape
     P = N // ep
@@ -693,9 +700,27 @@ def _relabel(ref, old, ep, nodes, nodes_h, E) -> np.ndarray:
         for layer in range(L):
             node = lsa(val[layer])[1]
             gpu_of_pack[layer] = (node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]).ravel()
-    placed = np.empty((L, ep, P), dtype=_I64)
-    placed[np.arange(L)[:, None], gpu_of_pack] = items
-    return _place_rows(placed, old)
+    rows = np.arange(L)[:, None]
+    pack_of_gpu = np.empty_like(gpu_of_pack)
+    pack_of_gpu[rows, gpu_of_pack] = np.arange(ep)
+    gpus = np.arange(ep)
+    changed = (P - kept[rows, pack_of_gpu, gpus]).sum(1)
+    recv_g = recv[rows, pack_of_gpu, gpus]
+    inter_g = np.zeros_like(recv_g)
+    if nodes > 1:
+        inter_g = cross[rows, pack_of_gpu, gpus // gpn]
+    return gpu_of_pack, changed, recv_g, inter_g
+
+
+def _relabel_maps(ref, old, gpu_of_pack, layers) -> np.ndarray:
+    """The relabelled maps [len(layers), N] of the given layers."""
+    L, N = ref.shape
+    ep = gpu_of_pack.shape[1]
+    P = N // ep
+    items = ref[layers].reshape(len(layers), ep, P)
+    placed = np.empty_like(items)
+    placed[np.arange(len(layers))[:, None], gpu_of_pack[layers]] = items
+    return _place_rows(placed, old[layers])
 
 
 def _occurrence(a: np.ndarray) -> np.ndarray:
@@ -744,10 +769,10 @@ def _place_rows(items: np.ndarray, old: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def _migration_aware(old, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes):
+def _migration_aware(old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes):
     L, N = old.shape
     E = lam.shape[1]
-    rel_changed = (rel != old).sum(1)
+    gpu_of_pack, rel_changed, recv_rel, inter_rel = rel
     keep = (old_imb <= target * (1 + _TOL)) & (old >= 0).all(1)
     todo = np.flatnonzero(~keep)
     new = old.copy()
@@ -764,30 +789,33 @@ def _migration_aware(old, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost
         ref_met = ref_imb[todo] <= t
         ok = rep_changed <= rel_changed[todo]
         use_rep = ok & (rep_met | (~ref_met & (rep_imb <= ref_imb[todo])))
-        new[todo] = np.where(use_rep[:, None], rep, rel[todo])
+        new[todo] = rep  # the layers that take the reference get its map below
         imb[todo] = np.where(use_rep, rep_imb, ref_imb[todo])
         cost[todo] = np.where(use_rep, rep_cost, ref_cost[todo])
         source[todo] = np.where(use_rep, "repaired", "reference")
+    is_ref = source == "reference"
+    recv, inter = _received(old, new, ep, nodes, E)
+    recv[is_ref], inter[is_ref] = recv_rel[is_ref], inter_rel[is_ref]
     # never more bytes for the busiest receiver than the relabelled reference
-    recv_new, _ = _received(old, new, ep, 1, E)
-    recv_rel, _ = _received(old, rel, ep, 1, E)
     limit = recv_rel.sum(0).max()
-    tot = recv_new.sum(0)
-    switchable = (source != "reference") & (ref_imb <= target * (1 + _TOL))
+    tot = recv.sum(0)
+    switchable = ~is_ref & (ref_imb <= target * (1 + _TOL))
     while tot.max() > limit:
         r = int(np.argmax(tot))
-        excess = np.where(switchable, recv_new[:, r] - recv_rel[:, r], 0)
+        excess = np.where(switchable, recv[:, r] - recv_rel[:, r], 0)
         layer = int(np.argmax(excess))
         if excess[layer] <= 0:
             break
-        tot += recv_rel[layer] - recv_new[layer]
-        recv_new[layer] = recv_rel[layer]
-        new[layer] = rel[layer]
+        tot += recv_rel[layer] - recv[layer]
+        recv[layer], inter[layer] = recv_rel[layer], inter_rel[layer]
         imb[layer] = ref_imb[layer]
         cost[layer] = ref_cost[layer]
         source[layer] = "reference"
         switchable[layer] = False
-    return new, imb, cost, source.tolist(), rounds
+    layers = np.flatnonzero(source == "reference")
+    if layers.size:
+        new[layers] = _relabel_maps(ref, old, gpu_of_pack, layers)
+    return new, imb, cost, source.tolist(), rounds, recv, inter
 
 
 def _fill_empty(cur: np.ndarray, lam: np.ndarray, cnt: np.ndarray) -> None:
