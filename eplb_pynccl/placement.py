@@ -988,34 +988,46 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         use_m = ~use_s & (sc_m > 0)
         active[idx[~(use_s | use_m)]] = False  # nothing helps: stuck
 
-        if use_s.any():
-            used = np.zeros((La, ep), dtype=bool)
-            for k in range(M):
-                ok = use_s & (sc_sM[:, k] > 0)
-                i, j = np.divmod(best_s[:, k], K * P)
-                ga, gb_ = heavy[:, k], gpuB[ar, j]
-                ok &= ~used[ar, ga] & ~used[ar, gb_]
-                if not ok.any():
-                    continue
-                used[ar[ok], ga[ok]] = True
-                used[ar[ok], gb_[ok]] = True
-                lu = idx[ok]
-                sa = sH[ok, k, i[ok]]
-                sb = sB[ok, j[ok]]
-                xa, xb = cur[lu, sa], cur[lu, sb]
-                cur[lu, sa], cur[lu, sb] = xb, xa
-                H[lu, sa // P, xa] -= 1
-                H[lu, sa // P, xb] += 1
-                H[lu, sb // P, xb] -= 1
-                H[lu, sb // P, xa] += 1
-                _update_cost(ccur, cur, old, rc, lu, sa, P)
-                _update_cost(ccur, cur, old, rc, lu, sb, P)
+        # A layer applies its move for A (which changes the weights of its experts x and y
+        # and so the loads of their holders) or its swap for A, plus swaps for the next
+        # heavy GPUs that touch none of the GPUs or experts already involved: those were
+        # evaluated on loads that the earlier operations of the round do not change.
+        used = np.zeros((La, ep), dtype=bool)
+        mi, mj = np.divmod(best_m, Kd)
+        xm = x[ar, mj]
+        ym = y[ar, mi]
+        if use_m.any():
+            touched = (Hx[ar, mj] > 0) | (H[idx, :, ym] > 0)
+            touched[ar, rs[ar, mj]] = True
+            used[use_m] = touched[use_m]
+        for k in range(M):
+            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)
+            i, j = np.divmod(best_s[:, k], K * P)
+            ga, gb_ = heavy[:, k], gpuB[ar, j]
+            ok &= ~used[ar, ga] & ~used[ar, gb_]
+            if k:
+                ea_k, eb_k = c[ar, sH[ar, k, i]], c[ar, sB[ar, j]]
+                ok &= ~use_m | ((ea_k != xm) & (ea_k != ym) & (eb_k != xm) & (eb_k != ym))
+            if not ok.any():
+                continue
+            used[ar[ok], ga[ok]] = True
+            used[ar[ok], gb_[ok]] = True
+            lu = idx[ok]
+            sa = sH[ok, k, i[ok]]
+            sb = sB[ok, j[ok]]
+            xa, xb = cur[lu, sa], cur[lu, sb]
+            cur[lu, sa], cur[lu, sb] = xb, xa
+            H[lu, sa // P, xa] -= 1
+            H[lu, sa // P, xb] += 1
+            H[lu, sb // P, xb] -= 1
+            H[lu, sb // P, xa] += 1
+            _update_cost(ccur, cur, old, rc, lu, sa, P)
+            _update_cost(ccur, cur, old, rc, lu, sb, P)
         if use_m.any():
             lu = idx[use_m]
-            i, j = np.divmod(best_m[use_m], Kd)
-            s = ds[use_m, j]
+            s = ds[use_m, mj[use_m]]
             xe = cur[lu, s]
-            ye = y[use_m, i]
+            ye = ym[use_m]
             cur[lu, s] = ye
             cnt[lu, xe] -= 1
             cnt[lu, ye] += 1
