@@ -14,6 +14,8 @@ eplb_pynccl[p2p]           ``Communicator.p2p(sends, recvs, stream)`` with ``(pt
                            the batched call the shuffler uses (overhead part only)
 eplb_pynccl[prepared]      ``Communicator.prepare_p2p(sends, recvs)`` once, then ``launch(stream)``
                            per group: validation paid once, one ctypes call per op (overhead only)
+eplb_pynccl[graph]         the prepared batch captured once as a CUDA graph
+                           (``PreparedP2P.capture()``), ``launch(stream)`` replays it (overhead only)
 cupy                       ``cupy.cuda.nccl``: ``groupStart(); comm.send(ptr, n, NCCL_UINT8, peer,
                            stream) ...; groupEnd()`` with raw pointers
 torch                      ``torch.distributed.batch_isend_irecv`` of ``P2POp`` s, then ``wait()``
@@ -65,9 +67,13 @@ def _prep_eplb(ctx: BenchContext, ops: list[Op], mode: str = "tensor") -> Issue:
             comm.p2p(sends, recvs, st)
 
         return issue_batch
-    if mode == "prepared":  # validated once, reissued: what a repeating exchange pays per op
+    if mode in ("prepared", "graph"):  # validated once, reissued: what a repeating exchange pays per op
         st = ctx.stream_handle()
         batch = comm.prepare_p2p([(t, p) for s, t, p in ops if s], [(t, p) for s, t, p in ops if not s])
+        if mode == "graph":  # captured once as a CUDA graph, replayed
+            batch.launch(st)  # connections are made outside the capture
+            ctx.sync()
+            batch = batch.capture()
 
         def issue_prepared() -> None:
             batch.launch(st)
@@ -169,6 +175,7 @@ P2P_BINDINGS: dict[str, tuple[str, Callable[[BenchContext, list[Op]], Issue]]] =
     "eplb_pynccl[raw]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "raw")),
     "eplb_pynccl[p2p]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "p2p")),
     "eplb_pynccl[prepared]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "prepared")),
+    "eplb_pynccl[graph]": ("eplb_pynccl", lambda c, o: _prep_eplb(c, o, "graph")),
     "cupy": ("cupy", _prep_cupy),
     "torch": ("torch", _prep_torch),
     "nccl4py": ("nccl4py", _prep_nccl4py),
@@ -176,7 +183,7 @@ P2P_BINDINGS: dict[str, tuple[str, Callable[[BenchContext, list[Op]], Issue]]] =
 BW_BINDINGS = ["eplb_pynccl", "cupy", "torch", "nccl4py"]
 OVERHEAD_BINDINGS = [
     "eplb_pynccl", "eplb_pynccl[stream]", "eplb_pynccl[raw]", "eplb_pynccl[p2p]", "eplb_pynccl[prepared]",
-    "cupy", "torch", "nccl4py",
+    "eplb_pynccl[graph]", "cupy", "torch", "nccl4py",
 ]
 
 
@@ -193,6 +200,9 @@ def _selected(ctx: BenchContext, names: list[str]) -> tuple[list[str], dict[str,
         else:
             run.append(n)
     return run, left
+
+
+ONE_GPU_NOTE = "1 GPU: sends to itself (a copy inside the GPU, no link)"
 
 
 def _need_gpu(ctx: BenchContext, part: str) -> None:
@@ -255,7 +265,7 @@ def _bw_rows(
             "algbw_gbps": _sig(algbw), "busbw_gbps": _sig(algbw * bus_factor),
             "check": "ok" if all(r["check"] for r in res) else "FAIL",
             "iters": int(ctx.args.iters), "repeats": int(ctx.args.repeats),
-            "note": notes.get(b, ""),
+            "note": (ONE_GPU_NOTE + "; " if ctx.world_size == 1 else "") + notes.get(b, ""),
         })
     return rows
 
@@ -430,6 +440,7 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
             "e2e_us_per_op": round(min(r["e2e"]["median"] for r in res), 3),
             "check": "ok" if all(r["check"] for r in res) else "FAIL",
             "repeats": reps,
+            **({"note": ONE_GPU_NOTE} if n == 1 else {}),
         })
     cupy_host = next((r["host_us_per_op"] for r in rows if r["binding"] == "cupy" and "host_us_per_op" in r), None)
     for r in rows:

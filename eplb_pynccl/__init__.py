@@ -5,8 +5,10 @@ Layers (each uses only those below it):
 1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
 2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
 3. :class:`Transport` with :class:`NcclTransport` and :class:`TorchTransport`.
-4. :func:`plan_rearrangement` (pure planner), :class:`ExpertShuffler` (executor) and
-   :func:`rebalance` (placement policies: DeepSeek's EPLB and a migration-aware repair).
+4. :func:`plan_rearrangement` (pure planner), :mod:`eplb_pynccl.schedule` (every rank's
+   rounds of ops, and a virtual cluster that checks them) and :func:`rebalance` (placement
+   policies: DeepSeek's EPLB and a migration-aware repair), pure numpy (+ scipy).
+5. :class:`ExpertShuffler` (``executor.py`` walks a schedule on streams; the async handle).
 
 Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from .communicator import (
     DEFAULT_TIMEOUT,
+    CapturedP2P,
     Communicator,
     PreparedP2P,
     UniqueId,
@@ -45,6 +48,8 @@ _LAZY = {
     "Transport": ".transport",
     "NcclTransport": ".transport",
     "TorchTransport": ".transport",
+    "TransportRound": ".transport",
+    "IpcTransport": ".ipc",
     "ExpertShuffler": ".shuffler",
     "RearrangeStats": ".shuffler",
     "RearrangeHandle": ".shuffler",
@@ -56,6 +61,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "CapturedP2P",
     "Communicator",
     "PreparedP2P",
     "CommunicatorStateError",
@@ -77,12 +83,18 @@ __all__ = [
 ]
 
 
+# submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
+_SUBMODULES = ("planner", "schedule", "placement", "executor", "shuffler", "transport", "ipc")
+
+
 def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'eplb_pynccl' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(mod, __name__), name)
     globals()[name] = value
     return value

@@ -21,7 +21,7 @@ from ._nccl import library as _library
 from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
-__all__ = ["UniqueId", "Communicator", "group", "library_path", "load_library", "nccl_version", "DEFAULT_TIMEOUT"]
+__all__ = ["UniqueId", "Communicator", "PreparedP2P", "CapturedP2P", "group", "library_path", "load_library", "nccl_version", "DEFAULT_TIMEOUT"]
 
 TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -161,7 +161,7 @@ class group:
 
 
 def _issue(ops: list, comms: dict) -> None:
-    lib = _library.load()
+    lib = _library.loaded() or _library.load()  # loaded once a communicator exists: no lock
     lib.group_start()
     try:
         run: list = []
@@ -212,8 +212,100 @@ class PreparedP2P:
         # the enclosing group's end
         c._enqueue([(None, lambda: (calls.set_stream(h), calls.issue()))])
 
+    def capture(self) -> CapturedP2P:
+        """Capture the batch once as a CUDA graph; its ``launch(stream)`` replays it (one
+        driver call, whatever the number of ops). See :class:`CapturedP2P`.
 
-_TORCH_TENSOR = None
+        Make the connections first (``connect_peers()``, or launch the batch once): set-up
+        inside a capture is not recorded. Not inside :func:`group`."""
+        c = self._comm
+        c._check_open()
+        if _state().depth:
+            raise RuntimeError("capture() cannot run inside group(): the graph is the whole batch")
+        drv = _cuda.driver()
+        if drv is None:
+            raise RuntimeError(f"capture() needs the CUDA driver: {_cuda.unavailable_reason()}")
+        if not self.num_ops:
+            raise ValueError("capture() of an empty batch: there is nothing to replay")
+        prev = drv.current_device()
+        drv.set_device(c._device)
+        s = drv.stream_create()
+        graph = exec_ = None
+        try:
+            drv.begin_capture(s)
+            try:
+                self._calls.set_stream(s)
+                _issue([(None, self._calls.issue)], {id(c): c})
+            finally:
+                graph = drv.end_capture(s)  # ends the capture even when issuing failed
+            exec_ = drv.graph_instantiate(graph)
+        except BaseException:
+            drv.graph_destroy(exec_, graph)
+            raise
+        finally:
+            drv.stream_destroy(s)
+            if prev is not None and prev != c._device:
+                drv.set_device(prev)
+        g = CapturedP2P(c, exec_, graph, self._hint, self._keep, self.num_ops)
+        c._graphs[id(g)] = weakref.ref(g)
+        return g
+
+
+class CapturedP2P:
+    """A prepared p2p batch captured as a CUDA graph (:meth:`PreparedP2P.capture`).
+
+    ``launch(stream=None)`` replays it on ``stream``: the same ops with the same buffers (their
+    contents as they are when it runs), at the cost of one ``cuGraphLaunch``. Every rank must
+    replay its matching graph, as it would launch the batch. It keeps its buffers alive.
+
+    Capture again after anything that invalidates it: :meth:`release` (or garbage collection)
+    frees the graph, and ``close()``/``abort()`` of the communicator release every graph it
+    has (a live graph would keep ``ncclCommFinalize`` waiting forever); a launch after that
+    raises CommunicatorStateError."""
+
+    __slots__ = ("_comm", "_exec", "_graph", "_hint", "_keep", "num_ops", "_why", "__weakref__")
+
+    def __init__(self, comm: Communicator, exec_: int, graph: int, hint, keep, num_ops: int) -> None:
+        self._comm = comm
+        self._exec, self._graph = exec_, graph
+        self._hint, self._keep = hint, keep
+        self.num_ops = num_ops
+        self._why = ""
+
+    @property
+    def released(self) -> bool:
+        return self._exec is None
+
+    def launch(self, stream=None) -> None:
+        ex = self._exec
+        if ex is None:
+            raise CommunicatorStateError(f"this captured batch was released ({self._why}); capture it again")
+        c = self._comm
+        h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
+        _cuda.driver().graph_launch(ex, h)
+
+    def release(self, why: str = "released by the caller") -> None:
+        """Free the graph now (idempotent)."""
+        if self._exec is None:
+            return
+        ex, g = self._exec, self._graph
+        self._exec = self._graph = None
+        self._why = why
+        self._keep = None
+        self._comm._graphs.pop(id(self), None)
+        drv = _cuda.driver()
+        if drv is not None:
+            drv.graph_destroy(ex, g)
+
+    def __del__(self) -> None:
+        try:
+            self.release("garbage collected")
+        except Exception:
+            pass
+
+
+_TORCH_TENSOR: type | None = None  # torch.Tensor once torch is imported (see _torch_tensor_cls)
+_RAW_STREAM: list = [None]  # torch's current raw stream of a device, once torch is imported
 
 
 def _torch_tensor_cls():
@@ -224,6 +316,7 @@ def _torch_tensor_cls():
         if torch is None:
             return _NoClass
         _TORCH_TENSOR = torch.Tensor
+        _RAW_STREAM[0] = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _buffers.torch_current_stream
     return _TORCH_TENSOR
 
 
@@ -256,6 +349,14 @@ def _parse_device(device) -> int | None:
     if idx < 0:
         raise ValueError(f"device index must be >= 0, got {idx}")
     return idx
+
+
+def _no_gpu() -> str:
+    """Why NCCL cannot work here when the CUDA driver does not load (no GPU)."""
+    return (
+        "no usable GPU on this machine: the CUDA driver does not load "
+        f"({_cuda.unavailable_reason()}); a Communicator needs an NVIDIA GPU and its driver"
+    )
 
 
 def _current_device() -> int:
@@ -309,11 +410,15 @@ class Communicator:
         self._comm = 0
         self._comm_obj = None
         self._state = "init"
+        self._graphs: dict = {}  # id -> weakref of the CapturedP2P graphs of this communicator
         if not isinstance(unique_id, UniqueId):
             if isinstance(unique_id, (bytes, bytearray)):
                 unique_id = UniqueId(bytes(unique_id))
             else:
-                raise TypeError(f"unique_id must be a UniqueId, got {type(unique_id).__name__}")
+                raise TypeError(
+                    "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
+                    f"{type(unique_id).__name__}"
+                )
         for name, v in (("rank", rank), ("world_size", world_size)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -333,6 +438,8 @@ class Communicator:
         dev = _parse_device(device)
 
         lib = self._lib = _library.load()
+        self._stream_objs = lib._stream_objs  # stream handle -> prebuilt ctypes pointer
+        _torch_tensor_cls()
         options: dict[str, Any] = {
             "blocking": None if blocking else 0,
             "max_ctas": max_ctas,
@@ -371,7 +478,12 @@ class Communicator:
         if drv is not None:
             drv.set_device(dev)
         try:
-            self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+            try:
+                self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+            except NcclError as e:
+                if drv is None and e.code == 1:  # ncclUnhandledCudaError without a driver
+                    raise type(e)(e.code, e.error_string, e.last_error, e.function, _no_gpu()) from None
+                raise
             self._comm_obj = lib.comm_obj(self._comm)
             self._state = "open"
             if not self._blocking:
@@ -514,15 +626,29 @@ class Communicator:
         return ptr, nbytes, hint
 
     def _op(self, buf, peer, stream, is_send: bool, name: str):
+        # The per-op hot path: the common cases (a contiguous torch tensor on this device, an
+        # int stream or torch's current one) inline, everything else through _resolve; the
+        # same checks either way.
         comm = self._comm_obj
         if comm is None:
             self._check_open()
         if type(peer) is not int or not 0 <= peer < self._world_size:
             self._bad_peer(peer)
-        ptr, nbytes, hint = self._resolve(buf, name)
-        s = stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
-        op = (is_send, ptr, nbytes, peer, comm, self._lib.stream_obj(s))
-        # _enqueue([op]) inlined: this is the per-op hot path
+        if type(buf) is _TORCH_TENSOR and buf.get_device() == self._device and buf.is_contiguous():
+            ptr, nbytes = buf.data_ptr(), buf.nbytes
+            if stream is None:
+                stream = _RAW_STREAM[0](self._device)
+            elif type(stream) is not int:
+                stream = _buffers.stream_handle(stream, _buffers.HINT_TORCH, self._device)
+        else:
+            ptr, nbytes, hint = self._resolve(buf, name)
+            if type(stream) is not int:
+                stream = _buffers.stream_handle(stream, hint, self._device)
+        so = self._stream_objs.get(stream)
+        if so is None:  # first use of this stream handle (validated once)
+            so = self._lib.stream_obj(_buffers.stream_handle(stream, _buffers.HINT_DEFAULT, self._device))
+        op = (is_send, ptr, nbytes, peer, comm, so)
+        # _enqueue([op]) inlined
         st = getattr(_tls, "st", None) or _state()
         if st.depth:
             st.ops.append(op)
@@ -561,17 +687,19 @@ class Communicator:
         )
         self._enqueue([op + (s,) for op in ops])
 
-    def prepare_p2p(self, sends=(), recvs=()) -> PreparedP2P:
+    def prepare_p2p(self, sends=(), recvs=(), *, graph: bool = False):
         """Validate a batch of sends and receives once and return a :class:`PreparedP2P`
         whose ``launch(stream)`` issues it as one NCCL group with no per-op validation.
 
         For exchanges that repeat with the same buffers (a fixed pipeline, the same
         rearrangement pattern again): the buffers are referenced, not copied (their
-        contents are read when launched) and kept alive by the batch.
+        contents are read when launched) and kept alive by the batch. ``graph=True``
+        captures it at once and returns the :class:`CapturedP2P` (``PreparedP2P.capture``).
         """
         sends, recvs = list(sends), list(recvs)
         ops, hint = self._p2p_ops(sends, recvs)
-        return PreparedP2P(self, ops, hint, (sends, recvs))
+        batch = PreparedP2P(self, ops, hint, (sends, recvs))
+        return batch.capture() if graph else batch
 
     def _p2p_ops(self, sends, recvs):
         comm = self._comm_obj
@@ -758,14 +886,24 @@ class Communicator:
 
     # -- lifecycle -----------------------------------------------------------------------
     def _mark_aborted(self) -> None:
+        self._release_graphs("its communicator was aborted")
         self._state = "aborted"
         self._comm_obj = None
         _live.pop(id(self), None)
 
+    def _release_graphs(self, why: str) -> None:
+        for ref in list(self._graphs.values()):
+            g = ref()
+            if g is not None:
+                g.release(why)
+        self._graphs.clear()
+
     def close(self) -> None:
-        """Finalize and destroy (collective: every rank must call it). Idempotent."""
+        """Finalize and destroy (collective: every rank must call it). Idempotent. Releases
+        the communicator's captured graphs first (a live one would hang ncclCommFinalize)."""
         if self._state != "open":
             return
+        self._release_graphs("its communicator was closed")
         lib, comm = self._lib, self._comm
         drv = _cuda.driver()
         if drv is not None:
@@ -782,9 +920,11 @@ class Communicator:
         lib.comm_destroy(comm)
 
     def abort(self) -> None:
-        """Abort (local, never collective): pending NCCL work is cancelled. Idempotent."""
+        """Abort (local, never collective): pending NCCL work is cancelled, captured graphs
+        released. Idempotent."""
         if self._state not in ("open",):
             return
+        self._release_graphs("its communicator was aborted")
         self._mark_aborted()
         self._lib.comm_abort(self._comm)
 

@@ -1,23 +1,17 @@
-"""Layer 4: the expert-weight shuffler (executor).
+"""Layer 5: the expert-weight shuffler, its public API and the async state machine.
 
-Given the plan (``planner.plan_rearrangement``), each rank moves its expert rows in *rounds*.
-A round is a set of whole layers, the same on every rank (computed from the global plan, with
-no communication), sized so that every rank's staging fits ``staging_bytes``. Per round:
+How a rearrangement moves:
 
-A. on the exchange stream: save the rows that break cycles of local copies (the stash; one
-   row per cycle, usually none); pack small tensors' rows (below ``pack_threshold`` bytes per
-   row) into one block per tensor, peer by peer; in non-transactional mode also do local
-   copies into rows nobody reads.
-B. one grouped exchange through the transport: large rows are sent straight from the weight
-   rows and received straight into destination rows where that is hazard-free (a row whose
-   old content no send or copy reads, non-transactional mode only), else into staging. A run
-   of consecutive source rows to one peer, all staged, travels as one message per tensor.
-C. once the host has seen B complete (so a failed exchange never reaches live weights): the
-   local copies of old content, ordered so that every row is read before it is overwritten;
-   then staging into the live rows; then duplicates of rows received in this layer.
+1. :func:`~eplb_pynccl.plan_rearrangement` (``planner.py``): which rows move where.
+2. :func:`~eplb_pynccl.schedule.build_schedule` (``schedule.py``): rounds of whole layers and,
+   per rank and round, the ops by phase (gathers, messages with both ends, copies, scatters).
+3. :class:`~eplb_pynccl.executor.Executor` (``executor.py``): this rank's ops on its buffers,
+   built once when the rearrangement starts.
+4. :class:`RearrangeHandle` (here): launch a round, poll it, apply it, handle errors.
 
-Transactional mode (the default) writes no live row before C, so after any failure each layer
-is entirely old or entirely new, and :class:`~eplb_pynccl.RearrangeError` lists which.
+Transactional mode (the default) writes no live row before its layer's exchange has
+completed, so after any failure each layer is entirely old or entirely new, and
+:class:`~eplb_pynccl.RearrangeError` lists which.
 """
 
 from __future__ import annotations
@@ -29,20 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _buffers
+from . import _optional
 from .errors import RearrangeError
-from .planner import RearrangementPlan, plan_rearrangement
+from .executor import Buffers, Executor
+from .planner import RearrangementPlan, _positive, plan_rearrangement
+from .schedule import DEFAULT_MAX_MESSAGES, DEFAULT_PACK_THRESHOLD, Layout, build_schedule
 from .transport import Transport
 
 __all__ = ["ExpertShuffler", "RearrangeStats", "RearrangeHandle"]
-
-_ALIGN = 16  # staging parts start 16-byte aligned (any dtype view, vector copies)
-DEFAULT_PACK_THRESHOLD = 1 << 20  # rows below 1 MiB are packed per peer
-DEFAULT_MAX_MESSAGES = 1024
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 @dataclass
@@ -65,64 +53,27 @@ class RearrangeStats:
     launch_seconds: float = 0.0
     wait_seconds: float = 0.0
     apply_seconds: float = 0.0
-    setup_seconds: float = 0.0  # host: building the rounds, staging and row indices
+    setup_seconds: float = 0.0  # host: schedule, staging, row indices, prepared rounds
     layers_changed: list = field(default_factory=list)
     # ExpertShuffler(profile=True) only: GPU time per phase in ms, summed over rounds, from CUDA
-    # events: "pack" (stash and pack copies), "exchange" (the NCCL group), "apply" (copies into
-    # the live rows), "idle_after_exchange" (exchange done -> apply starts: the host seeing the
-    # round complete), "idle_before_round" (previous apply done -> next round starts)
+    # events: "pack" (stash and pack copies), "exchange" (the round's messages), "apply" (copies
+    # into the live rows), "idle_after_exchange" (exchange done -> apply starts: the host seeing
+    # the round complete), "idle_before_round" (previous apply done -> next round starts)
     gpu_ms: dict = field(default_factory=dict)
 
 
-@dataclass
-class _LayerWork:
-    """One layer's ops on this rank, with its staging layout (offsets into the round's
-    staging buffer) and index ranges (into the rearrangement's device index tensor)."""
-
-    layer: int
-    big: list  # tensors sent as their own messages
-    small: list  # tensors packed per peer
-    sends: list  # (peer, src_row), per peer by (src row, dst row) (see _layer_works)
-    recvs: list  # (peer, dst_row, j) in the same order: j = row of the staged-receive blocks, -1 = in place
-    recv_rows: list  # dst rows of the staged receives, by j
-    copies_a: list  # (src, dst): phase A, into rows nobody reads (non-transactional)
-    stash_src: list  # phase A: old rows saved into the stash blocks (one per copy cycle)
-    copies_c: list  # (src, j, dst): phase C first, old content, ordered so that every row is
-    # read before it is written; j >= 0: from stash block row j instead of row src
-    copies_new: list  # (src, dst): phase C last, duplicates of rows new in this layer
-    send_pack: dict  # peer -> src rows (small tensors)
-    recv_pack: dict  # peer -> dst rows
-    send_msgs: list  # (peer, first src row, rows): big tensors, one message per tensor
-    recv_msgs: list  # (peer, first dst row, first j or -1 (in place), rows)
-    recv_block: dict = field(default_factory=dict)  # tensor -> staging offset
-    stash_block: dict = field(default_factory=dict)
-    copy_block: dict = field(default_factory=dict)  # small tensor -> offset of its copies_c rows
-    # packed small tensors: per direction ("s"/"r") and small tensor, one staging block with
-    # every peer's rows (peers in send_pack/recv_pack order): one gather or scatter kernel per
-    # tensor, one message per (peer, tensor)
-    pack_block: dict = field(default_factory=dict)  # (dir, tensor) -> offset
-    pack_spans: dict = field(default_factory=dict)  # dir -> [(peer, first row, rows)]
-    idx: dict = field(default_factory=dict)  # name -> (start, length) in the index tensor
-
-
-class _Round:
-    __slots__ = ("index", "layers", "works", "event", "launched_at", "done", "marks")
-
-    def __init__(self, index, layers):
-        self.index = index
-        self.layers = layers
-        self.works = []
-        self.event = None
-        self.launched_at = 0.0
-        self.done = False
-        self.marks = {}  # profile=True: phase name -> CUDA event
+def _nonneg_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return v
 
 
 class ExpertShuffler:
     """Rearranges expert weights in place across the ranks of a transport.
 
     Args:
-        transport: :class:`NcclTransport` or :class:`TorchTransport` (or another Transport).
+        transport: :class:`NcclTransport`, :class:`TorchTransport`,
+            :class:`~eplb_pynccl.IpcTransport` (or another Transport).
         expert_weights: ``expert_weights[layer] = [tensor, ...]``, each tensor shaped
             ``[num_local_experts, ...]`` and contiguous, on the transport's device (TorchTransport
             over gloo also takes CUDA tensors, staged through the host). Tensors keep their
@@ -131,19 +82,22 @@ class ExpertShuffler:
             (the largest layer). Larger exchanges are split into rounds of whole layers.
         pack_threshold: tensors whose row is smaller than this many bytes are packed (one
             gather per tensor, one message per peer and tensor); larger rows travel as their
-            own messages without a copy.
+            own messages without a copy. A one-sided transport packs nothing.
         transactional: True (default): no live row is written before its layer's exchange has
             completed, so a failure leaves every layer entirely old or entirely new.
             False: rows nobody else reads are received into directly (less copying).
         max_messages_per_round: cap on p2p messages one rank posts in one NCCL group.
-        ranks_per_node: prefer senders on the receiver's node (planner).
+        ranks_per_node: EP ranks per node (at most ep_size): the planner prefers senders on
+            the receiver's node.
         timeout: seconds a round may take before the transport is aborted (default: the
-            communicator's timeout for NcclTransport, else 600).
+            transport's timeout, e.g. the communicator's for NcclTransport).
         profile: record CUDA events around each phase and report GPU time per phase in
             ``RearrangeStats.gpu_ms`` (filled by ``wait()``; costs a few events per round).
 
     On CUDA, construction also launches the copy kernels once on tiny tensors (~0.1 s), so
-    that lazy module loading does not land in the first rearrangement.
+    that lazy module loading does not land in the first rearrangement. With a one-sided
+    transport (IpcTransport), construction is collective: every rank shares its weights'
+    memory with its peers.
     """
 
     def __init__(
@@ -161,8 +115,7 @@ class ExpertShuffler:
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}")
-        import torch
-
+        torch = _optional.torch("ExpertShuffler")
         self._torch = torch
         self.transport = transport
         self.rank = transport.rank
@@ -195,35 +148,38 @@ class ExpertShuffler:
                     )
                 lw.append(t)
             layers.append(lw)
+        if staging_bytes is not None:
+            _nonneg_int(staging_bytes, "staging_bytes")
+        _nonneg_int(pack_threshold, "pack_threshold")
+        if isinstance(max_messages_per_round, bool) or not isinstance(max_messages_per_round, int) \
+                or max_messages_per_round < 1:
+            raise ValueError(f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}")
+        if ranks_per_node is not None:
+            ranks_per_node = _positive(ranks_per_node, "ranks_per_node")
+            if ranks_per_node > self.ep_size:
+                raise ValueError(
+                    f"ranks_per_node counts EP ranks per node, at most ep_size ({self.ep_size}); "
+                    f"got {ranks_per_node}"
+                )
+        if timeout is None:
+            timeout = getattr(transport, "timeout", 600.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.weights = layers
-        self._bytes = [[t.view(torch.uint8).view(t.shape[0], -1) for t in lw] for lw in layers]
-        # the same rows as the widest words that divide them: the gather/scatter kernels move
-        # one element per thread, so 8-byte words run several times faster than bytes
-        self._words = [[_word_rows(torch, b) for b in lb] for lb in self._bytes]
-        # the NCCL transport takes (pointer, nbytes) rows: no tensor view per message
-        self._raw = bool(getattr(transport, "accepts_raw", False))
-        # CUDA: row copies are driver memcpys on the stream (no tensor view per row)
-        self._ptrs = [[t.data_ptr() for t in lw] for lw in layers] if layers[0][0].is_cuda else None
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
-        layer_bytes = max(sum(_align(b) for b in rb) for rb in self.row_bytes) * rows
+        self._bufs = Buffers(torch, [t for lw in layers for t in lw])
+        self.layout = Layout.of(
+            self.row_bytes, rows,
+            [[w.element_size() for w in self._bufs.words[sum(map(len, layers[:li])):][: len(lw)]]
+             for li, lw in enumerate(layers)],
+        )
+        self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
         self._staging_auto = staging_bytes is None
-        if staging_bytes is None:
-            staging_bytes = layer_bytes
-        if not isinstance(staging_bytes, int) or staging_bytes < 0:
-            raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
-        if not isinstance(pack_threshold, int) or pack_threshold < 0:
-            raise ValueError(f"pack_threshold must be a non-negative int, got {pack_threshold!r}")
-        if not isinstance(max_messages_per_round, int) or max_messages_per_round < 1:
-            raise ValueError(f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}")
-        self.staging_bytes = staging_bytes
         self.pack_threshold = pack_threshold
         self.transactional = bool(transactional)
         self.max_messages = max_messages_per_round
         self.ranks_per_node = ranks_per_node
-        if timeout is None:
-            comm = getattr(transport, "comm", None)
-            timeout = comm.timeout if comm is not None else 600.0
         self.timeout = float(timeout)
         self.device = layers[0][0].device
         self._is_cuda = self.device.type == "cuda"
@@ -231,35 +187,58 @@ class ExpertShuffler:
         self.profile = bool(profile) and self._is_cuda
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
-        self._size_cache: dict = {}
-        if self._is_cuda:
-            self._warm_up()
+        self._verified = False  # a verify has passed on this shuffler (shapes are fixed)
+        shapes = hashlib.sha256()
+        for lw in layers:
+            for t in lw:
+                shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+            shapes.update(b"|")
+        self._shapes_digest = shapes.digest()
         self._pinned = None  # host buffer of row indices (CUDA), see _index_host
         self._pinned_free = None  # event after the last copy out of it
+        if self._is_cuda:
+            self._warm_up()
+        transport.register_buffers(self._bufs.tensors)
 
     # ------------------------------------------------------------------------------------
     def plan(self, old_map, new_map) -> RearrangementPlan:
         """The plan this shuffler would execute (pure; also validates the maps)."""
         return plan_rearrangement(old_map, new_map, self.ep_size, ranks_per_node=self.ranks_per_node)
 
-    def rearrange(self, old_map, new_map, *, verify: bool = False, stream=None) -> RearrangeStats:
+    def schedule(self, plan: RearrangementPlan):
+        """The schedule this shuffler would execute for ``plan`` (pure; every rank's ops)."""
+        return build_schedule(
+            plan, self.layout, staging_bytes=None if self._staging_auto else self.staging_bytes,
+            pack_threshold=self.pack_threshold, transactional=self.transactional,
+            max_messages_per_round=self.max_messages,
+            one_sided=bool(getattr(self.transport, "one_sided", False)),
+        )
+
+    def rearrange(self, old_map, new_map, *, verify: bool | None = None, stream=None) -> RearrangeStats:
         """Move the experts so every rank holds what ``new_map`` assigns to its slots (in place).
 
         Synchronous: returns when every layer is done. ``stream`` (torch.cuda.Stream, default:
         the current stream) is where the switch to new weights is ordered; the exchange runs on
         the shuffler's own stream. Raises ValueError/TypeError before anything moves on bad
         input, RearrangeError (naming complete and still-old layers) on a failure mid-way.
+
+        ``verify`` (collective check that every rank has the same maps, ep_size and weight
+        shapes/dtypes): None (default) verifies the first synchronous rearrangement of a
+        shuffler and every rearrangement over a host transport (gloo), where ranks that
+        disagree would otherwise kill each other's process; True always; False never.
         """
-        h = self.rearrange_async(old_map, new_map, verify=verify, stream=stream)
+        h = self.rearrange_async(old_map, new_map, verify=self._verify_default(verify, sync=True), stream=stream)
         h.wait()
         return h.stats
 
-    def rearrange_async(self, old_map, new_map, *, verify: bool = False, stream=None) -> RearrangeHandle:
+    def rearrange_async(self, old_map, new_map, *, verify: bool | None = None, stream=None) -> RearrangeHandle:
         """Start a rearrangement and return at once; drive it with ``handle.step()`` between
         forward steps (same call order on every rank), or ``handle.wait()``.
 
         Forced transactional: live weights change only inside ``step()``/``wait()``, on the
-        caller's stream, one whole layer at a time.
+        caller's stream, one whole layer at a time. ``verify`` (None: only over a host
+        transport such as gloo) blocks until every rank has called ``rearrange_async`` for
+        this rearrangement: with it, call it at the same forward step on every rank.
         """
         if self._failed is not None:
             raise RearrangeError(
@@ -269,6 +248,7 @@ class ExpertShuffler:
             )
         if self._active is not None and not self._active.done:
             raise RuntimeError("a rearrangement is already in progress on this shuffler; finish it first")
+        verify = self._verify_default(verify, sync=False)
         t0 = time.perf_counter()
         plan, err = None, None
         try:
@@ -292,26 +272,28 @@ class ExpertShuffler:
             raise err
         return RearrangeHandle(self, plan, planner_s, stream)
 
+    def _verify_default(self, verify, sync: bool) -> bool:
+        if verify is not None:
+            return bool(verify)
+        return bool(getattr(self.transport, "host_exchange", False)) or (sync and not self._verified)
+
     def _verify(self, old_map, new_map, err: BaseException | None) -> None:
         """Collective: every rank's maps/ep_size/rows and weight shapes/dtypes must agree, and
         no rank may have refused the input; otherwise every rank raises ValueError (a rank
         that refused raises its own error). Nothing has moved yet."""
         maps = hashlib.sha256()
-        shapes = hashlib.sha256()
+        shapes = self._shapes_digest
         if err is None:
             try:
                 maps.update(f"ep_size={self.ep_size};rows={self.num_local};".encode())
                 maps.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
                 maps.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
-                for lw in self.weights:
-                    for t in lw:
-                        shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-                    shapes.update(b"|")
             except (ValueError, TypeError) as e:
                 err = e
         if err is not None:
-            maps = shapes = hashlib.sha256(f"refused by rank {self.rank}: {err}".encode())
-        everyone = self.transport.all_gather_bytes(maps.digest() + shapes.digest())
+            maps = hashlib.sha256(f"refused by rank {self.rank}: {err}".encode())
+            shapes = maps.digest()
+        everyone = self.transport.all_gather_bytes(maps.digest() + shapes)
         if err is not None:
             raise err
         differ = []
@@ -325,6 +307,7 @@ class ExpertShuffler:
                 "verify=True: ranks disagree or refused the input: " + "; ".join(differ)
                 + "; nothing was moved"
             )
+        self._verified = True
 
     def _warm_up(self) -> None:
         """Run the gather/scatter kernels once on tiny tensors of every word type in use:
@@ -333,7 +316,7 @@ class ExpertShuffler:
         the middle of serving. Small and large index counts use different kernels."""
         torch = self._torch
         dev = self.device
-        for dtype in {b.dtype for lw in self._words for b in lw}:
+        for dtype in {w.dtype for w in self._bufs.words}:
             for k in (1, 32):
                 ix = torch.arange(k, device=dev)
                 rows = torch.zeros((k, 4), dtype=dtype, device=dev)
@@ -360,314 +343,11 @@ class ExpertShuffler:
         buf[:n].numpy()[:] = values
         return buf[:n]
 
-    # ---- round construction (pure given the plan; identical on every rank) --------------
-    def _split(self, layer: int, packed: bool):
-        """(tensors sent as their own messages, tensors packed per peer) of a layer."""
-        rb = self.row_bytes[layer]
-        if not packed:
-            return list(range(len(rb))), []
-        thr = self.pack_threshold
-        return [i for i, b in enumerate(rb) if b >= thr], [i for i, b in enumerate(rb) if b < thr]
 
-    def _sizes(self, packed: bool):
-        """Per layer (arrays, fixed for this shuffler): aligned bytes of the tensors sent as
-        their own messages, bytes and aligned bytes of the packed ones, and their counts."""
-        out = self._size_cache.get(packed)
-        if out is None:
-            L = len(self.row_bytes)
-            out = tuple(np.zeros(L, dtype=np.int64) for _ in range(5))
-            big, small, small_al, nbig, nsmall = out
-            for layer, rb in enumerate(self.row_bytes):
-                b_ids, s_ids = self._split(layer, packed)
-                big[layer] = sum(_align(rb[i]) for i in b_ids)
-                small[layer] = sum(rb[i] for i in s_ids)
-                small_al[layer] = sum(_align(rb[i]) for i in s_ids)
-                nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
-            self._size_cache[packed] = out
-        return out
-
-    def _rounds(self, plan: RearrangementPlan, transactional: bool):
-        """Rounds of whole layers, identical on every rank (computed from the global plan).
-
-        Per layer: packing is used when the layer has rows under ``pack_threshold`` and every
-        rank's staging for it fits ``staging_bytes``; otherwise all its tensors travel as
-        their own messages (staging then only holds rows that cannot be written in place,
-        at most one layer). Returns (rounds, staging bytes per round, packed per layer, the
-        bound in force: ``staging_bytes``, or with the default, more only if this
-        rearrangement cannot be done within one layer of local experts).
-        """
-        P = plan.slots_per_rank
-        L, n = plan.num_layers, plan.ep_size
-        # The device index tensor (rows to gather/scatter) counts against the bound too:
-        # reserve an upper bound that is the same on every rank (8 bytes per index, at most
-        # two indices per transfer end and per local copy).
-        ends = np.bincount(plan.t_src_rank, minlength=n) + np.bincount(plan.t_dst_rank, minlength=n)
-        ends = ends + np.bincount(plan.c_rank, minlength=n)
-        reserve = int(16 * ends.max()) if ends.size else 0
-        budget = self.staging_bytes - reserve
-        changed = plan.changed.reshape(L, n, P)
-        needed = plan.source_needed.reshape(L, n, P)
-        unsafe = changed if transactional else needed  # rows that may not be written before C
-        tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
-        full = self._sizes(False)[0]  # aligned bytes of a whole row (every tensor on its own)
-        cycles, tcount = _phase_c_copies(plan, transactional)
-        stash = cycles * full[:, None]
-        staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
-        key = _distinct((tl * n + ts) * n + td)  # (layer, src, dst) with transfers
-        pairs = np.stack([key // (n * n), key // n % n, key % n])
-
-        def needs(packed: bool):
-            big, small, small_al, nbig, nsmall = self._sizes(packed)
-            # stash rows, and the old content of small tensors' rows copied in phase C
-            need = stash + tcount * small_al[:, None]
-            msgs = np.zeros((L, n), dtype=np.int64)
-            if tl.size:
-                np.add.at(need, (tl[staged], td[staged]), big[tl[staged]])
-                np.add.at(need, (tl, td), small[tl])  # packed receives
-                np.add.at(need, (tl, ts), small[tl])  # packed sends
-                np.add.at(msgs, (tl, ts), nbig[tl])
-                np.add.at(msgs, (tl, td), nbig[tl])
-                # packed parts: one message per (peer, small tensor) each way
-                k = nsmall[pairs[0]]
-                np.add.at(msgs, (pairs[0], pairs[1]), k)
-                np.add.at(msgs, (pairs[0], pairs[2]), k)
-                # alignment slack of packed blocks: one per (small tensor, direction) (the
-                # bound used to count one per peer too; kept: it only over-reserves)
-                need += np.where(need > 0, _ALIGN * 2 * n * nsmall[:, None], 0)
-            return need, msgs
-
-        need_p, msgs_p = needs(True)
-        need_u, msgs_u = needs(False)
-        has_small = self._sizes(True)[4] > 0
-        packed = has_small & (need_p.max(axis=1) <= budget)
-        need = np.where(packed[:, None], need_p, need_u)
-        msgs = np.where(packed[:, None], msgs_p, msgs_u)
-        worst = need.max(axis=1)
-        active = np.flatnonzero(changed.reshape(L, -1).any(axis=1))
-        if self._staging_auto and active.size and worst[active].max() > budget:
-            # default bound (one layer of local experts) below this rearrangement's minimum:
-            # only with tiny rows, where alignment and row indices dominate; use the minimum
-            budget = int(worst[active].max())
-        for layer in active:
-            if worst[layer] > budget:
-                r = int(need[layer].argmax())
-                raise ValueError(
-                    f"staging_bytes={self.staging_bytes} is too small: layer {layer} needs "
-                    f"{int(worst[layer]) + self.staging_bytes - budget} bytes of staging on rank {r}"
-                    + (" (transactional)" if transactional else "")
-                    + "; raise staging_bytes (default: one layer of local experts)"
-                )
-        rounds = []
-        cur: list[int] = []
-        acc = np.zeros(n, dtype=np.int64)
-        macc = np.zeros(n, dtype=np.int64)
-        for layer in active:
-            if cur and (
-                (acc + need[layer]).max() > budget
-                or (macc + msgs[layer]).max() > self.max_messages
-            ):
-                rounds.append(cur)
-                cur, acc, macc = [], np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-            cur.append(int(layer))
-            acc += need[layer]
-            macc += msgs[layer]
-        if cur:
-            rounds.append(cur)
-        round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
-        return rounds, round_need, packed, budget + reserve
-
-    def _layer_works(self, plan, rv, layers, transactional: bool, packed) -> dict:
-        """This rank's ops for each of ``layers`` (no staging offsets yet): layer -> _LayerWork.
-
-        Sorting and run detection are done once over all layers (numpy); only the per-layer
-        lists are built in Python.
-        """
-        P = plan.slots_per_rank
-        nP = plan.ep_size * P
-        # rows (of every rank) that may not be written before phase C, flat per layer
-        unsafe_all = (plan.changed if transactional else plan.source_needed).reshape(-1)
-        nbig = np.where(packed, self._sizes(True)[3], self._sizes(False)[3])
-        has_big = nbig > 0
-        # Per pair of ranks both sides list the transfers by (source row, destination row),
-        # and a run of transfers from consecutive source rows, all received into staging,
-        # travels as one message per tensor (k rows of the source tensor -> k staged rows).
-        # The receiver's staging decision comes from the global plan, so the sender breaks
-        # runs where the receiver does.
-        sl, sp, ss, sd = rv.s_layer, rv.s_peer, rv.s_src_row, rv.s_dst_row
-        o = np.lexsort((sd, ss, sp, sl))
-        sl, sp, ss, sd = sl[o], sp[o], ss[o], sd[o]
-        staged_s = unsafe_all[sl * nP + sp * P + sd] & has_big[sl]
-        s_runs = _runs(sp, ss, staged_s, sl)
-        rl, rp, rs, rd = rv.r_layer, rv.r_peer, rv.r_src_row, rv.r_dst_row
-        o = np.lexsort((rd, rs, rp, rl))
-        rl, rp, rs, rd = rl[o], rp[o], rs[o], rd[o]
-        staged_r = unsafe_all[rl * nP + self.rank * P + rd] & has_big[rl]
-        r_runs = _runs(rp, rs, staged_r, rl)
-        o = np.argsort(rv.c_layer, kind="stable")
-        cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
-        # 0: duplicate of a new row (phase C last), 1: into a row nobody reads (phase A),
-        # 2: old content into a row that is read or live (phase C first, ordered)
-        ckind = np.where(cn, 0, np.where(unsafe_all[cl * nP + self.rank * P + cd], 2, 1))
-        lay = np.asarray(layers, dtype=np.int64)
-        # per layer: [start, end) of its transfers/copies, and of its runs
-        sb, rb_, cb = (np.stack([np.searchsorted(x, lay), np.searchsorted(x, lay, side="right")], axis=1)
-                       for x in (sl, rl, cl))
-        s_starts, s_len = s_runs
-        r_starts, r_len = r_runs
-        srb = np.searchsorted(s_starts, sb).tolist()
-        rrb = np.searchsorted(r_starts, rb_).tolist()
-        sb, rb_, cb = sb.tolist(), rb_.tolist(), cb.tolist()
-        sp_l, ss_l = sp.tolist(), ss.tolist()
-        rp_l, rd_l, stg_l = rp.tolist(), rd.tolist(), staged_r.tolist()
-        cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
-        s_starts, s_len, r_starts, r_len = s_starts.tolist(), s_len.tolist(), r_starts.tolist(), r_len.tolist()
-        out = {}
-        for k, layer in enumerate(layers):
-            big, small = self._split(layer, bool(packed[layer]))
-            a, b = sb[k]
-            sends = list(zip(sp_l[a:b], ss_l[a:b]))
-            i0, i1 = srb[k]
-            send_msgs = [(sp_l[x], ss_l[x], n) for x, n in zip(s_starts[i0:i1], s_len[i0:i1])]
-            a, b = rb_[k]
-            recvs, recv_rows = [], []
-            for peer, row, staged in zip(rp_l[a:b], rd_l[a:b], stg_l[a:b]):
-                if staged:
-                    recvs.append((peer, row, len(recv_rows)))
-                    recv_rows.append(row)
-                else:
-                    recvs.append((peer, row, -1))
-            i0, i1 = rrb[k]
-            recv_msgs = [recvs[x - a] + (n,) for x, n in zip(r_starts[i0:i1], r_len[i0:i1])]
-            a, b = cb[k]
-            lists: tuple = ([], [], [])  # new, copies_a, to order
-            for src, dst, kind in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b]):
-                lists[kind].append((src, dst))
-            new, copies_a, tc = lists
-            stash_src, copies_c = _order_copies(tc)
-            send_pack: dict = {}
-            recv_pack: dict = {}
-            if small:
-                for peer, src in sends:
-                    send_pack.setdefault(peer, []).append(src)
-                for peer, dst, _ in recvs:
-                    recv_pack.setdefault(peer, []).append(dst)
-            out[layer] = _LayerWork(
-                layer, big, small, sends, recvs, recv_rows, copies_a, stash_src, copies_c, new,
-                send_pack, recv_pack, send_msgs, recv_msgs,
-            )
-        return out
-
-
-def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
-    """Per (layer, rank), from the global plan: (cycles among the old-content copies that
-    phase C applies, i.e. stash rows; number of those copies). ``_layer_works`` executes
-    exactly these on each rank."""
-    L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
-    cycles = np.zeros((L, n), dtype=np.int64)
-    count = np.zeros((L, n), dtype=np.int64)
-    cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
-    if cl.size:
-        unsafe = (plan.changed if transactional else plan.source_needed).reshape(L, n, P)
-        tc = ~cn & unsafe[cl, cr, cd]
-        parent = np.full(L * n * P, -1, dtype=np.int64)
-        node = (cl * n + cr) * P
-        parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
-        heads = _cycle_heads(parent)
-        np.add.at(cycles, (heads // (n * P), heads // P % n), 1)
-        np.add.at(count, (cl[tc], cr[tc]), 1)
-    return cycles, count
-
-
-def _cycle_heads(parent: np.ndarray) -> np.ndarray:
-    """The smallest node of every cycle of ``parent`` (node -> node, -1: none), sorted.
-
-    Pointer doubling: after ``2**J >= len`` steps a node's image is on a cycle (or is the
-    sentinel for chains that end), every cycle node is such an image, and the running minimum
-    along the path covers its whole cycle."""
-    n = len(parent)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    p = np.append(np.where(parent >= 0, parent, n), n)  # sentinel n: the end of a chain
-    mn = np.append(np.arange(n, dtype=np.int64), np.iinfo(np.int64).max)
-    for _ in range(max(1, int(n - 1).bit_length()) + 1):
-        mn = np.minimum(mn, mn[p])
-        p = p[p]
-    on_cycle = _distinct(p[:n][p[:n] != n])
-    return on_cycle[mn[on_cycle] == on_cycle]
-
-
-def _distinct(a: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of a 1-D int array (np.unique without its lazy import of
-    numpy.ma: ~0.1 s on the first call, which would land in the middle of serving)."""
-    a = np.sort(a)
-    if a.size:
-        a = a[np.append(True, a[1:] != a[:-1])]
-    return a
-
-
-def _order_copies(copies: list):
-    """Order old-content copies (src, dst) so every row is read before it is written.
-
-    Rows form chains and cycles (a row is written by at most one copy); the smallest row of
-    each cycle is saved first (the stash) and its readers read the saved copy. Returns
-    (stash rows, [(src, j, dst)]) with j the stash index of src, or -1 to read row src.
-    """
-    if not copies:
-        return [], []
-    # cycles of dst -> src (a few rows: plain Python beats numpy calls here)
-    parent = {dst: src for src, dst in copies}
-    seen: dict = {}
-    heads = []
-    for start in parent:
-        path = []
-        x = start
-        while x in parent and x not in seen:
-            seen[x] = start
-            path.append(x)
-            x = parent[x]
-        if seen.get(x) == start and x in parent:  # this walk closed a cycle at x
-            heads.append(min(path[path.index(x) :]))
-    stash = sorted(heads)
-    slot = {r: j for j, r in enumerate(stash)}
-    writer = {dst: k for k, (_, dst) in enumerate(copies)}
-    readers: dict = {}
-    for src, _ in copies:
-        if src not in slot:
-            readers[src] = readers.get(src, 0) + 1
-    ready = [k for k, (_, dst) in enumerate(copies) if not readers.get(dst)]
-    order = []
-    while ready:
-        k = ready.pop()
-        src, dst = copies[k]
-        order.append((src, slot.get(src, -1), dst))
-        if src not in slot:
-            readers[src] -= 1
-            if readers[src] == 0 and src in writer:
-                ready.append(writer[src])
-    if len(order) != len(copies):  # cannot happen: one stash row per cycle breaks them all
-        raise AssertionError(f"local copies could not be ordered: {copies}")
-    return stash, order
-
-
-def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarray):
-    """(starts, lengths) of the runs of a sorted transfer list: same layer and peer,
-    consecutive source rows, every one staged; an unstaged transfer is a run of its own."""
-    n = len(peer)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    brk = np.ones(n, dtype=bool)
-    brk[1:] = (
-        (layer[1:] != layer[:-1]) | (peer[1:] != peer[:-1]) | (src[1:] != src[:-1] + 1)
-        | ~staged[1:] | ~staged[:-1]
-    )
-    starts = np.flatnonzero(brk)
-    return starts, np.diff(np.append(starts, n))
-
-
-def _row_copies(ptrs: list, row_bytes: list, pairs: list) -> list:
-    """(dst, src, nbytes) device copies of whole rows ``(src, dst)`` of every tensor of a
-    layer, given the tensors' base pointers and row sizes."""
-    return [(p + dst * n, p + src * n, n) for src, dst in pairs for p, n in zip(ptrs, row_bytes)]
+def _host(x):
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
 
 
 def _mark(torch, stream):
@@ -676,20 +356,17 @@ def _mark(torch, stream):
     return e
 
 
-def _word_rows(torch, b):
-    """``b`` ([rows, row_bytes] uint8) as [rows, k] of the widest integer type whose size
-    divides the row length and the start address."""
-    n = b.shape[1]
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if n % size == 0 and b.data_ptr() % size == 0:
-            return b.view(dtype)
-    return b
+class _Round:
+    __slots__ = ("index", "layers", "peers", "tround", "launched_at", "done", "marks")
 
-
-def _host(x):
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        return x.detach().cpu().numpy()
-    return x
+    def __init__(self, index, layers, peers):
+        self.index = index
+        self.layers = layers
+        self.peers = peers
+        self.tround = None
+        self.launched_at = 0.0
+        self.done = False
+        self.marks = {}  # profile=True: phase name -> CUDA event
 
 
 class RearrangeHandle:
@@ -702,44 +379,36 @@ class RearrangeHandle:
     def __init__(self, shuffler: ExpertShuffler, plan: RearrangementPlan, planner_s: float, stream) -> None:
         self.s = shuffler
         self.plan = plan
-        self.stats = RearrangeStats(planner_seconds=planner_s)
-        self._t0 = time.perf_counter()
-        t_setup = self._t0
+        self.stats = st = RearrangeStats(planner_seconds=planner_s)
+        self._t0 = t_setup = time.perf_counter()
         self._user_stream = stream
-        rounds, needs, self._packed, bound = shuffler._rounds(plan, shuffler.transactional)
-        self.stats.staging_bound = bound
-        self._rounds = [_Round(i, rl) for i, rl in enumerate(rounds)]
-        self.stats.rounds = len(rounds)
-        self.stats.layers_changed = [l for rl in rounds for l in rl]
+        self.schedule = sched = shuffler.schedule(plan)
+        rs = sched.rank(shuffler.rank)
+        st.staging_bound = sched.staging_bound
+        st.rounds = len(sched.rounds)
+        st.layers_changed = sched.layers_changed
+        for ro in rs.rounds:
+            st.messages += len(ro.sends) + len(ro.recvs)
+            st.bytes_sent += ro.bytes_sent
+            st.bytes_received += ro.bytes_received
+            st.experts_sent += ro.experts_sent
+            st.experts_received += ro.experts_received
+            st.local_copies += ro.local_copies
+        st.peak_extra_bytes = rs.peak_extra_bytes
+        self._rounds = [_Round(i, ro.layers, ro.peers) for i, ro in enumerate(rs.rounds)]
         self._next = 0  # next round to launch
         self._inflight: _Round | None = None
         self.applied_layers: list[int] = []
         self._error: RearrangeError | None = None
-        self._rv = plan.rank_view(shuffler.rank)
-        torch = shuffler._torch
-        index_parts: list = []
-        cap = 0
-        works = shuffler._layer_works(
-            plan, self._rv, [l for r in self._rounds for l in r.layers], shuffler.transactional, self._packed
-        )
-        for rnd in self._rounds:
-            rnd.works = [works[l] for l in rnd.layers]
-            cap = max(cap, self._layout(rnd.works, index_parts))
-        self._staging = None
-        self._idx = None
-        self._idx_host = None
-        if cap:
-            self._staging = torch.empty(cap, dtype=torch.uint8, device=shuffler.device)
-            if shuffler._stream is not None:
-                self._staging.record_stream(shuffler._stream)
-        if index_parts:
-            # copied to the device by the first launch (non-blocking)
-            self._idx_host = shuffler._index_host(np.concatenate(index_parts))
-        self.stats.peak_extra_bytes = cap + (0 if self._idx_host is None else self._idx_host.numel() * 8)
         self._release = None  # event after the last consumer of staging
+        self._exec = None
+        if rs.rounds:
+            index = shuffler._index_host(rs.index) if rs.index.size else None
+            self._exec = Executor(shuffler._torch, sched, rs, shuffler._bufs, shuffler.transport,
+                                  shuffler.device, shuffler._stream, index)
         shuffler._active = self
-        self.stats.setup_seconds = time.perf_counter() - t_setup
-        if not rounds:
+        st.setup_seconds = time.perf_counter() - t_setup
+        if not rs.rounds:
             self._finish()
 
     # ---- public ---------------------------------------------------------------------------
@@ -784,11 +453,11 @@ class RearrangeHandle:
         prev = None
         for r in self._rounds:
             m = r.marks
-            if not {"start", "packed", "apply", "end"} <= m.keys():
+            if not {"start", "packed", "exchanged", "apply", "end"} <= m.keys():
                 continue
             out["pack"] += m["start"].elapsed_time(m["packed"])
-            out["exchange"] += m["packed"].elapsed_time(r.event)
-            out["idle_after_exchange"] += r.event.elapsed_time(m["apply"])
+            out["exchange"] += m["packed"].elapsed_time(m["exchanged"])
+            out["idle_after_exchange"] += m["exchanged"].elapsed_time(m["apply"])
             out["apply"] += m["apply"].elapsed_time(m["end"])
             if prev is not None:
                 out["idle_before_round"] += prev.elapsed_time(m["start"])
@@ -854,93 +523,36 @@ class RearrangeHandle:
 
     def _fail(self, e: BaseException) -> None:
         rnd = self._inflight
-        peers = set()
-        if rnd is not None:
-            for w in rnd.works:
-                peers.update(p for p, _ in w.sends)
-                peers.update(p for p, _, _ in w.recvs)
+        peers = set() if rnd is None else set(rnd.peers)
         partial = [] if self.s.transactional or rnd is None else list(rnd.layers)
         msg = f"rearrangement failed on rank {self.s.rank}: {type(e).__name__}: {e}"
         if partial:
             msg += f"; non-transactional mode: layers {partial} may be partly written"
         self._error = RearrangeError(msg, self.applied_layers, self.pending_layers, peers, e)
         self.s._failed = e
-        self._staging = None
-        self._idx = None
+        self._release_exec()
         self._inflight = None
         self.s._active = None
 
     def _finish(self) -> None:
-        self._staging = None
-        self._idx = None
+        self._release_exec()
         if self.s._active is self:
             self.s._active = None
 
-    def _layout(self, works: list, index_parts: list) -> int:
-        """Staging offsets and index ranges for one round's works; returns its staging bytes."""
-        rb_all = self.s.row_bytes
-        cursor = 0
-        pos = sum(len(p) for p in index_parts)
-
-        def take(n: int) -> int:
-            nonlocal cursor
-            off = cursor
-            cursor += _align(n)
-            return off
-
-        def index(w, name, rows):
-            nonlocal pos
-            if rows:
-                index_parts.append(np.asarray(rows, dtype=np.int64))
-                w.idx[name] = (pos, len(rows))
-                pos += len(rows)
-
-        for w in works:
-            rb = rb_all[w.layer]
-            for i in w.big:
-                if w.recv_rows:
-                    w.recv_block[i] = take(len(w.recv_rows) * rb[i])
-            for i in range(len(rb)):
-                if w.stash_src:
-                    w.stash_block[i] = take(len(w.stash_src) * rb[i])
-            index(w, "recv", w.recv_rows)
-            index(w, "stash_src", w.stash_src)
-            if w.copies_c and w.small and not w.stash_src:
-                for i in w.small:
-                    w.copy_block[i] = take(len(w.copies_c) * rb[i])
-                index(w, "c_src", [src for src, _, _ in w.copies_c])
-                index(w, "c_dst", [dst for _, _, dst in w.copies_c])
-            for tag, pack in (("s", w.send_pack), ("r", w.recv_pack)):
-                if not pack:
-                    continue
-                spans, rows, first = [], [], 0
-                for peer, pr in pack.items():
-                    spans.append((peer, first, len(pr)))
-                    rows += pr
-                    first += len(pr)
-                w.pack_spans[tag] = spans
-                for i in w.small:
-                    w.pack_block[(tag, i)] = take(first * rb[i])
-                index(w, tag, rows)
-        return cursor
-
-    def _ix(self, w, name):
-        start, n = w.idx[name]
-        return self._idx[start : start + n]
-
-    def _block(self, offset: int, rows: int, t):
-        """A [rows, k] view of staging at ``offset`` shaped and typed like the rows of ``t``
-        (a [rows, k] byte or word view of a weight)."""
-        n = rows * t.shape[1] * t.element_size()
-        return self._staging[offset : offset + n].view(t.dtype).view(rows, t.shape[1])
+    def _release_exec(self) -> None:
+        if self._exec is not None:
+            self._exec.release()
+            self._exec = None
 
     def _launch(self, rnd: _Round) -> None:
         t_start = time.perf_counter()
         s = self.s
         torch = s._torch
-        raw = s._raw
-        sends, recvs, copies = [], [], []
         stream = s._stream
+        # in flight from here: a failure inside launch (a host transport's exchange) names
+        # this round's peers
+        self._inflight = rnd
+        rnd.launched_at = time.monotonic()
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             if stream is not None:
@@ -948,101 +560,34 @@ class RearrangeHandle:
                     stream.wait_event(self._release)  # staging is free again
                 else:  # first round: after the caller's earlier work on the weights
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
-            if self._idx is None and self._idx_host is not None:
-                self._idx = self._idx_host.to(s.device, non_blocking=True)
-                if stream is not None:
-                    s._pinned_free = torch.cuda.Event()
-                    s._pinned_free.record(stream)
             if s.profile:
                 rnd.marks["start"] = _mark(torch, stream)
-            st = self.stats
-            sbase = self._staging.data_ptr() if self._staging is not None else 0
-            for w in rnd.works:
-                B = s._bytes[w.layer]  # [rows, row_bytes] uint8 views (messages)
-                Wd = s._words[w.layer]  # the same rows as words (copy kernels)
-                rb = s.row_bytes[w.layer]
-                # A: local copies into rows nobody reads; save the rows that break copy cycles.
-                if s._ptrs is not None:
-                    ptrs = s._ptrs[w.layer]
-                    copies += _row_copies(ptrs, rb, w.copies_a)
-                else:
-                    for src, dst in w.copies_a:
-                        for b in B:
-                            b[dst].copy_(b[src])
-                if w.stash_src:
-                    ix = self._ix(w, "stash_src")
-                    for i, b in enumerate(Wd):
-                        torch.index_select(b, 0, ix, out=self._block(w.stash_block[i], len(w.stash_src), b))
-                if w.send_pack:
-                    ix = self._ix(w, "s")
-                    for i in w.small:
-                        b = Wd[i]
-                        torch.index_select(b, 0, ix, out=self._block(w.pack_block[("s", i)], len(ix), b))
-                st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
-                # B: rows straight from the weights; receives in place or into staging blocks.
-                # per pair, both sides list messages run by run, tensor by tensor, then the
-                # packed parts tensor by tensor
-                if raw:
-                    bases = [(B[i].data_ptr(), rb[i]) for i in w.big]
-                    for peer, src, k in w.send_msgs:
-                        sends.extend((peer, (base + src * n, k * n)) for base, n in bases)
-                else:
-                    for peer, src, k in w.send_msgs:
-                        sends.extend((peer, B[i][src : src + k]) for i in w.big)
-                for peer, dst, j, k in w.recv_msgs:
-                    for i in w.big:
-                        b, n = B[i], rb[i]
-                        if j < 0:
-                            recvs.append((peer, (b.data_ptr() + dst * n, n) if raw else b[dst]))
-                        elif raw:
-                            recvs.append((peer, (sbase + w.recv_block[i] + j * n, k * n)))
-                        else:
-                            recvs.append((peer, self._block(w.recv_block[i], len(w.recv_rows), b)[j : j + k]))
-                for tag, out in (("s", sends), ("r", recvs)):
-                    for peer, first, k in w.pack_spans.get(tag, ()):
-                        for i in w.small:
-                            a = w.pack_block[(tag, i)] + first * rb[i]
-                            n = k * rb[i]
-                            out.append((peer, (sbase + a, n) if raw else self._staging[a : a + n]))
-                nrow = sum(rb)
-                st.bytes_sent += nrow * len(w.sends)
-                st.bytes_received += nrow * len(w.recvs)
-                st.experts_sent += len(w.sends)
-                st.experts_received += len(w.recvs)
-            if copies:  # before the exchange: in-place receives may overwrite their sources
-                _buffers.copy_async(copies, stream.cuda_stream)
-            st.messages += len(sends) + len(recvs)
+            first = not self._exec.copied_index()
+            rnd.tround = self._exec.launch_pre(rnd.index)
+            if first and stream is not None and self._exec.index is not None:
+                s._pinned_free = torch.cuda.Event()
+                s._pinned_free.record(stream)
             if s.profile:
                 rnd.marks["packed"] = _mark(torch, stream)
-            s.transport.exchange(sends, recvs, stream)
-            if stream is not None:
-                rnd.event = torch.cuda.Event(enable_timing=s.profile)
-                rnd.event.record(stream)
-        rnd.launched_at = time.monotonic()
-        self._inflight = rnd
+            self._exec.launch_messages(rnd.index, rnd.launched_at + s.timeout)
+            if s.profile:
+                rnd.marks["exchanged"] = _mark(torch, stream)
         self.stats.launch_seconds += time.perf_counter() - t_start
 
     def _arrived(self, rnd: _Round, block: bool, deadline: float | None) -> bool:
-        if rnd.event is None:
-            return True  # host transport: exchange() returned complete
         s = self.s
         limit = rnd.launched_at + s.timeout
         if deadline is not None:
             limit = min(limit, deadline)
         delay = 2e-5
         while True:
-            if rnd.event.query():
+            if rnd.tround.done():
                 return True
-            poll = getattr(s.transport, "poll_error", None)
-            if poll is not None:
-                poll()
             if time.monotonic() > limit:
-                abort = getattr(s.transport, "abort", None)
-                if abort is not None:
-                    abort()
+                s.transport.abort()
                 raise TimeoutError(
-                    f"round {rnd.index} (layers {rnd.layers}) did not complete within "
-                    f"{limit - rnd.launched_at:.1f} s; the transport was aborted"
+                    f"round {rnd.index} (layers {rnd.layers}, peers {rnd.peers}) did not complete "
+                    f"within {limit - rnd.launched_at:.1f} s; the transport was aborted"
                 )
             if not block:
                 return False
@@ -1055,63 +600,26 @@ class RearrangeHandle:
         torch = s._torch
         if s._is_cuda:
             cs = self._user_stream or torch.cuda.current_stream(s.device)
-            cs.wait_event(rnd.event)
+            ev = rnd.tround.end_event()
+            if ev is not None:
+                cs.wait_event(ev)
+            else:
+                cs.wait_stream(s._stream)
             if s.profile:
                 rnd.marks["apply"] = _mark(torch, cs)
             ctx = torch.cuda.stream(cs)
         else:
             cs = None
             ctx = contextlib.nullcontext()
-        sbase = self._staging.data_ptr() if self._staging is not None else 0
         with ctx:
-            for w in rnd.works:
-                B = s._words[w.layer]
-                rb = s.row_bytes[w.layer]
-                ptrs = s._ptrs[w.layer] if s._ptrs is not None else None
-                # old-content copies first (their sources may be overwritten below): small
-                # tensors gathered to staging and scattered back (two kernels each, any
-                # order); the rest row by row in read-before-write order
-                if w.copies_c:
-                    nc = len(w.copies_c)
-                    small = [(B[i], self._block(off, nc, B[i])) for i, off in w.copy_block.items()]
-                    for b, blk in small:
-                        torch.index_select(b, 0, self._ix(w, "c_src"), out=blk)
-                    rows = [i for i in range(len(B)) if i not in w.copy_block]
-                    if ptrs is not None:
-                        copies = []
-                        for src, j, dst in w.copies_c:
-                            for i in rows:
-                                n = rb[i]
-                                at = ptrs[i] + src * n if j < 0 else sbase + w.stash_block[i] + j * n
-                                copies.append((ptrs[i] + dst * n, at, n))
-                        _buffers.copy_async(copies, cs.cuda_stream)
-                    else:
-                        blocks = {i: self._block(w.stash_block[i], len(w.stash_src), B[i]) for i in rows} if w.stash_src else {}
-                        for src, j, dst in w.copies_c:
-                            for i in rows:
-                                b = B[i]
-                                b[dst].copy_(b[src] if j < 0 else blocks[i][j])
-                    for b, blk in small:
-                        b.index_copy_(0, self._ix(w, "c_dst"), blk)
-                if w.recv_rows:
-                    ix = self._ix(w, "recv")
-                    for i in w.big:
-                        B[i].index_copy_(0, ix, self._block(w.recv_block[i], len(w.recv_rows), B[i]))
-                if w.recv_pack:
-                    ix = self._ix(w, "r")
-                    for i in w.small:
-                        B[i].index_copy_(0, ix, self._block(w.pack_block[("r", i)], len(ix), B[i]))
-                if ptrs is not None and w.copies_new:
-                    _buffers.copy_async(_row_copies(ptrs, rb, w.copies_new), cs.cuda_stream)
-                else:
-                    for src, dst in w.copies_new:
-                        for b in B:
-                            b[dst].copy_(b[src])
+            self._exec.apply(rnd.index, cs)
             if cs is not None:
                 self._release = torch.cuda.Event(enable_timing=s.profile)
                 self._release.record(cs)
                 rnd.marks["end"] = self._release
-                if self._idx is not None and rnd.index == 0:
-                    self._idx.record_stream(cs)
+                if rnd.index == 0:
+                    for t in (self._exec.staging, self._exec.index):
+                        if t is not None:
+                            t.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)

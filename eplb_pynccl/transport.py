@@ -1,39 +1,80 @@
-"""Layer 3: one small interface for a grouped point-to-point round, and two implementations.
+"""Layer 3: one small interface for a round of point-to-point messages, and its transports.
 
-A *round* is a list of sends and a list of receives, each ``(peer, tensor)``, posted together.
+A *round* is a list of sends and a list of receives, each ``(peer, buffer)``, posted together.
 Between any two ranks, the i-th send of one matches the i-th receive of the other: callers
-list them in the same order on both sides (the planner guarantees this).
+list them in the same order on both sides (the schedule guarantees this).
 
-* :class:`NcclTransport` drives this package's :class:`~eplb_pynccl.Communicator` (CUDA tensors).
-* :class:`TorchTransport` drives ``torch.distributed`` point-to-point on a process group:
-  a gloo group moves CPU tensors, and CUDA tensors staged through host memory; an nccl group
-  moves CUDA tensors.
+Two ways to use a transport:
 
-A third transport implements the same members (``device``, ``check_tensor``, ``exchange``,
-``wait``, ``all_gather_bytes``; optionally ``poll_error``/``abort`` and ``accepts_raw``).
+* ``exchange(sends, recvs, stream=None, timeout=None)``: post one round of tensors now.
+* ``prepare_round(sends, recvs, remote=None)``: validate and build a round once, then
+  ``launch(stream, deadline)`` it and poll ``done()``: what the shuffler does for every round
+  of a rearrangement (see :class:`TransportRound`). ``remote`` carries the schedule's
+  messages (both ends of every message) for transports that read their peers' memory.
+
+Transports:
+
+* :class:`NcclTransport` drives this package's :class:`~eplb_pynccl.Communicator` (CUDA
+  tensors; rounds are prepared p2p batches, one NCCL group each).
+* :class:`TorchTransport` drives ``torch.distributed`` point-to-point on a process group: a
+  gloo group moves CPU tensors, and CUDA tensors staged through host memory; an nccl group
+  moves CUDA tensors. Every wait keeps the timeout; on a timeout the group is aborted.
+* :class:`~eplb_pynccl.ipc.IpcTransport` (``eplb_pynccl/ipc.py``): copy engines over CUDA IPC
+  between the GPUs of one node, NCCL for peers on other nodes.
 """
 
 from __future__ import annotations
 
 import abc
+import datetime
+import time
 from typing import Any
 
-from .communicator import Communicator
+from . import _optional
+from .communicator import Communicator, _default_timeout
 
-__all__ = ["Transport", "NcclTransport", "TorchTransport"]
+__all__ = ["Transport", "TransportRound", "NcclTransport", "TorchTransport"]
 
 
-def _torch():
-    import torch
+class TransportRound(abc.ABC):
+    """One prepared round: ``launch(stream, deadline)`` once, then ``done()`` until True.
 
-    return torch
+    ``launch`` enqueues the round on ``stream`` (CUDA) or runs it to completion (host
+    transports, which raise TimeoutError past ``deadline``, a ``time.monotonic()`` value).
+    ``done()`` never blocks: True once this rank's receives have landed and its own buffers
+    are no longer read by the round (for a one-sided transport: every peer that reads this
+    rank's rows has finished). It raises on a transport error. ``peers``: the ranks this rank
+    exchanges with in the round (for error reports)."""
+
+    peers: list
+
+    @abc.abstractmethod
+    def launch(self, stream, deadline: float) -> None: ...
+
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    def end_event(self):
+        """A CUDA event recorded when the round's work on this rank completed (profiling), or None."""
+        return None
 
 
 class Transport(abc.ABC):
-    """What the shuffler needs from a transport."""
+    """What the shuffler needs from a transport.
+
+    ``timeout``: seconds any wait of this transport may take (default ``$EPLB_PYNCCL_TIMEOUT``
+    or 600). ``accepts_raw``: buffers may be raw ``(pointer, nbytes)`` device buffers.
+    ``one_sided``: the receiver reads its peers' rows itself (the schedule then packs
+    nothing, and :meth:`register_buffers` must be called, collectively, before rounds).
+    ``host_exchange``: rounds complete inside ``launch`` on the host (gloo): every rank's host
+    meets its peers there."""
 
     rank: int
     world_size: int
+    timeout: float = 600.0
+    accepts_raw = False
+    one_sided = False
+    host_exchange = False
 
     @property
     @abc.abstractmethod
@@ -45,10 +86,12 @@ class Transport(abc.ABC):
         """Raise ValueError (naming ``name``) if this transport cannot move tensor ``t``."""
 
     @abc.abstractmethod
-    def exchange(self, sends: list[tuple[int, Any]], recvs: list[tuple[int, Any]], stream=None) -> None:
+    def exchange(self, sends: list[tuple[int, Any]], recvs: list[tuple[int, Any]], stream=None,
+                 timeout: float | None = None) -> None:
         """Post one grouped round. For CUDA transports the work is enqueued on ``stream`` (a
         torch.cuda.Stream; None = current) and this returns once enqueued; host transports
-        return when the round is complete."""
+        return when the round is complete, or raise TimeoutError after ``timeout`` seconds
+        (default: the transport's) with the transport aborted."""
 
     @abc.abstractmethod
     def wait(self, stream=None, timeout: float | None = None) -> None:
@@ -59,12 +102,68 @@ class Transport(abc.ABC):
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data`` (equal lengths), in rank order. Collective."""
 
+    # ---- the shuffler's path, with defaults built on exchange() ------------------------
+    def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
+        """A round of these messages, built once (see :class:`TransportRound`)."""
+        return _ExchangeRound(self, sends, recvs)
+
+    def register_buffers(self, tensors: list) -> None:
+        """The tensors rounds will read and write (buffer ``i`` = ``tensors[i]``). Collective
+        for one-sided transports (they share their buffers with their peers); a no-op here."""
+        return None
+
+    def poll_error(self) -> None:
+        """Raise (after aborting) if the transport has failed asynchronously."""
+        return None
+
+    def abort(self) -> None:
+        """Stop using the transport: pending work is cancelled where that is possible."""
+        return None
+
+
+def _peers(sends, recvs) -> list:
+    return sorted({p for p, _ in sends} | {p for p, _ in recvs})
+
+
+def _record(stream):
+    torch = _optional.torch()
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
+
+
+class _ExchangeRound(TransportRound):
+    """A round through ``transport.exchange``; CUDA rounds complete with an event."""
+
+    def __init__(self, transport: Transport, sends, recvs) -> None:
+        self.t = transport
+        self.sends, self.recvs = sends, recvs
+        self.peers = _peers(sends, recvs)
+        self._event = None
+
+    def launch(self, stream, deadline: float) -> None:
+        self.t.exchange(self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic()))
+        if stream is not None:
+            self._event = _record(stream)
+
+    def done(self) -> bool:
+        if self._event is None:
+            return True
+        if self._event.query():
+            return True
+        self.t.poll_error()
+        return False
+
+    def end_event(self):
+        return self._event
+
 
 class NcclTransport(Transport):
     """Rounds through an eplb_pynccl :class:`Communicator` (one NCCL group per round).
 
-    Buffers may be tensors or raw ``(pointer, nbytes)`` device buffers (``accepts_raw``).
-    """
+    Buffers may be tensors or raw ``(pointer, nbytes)`` device buffers (``accepts_raw``). A
+    prepared round is a :meth:`Communicator.prepare_p2p` batch: validated once, launched with
+    one ctypes call per message."""
 
     accepts_raw = True
 
@@ -74,10 +173,15 @@ class NcclTransport(Transport):
         self.comm = communicator
         self.rank = communicator.rank
         self.world_size = communicator.world_size
+        self._gather_stream = None
+
+    @property
+    def timeout(self) -> float:
+        return self.comm.timeout
 
     @property
     def device(self):
-        return _torch().device("cuda", self.comm.device)
+        return _optional.torch("NcclTransport").device("cuda", self.comm.device)
 
     def check_tensor(self, t, name: str) -> None:
         if t.device.type != "cuda" or t.device.index != self.comm.device:
@@ -85,9 +189,12 @@ class NcclTransport(Transport):
                 f"{name} is on {t.device}, but the NCCL transport's communicator is on cuda:{self.comm.device}"
             )
 
-    def exchange(self, sends, recvs, stream=None) -> None:
-        s = _torch().cuda.current_stream(self.comm.device) if stream is None else stream
+    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+        s = _optional.torch().cuda.current_stream(self.comm.device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
+
+    def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
+        return _NcclRound(self, sends, recvs)
 
     def wait(self, stream=None, timeout: float | None = None) -> None:
         h = None if stream is None else stream.cuda_stream
@@ -104,29 +211,66 @@ class NcclTransport(Transport):
         self.comm.abort()
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        torch = _torch()
+        """On a stream of its own: waits for the tiny all-gather only, not for the caller's
+        compute stream."""
+        torch = _optional.torch()
         n = len(data)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        out = torch.empty(n * self.world_size, dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.comm.device)
-        self.comm.all_gather(buf, out, stream=stream.cuda_stream)
-        self.comm.wait(stream.cuda_stream)
-        host = out.cpu().numpy().tobytes()
+        if self._gather_stream is None:
+            self._gather_stream = torch.cuda.Stream(self.device)
+        stream = self._gather_stream
+        with torch.cuda.stream(stream):
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+            out = torch.empty(n * self.world_size, dtype=torch.uint8, device=self.device)
+            self.comm.all_gather(buf, out, stream=stream.cuda_stream)
+            self.comm.wait(stream.cuda_stream)
+            host = out.cpu().numpy().tobytes()
         return [host[i * n : (i + 1) * n] for i in range(self.world_size)]
+
+
+class _NcclRound(TransportRound):
+    def __init__(self, t: NcclTransport, sends, recvs) -> None:
+        self.t = t
+        self.peers = _peers(sends, recvs)
+        self.batch = t.comm.prepare_p2p([(b, p) for p, b in sends], [(b, p) for p, b in recvs])
+        self._event = None
+
+    def launch(self, stream, deadline: float) -> None:
+        self.batch.launch(stream.cuda_stream)
+        self._event = _record(stream)
+
+    def done(self) -> bool:
+        if self._event.query():
+            return True
+        self.t.poll_error()
+        return False
+
+    def end_event(self):
+        return self._event
 
 
 class TorchTransport(Transport):
     """Rounds through ``torch.distributed`` point-to-point on ``group`` (default: the world).
 
     gloo: CPU tensors move directly; CUDA tensors are staged through host memory (the engines'
-    "gloo" option). nccl: CUDA tensors on the current device.
+    "gloo" option); a round completes on the host. nccl: CUDA tensors on the current device;
+    a round is enqueued on the stream.
+
+    ``timeout`` (seconds; default ``$EPLB_PYNCCL_TIMEOUT`` or 600) bounds every wait. Past
+    it the process group is aborted (``ProcessGroup.abort``: a peer that never posts its side
+    leaves operations pending that no later call could match) and TimeoutError names the
+    peers; the transport refuses further use.
     """
 
-    def __init__(self, group=None) -> None:
-        torch = _torch()
+    def __init__(self, group=None, timeout: float | None = None) -> None:
+        torch = _optional.torch("TorchTransport")
         dist = torch.distributed
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TorchTransport needs torch.distributed initialised (init_process_group)")
+        if timeout is None:
+            timeout = _default_timeout()
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
         self.group = group
         self.backend = str(dist.get_backend(group)).lower()
         self.rank = dist.get_rank(group)
@@ -135,10 +279,12 @@ class TorchTransport(Transport):
             dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)
         ]
         self._cuda_capable = "nccl" in self.backend
+        self.host_exchange = not self._cuda_capable
+        self._failed: str | None = None
 
     @property
     def device(self):
-        torch = _torch()
+        torch = _optional.torch()
         if self._cuda_capable:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
@@ -150,8 +296,13 @@ class TorchTransport(Transport):
         elif t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on {t.device}; a {self.backend} group moves CPU or CUDA (staged) tensors")
 
-    def exchange(self, sends, recvs, stream=None) -> None:
-        torch = _torch()
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"this TorchTransport was aborted ({self._failed}); make a new process group")
+
+    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+        self._check_usable()
+        torch = _optional.torch()
         dist = torch.distributed
         g = self._global
         staged_back = []
@@ -180,25 +331,69 @@ class TorchTransport(Transport):
             ops.append(dist.P2POp(dist.irecv, t, g[peer], self.group, tag=k))
         if not ops:
             return
-        if self._cuda_capable and stream is not None:
-            with torch.cuda.stream(stream):
-                reqs = dist.batch_isend_irecv(ops)
-                for r in reqs:
+        if self._cuda_capable:
+            # enqueued on the stream: completion is the stream's (wait(), or an event)
+            with torch.cuda.stream(stream or torch.cuda.current_stream()):
+                for r in dist.batch_isend_irecv(ops):
                     r.wait()
-        else:
-            reqs = dist.batch_isend_irecv(ops)
-            for r in reqs:
-                r.wait()
-        for h, t in staged_back:
-            t.copy_(h)
+            return
+        reqs = dist.batch_isend_irecv(ops)
+        t = self.timeout if timeout is None else timeout
+        self._wait_all(reqs, time.monotonic() + t, _peers(sends, recvs), t)
+        for h, dst in staged_back:
+            dst.copy_(h)
+
+    def _wait_all(self, reqs, deadline: float, peers, t: float) -> None:
+        """Wait for the requests, each with what is left until the deadline (gloo's work
+        reports completion only through wait); past it abort the group and raise."""
+        for r in reqs:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise RuntimeError("Timed out before waiting")
+                r.wait(timeout=datetime.timedelta(seconds=left))
+            except RuntimeError as e:
+                if "Timed out" not in str(e) and time.monotonic() <= deadline:
+                    raise
+                self.abort(f"a round with peers {peers} did not complete within {t:.3g} s")
+                raise TimeoutError(
+                    f"rank {self.rank}: the exchange with peers {peers} did not complete within "
+                    f"{t:.3g} s; the process group was aborted"
+                ) from None
 
     def wait(self, stream=None, timeout: float | None = None) -> None:
-        torch = _torch()
-        if self._cuda_capable or (stream is not None):
-            (stream or torch.cuda.current_stream()).synchronize()
+        torch = _optional.torch()
+        if not (self._cuda_capable or stream is not None):
+            return
+        s = stream or torch.cuda.current_stream()
+        ev = torch.cuda.Event()
+        ev.record(s)
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        delay = 1e-5
+        while not ev.query():
+            if time.monotonic() > deadline:
+                self.abort(f"stream work not done after {t:.3g} s")
+                raise TimeoutError(f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted")
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+    def abort(self, why: str = "aborted by the caller") -> None:
+        if self._failed is not None:
+            return
+        self._failed = why
+        torch = _optional.torch()
+        pg = self.group if self.group is not None else torch.distributed.group.WORLD
+        fn = getattr(pg, "abort", None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - aborting is best effort; the transport is dead either way
+                pass
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        torch = _torch()
+        self._check_usable()
+        torch = _optional.torch()
         dist = torch.distributed
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if self._cuda_capable:
@@ -206,6 +401,9 @@ class TorchTransport(Transport):
         # the group's real size, not self.world_size: a transport misreporting its size must
         # still meet its peers here, so that verify=True can tell them all
         outs = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(outs, t, group=self.group)
+        work = dist.all_gather(outs, t, group=self.group, async_op=True)
+        if self._cuda_capable:
+            work.wait()
+        else:
+            self._wait_all([work], time.monotonic() + self.timeout, list(range(self.world_size)), self.timeout)
         return [o.cpu().numpy().tobytes() for o in outs]
-

@@ -70,10 +70,10 @@ class RankContext:
         cache: a dict kept between jobs of one :class:`RankPool` (e.g. a communicator).
     """
 
-    def __init__(self, rank: int, world_size: int, host: str, port: int) -> None:
+    def __init__(self, rank: int, world_size: int, host: str, port: int, device: int | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
-        self.device = rank
+        self.device = rank if device is None else device
         self.host = host
         self.port = port
         self.cache: dict = {}
@@ -123,9 +123,9 @@ def _resolve(module_name: str, module_file: str | None, qualname: str):
     return obj
 
 
-def _worker(conn, rank: int, world_size: int, host: str, port: int, env: dict) -> None:
+def _worker(conn, rank: int, world_size: int, host: str, port: int, env: dict, device=None) -> None:
     os.environ.update(env)
-    ctx = RankContext(rank, world_size, host, port)
+    ctx = RankContext(rank, world_size, host, port, device)
     while True:
         try:
             task = conn.recv()
@@ -155,7 +155,8 @@ def _worker(conn, rank: int, world_size: int, host: str, port: int, env: dict) -
 class RankPool:
     """``world_size`` rank processes that run jobs until :meth:`close` (or a failure)."""
 
-    def __init__(self, world_size: int, env: dict | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, world_size: int, env: dict | None = None, host: str = "127.0.0.1",
+                 devices: list | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -171,7 +172,7 @@ class RankPool:
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, r, world_size, host, port, full_env),
+                    args=(child, r, world_size, host, port, full_env, None if devices is None else devices[r]),
                     name=f"eplb-test-rank{r}",
                     daemon=True,
                 )
@@ -291,13 +292,16 @@ class RankPool:
         self.kill()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, grace: float = 15.0, env=None) -> list:
-    """Run ``fn(ctx, *args)`` once in each of ``world_size`` fresh rank processes.
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, grace: float = 15.0, env=None,
+              devices=None) -> list:
+    """Run ``fn(ctx, *args)`` once in each of ``world_size`` fresh rank processes (rank r on
+    ``devices[r]``, default device r; several ranks may share a GPU: CUDA IPC works between
+    processes on one device).
 
     Returns the per-rank results in rank order; raises RankFailure / RankTimeout (after
     killing every rank process) when a rank fails or the job exceeds ``timeout`` seconds.
     """
-    pool = RankPool(world_size, env=env)
+    pool = RankPool(world_size, env=env, devices=devices)
     try:
         return pool.run(fn, *args, timeout=timeout, grace=grace)
     finally:

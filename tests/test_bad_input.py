@@ -105,7 +105,7 @@ def test_bad_weights_are_refused_by_the_constructor():
             if t.device.type != "cpu":
                 raise ValueError(f"{name} is on {t.device}; this transport moves CPU tensors")
 
-        def exchange(self, sends, recvs, stream=None):
+        def exchange(self, sends, recvs, stream=None, timeout=None):
             raise AssertionError("nothing may be exchanged")
 
         def wait(self, stream=None, timeout=None):
@@ -127,6 +127,13 @@ def test_bad_weights_are_refused_by_the_constructor():
         (lambda: ExpertShuffler(t, [[torch.zeros(4, 8, device="meta")]]), ValueError, "is on meta"),
         (lambda: ExpertShuffler(t, [[good]], staging_bytes=-1), ValueError, "staging_bytes must be a non-negative int"),
         (lambda: ExpertShuffler(t, [[good]], max_messages_per_round=0), ValueError, "max_messages_per_round must be a positive int"),
+        (lambda: ExpertShuffler(t, [[good]], timeout=-1), ValueError, r"timeout must be a positive number of seconds, got -1$"),
+        (lambda: ExpertShuffler(t, [[good]], timeout=0), ValueError, r"timeout must be a positive number of seconds, got 0$"),
+        (lambda: ExpertShuffler(t, [[good]], timeout="5"), ValueError, r"timeout must be a positive number of seconds, got '5'$"),
+        (lambda: ExpertShuffler(t, [[good]], ranks_per_node=3), ValueError,
+         r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$"),
+        (lambda: ExpertShuffler(t, [[good]], ranks_per_node=0), ValueError, r"ranks_per_node must be >= 1, got 0$"),
+        (lambda: ExpertShuffler(t, [[good]], pack_threshold=-1), ValueError, "pack_threshold must be a non-negative int"),
     ]
     for make, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -184,11 +191,11 @@ def _failure_job(rank, world):
 
         calls = 0
 
-        def exchange(self, sends, recvs, stream=None):
+        def exchange(self, sends, recvs, stream=None, timeout=None):
             Flaky.calls += 1
             if Flaky.calls == 2:
                 raise RuntimeError("injected transport failure")
-            return super().exchange(sends, recvs, stream)
+            return super().exchange(sends, recvs, stream, timeout)
 
     old, new, weights, _, Shuffler = _setup(rank, world, seed=3)
     sh = Shuffler(Flaky(), weights, max_messages_per_round=4)  # several rounds
@@ -253,3 +260,55 @@ def _busy_job(rank, world):
 def test_second_rearrangement_while_one_is_in_progress():
     for msg in run_gloo(_busy_job, 2):
         assert msg == "a rearrangement is already in progress on this shuffler; finish it first"
+
+
+def _timeout_job(rank, world, timeout):
+    import time
+
+    from eplb_pynccl import RearrangeError
+
+    old, new, weights, transport, Shuffler = _setup(rank, world)
+    sh = Shuffler(transport, weights, timeout=timeout)
+    if rank == 1:
+        new = old  # this rank has nothing to do: its peer waits for a message that never comes
+    t0 = time.monotonic()
+    try:
+        sh.rearrange(old, new, verify=False)
+        if rank == 1:
+            time.sleep(timeout + 2)  # alive (a process that exits closes its connections at once)
+        return None, time.monotonic() - t0, None
+    except RearrangeError as e:
+        return str(e), time.monotonic() - t0, e.peers
+
+
+def test_a_peer_that_never_posts_times_out_within_the_shufflers_timeout():
+    (msg, elapsed, peers), (msg1, _, _) = run_gloo(_timeout_job, 2, 3.0, timeout=60)
+    assert msg1 is None  # rank 1 had nothing to move
+    assert msg is not None and 3.0 <= elapsed <= 3.0 + 5, (msg, elapsed)
+    assert "the exchange with peers [1] did not complete within 3 s; the process group was aborted" in msg
+    assert peers == [1]
+
+
+def _dtype_job(rank, world, verify):
+    import torch as T
+
+    old, new, weights, transport, Shuffler = _setup(rank, world)
+    if rank == 1:  # same bytes per row, another dtype: the messages' sizes differ
+        weights[0][0] = T.zeros((P, 4), dtype=T.float64)
+    sh = Shuffler(transport, weights)
+    snap = _snapshot(weights)
+    try:
+        sh.rearrange(old, new, **({} if verify is None else {"verify": verify}))
+        return None, _same(weights, snap)
+    except ValueError as e:
+        return str(e), _same(weights, snap)
+
+
+def test_ranks_with_other_dtypes_are_refused_by_default_over_gloo():
+    # without the check gloo aborts both processes (sizes that do not match); by default a
+    # host transport verifies every rearrangement
+    for rank, (msg, unchanged) in enumerate(run_gloo(_dtype_job, 2, None, timeout=60)):
+        assert unchanged, f"rank {rank} moved weights"
+        assert msg is not None and msg.startswith(
+            "verify=True: ranks disagree or refused the input: expert weight shapes/dtypes"
+        ), msg

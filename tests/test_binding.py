@@ -685,8 +685,16 @@ def test_comm_init_without_gpu_maps_the_real_error(kwargs, function):
     assert e.error_string
     assert e.error_string == library.load().error_string(1)
     assert "CUDA driver version is insufficient" in e.last_error
+    # NCCL's own words read as a version problem: the error says there is no GPU
+    from eplb_pynccl._nccl import cuda
+
+    assert e.detail == (
+        "no usable GPU on this machine: the CUDA driver does not load "
+        f"({cuda.unavailable_reason()}); a Communicator needs an NVIDIA GPU and its driver"
+    )
     assert str(e) == (
-        f"{function} failed: ncclUnhandledCudaError (1): {e.error_string}; NCCL last error: {e.last_error}"
+        f"{function} failed: ncclUnhandledCudaError (1): {e.error_string}; NCCL last error: "
+        f"{e.last_error}; {e.detail}"
     )
     assert dict(_live) == live_before  # nothing registered as a live communicator
     # The failed init must not leave this thread inside an NCCL group (later groups would then

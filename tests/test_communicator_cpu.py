@@ -35,8 +35,8 @@ UID = UniqueId(bytes(range(128)))
 # ---- Communicator argument validation ----------------------------------------------------------
 
 COMM_ARG_ERRORS = [
-    (("x", 0, 1), {}, TypeError, "unique_id must be a UniqueId, got str"),
-    ((None, 0, 1), {}, TypeError, "unique_id must be a UniqueId, got NoneType"),
+    (("x", 0, 1), {}, TypeError, "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got str"),
+    ((None, 0, 1), {}, TypeError, "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got NoneType"),
     ((bytes(5), 0, 1), {}, ValueError, "unique id must be 128 bytes, got 5"),
     ((bytearray(200), 0, 1), {}, ValueError, "unique id must be 128 bytes, got 200"),
     ((UID, "0", 2), {}, TypeError, "rank must be an int, got str"),

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb_pynccl.shuffler import _cycle_heads, _order_copies
+from eplb_pynccl.schedule import _cycle_heads, _order_copies
 
 
 def _cycles_naive(parent):
@@ -83,7 +83,7 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
     # the staging bound is computed from the global plan on every rank; each rank then orders
     # its own copies: the stash rows and copy counts must be the same numbers
     from eplb_pynccl import plan_rearrangement
-    from eplb_pynccl.shuffler import _phase_c_copies
+    from eplb_pynccl.schedule import _phase_c_copies
     from tests.shuffle_util import random_maps
 
     rng = np.random.default_rng(seed)
@@ -103,7 +103,7 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
 
 
 def test_runs_break_at_layer_peer_gap_and_unstaged_rows():
-    from eplb_pynccl.shuffler import _runs
+    from eplb_pynccl.schedule import _runs
 
     layer = np.array([0, 0, 1, 1, 1, 1, 1])
     peer = np.array([2, 2, 2, 2, 3, 3, 3])
@@ -121,15 +121,27 @@ def test_runs_break_at_layer_peer_gap_and_unstaged_rows():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(-5, 50), max_size=60))
 def test_distinct_matches_numpy_unique(raw):
-    from eplb_pynccl.shuffler import _distinct
+    from eplb_pynccl.schedule import _distinct
 
     a = np.array(raw, dtype=np.int64)
     assert _distinct(a).tolist() == np.unique(a).tolist()
 
 
 def test_row_copies_cover_every_tensor_of_each_row_pair():
-    from eplb_pynccl.shuffler import _row_copies
+    from eplb_pynccl import plan_rearrangement
+    from eplb_pynccl.schedule import Copies, Layout, build_schedule
 
-    # two tensors at 1000 and 5000 with rows of 16 and 4 bytes; copies row 2 -> 0, 1 -> 3
-    got = _row_copies([1000, 5000], [16, 4], [(2, 0), (1, 3)])
-    assert got == [(1000, 1032, 16), (5000, 5008, 4), (1048, 1016, 16), (5012, 5004, 4)]
+    # one rank, tensors with rows of 16 and 4 bytes: expert 7 (row 2) copied into rows 0 and 3,
+    # rows nobody reads (not transactional: phase A, one unordered batch)
+    old = np.array([[5, 6, 7, 8]])
+    new = np.array([[7, 6, 7, 7]])
+    plan = plan_rearrangement(old, new, 1)
+    sched = build_schedule(plan, Layout.of([[16, 4]], 4), transactional=False)
+    (ro,) = sched.rank(0).rounds
+    copies = [op for op in ro.pre + ro.post if isinstance(op, Copies)]
+    got = [list(zip(op.dst_buf.tolist(), op.dst_off.tolist(), op.src_buf.tolist(),
+                    op.src_off.tolist(), op.nbytes.tolist())) for op in copies]
+    # (dst buffer, dst byte, src buffer, src byte, bytes): row 2 -> 0, then row 2 -> 3, each
+    # for the 16-byte tensor (buffer 0) and the 4-byte one (buffer 1)
+    assert got == [[(0, 0, 0, 32, 16), (1, 0, 1, 8, 4), (0, 48, 0, 32, 16), (1, 12, 1, 8, 4)]]
+    assert [op.ordered for op in copies] == [False]

@@ -126,6 +126,7 @@ def _peer_failure_job(ctx, outdir, timeout):
     return res
 
 
+@pytest.mark.gpu(gpus=2)  # one rank dies, another must survive it (NCCL: one rank per GPU)
 def test_peer_dies_mid_rearrangement(world_size, tmp_path):
     timeout = 5.0
     with pytest.raises(RankFailure) as info:

@@ -370,7 +370,7 @@ def _job_p2p_and_prepared(ctx):
 
     r, n, dev = ctx.rank, ctx.world_size, ctx.device
     N = 4096 + 3
-    peers = [p for p in range(n) if p != r]
+    peers = [p for p in range(n) if p != r] or [r]  # one rank: a batch to itself
     x = {p: _payload(_seed(20, r * n + p), N).to(dev) for p in peers}  # what r sends to p
     y = {p: torch.full((N,), 0xA5, dtype=torch.uint8, device=dev) for p in peers}
     torch.cuda.synchronize(dev)
@@ -405,7 +405,8 @@ def _job_p2p_and_prepared(ctx):
     for p in peers:
         _assert_bytes(y[p], _payload(_seed(22, p * n + r), N), f"prepared in a group from {p}")
     left = (r - 1) % n
-    _assert_bytes(z, _payload(_seed(22, left * n + [q for q in range(n) if q != left][0]), N), "ring beside")
+    left_first = ([q for q in range(n) if q != left] or [left])[0]  # what left sent: its x[peers[0]]
+    _assert_bytes(z, _payload(_seed(22, left * n + left_first), N), "ring beside")
     # bad input is refused by prepare_p2p, naming the entry; nothing is issued
     try:
         comm.prepare_p2p([(x[peers[0]], n)])
@@ -413,6 +414,65 @@ def _job_p2p_and_prepared(ctx):
         assert str(e) == f"sends[0]: peer must be in [0, {n}), got {n}", str(e)
     else:
         raise AssertionError("a bad peer was accepted")
+    return True
+
+
+def _job_captured_batch(ctx):
+    torch, comm = _setup(ctx)
+    from eplb_pynccl import CapturedP2P, Communicator, CommunicatorStateError, group
+
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
+    N = 4096 + 5
+    peers = [p for p in range(n) if p != r] or [r]
+    x = {p: torch.empty(N, dtype=torch.uint8, device=dev) for p in peers}
+    y = {p: torch.full((N,), 0xA5, dtype=torch.uint8, device=dev) for p in peers}
+    sends, recvs = [(x[p], p) for p in peers], [(y[p], p) for p in peers]
+    batch = comm.prepare_p2p(sends, recvs)
+    batch.launch()  # connections are made outside the capture
+    torch.cuda.synchronize(dev)
+    g = batch.capture()
+    assert isinstance(g, CapturedP2P) and g.num_ops == 2 * len(peers) and not g.released
+    s = torch.cuda.Stream(device=dev)
+    for k, stream in ((31, None), (32, s), (33, s.cuda_stream)):
+        for p in peers:  # the graph reads its buffers' contents when it runs
+            x[p].copy_(_payload(_seed(k, r * n + p), N).to(dev))
+            y[p].fill_(0xA5)
+        torch.cuda.synchronize(dev)
+        g.launch(stream)
+        torch.cuda.synchronize(dev)
+        for p in peers:
+            _assert_bytes(y[p], _payload(_seed(k, p * n + r), N), f"replay {k} from {p}")
+    g2 = comm.prepare_p2p(sends, recvs, graph=True)
+    assert isinstance(g2, CapturedP2P)
+    g2.launch()
+    torch.cuda.synchronize(dev)
+    g2.release()
+    with pytest.raises(CommunicatorStateError, match=r"^this captured batch was released \(released by the caller\); capture it again$"):
+        g2.launch()
+    with pytest.raises(RuntimeError, match=r"^capture\(\) cannot run inside group\(\)"):
+        with group():
+            batch.capture()
+    with pytest.raises(ValueError, match=r"^capture\(\) of an empty batch"):
+        comm.prepare_p2p([], []).capture()
+    # a communicator with a live graph closes (collective) without hanging, releasing it; one
+    # aborted releases its graphs too
+    out = {}
+    for how in ("close", "abort"):
+        c = Communicator.from_store(ctx.store, r, n, device=dev, key=ctx.key(f"graph-{how}"), timeout=60)
+        b = c.prepare_p2p(sends, recvs)
+        b.launch()
+        torch.cuda.synchronize(dev)
+        gg = b.capture()
+        gg.launch()
+        torch.cuda.synchronize(dev)
+        t0 = time.monotonic()
+        getattr(c, how)()
+        out[how] = time.monotonic() - t0
+        assert gg.released
+        word = "closed" if how == "close" else "aborted"
+        with pytest.raises(CommunicatorStateError, match=f"^this captured batch was released \\(its communicator was {word}\\); capture it again$"):
+            gg.launch()
+    g.release()
     return True
 
 
@@ -882,6 +942,11 @@ def test_p2p_batch_and_prepared_batch(pool, world_size):
     assert pool.run(_job_p2p_and_prepared, timeout=JOB_TIMEOUT) == [True] * world_size
 
 
+def test_prepared_batch_captured_as_a_cuda_graph(pool, world_size):
+    assert pool.run(_job_captured_batch, timeout=JOB_TIMEOUT) == [True] * world_size
+
+
+@pytest.mark.gpu(gpus=2)  # the pointer must live on a GPU other than the communicator's
 def test_raw_pointer_on_another_gpu_is_refused(pool, world_size):
     assert pool.run(_job_raw_tuples_wrong_device, timeout=JOB_TIMEOUT) == [True] * world_size
 

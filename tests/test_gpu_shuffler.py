@@ -112,7 +112,7 @@ def test_gpu_shuffler_exact(world_size, case):
             assert r["peak"] <= r["bound"] + 64 * 1024, r
             total_sent[i] += r["sent"]
             total_recv[i] += r["recv"]
-        if case == "nccl-unpacked-many-rounds":
+        if case == "nccl-unpacked-many-rounds" and world_size > 1:  # one rank posts no messages
             # the message cap splits at least one of the three rearrangements (with few
             # transfers per layer a whole rearrangement may fit one round of 24 messages)
             assert max(r["rounds"] for r in out) >= 2, out

@@ -21,7 +21,39 @@ _CU_EVENT_DISABLE_TIMING = 2
 
 
 class CudaError(RuntimeError):
-    pass
+    def __init__(self, msg: str, code: int = 0) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+class IpcHandle(ctypes.Structure):
+    """CUipcMemHandle / CUipcEventHandle: 64 opaque bytes, passed by value."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+_CU_EVENT_INTERPROCESS = 4
+_CU_STREAM_NON_BLOCKING = 1
+_CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+_CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+_CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
+_CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33
+_CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34
+_CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
+_CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
+_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+
+
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class MemcpyAttributes(ctypes.Structure):
+    """CUmemcpyAttributes (CUDA 12.8+)."""
+
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _MemLocation),
+                ("dstLocHint", _MemLocation), ("flags", ctypes.c_uint)]
 
 
 class Driver:
@@ -29,28 +61,60 @@ class Driver:
         self._lib = ctypes.CDLL("libcuda.so.1")
         L = self._lib
         self._fn = {}
+        V, I, U, S, ULL = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t, ctypes.c_ulonglong
         sig = {
-            "cuInit": [ctypes.c_uint],
-            "cuDeviceGetCount": [ctypes.c_void_p],
-            "cuDeviceGet": [ctypes.c_void_p, ctypes.c_int],
-            "cuDevicePrimaryCtxRetain": [ctypes.c_void_p, ctypes.c_int],
-            "cuCtxSetCurrent": [ctypes.c_void_p],
-            "cuCtxGetCurrent": [ctypes.c_void_p],
-            "cuCtxGetDevice": [ctypes.c_void_p],
-            "cuPointerGetAttribute": [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p],
-            "cuEventCreate": [ctypes.c_void_p, ctypes.c_uint],
-            "cuEventRecord": [ctypes.c_void_p, ctypes.c_void_p],
-            "cuEventQuery": [ctypes.c_void_p],
-            "cuEventDestroy_v2": [ctypes.c_void_p],
-            "cuStreamQuery": [ctypes.c_void_p],
-            "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p],
-            "cuGetErrorString": [ctypes.c_int, ctypes.c_void_p],
+            "cuInit": [U],
+            "cuDeviceGetCount": [V],
+            "cuDeviceGet": [V, I],
+            "cuDeviceGetAttribute": [V, I, I],
+            "cuDeviceGetName": [ctypes.c_char_p, I, I],
+            "cuDeviceGetUuid_v2": [V, I],
+            "cuDeviceCanAccessPeer": [V, I, I],
+            "cuDevicePrimaryCtxRetain": [V, I],
+            "cuCtxSetCurrent": [V],
+            "cuCtxGetCurrent": [V],
+            "cuCtxGetDevice": [V],
+            "cuPointerGetAttribute": [V, I, V],
+            "cuEventCreate": [V, U],
+            "cuEventRecord": [V, V],
+            "cuEventQuery": [V],
+            "cuEventDestroy_v2": [V],
+            "cuStreamCreate": [V, U],
+            "cuStreamDestroy_v2": [V],
+            "cuStreamQuery": [V],
+            "cuStreamWaitEvent": [V, V, U],
+            "cuStreamBeginCapture_v2": [V, I],
+            "cuStreamEndCapture": [V, V],
+            "cuGraphInstantiateWithFlags": [V, V, ULL],
+            "cuGraphLaunch": [V, V],
+            "cuGraphExecDestroy": [V],
+            "cuGraphDestroy": [V],
+            "cuIpcGetMemHandle": [V, ctypes.c_uint64],
+            "cuIpcOpenMemHandle_v2": [V, IpcHandle, U],
+            "cuIpcCloseMemHandle": [ctypes.c_uint64],
+            "cuIpcGetEventHandle": [V, V],
+            "cuIpcOpenEventHandle": [V, IpcHandle],
+            "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, S, V],
+            "cuGetErrorString": [I, V],
+        }
+        # optional: CUDA 12.8+ (the _v2 signature, without failIdx, is CUDA 13's)
+        optional = {
+            "cuMemcpyBatchAsync_v2": [V, V, V, S, V, V, S, V],
+            "cuMemcpyBatchAsync": [V, V, V, S, V, V, S, V, V],
         }
         for name, args in sig.items():
             f = getattr(L, name)
             f.restype = ctypes.c_int
             f.argtypes = args
             self._fn[name] = f
+        for name, args in optional.items():
+            f = getattr(L, name, None)
+            if f is not None:
+                f.restype = ctypes.c_int
+                f.argtypes = args
+                self._fn[name] = f
+        # hot path: the per-row copy without argtypes (prebuilt values, no conversion checks)
+        self._memcpy = L["cuMemcpyDtoDAsync_v2"]
         self._check(self._fn["cuInit"](0), "cuInit")
         self._ctx: dict[int, int] = {}
 
@@ -59,7 +123,7 @@ class Driver:
             s = ctypes.c_char_p()
             self._fn["cuGetErrorString"](rc, ctypes.byref(s))
             msg = s.value.decode() if s.value else "unknown"
-            raise CudaError(f"{what} failed: CUDA error {rc} ({msg})")
+            raise CudaError(f"{what} failed: CUDA error {rc} ({msg})", rc)
 
     def device_count(self) -> int:
         n = ctypes.c_int()
@@ -140,6 +204,162 @@ class Driver:
 
     def event_destroy(self, event: int) -> None:
         self._fn["cuEventDestroy_v2"](event)
+
+    # ---- devices ---------------------------------------------------------------------
+    def _device(self, device: int) -> int:
+        d = ctypes.c_int()
+        self._check(self._fn["cuDeviceGet"](ctypes.byref(d), device), "cuDeviceGet")
+        return d.value
+
+    def device_info(self, device: int) -> dict:
+        """Name, UUID (hex), compute capability and PCI bus id of a device."""
+        d = self._device(device)
+        name = ctypes.create_string_buffer(256)
+        self._check(self._fn["cuDeviceGetName"](name, 256, d), "cuDeviceGetName")
+        uuid = ctypes.create_string_buffer(16)
+        self._check(self._fn["cuDeviceGetUuid_v2"](uuid, d), "cuDeviceGetUuid")
+        out = {"name": name.value.decode(errors="replace"), "uuid": uuid.raw.hex()}
+        for key, attr in (("cc_major", _CU_DEVICE_ATTRIBUTE_CC_MAJOR), ("cc_minor", _CU_DEVICE_ATTRIBUTE_CC_MINOR),
+                          ("pci_bus", _CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)):
+            v = ctypes.c_int()
+            self._check(self._fn["cuDeviceGetAttribute"](ctypes.byref(v), attr, d), "cuDeviceGetAttribute")
+            out[key] = v.value
+        return out
+
+    def device_by_uuid(self, uuid_hex: str) -> int | None:
+        """The ordinal of the visible device with this UUID, or None."""
+        for i in range(self.device_count()):
+            if self.device_info(i)["uuid"] == uuid_hex:
+                return i
+        return None
+
+    def can_access_peer(self, device: int, peer: int) -> bool:
+        if device == peer:
+            return True
+        v = ctypes.c_int()
+        self._check(self._fn["cuDeviceCanAccessPeer"](ctypes.byref(v), self._device(device), self._device(peer)),
+                    "cuDeviceCanAccessPeer")
+        return bool(v.value)
+
+    # ---- streams and events ------------------------------------------------------------
+    def stream_create(self) -> int:
+        """A non-blocking stream on the current context."""
+        s = ctypes.c_void_p()
+        self._check(self._fn["cuStreamCreate"](ctypes.byref(s), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        return s.value
+
+    def stream_destroy(self, stream: int) -> None:
+        self._fn["cuStreamDestroy_v2"](stream)
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        self._check(self._fn["cuStreamWaitEvent"](stream, event, 0), "cuStreamWaitEvent")
+
+    def event_create_ipc(self) -> int:
+        """An event other processes can open (interprocess, no timing)."""
+        e = ctypes.c_void_p()
+        self._check(self._fn["cuEventCreate"](ctypes.byref(e), _CU_EVENT_DISABLE_TIMING | _CU_EVENT_INTERPROCESS),
+                    "cuEventCreate")
+        return e.value
+
+    def ipc_event_handle(self, event: int) -> bytes:
+        h = IpcHandle()
+        self._check(self._fn["cuIpcGetEventHandle"](ctypes.byref(h), event), "cuIpcGetEventHandle")
+        return ctypes.string_at(ctypes.addressof(h), 64)
+
+    def ipc_open_event(self, handle: bytes) -> int:
+        h = IpcHandle.from_buffer_copy(handle)
+        e = ctypes.c_void_p()
+        self._check(self._fn["cuIpcOpenEventHandle"](ctypes.byref(e), h), "cuIpcOpenEventHandle")
+        return e.value
+
+    # ---- IPC memory ----------------------------------------------------------------------
+    def ipc_capable(self, ptr: int) -> bool:
+        """Whether ``ptr``'s allocation can be exported with cuIpcGetMemHandle (False for
+        cuMem/VMM allocations, e.g. torch's expandable segments)."""
+        v = ctypes.c_int()
+        rc = self._fn["cuPointerGetAttribute"](ctypes.byref(v), _CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, ptr)
+        return rc == _CUDA_SUCCESS and bool(v.value)
+
+    def ipc_mem_handle(self, base: int) -> bytes:
+        """The IPC handle of the allocation starting at ``base``."""
+        h = IpcHandle()
+        self._check(self._fn["cuIpcGetMemHandle"](ctypes.byref(h), base), "cuIpcGetMemHandle")
+        return ctypes.string_at(ctypes.addressof(h), 64)
+
+    def ipc_open_mem(self, handle: bytes) -> int:
+        h = IpcHandle.from_buffer_copy(handle)
+        p = ctypes.c_uint64()
+        self._check(self._fn["cuIpcOpenMemHandle_v2"](ctypes.byref(p), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle")
+        return p.value
+
+    def ipc_close_mem(self, ptr: int) -> None:
+        self._check(self._fn["cuIpcCloseMemHandle"](ptr), "cuIpcCloseMemHandle")
+
+    # ---- batched copies --------------------------------------------------------------------
+    @property
+    def has_memcpy_batch(self) -> bool:
+        return "cuMemcpyBatchAsync_v2" in self._fn or "cuMemcpyBatchAsync" in self._fn
+
+    def memcpy_batch(self, dsts, srcs, sizes, stream: int, prefer_ce: bool = True) -> None:
+        """Copies ``[(dst, src, nbytes)]`` as one batch (``cuMemcpyBatchAsync``, unordered
+        within the batch), with the hint that prefers copy engines (overlap with compute);
+        one cuMemcpyDtoDAsync each where the driver lacks it. ``dsts``/``srcs``/``sizes``
+        are ctypes arrays (see :func:`copy_arrays`)."""
+        n = len(sizes)
+        if not n:
+            return
+        fn = self._fn.get("cuMemcpyBatchAsync_v2")
+        attrs = MemcpyAttributes(_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, _MemLocation(0, 0), _MemLocation(0, 0),
+                                 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE if prefer_ce else 0)
+        idx = ctypes.c_size_t(0)
+        if fn is not None:
+            rc = fn(dsts, srcs, sizes, n, ctypes.byref(attrs), ctypes.byref(idx), 1, stream)
+            self._check(rc, "cuMemcpyBatchAsync")
+            return
+        fn = self._fn.get("cuMemcpyBatchAsync")
+        if fn is not None:
+            fail = ctypes.c_size_t(0)
+            rc = fn(dsts, srcs, sizes, n, ctypes.byref(attrs), ctypes.byref(idx), 1, ctypes.byref(fail), stream)
+            self._check(rc, "cuMemcpyBatchAsync")
+            return
+        self.memcpy_dtod_async(list(zip(dsts, srcs, sizes)), stream)
+
+    # ---- graphs ---------------------------------------------------------------------------
+    def begin_capture(self, stream: int) -> None:
+        self._check(self._fn["cuStreamBeginCapture_v2"](stream, _CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                    "cuStreamBeginCapture")
+
+    def end_capture(self, stream: int) -> int:
+        g = ctypes.c_void_p()
+        self._check(self._fn["cuStreamEndCapture"](stream, ctypes.byref(g)), "cuStreamEndCapture")
+        return g.value
+
+    def graph_instantiate(self, graph: int) -> int:
+        e = ctypes.c_void_p()
+        self._check(self._fn["cuGraphInstantiateWithFlags"](ctypes.byref(e), graph, 0), "cuGraphInstantiate")
+        return e.value
+
+    def graph_launch(self, exec_: int, stream: int) -> None:
+        rc = self._fn["cuGraphLaunch"](exec_, stream)
+        if rc != _CUDA_SUCCESS:
+            self._check(rc, "cuGraphLaunch")
+
+    def graph_destroy(self, exec_: int | None, graph: int | None) -> None:
+        if exec_:
+            self._fn["cuGraphExecDestroy"](exec_)
+        if graph:
+            self._fn["cuGraphDestroy"](graph)
+
+
+def copy_arrays(copies):
+    """ctypes (dsts, srcs, sizes) arrays for :meth:`Driver.memcpy_batch` from
+    ``[(dst, src, nbytes)]`` (built once, reused for every launch)."""
+    n = len(copies)
+    dsts = (ctypes.c_uint64 * n)(*(c[0] for c in copies))
+    srcs = (ctypes.c_uint64 * n)(*(c[1] for c in copies))
+    sizes = (ctypes.c_size_t * n)(*(c[2] for c in copies))
+    return dsts, srcs, sizes
 
 
 _lock = threading.Lock()

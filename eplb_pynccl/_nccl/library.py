@@ -123,6 +123,10 @@ class NcclLibrary:
         hot = ctypes.PyDLL(path)
         self._raw_send = hot["ncclSend"] if "ncclSend" not in self.missing else None
         self._raw_recv = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
+        # ncclGroupStart only opens a group (keeps the GIL); ncclGroupEnd may block (it
+        # releases it). Both without argtypes: no conversion work per call.
+        self._gstart = hot["ncclGroupStart"]
+        self._gend = self._cdll["ncclGroupEnd"]
         self._stream_objs: dict[int, ctypes.c_void_p] = {}
 
     # -- basics -------------------------------------------------------------------------
@@ -250,10 +254,15 @@ class NcclLibrary:
 
     # -- groups and p2p -----------------------------------------------------------------
     def group_start(self) -> None:
-        self.check(self.fn("ncclGroupStart")(), "ncclGroupStart")
+        rc = self._gstart()
+        if rc:
+            self.check(rc, "ncclGroupStart")
 
     def group_end(self) -> int:
-        return self.check(self.fn("ncclGroupEnd")(), "ncclGroupEnd")
+        rc = self._gend()
+        if rc and rc != NCCL_IN_PROGRESS:
+            raise self.error(rc, "ncclGroupEnd")
+        return rc
 
     def stream_obj(self, stream: int) -> ctypes.c_void_p:
         s = self._stream_objs.get(stream)

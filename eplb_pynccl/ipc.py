@@ -1,0 +1,558 @@
+"""Layer 3: a one-sided, zero-SM transport for the GPUs of one node (copy engines over CUDA IPC),
+with NCCL for peers on other nodes.
+
+Set-up (:meth:`IpcTransport.register_buffers`, collective, through a key-value store or the
+communicator): every rank exports CUDA IPC handles of the allocations that hold its expert
+weights (a torch tensor lives at an offset inside one of the caching allocator's blocks) and of
+two interprocess events, and creates a small shared-memory page of counters; its peers on the
+node open all of them once.
+
+A round (from the shuffler's schedule, which packs nothing for a one-sided transport, so every
+receive names a weight row on the sender): the receiver *pulls* each run of rows from the
+sender's live weights into its own staging (or, not transactional, into rows nobody reads) with
+``cuMemcpyBatchAsync`` (copy engines, the hint that prefers overlap with compute; one
+``cuMemcpyDtoDAsync`` per run where the driver lacks it) on a stream of the transport's own.
+
+Ordering, with no GPU-side wait on a peer (every wait is a host poll with the timeout):
+
+1. ``launch``: after phase A on the exchange stream, record the *ready* event and publish the
+   round's sequence number in this rank's ``ready`` counter: my rows for this round are stable.
+2. ``done()``: a source peer is ready once its ``ready`` counter has reached the round and its
+   ready event has completed; its pulls are then issued. Once all are issued, record the
+   *done* event (after the pulls) and publish ``done``.
+3. ``done()`` is True once my pulls have landed and every peer that reads my rows has
+   published ``done`` for the round with its done event complete: only then may this rank
+   apply (overwrite) rows a peer read.
+
+A rank records ready_{q+1} only after applying round q, which waits for every reader's done_q,
+and a reader records done_{q+1} only after seeing the sender's ready_{q+1}: an event is never
+re-recorded before the peers that wait on its previous record have seen it complete. A failing
+rank sets its ``failed`` counter, so its peers raise at once instead of at their timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from ._nccl import cuda as _cuda
+from .communicator import Communicator, _default_timeout
+from .errors import CommunicatorStateError
+from .transport import Transport, TransportRound, _peers
+
+__all__ = ["IpcTransport"]
+
+_READY, _DONE, _FAILED = 0, 1, 2  # this rank's counters in its shared page
+
+
+class _Peer:
+    """What a rank knows about a peer on its node: its tensors' base pointers in this
+    process, its two events and its counters."""
+
+    __slots__ = ("rank", "bases", "ready", "done", "counters", "shm", "pid")
+
+    def __init__(self, rank, bases, ready, done, counters, shm, pid):
+        self.rank, self.bases = rank, bases
+        self.ready, self.done = ready, done
+        self.counters, self.shm = counters, shm
+        self.pid = pid
+
+
+class IpcTransport(Transport):
+    """Copy-engine rounds between the GPUs (or processes) of one node, NCCL across nodes.
+
+    Args:
+        rank, world_size: this rank and the number of ranks (taken from ``communicator``
+            when one is given).
+        store: a key-value store with ``set``/``get`` (torch ``TCPStore``) for the set-up
+            exchange; or leave it None and give a ``communicator``.
+        communicator: an eplb_pynccl :class:`Communicator` of the same ranks: peers on other
+            nodes go through it (NCCL), and the set-up may run over it.
+        device: this rank's CUDA device (default: the communicator's, else the current one).
+        ranks_per_node: ranks ``[k * n, (k + 1) * n)`` share node k; None: by host name.
+        timeout: seconds any wait may take (default ``$EPLB_PYNCCL_TIMEOUT`` or 600).
+        key: store key prefix (different for each transport made through the same store).
+
+    Rounds are launched by :class:`~eplb_pynccl.ExpertShuffler` (which calls
+    :meth:`register_buffers` at construction: collective). ``close()`` releases every
+    opened handle, event and page; use after it is an error.
+    """
+
+    accepts_raw = True
+    one_sided = True
+
+    def __init__(self, rank: int | None = None, world_size: int | None = None, store=None, *,
+                 communicator: Communicator | None = None, device=None, ranks_per_node: int | None = None,
+                 timeout: float | None = None, key: str = "eplb_pynccl/ipc") -> None:
+        if communicator is not None:
+            if not isinstance(communicator, Communicator):
+                raise TypeError(f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}")
+            if rank is not None and rank != communicator.rank:
+                raise ValueError(f"rank {rank} differs from the communicator's rank {communicator.rank}")
+            if world_size is not None and world_size != communicator.world_size:
+                raise ValueError(f"world_size {world_size} differs from the communicator's {communicator.world_size}")
+            rank, world_size = communicator.rank, communicator.world_size
+            if device is None:
+                device = communicator.device
+        if store is None and communicator is None:
+            raise ValueError("IpcTransport needs a store (set/get) or a communicator for its set-up")
+        if store is not None and not (hasattr(store, "set") and hasattr(store, "get")):
+            raise TypeError(f"store must have set() and get(), got {type(store).__name__}")
+        for name, v in (("rank", rank), ("world_size", world_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if ranks_per_node is not None:
+            if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
+                raise ValueError(f"ranks_per_node must be a positive int, got {ranks_per_node!r}")
+            if ranks_per_node > world_size:
+                raise ValueError(f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})")
+        if timeout is None:
+            timeout = _default_timeout()
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        drv = _cuda.driver()
+        if drv is None:
+            raise RuntimeError(f"IpcTransport needs a GPU and its driver: {_cuda.unavailable_reason()}")
+        if device is None:
+            device = drv.current_device() or 0
+        if isinstance(device, str):
+            device = int(device.split(":")[-1])
+        device = getattr(device, "index", device)
+        self.rank, self.world_size = rank, world_size
+        self.comm = communicator
+        self.store = store
+        self._device = int(device)
+        self.timeout = float(timeout)
+        self._key = key
+        self._gen = 0
+        self._rpn = ranks_per_node
+        self._drv = drv
+        self._state = "open"
+        self._failed_why = None
+        self._peers: dict[int, _Peer] = {}
+        self._opened: list[int] = []  # mapped peer allocations, closed by close()
+        self._events: list[int] = []  # every event created or opened here
+        self._seq = 0  # rounds launched (the same sequence on every rank)
+        self._next_alive_check = 0.0
+        self._registered = False
+        self.node = [0] * world_size
+        drv.set_device(self._device)
+        self._copy_stream = drv.stream_create()
+        self._ready = drv.event_create_ipc()
+        self._done = drv.event_create_ipc()
+        self._events += [self._ready, self._done]
+        name = f"eplb_ipc_{os.getpid()}_{id(self):x}"
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=64)
+        self._counters = np.ndarray((8,), dtype=np.int64, buffer=self._shm.buf)
+        self._counters[:] = 0
+        self._info = drv.device_info(self._device)
+
+    # ---- Transport members ---------------------------------------------------------------
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cuda", self._device)
+
+    def check_tensor(self, t, name: str) -> None:
+        if t.device.type != "cuda" or t.device.index != self._device:
+            raise ValueError(f"{name} is on {t.device}, but this IpcTransport is on cuda:{self._device}")
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise CommunicatorStateError(f"this IpcTransport is {self._state}; make a new one")
+        if self._failed_why is not None:
+            raise CommunicatorStateError(f"this IpcTransport failed ({self._failed_why}); make a new one")
+
+    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+        """Tensors of a round: only between ranks of different nodes (through the
+        communicator); a one-sided round of the same node needs the schedule (prepare_round)."""
+        self._check_open()
+        near = [p for p in _peers(sends, recvs) if self.node[p] == self.node[self.rank]]
+        if near or self.comm is None:
+            raise NotImplementedError(
+                "IpcTransport.exchange() moves tensors only to peers on other nodes (through the "
+                "communicator); rounds on one node come from the shuffler's schedule (prepare_round)"
+            )
+        import torch
+
+        s = torch.cuda.current_stream(self._device) if stream is None else stream
+        self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
+
+    def wait(self, stream=None, timeout: float | None = None) -> None:
+        import torch
+
+        s = torch.cuda.current_stream(self._device) if stream is None else stream
+        ev = torch.cuda.Event()
+        ev.record(s)
+        t = self.timeout if timeout is None else timeout
+        _poll(ev.query, time.monotonic() + t, f"stream work not done after {t:.3g} s", self)
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        self._check_open()
+        return self._all_gather(data)
+
+    def poll_error(self) -> None:
+        """Raise at once when a peer on the node failed (its flag) or its process is gone
+        (checked every 50 ms), rather than at the timeout."""
+        for p in self._peers.values():
+            if p.counters[_FAILED]:
+                self.abort(f"peer rank {p.rank} failed")
+                raise RuntimeError(f"rank {self.rank}: peer rank {p.rank} failed (it set its failed flag)")
+        now = time.monotonic()
+        if now < self._next_alive_check:
+            return
+        self._next_alive_check = now + 0.05
+        for p in self._peers.values():
+            if p.pid is not None and not _alive(p.pid):
+                self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
+                raise RuntimeError(f"rank {self.rank}: peer rank {p.rank} (pid {p.pid}) exited mid-round")
+
+    def abort(self, why: str = "aborted") -> None:
+        """Local: mark this transport failed (peers see it at once) and abort the communicator."""
+        if self._failed_why is None:
+            self._failed_why = why
+            if self._state == "open":
+                self._counters[_FAILED] = 1
+        if self.comm is not None:
+            self.comm.abort()
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _all_gather(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data`` (any lengths), through the store or the communicator."""
+        self._gen += 1
+        if self.store is not None:
+            k = f"{self._key}/{self._gen}"
+            self.store.set(f"{k}/{self.rank}", data)
+            out = []
+            deadline = time.monotonic() + self.timeout
+            for r in range(self.world_size):
+                key = f"{k}/{r}"
+                if hasattr(self.store, "wait"):
+                    import datetime
+
+                    self.store.wait([key], datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
+                v = self.store.get(key)
+                out.append(v.encode("latin-1") if isinstance(v, str) else bytes(v))
+            return out
+        from .transport import NcclTransport
+
+        n = len(data)
+        sizes = NcclTransport(self.comm).all_gather_bytes(n.to_bytes(8, "little"))
+        width = max(int.from_bytes(x, "little") for x in sizes)
+        blobs = NcclTransport(self.comm).all_gather_bytes(data.ljust(width, b"\0"))
+        return [b[: int.from_bytes(s, "little")] for b, s in zip(blobs, sizes)]
+
+    def register_buffers(self, tensors: list) -> None:
+        """Collective: export this rank's weight allocations and events, open the peers' on
+        this node. Raises before anything moves when a tensor's memory cannot be exported
+        (expandable segments) or a peer's GPU cannot be reached or is another model."""
+        self._check_open()
+        if self._registered:
+            raise RuntimeError("IpcTransport.register_buffers: this transport already has buffers (one shuffler per transport)")
+        drv = self._drv
+        drv.set_device(self._device)
+        allocs: dict[int, int] = {}  # base -> index
+        alloc_list = []
+        tens = []
+        err = None
+        for i, t in enumerate(tensors):
+            ptr = t.data_ptr()
+            r = drv.pointer_range(ptr)
+            if r is None:
+                err = f"tensors[{i}]: CUDA does not know its pointer {ptr:#x}"
+                break
+            base, size, _ = r
+            if not drv.ipc_capable(base):
+                err = (
+                    f"tensors[{i}] lives in memory CUDA IPC cannot export (a cuMem/VMM allocation, "
+                    "e.g. torch's expandable segments): unset PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True for the expert weights, or use NcclTransport"
+                )
+                break
+            if base not in allocs:
+                allocs[base] = len(alloc_list)
+                alloc_list.append((base, size, drv.ipc_mem_handle(base)))
+            tens.append((allocs[base], ptr - base, t.nbytes))
+        host = socket.gethostname()
+        mine = {
+            "err": err, "host": host, "info": self._info, "allocs": alloc_list, "tensors": tens,
+            "ready": drv.ipc_event_handle(self._ready), "done": drv.ipc_event_handle(self._done),
+            "shm": self._shm.name, "pid": os.getpid(),
+        }
+        everyone = [pickle.loads(b) for b in self._all_gather(pickle.dumps(mine))]
+        bad = [(r, e["err"]) for r, e in enumerate(everyone) if e["err"]]
+        if bad:
+            raise ValueError("IpcTransport: " + "; ".join(f"rank {r}: {m}" for r, m in bad) + "; nothing was moved")
+        if self._rpn is not None:
+            self.node = [r // self._rpn for r in range(self.world_size)]
+        else:
+            hosts = list(dict.fromkeys(e["host"] for e in everyone))
+            self.node = [hosts.index(e["host"]) for e in everyone]
+        me = self.node[self.rank]
+        far = [r for r in range(self.world_size) if self.node[r] != me]
+        if far and self.comm is None:
+            raise ValueError(
+                f"IpcTransport: ranks {far} are on other nodes; give a communicator for them (NCCL)"
+            )
+        problems = []
+        for r, e in enumerate(everyone):
+            if r == self.rank or self.node[r] != me:
+                continue
+            info = e["info"]
+            if (info["name"], info["cc_major"], info["cc_minor"]) != (
+                    self._info["name"], self._info["cc_major"], self._info["cc_minor"]):
+                problems.append(f"rank {r} is on a {info['name']} (sm_{info['cc_major']}{info['cc_minor']}), "
+                                f"this rank on a {self._info['name']}")
+                continue
+            dev = drv.device_by_uuid(info["uuid"])
+            if dev is None:
+                problems.append(f"rank {r}'s GPU ({info['name']}, uuid {info['uuid'][:8]}) is not visible to this "
+                                "process (CUDA_VISIBLE_DEVICES)")
+            elif not drv.can_access_peer(self._device, dev):
+                problems.append(f"rank {r}'s GPU (cuda:{dev}) has no peer access from cuda:{self._device}")
+        # every rank learns about every rank's problems, so they all refuse together
+        verdict = [pickle.loads(b) for b in self._all_gather(pickle.dumps(problems))]
+        allp = [f"rank {r}: {m}" for r, ps in enumerate(verdict) for m in ps]
+        if allp:
+            raise ValueError("IpcTransport: " + "; ".join(allp) + "; nothing was moved")
+        try:
+            for r, e in enumerate(everyone):
+                if r == self.rank or self.node[r] != me:
+                    continue
+                mapped = []
+                for _base, _size, handle in e["allocs"]:
+                    p = drv.ipc_open_mem(handle)
+                    self._opened.append(p)
+                    mapped.append(p)
+                bases = np.asarray([mapped[a] + off for a, off, _ in e["tensors"]], dtype=np.int64)
+                ready = drv.ipc_open_event(e["ready"])
+                done = drv.ipc_open_event(e["done"])
+                self._events += [ready, done]
+                shm = shared_memory.SharedMemory(name=e["shm"])
+                _untrack(shm)
+                counters = np.ndarray((8,), dtype=np.int64, buffer=shm.buf)
+                self._peers[r] = _Peer(r, bases, ready, done, counters, shm, e["pid"] if e["host"] == host else None)
+        except BaseException:
+            self._release_peers()
+            raise
+        self._registered = True
+
+    # ---- rounds ------------------------------------------------------------------------------
+    def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
+        self._check_open()
+        if not self._registered:
+            raise RuntimeError("IpcTransport: register_buffers() first (ExpertShuffler does it at construction)")
+        if remote is None:
+            raise ValueError("IpcTransport rounds need the schedule's messages (remote=)")
+        return _IpcRound(self, sends, recvs, remote)
+
+    def close(self) -> None:
+        """Release every opened handle, event and page (local). Idempotent."""
+        if self._state != "open":
+            return
+        self._state = "closed"
+        drv = self._drv
+        drv.set_device(self._device)
+        self._release_peers()
+        for e in self._events:
+            drv.event_destroy(e)
+        self._events = []
+        drv.stream_destroy(self._copy_stream)
+        self._counters = None
+        self._shm.close()
+        self._shm.unlink()
+
+    def _release_peers(self) -> None:
+        drv = self._drv
+        for p in self._opened:
+            try:
+                drv.ipc_close_mem(p)
+            except _cuda.CudaError:
+                pass  # a peer that died may have taken its mapping with it
+        self._opened = []
+        for peer in self._peers.values():
+            peer.counters = None
+            peer.shm.close()
+        self._peers = {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> IpcTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie that has exited but not been reaped does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _untrack(shm) -> None:
+    """Attached (not created) pages must not be unlinked by this process's resource tracker."""
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - best effort; only affects a warning at exit
+        pass
+
+
+def _poll(cond, deadline: float, what: str, t: IpcTransport) -> None:
+    delay = 1e-5
+    while not cond():
+        if time.monotonic() > deadline:
+            t.abort(what)
+            raise TimeoutError(f"rank {t.rank}: {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+
+
+class RoundProtocol:
+    """The ordering of one one-sided round on one rank, independent of CUDA (tested on the CPU
+    as a state machine). ``q``: the round's sequence number. Callbacks:
+
+    * ``peer_ready(p, q)``: peer p published ready for round q and its ready event completed;
+    * ``peer_done(p, q)``: peer p published done for round q and its done event completed;
+    * ``pull(p)``: enqueue the copies from peer p;
+    * ``finish()``: record and publish this rank's done (after every pull);
+    * ``local_done()``: this rank's done event (its pulls) completed.
+
+    ``poll()`` never blocks: it pulls from each source as soon as it is ready, finishes once
+    every pull is enqueued, and returns True once the local pulls landed and every reader has
+    finished its round q (only then may this rank overwrite rows its readers read)."""
+
+    def __init__(self, sources, readers, peer_ready, peer_done, pull, finish, local_done) -> None:
+        self.sources, self.readers = list(sources), list(readers)
+        self._ready, self._done, self._pull = peer_ready, peer_done, pull
+        self._finish, self._local = finish, local_done
+        self.q = 0
+        self.pulled: set = set()
+        self.finished = False
+
+    def start(self, q: int) -> None:
+        self.q = q
+        self.pulled = set()
+        self.finished = False
+
+    def poll(self) -> bool:
+        if not self.finished:
+            for p in self.sources:
+                if p not in self.pulled and self._ready(p, self.q):
+                    self._pull(p)
+                    self.pulled.add(p)
+            if len(self.pulled) < len(self.sources):
+                return False
+            self._finish()
+            self.finished = True
+        if not self._local():
+            return False
+        return all(self._done(p, self.q) for p in self.readers)
+
+
+class _IpcRound(TransportRound):
+    """One round: pulls from peers on the node (copy engines), NCCL for the others."""
+
+    def __init__(self, t: IpcTransport, sends, recvs, remote) -> None:
+        self.t = t
+        smsg, rmsg = remote
+        me = t.node[t.rank]
+        self.peers = _peers(sends, recvs)
+        # pulls, per source peer: this rank's destination, the peer's row, the size
+        pulls: dict[int, list] = {}
+        for q, (peer, (dst, n)) in enumerate(recvs):
+            if t.node[peer] != me:
+                continue
+            rb = int(rmsg.rbuf[q])
+            if rb < 0:
+                raise ValueError("IpcTransport: a receive whose source is not a weight row (packed); "
+                                 "the schedule must be one-sided")
+            src = int(t._peers[peer].bases[rb]) + int(rmsg.roff[q])
+            pulls.setdefault(peer, []).append((dst, src, n))
+        self.pulls = {p: _cuda.copy_arrays(c) for p, c in pulls.items()}
+        readers = sorted({p for p, _ in sends if t.node[p] == me})
+        far_s = [(b, p) for p, b in sends if t.node[p] != me]
+        far_r = [(b, p) for p, b in recvs if t.node[p] != me]
+        self.nccl = t.comm.prepare_p2p(far_s, far_r) if (far_s or far_r) else None
+        self._stream = None
+        self._nccl_end = None
+        drv = t._drv
+
+        def ready(p, q):
+            peer = t._peers[p]
+            return peer.counters[_READY] >= q and drv.event_done(peer.ready)
+
+        def done(p, q):
+            peer = t._peers[p]
+            return peer.counters[_DONE] >= q and drv.event_done(peer.done)
+
+        def pull(p):
+            dsts, srcs, sizes = self.pulls[p]
+            drv.memcpy_batch(dsts, srcs, sizes, t._copy_stream)
+
+        def finish():
+            drv.event_record(t._done, t._copy_stream)
+            t._counters[_DONE] = self.proto.q
+            drv.stream_wait_event(self._stream, t._done)  # the round ends after the pulls
+
+        self.proto = RoundProtocol(sorted(pulls), readers, ready, done, pull, finish,
+                                   lambda: drv.event_done(t._done))
+
+    def launch(self, stream, deadline: float) -> None:
+        t = self.t
+        t._check_open()
+        drv = t._drv
+        s = stream.cuda_stream
+        t._seq += 1
+        self._stream = s
+        drv.event_record(t._ready, s)  # my rows (and phase A) for this round are stable
+        t._counters[_READY] = t._seq
+        self.proto.start(t._seq)
+        if self.nccl is not None:
+            self.nccl.launch(s)
+            if self._nccl_end is None:
+                self._nccl_end = drv.event_create()
+                t._events.append(self._nccl_end)
+            drv.event_record(self._nccl_end, s)
+        # pulls wait for this rank's own phase A (staging free, rows it overwrote)
+        drv.stream_wait_event(t._copy_stream, t._ready)
+        self.proto.poll()
+
+    def done(self) -> bool:
+        t = self.t
+        t._check_open()
+        t.poll_error()
+        if not self.proto.poll():
+            return False
+        if self._nccl_end is not None and not t._drv.event_done(self._nccl_end):
+            err = t.comm.async_error()
+            if err is not None:
+                t.abort(str(err))
+                raise err
+            return False
+        return True

@@ -1,0 +1,174 @@
+"""IpcTransport without a GPU: argument checks, and its round protocol as a state machine.
+
+The protocol (eplb_pynccl.ipc.RoundProtocol) runs here on a virtual node: ranks step in a
+random order, events complete after random delays, and every step checks that a rank pulls
+only rows its source has made stable and not yet overwritten, that it overwrites rows only
+after every reader has finished copying them, and that every rank finishes every round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb_pynccl._nccl import cuda
+from eplb_pynccl.ipc import IpcTransport, RoundProtocol
+
+
+class _Store:
+    def set(self, k, v):
+        pass
+
+    def get(self, k):
+        return b""
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    ({"rank": 0, "world_size": 2}, ValueError, "IpcTransport needs a store (set/get) or a communicator for its set-up"),
+    ({"rank": 0, "world_size": 2, "store": object()}, TypeError, "store must have set() and get(), got object"),
+    ({"rank": "0", "world_size": 2, "store": _Store()}, TypeError, "rank must be an int, got str"),
+    ({"rank": 0, "world_size": 0, "store": _Store()}, ValueError, "world_size must be >= 1, got 0"),
+    ({"rank": 2, "world_size": 2, "store": _Store()}, ValueError, "rank must be in [0, 2), got 2"),
+    ({"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 3}, ValueError,
+     "ranks_per_node (3) is more than world_size (2)"),
+    ({"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 0}, ValueError,
+     "ranks_per_node must be a positive int, got 0"),
+    ({"rank": 0, "world_size": 2, "store": _Store(), "timeout": -1}, ValueError,
+     "timeout must be a positive number of seconds, got -1"),
+    ({"rank": 0, "world_size": 2, "store": _Store(), "communicator": "c"}, TypeError,
+     "communicator must be an eplb_pynccl.Communicator, got str"),
+])
+def test_bad_arguments_are_refused_before_any_cuda_call(kwargs, exc, msg):
+    with pytest.raises(exc) as info:
+        IpcTransport(**kwargs)
+    assert str(info.value) == msg
+
+
+@pytest.mark.skipif(cuda.driver() is not None, reason="a CUDA driver is present")
+def test_without_a_gpu_the_error_says_so():
+    with pytest.raises(RuntimeError) as info:
+        IpcTransport(0, 2, _Store())
+    assert str(info.value) == f"IpcTransport needs a GPU and its driver: {cuda.unavailable_reason()}"
+
+
+# ---- the protocol on a virtual node ----------------------------------------------------------
+
+
+class _Event:
+    """A recorded event that completes after ``delay`` scheduler ticks (stream order: a
+    later record completes after an earlier one)."""
+
+    def __init__(self):
+        self.round, self.at = 0, 0
+
+    def record(self, rnd, now, delay):
+        self.round, self.at = rnd, max(self.at, now + delay)
+
+    def complete(self, now):
+        return now >= self.at
+
+
+class _Rank:
+    def __init__(self, r):
+        self.r = r
+        self.ready, self.done = _Event(), _Event()
+        self.c_ready = self.c_done = 0  # the published counters
+        self.round = 0  # rounds applied
+        self.launched = 0
+        self.proto = None
+        self.pulls_landed = 0  # highest round whose pulls have landed (at the done event)
+
+
+def _run(seed: int, n: int, rounds: int, p_edge: float):
+    rng = np.random.default_rng(seed)
+    # per round: who pulls from whom (a directed graph over the node's ranks)
+    graph = [[[p for p in range(n) if p != r and rng.random() < p_edge] for r in range(n)]
+             for _ in range(rounds)]
+    ranks = [_Rank(r) for r in range(n)]
+    now = [0]
+    log = []
+
+    def make(rank, q):
+        sources = graph[q - 1][rank.r]
+        readers = [p for p in range(n) if rank.r in graph[q - 1][p]]
+
+        def peer_ready(p, q):
+            s = ranks[p]
+            ok = s.c_ready >= q and s.ready.complete(now[0])
+            if ok:  # the record we see is round q's: the source has not moved on (no ABA)
+                assert s.ready.round == q, (p, q, s.ready.round)
+            return ok
+
+        def peer_done(p, q):
+            s = ranks[p]
+            return s.c_done >= q and s.done.complete(now[0])
+
+        def pull(p):
+            s = ranks[p]
+            # the source's rows of round q are stable (its phase A done) and not yet overwritten
+            assert s.launched == q and s.round == q - 1, (rank.r, p, q, s.launched, s.round)
+            log.append((q, rank.r, p))
+
+        def finish():
+            rank.done.record(q, now[0], int(rng.integers(0, 4)))
+            rank.c_done = q
+
+        def local_done():
+            if rank.done.complete(now[0]):
+                rank.pulls_landed = max(rank.pulls_landed, rank.done.round)
+                return True
+            return False
+
+        return RoundProtocol(sources, readers, peer_ready, peer_done, pull, finish, local_done), readers
+
+    readers_of = {}
+    for _ in range(200_000):
+        if all(k.round == rounds for k in ranks):
+            break
+        now[0] += 1
+        rank = ranks[int(rng.integers(0, n))]
+        if rank.round == rounds:
+            continue
+        q = rank.round + 1
+        if rank.launched < q:  # launch: ready after this rank's phase A
+            rank.proto, readers_of[rank.r] = make(rank, q)
+            rank.launched = q
+            rank.ready.record(q, now[0], int(rng.integers(0, 4)))
+            rank.c_ready = q
+            rank.proto.start(q)
+            rank.proto.poll()
+        elif rank.proto.poll():  # done: apply (overwrite rows readers copied)
+            for p in readers_of[rank.r]:
+                assert ranks[p].pulls_landed >= q or (
+                    ranks[p].done.round >= q and ranks[p].done.complete(now[0])
+                ), (rank.r, p, q)
+            rank.round = q
+    assert all(k.round == rounds for k in ranks), "the protocol deadlocked"
+    expect = sorted((q + 1, r, p) for q in range(rounds) for r in range(n) for p in graph[q][r])
+    assert sorted(log) == expect  # every pull exactly once
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 6), st.sampled_from([0.0, 0.3, 1.0]))
+def test_round_protocol_orders_pulls_and_overwrites(seed, n, rounds, p_edge):
+    _run(seed, n, rounds, p_edge)
+
+
+def test_round_protocol_waits_for_a_slow_reader():
+    # rank 0's rows are read by rank 1; until rank 1's pulls have landed rank 0 must not apply
+    state = {"ready1": False, "done1": False, "pulled": []}
+    proto = RoundProtocol([], [1], lambda p, q: True, lambda p, q: state["done1"], state["pulled"].append,
+                          lambda: None, lambda: True)
+    proto.start(1)
+    assert proto.poll() is False
+    state["done1"] = True
+    assert proto.poll() is True
+    # a puller waits for its source
+    proto = RoundProtocol([0], [], lambda p, q: state["ready1"], lambda p, q: True, state["pulled"].append,
+                          lambda: None, lambda: True)
+    proto.start(1)
+    assert proto.poll() is False and state["pulled"] == []
+    state["ready1"] = True
+    assert proto.poll() is True and state["pulled"] == [0]
