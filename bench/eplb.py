@@ -9,6 +9,8 @@ Cases (``--eplb-cases``, comma-separated; default: both on GPU, the small CPU ca
   redundant ones to fill the ranks evenly (12.5% extra, rounded up to a multiple of EP),
   ``--eplb-layers-qwen`` layers.
 * ``dsv3-cpu`` / ``qwen3-cpu``: the same layouts shrunk for gloo on the CPU.
+* ``dsv3-seq`` / ``dsv3-seq-cpu``: rearrangements over a load sequence, one per placement
+  policy (bench/eplb_sequence.py).
 
 Placements: a greedy EPLB rebalance of Zipf(1.5) expert loads (replicate the hottest experts,
 then place replicas heaviest first on the least loaded rank with room), old and new from
@@ -44,9 +46,11 @@ def _cases(ctx: BenchContext):
     wanted = [c for c in (getattr(a, "eplb_cases", "") or "").split(",") if c]
     n = ctx.world_size
     if not wanted:
-        wanted = ["dsv3", "qwen3"] if ctx.is_gpu else ["dsv3-cpu", "qwen3-cpu"]
+        wanted = ["dsv3", "qwen3", "dsv3-seq"] if ctx.is_gpu else ["dsv3-cpu", "qwen3-cpu", "dsv3-seq-cpu"]
     out = []
     for c in wanted:
+        if c in ("dsv3-seq", "dsv3-seq-cpu"):
+            continue  # bench/eplb_sequence.py
         if c == "dsv3":
             spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
                     ((32, 56), "float32"), ((56, 16), "float32")]
@@ -61,7 +65,7 @@ def _cases(ctx: BenchContext):
         elif c == "qwen3-cpu":
             out.append((c, [((48, 64), "bfloat16"), ((64, 24), "bfloat16")], 16, 16 + 2 * n, 2))
         else:
-            raise ValueError(f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu)")
+            raise ValueError(f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu, dsv3-seq, dsv3-seq-cpu)")
     return out
 
 
@@ -591,4 +595,8 @@ def run_eplb(ctx: BenchContext):
         if ctx.is_gpu:
             torch.cuda.empty_cache()
         ctx.log(f"eplb {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results.items()))
+    from bench.eplb_sequence import run_sequence_cases
+
+    wanted = [c for c in (getattr(ctx.args, "eplb_cases", "") or "").split(",") if c]
+    rows += run_sequence_cases(ctx, wanted or (["dsv3-seq"] if ctx.is_gpu else ["dsv3-seq-cpu"]))
     return rows

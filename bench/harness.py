@@ -117,6 +117,10 @@ PARTS: dict[str, PartSpec] = {
         "planner", "bench.planner_bench:bench_planner", "parent", False,
         "EPLB planner timing, CPU only (bench/planner_bench.py)",
     ),
+    "placement": PartSpec(
+        "placement", "bench.placement_bench:bench_placement", "parent", False,
+        "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
+    ),
     "selftest": PartSpec(
         "selftest", "bench.micro:run_selftest", "child", False,
         "harness plumbing check (store, process group, timing); for debugging the bench",
@@ -124,7 +128,7 @@ PARTS: dict[str, PartSpec] = {
     ),
 }
 
-DEFAULT_PARTS = ("sendrecv", "alltoall", "overhead", "eplb", "stress", "ipc", "planner")
+DEFAULT_PARTS = ("sendrecv", "alltoall", "overhead", "eplb", "stress", "ipc", "planner", "placement")
 
 
 def part_spec(name: str) -> PartSpec:

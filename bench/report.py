@@ -42,6 +42,20 @@ eplb (bench/eplb.py, the lead's ``run_eplb(ctx)``), one row per (case, method)::
 
 planner (bench/planner_bench.py, runs in the parent): free-form numeric columns, shown as given.
 
+placement (bench/placement_bench.py, runs in the parent), one row per (shape, drift, policy)::
+
+    shape, drift, policy, rebalances
+    imb_mean, imb_max      max GPU load / mean GPU load, mean and max over layers and rebalances
+    excess_pct(_max)       the same as % above perfect balance: 100 * (imb - 1) (in the table)
+    changed_pct            slots changed, % of all slots, mean per rebalance
+    recv_max_gib(_peak)    bytes received by the busiest GPU per rebalance, mean (max) over them
+    internode_gib          bytes crossing nodes per rebalance (all GPUs), mean
+    ms_median, ms_max      policy time per rebalance
+    bytes_vs_deepseek      recv_max_gib / deepseek's; migration_aware also target_missed,
+                           over_ref (rebalances with more bytes than the relabelled reference
+                           from the same placement); regime drift also shift_recv_max_gib
+    placement-targets rows: shape, drift, target, measured, status ('met' or 'MISSED: why')
+
 Output files (``--out``): ``results.json`` ({"meta", "parts", "rows"}), ``summary.md``, and
 ``sendrecv_busbw.png``, ``alltoall_busbw.png``, ``overhead_host.png``, ``eplb.png`` when the part has
 rows and matplotlib is importable.
@@ -59,7 +73,10 @@ BW_PARTS = ("sendrecv", "alltoall")
 EPLB_REQUIRED = ("case", "method", "time_ms", "gbps_per_gpu")
 OVERHEAD_TARGET_RATIO = 2.0
 OUTPUT_FILES = ("results.json", "summary.md", "sendrecv_busbw.png", "alltoall_busbw.png",
-                "overhead_host.png", "eplb.png")
+                "overhead_host.png", "eplb.png", "placement.png")
+PLACEMENT_COLUMNS = ("shape", "drift", "policy", "excess_pct", "excess_pct_max", "changed_pct",
+                     "recv_max_gib", "recv_max_gib_peak", "internode_gib", "ms_median", "ms_max",
+                     "bytes_vs_deepseek")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +197,8 @@ def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]
                 "host_ratio_vs_cupy", "check", "ops_per_rank", "op_bytes"]
     elif part == "eplb":
         cols = _ordered_keys(good, EPLB_REQUIRED)
+    elif part == "placement":
+        cols = list(PLACEMENT_COLUMNS)
     else:
         cols = _ordered_keys(good)
     cols = [c for c in cols if any(c in r for r in good)] or ["binding"]
@@ -217,6 +236,10 @@ def highlights(rows: list[dict]) -> list[str]:
         fails = sorted({r["binding"] for r in good if r.get("check") not in (None, "ok")})
         if fails:
             out.append(f"{part}: DATA CHECK FAILED for {', '.join(fails)}")
+    for r in rows:
+        if r.get("part") == "placement-targets":
+            out.append(f"placement {r['shape']} {r['drift']}: {r['target']}: {r['status']} "
+                       f"({r['measured']})")
     ep = [r for r in rows if r.get("part") == "eplb" and "time_ms" in r and "case" in r]
     for case in dict.fromkeys(r["case"] for r in ep):
         rs = [r for r in ep if r["case"] == case]
@@ -416,6 +439,58 @@ def plot_eplb(path: str, rows: list[dict], meta: dict) -> str | None:
     return path
 
 
+def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
+    """Bytes moved vs imbalance per shape: one point per (drift, policy)."""
+    good = [r for r in rows if r.get("part") == "placement" and "imb_mean" in r]
+    if not good:
+        return None
+    plt = _plt()
+    shapes = list(dict.fromkeys(r["shape"] for r in good))
+    drifts = list(dict.fromkeys(r["drift"] for r in good))
+    policies = list(dict.fromkeys(r["policy"] for r in good))
+    cols = min(3, len(shapes))
+    nrow = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(max(9.0, 4.6 * cols), 3.8 * nrow + 0.6),
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    for k, shape in enumerate(shapes):
+        ax = axes[k // cols][k % cols]
+        mine = [r for r in good if r["shape"] == shape]
+        moving = [r["imb_mean"] for r in mine if r["recv_max_gib"] > 0] or [r["imb_mean"] for r in mine]
+        lo, hi = min(moving), max(moving)
+        top = hi + max(0.02, 0.15 * (hi - lo))
+        for r in mine:
+            y = min(r["imb_mean"], top)  # a far worse baseline sits on the top edge, labelled
+            ax.scatter(r["recv_max_gib"], y, s=36,
+                       color=colors[drifts.index(r["drift"]) % len(colors)],
+                       marker=markers[policies.index(r["policy"]) % len(markers)])
+            if r["imb_mean"] > top:
+                ax.annotate(f"{r['imb_mean']:.2f}", (r["recv_max_gib"], y), fontsize=6,
+                            xytext=(4, -8 - 7 * drifts.index(r["drift"])),
+                            textcoords="offset points")
+        ax.set_ylim(min(1.0, lo) - 0.005, top + 0.01)
+        ax.set_xlim(0, max(r["recv_max_gib"] for r in mine) * 2 + 0.02)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_title(shape, fontsize=9)
+        ax.set_xlabel("GiB received by the busiest GPU per rebalance", fontsize=8)
+        ax.set_ylabel("imbalance (max / mean GPU load)", fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for k in range(len(shapes), nrow * cols):
+        axes[k // cols][k % cols].axis("off")
+    handles = [plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=p)
+               for i, p in enumerate(policies)]
+    handles += [plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=d)
+                for i, d in enumerate(drifts)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8)
+    fig.suptitle(f"EPLB placement: bytes moved vs imbalance, mean over the rebalances"
+                 f" ({meta.get('mode', 'cpu')})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(out_dir: str, rows: list[dict], meta: dict) -> tuple[list[str], str | None]:
     """Write the PNGs that have data. Returns (paths, reason if plotting is unavailable)."""
     try:
@@ -427,7 +502,8 @@ def make_plots(out_dir: str, rows: list[dict], meta: dict) -> tuple[list[str], s
         p = plot_bandwidth(os.path.join(out_dir, f"{part}_busbw.png"), part, rows, meta)
         if p:
             paths.append(p)
-    for fn, name in ((plot_overhead, "overhead_host.png"), (plot_eplb, "eplb.png")):
+    for fn, name in ((plot_overhead, "overhead_host.png"), (plot_eplb, "eplb.png"),
+                     (plot_placement, "placement.png")):
         p = fn(os.path.join(out_dir, name), rows, meta)
         if p:
             paths.append(p)
@@ -465,6 +541,17 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
                          "gbps_per_gpu": 8.63e9 / (t * 1e-3) / 1e9, "world_size": n})
     rows.append({"part": "planner", "layers": 58, "ep": 8, "ranks_per_node": None, "median_ms": 3.2,
                  "p90_ms": 3.9})
+    for drift, k in (("steady", 1.0), ("regime", 2.0)):
+        for pol, imb, gib in (("deepseek", 1.08, 18.0), ("deepseek relabelled", 1.08, 15.0),
+                              ("migration_aware", 1.07, 0.4 * k), ("keep old", 1.1 * k, 0.0)):
+            rows.append({"part": "placement", "shape": "dsv3 ep32 4n", "drift": drift,
+                         "policy": pol, "rebalances": 20, "imb_mean": imb, "imb_max": imb + 0.3,
+                         "excess_pct": 100 * (imb - 1), "excess_pct_max": 100 * (imb - 0.7),
+                         "changed_pct": 80.0 if gib > 1 else 2.0, "recv_max_gib": gib,
+                         "recv_max_gib_peak": gib * 1.1, "internode_gib": gib * 2,
+                         "ms_median": 25.0, "ms_max": 40.0, "bytes_vs_deepseek": gib / 18.0})
+    rows.append({"part": "placement-targets", "shape": "dsv3 ep32 4n", "drift": "steady",
+                 "target": "policy time <= 50 ms", "measured": "25.0 ms", "status": "met"})
     return rows
 
 
@@ -497,7 +584,9 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     meta = {"date": "2026-01-01T00:00:00Z", "hostname": "selfcheck", "mode": "gpu", "world_size": 4,
             "gpu_names": ["NVIDIA H100 80GB HBM3"] * 4, "nccl_versions": {"torch": "2.28.9"},
             "argv": ["bench.run", "--selfcheck"], "seed": 0}
-    parts = {p: {"status": "ok", "seconds": 1.0} for p in ("sendrecv", "alltoall", "overhead", "eplb", "planner")}
+    parts = {p: {"status": "ok", "seconds": 1.0}
+             for p in ("sendrecv", "alltoall", "overhead", "eplb", "planner", "placement",
+                       "placement-targets")}
     for p in parts:
         h, c = part_table(p, [r for r in rows if r["part"] == p])
         assert c and all(len(r) == len(h) for r in c), (p, h, c[:1])
@@ -510,6 +599,9 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     hl = highlights(rows)
     assert any("eplb_pynccl host 1.20 us/op = 2.00x cupy" in x and "meets" in x for x in hl), hl
     assert any("eplb_pynccl[raw]" in x and "1.50x" in x for x in hl), hl
+    assert any(x.startswith("placement dsv3 ep32 4n steady: policy time") for x in hl), hl
+    h, c = part_table("placement", [r for r in rows if r["part"] == "placement"])
+    assert h[:3] == ["shape", "drift", "policy"] and len(c) == 8, (h, c[:1])
     md = markdown_summary(meta, parts, rows)
     assert md.count("## ") >= 6 and "| size |" in md and "error: nccl4py: ImportError: x" in md, md[:500]
     # files
@@ -522,7 +614,7 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     assert back["rows"][-1]["v"] is None and len(back["rows"]) == len(rows) + 1
     plots, why = make_plots(out_dir, rows, meta)
     if why is None:
-        assert len(plots) == 4 and all(os.path.getsize(p) > 1000 for p in plots), plots
+        assert len(plots) == 5 and all(os.path.getsize(p) > 1000 for p in plots), plots
     written += plots
     written.append(write_markdown(os.path.join(out_dir, "summary.md"), meta, parts, rows, plots))
     if verbose:

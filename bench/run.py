@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eplb-layers-qwen", type=int, default=8, help="Qwen layers")
     g.add_argument("--eplb-repeats", type=int, default=5, help="timed repeats per EPLB method")
     g.add_argument("--eplb-methods", default="", help="EPLB methods to run (default: bench/eplb.py decides)")
+    g.add_argument("--eplb-seq-steps", type=int, default=4,
+                   help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)")
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
     g = ap.add_argument_group("stress (bench/stress.py)")
     g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
@@ -79,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes of the copy-engine part, spread over the visible GPUs")
     g = ap.add_argument_group("planner")
     g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
+    g = ap.add_argument_group("placement (bench/placement_bench.py)")
+    g.add_argument("--placement-steps", type=int, default=20,
+                   help="consecutive rebalances per shape, drift level and policy")
+    g.add_argument("--placement-shapes", default="",
+                   help="comma-separated shapes (default: all of bench/placement_bench.py SHAPES)")
+    g.add_argument("--placement-drifts", default="",
+                   help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)")
     g = ap.add_argument_group("output and robustness")
     g.add_argument("--out", default="bench_out", help="directory for results.json, summary.md, PNGs")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -5,8 +5,9 @@ Layers (each uses only those below it):
 1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
 2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
 3. :class:`Transport` with :class:`NcclTransport` and :class:`TorchTransport`.
-4. :func:`plan_rearrangement` (pure planner) and :mod:`eplb_pynccl.schedule` (every rank's
-   rounds of ops, and a virtual cluster that checks them), pure numpy.
+4. :func:`plan_rearrangement` (pure planner), :mod:`eplb_pynccl.schedule` (every rank's
+   rounds of ops, and a virtual cluster that checks them) and :func:`rebalance` (placement
+   policies: DeepSeek's EPLB and a migration-aware repair), pure numpy (+ scipy).
 5. :class:`ExpertShuffler` (``executor.py`` walks a schedule on streams; the async handle).
 
 Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
@@ -52,6 +53,10 @@ _LAZY = {
     "ExpertShuffler": ".shuffler",
     "RearrangeStats": ".shuffler",
     "RearrangeHandle": ".shuffler",
+    "rebalance": ".placement",
+    "RebalanceResult": ".placement",
+    "should_rebalance": ".placement",
+    "placement_imbalance": ".placement",
 }
 
 __all__ = [
@@ -79,7 +84,7 @@ __all__ = [
 
 
 # submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
-_SUBMODULES = ("planner", "schedule", "executor", "shuffler", "transport", "ipc")
+_SUBMODULES = ("planner", "schedule", "placement", "executor", "shuffler", "transport", "ipc")
 
 
 def __getattr__(name: str):
