@@ -29,7 +29,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test test-gpu bench lint test-abi setup clean
+.PHONY: test test-gpu bench example lint test-abi setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,13 @@ test: $(SETUP)
 test-gpu:
 	$(PYTHON) -m pytest tests -m gpu $(PYTEST_ARGS)
 
-## make bench: every part the machine can run (see bench/README or `python -m bench.run -h`).
+## make bench: every part the machine can run (see bench/README.md or `python -m bench.run -h`).
 bench: $(SETUP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+## make example: the README's runnable example (2 CPU processes over gloo), with the same Python.
+example: $(SETUP)
+	$(PY) examples/shuffle_gloo.py
 
 ## make lint: ruff over the package, tests, bench and tools.
 lint: $(SETUP)

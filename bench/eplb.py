@@ -36,9 +36,24 @@ import time
 
 import numpy as np
 
-from bench.harness import BenchContext, PartSkipped
+from bench.harness import BenchContext, PartSkipped, sig
 
 MiB = 1 << 20
+
+
+CASES = ("dsv3", "qwen3", "dsv3-cpu", "qwen3-cpu", "dsv3-seq", "dsv3-seq-cpu")
+# every method's name; which of them run depends on the mode (GPU: NCCL ones, CPU: gloo)
+METHODS = ("eplb_pynccl", "eplb_pynccl direct", "eplb_pynccl packed-2L", "eplb_pynccl/torch-nccl",
+           "eplb_pynccl ipc", "eplb_pynccl/gloo", "vllm-style")
+
+
+def layers_of(a, model: str, cpu: bool) -> int:
+    """--eplb-layers-<model> when given (every case of that model, CPU ones included), else
+    the case's default: 4 (dsv3) or 8 (qwen3) layers on GPUs, 2 for the CPU cases."""
+    v = getattr(a, f"eplb_layers_{model}", None)
+    if v is not None:
+        return int(v)
+    return 2 if cpu else {"dsv3": 4, "qwen": 8}[model]
 
 
 def _cases(ctx: BenchContext):
@@ -54,16 +69,18 @@ def _cases(ctx: BenchContext):
         if c == "dsv3":
             spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
                     ((32, 56), "float32"), ((56, 16), "float32")]
-            out.append((c, spec, 256, 288, a.eplb_layers_dsv3))
+            out.append((c, spec, 256, 288, layers_of(a, "dsv3", False)))
         elif c == "qwen3":
             phys = -(-int(128 * 1.125) // n) * n
-            out.append((c, [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")], 128, phys, a.eplb_layers_qwen))
+            out.append((c, [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")], 128, phys,
+                        layers_of(a, "qwen", False)))
         elif c == "dsv3-cpu":
             spec = [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"),
                     ((2, 4), "float32"), ((4, 2), "float32")]
-            out.append((c, spec, 32, 32 + 4 * n, 2))
+            out.append((c, spec, 32, 32 + 4 * n, layers_of(a, "dsv3", True)))
         elif c == "qwen3-cpu":
-            out.append((c, [((48, 64), "bfloat16"), ((64, 24), "bfloat16")], 16, 16 + 2 * n, 2))
+            out.append((c, [((48, 64), "bfloat16"), ((64, 24), "bfloat16")], 16, 16 + 2 * n,
+                        layers_of(a, "qwen", True)))
         else:
             raise ValueError(f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu, dsv3-seq, dsv3-seq-cpu)")
     return out
@@ -509,6 +526,12 @@ def run_eplb(ctx: BenchContext):
 
         if variants:
             methods = [m for m in methods if m[0] in variants]
+            if not methods:
+                raise ValueError(
+                    f"--eplb-methods {','.join(variants)}: none of them runs in "
+                    f"{'GPU' if ctx.is_gpu else 'CPU'} mode here (these do: "
+                    f"{', '.join(m[0] for m in _methods(ctx, ep, row_bytes * P))})"
+                )
         results = {}
         for name, make in methods:
             shuffler = make(weights) if make is not None else None
@@ -554,9 +577,9 @@ def run_eplb(ctx: BenchContext):
                 "case": label, "method": name, "world_size": n, "layers": layers,
                 "time_ms": round(med, 3), "time_ms_min": round(min(slow) * 1e3, 3),
                 "time_ms_max": round(max(slow) * 1e3, 3),
-                "gbps_per_gpu": round(max_recv / (med * 1e-3) / 1e9, 1),
-                "bytes_max_per_gpu": max_recv, "peak_extra_mib": round(peak / MiB, 1),
-                "layer_mib_per_gpu": round(row_bytes * P / MiB, 1),
+                "gbps_per_gpu": sig(max_recv / (med * 1e-3) / 1e9),
+                "bytes_max_per_gpu": max_recv, "peak_extra_mib": sig(peak / MiB),
+                "layer_mib_per_gpu": sig(row_bytes * P / MiB),
                 "repeats": repeats, "check": "ok" if all_ok else "FAIL", "seed": seed,
                 "changed_frac": round(changed, 3), "planner_ms": round(plan_ms, 2),
             }

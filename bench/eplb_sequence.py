@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.eplb import _check, _fill
+from bench.eplb import _check, _fill, layers_of
 from bench.harness import BenchContext
 from bench.loadgen import load_sequence
 
@@ -36,10 +36,10 @@ def _spec(case: str, ctx: BenchContext):
     if case == "dsv3-seq":
         spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
                 ((32, 56), "float32"), ((56, 16), "float32")]
-        return spec, 256, -(-288 // n) * n, int(ctx.args.eplb_layers_dsv3), 8
+        return spec, 256, -(-288 // n) * n, layers_of(ctx.args, "dsv3", False), 8
     spec = [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"),
             ((2, 4), "float32"), ((4, 2), "float32")]
-    return spec, 32, 32 + 4 * n, 2, 8
+    return spec, 32, 32 + 4 * n, layers_of(ctx.args, "dsv3", True), 8
 
 
 def run_sequence_cases(ctx: BenchContext, wanted: list[str]) -> list[dict]:

@@ -110,7 +110,7 @@ PARTS: dict[str, PartSpec] = {
         "async rearrangement beside a forward loop with its own NCCL traffic (bench/stress.py)",
     ),
     "ipc": PartSpec(
-        "ipc", "bench.ipc_bench:run_ipc", "parent", False,
+        "ipc", "bench.ipc_bench:run_ipc", "parent", True,
         "copy-engine transport: pull rate, host time per round, a rearrangement (bench/ipc_bench.py)",
     ),
     "planner": PartSpec(
@@ -198,6 +198,13 @@ def plain(v: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """x rounded to ``digits`` significant digits (keeps tiny values: 0.009 GB/s stays 0.009)."""
+    if x == 0 or x != x or x in (float("inf"), float("-inf")):
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def percentile(xs: Sequence[float], q: float) -> float:

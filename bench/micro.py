@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .harness import BenchContext, HostTimer, PartSkipped, median, size_series, summarize
+from .harness import BenchContext, HostTimer, PartSkipped, median, sig, size_series, summarize
 
 Op = tuple[bool, Any, int]  # (is_send, tensor, peer)
 Issue = Callable[[], None]
@@ -210,13 +210,6 @@ def _need_gpu(ctx: BenchContext, part: str) -> None:
         raise PartSkipped(f"{part} needs GPUs (NCCL); CPU mode")
 
 
-def _sig(x: float, digits: int = 4) -> float:
-    """x rounded to ``digits`` significant digits (keeps tiny bandwidths of small sizes)."""
-    if x == 0 or x != x or x in (float("inf"), float("-inf")):
-        return x
-    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
-
-
 def _pattern(src: int, dst: int) -> int:
     """The byte value src puts in the data it sends to dst (never 0, so zeroed buffers show)."""
     return (src * 31 + dst * 7 + 1) % 251 + 1
@@ -262,7 +255,7 @@ def _bw_rows(
             "time_us": round(t, 3),
             "time_us_min": round(min(r["min"] for r in res), 3),
             "time_us_max": round(max(r["max"] for r in res), 3),
-            "algbw_gbps": _sig(algbw), "busbw_gbps": _sig(algbw * bus_factor),
+            "algbw_gbps": sig(algbw), "busbw_gbps": sig(algbw * bus_factor),
             "check": "ok" if all(r["check"] for r in res) else "FAIL",
             "iters": int(ctx.args.iters), "repeats": int(ctx.args.repeats),
             "note": (ONE_GPU_NOTE + "; " if ctx.world_size == 1 else "") + notes.get(b, ""),

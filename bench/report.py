@@ -402,6 +402,16 @@ def _is_reference(r: dict) -> bool:
 
 
 def plot_eplb(path: str, rows: list[dict], meta: dict) -> str | None:
+    fig = eplb_figure(rows, meta)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
+def eplb_figure(rows: list[dict], meta: dict):
+    """The EPLB plot (time and GB/s per case and method) as a matplotlib figure, or None."""
     good = [r for r in rows if r.get("part") == "eplb" and all(k in r for k in ("case", "method", "time_ms"))]
     if not good:
         return None
@@ -429,14 +439,13 @@ def plot_eplb(path: str, rows: list[dict], meta: dict) -> str | None:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=15, ha="right", fontsize=8)
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)  # bars from zero, also when every value is tiny
         ax.grid(True, axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 6), fontsize=8)
     fig.suptitle(f"EPLB rearrangement{_title_suffix(meta)}")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
@@ -582,7 +591,7 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     # tables
     rows = synthetic_rows()
     meta = {"date": "2026-01-01T00:00:00Z", "hostname": "selfcheck", "mode": "gpu", "world_size": 4,
-            "gpu_names": ["NVIDIA H100 80GB HBM3"] * 4, "nccl_versions": {"torch": "2.28.9"},
+            "gpu_names": ["synthetic data (selfcheck)"] * 4, "nccl_versions": {"torch": "2.28.9"},
             "argv": ["bench.run", "--selfcheck"], "seed": 0}
     parts = {p: {"status": "ok", "seconds": 1.0}
              for p in ("sendrecv", "alltoall", "overhead", "eplb", "planner", "placement",

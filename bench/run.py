@@ -32,11 +32,22 @@ from .harness import (
 )
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends the default only where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, "", False, argparse.SUPPRESS):
+            return h
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench.run",
-        description="eplb_pynccl benchmarks: NCCL p2p bindings compared, EPLB rearrangement, planner.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="eplb_pynccl benchmarks: NCCL p2p bindings compared, EPLB rearrangement, "
+                    "copy-engine transport, placement policies, planner. bench/README.md says more.",
+        formatter_class=_Help,
     )
     g = ap.add_argument_group("what to run")
     g.add_argument("--parts", default=",".join(DEFAULT_PARTS),
@@ -62,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overhead-bytes", type=parse_bytes, default=4096, help="bytes per op")
     g.add_argument("--overhead-repeats", type=int, default=50, help="timed groups (the median is reported)")
     g = ap.add_argument_group("eplb (passed to bench/eplb.py as ctx.args)")
-    g.add_argument("--eplb-cases", default="", help="cases to run (default: bench/eplb.py decides)")
-    g.add_argument("--eplb-layers-dsv3", type=int, default=4, help="DeepSeek-V3 layers")
-    g.add_argument("--eplb-layers-qwen", type=int, default=8, help="Qwen layers")
+    g.add_argument("--eplb-cases", default="",
+                   help="comma-separated cases of bench/eplb.py CASES (default: dsv3, qwen3, dsv3-seq on "
+                        "GPUs; their -cpu versions in CPU mode)")
+    g.add_argument("--eplb-layers-dsv3", type=int, default=None,
+                   help="layers of every DeepSeek-V3 case, CPU ones too (default: 4 on GPUs, 2 for -cpu cases)")
+    g.add_argument("--eplb-layers-qwen", type=int, default=None,
+                   help="layers of every Qwen3 case, CPU ones too (default: 8 on GPUs, 2 for -cpu cases)")
     g.add_argument("--eplb-repeats", type=int, default=5, help="timed repeats per EPLB method")
-    g.add_argument("--eplb-methods", default="", help="EPLB methods to run (default: bench/eplb.py decides)")
+    g.add_argument("--eplb-methods", default="",
+                   help="comma-separated methods of bench/eplb.py METHODS (default: every one the mode runs)")
     g.add_argument("--eplb-seq-steps", type=int, default=4,
                    help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)")
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
@@ -183,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_parts:
         for p, s in PARTS.items():
             if not s.hidden:
-                where = "per GPU rank" if s.where == "child" else "in the parent, CPU"
+                where = "per GPU rank" if s.where == "child" else "in the parent process"
                 print(f"{p:10s} {s.description} [{where}{', needs GPUs' if s.needs_gpu else ''}]")
         return 0
     if args.selfcheck:
@@ -199,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("a part is listed twice")
     if args.min_bytes > args.max_bytes:
         ap.error("--min-bytes is larger than --max-bytes")
+    if args.cpu_procs < 1:
+        ap.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
+    for flag in ("eplb_layers_dsv3", "eplb_layers_qwen"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    from bench.eplb import CASES, METHODS
+
+    for flag, known in (("eplb_cases", CASES), ("eplb_methods", METHODS)):
+        bad = [x for x in getattr(args, flag).split(",") if x and x not in known]
+        if bad:
+            ap.error(f"--{flag.replace('_', '-')}: unknown {', '.join(map(repr, bad))}; known: {', '.join(known)}")
 
     ngpu, why_no_gpu = visible_gpus()
     if args.cpu or args.gpus == 0:
@@ -210,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if nprocs > ngpu:
             ap.error(f"--gpus {nprocs} but only {ngpu} visible")
     else:
-        nprocs = max(1, args.cpu_procs)
+        nprocs = args.cpu_procs
     meta = base_meta(args, argv)
     meta.update({"mode": "gpu" if is_gpu else "cpu", "world_size": nprocs})
     print(f"bench: {'GPU' if is_gpu else 'CPU'} mode, {nprocs} rank(s)"
@@ -221,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     child = []
     for s in specs:
-        if s.where != "child":
+        if s.where != "child" and not (s.needs_gpu and not is_gpu):
             continue
         if s.needs_gpu and not is_gpu:
             outcomes[s.name].status = "skipped"
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in specs:
         if s.where == "parent" and interrupted:
             outcomes[s.name].reason = "not run: interrupted"
-        elif s.where == "parent":
+        elif s.where == "parent" and outcomes[s.name].status != "skipped":
             print(f"\n-- running {s.name} in the parent process", flush=True)
             outcomes[s.name] = o = run_parent_part(s, args)
             if o.errors:
