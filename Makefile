@@ -60,10 +60,11 @@ bench: $(SETUP)
 example: $(SETUP)
 	$(PY) examples/shuffle_gloo.py
 
-## make lint: ruff over the package, tests, bench and tools.
+## make lint: ruff check and ruff format --check over the package, tests, bench, tools and examples.
 lint: $(SETUP)
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check eplb_pynccl tests bench tools
+	$(PY) -m ruff check eplb_pynccl tests bench tools examples
+	$(PY) -m ruff format --check eplb_pynccl tests bench tools examples
 
 ## make test-abi: load one nvidia-nccl-cu12 wheel per NCCL minor (2.19 .. newest); downloads GBs.
 test-abi: $(SETUP)

@@ -315,8 +315,9 @@ def plan_rearrangement(
         old_map, new_map: integer arrays ``[num_layers, num_physical]`` (numpy, torch or
             nested lists), slot -> logical expert id, ``-1`` = empty.
         ep_size: number of expert-parallel ranks; must divide ``num_physical``.
-        ranks_per_node: when given, a sender on the receiver's node (``rank //
-            ranks_per_node``) is preferred over load balance.
+        ranks_per_node: EP ranks per node (at most ``ep_size``; the last node may hold
+            fewer); when given, a sender on the receiver's node (``rank // ranks_per_node``)
+            is preferred over load balance.
         num_logical: when given, every id must be below it.
 
     Returns:
@@ -330,6 +331,10 @@ def plan_rearrangement(
     """
     ep = _positive(ep_size, "ep_size")
     rpn = None if ranks_per_node is None else _positive(ranks_per_node, "ranks_per_node")
+    if rpn is not None and rpn > ep:
+        raise ValueError(
+            f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
+        )
     nlog = None if num_logical is None else _positive(num_logical, "num_logical")
     old = _as_map(old_map, "old_map")
     new = _as_map(new_map, "new_map")

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from eplb_pynccl.planner import RankPlan, RearrangementPlan, plan_rearrangement, simulate
@@ -252,6 +252,7 @@ def test_random_maps(case):
     rpn=st.sampled_from([None, 2, 4]),
 )
 def test_eplb_like_maps(seed, ep, num_layers, keep, rpn):
+    assume(rpn is None or rpn <= ep)  # more ranks per node than ranks is refused (tested below)
     per_rank = 5
     n = ep * per_rank
     num_redundant = max(1, n // 5)
@@ -549,6 +550,7 @@ GOOD = np.arange(8).reshape(2, 4)
         (dict(ep_size=True), TypeError, "ep_size must be an int, got bool"),
         (dict(ranks_per_node=0), ValueError, "ranks_per_node must be >= 1, got 0"),
         (dict(ranks_per_node="2"), TypeError, "ranks_per_node must be an int, got str"),
+        (dict(ranks_per_node=3), ValueError, "ranks_per_node counts EP ranks per node, at most ep_size (2); got 3"),
         (dict(num_logical=0), ValueError, "num_logical must be >= 1, got 0"),
         (
             dict(old_map=[[0, 1, 2, 3], [4, 5, -2, 7]]),
