@@ -147,6 +147,31 @@ def _worker(rank, n, port, device, opts, q):
         t.close()
         del w, sh
         torch.cuda.empty_cache()
+        if rank == 0:  # the same plans' local moves at EP1 over NCCL (a 1-rank communicator)
+            comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device)
+            w = [[torch.empty((288, *shape), dtype=getattr(torch, dt), device=dev) for shape, dt in small]
+                 for _ in range(L)]
+            sh1 = ep.ExpertShuffler(ep.NcclTransport(comm), w, pack_threshold=0)
+            o1, n1 = make_maps(opts["seed"], L, 256, 288, 1)
+            per1, ok1 = [], True
+            for k in range(reps + 1):
+                _fill(torch, w, o1, 0, 288)
+                torch.cuda.synchronize()
+                st = sh1.rearrange(o1, n1)
+                torch.cuda.synchronize()
+                ok1 = ok1 and _check(torch, w, n1, 0, 288)
+                if k:
+                    per1.append((st.launch_seconds / st.rounds, st.poll_seconds / st.rounds,
+                                 st.apply_seconds / st.rounds, st.rounds, st.local_copies, st.setup_seconds))
+            a = np.median(np.asarray(per1), axis=0)
+            rows.append({"case": "host-ep1", "what": f"dsv3 ep1 {L}L local moves (NCCL, 1 rank), 4 KiB rows",
+                         "procs": 1, "rank": 0, "launch_ms_per_round": round(a[0] * 1e3, 3),
+                         "poll_ms_per_round": round(a[1] * 1e3, 3), "apply_ms_per_round": round(a[2] * 1e3, 3),
+                         "rounds": int(a[3]), "local_copies": int(a[4]), "setup_ms": round(a[5] * 1e3, 3),
+                         "check": "ok" if ok1 else "FAIL"})
+            del w, sh1
+            comm.close()
+            torch.cuda.empty_cache()
         # -- a whole rearrangement: Qwen3-30B-A3B experts, real sizes -------------------------
         L = 8
         num_physical = -(-int(128 * 1.125) // n) * n
@@ -219,9 +244,11 @@ def run_ipc(args) -> list[dict]:
     rows = [r for rank in sorted(out) for r in out[rank]]
     note = f"{n} processes on {ngpu} GPU(s)" + (" (copies inside one GPU, no link)" if ngpu == 1 else "")
     merged = []
-    for case in ("probe", "host", "eplb"):
+    for case in ("probe", "host", "host-ep1", "eplb"):
         group = [r for r in rows if r["case"] == case]
-        if case == "host" or case == "eplb":
+        if not group:
+            continue
+        if case in ("host", "host-ep1", "eplb"):
             # the slowest rank per column
             first = dict(group[0])
             for k, v in first.items():
