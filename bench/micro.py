@@ -34,7 +34,6 @@ A rank's time is the median over repeats of (elapsed / iters); the row reports t
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
