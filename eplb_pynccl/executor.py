@@ -5,7 +5,8 @@ the staging buffer, the device index tensor, every kernel's views, every copy's 
 every round's messages prepared by the transport. ``launch(k, stream)`` then runs round k's
 phase A and hands its messages to the transport; ``apply(k, stream)`` runs its phase C.
 
-On CUDA, copies are driver memcpys on the stream (one call per row, no tensor view) and the
+On CUDA, copies are driver memcpys on the stream (independent rows under 1 MiB as one
+``cuMemcpyBatchAsync``, larger ones one call per row, no tensor view) and the
 gather/scatter kernels run over word views of the rows (8-byte words move several times
 faster than bytes); on the CPU (gloo), copies are tensor copies of byte views.
 """
@@ -17,9 +18,12 @@ import contextlib
 import numpy as np
 
 from . import _buffers
+from ._nccl import cuda as _cuda
 from .schedule import STAGING, Copies, Kernels, RankSchedule, Schedule
 
 __all__ = ["Executor"]
+
+BATCH_BELOW = 1 << 20  # independent row copies below this size go in one cuMemcpyBatchAsync
 
 
 def word_rows(torch, b):
@@ -102,8 +106,17 @@ class Executor:
     def _op(self, op):
         if isinstance(op, Copies):
             if self.bufs.is_cuda:
-                return ("memcpy", list(zip(self._ptrs(op.dst_buf, op.dst_off),
-                                           self._ptrs(op.src_buf, op.src_off), op.nbytes.tolist())))
+                copies = list(zip(self._ptrs(op.dst_buf, op.dst_off), self._ptrs(op.src_buf, op.src_off),
+                                  op.nbytes.tolist()))
+                drv = _cuda.driver()
+                if op.ordered or drv is None or not drv.has_memcpy_batch:
+                    return ("memcpy", copies)
+                # independent copies: the small rows as one batch (one driver call instead of
+                # one per row; the driver picks the engine), large rows one memcpy each (the
+                # device's copy kernels beat a copy engine inside one GPU)
+                small = [c for c in copies if c[2] < BATCH_BELOW]
+                big = [c for c in copies if c[2] >= BATCH_BELOW]
+                return ("batch", (_cuda.copy_arrays(small) if small else None, big))
             return ("copy", [(self._view(d, do, n), self._view(s, so, n)) for d, do, s, so, n in
                              zip(op.dst_buf.tolist(), op.dst_off.tolist(), op.src_buf.tolist(),
                                  op.src_off.tolist(), op.nbytes.tolist())])
@@ -121,6 +134,13 @@ class Executor:
         for kind, items in ops:
             if kind == "memcpy":
                 _buffers.copy_async(items, stream.cuda_stream)
+            elif kind == "batch":
+                arrays, big = items
+                h = stream.cuda_stream
+                if arrays is not None:
+                    _cuda.driver().memcpy_batch(*arrays, h, prefer_ce=False)
+                if big:
+                    _buffers.copy_async(big, h)
             elif kind == "copy":
                 for dst, src in items:
                     dst.copy_(src)

@@ -13,8 +13,9 @@ rank's staging fits the bound. A round of one rank is three phases of plain ops:
   (``layout.buf(layer, i)``) or :data:`STAGING`. Between two ranks the i-th send of one is the
   i-th receive of the other (what an NCCL group needs not to hang).
 * ``post`` (phase C, on the caller's stream, once the messages have completed): the old-content
-  local copies in read-before-write order (small tensors through a staging block), the staged
-  receives scattered into the live rows, then the duplicates of rows new in this layer.
+  local copies in read-before-write order, as waves of copies that may run at once (small
+  tensors through a staging block), the staged receives scattered into the live rows, then
+  the duplicates of rows new in this layer.
 
 Every rank can compute every rank's schedule from the same inputs, so a one-sided transport
 knows the remote addresses it reads without a metadata exchange (:meth:`Schedule.linked`).
@@ -680,7 +681,9 @@ def _rank_schedule(sched: Schedule, rank: int) -> RankSchedule:
         st.pre = [op for op in (b.copies_op("a"), b.kernels_op(("pre", "gather", "stash")),
                                 b.kernels_op(("pre", "gather", "pack"))) if op is not None]
         st.sends, st.recvs = b.messages("s"), b.messages("r")
-        st.post = [op for op in (b.kernels_op(("post", "gather", "copy")), b.copies_op("c", ordered=True),
+        waves = sorted(k[1] for k in b.copies if isinstance(k, tuple) and k[0] == "c")
+        st.post = [op for op in (b.kernels_op(("post", "gather", "copy")),
+                                 *(b.copies_op(("c", k)) for k in waves),
                                  b.kernels_op(("post", "scatter", "copy")),
                                  b.kernels_op(("post", "scatter", "recv")),
                                  b.kernels_op(("post", "scatter", "pack")),
@@ -760,12 +763,20 @@ def _lay_out_layer(b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int) -> 
         for i, off in copy_block.items():
             b.kernel(("post", "gather", "copy"), fb + i, c_src_ix, nc, off, rb[i])
         rows = [i for i in range(ntens) if i not in copy_block]
+        # waves of copies that may run at once (one batch each): a copy that overwrites a row
+        # a copy of the current wave reads starts the next wave (the order reads every row
+        # before it is written, so nothing else can conflict)
+        wave, reads = 0, set()
         for src, j, dst in w.copies_c:
+            if dst in reads:
+                wave, reads = wave + 1, set()
+            if j < 0:
+                reads.add(src)
             for i in rows:
                 if j < 0:
-                    b.copy("c", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+                    b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
                 else:
-                    b.copy("c", fb + i, dst * rb[i], STAGING, stash_block[i] + j * rb[i], rb[i])
+                    b.copy(("c", wave), fb + i, dst * rb[i], STAGING, stash_block[i] + j * rb[i], rb[i])
         for i, off in copy_block.items():
             b.kernel(("post", "scatter", "copy"), fb + i, c_dst_ix, nc, off, rb[i])
     for i, off in recv_block.items():

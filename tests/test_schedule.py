@@ -199,24 +199,29 @@ def test_planted_messages_swapped_between_tensors():
 
 
 def test_planted_read_after_overwrite():
-    # one rank, a chain of old-content copies 1 -> 0, 2 -> 1, 3 -> 2: reversed, a row is
-    # read after it was overwritten
+    # one rank, a chain of old-content copies 1 -> 0, 2 -> 1, 3 -> 2: three waves (each copy
+    # overwrites the row the wave before read); run in the other order, a row is read after
+    # it was overwritten
     old = np.array([[0, 1, 2, 3]])
     new = np.array([[1, 2, 3, 3]])
-    sched = build_schedule(plan_rearrangement(old, new, 1), Layout.of([[32]], 4))
-    ro = sched.rank(0).rounds[0]
-    (c,) = [op for op in ro.post if isinstance(op, Copies)]
-    assert c.ordered and c.src_off.tolist() == [32, 64, 96]  # read before write
-    rev = Copies(*(getattr(c, f)[::-1].copy() for f in ("dst_buf", "dst_off", "src_buf", "src_off", "nbytes")),
-                 ordered=True)
-    _replace(ro, "post", ro.post.index(c), rev)
-    with pytest.raises(ScheduleError, match=r"^round 0 rank 0 post op \d copy 1: reads rows \[2\] of buffer 0 after they were overwritten$"):
+
+    def waves():
+        sched = build_schedule(plan_rearrangement(old, new, 1), Layout.of([[32]], 4))
+        ro = sched.rank(0).rounds[0]
+        return sched, ro, [op for op in ro.post if isinstance(op, Copies)]
+
+    sched, ro, cs = waves()
+    assert [c.src_off.tolist() for c in cs] == [[32], [64], [96]]  # read before write
+    simulate(sched, old, new)
+    sched, ro, cs = waves()
+    ro.post = [op for op in ro.post if not isinstance(op, Copies)] + cs[::-1]
+    with pytest.raises(ScheduleError, match=r"^round 0 rank 0 post op 1 copy 0: reads rows \[2\] of buffer 0 after they were overwritten$"):
         simulate(sched, old, new)
-    # the same copies marked unordered (batchable) depend on each other
-    sched = build_schedule(plan_rearrangement(old, new, 1), Layout.of([[32]], 4))
-    ro = sched.rank(0).rounds[0]
-    (c,) = [op for op in ro.post if isinstance(op, Copies)]
-    _replace(ro, "post", ro.post.index(c), dataclasses.replace(c, ordered=False))
+    # the three merged into one batch of independent copies depend on each other
+    sched, ro, cs = waves()
+    merged = Copies(*(np.concatenate([getattr(c, f) for c in cs])
+                      for f in ("dst_buf", "dst_off", "src_buf", "src_off", "nbytes")))
+    ro.post = [op for op in ro.post if not isinstance(op, Copies)] + [merged]
     with pytest.raises(ScheduleError, match=r"depends on another copy of an unordered batch|reads a row another copy of the unordered batch writes"):
         simulate(sched, old, new)
 
@@ -251,7 +256,7 @@ def test_planted_staging_beyond_the_bound():
 def test_planted_live_write_before_the_exchange_in_transactional_mode():
     sched, old, new = _two_rank_case()
     ro = sched.rank(0).rounds[0]
-    copies = next(op for op in ro.post if isinstance(op, Copies) and op.ordered)
+    copies = next(op for op in ro.post if isinstance(op, Copies) and not op.reads_new)
     ro.post.remove(copies)  # the old-content local copies, moved before the exchange
     ro.pre.append(copies)
     with pytest.raises(ScheduleError, match=r"^round 0 rank 0 pre op \d copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$"):
