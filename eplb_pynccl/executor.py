@@ -58,6 +58,7 @@ class Executor:
         self.sched, self.rs, self.bufs = sched, rs, bufs
         self.transport = transport
         self.stream = stream  # the exchange stream (CUDA) or None
+        self._side = None  # (stream, event, event) for batches on the legacy default stream
         cuda = bufs.is_cuda
         self.staging = None
         if rs.staging_bytes:
@@ -138,7 +139,7 @@ class Executor:
                 arrays, big = items
                 h = stream.cuda_stream
                 if arrays is not None:
-                    _cuda.driver().memcpy_batch(*arrays, h, prefer_ce=False)
+                    self._batch(arrays, h)
                 if big:
                     _buffers.copy_async(big, h)
             elif kind == "copy":
@@ -150,6 +151,22 @@ class Executor:
             else:  # scatter
                 for w, ix, blk in items:
                     w.index_copy_(0, ix, blk)
+
+    def _batch(self, arrays, h: int) -> None:
+        """One cuMemcpyBatchAsync on stream ``h``; on the legacy default stream (which the
+        call refuses) through a side stream ordered by two events."""
+        drv = _cuda.driver()
+        if h:
+            drv.memcpy_batch(*arrays, h, prefer_ce=False)
+            return
+        if self._side is None:
+            self._side = (drv.stream_create(), drv.event_create(), drv.event_create())
+        side, before, after = self._side
+        drv.event_record(before, 0)
+        drv.stream_wait_event(side, before)
+        drv.memcpy_batch(*arrays, side, prefer_ce=False)
+        drv.event_record(after, side)
+        drv.stream_wait_event(0, after)
 
     def launch_pre(self, k: int):
         """Round k's phase A (on the current stream: the exchange stream); the first call
@@ -176,4 +193,11 @@ class Executor:
         self.staging = None
         self.index = None
         self.rounds = []
+        if self._side is not None:  # work queued on it completes first; the handles go now
+            drv = _cuda.driver()
+            side, before, after = self._side
+            self._side = None
+            drv.stream_destroy(side)
+            drv.event_destroy(before)
+            drv.event_destroy(after)
 
