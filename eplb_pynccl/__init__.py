@@ -5,7 +5,8 @@ Layers (each uses only those below it):
 1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
 2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
 3. :class:`Transport` with :class:`NcclTransport` and :class:`TorchTransport`.
-4. :func:`plan_rearrangement` (pure planner) and :class:`ExpertShuffler` (executor).
+4. :func:`plan_rearrangement` (pure planner), :class:`ExpertShuffler` (executor) and
+   :func:`rebalance` (placement policies: DeepSeek's EPLB and a migration-aware repair).
 
 Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
 """
@@ -47,6 +48,10 @@ _LAZY = {
     "ExpertShuffler": ".shuffler",
     "RearrangeStats": ".shuffler",
     "RearrangeHandle": ".shuffler",
+    "rebalance": ".placement",
+    "RebalanceResult": ".placement",
+    "should_rebalance": ".placement",
+    "placement_imbalance": ".placement",
 }
 
 __all__ = [

@@ -1,0 +1,985 @@
+"""Expert placement for EPLB: which logical expert each physical slot holds.
+
+:func:`rebalance` turns per-expert loads (tokens routed to each logical expert, per MoE
+layer) into a placement map ``[num_layers, num_physical]`` (slot -> logical expert) in the
+convention of :func:`eplb_pynccl.plan_rearrangement`: slot ``s`` lives on rank ``s // P``,
+row ``s % P``, ``P = num_physical // ep_size``. A GPU's load is the sum over its slots of
+``loads[layer, expert] / replicas(expert)``; a layer's *imbalance* is the largest GPU load
+divided by the mean GPU load (1.0 is perfect; 1.0 too for a layer without load).
+
+Policies
+--------
+``"deepseek"``
+    DeepSeek's published EPLB algorithm, written here from its description. Replication:
+    while slots are left, add a replica to the expert with the largest load per replica.
+    Balanced packing: items in decreasing weight order, each to the least loaded pack that
+    still has room (every pack gets the same number of items). Hierarchical variant, used
+    when ``num_groups`` is given and ``num_nodes`` divides it: pack the expert groups (sum of
+    their loads) onto nodes, replicate within each node, pack each node's replicas onto its
+    GPUs. Otherwise the global variant: replicate over all slots and pack onto all GPUs.
+    It ignores ``old_map`` (which is only used for the movement figures): ties go to the
+    lower index, pack ``i`` goes to GPU ``i`` and rows follow the packing order.
+``"deepseek_relabelled"``
+    The same packs, placed to move as little as possible: packs are assigned to GPUs (and,
+    in the hierarchical variant, node packs to nodes first) by solving an assignment problem
+    (``scipy.optimize.linear_sum_assignment``) whose cost is, lexicographically, experts
+    crossing nodes, then experts received, then rows changed; within a GPU, each replica
+    goes to a row that already holds its expert where there is one (for items that are
+    identical per expert this is an exact solution of the row assignment problem: it keeps
+    ``sum_e min(new_e, old_e)`` rows, the most possible). Same imbalance as ``"deepseek"``.
+``"migration_aware"`` (the default when ``old_map`` is given)
+    Per layer: a layer whose ``old_map`` imbalance under the new loads is already within the
+    target is kept as it is. Otherwise an incremental repair of ``old_map``: repeatedly, on
+    the most loaded GPU, the single operation with the best ratio of load removed (capped at
+    what the target needs) to movement cost: a swap of two slots between that GPU and one
+    of the least loaded ones, or moving a replica (one slot of an expert that has several
+    becomes a new replica of an expert on the most loaded GPU). An operation is allowed only
+    when every GPU it touches ends below the most loaded GPU's current load, so the sorted
+    load vector decreases at every step and the repair terminates. Movement cost per slot
+    written: 0 when a slot gets its old expert back, 0.05 for an expert its GPU already
+    held (a local copy), 1 for a network transfer, 2 when no GPU of the receiver's node held
+    the expert (``num_nodes > 1``). The repair stops at the target, when no operation
+    helps, or when it has changed as many slots as the relabelled reference; the layer then
+    takes the repair if it met the target (or neither met it and the repair is no worse),
+    else the relabelled reference. So no layer changes more slots than the reference.
+    Finally, if the largest number of experts any rank receives (summed over layers)
+    exceeds the reference's, layers are switched to the reference, largest excess on the
+    worst rank first, until it does not (only layers where the reference meets the
+    target); with the default target it never moves more bytes than the reference.
+
+Target (``max_imbalance``): by default, per layer, the imbalance ``"deepseek"`` reaches on
+these loads; a number (or one per layer) otherwise. ``RebalanceResult.target_met`` says
+where it was reached.
+
+Determinism: the result is a pure function of the arguments (numpy and scipy only, ties to
+the lower index, no randomness), so every rank computes the same map from the same loads.
+Loads are scaled per layer by their maximum before anything else (imbalance is scale-free).
+
+The gate: ``RebalanceResult.old_imbalance`` is the imbalance of ``old_map`` under the new
+loads; :func:`should_rebalance` says whether the gain is worth the bytes (rule there).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .planner import _as_map, _check_ids, _index, _positive
+
+__all__ = [
+    "POLICIES",
+    "RebalanceResult",
+    "placement_imbalance",
+    "rebalance",
+    "should_rebalance",
+]
+
+POLICIES = ("deepseek", "deepseek_relabelled", "migration_aware")
+
+_I64 = np.int64
+_TOL = 1e-9  # relative slack on imbalance comparisons (the same sums taken in another order)
+_LOCAL_COST = 0.05  # repair cost of writing an expert the GPU already held (a local copy)
+_NODE_COST = 1.0  # extra repair cost of an expert no GPU of the receiver's node held
+_MIN_COST = 0.01  # floor of an operation's cost in the score (reverting a change is < 0)
+_SWAP_GPUS = 8  # swap partners: slots of this many least loaded GPUs
+_HEAVY_GPUS = 2  # swaps: GPUs above the target handled in one round (disjoint swaps)
+_DONORS = 16  # replica moves: candidate donor slots per step
+_RECEIVERS = 6  # replica moves: heaviest slots of the most loaded GPU to replicate
+
+
+# ---------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class RebalanceResult:
+    """What :func:`rebalance` decided, with the figures an engine needs to judge it.
+
+    Per-layer arrays have ``num_layers`` entries. Fields that compare with the current
+    placement (``old_imbalance``, ``slots_changed``, ``experts_received``, ...) are ``None``
+    when no ``old_map`` was given; the byte figures are ``None`` without ``row_bytes``.
+
+    * ``new_map``: int64 ``[num_layers, num_physical]``, every slot filled; feeds
+      :func:`eplb_pynccl.plan_rearrangement` and :class:`eplb_pynccl.ExpertShuffler` as is.
+    * ``replicas``: int64 ``[num_layers, num_logical]``, replicas of each expert in it.
+    * ``imbalance``: max GPU load / mean GPU load under ``new_map``.
+    * ``old_imbalance``: the same for ``old_map`` under these loads (the rebalance gate).
+    * ``target``, ``target_met``: the imbalance aimed at, and where ``imbalance`` is within it.
+    * ``layer_source``: per layer ``"deepseek"``, ``"reference"`` (the relabelled packs),
+      ``"repaired"`` or ``"kept"`` (``old_map`` unchanged).
+    * ``slots_changed``: slots whose expert changes (the rows the shuffler writes).
+    * ``experts_received``: ``[num_layers, ep_size]``, experts each rank receives over the
+      network: those it needs and did not hold (duplicates on a rank are local copies).
+    * ``internode_received``: the part of those that no rank of the receiver's node held, so
+      they cross nodes (``plan_rearrangement(..., ranks_per_node=ep_size // num_nodes)``
+      sends the others from the receiver's node); zeros when ``num_nodes == 1``.
+    * ``bytes_received_max``: ``row_bytes`` x the most experts any rank receives, summed
+      over layers: the bytes of the busiest receiver for the whole rearrangement.
+    * ``internode_bytes_max``, ``internode_bytes_total``: bytes crossing nodes, busiest
+      receiver and all ranks together.
+    * ``seconds``: time spent in :func:`rebalance`; ``repair_rounds``: rounds of the
+      repair (each applies at most one set of operations per layer; a diagnostic).
+    """
+
+    policy: str
+    new_map: np.ndarray
+    replicas: np.ndarray
+    imbalance: np.ndarray
+    target: np.ndarray
+    target_met: np.ndarray
+    layer_source: tuple[str, ...]
+    ep_size: int
+    num_nodes: int
+    row_bytes: int | None
+    old_imbalance: np.ndarray | None
+    slots_changed: np.ndarray | None
+    experts_received: np.ndarray | None
+    internode_received: np.ndarray | None
+    seconds: float
+    repair_rounds: int = 0
+
+    @property
+    def reached_target(self) -> bool:
+        """True when every layer is within its target."""
+        return bool(self.target_met.all())
+
+    @property
+    def bytes_received_max(self) -> int | None:
+        if self.experts_received is None or self.row_bytes is None:
+            return None
+        return int(self.experts_received.sum(0).max()) * self.row_bytes
+
+    @property
+    def internode_bytes_max(self) -> int | None:
+        if self.internode_received is None or self.row_bytes is None:
+            return None
+        return int(self.internode_received.sum(0).max()) * self.row_bytes
+
+    @property
+    def internode_bytes_total(self) -> int | None:
+        if self.internode_received is None or self.row_bytes is None:
+            return None
+        return int(self.internode_received.sum()) * self.row_bytes
+
+    @property
+    def gain(self) -> float | None:
+        """Fraction of MoE time saved, if each layer's time follows its most loaded GPU:
+        ``1 - sum_l imbalance[l] * mean_l / sum_l old_imbalance[l] * mean_l`` with the mean
+        GPU load ``mean_l`` of each layer (layers with more tokens weigh more). ``None``
+        without ``old_map``; 0.0 when nothing carries load."""
+        return None if self._old_cost is None else _gain(self._new_cost, self._old_cost)
+
+    # set by rebalance(): sum over layers of max GPU load (unscaled), new and old
+    _new_cost: float = 0.0
+    _old_cost: float | None = None
+
+    def __repr__(self) -> str:
+        parts = [
+            f"policy={self.policy!r}",
+            f"imbalance mean {float(self.imbalance.mean()):.4f} max {float(self.imbalance.max()):.4f}",
+        ]
+        if self.old_imbalance is not None:
+            parts.append(f"old max {float(self.old_imbalance.max()):.4f}")
+            parts.append(f"slots_changed={int(self.slots_changed.sum())}")
+        if self.bytes_received_max is not None:
+            parts.append(f"bytes_received_max={self.bytes_received_max}")
+        if not self.reached_target:
+            parts.append(f"target missed in {int((~self.target_met).sum())} layer(s)")
+        return "RebalanceResult(" + ", ".join(parts) + ")"
+
+
+def _gain(new_cost: float, old_cost: float) -> float:
+    if old_cost <= 0:
+        return 0.0
+    return 1.0 - new_cost / old_cost
+
+
+def should_rebalance(
+    result: RebalanceResult, *, min_gain: float = 0.02, max_bytes: int | None = None
+) -> bool:
+    """Whether applying ``result`` is worth it.
+
+    The rule: rebalance when ``result.gain`` (the fraction of MoE time the new placement
+    saves, taking each layer's time as its most loaded GPU's load) is at least ``min_gain``
+    (default 2%), and, when ``max_bytes`` is given, the busiest receiver gets at most that
+    many bytes (``result.bytes_received_max``, which then needs ``row_bytes``). Without an
+    ``old_map`` there is nothing to keep: always True.
+    """
+    if not isinstance(result, RebalanceResult):
+        raise TypeError(f"result must be a RebalanceResult, got {type(result).__name__}")
+    mg = _real(min_gain, "min_gain")
+    if max_bytes is not None:
+        max_bytes = _index(max_bytes, "max_bytes")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        if result.row_bytes is None:
+            raise ValueError("max_bytes needs a result computed with row_bytes")
+    if result.old_imbalance is None:
+        return True
+    if result.gain < mg:
+        return False
+    return max_bytes is None or result.bytes_received_max <= max_bytes
+
+
+# ---------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _as_loads(x) -> np.ndarray:
+    if not isinstance(x, np.ndarray) and hasattr(x, "numpy"):  # a torch tensor: never imported
+        if hasattr(x, "detach"):
+            x = x.detach()
+        if hasattr(x, "cpu"):
+            x = x.cpu()
+        if str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"loads must be a 2-D array of numbers: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"loads must be an integer or float array, got {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"loads must be 2-D [num_layers, num_logical], got shape {tuple(arr.shape)}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(
+            f"loads must have at least one layer and one expert, got shape {tuple(arr.shape)}"
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        layer, e = divmod(int(np.argmax(bad.ravel())), arr.shape[1])
+        raise ValueError(
+            f"loads: layer {layer}, expert {e} is {arr[layer, e]}; loads must be finite"
+        )
+    if (arr < 0).any():
+        layer, e = divmod(int(np.argmax((arr < 0).ravel())), arr.shape[1])
+        raise ValueError(
+            f"loads: layer {layer}, expert {e} is {arr[layer, e]}; loads must be >= 0"
+        )
+    return arr
+
+
+def _check_old_map(old_map, num_layers: int, num_physical: int, num_logical: int) -> np.ndarray:
+    old = _as_map(old_map, "old_map")
+    if old.shape != (num_layers, num_physical):
+        raise ValueError(
+            f"old_map must have shape ({num_layers}, {num_physical}) "
+            f"(loads' layers x num_physical), got {tuple(old.shape)}"
+        )
+    _check_ids(old, "old_map", num_logical)
+    held = np.zeros((num_layers, num_logical + 1), dtype=bool)
+    held[np.arange(num_layers)[:, None], old] = True  # -1 lands in the last column
+    missing = ~held[:, :num_logical]
+    if missing.any():
+        layer, e = divmod(int(np.argmax(missing.ravel())), num_logical)
+        raise ValueError(
+            f"old_map: layer {layer} holds no replica of expert {e}; a placement must hold "
+            "every logical expert"
+        )
+    return old
+
+
+def _targets(max_imbalance, num_layers: int) -> np.ndarray | None:
+    if max_imbalance is None:
+        return None
+    if isinstance(max_imbalance, numbers.Real) and not isinstance(max_imbalance, (bool, np.bool_)):
+        t = np.full(num_layers, _real(max_imbalance, "max_imbalance"))
+    else:
+        if not isinstance(max_imbalance, np.ndarray) and hasattr(max_imbalance, "numpy"):
+            max_imbalance = max_imbalance.detach().cpu().numpy()
+        try:
+            t = np.asarray(max_imbalance)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"max_imbalance must be a number or one per layer: {exc}") from None
+        if t.dtype.kind not in "iuf":
+            raise TypeError(
+                f"max_imbalance must be a real number or an array of them, got {t.dtype}"
+            )
+        if t.shape != (num_layers,):
+            raise ValueError(
+                f"max_imbalance must be a number or have shape ({num_layers},) (one per "
+                f"layer), got shape {tuple(t.shape)}"
+            )
+        t = t.astype(np.float64)
+    if not np.isfinite(t).all():
+        raise ValueError(f"max_imbalance must be finite, got {t[~np.isfinite(t)][0]}")
+    if (t < 1.0).any():
+        raise ValueError(
+            f"max_imbalance must be >= 1 (max / mean GPU load), got {float(t[t < 1.0][0])}"
+        )
+    return t
+
+
+# ---------------------------------------------------------------------------------------
+# the public entry points
+# ---------------------------------------------------------------------------------------
+
+
+def rebalance(
+    loads,
+    num_physical: int,
+    ep_size: int,
+    *,
+    old_map=None,
+    num_nodes: int = 1,
+    num_groups: int | None = None,
+    policy: str | None = None,
+    max_imbalance=None,
+    row_bytes: int | None = None,
+) -> RebalanceResult:
+    """A placement of experts onto ``num_physical`` slots over ``ep_size`` GPUs.
+
+    Args:
+        loads: ``[num_layers, num_logical]`` non-negative finite loads (tokens per expert);
+            numpy, torch or nested lists.
+        num_physical: slots per layer (``>= num_logical``, divisible by ``ep_size``).
+        ep_size: expert-parallel ranks (GPUs).
+        old_map: the current placement ``[num_layers, num_physical]`` (``-1``: empty slot),
+            holding every logical expert in every layer.
+        num_nodes: nodes the ranks span (rank ``r`` is on node ``r // (ep_size //
+            num_nodes)``); must divide ``ep_size``.
+        num_groups: expert groups (consecutive ids) for DeepSeek's hierarchical variant;
+            must divide ``num_logical``. Hierarchical when ``num_nodes`` divides it.
+        policy: ``"deepseek"``, ``"deepseek_relabelled"`` or ``"migration_aware"`` (default:
+            ``"migration_aware"`` with ``old_map``, else ``"deepseek"``).
+        max_imbalance: target (a number >= 1 or one per layer); default: per layer what
+            ``"deepseek"`` reaches on these loads.
+        row_bytes: bytes of one expert (all its tensors), for the byte figures.
+
+    Returns:
+        A :class:`RebalanceResult`. The module docstring says how each policy decides.
+
+    Raises:
+        TypeError, ValueError: bad input, with a message naming the argument.
+    """
+    t0 = time.perf_counter()
+    lam_raw = _as_loads(loads)
+    L, E = lam_raw.shape
+    N = _positive(num_physical, "num_physical")
+    ep = _positive(ep_size, "ep_size")
+    nodes = _positive(num_nodes, "num_nodes")
+    groups = None if num_groups is None else _positive(num_groups, "num_groups")
+    if N < E:
+        raise ValueError(
+            f"num_physical ({N}) must be >= the number of logical experts ({E}, the "
+            "second dimension of loads)"
+        )
+    if N % ep:
+        raise ValueError(f"num_physical ({N}) is not divisible by ep_size ({ep})")
+    if ep % nodes:
+        raise ValueError(f"ep_size ({ep}) is not divisible by num_nodes ({nodes})")
+    if groups is not None and E % groups:
+        raise ValueError(
+            f"the number of logical experts ({E}, loads.shape[1]) is not divisible by "
+            f"num_groups ({groups})"
+        )
+    if policy is not None and not isinstance(policy, str):
+        raise TypeError(f"policy must be a str or None, got {type(policy).__name__}")
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    old = None if old_map is None else _check_old_map(old_map, L, N, E)
+    if policy is None:
+        policy = "deepseek" if old is None else "migration_aware"
+    if old is None and policy != "deepseek":
+        raise ValueError(f"policy {policy!r} needs old_map (the current placement)")
+    target_arg = _targets(max_imbalance, L)
+    rb = None if row_bytes is None else _positive(row_bytes, "row_bytes")
+
+    scale = lam_raw.max(1)
+    scale[scale == 0] = 1.0
+    lam = lam_raw / scale[:, None]
+
+    ref, nodes_h = _deepseek(lam, N, ep, nodes, groups)
+    ref_imb, ref_cost = _imbalance(ref, lam, ep)
+    target = ref_imb if target_arg is None else target_arg
+    old_imb = old_cost = None
+    if old is not None:
+        old_imb, old_cost = _imbalance(old, lam, ep)
+
+    rounds = 0
+    if policy == "deepseek":
+        new, imb, cost = ref, ref_imb, ref_cost
+        source = ["deepseek"] * L
+    else:
+        rel = _relabel(ref, old, ep, nodes, nodes_h, E)
+        if policy == "deepseek_relabelled":
+            new, imb, cost = rel, ref_imb, ref_cost
+            source = ["reference"] * L
+        else:
+            new, imb, cost, source, rounds = _migration_aware(
+                old, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes
+            )
+
+    replicas = _expert_counts(new, E)
+    sc = recv = inter = None
+    if old is not None:
+        sc = ((new != old) & (new != -1)).sum(1).astype(_I64)
+        recv, inter = _received(old, new, ep, nodes, E)
+    res = RebalanceResult(
+        policy=policy,
+        new_map=_frozen(new),
+        replicas=_frozen(replicas),
+        imbalance=_frozen(imb.copy()),
+        target=_frozen(np.asarray(target, dtype=np.float64).copy()),
+        target_met=_frozen(imb <= target * (1 + _TOL)),
+        layer_source=tuple(source),
+        ep_size=ep,
+        num_nodes=nodes,
+        row_bytes=rb,
+        old_imbalance=None if old_imb is None else _frozen(old_imb.copy()),
+        slots_changed=None if sc is None else _frozen(sc),
+        experts_received=None if recv is None else _frozen(recv),
+        internode_received=None if inter is None else _frozen(inter),
+        seconds=0.0,
+        repair_rounds=rounds,
+    )
+    object.__setattr__(res, "_new_cost", float((cost * scale).sum()))
+    if old_cost is not None:
+        object.__setattr__(res, "_old_cost", float((old_cost * scale).sum()))
+    object.__setattr__(res, "seconds", time.perf_counter() - t0)
+    return res
+
+
+def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
+    """Per layer: max GPU load / mean GPU load of ``placement`` under ``loads``.
+
+    A GPU's load is the sum over its slots of ``loads[layer, e] / replicas(e)``; a layer
+    without load has imbalance 1.0. ``placement`` must hold every expert of ``loads``."""
+    lam = _as_loads(loads)
+    L, E = lam.shape
+    ep = _positive(ep_size, "ep_size")
+    amap = _as_map(placement, "placement")
+    if amap.shape[0] != L:
+        raise ValueError(
+            f"placement has {amap.shape[0]} layers, loads has {L}"
+        )
+    N = amap.shape[1]
+    if N == 0 or N % ep:
+        raise ValueError(f"num_physical ({N}) is not divisible by ep_size ({ep})")
+    _check_old_map(amap, L, N, E)  # same rule as old_map (messages name old_map's checks)
+    scale = lam.max(1)
+    scale[scale == 0] = 1.0
+    return _imbalance(amap, lam / scale[:, None], ep)[0]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# load and movement figures
+# ---------------------------------------------------------------------------------------
+
+
+def _slot_weights(amap: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Per slot: its expert's load / replicas (0 for an empty slot)."""
+    L, N = amap.shape
+    E = lam.shape[1]
+    cnt = _expert_counts(amap, E)
+    per = np.zeros((L, E + 1))  # the last column serves empty slots (-1)
+    held = cnt > 0
+    per[:, :E][held] = lam[held] / cnt[held]
+    return per[np.arange(L)[:, None], amap]
+
+
+def _expert_counts(amap: np.ndarray, E: int) -> np.ndarray:
+    """int [L, E]: replicas of each expert per layer (empty slots not counted)."""
+    L, N = amap.shape
+    key = np.repeat(np.arange(L), N) * (E + 1) + amap.ravel() + 1
+    return np.bincount(key, minlength=L * (E + 1)).reshape(L, E + 1)[:, 1:]
+
+
+def _imbalance(amap: np.ndarray, lam: np.ndarray, ep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(imbalance per layer, max GPU load per layer) of a placement."""
+    L, N = amap.shape
+    g = _slot_weights(amap, lam).reshape(L, ep, N // ep).sum(2)
+    gmax = g.max(1)
+    mean = g.mean(1)
+    imb = np.ones(L)
+    pos = mean > 0
+    imb[pos] = gmax[pos] / mean[pos]
+    return imb, gmax
+
+
+def _gpu_presence(amap: np.ndarray, ep: int, E: int) -> np.ndarray:
+    """bool [L, ep, E]: GPU holds expert."""
+    L, N = amap.shape
+    P = N // ep
+    pres = np.zeros((L, ep, E + 1), dtype=bool)
+    lr = np.repeat(np.arange(L * ep), P)
+    pres.reshape(L * ep, E + 1)[lr, amap.ravel()] = True
+    return pres[:, :, :E]
+
+
+def _gpu_counts(amap: np.ndarray, ep: int, E: int) -> np.ndarray:
+    """int [L, ep, E]: replicas of each expert on each GPU (empty slots not counted)."""
+    L, N = amap.shape
+    P = N // ep
+    key = np.repeat(np.arange(L * ep), P) * (E + 1) + amap.ravel() + 1  # -1 -> column 0
+    cnt = np.bincount(key, minlength=L * ep * (E + 1)).reshape(L, ep, E + 1)
+    return cnt[:, :, 1:]
+
+
+def _received(old, new, ep, nodes, E):
+    """(experts received per [layer, rank], of which crossing nodes)."""
+    po = _gpu_presence(old, ep, E)
+    pn = _gpu_presence(new, ep, E)
+    need = pn & ~po
+    recv = need.sum(2).astype(_I64)
+    if nodes == 1:
+        return recv, np.zeros_like(recv)
+    L = old.shape[0]
+    gpn = ep // nodes
+    node_pres = po.reshape(L, nodes, gpn, E).any(2)
+    on_node = np.repeat(node_pres, gpn, axis=1)
+    inter = (need & ~on_node).sum(2).astype(_I64)
+    return recv, inter
+
+
+# ---------------------------------------------------------------------------------------
+# DeepSeek's algorithm
+# ---------------------------------------------------------------------------------------
+
+
+def _replicate(w: np.ndarray, total: int) -> np.ndarray:
+    """Replica counts [B, n] summing to ``total`` per row: each extra replica goes to the item
+    with the largest weight per replica (ties: lowest index)."""
+    B, n = w.shape
+    cnt = np.ones((B, n), dtype=_I64)
+    rows = np.arange(B)
+    for _ in range(total - n):
+        cnt[rows, np.argmax(w / cnt, axis=1)] += 1
+    return cnt
+
+
+def _pack(w: np.ndarray, num_packs: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced packing of ``num_packs * cap`` items per row into ``num_packs`` packs of
+    ``cap``: heaviest item first, each to the least loaded pack with room (ties: lowest).
+    Returns (pack, position in the pack) per item."""
+    B, n = w.shape
+    order = np.argsort(-w, axis=1, kind="stable")
+    rows = np.arange(B)
+    load = np.zeros((B, num_packs))
+    fill = np.zeros((B, num_packs), dtype=_I64)
+    pack = np.empty((B, n), dtype=_I64)
+    pos = np.empty((B, n), dtype=_I64)
+    ws = np.take_along_axis(w, order, 1)
+    for j in range(n):
+        cand = np.where(fill < cap, load, np.inf)
+        p = np.argmin(cand, axis=1)
+        it = order[:, j]
+        pack[rows, it] = p
+        pos[rows, it] = fill[rows, p]
+        load[rows, p] += ws[:, j]
+        fill[rows, p] += 1
+    return pack, pos
+
+
+def _deepseek(lam, N, ep, nodes, groups) -> tuple[np.ndarray, int]:
+    """DeepSeek's EPLB placement [L, N], and the node count of its hierarchy (1: global)."""
+    L, E = lam.shape
+    hier = groups is not None and groups % nodes == 0 and nodes > 1
+    nh, G = (nodes, groups) if hier else (1, 1)
+    gs, gpn, Nn, En, P = E // G, ep // nh, N // nh, E // nh, N // ep
+    if hier:
+        gl = lam.reshape(L, G, gs).sum(2)
+        gpack, gpos = _pack(gl, nh, G // nh)
+        gorder = np.argsort(gpack * G + gpos, axis=1)  # groups by (node, position)
+        experts = (gorder[:, :, None] * gs + np.arange(gs)).reshape(L * nh, En)
+    else:
+        experts = np.broadcast_to(np.arange(E), (L, E))
+    B = L * nh
+    w = np.take_along_axis(np.repeat(lam, nh, axis=0), experts, 1)  # [B, En]
+    cnt = _replicate(w, Nn)
+    flat = np.repeat(np.arange(B * En), cnt.ravel())  # item -> (node batch, local expert)
+    item_e = experts.ravel()[flat].reshape(B, Nn)
+    item_w = (w / cnt).ravel()[flat].reshape(B, Nn)
+    pack, pos = _pack(item_w, gpn, P)
+    slot = (np.arange(B) % nh)[:, None] * Nn + pack * P + pos
+    out = np.empty((B // nh, N), dtype=_I64)
+    out[np.repeat(np.arange(L), nh)[:, None], slot] = item_e
+    return out, nh
+
+
+# ---------------------------------------------------------------------------------------
+# relabelling: the reference's packs onto GPUs and rows that keep the most in place
+# ---------------------------------------------------------------------------------------
+
+
+def _lsa():
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as exc:  # pragma: no cover - scipy is in the placement/test extras
+        raise ImportError(
+            "policies 'deepseek_relabelled' and 'migration_aware' need scipy "
+            "(pip install 'eplb-pynccl[placement]')"
+        ) from exc
+    return linear_sum_assignment
+
+
+def _relabel(ref, old, ep, nodes, nodes_h, E) -> np.ndarray:
+    """``ref``'s GPU packs (and node packs when ``nodes_h > 1``) placed on GPUs and rows to
+    minimise, lexicographically, experts crossing nodes, experts received, rows changed."""
+    lsa = _lsa()
+    L, N = ref.shape
+    P = N // ep
+    gpn = ep // nodes
+    items = ref.reshape(L, ep, P)  # pack p = the reference's GPU p
+    co = _gpu_counts(old, ep, E)
+    f32 = np.float32  # exact here: every sum of products is an integer <= P
+    pn = _gpu_presence(ref, ep, E).astype(f32)
+    po_t = np.ascontiguousarray((co > 0).transpose(0, 2, 1), dtype=f32)  # [L, E, gpu]
+    distinct = pn.sum(2, dtype=_I64)[:, :, None]
+    shared = np.rint(pn @ po_t).astype(_I64)  # [L, pack, gpu]: experts both hold
+    recv = distinct - shared  # experts the GPU lacks
+    # rows kept = sum_e min(new_e, old_e): the shared experts, plus each further copy of an
+    # expert in the pack that the GPU also held more than once (rare: counted one by one)
+    kept = shared.copy()
+    occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
+    dl, dp, dj = np.nonzero(occ > 0)
+    if dl.size:
+        more = co[dl, :, items[dl, dp, dj]] > occ[dl, dp, dj][:, None]  # [dups, gpu]
+        np.add.at(kept, (dl, dp), more.astype(_I64))
+    cost = recv * (P + 1) + (P - kept)
+    if nodes > 1:
+        node_has = co.reshape(L, nodes, gpn, E).max(2) > 0  # [L, node, E]
+        nh_t = np.ascontiguousarray(node_has.transpose(0, 2, 1), dtype=f32)
+        cross = distinct - np.rint(pn @ nh_t).astype(_I64)  # [L, pack, node]
+        cost += np.repeat(cross, gpn, axis=2) * (P + 1) ** 2
+    gpu_of_pack = np.empty((L, ep), dtype=_I64)
+    costf = cost.astype(np.float64)
+    if nodes_h == 1:
+        for layer in range(L):
+            gpu_of_pack[layer] = lsa(costf[layer])[1]
+    else:
+        # node pack a -> node b: the best GPU assignment inside b for every (a, b), then
+        # the best assignment of node packs to nodes on those optima
+        blocks = np.ascontiguousarray(
+            costf.reshape(L, nodes_h, gpn, nodes_h, gpn).transpose(0, 1, 3, 2, 4)
+        )  # [L, a, b, pack in a, gpu in b]
+        inner = np.empty((L, nodes_h, nodes_h, gpn), dtype=_I64)
+        for layer in range(L):
+            for a in range(nodes_h):
+                for b in range(nodes_h):
+                    inner[layer, a, b] = lsa(blocks[layer, a, b])[1]
+        val = np.take_along_axis(blocks, inner[..., None], 4)[..., 0].sum(3)  # [L, a, b]
+        for layer in range(L):
+            node = lsa(val[layer])[1]
+            gpu_of_pack[layer] = (node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]).ravel()
+    placed = np.empty((L, ep, P), dtype=_I64)
+    placed[np.arange(L)[:, None], gpu_of_pack] = items
+    return _place_rows(placed, old)
+
+
+def _occurrence(a: np.ndarray) -> np.ndarray:
+    """Per entry of each row: how many earlier entries of the row hold the same value."""
+    R, P = a.shape
+    order = np.argsort(a, axis=1, kind="stable")
+    sv = np.take_along_axis(a, order, 1)
+    j = np.broadcast_to(np.arange(P), (R, P))
+    start = np.ones((R, P), dtype=bool)
+    start[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    run = np.maximum.accumulate(np.where(start, j, 0), axis=1)
+    occ = np.empty((R, P), dtype=_I64)
+    np.put_along_axis(occ, order, j - run, 1)
+    return occ
+
+
+def _place_rows(items: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Map [L, N] with GPU g holding the multiset ``items[:, g]``: each item takes a row that
+    held its expert (the k-th copy the k-th such row), the rest fill the other rows in
+    order. Keeps ``sum_e min(new_e, old_e)`` rows per GPU, the most possible."""
+    L, ep, P = items.shape
+    R = L * ep
+    it = items.reshape(R, P)
+    ol = old.reshape(R, P)
+    E1 = int(max(it.max(), ol.max())) + 2
+    base = np.arange(R)[:, None] * E1
+    key_it = ((base + it) * P + _occurrence(it)).ravel()
+    key_ol = ((base + ol) * P + _occurrence(ol)).ravel()
+    key_ol[ol.ravel() < 0] = -1  # an empty row matches nothing
+    srt = np.argsort(key_ol, kind="stable")
+    ks = key_ol[srt]
+    p = np.minimum(np.searchsorted(ks, key_it), ks.size - 1)
+    hit = ks[p] == key_it
+    out = np.empty((R, P), dtype=_I64)
+    taken = np.zeros(R * P, dtype=bool)
+    dst = srt[p[hit]]
+    taken[dst] = True
+    flat_out = out.ravel()
+    flat_out[dst] = it.ravel()[hit]
+    flat_out[np.flatnonzero(~taken)] = it.ravel()[~hit]  # both in (gpu, order): aligned
+    return out.reshape(L, ep * P)
+
+
+# ---------------------------------------------------------------------------------------
+# migration-aware: keep, repair, or fall back to the relabelled reference
+# ---------------------------------------------------------------------------------------
+
+
+def _migration_aware(old, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes):
+    L, N = old.shape
+    E = lam.shape[1]
+    rel_changed = (rel != old).sum(1)
+    keep = (old_imb <= target * (1 + _TOL)) & (old >= 0).all(1)
+    todo = np.flatnonzero(~keep)
+    new = old.copy()
+    imb = old_imb.copy()
+    cost = old_cost.copy()
+    source = np.array(["kept"] * L, dtype=object)
+    rounds = 0
+    if todo.size:
+        rep, rounds = _repair(old[todo], lam[todo], target[todo], rel_changed[todo], ep, nodes)
+        rep_imb, rep_cost = _imbalance(rep, lam[todo], ep)
+        rep_changed = (rep != old[todo]).sum(1)
+        t = target[todo] * (1 + _TOL)
+        rep_met = rep_imb <= t
+        ref_met = ref_imb[todo] <= t
+        ok = rep_changed <= rel_changed[todo]
+        use_rep = ok & (rep_met | (~ref_met & (rep_imb <= ref_imb[todo])))
+        new[todo] = np.where(use_rep[:, None], rep, rel[todo])
+        imb[todo] = np.where(use_rep, rep_imb, ref_imb[todo])
+        cost[todo] = np.where(use_rep, rep_cost, ref_cost[todo])
+        source[todo] = np.where(use_rep, "repaired", "reference")
+    # never more bytes for the busiest receiver than the relabelled reference
+    recv_new, _ = _received(old, new, ep, 1, E)
+    recv_rel, _ = _received(old, rel, ep, 1, E)
+    limit = recv_rel.sum(0).max()
+    tot = recv_new.sum(0)
+    switchable = (source != "reference") & (ref_imb <= target * (1 + _TOL))
+    while tot.max() > limit:
+        r = int(np.argmax(tot))
+        excess = np.where(switchable, recv_new[:, r] - recv_rel[:, r], 0)
+        layer = int(np.argmax(excess))
+        if excess[layer] <= 0:
+            break
+        tot += recv_rel[layer] - recv_new[layer]
+        recv_new[layer] = recv_rel[layer]
+        new[layer] = rel[layer]
+        imb[layer] = ref_imb[layer]
+        cost[layer] = ref_cost[layer]
+        source[layer] = "reference"
+        switchable[layer] = False
+    return new, imb, cost, source.tolist(), rounds
+
+
+def _fill_empty(cur: np.ndarray, lam: np.ndarray, cnt: np.ndarray) -> None:
+    """Give every empty slot (in slot order) a replica of the expert with the largest load
+    per replica, as DeepSeek's replication would."""
+    for layer in np.flatnonzero((cur < 0).any(1)):
+        for s in np.flatnonzero(cur[layer] < 0):
+            e = int(np.argmax(lam[layer] / np.maximum(cnt[layer], 1)))
+            cur[layer, s] = e
+            cnt[layer, e] += 1
+
+
+def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
+    """Incremental repair of ``old`` (see the module docstring), all layers at once: each
+    round applies at most one operation per layer still above its target."""
+    L, N = old.shape
+    E = lam.shape[1]
+    P = N // ep
+    cur = old.copy()
+    cnt = _expert_counts(cur, E).astype(_I64)
+    _fill_empty(cur, lam, cnt)
+    if ep == 1:
+        return cur, 0
+    H = _gpu_counts(cur, ep, E).astype(np.int32)  # replicas per (layer, GPU, expert)
+    po = _gpu_presence(old, ep, E)
+    rc = np.where(po, np.float32(_LOCAL_COST), np.float32(1.0))  # GPU g receiving expert e
+    if nodes > 1:
+        gpn = ep // nodes
+        on_node = np.repeat(po.reshape(L, nodes, gpn, E).any(2), gpn, axis=1)
+        rc += np.where(on_node, np.float32(0.0), np.float32(_NODE_COST))
+    gpu = np.arange(N) // P
+    ccur = np.where(cur == old, np.float32(0), rc[np.arange(L)[:, None], gpu[None, :], cur])
+    active = np.ones(L, dtype=bool)
+    rounds = 0
+    K = min(ep - 1, _SWAP_GPUS)
+    Ky = min(P, _RECEIVERS)
+    Kd = min(_DONORS, N)
+    gpus = np.arange(ep)
+    for _ in range(4 * N):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        rounds += 1
+        c, cn, lm = cur[idx], cnt[idx], lam[idx]
+        r0 = np.arange(idx.size)[:, None]
+        w = (lm / cn)[r0, c]
+        g = w.reshape(idx.size, ep, P).sum(2)
+        limit = target[idx] * g.mean(1) * (1 + _TOL)
+        done = (g.max(1) <= limit) | ((c != old[idx]).sum(1) >= max_changed[idx])
+        if done.any():
+            active[idx[done]] = False
+            keep = ~done
+            idx, c, cn, lm, w, g, limit = (
+                idx[keep], c[keep], cn[keep], lm[keep], w[keep], g[keep], limit[keep]
+            )
+            if idx.size == 0:
+                break
+        La = idx.size
+        ar = np.arange(La)
+        r_ = ar[:, None]
+        li = idx[:, None]
+        M = min(_HEAVY_GPUS, ep - 1)
+        heavy = np.argsort(-g, axis=1, kind="stable")[:, :M]  # [La, M], heaviest first
+        gH = g[r_, heavy]
+        needH = gH - limit[:, None]  # > 0: above the target
+        A = heavy[:, 0]
+        gA = gH[:, 0]
+        need = needH[:, 0]
+        oi = old[idx]
+        cc = ccur[idx]
+
+        # -- swaps: a slot of each of the M heaviest GPUs with a slot of one of the K least
+        #    loaded GPUs (evaluated from the same loads; disjoint ones are applied together)
+        Bs = np.argsort(g, axis=1, kind="stable")[:, :K]
+        sH = heavy[:, :, None] * P + np.arange(P)  # [La, M, P]
+        sB = (Bs[:, :, None] * P + np.arange(P)).reshape(La, K * P)
+        gpuB = sB // P
+        wa = w[r_[:, :, None], sH]
+        wb = w[r_, sB]
+        gb = g[r_, gpuB]
+        d = wa[..., None] - wb[:, None, None, :]  # [La, M, P, KP]
+        g4 = gH[:, :, None, None]
+        gain_s = g4 - np.maximum(g4 - d, gb[:, None, None, :] + d)
+        gain_s = np.where((gpuB[:, None, :] == heavy[:, :, None])[:, :, None, :], -np.inf, gain_s)
+        ea = c[r_[:, :, None], sH]
+        eb = c[r_, sB]
+        oa = oi[r_[:, :, None], sH]
+        ob = oi[r_, sB]
+        rcA = rc[idx[:, None, None], heavy[:, :, None], eb[:, None, :]]  # [La, M, KP]
+        cost_s = np.where(oa[..., None] == eb[:, None, None, :], 0.0, rcA[:, :, None, :])
+        cost_s -= cc[r_[:, :, None], sH][..., None]
+        rcB = rc[idx[:, None, None], gpuB[:, None, :], ea.reshape(La, M * P, 1)]
+        cost_s += np.where(ob[:, None, None, :] == ea[..., None], 0.0, rcB.reshape(cost_s.shape))
+        cost_s -= cc[r_, sB][:, None, None, :]
+        score_s = _score(gain_s, needH[:, :, None, None], cost_s).reshape(La, M, -1)
+        best_s = np.argmax(score_s, axis=2)  # [La, M]
+        sc_sM = np.take_along_axis(score_s, best_s[:, :, None], 2)[:, :, 0]
+        sc_sM = np.where(needH > 0, sc_sM, -np.inf)
+        sc_s = sc_sM[:, 0]
+        wa = wa[:, 0]
+        sA = sH[:, 0]
+
+        # -- replica moves: a donor slot (its expert x has >= 2 replicas) becomes a replica
+        #    of y, one of the Ky heaviest experts on A. A loses, the donor's GPU and x's other
+        #    holders may gain; y's other holders only lose (left out of the peak).
+        ys = sA[r_, np.argsort(-wa, axis=1, kind="stable")[:, :Ky]]
+        y = c[r_, ys]  # [La, Ky]
+        cnt_slot = cn[r_, c]
+        lam_slot = lm[r_, c]
+        dx_slot = np.where(cnt_slot > 1, lam_slot / np.maximum(cnt_slot - 1, 1) - w, np.inf)
+        key = g[:, gpu] - w + dx_slot  # donor GPU's load without it, plus x's increase
+        ds = np.argpartition(key, Kd - 1, axis=1)[:, :Kd] if Kd < N else np.tile(np.arange(N), (La, 1))
+        ds.sort(axis=1)
+        dok = np.isfinite(key[r_, ds])
+        x = c[r_, ds]
+        rs = ds // P
+        cx = cn[r_, x]
+        lx = lm[r_, x]
+        wx_new = lx / np.maximum(cx - 1, 1)
+        dx = np.where(dok, wx_new - lx / cx, 0.0)
+        cy = cn[r_, y]
+        ly = lm[r_, y]
+        wy_new = ly / (cy + 1)
+        dy = ly / cy - wy_new
+        Hx = H[li, :, x]  # [La, Kd, ep]
+        others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
+        xpeak = np.where(others, g[:, None, :] + Hx * dx[:, :, None], -np.inf).max(2)
+        hxA = H[li, A[:, None], x]  # [La, Kd]
+        hyA = H[li, A[:, None], y]  # [La, Ky]
+        hx_rs = H[li, rs, x]  # [La, Kd]
+        hy_rs = H[li[:, :, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
+        delta = wy_new[:, :, None] - wx_new[:, None, :]  # at the donor's GPU
+        at_A = rs == A[:, None]
+        newA = (gA[:, None] - hyA * dy)[:, :, None] + (hxA * dx)[:, None, :]
+        newA = newA + np.where(at_A[:, None, :], delta, 0.0)
+        g_rs = g[r_, rs]
+        new_rs = (g_rs + hx_rs * dx)[:, None, :] - hy_rs * dy[:, :, None] + delta
+        peak_m = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
+        gain_m = gA[:, None, None] - peak_m
+        gain_m = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain_m, -np.inf)
+        os_ = oi[r_, ds]
+        rcm = rc[idx[:, None, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
+        cost_m = np.where(os_[:, None, :] == y[:, :, None], 0.0, rcm)
+        cost_m -= cc[r_, ds][:, None, :]
+        score_m = _score(gain_m, need[:, None, None], cost_m).reshape(La, -1)
+        best_m = np.argmax(score_m, axis=1)
+        sc_m = score_m[ar, best_m]
+
+        use_s = (sc_s >= sc_m) & (sc_s > 0)
+        use_m = ~use_s & (sc_m > 0)
+        active[idx[~(use_s | use_m)]] = False  # nothing helps: stuck
+
+        if use_s.any():
+            used = np.zeros((La, ep), dtype=bool)
+            for k in range(M):
+                ok = use_s & (sc_sM[:, k] > 0)
+                i, j = np.divmod(best_s[:, k], K * P)
+                ga, gb_ = heavy[:, k], gpuB[ar, j]
+                ok &= ~used[ar, ga] & ~used[ar, gb_]
+                if not ok.any():
+                    continue
+                used[ar[ok], ga[ok]] = True
+                used[ar[ok], gb_[ok]] = True
+                lu = idx[ok]
+                sa = sH[ok, k, i[ok]]
+                sb = sB[ok, j[ok]]
+                xa, xb = cur[lu, sa], cur[lu, sb]
+                cur[lu, sa], cur[lu, sb] = xb, xa
+                H[lu, sa // P, xa] -= 1
+                H[lu, sa // P, xb] += 1
+                H[lu, sb // P, xb] -= 1
+                H[lu, sb // P, xa] += 1
+                _update_cost(ccur, cur, old, rc, lu, sa, P)
+                _update_cost(ccur, cur, old, rc, lu, sb, P)
+        if use_m.any():
+            lu = idx[use_m]
+            i, j = np.divmod(best_m[use_m], Kd)
+            s = ds[use_m, j]
+            xe = cur[lu, s]
+            ye = y[use_m, i]
+            cur[lu, s] = ye
+            cnt[lu, xe] -= 1
+            cnt[lu, ye] += 1
+            H[lu, s // P, xe] -= 1
+            H[lu, s // P, ye] += 1
+            _update_cost(ccur, cur, old, rc, lu, s, P)
+    return cur, rounds
+
+
+def _score(gain, need, cost):
+    """Load removed from the most loaded GPU (capped at what the target needs) per unit of
+    movement cost, plus a tie-break on the load removed; -inf where the operation is not
+    allowed (it does not lower the most loaded GPU below its load)."""
+    capped = np.minimum(gain, need)
+    s = capped / np.maximum(cost, _MIN_COST) + 1e-6 * gain
+    return np.where(gain > 0, s, -np.inf)
+
+
+def _update_cost(ccur, cur, old, rc, li, s, P) -> None:
+    e = cur[li, s]
+    ccur[li, s] = np.where(e == old[li, s], np.float32(0), rc[li, s // P, e])
