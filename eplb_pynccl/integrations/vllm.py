@@ -512,16 +512,20 @@ class _PolicyImpl:
         loads = _host_map(weight).astype(np.float64)
         old = None
         if old_global_expert_indices is not None:
-            o = _host_map(old_global_expert_indices)
-            # a resize (elastic EP) changes num_replicas: then there is no placement to keep
-            if o.shape == (loads.shape[0], num_replicas):
-                old = o.astype(np.int64)
+            o = _host_map(old_global_expert_indices).astype(np.int64)
+            # a resize (elastic EP) changes num_replicas, and a map that lost an expert is no
+            # placement of these experts: then there is nothing to keep, DeepSeek's algorithm
+            if o.shape == (loads.shape[0], num_replicas) and all(
+                np.isin(np.arange(loads.shape[1]), row).all() for row in o
+            ):
+                old = o
         groups, nodes = None, 1
         if num_groups and num_nodes and num_groups % num_nodes == 0:
             # vLLM's rule: hierarchical balancing when groups divide over nodes, else global
             groups, nodes = num_groups, num_nodes
         res = rebalance(loads, num_replicas, num_ranks, old_map=old, num_nodes=nodes, num_groups=groups)
-        return torch.from_numpy(np.ascontiguousarray(res.new_map, dtype=np.int64))
+        # a copy: the result's arrays are read-only (torch warns on a tensor over them)
+        return torch.from_numpy(np.array(res.new_map, dtype=np.int64, order="C", copy=True))
 
 
 def _policy_class() -> type:
