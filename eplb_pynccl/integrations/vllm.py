@@ -148,7 +148,7 @@ def _as_cuda_stream(torch, stream):
     """torch.cuda.Stream for vLLM's generic ``torch.Stream`` (async worker), as is otherwise."""
     if stream is None or isinstance(stream, torch.cuda.Stream):
         return stream
-    if isinstance(stream, torch.Stream) and stream.device_type == torch.device("cuda").type:
+    if isinstance(stream, torch.Stream) and stream.device.type == "cuda":  # device_type is an int
         return torch.cuda.Stream(
             stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
         )
