@@ -224,7 +224,7 @@ class _CommunicatorImpl:
         torch = self._torch
         stream = None
         if self.device.type == "cuda":
-            stream = self._stream or torch.cuda.current_stream(self.device)
+            stream = self._stream if self._stream is not None else torch.cuda.current_stream(self.device)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             out, inn, after = self._messages(sends, recvs)
@@ -427,6 +427,17 @@ def _apply_rank_mapping(old: np.ndarray, new: np.ndarray, rank_mapping: dict, ep
     return mapped, new
 
 
+def _sync_allowed():
+    """vLLM's gpu_sync_allowed() (its opt-in VLLM_GPU_SYNC_CHECK mode turns host syncs outside
+    it into errors); a rearrangement reads the maps on the host and waits for its rounds, as
+    vLLM's own loop does inside the same context."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
+
+
 def _shuffler(transport, weights, owner):
     from ..shuffler import ExpertShuffler
 
@@ -478,11 +489,12 @@ def rearrange_expert_weights_inplace(
             # freed at once into torch's caching allocator, where the profile counts it
             torch.empty(sh.staging_bytes, dtype=torch.uint8, device=sh.device)
         return None
-    old = _host_map(old_global_expert_indices).astype(np.int64, copy=False)
-    new = _host_map(new_global_expert_indices).astype(np.int64, copy=False)
-    if rank_mapping is not None:
-        old, new = _apply_rank_mapping(old, new, rank_mapping, ep_group.size())
-    return sh.rearrange(old, new)
+    with _sync_allowed():
+        old = _host_map(old_global_expert_indices).astype(np.int64, copy=False)
+        new = _host_map(new_global_expert_indices).astype(np.int64, copy=False)
+        if rank_mapping is not None:
+            old, new = _apply_rank_mapping(old, new, rank_mapping, ep_group.size())
+        return sh.rearrange(old, new)
 
 
 # ---- the policy ----------------------------------------------------------------------------
