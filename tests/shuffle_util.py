@@ -9,11 +9,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import tempfile
 import traceback
 
 import numpy as np
 
-from tests.gpu_util import free_port
 
 
 def expert_bytes(layer: int, expert: int, index: int, nbytes: int) -> np.ndarray:
@@ -83,13 +83,12 @@ def random_maps(rng: np.random.Generator, num_layers, num_logical, ep_size, slot
 
 # ---- CPU process groups (gloo) -------------------------------------------------------------
 
-def _child(rank, world, port, fn, args, q):
+def _child(rank, world, rendezvous, fn, args, q):
     try:
         import torch.distributed as dist
 
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # a file rendezvous: no port that another process could take between pick and bind
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
         try:
             q.put((rank, "ok", fn(rank, world, *args)))
         finally:
@@ -104,8 +103,8 @@ def run_gloo(fn, world, *args, timeout=120):
     past ``timeout`` seconds fails it too (the processes are killed)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, q)) for r in range(world)]
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="eplb_gloo_"), "rendezvous")
+    procs = [ctx.Process(target=_child, args=(r, world, rendezvous, fn, args, q)) for r in range(world)]
     for p in procs:
         p.start()
     out = {}
