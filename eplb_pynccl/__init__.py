@@ -4,11 +4,13 @@ Layers (each uses only those below it):
 
 1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
 2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
-3. :class:`Transport` with :class:`NcclTransport` and :class:`TorchTransport`.
+3. :class:`Transport` with :class:`NcclTransport`, :class:`TorchTransport` and
+   :class:`IpcTransport` (copy engines over CUDA IPC).
 4. :func:`plan_rearrangement` (pure planner), :mod:`eplb_pynccl.schedule` (every rank's
    rounds of ops, and a virtual cluster that checks them) and :func:`rebalance` (placement
    policies: DeepSeek's EPLB and a migration-aware repair), pure numpy (+ scipy).
 5. :class:`ExpertShuffler` (``executor.py`` walks a schedule on streams; the async handle).
+6. ``eplb_pynccl.integrations``: engines (vLLM).
 
 Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
 """

@@ -1,4 +1,4 @@
-"""Layer 5: eplb_pynccl inside inference engines.
+"""Layer 6: eplb_pynccl inside inference engines.
 
 Each submodule adapts the public API of the layers below to one engine and imports that engine
 only when one of its functions is called, so the package never depends on an engine:
