@@ -43,8 +43,15 @@ MiB = 1 << 20
 
 CASES = ("dsv3", "qwen3", "dsv3-cpu", "qwen3-cpu", "dsv3-seq", "dsv3-seq-cpu")
 # every method's name; which of them run depends on the mode (GPU: NCCL ones, CPU: gloo)
-METHODS = ("eplb_pynccl", "eplb_pynccl direct", "eplb_pynccl packed-2L", "eplb_pynccl/torch-nccl",
-           "eplb_pynccl ipc", "eplb_pynccl/gloo", "vllm-style")
+METHODS = (
+    "eplb_pynccl",
+    "eplb_pynccl direct",
+    "eplb_pynccl packed-2L",
+    "eplb_pynccl/torch-nccl",
+    "eplb_pynccl ipc",
+    "eplb_pynccl/gloo",
+    "vllm-style",
+)
 
 
 def layers_of(a, model: str, cpu: bool) -> int:
@@ -61,28 +68,56 @@ def _cases(ctx: BenchContext):
     wanted = [c for c in (getattr(a, "eplb_cases", "") or "").split(",") if c]
     n = ctx.world_size
     if not wanted:
-        wanted = ["dsv3", "qwen3", "dsv3-seq"] if ctx.is_gpu else ["dsv3-cpu", "qwen3-cpu", "dsv3-seq-cpu"]
+        wanted = (
+            ["dsv3", "qwen3", "dsv3-seq"]
+            if ctx.is_gpu
+            else ["dsv3-cpu", "qwen3-cpu", "dsv3-seq-cpu"]
+        )
     out = []
     for c in wanted:
         if c in ("dsv3-seq", "dsv3-seq-cpu"):
             continue  # bench/eplb_sequence.py
         if c == "dsv3":
-            spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
-                    ((32, 56), "float32"), ((56, 16), "float32")]
+            spec = [
+                ((4096, 7168), "float8_e4m3fn"),
+                ((7168, 2048), "float8_e4m3fn"),
+                ((32, 56), "float32"),
+                ((56, 16), "float32"),
+            ]
             out.append((c, spec, 256, 288, layers_of(a, "dsv3", False)))
         elif c == "qwen3":
             phys = -(-int(128 * 1.125) // n) * n
-            out.append((c, [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")], 128, phys,
-                        layers_of(a, "qwen", False)))
+            out.append(
+                (
+                    c,
+                    [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")],
+                    128,
+                    phys,
+                    layers_of(a, "qwen", False),
+                )
+            )
         elif c == "dsv3-cpu":
-            spec = [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"),
-                    ((2, 4), "float32"), ((4, 2), "float32")]
+            spec = [
+                ((64, 112), "float8_e4m3fn"),
+                ((112, 32), "float8_e4m3fn"),
+                ((2, 4), "float32"),
+                ((4, 2), "float32"),
+            ]
             out.append((c, spec, 32, 32 + 4 * n, layers_of(a, "dsv3", True)))
         elif c == "qwen3-cpu":
-            out.append((c, [((48, 64), "bfloat16"), ((64, 24), "bfloat16")], 16, 16 + 2 * n,
-                        layers_of(a, "qwen", True)))
+            out.append(
+                (
+                    c,
+                    [((48, 64), "bfloat16"), ((64, 24), "bfloat16")],
+                    16,
+                    16 + 2 * n,
+                    layers_of(a, "qwen", True),
+                )
+            )
         else:
-            raise ValueError(f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu, dsv3-seq, dsv3-seq-cpu)")
+            raise ValueError(
+                f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu, dsv3-seq, dsv3-seq-cpu)"
+            )
     return out
 
 
@@ -188,7 +223,9 @@ def vllm_style(torch, weights, plan, rank, group=None):
             for b in buf:
                 ops.append(dist.P2POp(dist.irecv, b[dst], peer, group))
         m = rv.c_layer == layer
-        copies = list(zip(rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist()))
+        copies = list(
+            zip(rv.c_src_row[m].tolist(), rv.c_dst_row[m].tolist(), rv.c_src_is_new[m].tolist())
+        )
         for src, dst, is_new in copies:
             if not is_new:
                 for b, t in zip(buf, ws):
@@ -211,7 +248,11 @@ def vllm_style(torch, weights, plan, rank, group=None):
 
 
 def _floor_bw(ctx: BenchContext, per_rank_total: float):
-    rows = [r for r in ctx.results.get("alltoall", []) if r.get("binding") == "eplb_pynccl" and r.get("busbw_gbps")]
+    rows = [
+        r
+        for r in ctx.results.get("alltoall", [])
+        if r.get("binding") == "eplb_pynccl" and r.get("busbw_gbps")
+    ]
     if not rows:
         return None, None
     best = min(rows, key=lambda r: abs(np.log(max(r["size_bytes"], 1) / max(per_rank_total, 1))))
@@ -225,15 +266,30 @@ def _methods(ctx: BenchContext, ep, layer_bytes: int):
         if ctx.comm is not None:
             nccl_t = ep.NcclTransport(ctx.comm)
             methods.append(("eplb_pynccl", lambda w: ep.ExpertShuffler(nccl_t, w)))
-            methods.append(("eplb_pynccl direct", lambda w: ep.ExpertShuffler(nccl_t, w, transactional=False)))
+            methods.append(
+                ("eplb_pynccl direct", lambda w: ep.ExpertShuffler(nccl_t, w, transactional=False))
+            )
             # probe: every tensor packed per peer (one message per peer per layer); that needs
             # send and receive staging, so two layers of it
-            methods.append(("eplb_pynccl packed-2L", lambda w: ep.ExpertShuffler(
-                nccl_t, w, pack_threshold=1 << 62, staging_bytes=2 * layer_bytes)))
-        methods.append(("eplb_pynccl/torch-nccl", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
+            methods.append(
+                (
+                    "eplb_pynccl packed-2L",
+                    lambda w: ep.ExpertShuffler(
+                        nccl_t, w, pack_threshold=1 << 62, staging_bytes=2 * layer_bytes
+                    ),
+                )
+            )
+        methods.append(
+            ("eplb_pynccl/torch-nccl", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w))
+        )
         if ctx.comm is not None:
             # copy engines over CUDA IPC (one transport per shuffler: it shares its weights)
-            methods.append(("eplb_pynccl ipc", lambda w: ep.ExpertShuffler(ep.IpcTransport(communicator=ctx.comm), w)))
+            methods.append(
+                (
+                    "eplb_pynccl ipc",
+                    lambda w: ep.ExpertShuffler(ep.IpcTransport(communicator=ctx.comm), w),
+                )
+            )
     else:
         methods.append(("eplb_pynccl/gloo", lambda w: ep.ExpertShuffler(ep.TorchTransport(), w)))
     methods.append(("vllm-style", None))
@@ -280,8 +336,15 @@ def run_copy_probe(ctx: BenchContext):
         }
         for name, fn in cases.items():
             t = timed(fn)
-            rows.append({"kernel": name, "rows": k, "row_bytes": row, "time_ms": round(t * 1e3, 3),
-                         "gbps_copied": round(k * row / t / 1e9, 1)})
+            rows.append(
+                {
+                    "kernel": name,
+                    "rows": k,
+                    "row_bytes": row,
+                    "time_ms": round(t * 1e3, 3),
+                    "gbps_copied": round(k * row / t / 1e9, 1),
+                }
+            )
     ctx.barrier()
     return ctx.allgather(rows)[0]
 
@@ -339,7 +402,10 @@ def run_p2p_shape(ctx: BenchContext):
         "11 groups x 64MiB/peer, packed": "ring",
     }
     pack_stream = torch.cuda.Stream(ctx.device)
-    ring = [[torch.empty(64 * MiB, dtype=torch.uint8, device=ctx.device) for _ in range(2)] for _ in range(n)]
+    ring = [
+        [torch.empty(64 * MiB, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
+        for _ in range(n)
+    ]
 
     def ring_run(c=64 * MiB):
         # pack chunk j of every peer into slot j % 2 (after the group that last read that slot)
@@ -381,9 +447,15 @@ def run_p2p_shape(ctx: BenchContext):
                             ctx.comm.recv(dst[p][off : off + ln], p)
 
         t = _probe_time(ctx, torch, issue)
-        rows.append({"shape": name, "bytes_per_peer": total, "time_ms": round(t * 1e3, 2),
-                     "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
-                     "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL"})
+        rows.append(
+            {
+                "shape": name,
+                "bytes_per_peer": total,
+                "time_ms": round(t * 1e3, 2),
+                "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
+                "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL",
+            }
+        )
     return rows
 
 
@@ -397,7 +469,9 @@ def _skew_buffers(ctx: BenchContext):
         raise PartSkipped("needs 4 GPUs")
     row = 4096 * 7168
     cnt = {1: 24, 2: 16, 3: 8}
-    src = {d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt}
+    src = {
+        d: torch.full((cnt[d] * row,), rank + 1, dtype=torch.uint8, device=ctx.device) for d in cnt
+    }
     dst = {d: torch.empty(cnt[d] * row, dtype=torch.uint8, device=ctx.device) for d in cnt}
     return n, rank, row, cnt, src, dst
 
@@ -428,9 +502,11 @@ def run_p2p_skew(ctx: BenchContext):
         "one group, per-row ops": [[(d, 0, cnt[d], True) for d in cnt]],
         "one group, one op per peer": [[(d, 0, cnt[d], False) for d in cnt]],
         "groups of <= 8 rows per pair, per-row ops": [
-            [(d, g, min(g + 8, cnt[d]), True) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)],
+            [(d, g, min(g + 8, cnt[d]), True) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)
+        ],
         "groups of <= 8 rows per pair, one op per peer": [
-            [(d, g, min(g + 8, cnt[d]), False) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)],
+            [(d, g, min(g + 8, cnt[d]), False) for d in cnt if g < cnt[d]] for g in range(0, 24, 8)
+        ],
     }
     for name in list(plans):
         if "per-row" in name and "groups" not in name or name == "one group, one op per peer":
@@ -442,6 +518,7 @@ def run_p2p_skew(ctx: BenchContext):
             handles = [ctx.comm.register(t) for t in (*src.values(), *dst.values())]
         for d in cnt:
             dst[d].zero_()
+
         def issue(groups=groups):
             for grp in groups:
                 with ep.group():
@@ -452,9 +529,15 @@ def run_p2p_skew(ctx: BenchContext):
 
         t = _probe_time(ctx, torch, issue)
         total = sum(cnt.values()) * row
-        rows.append({"shape": name, "bytes_out_per_gpu": total, "time_ms": round(t * 1e3, 2),
-                     "gbps_per_gpu": round(total / t / 1e9, 1),
-                     "check": _skew_ok(dst, n, rank)})
+        rows.append(
+            {
+                "shape": name,
+                "bytes_out_per_gpu": total,
+                "time_ms": round(t * 1e3, 2),
+                "gbps_per_gpu": round(total / t / 1e9, 1),
+                "check": _skew_ok(dst, n, rank),
+            }
+        )
     torch.cuda.synchronize()
     for h in handles:
         ctx.comm.deregister(h)
@@ -471,8 +554,9 @@ def run_p2p_ctas(ctx: BenchContext):
     n, rank, row, cnt, src, dst = _skew_buffers(ctx)
     rows = []
     for ctas in (32, 16, 8, 4):
-        comm = ep.Communicator.from_store(ctx.store, rank, n, ctx.device.index, key=f"probe/ctas{ctas}",
-                                          max_ctas=ctas)
+        comm = ep.Communicator.from_store(
+            ctx.store, rank, n, ctx.device.index, key=f"probe/ctas{ctas}", max_ctas=ctas
+        )
         comm.connect_peers()
         for per_row in (True, False):
             sends, recvs = [], []
@@ -487,9 +571,15 @@ def run_p2p_ctas(ctx: BenchContext):
                 dst[d].zero_()
             t = _probe_time(ctx, torch, batch.launch)
             total = sum(cnt.values()) * row
-            rows.append({"max_ctas": ctas, "shape": "per-row ops" if per_row else "one op per peer",
-                         "time_ms": round(t * 1e3, 2), "gbps_per_gpu": round(total / t / 1e9, 1),
-                         "check": _skew_ok(dst, n, rank)})
+            rows.append(
+                {
+                    "max_ctas": ctas,
+                    "shape": "per-row ops" if per_row else "one op per peer",
+                    "time_ms": round(t * 1e3, 2),
+                    "gbps_per_gpu": round(total / t / 1e9, 1),
+                    "check": _skew_ok(dst, n, rank),
+                }
+            )
         comm.close()
     return rows
 
@@ -513,7 +603,10 @@ def run_eplb(ctx: BenchContext):
         seed = ctx.args.seed
         old, new = make_maps(seed, layers, num_logical, num_physical, n)
         tspec = [(shape, getattr(torch, dt)) for shape, dt in spec]
-        weights = [[torch.empty((P, *shape), dtype=dt, device=dev) for shape, dt in tspec] for _ in range(layers)]
+        weights = [
+            [torch.empty((P, *shape), dtype=dt, device=dev) for shape, dt in tspec]
+            for _ in range(layers)
+        ]
         row_bytes = sum(t[0].nbytes for t in weights[0])
         t0 = time.perf_counter()
         plan = ep.plan_rearrangement(old, new, n)
@@ -565,23 +658,45 @@ def run_eplb(ctx: BenchContext):
                 gpu_ms = shuffler.rearrange(old, new).gpu_ms
                 ok = ok and _check(torch, weights, new, rank, P)
             del shuffler
-            every = ctx.allgather((times, ok, None if stats is None else (
-                stats.messages, stats.rounds, stats.peak_extra_bytes,
-                stats.launch_seconds, stats.wait_seconds, stats.apply_seconds, stats.setup_seconds,
-                gpu_ms)))
+            every = ctx.allgather(
+                (
+                    times,
+                    ok,
+                    None
+                    if stats is None
+                    else (
+                        stats.messages,
+                        stats.rounds,
+                        stats.peak_extra_bytes,
+                        stats.launch_seconds,
+                        stats.wait_seconds,
+                        stats.apply_seconds,
+                        stats.setup_seconds,
+                        gpu_ms,
+                    ),
+                )
+            )
             slow = [max(every[r][0][i][0] for r in range(n)) for i in range(repeats)]
             peak = max(every[r][0][i][1] for r in range(n) for i in range(repeats))
             all_ok = all(e[1] for e in every)
             med = float(np.median(slow)) * 1e3
             row = {
-                "case": label, "method": name, "world_size": n, "layers": layers,
-                "time_ms": round(med, 3), "time_ms_min": round(min(slow) * 1e3, 3),
+                "case": label,
+                "method": name,
+                "world_size": n,
+                "layers": layers,
+                "time_ms": round(med, 3),
+                "time_ms_min": round(min(slow) * 1e3, 3),
                 "time_ms_max": round(max(slow) * 1e3, 3),
                 "gbps_per_gpu": sig(max_recv / (med * 1e-3) / 1e9),
-                "bytes_max_per_gpu": max_recv, "peak_extra_mib": sig(peak / MiB),
+                "bytes_max_per_gpu": max_recv,
+                "peak_extra_mib": sig(peak / MiB),
                 "layer_mib_per_gpu": sig(row_bytes * P / MiB),
-                "repeats": repeats, "check": "ok" if all_ok else "FAIL", "seed": seed,
-                "changed_frac": round(changed, 3), "planner_ms": round(plan_ms, 2),
+                "repeats": repeats,
+                "check": "ok" if all_ok else "FAIL",
+                "seed": seed,
+                "changed_frac": round(changed, 3),
+                "planner_ms": round(plan_ms, 2),
             }
             if every[0][2] is not None:
                 row["messages_max"] = max(e[2][0] for e in every)
@@ -605,12 +720,19 @@ def run_eplb(ctx: BenchContext):
         bw, at = _floor_bw(ctx, max_recv / max(n - 1, 1) * n / layers)
         if bw:
             floor_ms = max_recv / (bw * 1e9) * 1e3
-            rows.append({
-                "case": label, "method": "link-floor", "world_size": n, "layers": layers,
-                "time_ms": round(floor_ms, 3), "gbps_per_gpu": bw, "bytes_max_per_gpu": max_recv,
-                "reference": True,
-                "note": f"max bytes received / eplb_pynccl alltoall busbw at {at} B per rank",
-            })
+            rows.append(
+                {
+                    "case": label,
+                    "method": "link-floor",
+                    "world_size": n,
+                    "layers": layers,
+                    "time_ms": round(floor_ms, 3),
+                    "gbps_per_gpu": bw,
+                    "bytes_max_per_gpu": max_recv,
+                    "reference": True,
+                    "note": f"max bytes received / eplb_pynccl alltoall busbw at {at} B per rank",
+                }
+            )
             for row in rows:
                 if row["case"] == label and row["method"].startswith("eplb_pynccl"):
                     row["floor_frac"] = round(floor_ms / row["time_ms"], 3)

@@ -34,11 +34,19 @@ POLICIES = ("deepseek", "deepseek_relabelled", "migration_aware")
 def _spec(case: str, ctx: BenchContext):
     n = ctx.world_size
     if case == "dsv3-seq":
-        spec = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"),
-                ((32, 56), "float32"), ((56, 16), "float32")]
+        spec = [
+            ((4096, 7168), "float8_e4m3fn"),
+            ((7168, 2048), "float8_e4m3fn"),
+            ((32, 56), "float32"),
+            ((56, 16), "float32"),
+        ]
         return spec, 256, -(-288 // n) * n, layers_of(ctx.args, "dsv3", False), 8
-    spec = [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"),
-            ((2, 4), "float32"), ((4, 2), "float32")]
+    spec = [
+        ((64, 112), "float8_e4m3fn"),
+        ((112, 32), "float8_e4m3fn"),
+        ((2, 4), "float32"),
+        ((4, 2), "float32"),
+    ]
     return spec, 32, 32 + 4 * n, layers_of(ctx.args, "dsv3", True), 8
 
 
@@ -64,13 +72,18 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
     kw = dict(num_groups=groups)
     first = ep.rebalance(seq[0], num_physical, n, **kw).new_map
     tspec = [(shape, getattr(torch, dt)) for shape, dt in spec]
-    weights = [[torch.empty((P, *shape), dtype=dt, device=ctx.device) for shape, dt in tspec]
-               for _ in range(layers)]
+    weights = [
+        [torch.empty((P, *shape), dtype=dt, device=ctx.device) for shape, dt in tspec]
+        for _ in range(layers)
+    ]
     row_bytes = sum(t[0].nbytes for t in weights[0])
     if ctx.is_gpu and ctx.comm is not None:
         transport, tname = ep.NcclTransport(ctx.comm), "eplb_pynccl"
     else:
-        transport, tname = ep.TorchTransport(), "eplb_pynccl/torch-" + ("nccl" if ctx.is_gpu else "gloo")
+        transport, tname = (
+            ep.TorchTransport(),
+            "eplb_pynccl/torch-" + ("nccl" if ctx.is_gpu else "gloo"),
+        )
     shuffler = ep.ExpertShuffler(transport, weights)
     # warm-up (connections, allocator, kernels): there and back, untimed
     other = ep.rebalance(seq[1], num_physical, n, **kw).new_map
@@ -86,8 +99,9 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
         cur = first
         times, recv, changed, imb, pol_ms = [], [], [], [], []
         for t in range(1, steps + 1):
-            res = ep.rebalance(seq[t], num_physical, n, old_map=cur, policy=policy,
-                               row_bytes=row_bytes, **kw)
+            res = ep.rebalance(
+                seq[t], num_physical, n, old_map=cur, policy=policy, row_bytes=row_bytes, **kw
+            )
             pol_ms.append(res.seconds * 1e3)
             ctx.barrier()
             t0 = time.perf_counter()
@@ -103,18 +117,26 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
         slow = [max(e[0][i] for e in every) for i in range(steps)]
         med = float(np.median(slow)) * 1e3
         total = sum(slow)
-        rows.append({
-            "case": label, "method": f"{policy} ({tname})", "world_size": n, "layers": layers,
-            "time_ms": round(med, 3), "time_ms_min": round(min(slow) * 1e3, 3),
-            "time_ms_max": round(max(slow) * 1e3, 3),
-            "gbps_per_gpu": round(sum(recv) / total / 1e9, 2) if total > 0 else 0.0,
-            "bytes_max_per_gpu": int(np.mean(recv)), "repeats": steps,
-            "check": "ok" if all(e[1] for e in every) else "FAIL", "seed": seed,
-            "changed_frac": round(float(np.mean(changed)), 4),
-            "imbalance": round(float(np.mean(imb)), 4),
-            "policy_ms": round(float(np.median(pol_ms)), 2),
-            "note": "median time per rebalance over a moderate-drift load sequence",
-        })
+        rows.append(
+            {
+                "case": label,
+                "method": f"{policy} ({tname})",
+                "world_size": n,
+                "layers": layers,
+                "time_ms": round(med, 3),
+                "time_ms_min": round(min(slow) * 1e3, 3),
+                "time_ms_max": round(max(slow) * 1e3, 3),
+                "gbps_per_gpu": round(sum(recv) / total / 1e9, 2) if total > 0 else 0.0,
+                "bytes_max_per_gpu": int(np.mean(recv)),
+                "repeats": steps,
+                "check": "ok" if all(e[1] for e in every) else "FAIL",
+                "seed": seed,
+                "changed_frac": round(float(np.mean(changed)), 4),
+                "imbalance": round(float(np.mean(imb)), 4),
+                "policy_ms": round(float(np.median(pol_ms)), 2),
+                "note": "median time per rebalance over a moderate-drift load sequence",
+            }
+        )
         # the next policy starts again from the first placement
         _fill(torch, weights, first, rank, P)
         ctx.sync()

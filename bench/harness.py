@@ -90,45 +90,81 @@ class PartSpec:
 
 PARTS: dict[str, PartSpec] = {
     "sendrecv": PartSpec(
-        "sendrecv", "bench.micro:run_sendrecv", "child", True,
+        "sendrecv",
+        "bench.micro:run_sendrecv",
+        "child",
+        True,
         "ring send/recv bandwidth (nccl-tests semantics) per binding",
     ),
     "alltoall": PartSpec(
-        "alltoall", "bench.micro:run_alltoall", "child", True,
+        "alltoall",
+        "bench.micro:run_alltoall",
+        "child",
+        True,
         "all-to-all through grouped p2p, bandwidth per binding",
     ),
     "overhead": PartSpec(
-        "overhead", "bench.micro:run_overhead", "child", True,
+        "overhead",
+        "bench.micro:run_overhead",
+        "child",
+        True,
         "host time per grouped p2p op (K sends + K recvs in one group)",
     ),
     "eplb": PartSpec(
-        "eplb", "bench.eplb:run_eplb", "child", False,
+        "eplb",
+        "bench.eplb:run_eplb",
+        "child",
+        False,
         "EPLB expert-weight rearrangement (bench/eplb.py)",
     ),
     "stress": PartSpec(
-        "stress", "bench.stress:run_stress", "child", True,
+        "stress",
+        "bench.stress:run_stress",
+        "child",
+        True,
         "async rearrangement beside a forward loop with its own NCCL traffic (bench/stress.py)",
     ),
     "ipc": PartSpec(
-        "ipc", "bench.ipc_bench:run_ipc", "parent", True,
+        "ipc",
+        "bench.ipc_bench:run_ipc",
+        "parent",
+        True,
         "copy-engine transport: pull rate, host time per round, a rearrangement (bench/ipc_bench.py)",
     ),
     "planner": PartSpec(
-        "planner", "bench.planner_bench:bench_planner", "parent", False,
+        "planner",
+        "bench.planner_bench:bench_planner",
+        "parent",
+        False,
         "EPLB planner timing, CPU only (bench/planner_bench.py)",
     ),
     "placement": PartSpec(
-        "placement", "bench.placement_bench:bench_placement", "parent", False,
+        "placement",
+        "bench.placement_bench:bench_placement",
+        "parent",
+        False,
         "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
     ),
     "selftest": PartSpec(
-        "selftest", "bench.micro:run_selftest", "child", False,
+        "selftest",
+        "bench.micro:run_selftest",
+        "child",
+        False,
         "harness plumbing check (store, process group, timing); for debugging the bench",
         hidden=True,
     ),
 }
 
-DEFAULT_PARTS = ("sendrecv", "alltoall", "overhead", "eplb", "stress", "ipc", "planner", "placement")
+DEFAULT_PARTS = (
+    "sendrecv",
+    "alltoall",
+    "overhead",
+    "eplb",
+    "stress",
+    "ipc",
+    "planner",
+    "placement",
+)
 
 
 def part_spec(name: str) -> PartSpec:
@@ -137,7 +173,9 @@ def part_spec(name: str) -> PartSpec:
         return PARTS[name]
     if ":" in name:
         return PartSpec(name, name, "child", False, f"custom part {name}")
-    raise KeyError(f"unknown part {name!r}; known: {', '.join(p for p in PARTS if not PARTS[p].hidden)}")
+    raise KeyError(
+        f"unknown part {name!r}; known: {', '.join(p for p in PARTS if not PARTS[p].hidden)}"
+    )
 
 
 def resolve_part(spec: PartSpec) -> Callable[..., Any]:
@@ -153,7 +191,9 @@ def resolve_part(spec: PartSpec) -> Callable[..., Any]:
         # A module it imports is missing (e.g. a part of eplb_pynccl not written yet): skip too,
         # but say which one, so a run that lacks it on purpose and one that lacks it by mistake
         # both show it.
-        raise PartUnavailable(f"{mod_name} needs module {e.name!r}, which is not importable") from None
+        raise PartUnavailable(
+            f"{mod_name} needs module {e.name!r}, which is not importable"
+        ) from None
     fn = getattr(mod, fn_name, None)
     if fn is None:
         raise PartUnavailable(f"{mod_name} has no function {fn_name}")
@@ -227,8 +267,15 @@ def median(xs: Sequence[float]) -> float:
 def summarize(xs: Sequence[float]) -> dict[str, float]:
     """n, median, mean, min, max, p10, p90 of a sample."""
     if not xs:
-        return {"n": 0, "median": math.nan, "mean": math.nan, "min": math.nan,
-                "max": math.nan, "p10": math.nan, "p90": math.nan}
+        return {
+            "n": 0,
+            "median": math.nan,
+            "mean": math.nan,
+            "min": math.nan,
+            "max": math.nan,
+            "p10": math.nan,
+            "p90": math.nan,
+        }
     return {
         "n": len(xs),
         "median": median(xs),
@@ -254,8 +301,19 @@ def size_series(min_bytes: int, max_bytes: int, factor: int = 4) -> list[int]:
     return out
 
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -264,7 +322,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     t = text.strip().upper().replace(" ", "")
     num = t.rstrip("KMGIB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in _UNITS or not num:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (use e.g. 8, 4K, 16M, 1G)")
     return int(float(num) * _UNITS[unit])
@@ -353,8 +411,10 @@ class BenchContext:
                     if store.check([k]):
                         raise PeerFailed(store.get(k).decode(errors="replace"))
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {self.rank}: peers did not arrive within "
-                                       f"{self.stall_timeout:.0f} s (keys {keys[:4]})")
+                    raise TimeoutError(
+                        f"rank {self.rank}: peers did not arrive within "
+                        f"{self.stall_timeout:.0f} s (keys {keys[:4]})"
+                    )
                 time.sleep(delay)
             delay = min(0.02, delay * 2 if delay else 1e-5)
 
@@ -434,7 +494,9 @@ def _maybe_inject_fault(args: argparse.Namespace, rank: int, part: str) -> None:
             os._exit(17)
 
 
-def _uid_exchange(store: Any, key: str, rank: int, make: Callable[[], bytes], timeout: float) -> bytes:
+def _uid_exchange(
+    store: Any, key: str, rank: int, make: Callable[[], bytes], timeout: float
+) -> bytes:
     if rank == 0:
         raw = make()
         store.set(key, raw)
@@ -458,7 +520,9 @@ def _init_bindings(ctx: BenchContext) -> None:
     try:
         import eplb_pynccl as ep
 
-        ctx.comm = ep.Communicator.from_store(ctx.store, r, n, device=ctx.device.index, key="bench/eplb_pynccl")
+        ctx.comm = ep.Communicator.from_store(
+            ctx.store, r, n, device=ctx.device.index, key="bench/eplb_pynccl"
+        )
         ctx.bindings["eplb_pynccl"] = "ok"
     except Exception as e:  # noqa: BLE001 - recorded, the bench goes on without it
         ctx.bindings["eplb_pynccl"] = f"{type(e).__name__}: {e}"
@@ -498,8 +562,12 @@ def collect_child_meta(ctx: BenchContext) -> dict[str, Any]:
     """Versions and devices as seen by rank 0 (GPU names, NCCL versions of each binding)."""
     import torch
 
-    meta: dict[str, Any] = {"world_size": ctx.world_size, "mode": "gpu" if ctx.is_gpu else "cpu",
-                            "bindings": dict(ctx.bindings), "nccl_versions": {}}
+    meta: dict[str, Any] = {
+        "world_size": ctx.world_size,
+        "mode": "gpu" if ctx.is_gpu else "cpu",
+        "bindings": dict(ctx.bindings),
+        "nccl_versions": {},
+    }
     nv = meta["nccl_versions"]
     if ctx.is_gpu:
         meta["gpu_count_visible"] = torch.cuda.device_count()
@@ -542,7 +610,11 @@ def _close_bindings(ctx: BenchContext) -> None:
         try:
             fn()
         except Exception as e:  # noqa: BLE001
-            print(f"[rank {ctx.rank}] closing {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(
+                f"[rank {ctx.rank}] closing {what}: {type(e).__name__}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
     try:
         import torch.distributed as dist
 
@@ -577,17 +649,32 @@ def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> No
         store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=td)
         kw: dict[str, Any] = {"device_id": device} if is_gpu else {}
         dist.init_process_group(
-            "nccl" if is_gpu else "gloo", store=dist.PrefixStore("torch_pg", store),
-            rank=rank, world_size=world_size, timeout=td, **kw,
+            "nccl" if is_gpu else "gloo",
+            store=dist.PrefixStore("torch_pg", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=td,
+            **kw,
         )
-        ctx = BenchContext(rank=rank, world_size=world_size, device=device, is_gpu=is_gpu,
-                           store=store, pg=dist.group.WORLD, comm=None, cupy_comm=None,
-                           args=args, stall_timeout=stall)
+        ctx = BenchContext(
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            is_gpu=is_gpu,
+            store=store,
+            pg=dist.group.WORLD,
+            comm=None,
+            cupy_comm=None,
+            args=args,
+            stall_timeout=stall,
+        )
         _init_bindings(ctx)
         # A binding must be usable on every rank, or a part using it would wait forever.
         everyone = ctx.allgather(ctx.bindings)
         for name in list(ctx.bindings):
-            bad = [(r, b.get(name, "missing")) for r, b in enumerate(everyone) if b.get(name) != "ok"]
+            bad = [
+                (r, b.get(name, "missing")) for r, b in enumerate(everyone) if b.get(name) != "ok"
+            ]
             if bad and ctx.bindings[name] == "ok":
                 ctx.bindings[name] = f"unavailable on rank {bad[0][0]}: {bad[0][1]}"
         meta = collect_child_meta(ctx)
@@ -634,22 +721,33 @@ def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> No
             _finish(q, rank, 3)
             return
         except BaseException:  # noqa: BLE001
-            _send(q, "fatal", rank,
-                  f"rank {rank} waited more than {stall:.0f} s for its peers after part {name!r} "
-                  f"(its own status: {status}); the peers are probably stuck.\n"
-                  + traceback.format_exc())
+            _send(
+                q,
+                "fatal",
+                rank,
+                f"rank {rank} waited more than {stall:.0f} s for its peers after part {name!r} "
+                f"(its own status: {status}); the peers are probably stuck.\n"
+                + traceback.format_exc(),
+            )
             _finish(q, rank, 3)
             return
         statuses = [e[0] for e in everyone]
-        real = [r for r, e in enumerate(everyone) if e[0] == "error" and not e[1].startswith("abandoned")]
+        real = [
+            r
+            for r, e in enumerate(everyone)
+            if e[0] == "error" and not e[1].startswith("abandoned")
+        ]
         skipped = [r for r, st in enumerate(statuses) if st == "skipped"]
         if real:
             agreed = "error"
-            reason = f"failed on rank(s) {real}: " + "; ".join(dict.fromkeys(everyone[r][1] for r in real))
+            reason = f"failed on rank(s) {real}: " + "; ".join(
+                dict.fromkeys(everyone[r][1] for r in real)
+            )
         elif skipped and len(skipped) < world_size:
             agreed = "error"
             reason = f"skipped on rank(s) {skipped} only: " + "; ".join(
-                dict.fromkeys(everyone[r][1] for r in skipped))
+                dict.fromkeys(everyone[r][1] for r in skipped)
+            )
         elif skipped:
             agreed, reason = "skipped", everyone[0][1]
         elif "error" in statuses:
@@ -659,8 +757,16 @@ def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> No
         if agreed == "ok":
             ctx.results[name] = everyone[0][2] or []
         if rank == 0:
-            _send(q, "part_done", rank, name, agreed, reason,
-                  everyone[0][2] if agreed == "ok" else None, secs)
+            _send(
+                q,
+                "part_done",
+                rank,
+                name,
+                agreed,
+                reason,
+                everyone[0][2] if agreed == "ok" else None,
+                secs,
+            )
     try:
         _close_bindings(ctx)
     except BaseException:  # noqa: BLE001
@@ -752,14 +858,29 @@ def run_children(
         os.environ.setdefault(k, v)  # inherited by the spawned children
     stall = float(args.stall_timeout)
     port = int(getattr(args, "master_port", 0) or 0) or _free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                          timeout=_dt.timedelta(seconds=stall))
-    spec = {"host": "127.0.0.1", "port": store.port, "parts": list(parts), "args": args,
-            "is_gpu": is_gpu, "stall_timeout": stall}
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=_dt.timedelta(seconds=stall),
+    )
+    spec = {
+        "host": "127.0.0.1",
+        "port": store.port,
+        "parts": list(parts),
+        "args": args,
+        "is_gpu": is_gpu,
+        "stall_timeout": stall,
+    }
     mpc = mp.get_context("spawn")
     q = mpc.Queue()
-    procs = [mpc.Process(target=_child_entry, args=(r, nprocs, spec, q), name=f"bench-rank{r}", daemon=False)
-             for r in range(nprocs)]
+    procs = [
+        mpc.Process(
+            target=_child_entry, args=(r, nprocs, spec, q), name=f"bench-rank{r}", daemon=False
+        )
+        for r in range(nprocs)
+    ]
     outcomes = {p: PartOutcome(p) for p in parts}
     meta: dict[str, Any] = {}
     failures: list[str] = []
@@ -829,7 +950,9 @@ def run_children(
             for r, p in enumerate(procs):
                 if not p.is_alive() and r not in exited and p.exitcode is not None:
                     exited[r] = p.exitcode
-                    where = f"in part {current[r]!r}" if r in current else "before its first part began"
+                    where = (
+                        f"in part {current[r]!r}" if r in current else "before its first part began"
+                    )
                     failures.append(f"rank {r} died with exit code {p.exitcode} ({where})")
                     log(f"!! {failures[-1]}")
                     trouble(now, failures[-1])
@@ -872,7 +995,9 @@ def run_children(
             o.status, o.reason = "error", o.reason or "did not finish (a rank died or was killed)"
         elif o.status == "not run" and failures:
             o.reason = "not reached (run aborted)"
-    return ChildRun(outcomes, meta, failures, interrupted=any(f.startswith("interrupted") for f in failures))
+    return ChildRun(
+        outcomes, meta, failures, interrupted=any(f.startswith("interrupted") for f in failures)
+    )
 
 
 def run_parent_part(spec: PartSpec, args: argparse.Namespace) -> PartOutcome:

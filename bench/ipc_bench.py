@@ -26,7 +26,12 @@ import numpy as np
 
 from bench.harness import PartSkipped
 
-DSV3 = [((4096, 7168), "float8_e4m3fn"), ((7168, 2048), "float8_e4m3fn"), ((32, 56), "float32"), ((56, 16), "float32")]
+DSV3 = [
+    ((4096, 7168), "float8_e4m3fn"),
+    ((7168, 2048), "float8_e4m3fn"),
+    ((32, 56), "float32"),
+    ((56, 16), "float32"),
+]
 QWEN3 = [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")]
 
 
@@ -59,7 +64,9 @@ def _worker(rank, n, port, device, opts, q):
         from bench.eplb import _check, _fill, make_maps
 
         torch.cuda.set_device(device)
-        store = TCPStore("127.0.0.1", port, n, rank == 0, datetime.timedelta(seconds=120), wait_for_workers=False)
+        store = TCPStore(
+            "127.0.0.1", port, n, rank == 0, datetime.timedelta(seconds=120), wait_for_workers=False
+        )
         rows = []
 
         def barrier(tag):
@@ -73,12 +80,20 @@ def _worker(rank, n, port, device, opts, q):
 
         def shuffler(tag, spec, P, layers, **kw):
             t = ep.IpcTransport(rank, n, store, device=device, key=f"ipc/{tag}", timeout=120)
-            w = [[torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev) for shape, dt in spec]
-                 for _ in range(layers)]
+            w = [
+                [
+                    torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev)
+                    for shape, dt in spec
+                ]
+                for _ in range(layers)
+            ]
             return t, w, ep.ExpertShuffler(t, w, **kw)
 
         # -- probe: rank 0 receives 24 rows from rank 1 -------------------------------------
-        for name, spec in (("24 w13 rows (29.4 MB each)", DSV3[:1]), ("24 experts (4 tensors, 42 MiB)", DSV3)):
+        for name, spec in (
+            ("24 w13 rows (29.4 MB each)", DSV3[:1]),
+            ("24 experts (4 tensors, 42 MiB)", DSV3),
+        ):
             P = 24
             old = np.arange(n * P, dtype=np.int64)[None, :]
             new = old.copy()
@@ -104,11 +119,22 @@ def _worker(rank, n, port, device, opts, q):
             nbytes = P * sum(x[0].nbytes for x in w[0])
             if rank in (0, 1):
                 med = float(np.median(times))
-                rows.append({"case": "probe", "what": name, "procs": n, "rank": rank, "bytes": nbytes,
-                             "time_ms": round(med * 1e3, 3), "gbps": round(nbytes / med / 1e9, 1),
-                             "pull_gpu_ms": round(float(np.median(gpu)), 3),
-                             "pull_gbps": round(nbytes / (float(np.median(gpu)) * 1e-3) / 1e9, 1) if np.median(gpu) else None,
-                             "check": "ok" if ok else "FAIL"})
+                rows.append(
+                    {
+                        "case": "probe",
+                        "what": name,
+                        "procs": n,
+                        "rank": rank,
+                        "bytes": nbytes,
+                        "time_ms": round(med * 1e3, 3),
+                        "gbps": round(nbytes / med / 1e9, 1),
+                        "pull_gpu_ms": round(float(np.median(gpu)), 3),
+                        "pull_gbps": round(nbytes / (float(np.median(gpu)) * 1e-3) / 1e9, 1)
+                        if np.median(gpu)
+                        else None,
+                        "check": "ok" if ok else "FAIL",
+                    }
+                )
             t.close()
             del w, sh
             torch.cuda.empty_cache()
@@ -117,14 +143,28 @@ def _worker(rank, n, port, device, opts, q):
             a = torch.empty(24 * 4096 * 7168, dtype=torch.uint8, device=dev)
             b = torch.empty_like(a)
             med, _ = _sync_time(torch, lambda: b.copy_(a), reps)
-            rows.append({"case": "probe", "what": "torch copy_ on one GPU (reference)", "procs": 1, "rank": 0,
-                         "bytes": a.numel(), "time_ms": round(med * 1e3, 3), "gbps": round(a.numel() / med / 1e9, 1)})
+            rows.append(
+                {
+                    "case": "probe",
+                    "what": "torch copy_ on one GPU (reference)",
+                    "procs": 1,
+                    "rank": 0,
+                    "bytes": a.numel(),
+                    "time_ms": round(med * 1e3, 3),
+                    "gbps": round(a.numel() / med / 1e9, 1),
+                }
+            )
             del a, b
         # -- host time per round: DeepSeek-V3 EPn plans, rows scaled down --------------------
         L = 4
         num_physical = 288 if 288 % n == 0 else 288 + (-288) % n
         P = num_physical // n
-        small = [((1024,), "float32"), ((1024,), "float32"), ((1024,), "float32"), ((1024,), "float32")]
+        small = [
+            ((1024,), "float32"),
+            ((1024,), "float32"),
+            ((1024,), "float32"),
+            ((1024,), "float32"),
+        ]
         t, w, sh = shuffler("host", small, P, L, pack_threshold=0)
         old, new = make_maps(opts["seed"], L, 256, num_physical, n)
         per = []
@@ -137,20 +177,44 @@ def _worker(rank, n, port, device, opts, q):
             torch.cuda.synchronize()
             ok = ok and _check(torch, w, new, rank, P)
             if k:
-                per.append((st.launch_seconds / st.rounds, st.poll_seconds / st.rounds, st.apply_seconds / st.rounds,
-                            st.rounds, st.messages, st.setup_seconds))
+                per.append(
+                    (
+                        st.launch_seconds / st.rounds,
+                        st.poll_seconds / st.rounds,
+                        st.apply_seconds / st.rounds,
+                        st.rounds,
+                        st.messages,
+                        st.setup_seconds,
+                    )
+                )
         a = np.median(np.asarray(per), axis=0)
-        rows.append({"case": "host", "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows", "procs": n, "rank": rank,
-                     "launch_ms_per_round": round(a[0] * 1e3, 3), "poll_ms_per_round": round(a[1] * 1e3, 3),
-                     "apply_ms_per_round": round(a[2] * 1e3, 3), "rounds": int(a[3]), "messages": int(a[4]),
-                     "setup_ms": round(a[5] * 1e3, 3), "check": "ok" if ok else "FAIL"})
+        rows.append(
+            {
+                "case": "host",
+                "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows",
+                "procs": n,
+                "rank": rank,
+                "launch_ms_per_round": round(a[0] * 1e3, 3),
+                "poll_ms_per_round": round(a[1] * 1e3, 3),
+                "apply_ms_per_round": round(a[2] * 1e3, 3),
+                "rounds": int(a[3]),
+                "messages": int(a[4]),
+                "setup_ms": round(a[5] * 1e3, 3),
+                "check": "ok" if ok else "FAIL",
+            }
+        )
         t.close()
         del w, sh
         torch.cuda.empty_cache()
         if rank == 0:  # the same plans' local moves at EP1 over NCCL (a 1-rank communicator)
             comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device)
-            w = [[torch.empty((288, *shape), dtype=getattr(torch, dt), device=dev) for shape, dt in small]
-                 for _ in range(L)]
+            w = [
+                [
+                    torch.empty((288, *shape), dtype=getattr(torch, dt), device=dev)
+                    for shape, dt in small
+                ]
+                for _ in range(L)
+            ]
             sh1 = ep.ExpertShuffler(ep.NcclTransport(comm), w, pack_threshold=0)
             o1, n1 = make_maps(opts["seed"], L, 256, 288, 1)
             per1, ok1 = [], True
@@ -161,14 +225,32 @@ def _worker(rank, n, port, device, opts, q):
                 torch.cuda.synchronize()
                 ok1 = ok1 and _check(torch, w, n1, 0, 288)
                 if k:
-                    per1.append((st.launch_seconds / st.rounds, st.poll_seconds / st.rounds,
-                                 st.apply_seconds / st.rounds, st.rounds, st.local_copies, st.setup_seconds))
+                    per1.append(
+                        (
+                            st.launch_seconds / st.rounds,
+                            st.poll_seconds / st.rounds,
+                            st.apply_seconds / st.rounds,
+                            st.rounds,
+                            st.local_copies,
+                            st.setup_seconds,
+                        )
+                    )
             a = np.median(np.asarray(per1), axis=0)
-            rows.append({"case": "host-ep1", "what": f"dsv3 ep1 {L}L local moves (NCCL, 1 rank), 4 KiB rows",
-                         "procs": 1, "rank": 0, "launch_ms_per_round": round(a[0] * 1e3, 3),
-                         "poll_ms_per_round": round(a[1] * 1e3, 3), "apply_ms_per_round": round(a[2] * 1e3, 3),
-                         "rounds": int(a[3]), "local_copies": int(a[4]), "setup_ms": round(a[5] * 1e3, 3),
-                         "check": "ok" if ok1 else "FAIL"})
+            rows.append(
+                {
+                    "case": "host-ep1",
+                    "what": f"dsv3 ep1 {L}L local moves (NCCL, 1 rank), 4 KiB rows",
+                    "procs": 1,
+                    "rank": 0,
+                    "launch_ms_per_round": round(a[0] * 1e3, 3),
+                    "poll_ms_per_round": round(a[1] * 1e3, 3),
+                    "apply_ms_per_round": round(a[2] * 1e3, 3),
+                    "rounds": int(a[3]),
+                    "local_copies": int(a[4]),
+                    "setup_ms": round(a[5] * 1e3, 3),
+                    "check": "ok" if ok1 else "FAIL",
+                }
+            )
             del w, sh1
             comm.close()
             torch.cuda.empty_cache()
@@ -190,10 +272,19 @@ def _worker(rank, n, port, device, opts, q):
             if k:
                 times.append(time.perf_counter() - t0)
             ok = ok and _check(torch, w, new, rank, P)
-        rows.append({"case": "eplb", "what": f"qwen3 bf16 ep{n} {L}L", "procs": n, "rank": rank,
-                     "time_ms": round(float(np.median(times)) * 1e3, 3), "bytes_received": st.bytes_received,
-                     "gbps": round(st.bytes_received / float(np.median(times)) / 1e9, 2),
-                     "rounds": st.rounds, "check": "ok" if ok else "FAIL"})
+        rows.append(
+            {
+                "case": "eplb",
+                "what": f"qwen3 bf16 ep{n} {L}L",
+                "procs": n,
+                "rank": rank,
+                "time_ms": round(float(np.median(times)) * 1e3, 3),
+                "bytes_received": st.bytes_received,
+                "gbps": round(st.bytes_received / float(np.median(times)) / 1e9, 2),
+                "rounds": st.rounds,
+                "check": "ok" if ok else "FAIL",
+            }
+        )
         t.close()
         q.put((rank, "ok", rows))
     except BaseException:
@@ -205,7 +296,11 @@ def run_ipc(args) -> list[dict]:
         import torch
     except ImportError as e:
         raise PartSkipped(f"needs torch ({e})") from None
-    if getattr(args, "cpu", False) or getattr(args, "gpus", None) == 0 or not torch.cuda.is_available():
+    if (
+        getattr(args, "cpu", False)
+        or getattr(args, "gpus", None) == 0
+        or not torch.cuda.is_available()
+    ):
         raise PartSkipped("needs a GPU (IpcTransport: CUDA IPC)")
     import multiprocessing as mp
 
@@ -217,7 +312,10 @@ def run_ipc(args) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    opts = {"reps": int(getattr(args, "eplb_repeats", 5) or 5), "seed": int(getattr(args, "seed", 0))}
+    opts = {
+        "reps": int(getattr(args, "eplb_repeats", 5) or 5),
+        "seed": int(getattr(args, "seed", 0)),
+    }
     procs = [ctx.Process(target=_worker, args=(r, n, port, devices[r], opts, q)) for r in range(n)]
     for p in procs:
         p.start()
@@ -228,7 +326,9 @@ def run_ipc(args) -> list[dict]:
             try:
                 rank, status, val = q.get(timeout=max(1.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"ipc: ranks {sorted(set(range(n)) - set(out))} did not finish") from None
+                raise TimeoutError(
+                    f"ipc: ranks {sorted(set(range(n)) - set(out))} did not finish"
+                ) from None
             if status == "ok":
                 out[rank] = val
             else:
@@ -242,7 +342,9 @@ def run_ipc(args) -> list[dict]:
     if errs:
         raise RuntimeError("ipc part failed: " + errs[0])
     rows = [r for rank in sorted(out) for r in out[rank]]
-    note = f"{n} processes on {ngpu} GPU(s)" + (" (copies inside one GPU, no link)" if ngpu == 1 else "")
+    note = f"{n} processes on {ngpu} GPU(s)" + (
+        " (copies inside one GPU, no link)" if ngpu == 1 else ""
+    )
     merged = []
     for case in ("probe", "host", "host-ep1", "eplb"):
         group = [r for r in rows if r["case"] == case]

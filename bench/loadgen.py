@@ -152,9 +152,11 @@ def main() -> None:
     share = seq / seq.sum(axis=2, keepdims=True)
     top = np.sort(share, axis=2)[:, :, ::-1]
     change = np.abs(np.diff(share, axis=0)).sum(axis=2) / 2  # total-variation distance
-    print(f"{a.drift}: {seq.shape}, hottest expert {top[:, :, 0].mean():.1%} of a layer's load "
-          f"(max {top[:, :, 0].max():.1%}), top 10% experts {top[:, :, : a.experts // 10].sum(2).mean():.1%}, "
-          f"load moved between windows {change.mean():.1%} (max {change.max():.1%})")
+    print(
+        f"{a.drift}: {seq.shape}, hottest expert {top[:, :, 0].mean():.1%} of a layer's load "
+        f"(max {top[:, :, 0].max():.1%}), top 10% experts {top[:, :, : a.experts // 10].sum(2).mean():.1%}, "
+        f"load moved between windows {change.mean():.1%} (max {change.max():.1%})"
+    )
 
 
 if __name__ == "__main__":

@@ -66,9 +66,14 @@ def _prep_eplb(ctx: BenchContext, ops: list[Op], mode: str = "tensor") -> Issue:
             comm.p2p(sends, recvs, st)
 
         return issue_batch
-    if mode in ("prepared", "graph"):  # validated once, reissued: what a repeating exchange pays per op
+    if mode in (
+        "prepared",
+        "graph",
+    ):  # validated once, reissued: what a repeating exchange pays per op
         st = ctx.stream_handle()
-        batch = comm.prepare_p2p([(t, p) for s, t, p in ops if s], [(t, p) for s, t, p in ops if not s])
+        batch = comm.prepare_p2p(
+            [(t, p) for s, t, p in ops if s], [(t, p) for s, t, p in ops if not s]
+        )
         if mode == "graph":  # captured once as a CUDA graph, replayed
             batch.launch(st)  # connections are made outside the capture
             ctx.sync()
@@ -181,8 +186,15 @@ P2P_BINDINGS: dict[str, tuple[str, Callable[[BenchContext, list[Op]], Issue]]] =
 }
 BW_BINDINGS = ["eplb_pynccl", "cupy", "torch", "nccl4py"]
 OVERHEAD_BINDINGS = [
-    "eplb_pynccl", "eplb_pynccl[stream]", "eplb_pynccl[raw]", "eplb_pynccl[p2p]", "eplb_pynccl[prepared]",
-    "eplb_pynccl[graph]", "cupy", "torch", "nccl4py",
+    "eplb_pynccl",
+    "eplb_pynccl[stream]",
+    "eplb_pynccl[raw]",
+    "eplb_pynccl[p2p]",
+    "eplb_pynccl[prepared]",
+    "eplb_pynccl[graph]",
+    "cupy",
+    "torch",
+    "nccl4py",
 ]
 
 
@@ -239,8 +251,13 @@ def _time_gpu(ctx: BenchContext, issue: Issue, iters: int, repeats: int) -> list
 
 
 def _bw_rows(
-    ctx: BenchContext, part: str, size: int, per_rank: list[dict[str, Any]], binding_names: list[str],
-    bus_factor: float, notes: dict[str, str],
+    ctx: BenchContext,
+    part: str,
+    size: int,
+    per_rank: list[dict[str, Any]],
+    binding_names: list[str],
+    bus_factor: float,
+    notes: dict[str, str],
 ) -> list[dict]:
     rows = []
     for b in binding_names:
@@ -249,16 +266,23 @@ def _bw_rows(
             continue
         t = max(r["median"] for r in res)
         algbw = size / t / 1e3 if t > 0 else float("nan")  # bytes/µs -> GB/s (1e9 B/s)
-        rows.append({
-            "part": part, "binding": b, "world_size": ctx.world_size, "size_bytes": size,
-            "time_us": round(t, 3),
-            "time_us_min": round(min(r["min"] for r in res), 3),
-            "time_us_max": round(max(r["max"] for r in res), 3),
-            "algbw_gbps": sig(algbw), "busbw_gbps": sig(algbw * bus_factor),
-            "check": "ok" if all(r["check"] for r in res) else "FAIL",
-            "iters": int(ctx.args.iters), "repeats": int(ctx.args.repeats),
-            "note": (ONE_GPU_NOTE + "; " if ctx.world_size == 1 else "") + notes.get(b, ""),
-        })
+        rows.append(
+            {
+                "part": part,
+                "binding": b,
+                "world_size": ctx.world_size,
+                "size_bytes": size,
+                "time_us": round(t, 3),
+                "time_us_min": round(min(r["min"] for r in res), 3),
+                "time_us_max": round(max(r["max"] for r in res), 3),
+                "algbw_gbps": sig(algbw),
+                "busbw_gbps": sig(algbw * bus_factor),
+                "check": "ok" if all(r["check"] for r in res) else "FAIL",
+                "iters": int(ctx.args.iters),
+                "repeats": int(ctx.args.repeats),
+                "note": (ONE_GPU_NOTE + "; " if ctx.world_size == 1 else "") + notes.get(b, ""),
+            }
+        )
     return rows
 
 
@@ -280,7 +304,8 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
     dead: dict[str, str] = {}
     rows: list[dict] = []
     notes = {
-        "torch": "batch_isend_irecv of P2POps" + ("; self chunk by copy_" if part == "alltoall" else ""),
+        "torch": "batch_isend_irecv of P2POps"
+        + ("; self chunk by copy_" if part == "alltoall" else ""),
         "torch.all_to_all_single": "dist.all_to_all_single",
         "eplb_pynccl": "torch tensors, default stream",
         "cupy": "raw pointers, groupStart/groupEnd",
@@ -302,11 +327,11 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
                 c = size // n
                 ops, expect = [], []
                 for j in range(n):
-                    send[j * c:(j + 1) * c].fill_(_pattern(me, j))
-                    ops.append((True, send[j * c:(j + 1) * c], j))
+                    send[j * c : (j + 1) * c].fill_(_pattern(me, j))
+                    ops.append((True, send[j * c : (j + 1) * c], j))
                 for i in range(n):
-                    ops.append((False, recv[i * c:(i + 1) * c], i))
-                    expect.append((recv[i * c:(i + 1) * c], _pattern(i, me)))
+                    ops.append((False, recv[i * c : (i + 1) * c], i))
+                    expect.append((recv[i * c : (i + 1) * c], _pattern(i, me)))
             mine: dict[str, Any] = {}
             for b in names:
                 if b in dead:
@@ -317,6 +342,7 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
                         import torch.distributed as dist
 
                         s_all, r_all = send[:size], recv[:size]
+
                         def issue(s_all=s_all, r_all=r_all) -> None:  # noqa: E306
                             dist.all_to_all_single(r_all, s_all)
                     else:
@@ -339,9 +365,13 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
             bus = 1.0 if part == "sendrecv" else (n - 1) / n
             new = _bw_rows(ctx, part, size, per_rank, names, bus, notes)
             rows += new
-            ctx.log(f"{part} {size:>11d} B ({time.perf_counter() - t0:5.1f} s): " + "  ".join(
-                f"{r['binding']} {r['time_us']:.1f}us {r['busbw_gbps']:.1f}GB/s{'' if r['check'] == 'ok' else ' FAIL'}"
-                for r in new))
+            ctx.log(
+                f"{part} {size:>11d} B ({time.perf_counter() - t0:5.1f} s): "
+                + "  ".join(
+                    f"{r['binding']} {r['time_us']:.1f}us {r['busbw_gbps']:.1f}GB/s{'' if r['check'] == 'ok' else ' FAIL'}"
+                    for r in new
+                )
+            )
         del send, recv
     torch.cuda.synchronize(ctx.device)
     torch.cuda.empty_cache()  # the blocks belong to this part's stream; later parts can't reuse them
@@ -390,8 +420,8 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
     with torch.cuda.stream(stream):
         send = torch.full((k * nb,), _pattern(me, nxt), dtype=torch.uint8, device=ctx.device)
         recv = torch.zeros(k * nb, dtype=torch.uint8, device=ctx.device)
-        ops: list[Op] = [(True, send[i * nb:(i + 1) * nb], nxt) for i in range(k)]
-        ops += [(False, recv[i * nb:(i + 1) * nb], prv) for i in range(k)]
+        ops: list[Op] = [(True, send[i * nb : (i + 1) * nb], nxt) for i in range(k)]
+        ops += [(False, recv[i * nb : (i + 1) * nb], prv) for i in range(k)]
         for b in names:
             try:
                 issue = P2P_BINDINGS[b][1](ctx, ops)
@@ -422,19 +452,34 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
     for b in names:
         res = [pr[b] for pr in per_rank]
         if any("error" in r for r in res):
-            rows.append({"part": "overhead", "binding": b, "world_size": n,
-                         "error": next(r["error"] for r in res if "error" in r)})
+            rows.append(
+                {
+                    "part": "overhead",
+                    "binding": b,
+                    "world_size": n,
+                    "error": next(r["error"] for r in res if "error" in r),
+                }
+            )
             continue
-        rows.append({
-            "part": "overhead", "binding": b, "world_size": n, "ops_per_rank": 2 * k, "op_bytes": nb,
-            "host_us_per_op": round(max(r["host"]["median"] for r in res), 3),
-            "host_us_per_op_p90": round(max(r["host"]["p90"] for r in res), 3),
-            "e2e_us_per_op": round(min(r["e2e"]["median"] for r in res), 3),
-            "check": "ok" if all(r["check"] for r in res) else "FAIL",
-            "repeats": reps,
-            **({"note": ONE_GPU_NOTE} if n == 1 else {}),
-        })
-    cupy_host = next((r["host_us_per_op"] for r in rows if r["binding"] == "cupy" and "host_us_per_op" in r), None)
+        rows.append(
+            {
+                "part": "overhead",
+                "binding": b,
+                "world_size": n,
+                "ops_per_rank": 2 * k,
+                "op_bytes": nb,
+                "host_us_per_op": round(max(r["host"]["median"] for r in res), 3),
+                "host_us_per_op_p90": round(max(r["host"]["p90"] for r in res), 3),
+                "e2e_us_per_op": round(min(r["e2e"]["median"] for r in res), 3),
+                "check": "ok" if all(r["check"] for r in res) else "FAIL",
+                "repeats": reps,
+                **({"note": ONE_GPU_NOTE} if n == 1 else {}),
+            }
+        )
+    cupy_host = next(
+        (r["host_us_per_op"] for r in rows if r["binding"] == "cupy" and "host_us_per_op" in r),
+        None,
+    )
     for r in rows:
         if cupy_host and "host_us_per_op" in r:
             r["host_ratio_vs_cupy"] = round(r["host_us_per_op"] / cupy_host, 3)
@@ -461,8 +506,14 @@ def run_selftest(ctx: BenchContext) -> list[dict]:
     x = torch.ones(4, device=ctx.device) * (me + 1)
     dist.all_reduce(x)
     assert float(x[0]) == n * (n + 1) / 2, x
-    rows = [{"part": "selftest", "what": "store barrier", "world_size": n,
-             "time_us": round(median(bar.samples) * 1e6, 1)}]
+    rows = [
+        {
+            "part": "selftest",
+            "what": "store barrier",
+            "world_size": n,
+            "time_us": round(median(bar.samples) * 1e6, 1),
+        }
+    ]
     if not ctx.is_gpu and n > 1:
         nxt, prv = (me + 1) % n, (me - 1) % n
         for size in (1 << 10, 1 << 20):
@@ -477,7 +528,14 @@ def run_selftest(ctx: BenchContext) -> list[dict]:
                         q.wait()
             assert float(r[0]) == prv
             us = max(ctx.allgather(median(t.samples) * 1e6))
-            rows.append({"part": "selftest", "what": "gloo ring isend/irecv", "world_size": n,
-                         "size_bytes": size, "time_us": round(us, 1),
-                         "algbw_gbps": round(size / us / 1e3, 3)})
+            rows.append(
+                {
+                    "part": "selftest",
+                    "what": "gloo ring isend/irecv",
+                    "world_size": n,
+                    "size_bytes": size,
+                    "time_us": round(us, 1),
+                    "algbw_gbps": round(size / us / 1e3, 3),
+                }
+            )
     return rows

@@ -89,8 +89,11 @@ SHAPES: dict[str, Shape] = {
 }
 
 POLICIES = ("deepseek", "deepseek relabelled", "migration_aware", "keep old")
-_API = {"deepseek": "deepseek", "deepseek relabelled": "deepseek_relabelled",
-        "migration_aware": "migration_aware"}
+_API = {
+    "deepseek": "deepseek",
+    "deepseek relabelled": "deepseek_relabelled",
+    "migration_aware": "migration_aware",
+}
 
 BYTES_FRACTION_TARGET = 0.1  # steady/moderate: migration_aware moves <= 1/10 of deepseek's bytes
 TIME_TARGET_MS = 50.0  # DeepSeek-V3 EP32 policy time on the 2-core CPU machine
@@ -98,14 +101,21 @@ TIME_TARGET_MS = 50.0  # DeepSeek-V3 EP32 policy time on the 2-core CPU machine
 
 def _seed(seed: int, shape: Shape, drift: str) -> int:
     key = f"{shape.label}/{drift}".encode()
-    return (seed * 1_000_003 + int.from_bytes(key[:8].ljust(8, b"\0"), "little")
-            + sum(key) * 7919) % (1 << 63)
+    return (
+        seed * 1_000_003 + int.from_bytes(key[:8].ljust(8, b"\0"), "little") + sum(key) * 7919
+    ) % (1 << 63)
 
 
 def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[dict]:
     """One row per policy for ``steps`` consecutive rebalances of one shape and drift."""
-    seq = load_sequence(shape.layers, shape.experts, steps + 1, drift,
-                        seed=_seed(seed, shape, drift), top_k=shape.top_k)
+    seq = load_sequence(
+        shape.layers,
+        shape.experts,
+        steps + 1,
+        drift,
+        seed=_seed(seed, shape, drift),
+        top_k=shape.top_k,
+    )
     kw = dict(num_nodes=shape.nodes, num_groups=shape.groups, row_bytes=shape.row_bytes)
     first = rebalance(seq[0], shape.physical, shape.ep, **kw).new_map
     shifts = set(regime_steps(steps + 1, drift))
@@ -135,13 +145,22 @@ def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[di
                 missed += not res.reached_target
                 # the per-call promise: never more bytes than the relabelled reference would
                 # move from this same placement (computed here, not timed)
-                ref = rebalance(seq[t], shape.physical, shape.ep, old_map=cur,
-                                policy="deepseek_relabelled", **kw)
+                ref = rebalance(
+                    seq[t],
+                    shape.physical,
+                    shape.ep,
+                    old_map=cur,
+                    policy="deepseek_relabelled",
+                    **kw,
+                )
                 over_ref += res.bytes_received_max > ref.bytes_received_max
             cur = res.new_map
         im = np.stack(imb)  # [steps, layers]
         row = {
-            "shape": shape.label, "drift": drift, "policy": pol, "rebalances": steps,
+            "shape": shape.label,
+            "drift": drift,
+            "policy": pol,
+            "rebalances": steps,
             "imb_mean": round(float(im.mean()), 4),
             "imb_max": round(float(im.max()), 4),
             "imb_worst_layer_mean": round(float(im.max(1).mean()), 4),
@@ -171,7 +190,11 @@ def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[di
 def targets(rows: list[dict]) -> list[dict]:
     """Rows of part 'placement-targets': each target of issue 11, met or missed, and why."""
     out = []
-    keys = list(dict.fromkeys((r["shape"], r["drift"]) for r in rows if r.get("part", "placement") == "placement"))
+    keys = list(
+        dict.fromkeys(
+            (r["shape"], r["drift"]) for r in rows if r.get("part", "placement") == "placement"
+        )
+    )
     for shape, drift in keys:
         by = {r["policy"]: r for r in rows if r.get("shape") == shape and r.get("drift") == drift}
         ma, ds, rl = by.get("migration_aware"), by.get("deepseek"), by.get("deepseek relabelled")
@@ -186,47 +209,63 @@ def targets(rows: list[dict]) -> list[dict]:
                 why.append(f"imbalance {ma['imb_mean']:.4f} > deepseek {ds['imb_mean']:.4f}")
             if not ok_b:
                 why.append(f"bytes {frac:.1%} of deepseek's")
-            out.append({
-                "shape": shape, "drift": drift,
-                "target": "imbalance <= deepseek's and bytes <= 1/10 of deepseek's",
-                "measured": f"imbalance {ma['imb_mean']:.4f} vs {ds['imb_mean']:.4f}; bytes "
-                            f"{ma['recv_max_gib']:.3f} vs {ds['recv_max_gib']:.3f} GiB ({frac:.1%})",
-                "status": "met" if ok_imb and ok_b else "MISSED: " + "; ".join(why),
-            })
+            out.append(
+                {
+                    "shape": shape,
+                    "drift": drift,
+                    "target": "imbalance <= deepseek's and bytes <= 1/10 of deepseek's",
+                    "measured": f"imbalance {ma['imb_mean']:.4f} vs {ds['imb_mean']:.4f}; bytes "
+                    f"{ma['recv_max_gib']:.3f} vs {ds['recv_max_gib']:.3f} GiB ({frac:.1%})",
+                    "status": "met" if ok_imb and ok_b else "MISSED: " + "; ".join(why),
+                }
+            )
         elif drift == "regime":
             ok_b = ma["over_ref"] == 0 and ma["recv_max_gib"] <= rl["recv_max_gib"] + 1e-12
             ok_imb = ma["imb_mean"] <= rl["imb_mean"] + 1e-9
             why = []
             if ma["over_ref"]:
-                why.append(f"{ma['over_ref']} rebalance(s) moved more than the reference from the same placement")
+                why.append(
+                    f"{ma['over_ref']} rebalance(s) moved more than the reference from the same placement"
+                )
             if ma["recv_max_gib"] > rl["recv_max_gib"] + 1e-12:
                 why.append("more bytes than deepseek relabelled over the sequence")
             if not ok_imb:
                 why.append(f"imbalance {ma['imb_mean']:.4f} > relabelled {rl['imb_mean']:.4f}")
-            out.append({
-                "shape": shape, "drift": drift,
-                "target": "never more bytes than deepseek relabelled, at its imbalance",
-                "measured": f"bytes {ma['recv_max_gib']:.3f} vs {rl['recv_max_gib']:.3f} GiB "
-                            f"(at shifts {ma.get('shift_recv_max_gib', 0):.3f} vs "
-                            f"{rl.get('shift_recv_max_gib', 0):.3f}); imbalance {ma['imb_mean']:.4f} "
-                            f"vs {rl['imb_mean']:.4f}",
-                "status": "met" if ok_b and ok_imb else "MISSED: " + "; ".join(why),
-            })
+            out.append(
+                {
+                    "shape": shape,
+                    "drift": drift,
+                    "target": "never more bytes than deepseek relabelled, at its imbalance",
+                    "measured": f"bytes {ma['recv_max_gib']:.3f} vs {rl['recv_max_gib']:.3f} GiB "
+                    f"(at shifts {ma.get('shift_recv_max_gib', 0):.3f} vs "
+                    f"{rl.get('shift_recv_max_gib', 0):.3f}); imbalance {ma['imb_mean']:.4f} "
+                    f"vs {rl['imb_mean']:.4f}",
+                    "status": "met" if ok_b and ok_imb else "MISSED: " + "; ".join(why),
+                }
+            )
     for r in rows:  # the time target, at every drift level (judged on the median)
         if r.get("shape") == "dsv3 ep32 4n" and r.get("policy") == "migration_aware":
-            ds = next(x for x in rows if x.get("shape") == r["shape"] and x.get("drift") == r["drift"]
-                      and x.get("policy") == "deepseek")
+            ds = next(
+                x
+                for x in rows
+                if x.get("shape") == r["shape"]
+                and x.get("drift") == r["drift"]
+                and x.get("policy") == "deepseek"
+            )
             ok = r["ms_median"] <= TIME_TARGET_MS
             status = "met" if ok else f"MISSED: median {r['ms_median']:.1f} ms"
             if ok and r["ms_max"] > TIME_TARGET_MS:
                 status += f" (median; the slowest rebalance took {r['ms_max']:.1f} ms)"
-            out.append({
-                "shape": r["shape"], "drift": r["drift"],
-                "target": f"policy time <= {TIME_TARGET_MS:g} ms",
-                "measured": f"migration_aware {r['ms_median']:.1f} ms median (max {r['ms_max']:.1f}); "
-                            f"deepseek {ds['ms_median']:.1f} ms",
-                "status": status,
-            })
+            out.append(
+                {
+                    "shape": r["shape"],
+                    "drift": r["drift"],
+                    "target": f"policy time <= {TIME_TARGET_MS:g} ms",
+                    "measured": f"migration_aware {r['ms_median']:.1f} ms median (max {r['ms_max']:.1f}); "
+                    f"deepseek {ds['ms_median']:.1f} ms",
+                    "status": status,
+                }
+            )
     for r in out:
         r["part"] = "placement-targets"
     return out
@@ -235,8 +274,12 @@ def targets(rows: list[dict]) -> list[dict]:
 def bench_placement(args: argparse.Namespace) -> list[dict]:
     steps = int(getattr(args, "placement_steps", 20) or 20)
     seed = int(getattr(args, "seed", 0) or 0)
-    shapes = [s for s in (getattr(args, "placement_shapes", "") or "").split(",") if s] or list(SHAPES)
-    drifts = [d for d in (getattr(args, "placement_drifts", "") or "").split(",") if d] or list(DRIFTS)
+    shapes = [s for s in (getattr(args, "placement_shapes", "") or "").split(",") if s] or list(
+        SHAPES
+    )
+    drifts = [d for d in (getattr(args, "placement_drifts", "") or "").split(",") if d] or list(
+        DRIFTS
+    )
     for s in shapes:
         if s not in SHAPES:
             raise ValueError(f"unknown placement shape {s!r} (known: {', '.join(SHAPES)})")

@@ -72,11 +72,29 @@ from typing import Any
 BW_PARTS = ("sendrecv", "alltoall")
 EPLB_REQUIRED = ("case", "method", "time_ms", "gbps_per_gpu")
 OVERHEAD_TARGET_RATIO = 2.0
-OUTPUT_FILES = ("results.json", "summary.md", "sendrecv_busbw.png", "alltoall_busbw.png",
-                "overhead_host.png", "eplb.png", "placement.png")
-PLACEMENT_COLUMNS = ("shape", "drift", "policy", "excess_pct", "excess_pct_max", "changed_pct",
-                     "recv_max_gib", "recv_max_gib_peak", "internode_gib", "ms_median", "ms_max",
-                     "bytes_vs_deepseek")
+OUTPUT_FILES = (
+    "results.json",
+    "summary.md",
+    "sendrecv_busbw.png",
+    "alltoall_busbw.png",
+    "overhead_host.png",
+    "eplb.png",
+    "placement.png",
+)
+PLACEMENT_COLUMNS = (
+    "shape",
+    "drift",
+    "policy",
+    "excess_pct",
+    "excess_pct_max",
+    "changed_pct",
+    "recv_max_gib",
+    "recv_max_gib_peak",
+    "internode_gib",
+    "ms_median",
+    "ms_max",
+    "bytes_vs_deepseek",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +141,10 @@ def text_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
             widths[i] = max(widths[i], len(c))
 
     def line(vals: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
+        )
 
     out = [line(headers), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
@@ -143,13 +164,17 @@ def md_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
             return False
         return bool(vals)
 
-    out = ["| " + " | ".join(esc(h) for h in headers) + " |",
-           "|" + "|".join("---:" if i and numeric(i) else "---" for i in range(len(headers))) + "|"]
+    out = [
+        "| " + " | ".join(esc(h) for h in headers) + " |",
+        "|" + "|".join("---:" if i and numeric(i) else "---" for i in range(len(headers))) + "|",
+    ]
     out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in cells]
     return "\n".join(out)
 
 
-def _ordered_keys(rows: Iterable[dict], first: Sequence[str] = (), skip: Sequence[str] = ("part",)) -> list[str]:
+def _ordered_keys(
+    rows: Iterable[dict], first: Sequence[str] = (), skip: Sequence[str] = ("part",)
+) -> list[str]:
     keys: list[str] = [k for k in first]
     for r in rows:
         for k in r:
@@ -193,8 +218,16 @@ def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]
             cells.append(row)
         return headers, cells
     if part == "overhead":
-        cols = ["binding", "host_us_per_op", "host_us_per_op_p90", "e2e_us_per_op",
-                "host_ratio_vs_cupy", "check", "ops_per_rank", "op_bytes"]
+        cols = [
+            "binding",
+            "host_us_per_op",
+            "host_us_per_op_p90",
+            "e2e_us_per_op",
+            "host_ratio_vs_cupy",
+            "check",
+            "ops_per_rank",
+            "op_bytes",
+        ]
     elif part == "eplb":
         cols = _ordered_keys(good, EPLB_REQUIRED)
     elif part == "placement":
@@ -207,7 +240,9 @@ def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]
 
 
 def error_lines(rows: list[dict]) -> list[str]:
-    return [f"{r.get('binding') or r.get('method') or '?'}: {r['error']}" for r in rows if "error" in r]
+    return [
+        f"{r.get('binding') or r.get('method') or '?'}: {r['error']}" for r in rows if "error" in r
+    ]
 
 
 def highlights(rows: list[dict]) -> list[str]:
@@ -220,11 +255,15 @@ def highlights(rows: list[dict]) -> list[str]:
             if cupy:
                 ratio = r["host_us_per_op"] / cupy["host_us_per_op"]
                 verdict = "meets" if ratio <= OVERHEAD_TARGET_RATIO else "MISSES"
-                out.append(f"overhead: {r['binding']} host {r['host_us_per_op']:.2f} us/op = "
-                           f"{ratio:.2f}x cupy ({cupy['host_us_per_op']:.2f} us/op); "
-                           f"{verdict} the <= {OVERHEAD_TARGET_RATIO:g}x target")
+                out.append(
+                    f"overhead: {r['binding']} host {r['host_us_per_op']:.2f} us/op = "
+                    f"{ratio:.2f}x cupy ({cupy['host_us_per_op']:.2f} us/op); "
+                    f"{verdict} the <= {OVERHEAD_TARGET_RATIO:g}x target"
+                )
             else:
-                out.append(f"overhead: {r['binding']} host {r['host_us_per_op']:.2f} us/op (no cupy row to compare)")
+                out.append(
+                    f"overhead: {r['binding']} host {r['host_us_per_op']:.2f} us/op (no cupy row to compare)"
+                )
     for part in BW_PARTS:
         good = [r for r in rows if r.get("part") == part and "busbw_gbps" in r]
         if not good:
@@ -238,8 +277,10 @@ def highlights(rows: list[dict]) -> list[str]:
             out.append(f"{part}: DATA CHECK FAILED for {', '.join(fails)}")
     for r in rows:
         if r.get("part") == "placement-targets":
-            out.append(f"placement {r['shape']} {r['drift']}: {r['target']}: {r['status']} "
-                       f"({r['measured']})")
+            out.append(
+                f"placement {r['shape']} {r['drift']}: {r['target']}: {r['status']} "
+                f"({r['measured']})"
+            )
     ep = [r for r in rows if r.get("part") == "eplb" and "time_ms" in r and "case" in r]
     for case in dict.fromkeys(r["case"] for r in ep):
         rs = [r for r in ep if r["case"] == case]
@@ -272,16 +313,33 @@ def _nan_to_none(v: Any) -> Any:
 
 def write_json(path: str, meta: dict, parts: dict, rows: list[dict]) -> str:
     with open(path, "w") as f:
-        json.dump(_nan_to_none({"meta": meta, "parts": parts, "rows": rows}), f, indent=1,
-                  default=_json_default)
+        json.dump(
+            _nan_to_none({"meta": meta, "parts": parts, "rows": rows}),
+            f,
+            indent=1,
+            default=_json_default,
+        )
         f.write("\n")
     return path
 
 
 def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
     out = ["# eplb_pynccl benchmark", ""]
-    keys = ["date", "hostname", "mode", "world_size", "gpu_names", "nccl_versions", "torch", "cupy",
-            "nccl4py", "eplb_pynccl", "python", "seed", "argv"]
+    keys = [
+        "date",
+        "hostname",
+        "mode",
+        "world_size",
+        "gpu_names",
+        "nccl_versions",
+        "torch",
+        "cupy",
+        "nccl4py",
+        "eplb_pynccl",
+        "python",
+        "seed",
+        "argv",
+    ]
     for k in keys:
         if k in meta:
             v = meta[k]
@@ -294,10 +352,18 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             out.append(f"- **{k}**: {v}")
     if meta.get("bindings"):
         out.append("- **bindings**: " + "; ".join(f"{k}: {v}" for k, v in meta["bindings"].items()))
-    out += ["", "## Parts", "", md_table(
-        ["part", "status", "seconds", "reason"],
-        [[p, d.get("status", ""), fmt_cell(d.get("seconds")), d.get("reason", "")] for p, d in parts.items()],
-    )]
+    out += [
+        "",
+        "## Parts",
+        "",
+        md_table(
+            ["part", "status", "seconds", "reason"],
+            [
+                [p, d.get("status", ""), fmt_cell(d.get("seconds")), d.get("reason", "")]
+                for p, d in parts.items()
+            ],
+        ),
+    ]
     hl = highlights(rows)
     if hl:
         out += ["", "## Highlights", ""] + [f"- {h}" for h in hl]
@@ -313,11 +379,15 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
         if errs:
             out += [""] + [f"- error: {e}" for e in errs]
     if plots:
-        out += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+        out += ["", "## Plots", ""] + [
+            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots
+        ]
     return "\n".join(out) + "\n"
 
 
-def write_markdown(path: str, meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
+def write_markdown(
+    path: str, meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()
+) -> str:
     with open(path, "w") as f:
         f.write(markdown_summary(meta, parts, rows, plots))
     return path
@@ -352,13 +422,17 @@ def plot_bandwidth(path: str, part: str, rows: list[dict], meta: dict) -> str | 
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 5))
     ticks = sorted({r["size_bytes"] for r in good})
     for b in _bindings(good):
-        pts = sorted((r["size_bytes"], r["busbw_gbps"], r["time_us"]) for r in good if r["binding"] == b)
+        pts = sorted(
+            (r["size_bytes"], r["busbw_gbps"], r["time_us"]) for r in good if r["binding"] == b
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=b)
         ax_t.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=b)
     for a in (ax, ax_t):
         a.set_xscale("log", base=2)
         a.set_xticks(ticks)
-        a.set_xticklabels([fmt_bytes(t).replace(" ", "") for t in ticks], rotation=45, ha="right", fontsize=7)
+        a.set_xticklabels(
+            [fmt_bytes(t).replace(" ", "") for t in ticks], rotation=45, ha="right", fontsize=7
+        )
         a.set_xlabel("size per rank")
         a.grid(True, alpha=0.3)
     ax.set_ylabel("busbw (GB/s)")
@@ -412,7 +486,11 @@ def plot_eplb(path: str, rows: list[dict], meta: dict) -> str | None:
 
 def eplb_figure(rows: list[dict], meta: dict):
     """The EPLB plot (time and GB/s per case and method) as a matplotlib figure, or None."""
-    good = [r for r in rows if r.get("part") == "eplb" and all(k in r for k in ("case", "method", "time_ms"))]
+    good = [
+        r
+        for r in rows
+        if r.get("part") == "eplb" and all(k in r for k in ("case", "method", "time_ms"))
+    ]
     if not good:
         return None
     plt = _plt()
@@ -421,12 +499,16 @@ def eplb_figure(rows: list[dict], meta: dict):
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 + 2.2 * len(cases)), 4.8))
     width = 0.8 / max(1, len(methods))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key, label in ((axes[0], "time_ms", "time (ms), lower is better"),
-                           (axes[1], "gbps_per_gpu", "GB/s per GPU, higher is better")):
+    for ax, key, label in (
+        (axes[0], "time_ms", "time (ms), lower is better"),
+        (axes[1], "gbps_per_gpu", "GB/s per GPU, higher is better"),
+    ):
         for j, m in enumerate(methods):
             xs, ys, refs = [], [], []
             for i, c in enumerate(cases):
-                r = next((r for r in good if r["case"] == c and r["method"] == m and key in r), None)
+                r = next(
+                    (r for r in good if r["case"] == c and r["method"] == m and key in r), None
+                )
                 if r is not None and r[key] is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(float(r[key]))
@@ -459,25 +541,36 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
     policies = list(dict.fromkeys(r["policy"] for r in good))
     cols = min(3, len(shapes))
     nrow = -(-len(shapes) // cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(max(9.0, 4.6 * cols), 3.8 * nrow + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrow, cols, figsize=(max(9.0, 4.6 * cols), 3.8 * nrow + 0.6), squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*X"
     for k, shape in enumerate(shapes):
         ax = axes[k // cols][k % cols]
         mine = [r for r in good if r["shape"] == shape]
-        moving = [r["imb_mean"] for r in mine if r["recv_max_gib"] > 0] or [r["imb_mean"] for r in mine]
+        moving = [r["imb_mean"] for r in mine if r["recv_max_gib"] > 0] or [
+            r["imb_mean"] for r in mine
+        ]
         lo, hi = min(moving), max(moving)
         top = hi + max(0.02, 0.15 * (hi - lo))
         for r in mine:
             y = min(r["imb_mean"], top)  # a far worse baseline sits on the top edge, labelled
-            ax.scatter(r["recv_max_gib"], y, s=36,
-                       color=colors[drifts.index(r["drift"]) % len(colors)],
-                       marker=markers[policies.index(r["policy"]) % len(markers)])
+            ax.scatter(
+                r["recv_max_gib"],
+                y,
+                s=36,
+                color=colors[drifts.index(r["drift"]) % len(colors)],
+                marker=markers[policies.index(r["policy"]) % len(markers)],
+            )
             if r["imb_mean"] > top:
-                ax.annotate(f"{r['imb_mean']:.2f}", (r["recv_max_gib"], y), fontsize=6,
-                            xytext=(4, -8 - 7 * drifts.index(r["drift"])),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"{r['imb_mean']:.2f}",
+                    (r["recv_max_gib"], y),
+                    fontsize=6,
+                    xytext=(4, -8 - 7 * drifts.index(r["drift"])),
+                    textcoords="offset points",
+                )
         ax.set_ylim(min(1.0, lo) - 0.005, top + 0.01)
         ax.set_xlim(0, max(r["recv_max_gib"] for r in mine) * 2 + 0.02)
         ax.set_xscale("symlog", linthresh=0.01)
@@ -487,13 +580,20 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
         ax.grid(True, alpha=0.3)
     for k in range(len(shapes), nrow * cols):
         axes[k // cols][k % cols].axis("off")
-    handles = [plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=p)
-               for i, p in enumerate(policies)]
-    handles += [plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=d)
-                for i, d in enumerate(drifts)]
+    handles = [
+        plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=p)
+        for i, p in enumerate(policies)
+    ]
+    handles += [
+        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=d)
+        for i, d in enumerate(drifts)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8)
-    fig.suptitle(f"EPLB placement: bytes moved vs imbalance, mean over the rebalances"
-                 f" ({meta.get('mode', 'cpu')})", fontsize=10)
+    fig.suptitle(
+        f"EPLB placement: bytes moved vs imbalance, mean over the rebalances"
+        f" ({meta.get('mode', 'cpu')})",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -511,8 +611,11 @@ def make_plots(out_dir: str, rows: list[dict], meta: dict) -> tuple[list[str], s
         p = plot_bandwidth(os.path.join(out_dir, f"{part}_busbw.png"), part, rows, meta)
         if p:
             paths.append(p)
-    for fn, name in ((plot_overhead, "overhead_host.png"), (plot_eplb, "eplb.png"),
-                     (plot_placement, "placement.png")):
+    for fn, name in (
+        (plot_overhead, "overhead_host.png"),
+        (plot_eplb, "eplb.png"),
+        (plot_placement, "placement.png"),
+    ):
         p = fn(os.path.join(out_dir, name), rows, meta)
         if p:
             paths.append(p)
@@ -528,39 +631,123 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
     rows: list[dict] = []
     n = world_size
     for part, bus in (("sendrecv", 1.0), ("alltoall", (n - 1) / n)):
-        for b, peak in (("eplb_pynccl", 360.0), ("cupy", 358.0), ("torch", 340.0), ("nccl4py", 355.0)):
+        for b, peak in (
+            ("eplb_pynccl", 360.0),
+            ("cupy", 358.0),
+            ("torch", 340.0),
+            ("nccl4py", 355.0),
+        ):
             size = 8
             while size <= 1 << 30:
                 t = 20.0 + size / (peak * 1e3)
                 alg = size / t / 1e3
-                rows.append({"part": part, "binding": b, "world_size": n, "size_bytes": size,
-                             "time_us": t, "time_us_min": t * 0.97, "time_us_max": t * 1.1,
-                             "algbw_gbps": alg, "busbw_gbps": alg * bus, "check": "ok",
-                             "iters": 20, "repeats": 5, "note": ""})
+                rows.append(
+                    {
+                        "part": part,
+                        "binding": b,
+                        "world_size": n,
+                        "size_bytes": size,
+                        "time_us": t,
+                        "time_us_min": t * 0.97,
+                        "time_us_max": t * 1.1,
+                        "algbw_gbps": alg,
+                        "busbw_gbps": alg * bus,
+                        "check": "ok",
+                        "iters": 20,
+                        "repeats": 5,
+                        "note": "",
+                    }
+                )
                 size *= 4
-    rows.append({"part": "sendrecv", "binding": "nccl4py", "world_size": n, "error": "ImportError: x"})
-    for b, h in (("eplb_pynccl", 1.2), ("eplb_pynccl[raw]", 0.9), ("cupy", 0.6), ("torch", 19.6),
-                 ("nccl4py", 3.1)):
-        rows.append({"part": "overhead", "binding": b, "world_size": n, "ops_per_rank": 512, "op_bytes": 4096,
-                     "host_us_per_op": h, "host_us_per_op_p90": h * 1.2, "e2e_us_per_op": h + 2.5,
-                     "host_ratio_vs_cupy": h / 0.6, "check": "ok", "repeats": 50})
+    rows.append(
+        {"part": "sendrecv", "binding": "nccl4py", "world_size": n, "error": "ImportError: x"}
+    )
+    for b, h in (
+        ("eplb_pynccl", 1.2),
+        ("eplb_pynccl[raw]", 0.9),
+        ("cupy", 0.6),
+        ("torch", 19.6),
+        ("nccl4py", 3.1),
+    ):
+        rows.append(
+            {
+                "part": "overhead",
+                "binding": b,
+                "world_size": n,
+                "ops_per_rank": 512,
+                "op_bytes": 4096,
+                "host_us_per_op": h,
+                "host_us_per_op_p90": h * 1.2,
+                "e2e_us_per_op": h + 2.5,
+                "host_ratio_vs_cupy": h / 0.6,
+                "check": "ok",
+                "repeats": 50,
+            }
+        )
     for case in ("dsv3-fp8 ep4 4L", "qwen3 ep4 8L"):
-        for m, t in (("vllm-style", 61.3), ("naive-pack", 86.4), ("eplb_pynccl", 30.0), ("link-floor", 25.7)):
-            rows.append({"part": "eplb", "case": case, "method": m, "time_ms": t,
-                         "gbps_per_gpu": 8.63e9 / (t * 1e-3) / 1e9, "world_size": n})
-    rows.append({"part": "planner", "layers": 58, "ep": 8, "ranks_per_node": None, "median_ms": 3.2,
-                 "p90_ms": 3.9})
+        for m, t in (
+            ("vllm-style", 61.3),
+            ("naive-pack", 86.4),
+            ("eplb_pynccl", 30.0),
+            ("link-floor", 25.7),
+        ):
+            rows.append(
+                {
+                    "part": "eplb",
+                    "case": case,
+                    "method": m,
+                    "time_ms": t,
+                    "gbps_per_gpu": 8.63e9 / (t * 1e-3) / 1e9,
+                    "world_size": n,
+                }
+            )
+    rows.append(
+        {
+            "part": "planner",
+            "layers": 58,
+            "ep": 8,
+            "ranks_per_node": None,
+            "median_ms": 3.2,
+            "p90_ms": 3.9,
+        }
+    )
     for drift, k in (("steady", 1.0), ("regime", 2.0)):
-        for pol, imb, gib in (("deepseek", 1.08, 18.0), ("deepseek relabelled", 1.08, 15.0),
-                              ("migration_aware", 1.07, 0.4 * k), ("keep old", 1.1 * k, 0.0)):
-            rows.append({"part": "placement", "shape": "dsv3 ep32 4n", "drift": drift,
-                         "policy": pol, "rebalances": 20, "imb_mean": imb, "imb_max": imb + 0.3,
-                         "excess_pct": 100 * (imb - 1), "excess_pct_max": 100 * (imb - 0.7),
-                         "changed_pct": 80.0 if gib > 1 else 2.0, "recv_max_gib": gib,
-                         "recv_max_gib_peak": gib * 1.1, "internode_gib": gib * 2,
-                         "ms_median": 25.0, "ms_max": 40.0, "bytes_vs_deepseek": gib / 18.0})
-    rows.append({"part": "placement-targets", "shape": "dsv3 ep32 4n", "drift": "steady",
-                 "target": "policy time <= 50 ms", "measured": "25.0 ms", "status": "met"})
+        for pol, imb, gib in (
+            ("deepseek", 1.08, 18.0),
+            ("deepseek relabelled", 1.08, 15.0),
+            ("migration_aware", 1.07, 0.4 * k),
+            ("keep old", 1.1 * k, 0.0),
+        ):
+            rows.append(
+                {
+                    "part": "placement",
+                    "shape": "dsv3 ep32 4n",
+                    "drift": drift,
+                    "policy": pol,
+                    "rebalances": 20,
+                    "imb_mean": imb,
+                    "imb_max": imb + 0.3,
+                    "excess_pct": 100 * (imb - 1),
+                    "excess_pct_max": 100 * (imb - 0.7),
+                    "changed_pct": 80.0 if gib > 1 else 2.0,
+                    "recv_max_gib": gib,
+                    "recv_max_gib_peak": gib * 1.1,
+                    "internode_gib": gib * 2,
+                    "ms_median": 25.0,
+                    "ms_max": 40.0,
+                    "bytes_vs_deepseek": gib / 18.0,
+                }
+            )
+    rows.append(
+        {
+            "part": "placement-targets",
+            "shape": "dsv3 ep32 4n",
+            "drift": "steady",
+            "target": "policy time <= 50 ms",
+            "measured": "25.0 ms",
+            "status": "met",
+        }
+    )
     return rows
 
 
@@ -576,12 +763,19 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     s = summarize([3.0, 1.0, 2.0, 100.0])
     assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 100.0 and s["n"] == 4, s
     assert math.isnan(summarize([])["median"])
-    assert size_series(8, 1 << 30)[:3] == [8, 32, 128] and size_series(8, 1 << 30)[-2:] == [1 << 29, 1 << 30]
+    assert size_series(8, 1 << 30)[:3] == [8, 32, 128] and size_series(8, 1 << 30)[-2:] == [
+        1 << 29,
+        1 << 30,
+    ]
     assert size_series(8, 32) == [8, 32]
     assert parse_bytes("4K") == 4096 and parse_bytes("1G") == 1 << 30 and parse_bytes("8") == 8
     assert parse_bytes("16MiB") == 16 << 20
     assert fmt_bytes(8) == "8 B" and fmt_bytes(4096) == "4 KiB" and fmt_bytes(1 << 30) == "1 GiB"
-    assert fmt_bytes(3 << 19) == "1.5 MiB" and fmt_bytes(1000) == "1,000 B" and fmt_bytes(4092) == "4,092 B"
+    assert (
+        fmt_bytes(3 << 19) == "1.5 MiB"
+        and fmt_bytes(1000) == "1,000 B"
+        and fmt_bytes(4092) == "4,092 B"
+    )
     import numpy as np
 
     nr = normalize_rows([{"x": np.float32(1.5), "y": np.int64(3)}], "p")
@@ -590,12 +784,28 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     assert abs(2.0 * 1e3 / 20 - 100.0) < 1e-12
     # tables
     rows = synthetic_rows()
-    meta = {"date": "2026-01-01T00:00:00Z", "hostname": "selfcheck", "mode": "gpu", "world_size": 4,
-            "gpu_names": ["synthetic data (selfcheck)"] * 4, "nccl_versions": {"torch": "2.28.9"},
-            "argv": ["bench.run", "--selfcheck"], "seed": 0}
-    parts = {p: {"status": "ok", "seconds": 1.0}
-             for p in ("sendrecv", "alltoall", "overhead", "eplb", "planner", "placement",
-                       "placement-targets")}
+    meta = {
+        "date": "2026-01-01T00:00:00Z",
+        "hostname": "selfcheck",
+        "mode": "gpu",
+        "world_size": 4,
+        "gpu_names": ["synthetic data (selfcheck)"] * 4,
+        "nccl_versions": {"torch": "2.28.9"},
+        "argv": ["bench.run", "--selfcheck"],
+        "seed": 0,
+    }
+    parts = {
+        p: {"status": "ok", "seconds": 1.0}
+        for p in (
+            "sendrecv",
+            "alltoall",
+            "overhead",
+            "eplb",
+            "planner",
+            "placement",
+            "placement-targets",
+        )
+    }
     for p in parts:
         h, c = part_table(p, [r for r in rows if r["part"] == p])
         assert c and all(len(r) == len(h) for r in c), (p, h, c[:1])
@@ -604,7 +814,9 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
         if verbose:
             print(f"--- {p}\n{t}")
     h, c = part_table("sendrecv", [r for r in rows if r["part"] == "sendrecv"])
-    assert h[0] == "size" and "eplb_pynccl busbw" in h and c[0][0] == "8 B" and c[-1][0] == "512 MiB", (h, c[-1])
+    assert (
+        h[0] == "size" and "eplb_pynccl busbw" in h and c[0][0] == "8 B" and c[-1][0] == "512 MiB"
+    ), (h, c[-1])
     hl = highlights(rows)
     assert any("eplb_pynccl host 1.20 us/op = 2.00x cupy" in x and "meets" in x for x in hl), hl
     assert any("eplb_pynccl[raw]" in x and "1.50x" in x for x in hl), hl
@@ -612,12 +824,20 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     h, c = part_table("placement", [r for r in rows if r["part"] == "placement"])
     assert h[:3] == ["shape", "drift", "policy"] and len(c) == 8, (h, c[:1])
     md = markdown_summary(meta, parts, rows)
-    assert md.count("## ") >= 6 and "| size |" in md and "error: nccl4py: ImportError: x" in md, md[:500]
+    assert md.count("## ") >= 6 and "| size |" in md and "error: nccl4py: ImportError: x" in md, md[
+        :500
+    ]
     # files
     out_dir = out_dir or tempfile.mkdtemp(prefix="bench_selfcheck_")
     os.makedirs(out_dir, exist_ok=True)
-    written = [write_json(os.path.join(out_dir, "results.json"), meta, parts,
-                          rows + [{"part": "x", "v": float("nan")}])]
+    written = [
+        write_json(
+            os.path.join(out_dir, "results.json"),
+            meta,
+            parts,
+            rows + [{"part": "x", "v": float("nan")}],
+        )
+    ]
     with open(written[0]) as f:
         back = json.load(f)
     assert back["rows"][-1]["v"] is None and len(back["rows"]) == len(rows) + 1
@@ -628,7 +848,9 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     written.append(write_markdown(os.path.join(out_dir, "summary.md"), meta, parts, rows, plots))
     if verbose:
         print("\n".join(hl))
-        print(f"selfcheck ok; wrote {len(written)} files to {out_dir}" + (f" ({why})" if why else ""))
+        print(
+            f"selfcheck ok; wrote {len(written)} files to {out_dir}" + (f" ({why})" if why else "")
+        )
     return written
 
 

@@ -46,77 +46,147 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench.run",
         description="eplb_pynccl benchmarks: NCCL p2p bindings compared, EPLB rearrangement, "
-                    "copy-engine transport, placement policies, planner. bench/README.md says more.",
+        "copy-engine transport, placement policies, planner. bench/README.md says more.",
         formatter_class=_Help,
     )
     g = ap.add_argument_group("what to run")
-    g.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                   help="comma-separated parts, run in this order: "
-                        + ", ".join(f"{p} ({s.description})" for p, s in PARTS.items() if not s.hidden)
-                        + "; or module:function for an ad hoc per-rank part")
-    g.add_argument("--gpus", type=int, default=None,
-                   help="number of GPUs / ranks (default: all visible; 0 = CPU mode)")
+    g.add_argument(
+        "--parts",
+        default=",".join(DEFAULT_PARTS),
+        help="comma-separated parts, run in this order: "
+        + ", ".join(f"{p} ({s.description})" for p, s in PARTS.items() if not s.hidden)
+        + "; or module:function for an ad hoc per-rank part",
+    )
+    g.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="number of GPUs / ranks (default: all visible; 0 = CPU mode)",
+    )
     g.add_argument("--cpu", action="store_true", help="CPU mode even if GPUs are visible")
     g.add_argument("--cpu-procs", type=int, default=2, help="ranks in CPU mode")
-    g.add_argument("--bindings", default="",
-                   help="only these bindings in the micro parts (comma list of "
-                        "eplb_pynccl, cupy, torch, nccl4py; default: all available)")
+    g.add_argument(
+        "--bindings",
+        default="",
+        help="only these bindings in the micro parts (comma list of "
+        "eplb_pynccl, cupy, torch, nccl4py; default: all available)",
+    )
     g = ap.add_argument_group("sendrecv / alltoall")
-    g.add_argument("--min-bytes", type=parse_bytes, default=8, help="smallest size (8, 4K, 1M, ...)")
+    g.add_argument(
+        "--min-bytes", type=parse_bytes, default=8, help="smallest size (8, 4K, 1M, ...)"
+    )
     g.add_argument("--max-bytes", type=parse_bytes, default=1 << 30, help="largest size")
     g.add_argument("--step-factor", type=int, default=4, help="size multiplier between steps")
     g.add_argument("--iters", type=int, default=20, help="timed iterations per repeat")
     g.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     g.add_argument("--repeats", type=int, default=5, help="repeats (the median is reported)")
     g = ap.add_argument_group("overhead")
-    g.add_argument("--overhead-ops", type=int, default=256, help="K: sends (and as many recvs) per group")
+    g.add_argument(
+        "--overhead-ops", type=int, default=256, help="K: sends (and as many recvs) per group"
+    )
     g.add_argument("--overhead-bytes", type=parse_bytes, default=4096, help="bytes per op")
-    g.add_argument("--overhead-repeats", type=int, default=50, help="timed groups (the median is reported)")
+    g.add_argument(
+        "--overhead-repeats", type=int, default=50, help="timed groups (the median is reported)"
+    )
     g = ap.add_argument_group("eplb (passed to bench/eplb.py as ctx.args)")
-    g.add_argument("--eplb-cases", default="",
-                   help="comma-separated cases of bench/eplb.py CASES (default: dsv3, qwen3, dsv3-seq on "
-                        "GPUs; their -cpu versions in CPU mode)")
-    g.add_argument("--eplb-layers-dsv3", type=int, default=None,
-                   help="layers of every DeepSeek-V3 case, CPU ones too (default: 4 on GPUs, 2 for -cpu cases)")
-    g.add_argument("--eplb-layers-qwen", type=int, default=None,
-                   help="layers of every Qwen3 case, CPU ones too (default: 8 on GPUs, 2 for -cpu cases)")
+    g.add_argument(
+        "--eplb-cases",
+        default="",
+        help="comma-separated cases of bench/eplb.py CASES (default: dsv3, qwen3, dsv3-seq on "
+        "GPUs; their -cpu versions in CPU mode)",
+    )
+    g.add_argument(
+        "--eplb-layers-dsv3",
+        type=int,
+        default=None,
+        help="layers of every DeepSeek-V3 case, CPU ones too (default: 4 on GPUs, 2 for -cpu cases)",
+    )
+    g.add_argument(
+        "--eplb-layers-qwen",
+        type=int,
+        default=None,
+        help="layers of every Qwen3 case, CPU ones too (default: 8 on GPUs, 2 for -cpu cases)",
+    )
     g.add_argument("--eplb-repeats", type=int, default=5, help="timed repeats per EPLB method")
-    g.add_argument("--eplb-methods", default="",
-                   help="comma-separated methods of bench/eplb.py METHODS (default: every one the mode runs)")
-    g.add_argument("--eplb-seq-steps", type=int, default=4,
-                   help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)")
+    g.add_argument(
+        "--eplb-methods",
+        default="",
+        help="comma-separated methods of bench/eplb.py METHODS (default: every one the mode runs)",
+    )
+    g.add_argument(
+        "--eplb-seq-steps",
+        type=int,
+        default=4,
+        help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
     g = ap.add_argument_group("stress (bench/stress.py)")
-    g.add_argument("--stress-variants", default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
-                   help="comma-separated variants (bench/stress.py VARIANTS)")
+    g.add_argument(
+        "--stress-variants",
+        default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
+        help="comma-separated variants (bench/stress.py VARIANTS)",
+    )
     g.add_argument("--stress-steps", type=int, default=500, help="forward steps per variant")
-    g.add_argument("--stress-timeout", type=float, default=60.0,
-                   help="communicator timeout (s) in the stress part: a hang fails the variant")
+    g.add_argument(
+        "--stress-timeout",
+        type=float,
+        default=60.0,
+        help="communicator timeout (s) in the stress part: a hang fails the variant",
+    )
     g = ap.add_argument_group("ipc (bench/ipc_bench.py)")
-    g.add_argument("--ipc-procs", type=int, default=4,
-                   help="processes of the copy-engine part, spread over the visible GPUs")
+    g.add_argument(
+        "--ipc-procs",
+        type=int,
+        default=4,
+        help="processes of the copy-engine part, spread over the visible GPUs",
+    )
     g = ap.add_argument_group("planner")
     g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
     g = ap.add_argument_group("placement (bench/placement_bench.py)")
-    g.add_argument("--placement-steps", type=int, default=20,
-                   help="consecutive rebalances per shape, drift level and policy")
-    g.add_argument("--placement-shapes", default="",
-                   help="comma-separated shapes (default: all of bench/placement_bench.py SHAPES)")
-    g.add_argument("--placement-drifts", default="",
-                   help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)")
+    g.add_argument(
+        "--placement-steps",
+        type=int,
+        default=20,
+        help="consecutive rebalances per shape, drift level and policy",
+    )
+    g.add_argument(
+        "--placement-shapes",
+        default="",
+        help="comma-separated shapes (default: all of bench/placement_bench.py SHAPES)",
+    )
+    g.add_argument(
+        "--placement-drifts",
+        default="",
+        help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)",
+    )
     g = ap.add_argument_group("output and robustness")
-    g.add_argument("--out", default="bench_out", help="directory for results.json, summary.md, PNGs")
+    g.add_argument(
+        "--out", default="bench_out", help="directory for results.json, summary.md, PNGs"
+    )
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    g.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds before all ranks are killed (the run then fails)")
-    g.add_argument("--stall-timeout", type=float, default=300.0,
-                   help="seconds a rank waits for its peers in a store exchange, and that the parent "
-                        "waits for progress after an error before killing the ranks")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before all ranks are killed (the run then fails)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits for its peers in a store exchange, and that the parent "
+        "waits for progress after an error before killing the ranks",
+    )
     g.add_argument("--master-port", type=int, default=0, help="TCPStore port (0: a free one)")
-    g.add_argument("--selfcheck", action="store_true",
-                   help="CPU self-check of statistics, tables, JSON, Markdown and plots, then exit")
+    g.add_argument(
+        "--selfcheck",
+        action="store_true",
+        help="CPU self-check of statistics, tables, JSON, Markdown and plots, then exit",
+    )
     g.add_argument("--list-parts", action="store_true", help="list the parts and exit")
-    ap.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # RANK:PART:raise|hang|exit|skip
+    ap.add_argument(
+        "--inject-fault", default="", help=argparse.SUPPRESS
+    )  # RANK:PART:raise|hang|exit|skip
     return ap
 
 
@@ -151,12 +221,24 @@ def base_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "argv": ["python", "-m", "bench.run"] + argv,
         "seed": args.seed,
         "torch": torch.__version__,
-        "cupy": next((v for v in (_version("cupy-cuda13x"), _version("cupy-cuda12x"), _version("cupy")) if v), None),
+        "cupy": next(
+            (
+                v
+                for v in (_version("cupy-cuda13x"), _version("cupy-cuda12x"), _version("cupy"))
+                if v
+            ),
+            None,
+        ),
         "nccl4py": _version("nccl4py"),
         "eplb_pynccl": _version("eplb-pynccl") or _module_version("eplb_pynccl"),
-        "nccl_wheels": {d: v for d in ("nvidia-nccl-cu13", "nvidia-nccl-cu12") if (v := _version(d))},
-        "env": {k: v for k, v in os.environ.items()
-                if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_", "CUDA_VISIBLE"))},
+        "nccl_wheels": {
+            d: v for d in ("nvidia-nccl-cu13", "nvidia-nccl-cu12") if (v := _version(d))
+        },
+        "env": {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_", "CUDA_VISIBLE"))
+        },
         "args": {k: v for k, v in vars(args).items() if k != "inject_fault"},
     }
     return meta
@@ -226,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag, known in (("eplb_cases", CASES), ("eplb_methods", METHODS)):
         bad = [x for x in getattr(args, flag).split(",") if x and x not in known]
         if bad:
-            ap.error(f"--{flag.replace('_', '-')}: unknown {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+            ap.error(
+                f"--{flag.replace('_', '-')}: unknown {', '.join(map(repr, bad))}; known: {', '.join(known)}"
+            )
 
     ngpu, why_no_gpu = visible_gpus()
     if args.cpu or args.gpus == 0:
@@ -241,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         nprocs = args.cpu_procs
     meta = base_meta(args, argv)
     meta.update({"mode": "gpu" if is_gpu else "cpu", "world_size": nprocs})
-    print(f"bench: {'GPU' if is_gpu else 'CPU'} mode, {nprocs} rank(s)"
-          + ("" if is_gpu else f" ({why_no_gpu})") + f"; parts: {', '.join(names)}", flush=True)
+    print(
+        f"bench: {'GPU' if is_gpu else 'CPU'} mode, {nprocs} rank(s)"
+        + ("" if is_gpu else f" ({why_no_gpu})")
+        + f"; parts: {', '.join(names)}",
+        flush=True,
+    )
 
     outcomes: dict[str, PartOutcome] = {p: PartOutcome(p) for p in names}
     failures: list[str] = []
@@ -303,13 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(f"plots skipped: {why}")
     files += plots
-    files.append(report.write_markdown(os.path.join(args.out, "summary.md"), meta, parts_meta, rows, plots))
+    files.append(
+        report.write_markdown(os.path.join(args.out, "summary.md"), meta, parts_meta, rows, plots)
+    )
 
     print("\n== summary")
     for p in names:
         o = outcomes[p]
         print(f"   {p:10s} {o.status:8s} {o.seconds:7.1f} s  {o.reason}")
-    gpu_skips = [p for p in names if outcomes[p].status == "skipped" and "needs GPUs" in outcomes[p].reason]
+    gpu_skips = [
+        p for p in names if outcomes[p].status == "skipped" and "needs GPUs" in outcomes[p].reason
+    ]
     if gpu_skips:
         print(f"   skipped because they need GPUs: {', '.join(gpu_skips)}")
     for line in report.highlights(rows):

@@ -55,8 +55,14 @@ VARIANTS = {
     "ipc-after-read": {"transport": "ipc", "step_before_read": False},
 }
 DEFAULTS = {
-    "blocking": False, "max_ctas": 8, "connect": True, "lockstep": False, "matmul": 8192,
-    "host_sync": True, "step_before_read": True, "transport": "nccl",
+    "blocking": False,
+    "max_ctas": 8,
+    "connect": True,
+    "lockstep": False,
+    "matmul": 8192,
+    "host_sync": True,
+    "step_before_read": True,
+    "transport": "nccl",
 }
 
 
@@ -123,8 +129,10 @@ def stress_rank(
     num_physical += (-num_physical) % world
     P = num_physical // world
     weights = [
-        [torch.empty((P, *row_shape), dtype=torch.bfloat16, device=dev),
-         torch.empty((P, 8), dtype=torch.float32, device=dev)]
+        [
+            torch.empty((P, *row_shape), dtype=torch.bfloat16, device=dev),
+            torch.empty((P, 8), dtype=torch.float32, device=dev),
+        ]
         for _ in range(layers)
     ]
     tr = ep.IpcTransport(communicator=comm) if transport == "ipc" else ep.NcclTransport(comm)
@@ -308,16 +316,31 @@ def run_stress(ctx):
     for name in names:
         cfg = variant_settings(name)
         comm = ep.Communicator.from_store(
-            ctx.store, ctx.rank, ctx.world_size, ctx.device.index, key=f"bench/stress/{name}",
-            blocking=cfg["blocking"], max_ctas=cfg["max_ctas"], timeout=timeout,
+            ctx.store,
+            ctx.rank,
+            ctx.world_size,
+            ctx.device.index,
+            key=f"bench/stress/{name}",
+            blocking=cfg["blocking"],
+            max_ctas=cfg["max_ctas"],
+            timeout=timeout,
         )
         err = None
         try:
             if cfg["connect"]:
                 comm.connect_peers()
-            res = stress_rank(ctx.rank, ctx.world_size, comm, seed=ctx.args.seed, steps=steps,
-                              lockstep=cfg["lockstep"], matmul=cfg["matmul"], host_sync=cfg["host_sync"],
-                              step_before_read=cfg["step_before_read"], transport=cfg["transport"])
+            res = stress_rank(
+                ctx.rank,
+                ctx.world_size,
+                comm,
+                seed=ctx.args.seed,
+                steps=steps,
+                lockstep=cfg["lockstep"],
+                matmul=cfg["matmul"],
+                host_sync=cfg["host_sync"],
+                step_before_read=cfg["step_before_read"],
+                transport=cfg["transport"],
+            )
         except ep.RearrangeError as e:  # e.g. a launch-order deadlock caught by the timeout
             err, res = f"{type(e).__name__}: {e}", None
         if err is None:
@@ -325,9 +348,12 @@ def run_stress(ctx):
         else:
             comm.abort()
         every = ctx.allgather((res, err))
-        row = {"variant": name, "world_size": ctx.world_size,
-               "launch_order_implicit": implicit or "unset",
-               "settings": ", ".join(f"{k}={v}" for k, v in cfg.items())}
+        row = {
+            "variant": name,
+            "world_size": ctx.world_size,
+            "launch_order_implicit": implicit or "unset",
+            "settings": ", ".join(f"{k}={v}" for k, v in cfg.items()),
+        }
         errs = [e for _, e in every if e]
         if errs:
             row["error"] = errs[0][:300]

@@ -42,9 +42,13 @@ NCCL_DTYPES = {
 def _torch_buffer(t, name):
     dev = t.get_device()
     if dev < 0:
-        raise ValueError(f"{name} is a CPU tensor; NCCL needs a CUDA tensor (got device {t.device})")
+        raise ValueError(
+            f"{name} is a CPU tensor; NCCL needs a CUDA tensor (got device {t.device})"
+        )
     if not t.is_contiguous():
-        raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); pass .contiguous()")
+        raise ValueError(
+            f"{name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); pass .contiguous()"
+        )
     return t.data_ptr(), t.nbytes, dev, HINT_TORCH
 
 
@@ -72,16 +76,30 @@ def _contiguous(shape, strides_bytes, itemsize) -> bool:
 
 
 _TYPESTR_NAMES = {
-    "i1": "int8", "u1": "uint8", "i4": "int32", "u4": "uint32", "i8": "int64",
-    "u8": "uint64", "f2": "float16", "f4": "float32", "f8": "float64",
+    "i1": "int8",
+    "u1": "uint8",
+    "i4": "int32",
+    "u4": "uint32",
+    "i8": "int64",
+    "u8": "uint64",
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
 }
 
 
 # (DLDataTypeCode, bits) -> name, for collectives on objects known only through DLPack.
 _DLPACK_NAMES = {
-    (0, 8): "int8", (0, 32): "int32", (0, 64): "int64",
-    (1, 8): "uint8", (1, 32): "uint32", (1, 64): "uint64",
-    (2, 16): "float16", (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16",
+    (0, 8): "int8",
+    (0, 32): "int32",
+    (0, 64): "int64",
+    (1, 8): "uint8",
+    (1, 32): "uint32",
+    (1, 64): "uint64",
+    (2, 16): "float16",
+    (2, 32): "float32",
+    (2, 64): "float64",
+    (4, 16): "bfloat16",
 }
 
 
@@ -107,7 +125,9 @@ def _cai_buffer(obj, name):
 def _dlpack_buffer(obj, name):
     dev_type, dev_id = obj.__dlpack_device__()
     if dev_type not in (KDL_CUDA, KDL_CUDA_MANAGED):
-        raise ValueError(f"{name} is not CUDA memory (DLPack device type {dev_type}); NCCL needs device memory")
+        raise ValueError(
+            f"{name} is not CUDA memory (DLPack device type {dev_type}); NCCL needs device memory"
+        )
     info = read_capsule(obj.__dlpack__())
     n = 1
     for d in info.shape:
@@ -120,7 +140,9 @@ def _dlpack_buffer(obj, name):
 
 def _raw_buffer(t, name):
     if len(t) != 2:
-        raise TypeError(f"{name}: a raw buffer is a (pointer, nbytes) tuple, got a tuple of {len(t)}")
+        raise TypeError(
+            f"{name}: a raw buffer is a (pointer, nbytes) tuple, got a tuple of {len(t)}"
+        )
     ptr, nbytes = t
     if not isinstance(ptr, int) or not isinstance(nbytes, int):
         raise TypeError(f"{name}: a raw buffer is a (pointer: int, nbytes: int) tuple")

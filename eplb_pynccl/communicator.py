@@ -21,7 +21,17 @@ from ._nccl import library as _library
 from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
-__all__ = ["UniqueId", "Communicator", "PreparedP2P", "CapturedP2P", "group", "library_path", "load_library", "nccl_version", "DEFAULT_TIMEOUT"]
+__all__ = [
+    "UniqueId",
+    "Communicator",
+    "PreparedP2P",
+    "CapturedP2P",
+    "group",
+    "library_path",
+    "load_library",
+    "nccl_version",
+    "DEFAULT_TIMEOUT",
+]
 
 TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -265,7 +275,9 @@ class CapturedP2P:
 
     __slots__ = ("_comm", "_exec", "_graph", "_hint", "_keep", "num_ops", "_why", "__weakref__")
 
-    def __init__(self, comm: Communicator, exec_: int, graph: int, hint, keep, num_ops: int) -> None:
+    def __init__(
+        self, comm: Communicator, exec_: int, graph: int, hint, keep, num_ops: int
+    ) -> None:
         self._comm = comm
         self._exec, self._graph = exec_, graph
         self._hint, self._keep = hint, keep
@@ -279,7 +291,9 @@ class CapturedP2P:
     def launch(self, stream=None) -> None:
         ex = self._exec
         if ex is None:
-            raise CommunicatorStateError(f"this captured batch was released ({self._why}); capture it again")
+            raise CommunicatorStateError(
+                f"this captured batch was released ({self._why}); capture it again"
+            )
         c = self._comm
         h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
         _cuda.driver().graph_launch(ex, h)
@@ -316,13 +330,14 @@ def _torch_tensor_cls():
         if torch is None:
             return _NoClass
         _TORCH_TENSOR = torch.Tensor
-        _RAW_STREAM[0] = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _buffers.torch_current_stream
+        _RAW_STREAM[0] = (
+            getattr(torch._C, "_cuda_getCurrentRawStream", None) or _buffers.torch_current_stream
+        )
     return _TORCH_TENSOR
 
 
 class _NoClass:
     pass
-
 
 
 def _parse_device(device) -> int | None:
@@ -345,7 +360,9 @@ def _parse_device(device) -> int | None:
             raise ValueError(f"device must be a CUDA device, got {device}")
         idx = device.index if device.index is not None else 0
     else:
-        raise TypeError(f"device must be an int, 'cuda:N' or a torch.device, got {type(device).__name__}")
+        raise TypeError(
+            f"device must be an int, 'cuda:N' or a torch.device, got {type(device).__name__}"
+        )
     if idx < 0:
         raise ValueError(f"device index must be >= 0, got {idx}")
     return idx
@@ -462,7 +479,9 @@ class Communicator:
         if drv is not None:
             n = drv.device_count()
             if dev >= n:
-                raise ValueError(f"device {dev} does not exist: this machine has {n} CUDA device(s)")
+                raise ValueError(
+                    f"device {dev} does not exist: this machine has {n} CUDA device(s)"
+                )
         self._rank = rank
         self._world_size = world_size
         self._device = dev
@@ -482,7 +501,9 @@ class Communicator:
                 self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
             except NcclError as e:
                 if drv is None and e.code == 1:  # ncclUnhandledCudaError without a driver
-                    raise type(e)(e.code, e.error_string, e.last_error, e.function, _no_gpu()) from None
+                    raise type(e)(
+                        e.code, e.error_string, e.last_error, e.function, _no_gpu()
+                    ) from None
                 raise
             self._comm_obj = lib.comm_obj(self._comm)
             self._state = "open"
@@ -568,7 +589,9 @@ class Communicator:
     # -- checks --------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._state != "open":
-            raise CommunicatorStateError(f"communicator is {self._state}; no further operations are allowed")
+            raise CommunicatorStateError(
+                f"communicator is {self._state}; no further operations are allowed"
+            )
 
     def _raw_device(self, ptr: int, nbytes: int, name: str) -> None:
         """Check a raw pointer is on this communicator's device and its bytes lie inside
@@ -584,7 +607,9 @@ class Communicator:
             return  # CUDA cannot tell (e.g. no driver): trust the caller
         start, size, dev = r
         if dev != self._device:
-            raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+            raise ValueError(
+                f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}"
+            )
         if ptr + nbytes > start + size:
             raise ValueError(
                 f"{name}: {nbytes} bytes at {ptr:#x} run past the end of its allocation "
@@ -622,7 +647,9 @@ class Communicator:
             if dev == -2:
                 self._raw_device(ptr, nbytes, name)
             elif dev >= 0:
-                raise ValueError(f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}")
+                raise ValueError(
+                    f"{name} is on cuda:{dev} but this communicator is on cuda:{self._device}"
+                )
         return ptr, nbytes, hint
 
     def _op(self, buf, peer, stream, is_send: bool, name: str):
@@ -646,7 +673,9 @@ class Communicator:
                 stream = _buffers.stream_handle(stream, hint, self._device)
         so = self._stream_objs.get(stream)
         if so is None:  # first use of this stream handle (validated once)
-            so = self._lib.stream_obj(_buffers.stream_handle(stream, _buffers.HINT_DEFAULT, self._device))
+            so = self._lib.stream_obj(
+                _buffers.stream_handle(stream, _buffers.HINT_DEFAULT, self._device)
+            )
         op = (is_send, ptr, nbytes, peer, comm, so)
         # _enqueue([op]) inlined
         st = getattr(_tls, "st", None) or _state()
@@ -737,7 +766,9 @@ class Communicator:
         ptr, nbytes, hint = self._resolve(buf, name)
         dtype, size = _buffers.nccl_dtype(buf, name)
         if dtype >= 10 and self._lib.version < (2, 24, 0):
-            raise TypeError(f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}")
+            raise TypeError(
+                f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}"
+            )
         return ptr, nbytes, dtype, size, hint
 
     def _collective(self, fn, stream, hint) -> None:
@@ -758,7 +789,9 @@ class Communicator:
             if rbytes != sbytes:
                 raise ValueError(f"out has {rbytes} bytes but buf has {sbytes}")
         lib, comm, count, red = self._lib, self._comm, sbytes // size, _REDOPS[op]
-        self._collective(lambda s: lib.all_reduce(sptr, rptr, count, dtype, red, comm, s), stream, hint)
+        self._collective(
+            lambda s: lib.all_reduce(sptr, rptr, count, dtype, red, comm, s), stream, hint
+        )
 
     def all_gather(self, buf, out, stream=None) -> None:
         """Gather every rank's ``buf`` into ``out`` (world_size times buf's size, rank order)."""
@@ -781,7 +814,9 @@ class Communicator:
             raise ValueError(f"root must be in [0, {self._world_size}), got {root}")
         ptr, nbytes, dtype, size, hint = self._typed(buf, "buf")
         lib, comm, count = self._lib, self._comm, nbytes // size
-        self._collective(lambda s: lib.broadcast(ptr, ptr, count, dtype, root, comm, s), stream, hint)
+        self._collective(
+            lambda s: lib.broadcast(ptr, ptr, count, dtype, root, comm, s), stream, hint
+        )
 
     # -- synchronisation and health ------------------------------------------------------
     def _wait_ready(self, what: str) -> None:
@@ -830,7 +865,10 @@ class Communicator:
                 if time.monotonic() > deadline:
                     self.abort()
                     raise NcclTimeoutError(
-                        8, "operation timed out", "", "wait",
+                        8,
+                        "operation timed out",
+                        "",
+                        "wait",
                         f"stream work not done after {t:g} s; the communicator was aborted",
                     )
                 time.sleep(delay)

@@ -52,8 +52,17 @@ class Buffers:
 class Executor:
     """One rank's rearrangement, ready to run round by round (see the module docstring)."""
 
-    def __init__(self, torch, sched: Schedule, rs: RankSchedule, bufs: Buffers, transport,
-                 device, stream, index_host) -> None:
+    def __init__(
+        self,
+        torch,
+        sched: Schedule,
+        rs: RankSchedule,
+        bufs: Buffers,
+        transport,
+        device,
+        stream,
+        index_host,
+    ) -> None:
         self.torch = torch
         self.sched, self.rs, self.bufs = sched, rs, bufs
         self.transport = transport
@@ -96,8 +105,12 @@ class Executor:
     def _messages(self, m, raw: bool) -> list:
         if raw:
             return list(zip(m.peer.tolist(), zip(self._ptrs(m.buf, m.off), m.nbytes.tolist())))
-        return [(p, self._view(b, o, n)) for p, b, o, n in
-                zip(m.peer.tolist(), m.buf.tolist(), m.off.tolist(), m.nbytes.tolist())]
+        return [
+            (p, self._view(b, o, n))
+            for p, b, o, n in zip(
+                m.peer.tolist(), m.buf.tolist(), m.off.tolist(), m.nbytes.tolist()
+            )
+        ]
 
     def _block(self, offset: int, rows: int, w):
         """A [rows, k] view of staging at ``offset`` shaped and typed like the rows ``w``."""
@@ -107,8 +120,13 @@ class Executor:
     def _op(self, op):
         if isinstance(op, Copies):
             if self.bufs.is_cuda:
-                copies = list(zip(self._ptrs(op.dst_buf, op.dst_off), self._ptrs(op.src_buf, op.src_off),
-                                  op.nbytes.tolist()))
+                copies = list(
+                    zip(
+                        self._ptrs(op.dst_buf, op.dst_off),
+                        self._ptrs(op.src_buf, op.src_off),
+                        op.nbytes.tolist(),
+                    )
+                )
                 drv = _cuda.driver()
                 if op.ordered or drv is None or not drv.has_memcpy_batch:
                     return ("memcpy", copies)
@@ -118,12 +136,24 @@ class Executor:
                 small = [c for c in copies if c[2] < BATCH_BELOW]
                 big = [c for c in copies if c[2] >= BATCH_BELOW]
                 return ("batch", (_cuda.copy_arrays(small) if small else None, big))
-            return ("copy", [(self._view(d, do, n), self._view(s, so, n)) for d, do, s, so, n in
-                             zip(op.dst_buf.tolist(), op.dst_off.tolist(), op.src_buf.tolist(),
-                                 op.src_off.tolist(), op.nbytes.tolist())])
+            return (
+                "copy",
+                [
+                    (self._view(d, do, n), self._view(s, so, n))
+                    for d, do, s, so, n in zip(
+                        op.dst_buf.tolist(),
+                        op.dst_off.tolist(),
+                        op.src_buf.tolist(),
+                        op.src_off.tolist(),
+                        op.nbytes.tolist(),
+                    )
+                ],
+            )
         if isinstance(op, Kernels):
             items = []
-            for buf, a, cnt, stg in zip(op.buf.tolist(), op.idx.tolist(), op.count.tolist(), op.stage.tolist()):
+            for buf, a, cnt, stg in zip(
+                op.buf.tolist(), op.idx.tolist(), op.count.tolist(), op.stage.tolist()
+            ):
                 w = self.bufs.words[buf]
                 items.append((w, self.index[a : a + cnt], self._block(stg, cnt, w)))
             return (op.kind, items)
@@ -200,4 +230,3 @@ class Executor:
             drv.stream_destroy(side)
             drv.event_destroy(before)
             drv.event_destroy(after)
-

@@ -86,21 +86,38 @@ class IpcTransport(Transport):
     accepts_raw = True
     one_sided = True
 
-    def __init__(self, rank: int | None = None, world_size: int | None = None, store=None, *,
-                 communicator: Communicator | None = None, device=None, ranks_per_node: int | None = None,
-                 timeout: float | None = None, key: str = "eplb_pynccl/ipc") -> None:
+    def __init__(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        store=None,
+        *,
+        communicator: Communicator | None = None,
+        device=None,
+        ranks_per_node: int | None = None,
+        timeout: float | None = None,
+        key: str = "eplb_pynccl/ipc",
+    ) -> None:
         if communicator is not None:
             if not isinstance(communicator, Communicator):
-                raise TypeError(f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}")
+                raise TypeError(
+                    f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}"
+                )
             if rank is not None and rank != communicator.rank:
-                raise ValueError(f"rank {rank} differs from the communicator's rank {communicator.rank}")
+                raise ValueError(
+                    f"rank {rank} differs from the communicator's rank {communicator.rank}"
+                )
             if world_size is not None and world_size != communicator.world_size:
-                raise ValueError(f"world_size {world_size} differs from the communicator's {communicator.world_size}")
+                raise ValueError(
+                    f"world_size {world_size} differs from the communicator's {communicator.world_size}"
+                )
             rank, world_size = communicator.rank, communicator.world_size
             if device is None:
                 device = communicator.device
         if store is None and communicator is None:
-            raise ValueError("IpcTransport needs a store (set/get) or a communicator for its set-up")
+            raise ValueError(
+                "IpcTransport needs a store (set/get) or a communicator for its set-up"
+            )
         if store is not None and not (hasattr(store, "set") and hasattr(store, "get")):
             raise TypeError(f"store must have set() and get(), got {type(store).__name__}")
         for name, v in (("rank", rank), ("world_size", world_size)):
@@ -111,17 +128,25 @@ class IpcTransport(Transport):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if ranks_per_node is not None:
-            if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
+            if (
+                isinstance(ranks_per_node, bool)
+                or not isinstance(ranks_per_node, int)
+                or ranks_per_node < 1
+            ):
                 raise ValueError(f"ranks_per_node must be a positive int, got {ranks_per_node!r}")
             if ranks_per_node > world_size:
-                raise ValueError(f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})")
+                raise ValueError(
+                    f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})"
+                )
         if timeout is None:
             timeout = _default_timeout()
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         drv = _cuda.driver()
         if drv is None:
-            raise RuntimeError(f"IpcTransport needs a GPU and its driver: {_cuda.unavailable_reason()}")
+            raise RuntimeError(
+                f"IpcTransport needs a GPU and its driver: {_cuda.unavailable_reason()}"
+            )
         if device is None:
             device = drv.current_device() or 0
         if isinstance(device, str):
@@ -163,13 +188,17 @@ class IpcTransport(Transport):
 
     def check_tensor(self, t, name: str) -> None:
         if t.device.type != "cuda" or t.device.index != self._device:
-            raise ValueError(f"{name} is on {t.device}, but this IpcTransport is on cuda:{self._device}")
+            raise ValueError(
+                f"{name} is on {t.device}, but this IpcTransport is on cuda:{self._device}"
+            )
 
     def _check_open(self) -> None:
         if self._state != "open":
             raise CommunicatorStateError(f"this IpcTransport is {self._state}; make a new one")
         if self._failed_why is not None:
-            raise CommunicatorStateError(f"this IpcTransport failed ({self._failed_why}); make a new one")
+            raise CommunicatorStateError(
+                f"this IpcTransport failed ({self._failed_why}); make a new one"
+            )
 
     def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
         """Tensors of a round: only between ranks of different nodes (through the
@@ -205,7 +234,9 @@ class IpcTransport(Transport):
         for p in self._peers.values():
             if p.counters[_FAILED]:
                 self.abort(f"peer rank {p.rank} failed")
-                raise RuntimeError(f"rank {self.rank}: peer rank {p.rank} failed (it set its failed flag)")
+                raise RuntimeError(
+                    f"rank {self.rank}: peer rank {p.rank} failed (it set its failed flag)"
+                )
         now = time.monotonic()
         if now < self._next_alive_check:
             return
@@ -213,7 +244,9 @@ class IpcTransport(Transport):
         for p in self._peers.values():
             if p.pid is not None and not _alive(p.pid):
                 self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
-                raise RuntimeError(f"rank {self.rank}: peer rank {p.rank} (pid {p.pid}) exited mid-round")
+                raise RuntimeError(
+                    f"rank {self.rank}: peer rank {p.rank} (pid {p.pid}) exited mid-round"
+                )
 
     def abort(self, why: str = "aborted") -> None:
         """Local: mark this transport failed (peers see it at once) and abort the communicator."""
@@ -238,7 +271,9 @@ class IpcTransport(Transport):
                 if hasattr(self.store, "wait"):
                     import datetime
 
-                    self.store.wait([key], datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
+                    self.store.wait(
+                        [key], datetime.timedelta(seconds=max(0.1, deadline - time.monotonic()))
+                    )
                 v = self.store.get(key)
                 out.append(v.encode("latin-1") if isinstance(v, str) else bytes(v))
             return out
@@ -256,7 +291,9 @@ class IpcTransport(Transport):
         (expandable segments) or a peer's GPU cannot be reached or is another model."""
         self._check_open()
         if self._registered:
-            raise RuntimeError("IpcTransport.register_buffers: this transport already has buffers (one shuffler per transport)")
+            raise RuntimeError(
+                "IpcTransport.register_buffers: this transport already has buffers (one shuffler per transport)"
+            )
         drv = self._drv
         drv.set_device(self._device)
         allocs: dict[int, int] = {}  # base -> index
@@ -283,14 +320,24 @@ class IpcTransport(Transport):
             tens.append((allocs[base], ptr - base, t.nbytes))
         host = socket.gethostname()
         mine = {
-            "err": err, "host": host, "info": self._info, "allocs": alloc_list, "tensors": tens,
-            "ready": drv.ipc_event_handle(self._ready), "done": drv.ipc_event_handle(self._done),
-            "shm": self._shm.name, "pid": os.getpid(),
+            "err": err,
+            "host": host,
+            "info": self._info,
+            "allocs": alloc_list,
+            "tensors": tens,
+            "ready": drv.ipc_event_handle(self._ready),
+            "done": drv.ipc_event_handle(self._done),
+            "shm": self._shm.name,
+            "pid": os.getpid(),
         }
         everyone = [pickle.loads(b) for b in self._all_gather(pickle.dumps(mine))]
         bad = [(r, e["err"]) for r, e in enumerate(everyone) if e["err"]]
         if bad:
-            raise ValueError("IpcTransport: " + "; ".join(f"rank {r}: {m}" for r, m in bad) + "; nothing was moved")
+            raise ValueError(
+                "IpcTransport: "
+                + "; ".join(f"rank {r}: {m}" for r, m in bad)
+                + "; nothing was moved"
+            )
         if self._rpn is not None:
             self.node = [r // self._rpn for r in range(self.world_size)]
         else:
@@ -308,16 +355,25 @@ class IpcTransport(Transport):
                 continue
             info = e["info"]
             if (info["name"], info["cc_major"], info["cc_minor"]) != (
-                    self._info["name"], self._info["cc_major"], self._info["cc_minor"]):
-                problems.append(f"rank {r} is on a {info['name']} (sm_{info['cc_major']}{info['cc_minor']}), "
-                                f"this rank on a {self._info['name']}")
+                self._info["name"],
+                self._info["cc_major"],
+                self._info["cc_minor"],
+            ):
+                problems.append(
+                    f"rank {r} is on a {info['name']} (sm_{info['cc_major']}{info['cc_minor']}), "
+                    f"this rank on a {self._info['name']}"
+                )
                 continue
             dev = drv.device_by_uuid(info["uuid"])
             if dev is None:
-                problems.append(f"rank {r}'s GPU ({info['name']}, uuid {info['uuid'][:8]}) is not visible to this "
-                                "process (CUDA_VISIBLE_DEVICES)")
+                problems.append(
+                    f"rank {r}'s GPU ({info['name']}, uuid {info['uuid'][:8]}) is not visible to this "
+                    "process (CUDA_VISIBLE_DEVICES)"
+                )
             elif not drv.can_access_peer(self._device, dev):
-                problems.append(f"rank {r}'s GPU (cuda:{dev}) has no peer access from cuda:{self._device}")
+                problems.append(
+                    f"rank {r}'s GPU (cuda:{dev}) has no peer access from cuda:{self._device}"
+                )
         # every rank learns about every rank's problems, so they all refuse together
         verdict = [pickle.loads(b) for b in self._all_gather(pickle.dumps(problems))]
         allp = [f"rank {r}: {m}" for r, ps in enumerate(verdict) for m in ps]
@@ -337,7 +393,15 @@ class IpcTransport(Transport):
                 done = drv.ipc_open_event(e["done"])
                 self._events += [ready, done]
                 shm = _Page.attach(e["shm"])
-                self._peers[r] = _Peer(r, bases, ready, done, shm.counters, shm, e["pid"] if e["host"] == host else None)
+                self._peers[r] = _Peer(
+                    r,
+                    bases,
+                    ready,
+                    done,
+                    shm.counters,
+                    shm,
+                    e["pid"] if e["host"] == host else None,
+                )
         except BaseException:
             self._release_peers()
             raise
@@ -347,7 +411,9 @@ class IpcTransport(Transport):
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
         self._check_open()
         if not self._registered:
-            raise RuntimeError("IpcTransport: register_buffers() first (ExpertShuffler does it at construction)")
+            raise RuntimeError(
+                "IpcTransport: register_buffers() first (ExpertShuffler does it at construction)"
+            )
         if remote is None:
             raise ValueError("IpcTransport rounds need the schedule's messages (remote=)")
         return _IpcRound(self, sends, recvs, remote)
@@ -511,8 +577,10 @@ class _IpcRound(TransportRound):
                 continue
             rb = int(rmsg.rbuf[q])
             if rb < 0:
-                raise ValueError("IpcTransport: a receive whose source is not a weight row (packed); "
-                                 "the schedule must be one-sided")
+                raise ValueError(
+                    "IpcTransport: a receive whose source is not a weight row (packed); "
+                    "the schedule must be one-sided"
+                )
             src = int(t._peers[peer].bases[rb]) + int(rmsg.roff[q])
             pulls.setdefault(peer, []).append((dst, src, n))
         self.pulls = {p: _cuda.copy_arrays(c) for p, c in pulls.items()}
@@ -541,8 +609,9 @@ class _IpcRound(TransportRound):
             t._counters[_DONE] = self.proto.q
             drv.stream_wait_event(self._stream, t._done)  # the round ends after the pulls
 
-        self.proto = RoundProtocol(sorted(pulls), readers, ready, done, pull, finish,
-                                   lambda: drv.event_done(t._done))
+        self.proto = RoundProtocol(
+            sorted(pulls), readers, ready, done, pull, finish, lambda: drv.event_done(t._done)
+        )
 
     def launch(self, stream, deadline: float) -> None:
         t = self.t

@@ -278,9 +278,7 @@ def _as_loads(x) -> np.ndarray:
         )
     if (arr < 0).any():
         layer, e = divmod(int(np.argmax((arr < 0).ravel())), arr.shape[1])
-        raise ValueError(
-            f"loads: layer {layer}, expert {e} is {arr[layer, e]}; loads must be >= 0"
-        )
+        raise ValueError(f"loads: layer {layer}, expert {e} is {arr[layer, e]}; loads must be >= 0")
     return arr
 
 
@@ -477,9 +475,7 @@ def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
     ep = _positive(ep_size, "ep_size")
     amap = _as_map(placement, "placement")
     if amap.shape[0] != L:
-        raise ValueError(
-            f"placement has {amap.shape[0]} layers, loads has {L}"
-        )
+        raise ValueError(f"placement has {amap.shape[0]} layers, loads has {L}")
     N = amap.shape[1]
     if N == 0 or N % ep:
         raise ValueError(f"num_physical ({N}) is not divisible by ep_size ({ep})")
@@ -699,7 +695,9 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
         val = np.take_along_axis(blocks, inner[..., None], 4)[..., 0].sum(3)  # [L, a, b]
         for layer in range(L):
             node = lsa(val[layer])[1]
-            gpu_of_pack[layer] = (node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]).ravel()
+            gpu_of_pack[layer] = (
+                node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]
+            ).ravel()
     rows = np.arange(L)[:, None]
     pack_of_gpu = np.empty_like(gpu_of_pack)
     pack_of_gpu[rows, gpu_of_pack] = np.arange(ep)
@@ -869,7 +867,13 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
             active[idx[done]] = False
             keep = ~done
             idx, c, cn, lm, w, g, limit = (
-                idx[keep], c[keep], cn[keep], lm[keep], w[keep], g[keep], limit[keep]
+                idx[keep],
+                c[keep],
+                cn[keep],
+                lm[keep],
+                w[keep],
+                g[keep],
+                limit[keep],
             )
             if idx.size == 0:
                 break
@@ -940,7 +944,11 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         lam_slot = lm[r_, c]
         dx_slot = np.where(cnt_slot > 1, lam_slot / np.maximum(cnt_slot - 1, 1) - w, np.inf)
         key = g[:, gpu] - w + dx_slot  # donor GPU's load without it, plus x's increase
-        ds = np.argpartition(key, Kd - 1, axis=1)[:, :Kd] if Kd < N else np.tile(np.arange(N), (La, 1))
+        ds = (
+            np.argpartition(key, Kd - 1, axis=1)[:, :Kd]
+            if Kd < N
+            else np.tile(np.arange(N), (La, 1))
+        )
         ds.sort(axis=1)
         dok = np.isfinite(key[r_, ds])
         x = c[r_, ds]
@@ -958,8 +966,9 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
         xpeak = np.where(others, gxn, -np.inf).max(2)
         lim3 = limit[:, None, None]
-        x_over = np.where(others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0),
-                          0.0).sum(2)  # [La, Kd]: excess they gain
+        x_over = np.where(
+            others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
+        ).sum(2)  # [La, Kd]: excess they gain
         hxA = H[li, A[:, None], x]  # [La, Kd]
         hyA = H[li, A[:, None], y]  # [La, Ky]
         hx_rs = H[li, rs, x]  # [La, Kd]
@@ -973,8 +982,11 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         peak_m = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
         gain_m = gA[:, None, None] - peak_m
         red_m = (gA - limit)[:, None, None] - np.maximum(newA - lim3, 0) - x_over[:, None, :]
-        red_m += np.where(at_A[:, None, :], 0.0,
-                          np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0))
+        red_m += np.where(
+            at_A[:, None, :],
+            0.0,
+            np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0),
+        )
         gain_m = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain_m, -np.inf)
         os_ = oi[r_, ds]
         rcm = rc[idx[:, None, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]

@@ -323,9 +323,13 @@ def build_schedule(
     fit an explicit ``staging_bytes``.
     """
     if plan.num_layers != layout.num_layers:
-        raise ValueError(f"the plan has {plan.num_layers} layers but the layout {layout.num_layers}")
+        raise ValueError(
+            f"the plan has {plan.num_layers} layers but the layout {layout.num_layers}"
+        )
     if plan.slots_per_rank != layout.rows:
-        raise ValueError(f"the plan has {plan.slots_per_rank} slots per rank but the layout {layout.rows} rows")
+        raise ValueError(
+            f"the plan has {plan.slots_per_rank} slots per rank but the layout {layout.rows} rows"
+        )
     auto = staging_bytes is None
     bound = layout.layer_bytes() if auto else int(staging_bytes)
     thr = 0 if one_sided else int(pack_threshold)
@@ -395,7 +399,10 @@ def build_schedule(
     acc = np.zeros(n, dtype=_I64)
     macc = np.zeros(n, dtype=_I64)
     for layer in active:
-        if cur and ((acc + need[layer]).max() > budget or (macc + msgs[layer]).max() > max_messages_per_round):
+        if cur and (
+            (acc + need[layer]).max() > budget
+            or (macc + msgs[layer]).max() > max_messages_per_round
+        ):
             rounds.append(cur)
             cur, acc, macc = [], np.zeros(n, dtype=_I64), np.zeros(n, dtype=_I64)
         cur.append(int(layer))
@@ -405,9 +412,16 @@ def build_schedule(
         rounds.append(cur)
     round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
     return Schedule(
-        plan=plan, layout=layout, rounds=rounds, round_staging=round_need, packed=packed,
-        staging_bound=budget + reserve, transactional=bool(transactional), pack_threshold=thr,
-        max_messages=int(max_messages_per_round), one_sided=bool(one_sided),
+        plan=plan,
+        layout=layout,
+        rounds=rounds,
+        round_staging=round_need,
+        packed=packed,
+        staging_bound=budget + reserve,
+        transactional=bool(transactional),
+        pack_threshold=thr,
+        max_messages=int(max_messages_per_round),
+        one_sided=bool(one_sided),
     )
 
 
@@ -418,7 +432,13 @@ def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
     L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
     cycles = np.zeros((L, n), dtype=_I64)
     count = np.zeros((L, n), dtype=_I64)
-    cl, cr, cs, cd, cn = plan.c_layer, plan.c_rank, plan.c_src_row, plan.c_dst_row, plan.c_src_is_new
+    cl, cr, cs, cd, cn = (
+        plan.c_layer,
+        plan.c_rank,
+        plan.c_src_row,
+        plan.c_dst_row,
+        plan.c_src_is_new,
+    )
     if cl.size:
         unsafe = (plan.changed if transactional else plan.source_needed).reshape(L, n, P)
         tc = ~cn & unsafe[cl, cr, cd]
@@ -510,8 +530,11 @@ def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarr
         return np.zeros(0, dtype=_I64), np.zeros(0, dtype=_I64)
     brk = np.ones(n, dtype=bool)
     brk[1:] = (
-        (layer[1:] != layer[:-1]) | (peer[1:] != peer[:-1]) | (src[1:] != src[:-1] + 1)
-        | ~staged[1:] | ~staged[:-1]
+        (layer[1:] != layer[:-1])
+        | (peer[1:] != peer[:-1])
+        | (src[1:] != src[:-1] + 1)
+        | ~staged[1:]
+        | ~staged[:-1]
     )
     starts = np.flatnonzero(brk)
     return starts, np.diff(np.append(starts, n))
@@ -571,15 +594,22 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     ckind = np.where(cn, 0, np.where(unsafe_all[cl * nP + rank * P + cd], 2, 1))
     lay = np.asarray(layers, dtype=_I64)
     # per layer: [start, end) of its transfers/copies, and of its runs
-    sb, rb_, cb = (np.stack([np.searchsorted(x, lay), np.searchsorted(x, lay, side="right")], axis=1)
-                   for x in (sl, rl, cl))
+    sb, rb_, cb = (
+        np.stack([np.searchsorted(x, lay), np.searchsorted(x, lay, side="right")], axis=1)
+        for x in (sl, rl, cl)
+    )
     srb = np.searchsorted(s_starts, sb).tolist()
     rrb = np.searchsorted(r_starts, rb_).tolist()
     sb, rb_, cb = sb.tolist(), rb_.tolist(), cb.tolist()
     sp_l, ss_l = sp.tolist(), ss.tolist()
     rp_l, rs_l, rd_l, stg_l = rp.tolist(), rs.tolist(), rd.tolist(), staged_r.tolist()
     cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
-    s_starts, s_len, r_starts, r_len = s_starts.tolist(), s_len.tolist(), r_starts.tolist(), r_len.tolist()
+    s_starts, s_len, r_starts, r_len = (
+        s_starts.tolist(),
+        s_len.tolist(),
+        r_starts.tolist(),
+        r_len.tolist(),
+    )
     out = {}
     for k, layer in enumerate(layers):
         big, small = _split(layout.row_bytes[layer], bool(sched.packed[layer]), thr)
@@ -603,8 +633,20 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
             lists[kind].append((src, dst))
         new, copies_a, tc = lists
         stash_src, copies_c = _order_copies(tc)
-        out[layer] = _LayerWork(layer, big, small, sends, recvs, recv_rows, copies_a, stash_src,
-                                copies_c, new, send_msgs, recv_msgs)
+        out[layer] = _LayerWork(
+            layer,
+            big,
+            small,
+            sends,
+            recvs,
+            recv_rows,
+            copies_a,
+            stash_src,
+            copies_c,
+            new,
+            send_msgs,
+            recv_msgs,
+        )
     return out
 
 
@@ -649,7 +691,9 @@ class _RoundBuilder:
         if not rows:
             return None
         a = np.asarray(rows, dtype=_I64).reshape(-1, 5)
-        return Copies(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], reads_new=reads_new, ordered=ordered)
+        return Copies(
+            a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], reads_new=reads_new, ordered=ordered
+        )
 
     def messages(self, tag) -> Messages:
         a = np.asarray(self.msgs[tag], dtype=_I64).reshape(-1, 8)
@@ -678,16 +722,29 @@ def _rank_schedule(sched: Schedule, rank: int) -> RankSchedule:
             st.bytes_received += nrow * len(w.recvs)
             st.local_copies += len(w.copies_a) + len(w.copies_c) + len(w.copies_new)
         pos = b.pos
-        st.pre = [op for op in (b.copies_op("a"), b.kernels_op(("pre", "gather", "stash")),
-                                b.kernels_op(("pre", "gather", "pack"))) if op is not None]
+        st.pre = [
+            op
+            for op in (
+                b.copies_op("a"),
+                b.kernels_op(("pre", "gather", "stash")),
+                b.kernels_op(("pre", "gather", "pack")),
+            )
+            if op is not None
+        ]
         st.sends, st.recvs = b.messages("s"), b.messages("r")
         waves = sorted(k[1] for k in b.copies if isinstance(k, tuple) and k[0] == "c")
-        st.post = [op for op in (b.kernels_op(("post", "gather", "copy")),
-                                 *(b.copies_op(("c", k)) for k in waves),
-                                 b.kernels_op(("post", "scatter", "copy")),
-                                 b.kernels_op(("post", "scatter", "recv")),
-                                 b.kernels_op(("post", "scatter", "pack")),
-                                 b.copies_op("new", reads_new=True)) if op is not None]
+        st.post = [
+            op
+            for op in (
+                b.kernels_op(("post", "gather", "copy")),
+                *(b.copies_op(("c", k)) for k in waves),
+                b.kernels_op(("post", "scatter", "copy")),
+                b.kernels_op(("post", "scatter", "recv")),
+                b.kernels_op(("post", "scatter", "pack")),
+                b.copies_op("new", reads_new=True),
+            )
+            if op is not None
+        ]
         st.staging_bytes = b.cursor
         cap = max(cap, b.cursor)
         rounds.append(st)
@@ -730,7 +787,9 @@ def _lay_out_layer(b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int) -> 
         for i in range(ntens):
             b.copy("a", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
     for i in stash_block:
-        b.kernel(("pre", "gather", "stash"), fb + i, stash_ix, len(w.stash_src), stash_block[i], rb[i])
+        b.kernel(
+            ("pre", "gather", "stash"), fb + i, stash_ix, len(w.stash_src), stash_block[i], rb[i]
+        )
     if "s" in packs:
         spans, blocks, ix, cnt = packs["s"]
         for i in w.small:
@@ -744,18 +803,31 @@ def _lay_out_layer(b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int) -> 
     for peer, src, dst, j, k in w.recv_msgs:
         for i in w.big:
             if j < 0:
-                b.msgs["r"].append((peer, fb + i, fb + i, dst * rb[i], rb[i], fb + i, src * rb[i], layer))
+                b.msgs["r"].append(
+                    (peer, fb + i, fb + i, dst * rb[i], rb[i], fb + i, src * rb[i], layer)
+                )
             else:
-                b.msgs["r"].append((peer, fb + i, STAGING, recv_block[i] + j * rb[i], k * rb[i],
-                                    fb + i, src * rb[i], layer))
+                b.msgs["r"].append(
+                    (
+                        peer,
+                        fb + i,
+                        STAGING,
+                        recv_block[i] + j * rb[i],
+                        k * rb[i],
+                        fb + i,
+                        src * rb[i],
+                        layer,
+                    )
+                )
     for tag in ("s", "r"):
         if tag not in packs:
             continue
         spans, blocks, _, _ = packs[tag]
         for peer, at, k in spans:
             for i in w.small:
-                b.msgs[tag].append((peer, fb + i, STAGING, blocks[i] + at * rb[i], k * rb[i], -1, -1,
-                                    layer))
+                b.msgs[tag].append(
+                    (peer, fb + i, STAGING, blocks[i] + at * rb[i], k * rb[i], -1, -1, layer)
+                )
     # C: old-content copies (small tensors through a staging block, the rest row by row in
     # read-before-write order), staged receives into the rows, then duplicates of new rows
     if w.copies_c:
@@ -776,7 +848,9 @@ def _lay_out_layer(b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int) -> 
                 if j < 0:
                     b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
                 else:
-                    b.copy(("c", wave), fb + i, dst * rb[i], STAGING, stash_block[i] + j * rb[i], rb[i])
+                    b.copy(
+                        ("c", wave), fb + i, dst * rb[i], STAGING, stash_block[i] + j * rb[i], rb[i]
+                    )
         for i, off in copy_block.items():
             b.kernel(("post", "scatter", "copy"), fb + i, c_dst_ix, nc, off, rb[i])
     for i, off in recv_block.items():
@@ -878,10 +952,15 @@ class _Rank:
         self.tags, self.data = [], []
         for layer, rb in enumerate(layout.row_bytes):
             for i in range(len(rb)):
-                tags = np.asarray([_tag(layer, int(old[layer, rs.rank * P + j]), i) for j in range(P)], dtype=_I64)
+                tags = np.asarray(
+                    [_tag(layer, int(old[layer, rs.rank * P + j]), i) for j in range(P)], dtype=_I64
+                )
                 self.tags.append(tags)
-                self.data.append(np.stack([_cell_bytes(int(t), cell) for t in tags]) if P
-                                 else np.zeros((0, cell), dtype=np.uint8))
+                self.data.append(
+                    np.stack([_cell_bytes(int(t), cell) for t in tags])
+                    if P
+                    else np.zeros((0, cell), dtype=np.uint8)
+                )
         self.over = [np.zeros(P, dtype=bool) for _ in self.tags]
         self.stage: dict = {}  # offset -> (row bytes, tag, bytes)
 
@@ -895,11 +974,15 @@ class _Rank:
     def stage_read(self, off: int, rb: int, what: str):
         v = self.stage.get(off)
         if v is None or v[0] != rb:
-            raise ScheduleError(f"{what}: reads staging at byte {off}, which holds no row of {rb} B (never written, or overwritten)")
+            raise ScheduleError(
+                f"{what}: reads staging at byte {off}, which holds no row of {rb} B (never written, or overwritten)"
+            )
         return v[1], v[2]
 
 
-def _rows_of(sched: Schedule, rs: RankSchedule, buf: int, off: int, nbytes: int, rb: int, what: str):
+def _rows_of(
+    sched: Schedule, rs: RankSchedule, buf: int, off: int, nbytes: int, rb: int, what: str
+):
     """A byte range as cells: ('w', buf, rows) or ('s', offsets, rb); checks it is whole rows
     of ``rb`` bytes inside the buffer (staging: inside the rank's staging)."""
     if rb <= 0:
@@ -917,7 +1000,9 @@ def _rows_of(sched: Schedule, rs: RankSchedule, buf: int, off: int, nbytes: int,
     if not 0 <= buf < rbytes.size:
         raise ScheduleError(f"{what}: no buffer {buf}")
     if int(rbytes[buf]) != rb:
-        raise ScheduleError(f"{what}: rows of {rb} B in buffer {buf}, whose rows have {int(rbytes[buf])} B")
+        raise ScheduleError(
+            f"{what}: rows of {rb} B in buffer {buf}, whose rows have {int(rbytes[buf])} B"
+        )
     if off % rb:
         raise ScheduleError(f"{what}: byte {off} of buffer {buf} is not the start of a row")
     first = off // rb
@@ -939,9 +1024,13 @@ def _read(m: _Rank, c, reads_new: bool, what: str) -> list:
     buf, rows = c[1], c[2]
     over = m.over[buf][rows]
     if reads_new and not over.all():
-        raise ScheduleError(f"{what}: reads rows {rows[~over].tolist()} of buffer {buf} as new, but they were not written yet")
+        raise ScheduleError(
+            f"{what}: reads rows {rows[~over].tolist()} of buffer {buf} as new, but they were not written yet"
+        )
     if not reads_new and over.any():
-        raise ScheduleError(f"{what}: reads rows {rows[over].tolist()} of buffer {buf} after they were overwritten")
+        raise ScheduleError(
+            f"{what}: reads rows {rows[over].tolist()} of buffer {buf} after they were overwritten"
+        )
     return [(int(m.tags[buf][j]), m.data[buf][j].copy()) for j in rows.tolist()]
 
 
@@ -972,8 +1061,13 @@ def _run_copies(sched, m: _Rank, op: Copies, where: str, live_ok: bool) -> None:
         if wb == STAGING:
             raise ScheduleError(f"{what}: a copy from staging to staging")
         rb = int(rbytes[wb])
-        cells.append((_rows_of(sched, m.rs, sb, int(op.src_off[q]), int(op.nbytes[q]), rb, what),
-                      _rows_of(sched, m.rs, db, int(op.dst_off[q]), int(op.nbytes[q]), rb, what), what))
+        cells.append(
+            (
+                _rows_of(sched, m.rs, sb, int(op.src_off[q]), int(op.nbytes[q]), rb, what),
+                _rows_of(sched, m.rs, db, int(op.dst_off[q]), int(op.nbytes[q]), rb, what),
+                what,
+            )
+        )
     if not op.ordered:  # independent copies: no copy may read or write what another writes
         wr: set = set()
         for src, dst, what in cells:
@@ -983,9 +1077,17 @@ def _run_copies(sched, m: _Rank, op: Copies, where: str, live_ok: bool) -> None:
             wr |= d
         for src, _, what in cells:
             if _keys(src) & wr:
-                raise ScheduleError(f"{what}: reads a row another copy of the unordered batch writes")
+                raise ScheduleError(
+                    f"{what}: reads a row another copy of the unordered batch writes"
+                )
     for src, dst, what in cells:
-        _write(m, dst, _read(m, src, op.reads_new and src[0] == "w", what), what, live_ok or dst[0] == "s")
+        _write(
+            m,
+            dst,
+            _read(m, src, op.reads_new and src[0] == "w", what),
+            what,
+            live_ok or dst[0] == "s",
+        )
 
 
 def _run_kernels(sched, m: _Rank, op: Kernels, where: str, live_ok: bool) -> None:
@@ -1000,9 +1102,13 @@ def _run_kernels(sched, m: _Rank, op: Kernels, where: str, live_ok: bool) -> Non
             raise ScheduleError(f"{what}: no buffer {buf}")
         word = int(wbytes[buf])
         if stg % ALIGN or rb % word:
-            raise ScheduleError(f"{what}: staging offset {stg} not {ALIGN}-byte aligned or rows of {rb} B not whole words of {word} B")
+            raise ScheduleError(
+                f"{what}: staging offset {stg} not {ALIGN}-byte aligned or rows of {rb} B not whole words of {word} B"
+            )
         if a < 0 or a + cnt > rs.index.size:
-            raise ScheduleError(f"{what}: index range [{a}, {a + cnt}) outside the index of {rs.index.size}")
+            raise ScheduleError(
+                f"{what}: index range [{a}, {a + cnt}) outside the index of {rs.index.size}"
+            )
         rows = rs.index[a : a + cnt]
         if op.kind == "scatter" and np.unique(rows).size != cnt:  # a gather may read a row twice
             raise ScheduleError(f"{what}: rows {rows.tolist()} written twice within one kernel")
@@ -1045,7 +1151,15 @@ def _exchange(sched: Schedule, mems: list, k: int) -> None:
         cells = []
         for q in range(len(rm)):
             what = f"round {k} rank {r} receive {q} from rank {int(rm.peer[q])}"
-            c = _rows_of(sched, m.rs, int(rm.buf[q]), int(rm.off[q]), int(rm.nbytes[q]), int(rbytes[rm.tensor[q]]), what)
+            c = _rows_of(
+                sched,
+                m.rs,
+                int(rm.buf[q]),
+                int(rm.off[q]),
+                int(rm.nbytes[q]),
+                int(rbytes[rm.tensor[q]]),
+                what,
+            )
             key = _keys(c)
             if key & w:
                 raise ScheduleError(f"{what}: writes bytes another receive of the round writes")
@@ -1062,7 +1176,15 @@ def _exchange(sched: Schedule, mems: list, k: int) -> None:
         for q in range(len(sm)):
             p = int(sm.peer[q])
             what = f"round {k} rank {r} send {q} to rank {p}"
-            c = _rows_of(sched, m.rs, int(sm.buf[q]), int(sm.off[q]), int(sm.nbytes[q]), int(rbytes[sm.tensor[q]]), what)
+            c = _rows_of(
+                sched,
+                m.rs,
+                int(sm.buf[q]),
+                int(sm.off[q]),
+                int(sm.nbytes[q]),
+                int(rbytes[sm.tensor[q]]),
+                what,
+            )
             if _keys(c) & written[r]:
                 raise ScheduleError(f"{what}: reads bytes a receive of the same round writes")
             pos = seen.get(p, 0)
@@ -1124,33 +1246,46 @@ def simulate(sched: Schedule, old_map, new_map, *, cell: int = 4) -> list[dict]:
                     if e < 0:
                         continue
                     want = _tag(layer, e, i)
-                    if m.tags[buf][j] != want or not np.array_equal(m.data[buf][j], _cell_bytes(want, cell)):
+                    if m.tags[buf][j] != want or not np.array_equal(
+                        m.data[buf][j], _cell_bytes(want, cell)
+                    ):
                         raise ScheduleError(
                             f"rank {r} layer {layer} tensor {i} row {j}: holds "
                             f"{_untag(int(m.tags[buf][j]))}, new_map wants expert {e}"
                         )
-    return [{
-        "rank": rs.rank,
-        "rounds": len(rs.rounds),
-        "messages": rs.messages,
-        "bytes_sent": sum(x.bytes_sent for x in rs.rounds),
-        "bytes_received": sum(x.bytes_received for x in rs.rounds),
-        "experts_sent": sum(x.experts_sent for x in rs.rounds),
-        "experts_received": sum(x.experts_received for x in rs.rounds),
-        "local_copies": sum(x.local_copies for x in rs.rounds),
-        "peak_staging_bytes": rs.staging_bytes,
-        "peak_extra_bytes": rs.peak_extra_bytes,
-        "staging_bound": sched.staging_bound,
-    } for rs in ranks]
+    return [
+        {
+            "rank": rs.rank,
+            "rounds": len(rs.rounds),
+            "messages": rs.messages,
+            "bytes_sent": sum(x.bytes_sent for x in rs.rounds),
+            "bytes_received": sum(x.bytes_received for x in rs.rounds),
+            "experts_sent": sum(x.experts_sent for x in rs.rounds),
+            "experts_received": sum(x.experts_received for x in rs.rounds),
+            "local_copies": sum(x.local_copies for x in rs.rounds),
+            "peak_staging_bytes": rs.staging_bytes,
+            "peak_extra_bytes": rs.peak_extra_bytes,
+            "staging_bound": sched.staging_bound,
+        }
+        for rs in ranks
+    ]
 
 
 # ---- one entry point -----------------------------------------------------------------------
 
-_SHUFFLER_OPTS = {"staging_bytes", "pack_threshold", "transactional", "max_messages_per_round",
-                  "ranks_per_node", "one_sided"}
+_SHUFFLER_OPTS = {
+    "staging_bytes",
+    "pack_threshold",
+    "transactional",
+    "max_messages_per_round",
+    "ranks_per_node",
+    "one_sided",
+}
 
 
-def simulate_rearrangement(old_map, new_map, ep_size: int, row_bytes, *, cell: int = 4, **opts) -> list[dict]:
+def simulate_rearrangement(
+    old_map, new_map, ep_size: int, row_bytes, *, cell: int = 4, **opts
+) -> list[dict]:
     """Plan, schedule and run a rearrangement on a virtual cluster of ``ep_size`` ranks.
 
     ``row_bytes[layer]`` lists the byte size of one row of each tensor of that layer (the

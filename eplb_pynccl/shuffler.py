@@ -116,7 +116,9 @@ class ExpertShuffler:
         profile: bool = False,
     ) -> None:
         if not isinstance(transport, Transport):
-            raise TypeError(f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}")
+            raise TypeError(
+                f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}"
+            )
         torch = _optional.torch("ExpertShuffler")
         self._torch = torch
         self.transport = transport
@@ -137,7 +139,9 @@ class ExpertShuffler:
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
                 if t.dim() < 1:
-                    raise ValueError(f"{name} must have a leading expert dimension, got a 0-d tensor")
+                    raise ValueError(
+                        f"{name} must have a leading expert dimension, got a 0-d tensor"
+                    )
                 if not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 transport.check_tensor(t, name)
@@ -153,9 +157,14 @@ class ExpertShuffler:
         if staging_bytes is not None:
             _nonneg_int(staging_bytes, "staging_bytes")
         _nonneg_int(pack_threshold, "pack_threshold")
-        if isinstance(max_messages_per_round, bool) or not isinstance(max_messages_per_round, int) \
-                or max_messages_per_round < 1:
-            raise ValueError(f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}")
+        if (
+            isinstance(max_messages_per_round, bool)
+            or not isinstance(max_messages_per_round, int)
+            or max_messages_per_round < 1
+        ):
+            raise ValueError(
+                f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}"
+            )
         if ranks_per_node is not None:
             ranks_per_node = _positive(ranks_per_node, "ranks_per_node")
             if ranks_per_node > self.ep_size:
@@ -172,9 +181,15 @@ class ExpertShuffler:
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
         self._bufs = Buffers(torch, [t for lw in layers for t in lw])
         self.layout = Layout.of(
-            self.row_bytes, rows,
-            [[w.element_size() for w in self._bufs.words[sum(map(len, layers[:li])):][: len(lw)]]
-             for li, lw in enumerate(layers)],
+            self.row_bytes,
+            rows,
+            [
+                [
+                    w.element_size()
+                    for w in self._bufs.words[sum(map(len, layers[:li])) :][: len(lw)]
+                ]
+                for li, lw in enumerate(layers)
+            ],
         )
         self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
         self._staging_auto = staging_bytes is None
@@ -205,18 +220,25 @@ class ExpertShuffler:
     # ------------------------------------------------------------------------------------
     def plan(self, old_map, new_map) -> RearrangementPlan:
         """The plan this shuffler would execute (pure; also validates the maps)."""
-        return plan_rearrangement(old_map, new_map, self.ep_size, ranks_per_node=self.ranks_per_node)
+        return plan_rearrangement(
+            old_map, new_map, self.ep_size, ranks_per_node=self.ranks_per_node
+        )
 
     def schedule(self, plan: RearrangementPlan):
         """The schedule this shuffler would execute for ``plan`` (pure; every rank's ops)."""
         return build_schedule(
-            plan, self.layout, staging_bytes=None if self._staging_auto else self.staging_bytes,
-            pack_threshold=self.pack_threshold, transactional=self.transactional,
+            plan,
+            self.layout,
+            staging_bytes=None if self._staging_auto else self.staging_bytes,
+            pack_threshold=self.pack_threshold,
+            transactional=self.transactional,
             max_messages_per_round=self.max_messages,
             one_sided=bool(getattr(self.transport, "one_sided", False)),
         )
 
-    def rearrange(self, old_map, new_map, *, verify: bool | None = None, stream=None) -> RearrangeStats:
+    def rearrange(
+        self, old_map, new_map, *, verify: bool | None = None, stream=None
+    ) -> RearrangeStats:
         """Move the experts so every rank holds what ``new_map`` assigns to its slots (in place).
 
         Synchronous: returns when every layer is done. ``stream`` (torch.cuda.Stream, default:
@@ -229,11 +251,15 @@ class ExpertShuffler:
         shuffler and every rearrangement over a host transport (gloo), where ranks that
         disagree would otherwise kill each other's process; True always; False never.
         """
-        h = self.rearrange_async(old_map, new_map, verify=self._verify_default(verify, sync=True), stream=stream)
+        h = self.rearrange_async(
+            old_map, new_map, verify=self._verify_default(verify, sync=True), stream=stream
+        )
         h.wait()
         return h.stats
 
-    def rearrange_async(self, old_map, new_map, *, verify: bool | None = None, stream=None) -> RearrangeHandle:
+    def rearrange_async(
+        self, old_map, new_map, *, verify: bool | None = None, stream=None
+    ) -> RearrangeHandle:
         """Start a rearrangement and return at once; drive it with ``handle.step()`` between
         forward steps (same call order on every rank), or ``handle.wait()``.
 
@@ -249,7 +275,9 @@ class ExpertShuffler:
                 cause=self._failed,
             )
         if self._active is not None and not self._active.done:
-            raise RuntimeError("a rearrangement is already in progress on this shuffler; finish it first")
+            raise RuntimeError(
+                "a rearrangement is already in progress on this shuffler; finish it first"
+            )
         verify = self._verify_default(verify, sync=False)
         t0 = time.perf_counter()
         plan, err = None, None
@@ -277,7 +305,9 @@ class ExpertShuffler:
     def _verify_default(self, verify, sync: bool) -> bool:
         if verify is not None:
             return bool(verify)
-        return bool(getattr(self.transport, "host_exchange", False)) or (sync and not self._verified)
+        return bool(getattr(self.transport, "host_exchange", False)) or (
+            sync and not self._verified
+        )
 
     def _verify(self, old_map, new_map, err: BaseException | None) -> None:
         """Collective: every rank's maps/ep_size/rows and weight shapes/dtypes must agree, and
@@ -299,14 +329,17 @@ class ExpertShuffler:
         if err is not None:
             raise err
         differ = []
-        for name, part in (("old_map/new_map, ep_size or local expert rows", slice(0, 32)),
-                           ("expert weight shapes/dtypes", slice(32, 64))):
+        for name, part in (
+            ("old_map/new_map, ep_size or local expert rows", slice(0, 32)),
+            ("expert weight shapes/dtypes", slice(32, 64)),
+        ):
             bad = [r for r, d in enumerate(everyone) if d[part] != everyone[self.rank][part]]
             if bad:
                 differ.append(f"{name} (ranks {bad} differ from rank {self.rank})")
         if differ:
             raise ValueError(
-                "verify=True: ranks disagree or refused the input: " + "; ".join(differ)
+                "verify=True: ranks disagree or refused the input: "
+                + "; ".join(differ)
                 + "; nothing was moved"
             )
         self._verified = True
@@ -337,8 +370,11 @@ class ExpertShuffler:
         n = values.size
         buf = self._pinned
         if buf is None or buf.numel() < n:
-            buf = self._pinned = torch.empty(max(n, 2 * (0 if buf is None else buf.numel()), 4096),
-                                             dtype=torch.int64, pin_memory=True)
+            buf = self._pinned = torch.empty(
+                max(n, 2 * (0 if buf is None else buf.numel()), 4096),
+                dtype=torch.int64,
+                pin_memory=True,
+            )
             self._pinned_free = None
         elif self._pinned_free is not None:
             self._pinned_free.synchronize()  # already complete unless a rearrangement was cut short
@@ -378,7 +414,9 @@ class RearrangeHandle:
     ``stats``. After a failure every call raises the same :class:`RearrangeError`.
     """
 
-    def __init__(self, shuffler: ExpertShuffler, plan: RearrangementPlan, planner_s: float, stream) -> None:
+    def __init__(
+        self, shuffler: ExpertShuffler, plan: RearrangementPlan, planner_s: float, stream
+    ) -> None:
         self.s = shuffler
         self.plan = plan
         self.stats = st = RearrangeStats(planner_seconds=planner_s)
@@ -406,8 +444,16 @@ class RearrangeHandle:
         self._exec = None
         if rs.rounds:
             index = shuffler._index_host(rs.index) if rs.index.size else None
-            self._exec = Executor(shuffler._torch, sched, rs, shuffler._bufs, shuffler.transport,
-                                  shuffler.device, shuffler._stream, index)
+            self._exec = Executor(
+                shuffler._torch,
+                sched,
+                rs,
+                shuffler._bufs,
+                shuffler.transport,
+                shuffler.device,
+                shuffler._stream,
+                index,
+            )
         shuffler._active = self
         st.setup_seconds = time.perf_counter() - t_setup
         if not rs.rounds:
@@ -451,7 +497,13 @@ class RearrangeHandle:
         return applied
 
     def _phase_times(self) -> dict:
-        out = {"pack": 0.0, "exchange": 0.0, "apply": 0.0, "idle_after_exchange": 0.0, "idle_before_round": 0.0}
+        out = {
+            "pack": 0.0,
+            "exchange": 0.0,
+            "apply": 0.0,
+            "idle_after_exchange": 0.0,
+            "idle_before_round": 0.0,
+        }
         prev = None
         for r in self._rounds:
             m = r.marks

@@ -86,8 +86,13 @@ class Transport(abc.ABC):
         """Raise ValueError (naming ``name``) if this transport cannot move tensor ``t``."""
 
     @abc.abstractmethod
-    def exchange(self, sends: list[tuple[int, Any]], recvs: list[tuple[int, Any]], stream=None,
-                 timeout: float | None = None) -> None:
+    def exchange(
+        self,
+        sends: list[tuple[int, Any]],
+        recvs: list[tuple[int, Any]],
+        stream=None,
+        timeout: float | None = None,
+    ) -> None:
         """Post one grouped round. For CUDA transports the work is enqueued on ``stream`` (a
         torch.cuda.Stream; None = current) and this returns once enqueued; host transports
         return when the round is complete, or raise TimeoutError after ``timeout`` seconds
@@ -142,7 +147,9 @@ class _ExchangeRound(TransportRound):
         self._event = None
 
     def launch(self, stream, deadline: float) -> None:
-        self.t.exchange(self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic()))
+        self.t.exchange(
+            self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic())
+        )
         if stream is not None:
             self._event = _record(stream)
 
@@ -169,7 +176,9 @@ class NcclTransport(Transport):
 
     def __init__(self, communicator: Communicator) -> None:
         if not isinstance(communicator, Communicator):
-            raise TypeError(f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}")
+            raise TypeError(
+                f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}"
+            )
         self.comm = communicator
         self.rank = communicator.rank
         self.world_size = communicator.world_size
@@ -265,7 +274,9 @@ class TorchTransport(Transport):
         torch = _optional.torch("TorchTransport")
         dist = torch.distributed
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("TorchTransport needs torch.distributed initialised (init_process_group)")
+            raise RuntimeError(
+                "TorchTransport needs torch.distributed initialised (init_process_group)"
+            )
         if timeout is None:
             timeout = _default_timeout()
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -276,7 +287,8 @@ class TorchTransport(Transport):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._global = [
-            dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)
+            dist.get_global_rank(group, r) if group is not None else r
+            for r in range(self.world_size)
         ]
         self._cuda_capable = "nccl" in self.backend
         self.host_exchange = not self._cuda_capable
@@ -292,13 +304,19 @@ class TorchTransport(Transport):
     def check_tensor(self, t, name: str) -> None:
         if self._cuda_capable:
             if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, but the {self.backend} group moves tensors on {self.device}")
+                raise ValueError(
+                    f"{name} is on {t.device}, but the {self.backend} group moves tensors on {self.device}"
+                )
         elif t.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} is on {t.device}; a {self.backend} group moves CPU or CUDA (staged) tensors")
+            raise ValueError(
+                f"{name} is on {t.device}; a {self.backend} group moves CPU or CUDA (staged) tensors"
+            )
 
     def _check_usable(self) -> None:
         if self._failed is not None:
-            raise RuntimeError(f"this TorchTransport was aborted ({self._failed}); make a new process group")
+            raise RuntimeError(
+                f"this TorchTransport was aborted ({self._failed}); make a new process group"
+            )
 
     def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
         self._check_usable()
@@ -374,7 +392,9 @@ class TorchTransport(Transport):
         while not ev.query():
             if time.monotonic() > deadline:
                 self.abort(f"stream work not done after {t:.3g} s")
-                raise TimeoutError(f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted")
+                raise TimeoutError(
+                    f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
@@ -405,5 +425,7 @@ class TorchTransport(Transport):
         if self._cuda_capable:
             work.wait()
         else:
-            self._wait_all([work], time.monotonic() + self.timeout, list(range(self.world_size)), self.timeout)
+            self._wait_all(
+                [work], time.monotonic() + self.timeout, list(range(self.world_size)), self.timeout
+            )
         return [o.cpu().numpy().tobytes() for o in outs]

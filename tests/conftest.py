@@ -54,16 +54,12 @@ def gpu_probe() -> tuple[int, str | None]:
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "gpu(gpus=1): needs CUDA devices (run with `make test-gpu`)"
-    )
+    config.addinivalue_line("markers", "gpu(gpus=1): needs CUDA devices (run with `make test-gpu`)")
 
 
 def pytest_generate_tests(metafunc):
     if "world_size" in metafunc.fixturenames:
-        metafunc.parametrize(
-            "world_size", world_sizes(), ids=lambda n: f"ws{n}", scope="module"
-        )
+        metafunc.parametrize("world_size", world_sizes(), ids=lambda n: f"ws{n}", scope="module")
 
 
 def _needed_gpus(item) -> int:

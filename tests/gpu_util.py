@@ -33,7 +33,16 @@ NCCL_ENV = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 
-__all__ = ["NCCL_ENV", "RankContext", "RankFailure", "RankPool", "RankTimeout", "free_port", "libcuda_loadable", "run_ranks"]
+__all__ = [
+    "NCCL_ENV",
+    "RankContext",
+    "RankFailure",
+    "RankPool",
+    "RankTimeout",
+    "free_port",
+    "libcuda_loadable",
+    "run_ranks",
+]
 
 
 class RankFailure(AssertionError):
@@ -70,7 +79,9 @@ class RankContext:
         cache: a dict kept between jobs of one :class:`RankPool` (e.g. a communicator).
     """
 
-    def __init__(self, rank: int, world_size: int, host: str, port: int, device: int | None = None) -> None:
+    def __init__(
+        self, rank: int, world_size: int, host: str, port: int, device: int | None = None
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = rank if device is None else device
@@ -142,7 +153,9 @@ def _worker(conn, rank: int, world_size: int, host: str, port: int, env: dict, d
         try:
             conn.send(reply)
         except Exception as e:  # an unpicklable result
-            conn.send(("err", type(e).__name__, f"cannot send the result: {e}", traceback.format_exc()))
+            conn.send(
+                ("err", type(e).__name__, f"cannot send the result: {e}", traceback.format_exc())
+            )
     try:
         conn.close()
     finally:
@@ -155,8 +168,13 @@ def _worker(conn, rank: int, world_size: int, host: str, port: int, env: dict, d
 class RankPool:
     """``world_size`` rank processes that run jobs until :meth:`close` (or a failure)."""
 
-    def __init__(self, world_size: int, env: dict | None = None, host: str = "127.0.0.1",
-                 devices: list | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        env: dict | None = None,
+        host: str = "127.0.0.1",
+        devices: list | None = None,
+    ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -172,7 +190,15 @@ class RankPool:
                 parent, child = ctx.Pipe(duplex=True)
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, r, world_size, host, port, full_env, None if devices is None else devices[r]),
+                    args=(
+                        child,
+                        r,
+                        world_size,
+                        host,
+                        port,
+                        full_env,
+                        None if devices is None else devices[r],
+                    ),
                     name=f"eplb-test-rank{r}",
                     daemon=True,
                 )
@@ -233,7 +259,9 @@ class RankPool:
                     msg = None
                 if msg is None:
                     proc.join(1.0)
-                    errors[r] = f"rank {r} exited (exit code {proc.exitcode}) without reporting a result"
+                    errors[r] = (
+                        f"rank {r} exited (exit code {proc.exitcode}) without reporting a result"
+                    )
                 elif msg[0] == "ok":
                     results[r] = msg[1]
                 else:
@@ -292,8 +320,9 @@ class RankPool:
         self.kill()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, grace: float = 15.0, env=None,
-              devices=None) -> list:
+def run_ranks(
+    fn, world_size: int, *args, timeout: float = 120.0, grace: float = 15.0, env=None, devices=None
+) -> list:
     """Run ``fn(ctx, *args)`` once in each of ``world_size`` fresh rank processes (rank r on
     ``devices[r]``, default device r; several ranks may share a GPU: CUDA IPC works between
     processes on one device).

@@ -15,7 +15,6 @@ import traceback
 import numpy as np
 
 
-
 def expert_bytes(layer: int, expert: int, index: int, nbytes: int) -> np.ndarray:
     rng = np.random.default_rng([layer, expert, index, 12345])
     return rng.integers(0, 256, size=nbytes, dtype=np.uint8)
@@ -58,7 +57,16 @@ def check_weights(torch, weights, new_map, rank, ep_size) -> list[str]:
     return bad
 
 
-def random_maps(rng: np.random.Generator, num_layers, num_logical, ep_size, slots_per_rank, *, empty_frac=0.0, keep_frac=0.3):
+def random_maps(
+    rng: np.random.Generator,
+    num_layers,
+    num_logical,
+    ep_size,
+    slots_per_rank,
+    *,
+    empty_frac=0.0,
+    keep_frac=0.3,
+):
     """Old/new maps where every logical expert appears at least once (when slots allow),
     with redundancy filling the rest, some -1 slots, and some unchanged slots."""
     n = ep_size * slots_per_rank
@@ -83,12 +91,15 @@ def random_maps(rng: np.random.Generator, num_layers, num_logical, ep_size, slot
 
 # ---- CPU process groups (gloo) -------------------------------------------------------------
 
+
 def _child(rank, world, rendezvous, fn, args, q):
     try:
         import torch.distributed as dist
 
         # a file rendezvous: no port that another process could take between pick and bind
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world
+        )
         try:
             q.put((rank, "ok", fn(rank, world, *args)))
         finally:
@@ -104,7 +115,9 @@ def run_gloo(fn, world, *args, timeout=120):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     rendezvous = os.path.join(tempfile.mkdtemp(prefix="eplb_gloo_"), "rendezvous")
-    procs = [ctx.Process(target=_child, args=(r, world, rendezvous, fn, args, q)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(r, world, rendezvous, fn, args, q)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out = {}
@@ -124,5 +137,3 @@ def run_gloo(fn, world, *args, timeout=120):
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(world)]
-
-

@@ -36,7 +36,9 @@ def _snapshot(weights):
 
 
 def _same(weights, snap):
-    return all(torch.equal(t.view(torch.uint8), s) for ws, ss in zip(weights, snap) for t, s in zip(ws, ss))
+    return all(
+        torch.equal(t.view(torch.uint8), s) for ws, ss in zip(weights, snap) for t, s in zip(ws, ss)
+    )
 
 
 def _map_cases(rank, world):
@@ -54,7 +56,10 @@ def _map_cases(rank, world):
         "id below -1": (old, bad_id),
         "expert held nowhere": (old, missing),
         "layers differ from weights": (old[:1], new[:1]),
-        "slots differ from weight rows": (np.concatenate([old, old], axis=1), np.concatenate([new, new], axis=1)),
+        "slots differ from weight rows": (
+            np.concatenate([old, old], axis=1),
+            np.concatenate([new, new], axis=1),
+        ),
     }
     out = {}
     for name, (o, n) in cases.items():
@@ -81,8 +86,14 @@ def test_bad_maps_are_refused_before_anything_moves():
         assert "shape" in out["shape mismatch"][1]
         assert out["float map"] == ("TypeError", "old_map must be an integer array, got float64")
         assert "-5" in out["id below -1"][1] and "layer 1" in out["id below -1"][1]
-        assert out["expert held nowhere"][1] == "layer 0: new_map needs expert 999, which old_map holds nowhere"
-        assert out["layers differ from weights"][1] == "old_map/new_map have 1 layers but expert_weights has 2"
+        assert (
+            out["expert held nowhere"][1]
+            == "layer 0: new_map needs expert 999, which old_map holds nowhere"
+        )
+        assert (
+            out["layers differ from weights"][1]
+            == "old_map/new_map have 1 layers but expert_weights has 2"
+        )
         assert out["slots differ from weight rows"][1] == (
             "maps give 8 slots per rank (num_physical 16 / ep_size 2) but the weight tensors have 4 expert rows"
         )
@@ -117,23 +128,82 @@ def test_bad_weights_are_refused_by_the_constructor():
     t = OneRank()
     good = torch.zeros(4, 8)
     cases = [
-        (lambda: ExpertShuffler(Local(), [[good]]), TypeError, "transport must be an eplb_pynccl Transport, got Local"),
-        (lambda: ExpertShuffler(t, []), ValueError, "expert_weights is empty: give at least one layer"),
-        (lambda: ExpertShuffler(t, [good]), TypeError, r"expert_weights\[0\] must be a non-empty list of tensors"),
-        (lambda: ExpertShuffler(t, [[good, "x"]]), TypeError, r"expert_weights\[0\]\[1\] must be a torch.Tensor, got str"),
-        (lambda: ExpertShuffler(t, [[torch.tensor(1.0)]]), ValueError, "must have a leading expert dimension"),
-        (lambda: ExpertShuffler(t, [[torch.zeros(8, 4).t()]]), ValueError, r"expert_weights\[0\]\[0\] is not contiguous"),
-        (lambda: ExpertShuffler(t, [[good], [torch.zeros(5, 8)]]), ValueError, "has 5 expert rows but expert_weights"),
+        (
+            lambda: ExpertShuffler(Local(), [[good]]),
+            TypeError,
+            "transport must be an eplb_pynccl Transport, got Local",
+        ),
+        (
+            lambda: ExpertShuffler(t, []),
+            ValueError,
+            "expert_weights is empty: give at least one layer",
+        ),
+        (
+            lambda: ExpertShuffler(t, [good]),
+            TypeError,
+            r"expert_weights\[0\] must be a non-empty list of tensors",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good, "x"]]),
+            TypeError,
+            r"expert_weights\[0\]\[1\] must be a torch.Tensor, got str",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[torch.tensor(1.0)]]),
+            ValueError,
+            "must have a leading expert dimension",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[torch.zeros(8, 4).t()]]),
+            ValueError,
+            r"expert_weights\[0\]\[0\] is not contiguous",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good], [torch.zeros(5, 8)]]),
+            ValueError,
+            "has 5 expert rows but expert_weights",
+        ),
         (lambda: ExpertShuffler(t, [[torch.zeros(4, 8, device="meta")]]), ValueError, "is on meta"),
-        (lambda: ExpertShuffler(t, [[good]], staging_bytes=-1), ValueError, "staging_bytes must be a non-negative int"),
-        (lambda: ExpertShuffler(t, [[good]], max_messages_per_round=0), ValueError, "max_messages_per_round must be a positive int"),
-        (lambda: ExpertShuffler(t, [[good]], timeout=-1), ValueError, r"timeout must be a positive number of seconds, got -1$"),
-        (lambda: ExpertShuffler(t, [[good]], timeout=0), ValueError, r"timeout must be a positive number of seconds, got 0$"),
-        (lambda: ExpertShuffler(t, [[good]], timeout="5"), ValueError, r"timeout must be a positive number of seconds, got '5'$"),
-        (lambda: ExpertShuffler(t, [[good]], ranks_per_node=3), ValueError,
-         r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$"),
-        (lambda: ExpertShuffler(t, [[good]], ranks_per_node=0), ValueError, r"ranks_per_node must be >= 1, got 0$"),
-        (lambda: ExpertShuffler(t, [[good]], pack_threshold=-1), ValueError, "pack_threshold must be a non-negative int"),
+        (
+            lambda: ExpertShuffler(t, [[good]], staging_bytes=-1),
+            ValueError,
+            "staging_bytes must be a non-negative int",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], max_messages_per_round=0),
+            ValueError,
+            "max_messages_per_round must be a positive int",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], timeout=-1),
+            ValueError,
+            r"timeout must be a positive number of seconds, got -1$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], timeout=0),
+            ValueError,
+            r"timeout must be a positive number of seconds, got 0$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], timeout="5"),
+            ValueError,
+            r"timeout must be a positive number of seconds, got '5'$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], ranks_per_node=3),
+            ValueError,
+            r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], ranks_per_node=0),
+            ValueError,
+            r"ranks_per_node must be >= 1, got 0$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], pack_threshold=-1),
+            ValueError,
+            "pack_threshold must be a non-negative int",
+        ),
     ]
     for make, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -151,6 +221,7 @@ def _disagree_job(rank, world, what):
     if what == "maps" and rank == 1:
         new = old.copy()
     if what == "world_size" and rank == 1:
+
         class Liar(TorchTransport):
             pass
 
@@ -172,9 +243,14 @@ def test_verify_catches_ranks_that_disagree(what):
         assert unchanged, f"rank {rank} moved weights"
         assert msg is not None, f"rank {rank} did not refuse"
     if what == "shapes":
-        assert out[0][0].startswith("verify=True: ranks disagree or refused the input: expert weight shapes/dtypes")
+        assert out[0][0].startswith(
+            "verify=True: ranks disagree or refused the input: expert weight shapes/dtypes"
+        )
     if what == "maps":
-        assert "old_map/new_map, ep_size or local expert rows (ranks [1] differ from rank 0)" in out[0][0]
+        assert (
+            "old_map/new_map, ep_size or local expert rows (ranks [1] differ from rank 0)"
+            in out[0][0]
+        )
     if what == "world_size":
         # the lying rank refuses its own plan; the honest rank is told, not left waiting
         assert "slots per rank" in out[1][0]
@@ -285,7 +361,10 @@ def test_a_peer_that_never_posts_times_out_within_the_shufflers_timeout():
     (msg, elapsed, peers), (msg1, _, _) = run_gloo(_timeout_job, 2, 3.0, timeout=60)
     assert msg1 is None  # rank 1 had nothing to move
     assert msg is not None and 3.0 <= elapsed <= 3.0 + 5, (msg, elapsed)
-    assert "the exchange with peers [1] did not complete within 3 s; the process group was aborted" in msg
+    assert (
+        "the exchange with peers [1] did not complete within 3 s; the process group was aborted"
+        in msg
+    )
     assert peers == [1]
 
 

@@ -16,17 +16,26 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHO
 
 
 def _bench(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--eplb-methods", "bogus"], "--eplb-methods: unknown 'bogus'; known: eplb_pynccl, "),
-    (["--eplb-cases", "dsv3,bogus"], "--eplb-cases: unknown 'bogus'; known: dsv3, "),
-    (["--cpu-procs", "0"], "--cpu-procs must be >= 1, got 0"),
-    (["--eplb-layers-dsv3", "0"], "--eplb-layers-dsv3 must be >= 1, got 0"),
-    (["--parts", "bogus"], "unknown part 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--eplb-methods", "bogus"], "--eplb-methods: unknown 'bogus'; known: eplb_pynccl, "),
+        (["--eplb-cases", "dsv3,bogus"], "--eplb-cases: unknown 'bogus'; known: dsv3, "),
+        (["--cpu-procs", "0"], "--cpu-procs must be >= 1, got 0"),
+        (["--eplb-layers-dsv3", "0"], "--eplb-layers-dsv3 must be >= 1, got 0"),
+        (["--parts", "bogus"], "unknown part 'bogus'"),
+    ],
+)
 def test_bad_flags_are_refused_with_exit_status_2(args, msg):
     r = _bench(*args)
     assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-500:])
@@ -51,26 +60,53 @@ def test_the_makefile_points_to_a_bench_readme_that_exists():
 
 
 def test_cpu_mode_honours_layers_and_methods_and_keeps_small_figures(tmp_path):
-    r = _bench("--parts", "eplb", "--eplb-cases", "dsv3-cpu", "--eplb-layers-dsv3", "3",
-               "--eplb-methods", "vllm-style", "--eplb-repeats", "1", "--out", str(tmp_path))
+    r = _bench(
+        "--parts",
+        "eplb",
+        "--eplb-cases",
+        "dsv3-cpu",
+        "--eplb-layers-dsv3",
+        "3",
+        "--eplb-methods",
+        "vllm-style",
+        "--eplb-repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     (row,) = [x for x in rows if x["part"] == "eplb"]
     assert row["layers"] == 3 and row["method"] == "vllm-style" and row["check"] == "ok"
     assert row["gbps_per_gpu"] > 0 and row["layer_mib_per_gpu"] > 0  # not rounded to 0
     # a method that does not run in this mode is an error, not an empty success
-    r = _bench("--parts", "eplb", "--eplb-cases", "dsv3-cpu", "--eplb-methods", "eplb_pynccl",
-               "--eplb-repeats", "1", "--out", str(tmp_path))
+    r = _bench(
+        "--parts",
+        "eplb",
+        "--eplb-cases",
+        "dsv3-cpu",
+        "--eplb-methods",
+        "eplb_pynccl",
+        "--eplb-repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 1
-    assert "none of them runs in CPU mode here (these do: eplb_pynccl/gloo, vllm-style)" in r.stdout + r.stderr
+    assert (
+        "none of them runs in CPU mode here (these do: eplb_pynccl/gloo, vllm-style)"
+        in r.stdout + r.stderr
+    )
 
 
 def test_eplb_plot_starts_at_zero_and_selfcheck_says_its_data_is_synthetic(tmp_path):
     pytest.importorskip("matplotlib")
     from bench import report
 
-    rows = [{"part": "eplb", "case": "c", "method": m, "time_ms": 4.0, "gbps_per_gpu": 0.009}
-            for m in ("a", "b")]
+    rows = [
+        {"part": "eplb", "case": "c", "method": m, "time_ms": 4.0, "gbps_per_gpu": 0.009}
+        for m in ("a", "b")
+    ]
     fig = report.eplb_figure(rows, {"world_size": 2, "mode": "cpu"})
     for ax in fig.axes:
         assert ax.get_ylim()[0] == 0

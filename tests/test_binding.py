@@ -73,8 +73,6 @@ WHEEL = _wheel_nccl()
 needs_wheel = pytest.mark.skipif(WHEEL is None, reason="no nvidia-nccl-cu12/cu13 wheel installed")
 
 
-
-
 no_cuda_driver = pytest.mark.skipif(
     libcuda_loadable(),
     reason="a CUDA driver (libcuda.so.1) is present: ncclCommInitRank would not fail here",
@@ -109,10 +107,12 @@ def run_py(code: str, *, env: dict | None = None, flags: tuple = (), pythonpath:
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(lines) == 1, f"no result line:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 def _system_libnccl_loadable() -> bool:
@@ -164,7 +164,9 @@ def test_default_discovery_picks_the_wheel_in_a_fresh_process():
     first_wheel = next(p for s, p in r["before"] if s == "nvidia.nccl wheel" and os.path.exists(p))
     assert os.path.realpath(first_wheel) == wheel_path
     torch_entries = [p for s, p in r["before"] if s == "torch lib directory"]
-    assert [os.path.basename(p) for p in torch_entries] == ["libnccl.so.2", "libnccl.so"][: len(torch_entries)]
+    assert [os.path.basename(p) for p in torch_entries] == ["libnccl.so.2", "libnccl.so"][
+        : len(torch_entries)
+    ]
 
     assert r["source"] == "nvidia.nccl wheel"
     assert os.path.realpath(r["path"]) == wheel_path
@@ -190,7 +192,12 @@ def test_env_var_path_is_used(tmp_path):
         """,
         env={ENV_VAR: wheel_path},
     )
-    assert r == {"path": wheel_path, "source": f"${ENV_VAR}", "version": list(version), "same": True}
+    assert r == {
+        "path": wheel_path,
+        "source": f"${ENV_VAR}",
+        "version": list(version),
+        "same": True,
+    }
 
 
 @needs_wheel
@@ -255,8 +262,16 @@ def test_a_library_that_is_not_nccl_is_refused():
         env={ENV_VAR: soname},
     )
     assert r["res"] == {
-        "env": {"type": "NcclLibraryError", "msg": f"{soname} has no ncclGetVersion: not a NCCL library", "oserror": True},
-        "explicit": {"type": "NcclLibraryError", "msg": f"{full} has no ncclGetVersion: not a NCCL library", "oserror": True},
+        "env": {
+            "type": "NcclLibraryError",
+            "msg": f"{soname} has no ncclGetVersion: not a NCCL library",
+            "oserror": True,
+        },
+        "explicit": {
+            "type": "NcclLibraryError",
+            "msg": f"{full} has no ncclGetVersion: not a NCCL library",
+            "oserror": True,
+        },
     }
     assert r["loaded"] is False
 
@@ -301,10 +316,17 @@ def test_when_every_candidate_fails_the_error_lists_each_tried_path(tmp_path):
     lines = r["res"]["msg"].split("\n")
     assert lines[0] == "libnccl not found. Tried, in order:"
     assert lines[1] == f"  {w} (nvidia.nccl wheel): {w} has no ncclGetVersion: not a NCCL library"
-    assert re.fullmatch(rf"  {re.escape(t2)} \(torch lib directory\): .*{re.escape(t2)}: file too short", lines[2])
+    assert re.fullmatch(
+        rf"  {re.escape(t2)} \(torch lib directory\): .*{re.escape(t2)}: file too short", lines[2]
+    )
     assert lines[3] == f"  {t1} (torch lib directory): no such file"
-    assert lines[4] == "  libnccl.so.2 (system loader): libnccl.so.2: cannot open shared object file: No such file or directory"
-    assert lines[5] == f"Install nvidia-nccl-cu12 (or -cu13), or set {ENV_VAR} to the library's path."
+    assert (
+        lines[4]
+        == "  libnccl.so.2 (system loader): libnccl.so.2: cannot open shared object file: No such file or directory"
+    )
+    assert (
+        lines[5] == f"Install nvidia-nccl-cu12 (or -cu13), or set {ENV_VAR} to the library's path."
+    )
     assert len(lines) == 6
 
 
@@ -342,8 +364,16 @@ def test_already_loaded_library_wins_and_cannot_be_switched(tmp_path):
     assert r["source"] == "already loaded in this process"
     assert r["path"] == wheel_path
     head = f"libnccl is already loaded from {wheel_path} (already loaded in this process); cannot switch to {other}"
-    assert r["explicit"] == {"type": "NcclLibraryError", "msg": f"{head} (explicit path) in the same process", "oserror": True}
-    assert r["env"] == {"type": "NcclLibraryError", "msg": f"{head} ($EPLB_PYNCCL_NCCL_SO) in the same process", "oserror": True}
+    assert r["explicit"] == {
+        "type": "NcclLibraryError",
+        "msg": f"{head} (explicit path) in the same process",
+        "oserror": True,
+    }
+    assert r["env"] == {
+        "type": "NcclLibraryError",
+        "msg": f"{head} ($EPLB_PYNCCL_NCCL_SO) in the same process",
+        "oserror": True,
+    }
     assert r["same_file"] == wheel_path
     assert r["mapped"] == [wheel_path]
 
@@ -395,7 +425,10 @@ def test_candidate_paths_in_process_are_in_discovery_order():
     assert cands[-1] == ("system loader", "libnccl.so.2")
     # Once loaded, the loaded file is the first candidate.
     lib = library.load()
-    assert library.candidate_paths()[0] == ("already loaded in this process", os.path.realpath(lib.path))
+    assert library.candidate_paths()[0] == (
+        "already loaded in this process",
+        os.path.realpath(lib.path),
+    )
 
 
 @pytest.mark.parametrize(
@@ -433,7 +466,10 @@ def test_library_function_lookup():
         assert lib.has(f.name)
     assert not lib.has("ncclNoSuchFunction")
     v = ".".join(map(str, lib.version))
-    with pytest.raises(NcclLibraryError, match=re.escape(f"ncclNoSuchFunction is not exported by {lib.path} (NCCL {v})")):
+    with pytest.raises(
+        NcclLibraryError,
+        match=re.escape(f"ncclNoSuchFunction is not exported by {lib.path} (NCCL {v})"),
+    ):
         lib.fn("ncclNoSuchFunction")
 
 
@@ -475,7 +511,11 @@ def test_unique_id_round_trips_and_equality():
         (lambda: UniqueId(list(range(128))), TypeError, "unique id must be bytes, got list"),
         (lambda: UniqueId(b""), ValueError, "unique id must be 128 bytes, got 0"),
         (lambda: UniqueId(bytes(127)), ValueError, "unique id must be 128 bytes, got 127"),
-        (lambda: UniqueId.from_bytes(bytes(129)), ValueError, "unique id must be 128 bytes, got 129"),
+        (
+            lambda: UniqueId.from_bytes(bytes(129)),
+            ValueError,
+            "unique id must be 128 bytes, got 129",
+        ),
         (lambda: UniqueId.from_hex("00" * 127), ValueError, "unique id must be 128 bytes, got 127"),
         (lambda: UniqueId.from_hex("zz" * 128), ValueError, "unique id hex is not valid hex: "),
         (lambda: UniqueId.from_hex(None), ValueError, "unique id hex is not valid hex: "),
@@ -491,7 +531,14 @@ def test_unique_id_errors(make, exc, msg):
 
 @pytest.mark.parametrize(
     "version, size",
-    [((2, 19, 0), 48), ((2, 19, 3), 48), ((2, 27, 0), 72), ((2, 28, 0), 80), ((2, 29, 0), 88), ((2, 30, 5), 96)],
+    [
+        ((2, 19, 0), 48),
+        ((2, 19, 3), 48),
+        ((2, 27, 0), 72),
+        ((2, 28, 0), 80),
+        ((2, 29, 0), 88),
+        ((2, 30, 5), 96),
+    ],
 )
 def test_config_size_per_version(version, size):
     assert config.config_size(version) == size
@@ -531,21 +578,47 @@ def test_config_unset_fields_and_header(version):
 def test_config_options_set():
     v = (2, 28, 0)
     cfg = config.build_config(
-        v, blocking=0, min_ctas=2, max_ctas=16, cga_cluster_size=4, net_name="IB",
-        comm_name="experts", split_share=True,
+        v,
+        blocking=0,
+        min_ctas=2,
+        max_ctas=16,
+        cga_cluster_size=4,
+        net_name="IB",
+        comm_name="experts",
+        split_share=True,
     )
-    assert (cfg.blocking, cfg.minCTAs, cfg.maxCTAs, cfg.cgaClusterSize, cfg.splitShare) == (0, 2, 16, 4, 1)
+    assert (cfg.blocking, cfg.minCTAs, cfg.maxCTAs, cfg.cgaClusterSize, cfg.splitShare) == (
+        0,
+        2,
+        16,
+        4,
+        1,
+    )
     assert cfg.netName == b"IB" and cfg.commName == b"experts"
-    for name in ("trafficClass", "collnetEnable", "CTAPolicy", "shrinkShare", "nvlsCTAs",
-                 "nChannelsPerNetPeer", "nvlinkCentricSched"):
+    for name in (
+        "trafficClass",
+        "collnetEnable",
+        "CTAPolicy",
+        "shrinkShare",
+        "nvlsCTAs",
+        "nChannelsPerNetPeer",
+        "nvlinkCentricSched",
+    ):
         assert getattr(cfg, name) == -(2**31), name
     # None means unset
     cfg2 = config.build_config(v, max_ctas=None, comm_name=None)
     assert cfg2.maxCTAs == -(2**31) and cfg2.commName is None
     assert config.available_options((2, 19, 0)) == {
-        "blocking", "cga_cluster_size", "min_ctas", "max_ctas", "net_name", "split_share",
+        "blocking",
+        "cga_cluster_size",
+        "min_ctas",
+        "max_ctas",
+        "net_name",
+        "split_share",
     }
-    assert config.available_options((2, 27, 0)) == config.available_options((2, 19, 0)) | {"comm_name"}
+    assert config.available_options((2, 27, 0)) == config.available_options((2, 19, 0)) | {
+        "comm_name"
+    }
 
 
 @pytest.mark.parametrize(
@@ -566,8 +639,16 @@ def test_config_options_set():
         ({"net_name": b"IB"}, TypeError, "NCCL config option 'net_name' must be a str, got bytes"),
         ({"max_ctas": "4"}, TypeError, "NCCL config option 'max_ctas' must be an int, got str"),
         ({"min_ctas": 1.5}, TypeError, "NCCL config option 'min_ctas' must be an int, got float"),
-        ({"max_ctas": 2**31}, ValueError, "NCCL config option 'max_ctas'=2147483648 does not fit a C int"),
-        ({"blocking": -(2**31)}, ValueError, "NCCL config option 'blocking'=-2147483648 does not fit a C int"),
+        (
+            {"max_ctas": 2**31},
+            ValueError,
+            "NCCL config option 'max_ctas'=2147483648 does not fit a C int",
+        ),
+        (
+            {"blocking": -(2**31)},
+            ValueError,
+            "NCCL config option 'blocking'=-2147483648 does not fit a C int",
+        ),
     ],
 )
 def test_config_option_errors(kwargs, exc, msg):
@@ -623,7 +704,13 @@ def test_error_hierarchy():
     assert issubclass(RearrangeError, RuntimeError)
     for cls in (NcclError, NcclLibraryError, CommunicatorStateError, RearrangeError):
         assert issubclass(cls, EplbPyncclError)
-    for cls in (NcclSystemError, NcclInternalError, NcclInvalidError, NcclRemoteError, NcclTimeoutError):
+    for cls in (
+        NcclSystemError,
+        NcclInternalError,
+        NcclInvalidError,
+        NcclRemoteError,
+        NcclTimeoutError,
+    ):
         assert issubclass(cls, NcclError)
 
 
@@ -637,9 +724,21 @@ def test_error_message_format():
     assert NcclError(42).name == "ncclResult(42)"
 
 
-@pytest.mark.parametrize("cls", [NcclError, NcclSystemError, NcclInternalError, NcclInvalidError, NcclRemoteError, NcclTimeoutError])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        NcclError,
+        NcclSystemError,
+        NcclInternalError,
+        NcclInvalidError,
+        NcclRemoteError,
+        NcclTimeoutError,
+    ],
+)
 def test_nccl_error_pickles(cls):
-    e = cls(8 if cls is NcclTimeoutError else 4, "some string", "last words", "ncclSend", "detail text")
+    e = cls(
+        8 if cls is NcclTimeoutError else 4, "some string", "last words", "ncclSend", "detail text"
+    )
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is cls
     for attr in ("code", "name", "error_string", "last_error", "function", "detail"):
@@ -649,13 +748,23 @@ def test_nccl_error_pickles(cls):
 
 def test_rearrange_error_pickles():
     cause = ValueError("x")
-    e = RearrangeError("shuffle failed", completed_layers=[3, 1], pending_layers={2}, peers=(5, 0), cause=cause)
+    e = RearrangeError(
+        "shuffle failed", completed_layers=[3, 1], pending_layers={2}, peers=(5, 0), cause=cause
+    )
     assert e.completed_layers == [1, 3] and e.pending_layers == [2] and e.peers == [0, 5]
     assert e.cause is cause
-    assert str(e) == "shuffle failed (layers complete: [1, 3]; layers still old: [2]; peers involved: [0, 5])"
+    assert (
+        str(e)
+        == "shuffle failed (layers complete: [1, 3]; layers still old: [2]; peers involved: [0, 5])"
+    )
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is RearrangeError
-    assert (e2.message, e2.completed_layers, e2.pending_layers, e2.peers) == ("shuffle failed", [1, 3], [2], [0, 5])
+    assert (e2.message, e2.completed_layers, e2.pending_layers, e2.peers) == (
+        "shuffle failed",
+        [1, 3],
+        [2],
+        [0, 5],
+    )
     assert str(e2) == str(e)
     assert e2.cause is None  # the cause is not carried across processes
 
@@ -667,7 +776,10 @@ INIT_CASES = [
     ({}, "ncclCommInitRank"),
     ({"blocking": False}, "ncclCommInitRankConfig"),
     ({"max_ctas": 4, "min_ctas": 1, "comm_name": "t"}, "ncclCommInitRankConfig"),
-    ({"blocking": False, "timeout": 5, "split_share": True, "net_name": "Socket"}, "ncclCommInitRankConfig"),
+    (
+        {"blocking": False, "timeout": 5, "split_share": True, "net_name": "Socket"},
+        "ncclCommInitRankConfig",
+    ),
 ]
 
 
@@ -747,7 +859,11 @@ def test_import_works_where_torch_and_cupy_are_not_installed():
         flags=("-S",),
         pythonpath="",
     )
-    assert r == {"visible": [], "mods": [], "names": ["Communicator", "NcclError", "UniqueId", "group"]}
+    assert r == {
+        "visible": [],
+        "mods": [],
+        "names": ["Communicator", "NcclError", "UniqueId", "group"],
+    }
 
 
 def test_load_library_public_entry_point():

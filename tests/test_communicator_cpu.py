@@ -30,13 +30,21 @@ REPO = Path(__file__).resolve().parent.parent
 UID = UniqueId(bytes(range(128)))
 
 
-
-
 # ---- Communicator argument validation ----------------------------------------------------------
 
 COMM_ARG_ERRORS = [
-    (("x", 0, 1), {}, TypeError, "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got str"),
-    ((None, 0, 1), {}, TypeError, "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got NoneType"),
+    (
+        ("x", 0, 1),
+        {},
+        TypeError,
+        "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got str",
+    ),
+    (
+        (None, 0, 1),
+        {},
+        TypeError,
+        "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got NoneType",
+    ),
     ((bytes(5), 0, 1), {}, ValueError, "unique id must be 128 bytes, got 5"),
     ((bytearray(200), 0, 1), {}, ValueError, "unique id must be 128 bytes, got 200"),
     ((UID, "0", 2), {}, TypeError, "rank must be an int, got str"),
@@ -46,21 +54,56 @@ COMM_ARG_ERRORS = [
     ((UID, 0, -3), {}, ValueError, "world_size must be >= 1, got -3"),
     ((UID, 2, 2), {}, ValueError, "rank must be in [0, 2), got 2"),
     ((UID, -1, 4), {}, ValueError, "rank must be in [0, 4), got -1"),
-    ((UID, 0, 1), {"timeout": 0}, ValueError, "timeout must be a positive number of seconds, got 0"),
-    ((UID, 0, 1), {"timeout": -1.5}, ValueError, "timeout must be a positive number of seconds, got -1.5"),
-    ((UID, 0, 1), {"timeout": "3"}, ValueError, "timeout must be a positive number of seconds, got '3'"),
+    (
+        (UID, 0, 1),
+        {"timeout": 0},
+        ValueError,
+        "timeout must be a positive number of seconds, got 0",
+    ),
+    (
+        (UID, 0, 1),
+        {"timeout": -1.5},
+        ValueError,
+        "timeout must be a positive number of seconds, got -1.5",
+    ),
+    (
+        (UID, 0, 1),
+        {"timeout": "3"},
+        ValueError,
+        "timeout must be a positive number of seconds, got '3'",
+    ),
     ((UID, 0, 1), {"max_ctas": 0}, ValueError, "max_ctas must be a positive int, got 0"),
     ((UID, 0, 1), {"min_ctas": "2"}, ValueError, "min_ctas must be a positive int, got '2'"),
     ((UID, 0, 1), {"max_ctas": 2.5}, ValueError, "max_ctas must be a positive int, got 2.5"),
-    ((UID, 0, 1), {"min_ctas": 8, "max_ctas": 4}, ValueError, "min_ctas (8) must be <= max_ctas (4)"),
+    (
+        (UID, 0, 1),
+        {"min_ctas": 8, "max_ctas": 4},
+        ValueError,
+        "min_ctas (8) must be <= max_ctas (4)",
+    ),
     ((UID, 0, 1, "cpu"), {}, ValueError, "device 'cpu' is not 'cuda:N' or an index"),
     ((UID, 0, 1, "cuda:x"), {}, ValueError, "device 'cuda:x' is not 'cuda:N' or an index"),
     ((UID, 0, 1, "gpu0"), {}, ValueError, "device 'gpu0' is not 'cuda:N' or an index"),
     ((UID, 0, 1, "cuda:-1"), {}, ValueError, "device index must be >= 0, got -1"),
     ((UID, 0, 1, -2), {}, ValueError, "device index must be >= 0, got -2"),
-    ((UID, 0, 1, 1.0), {}, TypeError, "device must be an int, 'cuda:N' or a torch.device, got float"),
-    ((UID, 0, 1, True), {}, TypeError, "device must be an int, 'cuda:N' or a torch.device, got bool"),
-    ((UID, 0, 1, [0]), {}, TypeError, "device must be an int, 'cuda:N' or a torch.device, got list"),
+    (
+        (UID, 0, 1, 1.0),
+        {},
+        TypeError,
+        "device must be an int, 'cuda:N' or a torch.device, got float",
+    ),
+    (
+        (UID, 0, 1, True),
+        {},
+        TypeError,
+        "device must be an int, 'cuda:N' or a torch.device, got bool",
+    ),
+    (
+        (UID, 0, 1, [0]),
+        {},
+        TypeError,
+        "device must be an int, 'cuda:N' or a torch.device, got list",
+    ),
 ]
 
 
@@ -80,7 +123,16 @@ def test_communicator_torch_device_arguments():
 
 @pytest.mark.parametrize(
     "device, index",
-    [(None, None), (0, 0), (7, 7), ("cuda", 0), ("cuda:", 0), ("cuda:2", 2), (" cuda:5 ", 5), ("3", 3)],
+    [
+        (None, None),
+        (0, 0),
+        (7, 7),
+        ("cuda", 0),
+        ("cuda:", 0),
+        ("cuda:2", 2),
+        (" cuda:5 ", 5),
+        ("3", 3),
+    ],
 )
 def test_parse_device(device, index):
     assert comm_mod._parse_device(device) == index
@@ -118,7 +170,14 @@ def test_validation_happens_before_libnccl_is_even_loaded():
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "EPLB_PYNCCL_TIMEOUT"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-4:] == ["RESULT", str(len(COMM_ARG_ERRORS)), "True", "False"]
 
@@ -155,7 +214,9 @@ def test_from_store_publishes_and_reads_the_id(as_str):
     from eplb_pynccl import NcclSystemError
 
     store = _DictStore(as_str)
-    with pytest.raises(NcclSystemError, match=r"^ncclCommInitRank failed: ncclUnhandledCudaError \(1\)"):
+    with pytest.raises(
+        NcclSystemError, match=r"^ncclCommInitRank failed: ncclUnhandledCudaError \(1\)"
+    ):
         Communicator.from_store(store, 0, 2, key="k/1")
     assert len(store.data["k/1"]) == 128
     uid = UniqueId(store.data["k/1"])
@@ -230,7 +291,9 @@ class DLPackOnly:
 
 def test_resolve_cpu_torch_tensor():
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match=r"^buf is a CPU tensor; NCCL needs a CUDA tensor \(got device cpu\)$"):
+    with pytest.raises(
+        ValueError, match=r"^buf is a CPU tensor; NCCL needs a CUDA tensor \(got device cpu\)$"
+    ):
         _buffers.resolve(torch.zeros(4))
     with pytest.raises(ValueError, match=r"^out is a CPU tensor"):
         _buffers.resolve(torch.zeros(4, 4).t(), "out")
@@ -238,13 +301,32 @@ def test_resolve_cpu_torch_tensor():
 
 def test_resolve_cuda_array_interface():
     # contiguous: row-major strides given explicitly, or omitted
-    assert _buffers.resolve(CudaArrayLike(0x10000, (2, 3), "<f4", (12, 4))) == (0x10000, 24, -1, _buffers.HINT_DEFAULT)
-    assert _buffers.resolve(CudaArrayLike(0x20000, (5,), "|u1")) == (0x20000, 5, -1, _buffers.HINT_DEFAULT)
-    assert _buffers.resolve(CudaArrayLike(0x20000, (4, 1, 2), "<f8", (16, 999, 8)))[:2] == (0x20000, 64)
+    assert _buffers.resolve(CudaArrayLike(0x10000, (2, 3), "<f4", (12, 4))) == (
+        0x10000,
+        24,
+        -1,
+        _buffers.HINT_DEFAULT,
+    )
+    assert _buffers.resolve(CudaArrayLike(0x20000, (5,), "|u1")) == (
+        0x20000,
+        5,
+        -1,
+        _buffers.HINT_DEFAULT,
+    )
+    assert _buffers.resolve(CudaArrayLike(0x20000, (4, 1, 2), "<f8", (16, 999, 8)))[:2] == (
+        0x20000,
+        64,
+    )
     assert _buffers.resolve(CudaArrayLike(0, (0,), "<f4")) == (0, 0, -1, _buffers.HINT_DEFAULT)
-    with pytest.raises(ValueError, match=re.escape("buf is not contiguous (__cuda_array_interface__ strides (4, 8))")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("buf is not contiguous (__cuda_array_interface__ strides (4, 8))"),
+    ):
         _buffers.resolve(CudaArrayLike(0x10000, (2, 3), "<f4", (4, 8)))
-    with pytest.raises(ValueError, match=re.escape("x is not contiguous (__cuda_array_interface__ strides (24, 8))")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("x is not contiguous (__cuda_array_interface__ strides (24, 8))"),
+    ):
         _buffers.resolve(CudaArrayLike(0x10000, (2, 2), "<f8", (24, 8)), "x")
     with pytest.raises(ValueError, match=r"^buf has a null data pointer$"):
         _buffers.resolve(CudaArrayLike(None, (3,), "<f4"))
@@ -253,8 +335,16 @@ def test_resolve_cuda_array_interface():
 
 
 def test_resolve_cuda_array_interface_set_on_the_instance():
-    assert _buffers.resolve(CudaArrayAttr(0x30000, (3, 2), "<f8")) == (0x30000, 48, -1, _buffers.HINT_DEFAULT)
-    with pytest.raises(ValueError, match=re.escape("buf is not contiguous (__cuda_array_interface__ strides (8, 24))")):
+    assert _buffers.resolve(CudaArrayAttr(0x30000, (3, 2), "<f8")) == (
+        0x30000,
+        48,
+        -1,
+        _buffers.HINT_DEFAULT,
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape("buf is not contiguous (__cuda_array_interface__ strides (8, 24))"),
+    ):
         _buffers.resolve(CudaArrayAttr(0x30000, (3, 2), "<f8", (8, 24)))
     # the per-instance protocol must not be cached for the class: a plain instance is refused
     with pytest.raises(TypeError, match=r"got NotABuffer$"):
@@ -284,11 +374,19 @@ def test_resolve_raw_tuple_errors(buf, exc, msg):
 
 
 def test_resolve_raw_tuple():
-    assert _buffers.resolve((0x7F0000001000, 4096)) == (0x7F0000001000, 4096, -2, _buffers.HINT_DEFAULT)
+    assert _buffers.resolve((0x7F0000001000, 4096)) == (
+        0x7F0000001000,
+        4096,
+        -2,
+        _buffers.HINT_DEFAULT,
+    )
     assert _buffers.resolve((0, 0)) == (0, 0, -2, _buffers.HINT_DEFAULT)
 
 
-@pytest.mark.parametrize("buf, tname", [(3.5, "float"), ([1, 2], "list"), ("abc", "str"), (None, "NoneType"), (b"xy", "bytes")])
+@pytest.mark.parametrize(
+    "buf, tname",
+    [(3.5, "float"), ([1, 2], "list"), ("abc", "str"), (None, "NoneType"), (b"xy", "bytes")],
+)
 def test_resolve_unsupported_type(buf, tname):
     msg = (
         "buf must be a torch CUDA tensor, a cupy array, an object with __cuda_array_interface__ "
@@ -300,7 +398,10 @@ def test_resolve_unsupported_type(buf, tname):
 
 def test_resolve_dlpack_cpu_memory_is_refused():
     np = pytest.importorskip("numpy")
-    with pytest.raises(ValueError, match=r"^buf is not CUDA memory \(DLPack device type 1\); NCCL needs device memory$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^buf is not CUDA memory \(DLPack device type 1\); NCCL needs device memory$",
+    ):
         _buffers.resolve(np.zeros(4, np.float32))
     with pytest.raises(ValueError, match=r"^buf is not CUDA memory \(DLPack device type 1\)"):
         _buffers.resolve(DLPackOnly(np.zeros(4)))
@@ -318,7 +419,9 @@ def test_read_capsule_describes_the_tensor():
     assert (info.shape, info.strides) == ((4, 3), (1, 4))
     s = t[1:]
     assert read_capsule(s.__dlpack__()).ptr == s.data_ptr() == t.data_ptr() + 16
-    with pytest.raises(TypeError, match=r"^__dlpack__\(\) did not return an unconsumed 'dltensor' capsule$"):
+    with pytest.raises(
+        TypeError, match=r"^__dlpack__\(\) did not return an unconsumed 'dltensor' capsule$"
+    ):
         read_capsule(object())
 
 
@@ -328,9 +431,16 @@ def test_resolve_dlpack_claiming_cuda_reads_the_capsule():
     torch = pytest.importorskip("torch")
     t = torch.arange(24, dtype=torch.int16).reshape(4, 6)
     # (the device index comes from the capsule's DLDevice, here the CPU tensor's 0)
-    assert _buffers.resolve(DLPackOnly(t, (KDL_CUDA, 3))) == (t.data_ptr(), 48, 0, _buffers.HINT_DEFAULT)
+    assert _buffers.resolve(DLPackOnly(t, (KDL_CUDA, 3))) == (
+        t.data_ptr(),
+        48,
+        0,
+        _buffers.HINT_DEFAULT,
+    )
     assert _buffers.resolve(DLPackOnly(t[1:], (KDL_CUDA, 0)))[:2] == (t.data_ptr() + 12, 36)
-    with pytest.raises(ValueError, match=re.escape("buf is not contiguous (DLPack strides (1, 6))")):
+    with pytest.raises(
+        ValueError, match=re.escape("buf is not contiguous (DLPack strides (1, 6))")
+    ):
         _buffers.resolve(DLPackOnly(t.t(), (KDL_CUDA, 0)))
     with pytest.raises(ValueError, match=r"^buf is not CUDA memory \(DLPack device type 4\)"):
         _buffers.resolve(DLPackOnly(t, (4, 0)))
@@ -369,8 +479,14 @@ def test_stream_handle():
 
 @pytest.mark.parametrize(
     "stream, exc, tname",
-    [(-1, ValueError, None), ("abc", TypeError, "str"), (1.5, TypeError, "float"), (True, TypeError, "bool"),
-     (TorchLikeStream(None), TypeError, "TorchLikeStream"), (CupyLikeStream("x"), TypeError, "CupyLikeStream")],
+    [
+        (-1, ValueError, None),
+        ("abc", TypeError, "str"),
+        (1.5, TypeError, "float"),
+        (True, TypeError, "bool"),
+        (TorchLikeStream(None), TypeError, "TorchLikeStream"),
+        (CupyLikeStream("x"), TypeError, "CupyLikeStream"),
+    ],
 )
 def test_stream_handle_errors(stream, exc, tname):
     if exc is ValueError:
@@ -420,22 +536,42 @@ def test_nccl_dtype_for_torch_dtypes(name):
 def test_nccl_dtype_unsupported(name):
     torch = pytest.importorskip("torch")
     t = torch.empty(3, dtype=getattr(torch, name))
-    msg = f"buf has dtype {name}, which NCCL collectives do not support (supported: {SUPPORTED_LIST})"
+    msg = (
+        f"buf has dtype {name}, which NCCL collectives do not support (supported: {SUPPORTED_LIST})"
+    )
     with pytest.raises(TypeError, match="^" + re.escape(msg) + "$"):
         _buffers.nccl_dtype(t, "buf")
 
 
 def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
     assert _buffers.nccl_dtype((4096, 64), "buf") == (table.DATATYPE["ncclUint8"], 1)
-    assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<f2"), "buf") == (table.DATATYPE["ncclFloat16"], 2)
-    assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<i8"), "buf") == (table.DATATYPE["ncclInt64"], 8)
-    with pytest.raises(TypeError, match=r"^buf has dtype <c8, which NCCL collectives do not support"):
+    assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<f2"), "buf") == (
+        table.DATATYPE["ncclFloat16"],
+        2,
+    )
+    assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<i8"), "buf") == (
+        table.DATATYPE["ncclInt64"],
+        8,
+    )
+    with pytest.raises(
+        TypeError, match=r"^buf has dtype <c8, which NCCL collectives do not support"
+    ):
         _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<c8"), "buf")
     np = pytest.importorskip("numpy")
     # A buffer known only through DLPack keeps its element type (not silently bytes).
-    for npdt, nccl_name, size in [(np.float32, "ncclFloat32", 4), (np.int64, "ncclInt64", 8), (np.uint8, "ncclUint8", 1), (np.float16, "ncclFloat16", 2)]:
-        assert _buffers.nccl_dtype(DLPackOnly(np.zeros(3, npdt)), "buf") == (table.DATATYPE[nccl_name], size)
-    with pytest.raises(TypeError, match=r"^buf has dtype DLPack\(code=5, bits=64, lanes=1\), which NCCL"):
+    for npdt, nccl_name, size in [
+        (np.float32, "ncclFloat32", 4),
+        (np.int64, "ncclInt64", 8),
+        (np.uint8, "ncclUint8", 1),
+        (np.float16, "ncclFloat16", 2),
+    ]:
+        assert _buffers.nccl_dtype(DLPackOnly(np.zeros(3, npdt)), "buf") == (
+            table.DATATYPE[nccl_name],
+            size,
+        )
+    with pytest.raises(
+        TypeError, match=r"^buf has dtype DLPack\(code=5, bits=64, lanes=1\), which NCCL"
+    ):
         _buffers.nccl_dtype(DLPackOnly(np.zeros(3, np.complex64)), "buf")
 
 
@@ -608,7 +744,9 @@ def test_harness_reports_a_failing_rank_with_its_traceback():
     with pytest.raises(gpu_util.RankFailure) as info:
         gpu_util.run_ranks(gpu_util.selftest_job, 3, "raise", timeout=60)
     msg = str(info.value)
-    assert msg.startswith("1 of 3 ranks failed in selftest_job:\nrank 2 raised ValueError: boom from rank 2\n")
+    assert msg.startswith(
+        "1 of 3 ranks failed in selftest_job:\nrank 2 raised ValueError: boom from rank 2\n"
+    )
     assert "Traceback (most recent call last)" in msg and 'raise ValueError(f"boom from rank' in msg
 
 
@@ -617,7 +755,9 @@ def test_harness_kills_ranks_that_hang():
 
     pool = gpu_util.RankPool(2)
     t0 = time.monotonic()
-    with pytest.raises(gpu_util.RankTimeout, match=r"^selftest_job: ranks \[0\] of 2 did not finish within 2 s"):
+    with pytest.raises(
+        gpu_util.RankTimeout, match=r"^selftest_job: ranks \[0\] of 2 did not finish within 2 s"
+    ):
         pool.run(gpu_util.selftest_job, "hang", timeout=2)
     assert time.monotonic() - t0 < 15
     assert pool.broken and not any(pool.alive())
@@ -630,13 +770,18 @@ def test_harness_kills_ranks_that_hang():
     assert time.monotonic() - t0 < 20
     msg = str(info.value)
     assert "rank 0 raised KeyError: 'rank 0 gave up'" in msg
-    assert "ranks [1] had not finished 1 s after the first failure; all rank processes were killed" in msg
+    assert (
+        "ranks [1] had not finished 1 s after the first failure; all rank processes were killed"
+        in msg
+    )
 
 
 def test_harness_reports_a_rank_that_dies():
     from tests import gpu_util
 
-    with pytest.raises(gpu_util.RankFailure, match=r"rank 1 exited \(exit code 3\) without reporting a result"):
+    with pytest.raises(
+        gpu_util.RankFailure, match=r"rank 1 exited \(exit code 3\) without reporting a result"
+    ):
         gpu_util.run_ranks(gpu_util.selftest_job, 2, "die", timeout=60)
 
 
@@ -644,4 +789,6 @@ def test_harness_tcpstore():
     pytest.importorskip("torch")
     from tests import gpu_util
 
-    assert gpu_util.run_ranks(gpu_util.selftest_job, 2, "store", timeout=90) == [b"\x00\xffhello"] * 2
+    assert (
+        gpu_util.run_ranks(gpu_util.selftest_job, 2, "store", timeout=90) == [b"\x00\xffhello"] * 2
+    )

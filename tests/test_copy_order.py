@@ -20,7 +20,7 @@ def _cycles_naive(parent):
             seen.append(u)
             u = parent[u]
         if u >= 0:  # back on the path: the cycle is seen[seen.index(u):]
-            heads.add(min(seen[seen.index(u):]))
+            heads.add(min(seen[seen.index(u) :]))
     return sorted(heads)
 
 
@@ -96,8 +96,11 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
         rv = plan.rank_view(rank)
         for layer in range(layers):
             m = rv.c_layer == layer
-            tc = [(s, d) for s, d, is_new in zip(rv.c_src_row[m], rv.c_dst_row[m], rv.c_src_is_new[m])
-                  if not is_new and unsafe[layer, rank, d]]
+            tc = [
+                (s, d)
+                for s, d, is_new in zip(rv.c_src_row[m], rv.c_dst_row[m], rv.c_src_is_new[m])
+                if not is_new and unsafe[layer, rank, d]
+            ]
             stash, order = _order_copies([(int(s), int(d)) for s, d in tc])
             assert (len(stash), len(order)) == (cycles[layer, rank], count[layer, rank])
 
@@ -139,8 +142,18 @@ def test_row_copies_cover_every_tensor_of_each_row_pair():
     sched = build_schedule(plan, Layout.of([[16, 4]], 4), transactional=False)
     (ro,) = sched.rank(0).rounds
     copies = [op for op in ro.pre + ro.post if isinstance(op, Copies)]
-    got = [list(zip(op.dst_buf.tolist(), op.dst_off.tolist(), op.src_buf.tolist(),
-                    op.src_off.tolist(), op.nbytes.tolist())) for op in copies]
+    got = [
+        list(
+            zip(
+                op.dst_buf.tolist(),
+                op.dst_off.tolist(),
+                op.src_buf.tolist(),
+                op.src_off.tolist(),
+                op.nbytes.tolist(),
+            )
+        )
+        for op in copies
+    ]
     # (dst buffer, dst byte, src buffer, src byte, bytes): row 2 -> 0, then row 2 -> 3, each
     # for the 16-byte tensor (buffer 0) and the 4-byte one (buffer 1)
     assert got == [[(0, 0, 0, 32, 16), (1, 0, 1, 8, 4), (0, 48, 0, 32, 16), (1, 12, 1, 8, 4)]]

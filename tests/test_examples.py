@@ -18,7 +18,10 @@ def test_shuffle_gloo_example_runs_through_make():
     env.pop("FORCE_VENV", None)
     r = subprocess.run(
         ["make", "-s", "-C", str(ROOT), "example", f"PYTHON={sys.executable}"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # the two processes print concurrently: match records, not lines

@@ -28,10 +28,15 @@ def _init(ctx, **comm_kw):
 
     torch.cuda.set_device(ctx.device)
     dist.init_process_group(
-        "nccl", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
-        world_size=ctx.world_size, device_id=torch.device("cuda", ctx.device),
+        "nccl",
+        store=dist.PrefixStore("pg", ctx.store),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device_id=torch.device("cuda", ctx.device),
     )
-    comm = ep.Communicator.from_store(ctx.store, ctx.rank, ctx.world_size, ctx.device, key=ctx.key("uid"), **comm_kw)
+    comm = ep.Communicator.from_store(
+        ctx.store, ctx.rank, ctx.world_size, ctx.device, key=ctx.key("uid"), **comm_kw
+    )
     comm.connect_peers()
     return comm
 
@@ -42,15 +47,23 @@ def _stress_job(ctx, steps, variant):
     cfg = variant_settings(variant)
     comm = _init(ctx, blocking=False, max_ctas=8, timeout=60)
     res = stress_rank(
-        ctx.rank, ctx.world_size, comm, steps=steps, seed=5, lockstep=cfg["lockstep"],
-        step_before_read=cfg["step_before_read"], transport=cfg["transport"],
+        ctx.rank,
+        ctx.world_size,
+        comm,
+        steps=steps,
+        seed=5,
+        lockstep=cfg["lockstep"],
+        step_before_read=cfg["step_before_read"],
+        transport=cfg["transport"],
         log=lambda m: print(f"[rank {ctx.rank}] {m}", flush=True),
     )
     comm.close()
     return res
 
 
-@pytest.mark.parametrize("variant", ["default", "lockstep", "step-after-read", "ipc", "ipc-after-read"])
+@pytest.mark.parametrize(
+    "variant", ["default", "lockstep", "step-after-read", "ipc", "ipc-after-read"]
+)
 def test_async_stress_beside_live_nccl(world_size, variant):
     """default: free-running step() between enqueueing a forward step and reading its
     result; lockstep: step(wait=True) there; step-after-read: free-running, after the read."""
@@ -85,7 +98,9 @@ def _peer_failure_job(ctx, outdir, timeout):
 
     old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
     dev = torch.device("cuda", ctx.device)
-    weights = [[torch.empty((P, 1024, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)]
+    weights = [
+        [torch.empty((P, 1024, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)
+    ]
     _fill(torch, weights, old, rank, P)
     torch.cuda.synchronize()
     sh = ep.ExpertShuffler(ep.NcclTransport(comm), weights)
@@ -112,13 +127,19 @@ def _peer_failure_job(ctx, outdir, timeout):
     except ep.RearrangeError as e2:
         again = str(e2) == str(err)
     res = {
-        "rank": rank, "elapsed": elapsed, "error": None if err is None else str(err),
+        "rank": rank,
+        "elapsed": elapsed,
+        "error": None if err is None else str(err),
         "completed": None if err is None else err.completed_layers,
         "pending": None if err is None else err.pending_layers,
-        "peers": None if err is None else err.peers, "state": state, "again": again,
+        "peers": None if err is None else err.peers,
+        "state": state,
+        "again": again,
         "comm_closed": comm.closed,
         "unchanged_here": [
-            l for l in range(layers) if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
+            l
+            for l in range(layers)
+            if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
         ],
     }
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
@@ -130,7 +151,9 @@ def _peer_failure_job(ctx, outdir, timeout):
 def test_peer_dies_mid_rearrangement(world_size, tmp_path):
     timeout = 5.0
     with pytest.raises(RankFailure) as info:
-        run_ranks(_peer_failure_job, world_size, str(tmp_path), timeout, timeout=100, grace=timeout + 20)
+        run_ranks(
+            _peer_failure_job, world_size, str(tmp_path), timeout, timeout=100, grace=timeout + 20
+        )
     msg = str(info.value)
     victim = world_size - 1
     assert f"1 of {world_size} ranks failed" in msg

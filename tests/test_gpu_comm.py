@@ -405,7 +405,9 @@ def _job_p2p_and_prepared(ctx):
     for p in peers:
         _assert_bytes(y[p], _payload(_seed(22, p * n + r), N), f"prepared in a group from {p}")
     left = (r - 1) % n
-    left_first = ([q for q in range(n) if q != left] or [left])[0]  # what left sent: its x[peers[0]]
+    left_first = ([q for q in range(n) if q != left] or [left])[
+        0
+    ]  # what left sent: its x[peers[0]]
     _assert_bytes(z, _payload(_seed(22, left * n + left_first), N), "ring beside")
     # bad input is refused by prepare_p2p, naming the entry; nothing is issued
     try:
@@ -447,7 +449,10 @@ def _job_captured_batch(ctx):
     g2.launch()
     torch.cuda.synchronize(dev)
     g2.release()
-    with pytest.raises(CommunicatorStateError, match=r"^this captured batch was released \(released by the caller\); capture it again$"):
+    with pytest.raises(
+        CommunicatorStateError,
+        match=r"^this captured batch was released \(released by the caller\); capture it again$",
+    ):
         g2.launch()
     with pytest.raises(RuntimeError, match=r"^capture\(\) cannot run inside group\(\)"):
         with group():
@@ -458,7 +463,9 @@ def _job_captured_batch(ctx):
     # aborted releases its graphs too
     out = {}
     for how in ("close", "abort"):
-        c = Communicator.from_store(ctx.store, r, n, device=dev, key=ctx.key(f"graph-{how}"), timeout=60)
+        c = Communicator.from_store(
+            ctx.store, r, n, device=dev, key=ctx.key(f"graph-{how}"), timeout=60
+        )
         b = c.prepare_p2p(sends, recvs)
         b.launch()
         torch.cuda.synchronize(dev)
@@ -470,7 +477,10 @@ def _job_captured_batch(ctx):
         out[how] = time.monotonic() - t0
         assert gg.released
         word = "closed" if how == "close" else "aborted"
-        with pytest.raises(CommunicatorStateError, match=f"^this captured batch was released \\(its communicator was {word}\\); capture it again$"):
+        with pytest.raises(
+            CommunicatorStateError,
+            match=f"^this captured batch was released \\(its communicator was {word}\\); capture it again$",
+        ):
             gg.launch()
     g.release()
     return True
@@ -529,9 +539,13 @@ def _job_cupy(ctx):
                 comm.recv(d, left)
         comm.wait(stream=s2, timeout=30)  # a cupy stream handed to wait()
         s2_done = s2.done
-        assert np.array_equal(cp.asnumpy(d), np_payload(13, left, (33, 21), np.int32)), "cupy F-order"
+        assert np.array_equal(cp.asnumpy(d), np_payload(13, left, (33, 21), np.int32)), (
+            "cupy F-order"
+        )
         # a non-contiguous cupy array is refused before NCCL
-        with pytest.raises(ValueError, match=r"^buf is not contiguous \(shape \(60, 25\), strides \(200, 8\)\)$"):
+        with pytest.raises(
+            ValueError, match=r"^buf is not contiguous \(shape \(60, 25\), strides \(200, 8\)\)$"
+        ):
             comm.send(a[:, ::2], right)
         # a cupy collective keeps its dtype
         e = cp.full((8,), r + 1, dtype=cp.int64)
@@ -597,7 +611,11 @@ def _job_collectives(ctx):
     comm.all_reduce(avg, op="avg")
     comm.all_reduce(bf)
     comm.wait(timeout=30)
-    out["prod"], out["avg"], out["bf16"] = p.cpu().tolist(), avg.cpu().tolist(), bf.float().cpu().tolist()
+    out["prod"], out["avg"], out["bf16"] = (
+        p.cpu().tolist(),
+        avg.cpu().tolist(),
+        bf.float().cpu().tolist(),
+    )
     g = torch.arange(5, dtype=torch.int32, device=dev) + 100 * r
     gathered = torch.full((5 * n,), -1, dtype=torch.int32, device=dev)
     comm.all_gather(g, gathered)
@@ -609,7 +627,11 @@ def _job_collectives(ctx):
     comm.wait(timeout=30)
     out["gather"], out["bcast"] = gathered.cpu().tolist(), b.cpu().tolist()
     for q in range(n):
-        _assert_bytes(f8_all[64 * q : 64 * (q + 1)], _payload(_seed(16, q), 64, "float8_e4m3fn"), f"fp8 all_gather part {q}")
+        _assert_bytes(
+            f8_all[64 * q : 64 * (q + 1)],
+            _payload(_seed(16, q), 64, "float8_e4m3fn"),
+            f"fp8 all_gather part {q}",
+        )
     # two collectives fused in one group
     u = torch.full((3,), float(r + 1), device=dev)
     v = torch.full((3,), float(r + 1), device=dev)
@@ -620,14 +642,37 @@ def _job_collectives(ctx):
     out["group"] = [u.cpu().tolist(), v.cpu().tolist()]
     # argument errors, raised before NCCL
     errs = [
-        (lambda: comm.all_reduce(x, op="bogus"), ValueError, "op must be one of ['avg', 'max', 'min', 'prod', 'sum'], got 'bogus'"),
-        (lambda: comm.all_reduce(x, out=torch.empty(16, dtype=torch.float64, device=dev)), TypeError, "out must have the same dtype as buf"),
-        (lambda: comm.all_reduce(x, out=torch.empty(8, device=dev)), ValueError, "out has 32 bytes but buf has 64"),
-        (lambda: comm.all_gather(g, torch.empty(5 * n + 1, dtype=torch.int32, device=dev)), ValueError,
-         f"out has {4 * (5 * n + 1)} bytes; all_gather needs world_size * 20 = {20 * n}"),
+        (
+            lambda: comm.all_reduce(x, op="bogus"),
+            ValueError,
+            "op must be one of ['avg', 'max', 'min', 'prod', 'sum'], got 'bogus'",
+        ),
+        (
+            lambda: comm.all_reduce(x, out=torch.empty(16, dtype=torch.float64, device=dev)),
+            TypeError,
+            "out must have the same dtype as buf",
+        ),
+        (
+            lambda: comm.all_reduce(x, out=torch.empty(8, device=dev)),
+            ValueError,
+            "out has 32 bytes but buf has 64",
+        ),
+        (
+            lambda: comm.all_gather(g, torch.empty(5 * n + 1, dtype=torch.int32, device=dev)),
+            ValueError,
+            f"out has {4 * (5 * n + 1)} bytes; all_gather needs world_size * 20 = {20 * n}",
+        ),
         (lambda: comm.broadcast(b, root=n), ValueError, f"root must be in [0, {n}), got {n}"),
-        (lambda: comm.all_reduce(torch.ones(4, dtype=torch.bool, device=dev)), TypeError, "buf has dtype bool, which NCCL collectives do not support"),
-        (lambda: comm.all_reduce(torch.ones(4)), ValueError, "buf is a CPU tensor; NCCL needs a CUDA tensor (got device cpu)"),
+        (
+            lambda: comm.all_reduce(torch.ones(4, dtype=torch.bool, device=dev)),
+            TypeError,
+            "buf has dtype bool, which NCCL collectives do not support",
+        ),
+        (
+            lambda: comm.all_reduce(torch.ones(4)),
+            ValueError,
+            "buf is a CPU tensor; NCCL needs a CUDA tensor (got device cpu)",
+        ),
     ]
     for call, exc, msg in errs:
         with pytest.raises(exc, match="^" + re.escape(msg)):
@@ -671,8 +716,12 @@ def _job_validation(ctx):
             call()
 
     for bad in (n, -1, n + 7):
-        raises(ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.send(x, bad))
-        raises(ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.recv(x, bad))
+        raises(
+            ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.send(x, bad)
+        )
+        raises(
+            ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.recv(x, bad)
+        )
     for bad, tname in (("1", "str"), (True, "bool"), (1.0, "float"), (None, "NoneType")):
         raises(TypeError, f"peer must be an int, got {tname}", lambda bad=bad: comm.send(x, bad))
     noncontig = torch.arange(12, dtype=torch.float32, device=dev).view(3, 4).t()
@@ -682,7 +731,12 @@ def _job_validation(ctx):
     bad_bufs = [(noncontig, nc_msg), (cpu, cpu_msg)]
     if ndev >= 2:
         other = (dev + 1) % ndev
-        bad_bufs.append((torch.zeros(64, device=other), f"buf is on cuda:{other} but this communicator is on cuda:{dev}"))
+        bad_bufs.append(
+            (
+                torch.zeros(64, device=other),
+                f"buf is on cuda:{other} but this communicator is on cuda:{dev}",
+            )
+        )
     for buf, msg in bad_bufs:
         raises(ValueError, msg, lambda buf=buf: comm.send(buf, right))
         raises(ValueError, msg, lambda buf=buf: comm.recv(buf, left))
@@ -758,7 +812,9 @@ def _job_abort_and_wait_timeout(ctx):
         return len(calls) + 1
 
     # wait() past its timeout aborts the communicator
-    c2 = Communicator.from_store(ctx.store, r, n, device=dev, key=ctx.key("wait-timeout"), timeout=60)
+    c2 = Communicator.from_store(
+        ctx.store, r, n, device=dev, key=ctx.key("wait-timeout"), timeout=60
+    )
     _ring(ctx, c2, 23)
     torch.cuda._sleep(SLEEP_CYCLES * 30)  # ~3 s of work on the current stream
     t0 = time.monotonic()
@@ -818,7 +874,9 @@ def _job_close(ctx):
     assert repr(c5).endswith("state=closed)")
     # ... abort on an exception
     with pytest.raises(RuntimeError, match="^inside$"):
-        with Communicator.from_store(ctx.store, r, n, device=dev, key=ctx.key("cm2"), timeout=60) as c6:
+        with Communicator.from_store(
+            ctx.store, r, n, device=dev, key=ctx.key("cm2"), timeout=60
+        ) as c6:
             raise RuntimeError("inside")
     assert repr(c6).endswith("state=aborted)")
     _ring(ctx, comm, 28)
@@ -874,7 +932,9 @@ def _job_init_timeout(ctx):
         raise AssertionError("a non-blocking init whose peer never joins did not time out")
     elapsed = time.monotonic() - t0
     c = made[0]
-    with pytest.raises(CommunicatorStateError, match="^" + re.escape(STATE_MSG.format("aborted")) + "$"):
+    with pytest.raises(
+        CommunicatorStateError, match="^" + re.escape(STATE_MSG.format("aborted")) + "$"
+    ):
         c.send((4096, 0), 1)
     return {
         "elapsed": elapsed,
@@ -922,7 +982,9 @@ def test_grouped_all_pairs_many_ops(pool, world_size):
     res = pool.run(_job_all_pairs, ops, timeout=JOB_TIMEOUT)
     for rank, r in enumerate(res):
         assert r["ops"] == 2 * ops * world_size
-        assert r["bytes_received"] == sum(_pair_size(p, rank, k) for p in range(world_size) for k in range(ops))
+        assert r["bytes_received"] == sum(
+            _pair_size(p, rank, k) for p in range(world_size) for k in range(ops)
+        )
 
 
 def test_self_send_inside_a_group(pool, world_size):
@@ -1012,7 +1074,11 @@ def test_close_and_context_manager(pool, world_size):
 
 def test_nonblocking_communicator(pool, world_size):
     res = pool.run(_job_nonblocking, timeout=JOB_TIMEOUT)
-    assert res == [{"blocking": False, "closed": False, "async_error": None, "closed_after": True}] * world_size
+    assert (
+        res
+        == [{"blocking": False, "closed": False, "async_error": None, "closed_after": True}]
+        * world_size
+    )
 
 
 @pytest.mark.gpu(gpus=1)

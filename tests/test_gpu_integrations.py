@@ -102,7 +102,9 @@ def test_layer_loop_on_cuda(gloo1):
     c = _impl(gloo1)
     old = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
     new = np.array([[5, 3, 1, 0, 2, 4], [0, 0, 1, 2, 3, 5]])
-    ws = make_weights(torch, [[((16, 8), torch.bfloat16), ((3,), torch.float32)]] * 2, old, 0, 1, "cuda")
+    ws = make_weights(
+        torch, [[((16, 8), torch.bfloat16), ((3,), torch.float32)]] * 2, old, 0, 1, "cuda"
+    )
     ptrs = [t.data_ptr() for l in ws for t in l]
     stats = rearrange_expert_weights_inplace(
         torch.from_numpy(old).cuda(), torch.from_numpy(new), ws, None, gloo1, c

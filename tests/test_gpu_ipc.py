@@ -19,7 +19,12 @@ from tests.gpu_util import RankFailure, run_ranks
 pytestmark = pytest.mark.gpu(gpus=1)
 
 SPECS = [
-    [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"), ((2, 4), "float32"), ((4, 2), "float32")],
+    [
+        ((64, 112), "float8_e4m3fn"),
+        ((112, 32), "float8_e4m3fn"),
+        ((2, 4), "float32"),
+        ((4, 2), "float32"),
+    ],
     [((96, 64), "bfloat16"), ((64, 48), "bfloat16")],
     [((300,), "float32")],
 ]
@@ -38,8 +43,9 @@ def _transport(ctx, timeout=30.0):
     import eplb_pynccl as ep
 
     torch.cuda.set_device(ctx.device)
-    return ep.IpcTransport(ctx.rank, ctx.world_size, ctx.store, device=ctx.device,
-                           key=ctx.key("ipc"), timeout=timeout)
+    return ep.IpcTransport(
+        ctx.rank, ctx.world_size, ctx.store, device=ctx.device, key=ctx.key("ipc"), timeout=timeout
+    )
 
 
 def _ipc_job(ctx, seed, rearrangements):
@@ -66,7 +72,9 @@ def _ipc_job(ctx, seed, rearrangements):
         _, nxt = random_maps(rng, len(specs), num_logical, n, P, empty_frac=0.1)
         for layer in range(len(specs)):  # nxt may only need experts cur holds
             held = set(cur[layer][cur[layer] >= 0].tolist())
-            bad = [s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held]
+            bad = [
+                s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held
+            ]
             nxt[layer, bad] = cur[layer, bad]
         sh = shufflers["transactional"]
         if k % 2:
@@ -80,9 +88,16 @@ def _ipc_job(ctx, seed, rearrangements):
             stats = h.stats
         else:
             stats = sh.rearrange(cur, nxt, verify=True)
-        out.append({"bad": check_weights(torch, weights, nxt, rank, n), "rounds": stats.rounds,
-                    "sent": stats.bytes_sent, "recv": stats.bytes_received,
-                    "peak": stats.peak_extra_bytes, "bound": stats.staging_bound})
+        out.append(
+            {
+                "bad": check_weights(torch, weights, nxt, rank, n),
+                "rounds": stats.rounds,
+                "sent": stats.bytes_sent,
+                "recv": stats.bytes_received,
+                "peak": stats.peak_extra_bytes,
+                "bound": stats.staging_bound,
+            }
+        )
         cur = nxt
     kept = ptrs == [[w.data_ptr() for w in ws] for ws in weights]
     opened = len(t._opened)
@@ -111,7 +126,9 @@ def test_ipc_random_rearrangements_exact(procs):
             assert r["peak"] <= r["bound"]
         assert opened >= procs - 1  # at least one allocation of every peer mapped
         assert after == {"opened": 0, "events": 0, "peers": 0}  # close() released everything
-        assert refused == "CommunicatorStateError: this IpcTransport is closed; make a new one", refused
+        assert refused == "CommunicatorStateError: this IpcTransport is closed; make a new one", (
+            refused
+        )
 
 
 def _ipc_nontransactional_job(ctx, seed):
@@ -152,7 +169,9 @@ def _ipc_failure_job(ctx, outdir, timeout):
     layers, P = 6, 8
     old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
     dev = torch.device("cuda", ctx.device)
-    weights = [[torch.empty((P, 256, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)]
+    weights = [
+        [torch.empty((P, 256, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)
+    ]
     _fill(torch, weights, old, rank, P)
     torch.cuda.synchronize()
     sh = ep.ExpertShuffler(t, weights, staging_bytes=3 * P * 256 * 1024 * 2)  # several rounds
@@ -181,13 +200,19 @@ def _ipc_failure_job(ctx, outdir, timeout):
         again = str(e2) == str(err)
     t.close()
     res = {
-        "rank": rank, "elapsed": elapsed, "error": None if err is None else str(err),
+        "rank": rank,
+        "elapsed": elapsed,
+        "error": None if err is None else str(err),
         "completed": None if err is None else err.completed_layers,
         "pending": None if err is None else err.pending_layers,
-        "peers": None if err is None else err.peers, "state": state, "again": again,
+        "peers": None if err is None else err.peers,
+        "state": state,
+        "again": again,
         "released": len(t._opened) == 0 and len(t._events) == 0,
         "unchanged_here": [
-            l for l in range(layers) if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
+            l
+            for l in range(layers)
+            if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
         ],
     }
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
@@ -199,8 +224,15 @@ def _ipc_failure_job(ctx, outdir, timeout):
 def test_ipc_peer_dies_mid_round(procs, tmp_path):
     timeout = 5.0
     with pytest.raises(RankFailure) as info:
-        run_ranks(_ipc_failure_job, procs, str(tmp_path), timeout, timeout=100, grace=timeout + 20,
-                  devices=_devices(procs))
+        run_ranks(
+            _ipc_failure_job,
+            procs,
+            str(tmp_path),
+            timeout,
+            timeout=100,
+            grace=timeout + 20,
+            devices=_devices(procs),
+        )
     msg = str(info.value)
     victim = procs - 1
     assert f"1 of {procs} ranks failed" in msg

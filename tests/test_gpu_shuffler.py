@@ -14,9 +14,19 @@ pytestmark = pytest.mark.gpu
 
 # DeepSeek-V3-like (fp8 w13/w2 + fp32 block scales), scaled down, and Qwen3-like bf16.
 SPECS = [
-    [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"), ((2, 4), "float32"), ((4, 2), "float32")],
+    [
+        ((64, 112), "float8_e4m3fn"),
+        ((112, 32), "float8_e4m3fn"),
+        ((2, 4), "float32"),
+        ((4, 2), "float32"),
+    ],
     [((96, 64), "bfloat16"), ((64, 48), "bfloat16")],
-    [((64, 112), "float8_e4m3fn"), ((112, 32), "float8_e4m3fn"), ((2, 4), "float32"), ((4, 2), "float32")],
+    [
+        ((64, 112), "float8_e4m3fn"),
+        ((112, 32), "float8_e4m3fn"),
+        ((2, 4), "float32"),
+        ((4, 2), "float32"),
+    ],
 ]
 
 
@@ -27,8 +37,11 @@ def _pg(ctx):
     torch.cuda.set_device(ctx.device)
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
-            world_size=ctx.world_size, device_id=torch.device("cuda", ctx.device),
+            "nccl",
+            store=dist.PrefixStore("pg", ctx.store),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device_id=torch.device("cuda", ctx.device),
         )
 
 
@@ -55,7 +68,11 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
     # written on the current stream, not synchronised: the shuffler must order after it
     weights = make_weights(torch, specs, cur, rank, n, dev)
     ptrs = [[t.data_ptr() for t in ws] for ws in weights]
-    kw = {"transactional": transactional, "pack_threshold": pack_threshold, "max_messages_per_round": max_messages}
+    kw = {
+        "transactional": transactional,
+        "pack_threshold": pack_threshold,
+        "max_messages_per_round": max_messages,
+    }
     if staging_bytes:
         kw["staging_bytes"] = staging_bytes
     sh = ep.ExpertShuffler(transport, weights, **kw)
@@ -64,7 +81,9 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
         _, nxt = random_maps(rng, len(specs), num_logical, n, P, empty_frac=0.05)
         for layer in range(len(specs)):  # nxt may only need experts cur holds
             held = set(cur[layer][cur[layer] >= 0].tolist())
-            bad = [s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held]
+            bad = [
+                s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held
+            ]
             nxt[layer, bad] = cur[layer, bad]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -72,12 +91,18 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
         side = torch.cuda.Stream(dev)
         stats = sh.rearrange(cur, nxt, verify=True, stream=side)
         peak = torch.cuda.max_memory_allocated(dev) - base
-        out.append({
-            "bad": check_weights(torch, weights, nxt, rank, n),
-            "peak": peak, "staging": stats.peak_extra_bytes, "bound": stats.staging_bound,
-            "explicit": sh.staging_bytes if staging_bytes else None,
-            "rounds": stats.rounds, "sent": stats.bytes_sent, "recv": stats.bytes_received,
-        })
+        out.append(
+            {
+                "bad": check_weights(torch, weights, nxt, rank, n),
+                "peak": peak,
+                "staging": stats.peak_extra_bytes,
+                "bound": stats.staging_bound,
+                "explicit": sh.staging_bytes if staging_bytes else None,
+                "rounds": stats.rounds,
+                "sent": stats.bytes_sent,
+                "recv": stats.bytes_received,
+            }
+        )
         cur = nxt
     kept = ptrs == [[t.data_ptr() for t in ws] for ws in weights]
     if comm is not None:

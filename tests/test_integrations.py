@@ -31,7 +31,11 @@ def test_without_vllm_every_entry_point_says_what_it_needs():
         with pytest.raises(ImportError) as e:
             call()
         assert str(e.value) == msg
-    assert (V.BACKEND, V.POLICY, V.TESTED_VLLM_VERSIONS) == ("eplb_pynccl", "eplb_pynccl", ("0.33.0",))
+    assert (V.BACKEND, V.POLICY, V.TESTED_VLLM_VERSIONS) == (
+        "eplb_pynccl",
+        "eplb_pynccl",
+        ("0.33.0",),
+    )
 
 
 def test_runs_join_consecutive_sender_rows_only():

@@ -25,21 +25,56 @@ class _Store:
         return b""
 
 
-@pytest.mark.parametrize("kwargs, exc, msg", [
-    ({"rank": 0, "world_size": 2}, ValueError, "IpcTransport needs a store (set/get) or a communicator for its set-up"),
-    ({"rank": 0, "world_size": 2, "store": object()}, TypeError, "store must have set() and get(), got object"),
-    ({"rank": "0", "world_size": 2, "store": _Store()}, TypeError, "rank must be an int, got str"),
-    ({"rank": 0, "world_size": 0, "store": _Store()}, ValueError, "world_size must be >= 1, got 0"),
-    ({"rank": 2, "world_size": 2, "store": _Store()}, ValueError, "rank must be in [0, 2), got 2"),
-    ({"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 3}, ValueError,
-     "ranks_per_node (3) is more than world_size (2)"),
-    ({"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 0}, ValueError,
-     "ranks_per_node must be a positive int, got 0"),
-    ({"rank": 0, "world_size": 2, "store": _Store(), "timeout": -1}, ValueError,
-     "timeout must be a positive number of seconds, got -1"),
-    ({"rank": 0, "world_size": 2, "store": _Store(), "communicator": "c"}, TypeError,
-     "communicator must be an eplb_pynccl.Communicator, got str"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (
+            {"rank": 0, "world_size": 2},
+            ValueError,
+            "IpcTransport needs a store (set/get) or a communicator for its set-up",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": object()},
+            TypeError,
+            "store must have set() and get(), got object",
+        ),
+        (
+            {"rank": "0", "world_size": 2, "store": _Store()},
+            TypeError,
+            "rank must be an int, got str",
+        ),
+        (
+            {"rank": 0, "world_size": 0, "store": _Store()},
+            ValueError,
+            "world_size must be >= 1, got 0",
+        ),
+        (
+            {"rank": 2, "world_size": 2, "store": _Store()},
+            ValueError,
+            "rank must be in [0, 2), got 2",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 3},
+            ValueError,
+            "ranks_per_node (3) is more than world_size (2)",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 0},
+            ValueError,
+            "ranks_per_node must be a positive int, got 0",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "timeout": -1},
+            ValueError,
+            "timeout must be a positive number of seconds, got -1",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "communicator": "c"},
+            TypeError,
+            "communicator must be an eplb_pynccl.Communicator, got str",
+        ),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_cuda_call(kwargs, exc, msg):
     with pytest.raises(exc) as info:
         IpcTransport(**kwargs)
@@ -50,7 +85,9 @@ def test_bad_arguments_are_refused_before_any_cuda_call(kwargs, exc, msg):
 def test_without_a_gpu_the_error_says_so():
     with pytest.raises(RuntimeError) as info:
         IpcTransport(0, 2, _Store())
-    assert str(info.value) == f"IpcTransport needs a GPU and its driver: {cuda.unavailable_reason()}"
+    assert (
+        str(info.value) == f"IpcTransport needs a GPU and its driver: {cuda.unavailable_reason()}"
+    )
 
 
 # ---- the protocol on a virtual node ----------------------------------------------------------
@@ -84,8 +121,10 @@ class _Rank:
 def _run(seed: int, n: int, rounds: int, p_edge: float):
     rng = np.random.default_rng(seed)
     # per round: who pulls from whom (a directed graph over the node's ranks)
-    graph = [[[p for p in range(n) if p != r and rng.random() < p_edge] for r in range(n)]
-             for _ in range(rounds)]
+    graph = [
+        [[p for p in range(n) if p != r and rng.random() < p_edge] for r in range(n)]
+        for _ in range(rounds)
+    ]
     ranks = [_Rank(r) for r in range(n)]
     now = [0]
     log = []
@@ -121,7 +160,9 @@ def _run(seed: int, n: int, rounds: int, p_edge: float):
                 return True
             return False
 
-        return RoundProtocol(sources, readers, peer_ready, peer_done, pull, finish, local_done), readers
+        return RoundProtocol(
+            sources, readers, peer_ready, peer_done, pull, finish, local_done
+        ), readers
 
     readers_of = {}
     for _ in range(200_000):
@@ -151,7 +192,12 @@ def _run(seed: int, n: int, rounds: int, p_edge: float):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 6), st.sampled_from([0.0, 0.3, 1.0]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.sampled_from([0.0, 0.3, 1.0]),
+)
 def test_round_protocol_orders_pulls_and_overwrites(seed, n, rounds, p_edge):
     _run(seed, n, rounds, p_edge)
 
@@ -159,15 +205,29 @@ def test_round_protocol_orders_pulls_and_overwrites(seed, n, rounds, p_edge):
 def test_round_protocol_waits_for_a_slow_reader():
     # rank 0's rows are read by rank 1; until rank 1's pulls have landed rank 0 must not apply
     state = {"ready1": False, "done1": False, "pulled": []}
-    proto = RoundProtocol([], [1], lambda p, q: True, lambda p, q: state["done1"], state["pulled"].append,
-                          lambda: None, lambda: True)
+    proto = RoundProtocol(
+        [],
+        [1],
+        lambda p, q: True,
+        lambda p, q: state["done1"],
+        state["pulled"].append,
+        lambda: None,
+        lambda: True,
+    )
     proto.start(1)
     assert proto.poll() is False
     state["done1"] = True
     assert proto.poll() is True
     # a puller waits for its source
-    proto = RoundProtocol([0], [], lambda p, q: state["ready1"], lambda p, q: True, state["pulled"].append,
-                          lambda: None, lambda: True)
+    proto = RoundProtocol(
+        [0],
+        [],
+        lambda p, q: state["ready1"],
+        lambda p, q: True,
+        state["pulled"].append,
+        lambda: None,
+        lambda: True,
+    )
     proto.start(1)
     assert proto.poll() is False and state["pulled"] == []
     state["ready1"] = True

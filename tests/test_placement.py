@@ -142,8 +142,16 @@ def test_deepseek_is_a_placement(case):
 def test_figures_match_recomputation_and_the_planner(case, policy):
     loads, N, ep, nodes, groups, old = case
     row_bytes = 1000
-    res = rebalance(loads, N, ep, old_map=old, num_nodes=nodes, num_groups=groups,
-                    policy=policy, row_bytes=row_bytes)
+    res = rebalance(
+        loads,
+        N,
+        ep,
+        old_map=old,
+        num_nodes=nodes,
+        num_groups=groups,
+        policy=policy,
+        row_bytes=row_bytes,
+    )
     check_placement(res, loads, N, ep)
     np.testing.assert_allclose(res.old_imbalance, direct_imbalance(old, loads, ep), rtol=1e-9)
     recv, inter = direct_received(old, res.new_map, ep, nodes)
@@ -198,8 +206,12 @@ def test_relabelled_reference_moves_no_more_than_deepseek(case):
     rel = rebalance(loads, N, ep, policy="deepseek_relabelled", **kw)
     P = N // ep
     for layer in range(loads.shape[0]):
-        packs_ds = sorted(sorted(ds.new_map[layer, r * P : (r + 1) * P].tolist()) for r in range(ep))
-        packs_rel = sorted(sorted(rel.new_map[layer, r * P : (r + 1) * P].tolist()) for r in range(ep))
+        packs_ds = sorted(
+            sorted(ds.new_map[layer, r * P : (r + 1) * P].tolist()) for r in range(ep)
+        )
+        packs_rel = sorted(
+            sorted(rel.new_map[layer, r * P : (r + 1) * P].tolist()) for r in range(ep)
+        )
         assert packs_ds == packs_rel
         key = lambda r: (  # noqa: E731
             int(r.internode_received[layer].sum()),
@@ -266,8 +278,9 @@ def test_balanced_old_map_is_kept(case):
     assert np.array_equal(res.new_map, old)
     assert (res.slots_changed == 0).all() and res.bytes_received_max == 0
     assert set(res.layer_source) == {"kept"}
-    loose = rebalance(loads, N, ep, old_map=make_old(rng, *loads.shape, N), max_imbalance=float(ep),
-                      **kw)
+    loose = rebalance(
+        loads, N, ep, old_map=make_old(rng, *loads.shape, N), max_imbalance=float(ep), **kw
+    )
     assert (loose.slots_changed == 0).all()  # imbalance can never exceed ep
 
 
@@ -369,8 +382,9 @@ def test_torch_inputs():
     loads = make_loads(rng, 2, 8, "heavy")
     old = make_old(rng, 2, 8, 12)
     a = rebalance(loads, 12, 4, old_map=old)
-    b = rebalance(torch.tensor(loads, dtype=torch.bfloat16).float().double(), 12, 4,
-                  old_map=torch.tensor(old))
+    b = rebalance(
+        torch.tensor(loads, dtype=torch.bfloat16).float().double(), 12, 4, old_map=torch.tensor(old)
+    )
     c = rebalance(torch.tensor(loads), 12, 4, old_map=torch.tensor(old))
     assert np.array_equal(a.new_map, c.new_map)
     assert b.new_map.shape == (2, 12)
@@ -420,39 +434,123 @@ L0 = np.ones((2, 4))
 OLD0 = np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 2, 2]])
 
 BAD = [
-    (dict(loads=np.ones(4)), ValueError, "loads must be 2-D [num_layers, num_logical], got shape (4,)"),
-    (dict(loads=np.ones((0, 4))), ValueError, "loads must have at least one layer and one expert, got shape (0, 4)"),
-    (dict(loads=np.array([["a", "b"]])), TypeError, "loads must be an integer or float array, got <U1"),
-    (dict(loads=np.array([[1.0, np.nan, 1, 1], [1, 1, 1, 1]])), ValueError, "loads: layer 0, expert 1 is nan; loads must be finite"),
-    (dict(loads=np.array([[1.0, 1, 1, 1], [1, 1, np.inf, 1]])), ValueError, "loads: layer 1, expert 2 is inf; loads must be finite"),
-    (dict(loads=np.array([[1.0, 1, 1, 1], [1, -2, 1, 1]])), ValueError, "loads: layer 1, expert 1 is -2.0; loads must be >= 0"),
+    (
+        dict(loads=np.ones(4)),
+        ValueError,
+        "loads must be 2-D [num_layers, num_logical], got shape (4,)",
+    ),
+    (
+        dict(loads=np.ones((0, 4))),
+        ValueError,
+        "loads must have at least one layer and one expert, got shape (0, 4)",
+    ),
+    (
+        dict(loads=np.array([["a", "b"]])),
+        TypeError,
+        "loads must be an integer or float array, got <U1",
+    ),
+    (
+        dict(loads=np.array([[1.0, np.nan, 1, 1], [1, 1, 1, 1]])),
+        ValueError,
+        "loads: layer 0, expert 1 is nan; loads must be finite",
+    ),
+    (
+        dict(loads=np.array([[1.0, 1, 1, 1], [1, 1, np.inf, 1]])),
+        ValueError,
+        "loads: layer 1, expert 2 is inf; loads must be finite",
+    ),
+    (
+        dict(loads=np.array([[1.0, 1, 1, 1], [1, -2, 1, 1]])),
+        ValueError,
+        "loads: layer 1, expert 1 is -2.0; loads must be >= 0",
+    ),
     (dict(loads=[[1, 2], [3]]), ValueError, "loads must be a 2-D array of numbers:"),
-    (dict(num_physical=3), ValueError, "num_physical (3) must be >= the number of logical experts (4, the second dimension of loads)"),
-    (dict(num_physical=6, ep_size=4), ValueError, "num_physical (6) is not divisible by ep_size (4)"),
+    (
+        dict(num_physical=3),
+        ValueError,
+        "num_physical (3) must be >= the number of logical experts (4, the second dimension of loads)",
+    ),
+    (
+        dict(num_physical=6, ep_size=4),
+        ValueError,
+        "num_physical (6) is not divisible by ep_size (4)",
+    ),
     (dict(num_physical=0), ValueError, "num_physical must be >= 1, got 0"),
     (dict(num_physical=6.0), TypeError, "num_physical must be an int, got float"),
     (dict(ep_size=True), TypeError, "ep_size must be an int, got bool"),
     (dict(ep_size=0), ValueError, "ep_size must be >= 1, got 0"),
     (dict(num_nodes=4), ValueError, "ep_size (2) is not divisible by num_nodes (4)"),
     (dict(num_nodes=0), ValueError, "num_nodes must be >= 1, got 0"),
-    (dict(num_groups=3), ValueError, "the number of logical experts (4, loads.shape[1]) is not divisible by num_groups (3)"),
+    (
+        dict(num_groups=3),
+        ValueError,
+        "the number of logical experts (4, loads.shape[1]) is not divisible by num_groups (3)",
+    ),
     (dict(num_groups=0), ValueError, "num_groups must be >= 1, got 0"),
-    (dict(policy="vllm"), ValueError, "policy must be one of deepseek, deepseek_relabelled, migration_aware, got 'vllm'"),
+    (
+        dict(policy="vllm"),
+        ValueError,
+        "policy must be one of deepseek, deepseek_relabelled, migration_aware, got 'vllm'",
+    ),
     (dict(policy=1), TypeError, "policy must be a str or None, got int"),
-    (dict(policy="migration_aware", old_map=None), ValueError, "policy 'migration_aware' needs old_map (the current placement)"),
-    (dict(policy="deepseek_relabelled", old_map=None), ValueError, "policy 'deepseek_relabelled' needs old_map (the current placement)"),
-    (dict(old_map=OLD0[:1]), ValueError, "old_map must have shape (2, 6) (loads' layers x num_physical), got (1, 6)"),
-    (dict(old_map=OLD0[0]), ValueError, "old_map must be 2-D [num_layers, num_physical], got shape (6,)"),
+    (
+        dict(policy="migration_aware", old_map=None),
+        ValueError,
+        "policy 'migration_aware' needs old_map (the current placement)",
+    ),
+    (
+        dict(policy="deepseek_relabelled", old_map=None),
+        ValueError,
+        "policy 'deepseek_relabelled' needs old_map (the current placement)",
+    ),
+    (
+        dict(old_map=OLD0[:1]),
+        ValueError,
+        "old_map must have shape (2, 6) (loads' layers x num_physical), got (1, 6)",
+    ),
+    (
+        dict(old_map=OLD0[0]),
+        ValueError,
+        "old_map must be 2-D [num_layers, num_physical], got shape (6,)",
+    ),
     (dict(old_map=OLD0.astype(float)), TypeError, "old_map must be an integer array, got float64"),
-    (dict(old_map=np.where(OLD0 == 3, 4, OLD0)), ValueError, "old_map: layer 0, slot 3 holds expert id 4, which is >= num_logical (4)"),
-    (dict(old_map=np.where(OLD0 == 3, -2, OLD0)), ValueError, "old_map: layer 0, slot 3 holds expert id -2; ids must be >= -1 (-1 = empty slot)"),
-    (dict(old_map=np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 1, 2, 2]])), ValueError, "old_map: layer 1 holds no replica of expert 0; a placement must hold every logical expert"),
-    (dict(max_imbalance=0.5), ValueError, "max_imbalance must be >= 1 (max / mean GPU load), got 0.5"),
+    (
+        dict(old_map=np.where(OLD0 == 3, 4, OLD0)),
+        ValueError,
+        "old_map: layer 0, slot 3 holds expert id 4, which is >= num_logical (4)",
+    ),
+    (
+        dict(old_map=np.where(OLD0 == 3, -2, OLD0)),
+        ValueError,
+        "old_map: layer 0, slot 3 holds expert id -2; ids must be >= -1 (-1 = empty slot)",
+    ),
+    (
+        dict(old_map=np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 1, 2, 2]])),
+        ValueError,
+        "old_map: layer 1 holds no replica of expert 0; a placement must hold every logical expert",
+    ),
+    (
+        dict(max_imbalance=0.5),
+        ValueError,
+        "max_imbalance must be >= 1 (max / mean GPU load), got 0.5",
+    ),
     (dict(max_imbalance=float("nan")), ValueError, "max_imbalance must be finite, got nan"),
-    (dict(max_imbalance=[1.5]), ValueError, "max_imbalance must be a number or have shape (2,) (one per layer), got shape (1,)"),
+    (
+        dict(max_imbalance=[1.5]),
+        ValueError,
+        "max_imbalance must be a number or have shape (2,) (one per layer), got shape (1,)",
+    ),
     (dict(max_imbalance=[1.5, np.inf]), ValueError, "max_imbalance must be finite, got inf"),
-    (dict(max_imbalance="2"), TypeError, "max_imbalance must be a real number or an array of them, got <U1"),
-    (dict(max_imbalance=True), TypeError, "max_imbalance must be a real number or an array of them, got bool"),
+    (
+        dict(max_imbalance="2"),
+        TypeError,
+        "max_imbalance must be a real number or an array of them, got <U1",
+    ),
+    (
+        dict(max_imbalance=True),
+        TypeError,
+        "max_imbalance must be a real number or an array of them, got bool",
+    ),
     (dict(row_bytes=0), ValueError, "row_bytes must be >= 1, got 0"),
     (dict(row_bytes=1.5), TypeError, "row_bytes must be an int, got float"),
 ]
@@ -473,7 +571,9 @@ def test_should_rebalance_bad_input():
         should_rebalance({})
     with pytest.raises(TypeError, match=re.escape("min_gain must be a real number, got str")):
         should_rebalance(res, min_gain="0.1")
-    with pytest.raises(ValueError, match=re.escape("max_bytes needs a result computed with row_bytes")):
+    with pytest.raises(
+        ValueError, match=re.escape("max_bytes needs a result computed with row_bytes")
+    ):
         should_rebalance(res, max_bytes=10)
     with pytest.raises(ValueError, match=re.escape("max_bytes must be >= 0, got -1")):
         should_rebalance(res, max_bytes=-1)
@@ -482,5 +582,7 @@ def test_should_rebalance_bad_input():
 def test_placement_imbalance_bad_input():
     with pytest.raises(ValueError, match=re.escape("placement has 1 layers, loads has 2")):
         placement_imbalance(OLD0[:1], L0, 2)
-    with pytest.raises(ValueError, match=re.escape("num_physical (6) is not divisible by ep_size (4)")):
+    with pytest.raises(
+        ValueError, match=re.escape("num_physical (6) is not divisible by ep_size (4)")
+    ):
         placement_imbalance(OLD0, L0, 4)

@@ -550,7 +550,11 @@ GOOD = np.arange(8).reshape(2, 4)
         (dict(ep_size=True), TypeError, "ep_size must be an int, got bool"),
         (dict(ranks_per_node=0), ValueError, "ranks_per_node must be >= 1, got 0"),
         (dict(ranks_per_node="2"), TypeError, "ranks_per_node must be an int, got str"),
-        (dict(ranks_per_node=3), ValueError, "ranks_per_node counts EP ranks per node, at most ep_size (2); got 3"),
+        (
+            dict(ranks_per_node=3),
+            ValueError,
+            "ranks_per_node counts EP ranks per node, at most ep_size (2); got 3",
+        ),
         (dict(num_logical=0), ValueError, "num_logical must be >= 1, got 0"),
         (
             dict(old_map=[[0, 1, 2, 3], [4, 5, -2, 7]]),

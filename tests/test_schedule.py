@@ -41,7 +41,9 @@ def eplb_maps(rng, layers, ep, per_rank, keep=0.3, empty=0.0):
     new = np.empty_like(old)
     for layer in range(layers):
         for m in (old, new):
-            ids = np.concatenate([np.arange(num_logical), rng.integers(0, num_logical, n - num_logical)])
+            ids = np.concatenate(
+                [np.arange(num_logical), rng.integers(0, num_logical, n - num_logical)]
+            )
             m[layer] = rng.permutation(ids)[:n]
         k = rng.random(n) < keep
         new[layer, k] = old[layer, k]
@@ -57,11 +59,22 @@ def cases(draw):
     layers = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    old, new = eplb_maps(rng, layers, ep, per_rank, keep=draw(st.sampled_from([0.0, 0.3, 0.8])),
-                         empty=draw(st.sampled_from([0.0, 0.1])))
+    old, new = eplb_maps(
+        rng,
+        layers,
+        ep,
+        per_rank,
+        keep=draw(st.sampled_from([0.0, 0.3, 0.8])),
+        empty=draw(st.sampled_from([0.0, 0.1])),
+    )
     # mixed dtypes: rows of whole words of 1, 2, 4 or 8 bytes, some below the pack threshold
-    row_bytes = [[int(draw(st.sampled_from([1, 2, 4, 8])) * draw(st.integers(1, 40)))
-                  for _ in range(draw(st.integers(1, 4)))] for _ in range(layers)]
+    row_bytes = [
+        [
+            int(draw(st.sampled_from([1, 2, 4, 8])) * draw(st.integers(1, 40)))
+            for _ in range(draw(st.integers(1, 4)))
+        ]
+        for _ in range(layers)
+    ]
     opts = {
         "transactional": draw(st.booleans()),
         "pack_threshold": draw(st.sampled_from([0, 32, 1 << 20])),
@@ -98,7 +111,9 @@ def test_one_sided_schedules_pack_nothing_and_read_only_weight_rows(seed, ep, tr
     rng = np.random.default_rng(seed)
     old, new = eplb_maps(rng, 2, ep, 4, empty=0.1)
     plan = plan_rearrangement(old, new, ep)
-    sched = build_schedule(plan, Layout.of([[64, 8, 4], [16]], 4), transactional=transactional, one_sided=True)
+    sched = build_schedule(
+        plan, Layout.of([[64, 8, 4], [16]], 4), transactional=transactional, one_sided=True
+    )
     simulate(sched, old, new)
     for rs in sched.linked():
         for ro in rs.rounds:
@@ -128,13 +143,18 @@ def test_deepseek_v3_rows_at_scale(ep, slots, layers):
     for r in out:
         assert r["peak_extra_bytes"] <= r["staging_bound"], r
         assert layer_bytes <= r["staging_bound"] <= layer_bytes + slack, (r, layer_bytes)
-    print(f"EP{ep}: {layers} layers of {slots} slots simulated in {elapsed:.2f} s, "
-          f"{sum(r['messages'] for r in out)} messages, {max(r['rounds'] for r in out)} rounds")
+    print(
+        f"EP{ep}: {layers} layers of {slots} slots simulated in {elapsed:.2f} s, "
+        f"{sum(r['messages'] for r in out)} messages, {max(r['rounds'] for r in out)} rounds"
+    )
 
 
 def test_an_explicit_bound_below_a_layer_is_refused_before_anything():
     old, new = eplb_maps(np.random.default_rng(1), 1, 2, 4)
-    with pytest.raises(ValueError, match=r"^staging_bytes=64 is too small: layer 0 needs \d+ bytes of staging on rank \d \(transactional\); raise staging_bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"^staging_bytes=64 is too small: layer 0 needs \d+ bytes of staging on rank \d \(transactional\); raise staging_bytes",
+    ):
         simulate_rearrangement(old, new, 2, [[256]], staging_bytes=64)
 
 
@@ -152,11 +172,23 @@ def _two_rank_case(transactional=True, **kw):
     old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
     new = np.array([[4, 0, 2, 1, 5, 3, 6, 6]])
     plan = plan_rearrangement(old, new, 2)
-    sched = build_schedule(plan, Layout.of([[64, 8]], 4), transactional=transactional,
-                           pack_threshold=16, staging_bytes=1 << 16, **kw)
+    sched = build_schedule(
+        plan,
+        Layout.of([[64, 8]], 4),
+        transactional=transactional,
+        pack_threshold=16,
+        staging_bytes=1 << 16,
+        **kw,
+    )
     simulate(sched, old, new)  # the schedule as built is right
-    fresh = build_schedule(plan, Layout.of([[64, 8]], 4), transactional=transactional,
-                           pack_threshold=16, staging_bytes=1 << 16, **kw)
+    fresh = build_schedule(
+        plan,
+        Layout.of([[64, 8]], 4),
+        transactional=transactional,
+        pack_threshold=16,
+        staging_bytes=1 << 16,
+        **kw,
+    )
     return fresh, old, new
 
 
@@ -168,7 +200,10 @@ def test_planted_wrong_final_rows():
     sched, old, new = _two_rank_case()
     ro = sched.rank(0).rounds[0]
     ro.post = [op for op in ro.post if not (isinstance(op, Kernels) and op.what == "recv")]
-    with pytest.raises(ScheduleError, match=r"^rank 0 layer 0 tensor 0 row 0: holds layer 0 expert 0 tensor 0, new_map wants expert 4$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^rank 0 layer 0 tensor 0 row 0: holds layer 0 expert 0 tensor 0, new_map wants expert 4$",
+    ):
         simulate(sched, old, new)
 
 
@@ -176,13 +211,17 @@ def test_planted_send_and_receive_sequences_that_differ():
     sched, old, new = _two_rank_case()
     m = sched.rank(0).rounds[0].sends
     m.nbytes[0] -= 64  # one row less than the receiver expects
-    with pytest.raises(ScheduleError, match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
+    ):
         simulate(sched, old, new)
     sched, old, new = _two_rank_case()
     ro = sched.rank(1).rounds[0]
     keep = np.arange(len(ro.recvs)) != 0  # a receive missing: the NCCL group would hang
-    ro.recvs = dataclasses.replace(ro.recvs, **{f.name: getattr(ro.recvs, f.name)[keep]
-                                                 for f in dataclasses.fields(ro.recvs)})
+    ro.recvs = dataclasses.replace(
+        ro.recvs, **{f.name: getattr(ro.recvs, f.name)[keep] for f in dataclasses.fields(ro.recvs)}
+    )
     with pytest.raises(ScheduleError, match=r"^round 0: \d+ sends but \d+ receives in all$"):
         simulate(sched, old, new)
 
@@ -194,7 +233,10 @@ def test_planted_messages_swapped_between_tensors():
     for f in ("tensor", "buf", "off", "nbytes"):
         a = getattr(m, f)
         a[i], a[j] = a[j], a[i]
-    with pytest.raises(ScheduleError, match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
+    ):
         simulate(sched, old, new)
 
 
@@ -215,14 +257,24 @@ def test_planted_read_after_overwrite():
     simulate(sched, old, new)
     sched, ro, cs = waves()
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + cs[::-1]
-    with pytest.raises(ScheduleError, match=r"^round 0 rank 0 post op 1 copy 0: reads rows \[2\] of buffer 0 after they were overwritten$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0 rank 0 post op 1 copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
+    ):
         simulate(sched, old, new)
     # the three merged into one batch of independent copies depend on each other
     sched, ro, cs = waves()
-    merged = Copies(*(np.concatenate([getattr(c, f) for c in cs])
-                      for f in ("dst_buf", "dst_off", "src_buf", "src_off", "nbytes")))
+    merged = Copies(
+        *(
+            np.concatenate([getattr(c, f) for c in cs])
+            for f in ("dst_buf", "dst_off", "src_buf", "src_off", "nbytes")
+        )
+    )
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + [merged]
-    with pytest.raises(ScheduleError, match=r"depends on another copy of an unordered batch|reads a row another copy of the unordered batch writes"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"depends on another copy of an unordered batch|reads a row another copy of the unordered batch writes",
+    ):
         simulate(sched, old, new)
 
 
@@ -235,7 +287,9 @@ def test_planted_duplicate_before_its_source_arrives():
     assert len(dup) == 1
     ro.post.remove(dup[0])
     ro.post.insert(0, dup[0])  # before the staged receive is scattered into its source row
-    with pytest.raises(ScheduleError, match=r"reads rows \[0\] of buffer 0 as new, but they were not written yet$"):
+    with pytest.raises(
+        ScheduleError, match=r"reads rows \[0\] of buffer 0 as new, but they were not written yet$"
+    ):
         simulate(sched, old, new)
 
 
@@ -243,7 +297,9 @@ def test_planted_staging_beyond_the_bound():
     sched, old, new = _two_rank_case()
     rs = sched.rank(0)
     sched.staging_bound = rs.peak_extra_bytes - 1
-    with pytest.raises(ScheduleError, match=r"^rank 0: staging \d+ B \+ index \d+ B exceed the bound of \d+ B$"):
+    with pytest.raises(
+        ScheduleError, match=r"^rank 0: staging \d+ B \+ index \d+ B exceed the bound of \d+ B$"
+    ):
         simulate(sched, old, new)
     sched, old, new = _two_rank_case()
     m = sched.rank(1).rounds[0].recvs
@@ -259,7 +315,10 @@ def test_planted_live_write_before_the_exchange_in_transactional_mode():
     copies = next(op for op in ro.post if isinstance(op, Copies) and not op.reads_new)
     ro.post.remove(copies)  # the old-content local copies, moved before the exchange
     ro.pre.append(copies)
-    with pytest.raises(ScheduleError, match=r"^round 0 rank 0 pre op \d copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0 rank 0 pre op \d copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
+    ):
         simulate(sched, old, new)
 
 
@@ -268,18 +327,28 @@ def test_planted_send_reading_bytes_a_receive_writes():
     # read by nobody) and sends row 1 to rank 1; the send moved onto row 0 races with it
     old = np.array([[0, 1, 2, 3]])
     new = np.array([[2, 1, 1, 3]])
-    sched = build_schedule(plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False)
+    sched = build_schedule(
+        plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False
+    )
     simulate(sched, old, new)
-    sched = build_schedule(plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False)
+    sched = build_schedule(
+        plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False
+    )
     ro = sched.rank(0).rounds[0]
     assert ro.recvs.buf.tolist() == [0] and ro.recvs.off.tolist() == [0]  # straight into row 0
     assert ro.sends.off.tolist() == [16]
     ro.sends.off[0] = 0
-    with pytest.raises(ScheduleError, match=r"^round 0: receive 0 on rank 1 expects bytes at \(0, 16\) on rank 0, which sends \(0, 0\)$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0: receive 0 on rank 1 expects bytes at \(0, 16\) on rank 0, which sends \(0, 0\)$",
+    ):
         simulate(sched, old, new)  # the two ends disagree
     sched._linked = False
     sched.rank(1).rounds[0].recvs.roff[0] = 0  # both ends agree on the racing bytes
-    with pytest.raises(ScheduleError, match=r"^round 0 rank 0 send 0 to rank 1: reads bytes a receive of the same round writes$"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"^round 0 rank 0 send 0 to rank 1: reads bytes a receive of the same round writes$",
+    ):
         simulate(sched, old, new)
 
 

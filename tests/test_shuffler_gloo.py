@@ -21,7 +21,9 @@ def _specs(names):
     return [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in names]
 
 
-def _rearrange_job(rank, world, seed, rounds, pack_threshold, transactional, staging, max_messages=1024):
+def _rearrange_job(
+    rank, world, seed, rounds, pack_threshold, transactional, staging, max_messages=1024
+):
     import torch as T
 
     from eplb_pynccl import ExpertShuffler, TorchTransport
@@ -34,7 +36,11 @@ def _rearrange_job(rank, world, seed, rounds, pack_threshold, transactional, sta
     old, new = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
     weights = make_weights(T, specs, old, rank, world, "cpu")
     ptrs = [[t.data_ptr() for t in ws] for ws in weights]
-    kw = {"pack_threshold": pack_threshold, "transactional": transactional, "max_messages_per_round": max_messages}
+    kw = {
+        "pack_threshold": pack_threshold,
+        "transactional": transactional,
+        "max_messages_per_round": max_messages,
+    }
     if staging is not None:
         kw["staging_bytes"] = staging
     sh = ExpertShuffler(TorchTransport(), weights, **kw)
@@ -50,14 +56,21 @@ def _rearrange_job(rank, world, seed, rounds, pack_threshold, transactional, sta
                     nxt[l, s] = cur[l, s]
         stats = sh.rearrange(cur, nxt, verify=True)
         bad = check_weights(T, weights, nxt, rank, world)
-        assert stats.peak_extra_bytes <= stats.staging_bound, (stats.peak_extra_bytes, stats.staging_bound)
+        assert stats.peak_extra_bytes <= stats.staging_bound, (
+            stats.peak_extra_bytes,
+            stats.staging_bound,
+        )
         results.append((bad, stats.bytes_sent, stats.bytes_received, stats.rounds))
         # -1 slots hold junk now; a later map may not rely on them
         cur = nxt
     same = ptrs == [[t.data_ptr() for t in ws] for ws in weights]
     # no change moves nothing
     stats = sh.rearrange(cur, cur)
-    return results, same, (stats.bytes_sent, stats.bytes_received, stats.messages, stats.local_copies)
+    return (
+        results,
+        same,
+        (stats.bytes_sent, stats.bytes_received, stats.messages, stats.local_copies),
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -98,7 +111,9 @@ def _too_small_job(rank, world):
     try:
         sh.rearrange(old, new)
     except ValueError as e:
-        return str(e), all(T.equal(a.view(T.uint8), b.view(T.uint8)) for a, b in zip(before, weights[0]))
+        return str(e), all(
+            T.equal(a.view(T.uint8), b.view(T.uint8)) for a, b in zip(before, weights[0])
+        )
     return None, None
 
 
@@ -130,7 +145,9 @@ def _config_sweep_job(rank, world, seed, n):
         }
         if rng.integers(2):
             cfg["staging_bytes"] = 1 << 16
-        _, nxt = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1, keep_frac=float(rng.random()))
+        _, nxt = random_maps(
+            rng, len(specs), num_logical, world, P, empty_frac=0.1, keep_frac=float(rng.random())
+        )
         for layer in range(len(specs)):
             held = set(cur[layer][cur[layer] >= 0].tolist())
             for s in range(nxt.shape[1]):
@@ -198,7 +215,11 @@ def _runs_job(rank, world, new, transactional):
     weights = make_weights(T, [[((3, 8), T.bfloat16), ((5,), T.float32)]], old, rank, world, "cpu")
     sh = ExpertShuffler(TorchTransport(), weights, pack_threshold=0, transactional=transactional)
     st = sh.rearrange(old, new)
-    return st.messages, st.experts_sent + st.experts_received, check_weights(T, weights, new, rank, world)
+    return (
+        st.messages,
+        st.experts_sent + st.experts_received,
+        check_weights(T, weights, new, rank, world),
+    )
 
 
 @pytest.mark.parametrize("transactional", [True, False])

@@ -22,7 +22,9 @@ def pytest_collection_modifyitems(config, items):
     try:
         import vllm  # noqa: F401
     except Exception as e:  # ImportError, or an install that breaks on import
-        skip = pytest.mark.skip(reason=f"vLLM suite: vLLM is not importable ({type(e).__name__}: {e})")
+        skip = pytest.mark.skip(
+            reason=f"vLLM suite: vLLM is not importable ({type(e).__name__}: {e})"
+        )
         for item in items:
             item.add_marker(skip)
 

@@ -36,8 +36,14 @@ def _run_vllm(path, rx, torch, old, new, ws, buf, gc, comm, batching):
         return
     for layer in range(len(ws)):
         md = rx.transfer_layer(
-            torch.from_numpy(old[layer]), torch.from_numpy(new[layer]), ws[layer], buf,
-            gc.device_group, comm, layer_idx=layer, enable_migration_batching=batching,
+            torch.from_numpy(old[layer]),
+            torch.from_numpy(new[layer]),
+            ws[layer],
+            buf,
+            gc.device_group,
+            comm,
+            layer_idx=layer,
+            enable_migration_batching=batching,
         )
         rx.move_from_buffer(ws[layer], buf, md, new[layer], ep_rank)
 
@@ -64,10 +70,21 @@ def vllm_paths_job(ctx, seed, dtype, path, batching, groups=None):
         _run_vllm(path, rx, torch, old, new, ref, ref_buf, gc, ref_comm, batching)
         _run_vllm(path, rx, torch, old, new, ours, our_buf, gc, our_comm, batching)
         moved = int((old != new).sum())
-        steps.append((differences(torch, ref, ours, new, ep_rank, ep_size),
-                      check_weights(torch, ours, new, ep_rank, ep_size), moved))
+        steps.append(
+            (
+                differences(torch, ref, ours, new, ep_rank, ep_size),
+                check_weights(torch, ours, new, ep_rank, ep_size),
+                moved,
+            )
+        )
     same_storage = ptrs == [t.data_ptr() for ws in ours for t in ws]
-    return type(ref_comm).__name__, type(our_comm).__name__, type(our_comm.transport).__name__, steps, same_storage
+    return (
+        type(ref_comm).__name__,
+        type(our_comm).__name__,
+        type(our_comm.transport).__name__,
+        steps,
+        same_storage,
+    )
 
 
 def _check(results, steps=STEPS):
@@ -94,12 +111,18 @@ def test_rearrange_matches_vllm_torch_nccl(pools, world, dtype):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("batching", [False, True], ids=["unbatched", "migration_batching"])
 def test_transfer_layer_matches_vllm_torch_nccl(pools, world, batching):
-    _check(pools(world).run(vllm_paths_job, 40 + world, "mixed", "transfer_layer", batching, timeout=TIMEOUT))
+    _check(
+        pools(world).run(
+            vllm_paths_job, 40 + world, "mixed", "transfer_layer", batching, timeout=TIMEOUT
+        )
+    )
 
 
 def test_ep_group_ranks_are_group_local(pools):
     """3 processes, EP groups [0] and [1, 2]: EP rank 0 of the second group is global rank 1."""
-    results = pools(3).run(vllm_paths_job, 7, "bfloat16", "rearrange", False, [[0], [1, 2]], timeout=TIMEOUT)
+    results = pools(3).run(
+        vllm_paths_job, 7, "bfloat16", "rearrange", False, [[0], [1, 2]], timeout=TIMEOUT
+    )
     _check(results)
 
 
@@ -174,6 +197,7 @@ def test_without_transfer_context_every_expert_is_its_own_message(pools):
 
 
 # ---- bad calls and a dead peer -----------------------------------------------------------------
+
 
 def bad_calls_job(ctx):
     import torch

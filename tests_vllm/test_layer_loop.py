@@ -55,28 +55,45 @@ def loop_job(ctx, seed, dtype, which):
         rx.rearrange_expert_weights_inplace(
             torch.from_numpy(old), torch.from_numpy(new), ref, ref_buf, gc.device_group, ref_comm
         )
-        stats = loop(torch.from_numpy(old), torch.from_numpy(new), ours, our_buf, gc.device_group, our_comm)
-        out.append((
-            differences(torch, ref, ours, new, ep_rank, ep_size),
-            check_weights(torch, ours, new, ep_rank, ep_size),
-            isinstance(stats, RearrangeStats),
-            stats.layers_changed if stats is not None else None,
-        ))
+        stats = loop(
+            torch.from_numpy(old), torch.from_numpy(new), ours, our_buf, gc.device_group, our_comm
+        )
+        out.append(
+            (
+                differences(torch, ref, ours, new, ep_rank, ep_size),
+                check_weights(torch, ours, new, ep_rank, ep_size),
+                isinstance(stats, RearrangeStats),
+                stats.layers_changed if stats is not None else None,
+            )
+        )
     # vLLM's profile pass moves nothing
     snapshot = [t.clone() for ws in ours for t in ws]
-    prof = loop(torch.from_numpy(maps[-1]), torch.from_numpy(maps[0]), ours, our_buf,
-                gc.device_group, our_comm, True)
+    prof = loop(
+        torch.from_numpy(maps[-1]),
+        torch.from_numpy(maps[0]),
+        ours,
+        our_buf,
+        gc.device_group,
+        our_comm,
+        True,
+    )
     # bytes, not values: random bytes hold NaNs, which torch.equal never finds equal
-    unchanged = all(torch.equal(a.view(torch.uint8), t.view(torch.uint8))
-                    for a, t in zip(snapshot, [t for ws in ours for t in ws]))
+    unchanged = all(
+        torch.equal(a.view(torch.uint8), t.view(torch.uint8))
+        for a, t in zip(snapshot, [t for ws in ours for t in ws])
+    )
     return {
         "steps": out,
         "same_storage": ptrs == [t.data_ptr() for ws in ours for t in ws],
-        "buffer_untouched": all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-                                for a, b in zip(before_buf, our_buf)),
+        "buffer_untouched": all(
+            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            for a, b in zip(before_buf, our_buf)
+        ),
         "profile": (prof, unchanged),
-        "changed": [sorted({int(x) for x in np.nonzero((o != n).any(axis=1))[0]})
-                    for o, n in zip(maps, maps[1:])],
+        "changed": [
+            sorted({int(x) for x in np.nonzero((o != n).any(axis=1))[0]})
+            for o, n in zip(maps, maps[1:])
+        ],
     }
 
 
@@ -114,7 +131,11 @@ def patched_with_vllm_comm_job(ctx):
     ret = es.rearrange_expert_weights_inplace(
         torch.from_numpy(maps[0]), torch.from_numpy(maps[1]), ws, buf, gc.device_group, comm
     )
-    return type(comm).__name__, ret, check_weights(torch, ws, maps[1], gc.rank_in_group, gc.world_size)
+    return (
+        type(comm).__name__,
+        ret,
+        check_weights(torch, ws, maps[1], gc.rank_in_group, gc.world_size),
+    )
 
 
 def test_patched_loop_keeps_vllms_loop_for_vllms_communicators(pools):
@@ -153,19 +174,33 @@ def rank_mapping_job(ctx, direction):
     ref_comm = create_eplb_communicator(gc, "torch_nccl", ref, ref_buf)
     our_comm = V.create_communicator(gc, ours, buffer(torch, ours))
     rx.rearrange_expert_weights_inplace(
-        torch.from_numpy(old), torch.from_numpy(new), ref, ref_buf, gc.device_group, ref_comm,
+        torch.from_numpy(old),
+        torch.from_numpy(new),
+        ref,
+        ref_buf,
+        gc.device_group,
+        ref_comm,
         rank_mapping=mapping,
     )
     V.rearrange_expert_weights_inplace(
-        torch.from_numpy(old), torch.from_numpy(new), ours, None, gc.device_group, our_comm,
+        torch.from_numpy(old),
+        torch.from_numpy(new),
+        ours,
+        None,
+        gc.device_group,
+        our_comm,
         rank_mapping=mapping,
     )
     # vLLM's own helpers lay the maps out the same way as ours
     if direction == "down":
-        theirs = rx._map_new_expert_indices_with_rank_mapping(torch.from_numpy(new), mapping).numpy()
+        theirs = rx._map_new_expert_indices_with_rank_mapping(
+            torch.from_numpy(new), mapping
+        ).numpy()
         same_layout = np.array_equal(theirs, laid_new) and np.array_equal(laid_old, old)
     else:
-        theirs = rx._map_old_expert_indices_with_rank_mapping(torch.from_numpy(old), mapping, ep_size).numpy()
+        theirs = rx._map_old_expert_indices_with_rank_mapping(
+            torch.from_numpy(old), mapping, ep_size
+        ).numpy()
         same_layout = np.array_equal(theirs, laid_old) and np.array_equal(laid_new, new)
     return (
         differences(torch, ref, ours, laid_new, ep_rank, ep_size),

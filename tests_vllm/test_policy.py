@@ -97,8 +97,9 @@ def policy_e2e_job(ctx):
     first = _loads(rng)
     slots = 4 * gc.world_size
     old = default.rebalance_experts(torch.from_numpy(first[:, :6]), slots, 1, 1, gc.world_size)
-    new = ours.rebalance_experts(torch.from_numpy(_loads(rng, drift=first)[:, :6]), slots, 1, 1,
-                                 gc.world_size, old)
+    new = ours.rebalance_experts(
+        torch.from_numpy(_loads(rng, drift=first)[:, :6]), slots, 1, 1, gc.world_size, old
+    )
     ws = weights(torch, specs(torch, "bfloat16"), L, old.numpy(), gc.rank_in_group, gc.world_size)
     comm = V.create_communicator(gc, ws, buffer(torch, ws))
     rx.rearrange_expert_weights_inplace(old, new, ws, buffer(torch, ws), gc.device_group, comm)

@@ -21,8 +21,12 @@ def fresh(code: str, env: dict | None = None):
     full = dict(os.environ, VLLM_TARGET_DEVICE="cpu", PYTHONPATH=ROOT)
     full.update(env or {})
     p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-        timeout=TIMEOUT, env=full, cwd=ROOT,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=full,
+        cwd=ROOT,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -48,7 +52,9 @@ def refused(**kw):
 
 
 def test_register_patches_what_it_says_once():
-    out = fresh(PRELUDE + """
+    out = fresh(
+        PRELUDE
+        + """
 factory, loop, rx_loop = ec.create_eplb_communicator, es.rearrange_expert_weights_inplace, rx.rearrange_expert_weights_inplace
 r = {"before": [refused(communicator="eplb_pynccl", use_async=False), refused(policy="eplb_pynccl", use_async=False)]}
 with warnings.catch_warnings(record=True) as caught:
@@ -76,7 +82,8 @@ except pydantic.ValidationError as e:
 d = cp.EPLBConfig()
 r["default"] = [d.communicator, d.policy, d.use_async]
 print(json.dumps(r))
-""")
+"""
+    )
     assert out == {
         "before": ["ValidationError", "ValidationError"],
         "warnings": [],
@@ -99,19 +106,25 @@ print(json.dumps(r))
 @pytest.mark.parametrize("allow", [None, "eplb_pynccl"], ids=["all_plugins", "VLLM_PLUGINS"])
 def test_vllms_plugin_loader_registers_us(allow):
     env = {} if allow is None else {"VLLM_PLUGINS": allow}
-    out = fresh(PRELUDE + """
+    out = fresh(
+        PRELUDE
+        + """
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 print(json.dumps([hasattr(es.create_eplb_communicator, "_eplb_pynccl_original"),
                   "eplb_pynccl" in pol.EPLB_POLICIES, refused(communicator="eplb_pynccl", use_async=False)]))
-""", env)
+""",
+        env,
+    )
     assert out == [True, True, None]
 
 
 def test_a_vllm_with_other_interfaces_is_refused_and_nothing_patched():
     # vLLM 0.33.0 is the only vLLM here: a later one is emulated by changing the factory's
     # signature as a version that renamed an argument would
-    out = fresh(PRELUDE + """
+    out = fresh(
+        PRELUDE
+        + """
 def create_eplb_communicator(group_coordinator, backend, expert_weights):
     pass
 ec.create_eplb_communicator = es.create_eplb_communicator = create_eplb_communicator
@@ -128,7 +141,8 @@ with warnings.catch_warnings(record=True) as caught:
     V.plugin()  # the entry point: warns, leaves vLLM as it is
 r["plugin"] = [str(w.message) for w in caught]
 print(json.dumps(r))
-""")
+"""
+    )
     msg = (
         "eplb_pynccl.integrations.vllm was written for vLLM 0.33.0; vLLM 0.33.0 differs: "
         "vllm.distributed.eplb.eplb_communicator.create_eplb_communicator takes "
@@ -139,29 +153,41 @@ print(json.dumps(r))
 
 
 def test_an_untested_version_with_the_same_interfaces_is_patched_with_a_warning():
-    out = fresh(PRELUDE + """
+    out = fresh(
+        PRELUDE
+        + """
 import vllm
 vllm.__version__ = "0.34.0"
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     V.register()
 print(json.dumps([[str(w.message) for w in caught], "eplb_pynccl" in pol.EPLB_POLICIES]))
-""")
+"""
+    )
     assert out == [
-        ["eplb_pynccl.integrations.vllm is tested with vLLM 0.33.0; vLLM 0.34.0 has the same "
-         "interfaces, patching it"],
+        [
+            "eplb_pynccl.integrations.vllm is tested with vLLM 0.33.0; vLLM 0.34.0 has the same "
+            "interfaces, patching it"
+        ],
         True,
     ]
 
 
 def test_layer_loop_env_is_checked():
-    out = fresh(PRELUDE + """
+    out = fresh(
+        PRELUDE
+        + """
 try:
     V.register()
 except ValueError as e:
     print(json.dumps([str(e), sorted(pol.EPLB_POLICIES)]))
-""", {"EPLB_PYNCCL_VLLM_LAYER_LOOP": "fast"})
-    assert out == ["EPLB_PYNCCL_VLLM_LAYER_LOOP='fast': expected 'eplb_pynccl' or 'vllm'", ["default"]]
+""",
+        {"EPLB_PYNCCL_VLLM_LAYER_LOOP": "fast"},
+    )
+    assert out == [
+        "EPLB_PYNCCL_VLLM_LAYER_LOOP='fast': expected 'eplb_pynccl' or 'vllm'",
+        ["default"],
+    ]
 
 
 def factory_job(ctx, layer_loop):
@@ -189,13 +215,23 @@ def factory_job(ctx, layer_loop):
         torch.from_numpy(old), torch.from_numpy(new), ws, buf, gc.device_group, ours
     )
     V.register()  # back to the default for the next job in this process
-    return (type(ours).__name__, type(theirs).__name__, unknown, type(stats).__name__,
-            check_weights(torch, ws, new, gc.rank_in_group, 2))
+    return (
+        type(ours).__name__,
+        type(theirs).__name__,
+        unknown,
+        type(stats).__name__,
+        check_weights(torch, ws, new, gc.rank_in_group, 2),
+    )
 
 
 @pytest.mark.parametrize("layer_loop", [True, False])
 def test_vllms_factory_hands_out_ours_by_name(pools, layer_loop):
     loop = "RearrangeStats" if layer_loop else "NoneType"  # ours returns stats, vLLM's None
     for res in pools(2).run(factory_job, layer_loop, timeout=TIMEOUT):
-        assert res == ("EplbPyncclCommunicator", "TorchDistNcclEplbCommunicator",
-                       "Unknown EPLB communicator backend: nope", loop, [])
+        assert res == (
+            "EplbPyncclCommunicator",
+            "TorchDistNcclEplbCommunicator",
+            "Unknown EPLB communicator backend: nope",
+            loop,
+            [],
+        )

@@ -31,8 +31,11 @@ def coordinator(ctx, groups=None):
     gc = ctx.cache.get(key)
     if gc is None:
         gc = ctx.cache[key] = GroupCoordinator(
-            groups, local_rank=ctx.rank, torch_distributed_backend="gloo",
-            use_device_communicator=False, group_name="eplb_pynccl_test",
+            groups,
+            local_rank=ctx.rank,
+            torch_distributed_backend="gloo",
+            use_device_communicator=False,
+            group_name="eplb_pynccl_test",
         )
     return gc
 

@@ -139,7 +139,9 @@ def build_config(version: tuple[int, int, int], **options):
         f = have[key]
         if f.c_type == "const char*":
             if not isinstance(value, str):
-                raise TypeError(f"NCCL config option {key!r} must be a str, got {type(value).__name__}")
+                raise TypeError(
+                    f"NCCL config option {key!r} must be a str, got {type(value).__name__}"
+                )
             raw = value.encode()
             keep.append(raw)
             setattr(cfg, f.c_name, raw)
@@ -147,7 +149,9 @@ def build_config(version: tuple[int, int, int], **options):
             if isinstance(value, bool):
                 value = int(value)
             if not isinstance(value, int):
-                raise TypeError(f"NCCL config option {key!r} must be an int, got {type(value).__name__}")
+                raise TypeError(
+                    f"NCCL config option {key!r} must be an int, got {type(value).__name__}"
+                )
             if not (-(2**31) < value < 2**31):
                 raise ValueError(f"NCCL config option {key!r}={value} does not fit a C int")
             setattr(cfg, f.c_name, value)

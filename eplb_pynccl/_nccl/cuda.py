@@ -52,8 +52,12 @@ class _MemLocation(ctypes.Structure):
 class MemcpyAttributes(ctypes.Structure):
     """CUmemcpyAttributes (CUDA 12.8+)."""
 
-    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", _MemLocation),
-                ("dstLocHint", _MemLocation), ("flags", ctypes.c_uint)]
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", _MemLocation),
+        ("dstLocHint", _MemLocation),
+        ("flags", ctypes.c_uint),
+    ]
 
 
 class Driver:
@@ -61,7 +65,13 @@ class Driver:
         self._lib = ctypes.CDLL("libcuda.so.1")
         L = self._lib
         self._fn = {}
-        V, I, U, S, ULL = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t, ctypes.c_ulonglong
+        V, I, U, S, ULL = (
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_size_t,
+            ctypes.c_ulonglong,
+        )
         sig = {
             "cuInit": [U],
             "cuDeviceGetCount": [V],
@@ -178,7 +188,9 @@ class Driver:
 
     def event_create(self) -> int:
         e = ctypes.c_void_p()
-        self._check(self._fn["cuEventCreate"](ctypes.byref(e), _CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        self._check(
+            self._fn["cuEventCreate"](ctypes.byref(e), _CU_EVENT_DISABLE_TIMING), "cuEventCreate"
+        )
         return e.value
 
     def event_record(self, event: int, stream: int) -> None:
@@ -219,10 +231,15 @@ class Driver:
         uuid = ctypes.create_string_buffer(16)
         self._check(self._fn["cuDeviceGetUuid_v2"](uuid, d), "cuDeviceGetUuid")
         out = {"name": name.value.decode(errors="replace"), "uuid": uuid.raw.hex()}
-        for key, attr in (("cc_major", _CU_DEVICE_ATTRIBUTE_CC_MAJOR), ("cc_minor", _CU_DEVICE_ATTRIBUTE_CC_MINOR),
-                          ("pci_bus", _CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)):
+        for key, attr in (
+            ("cc_major", _CU_DEVICE_ATTRIBUTE_CC_MAJOR),
+            ("cc_minor", _CU_DEVICE_ATTRIBUTE_CC_MINOR),
+            ("pci_bus", _CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
+        ):
             v = ctypes.c_int()
-            self._check(self._fn["cuDeviceGetAttribute"](ctypes.byref(v), attr, d), "cuDeviceGetAttribute")
+            self._check(
+                self._fn["cuDeviceGetAttribute"](ctypes.byref(v), attr, d), "cuDeviceGetAttribute"
+            )
             out[key] = v.value
         return out
 
@@ -237,15 +254,21 @@ class Driver:
         if device == peer:
             return True
         v = ctypes.c_int()
-        self._check(self._fn["cuDeviceCanAccessPeer"](ctypes.byref(v), self._device(device), self._device(peer)),
-                    "cuDeviceCanAccessPeer")
+        self._check(
+            self._fn["cuDeviceCanAccessPeer"](
+                ctypes.byref(v), self._device(device), self._device(peer)
+            ),
+            "cuDeviceCanAccessPeer",
+        )
         return bool(v.value)
 
     # ---- streams and events ------------------------------------------------------------
     def stream_create(self) -> int:
         """A non-blocking stream on the current context."""
         s = ctypes.c_void_p()
-        self._check(self._fn["cuStreamCreate"](ctypes.byref(s), _CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self._check(
+            self._fn["cuStreamCreate"](ctypes.byref(s), _CU_STREAM_NON_BLOCKING), "cuStreamCreate"
+        )
         return s.value
 
     def stream_destroy(self, stream: int) -> None:
@@ -257,8 +280,12 @@ class Driver:
     def event_create_ipc(self) -> int:
         """An event other processes can open (interprocess, no timing)."""
         e = ctypes.c_void_p()
-        self._check(self._fn["cuEventCreate"](ctypes.byref(e), _CU_EVENT_DISABLE_TIMING | _CU_EVENT_INTERPROCESS),
-                    "cuEventCreate")
+        self._check(
+            self._fn["cuEventCreate"](
+                ctypes.byref(e), _CU_EVENT_DISABLE_TIMING | _CU_EVENT_INTERPROCESS
+            ),
+            "cuEventCreate",
+        )
         return e.value
 
     def ipc_event_handle(self, event: int) -> bytes:
@@ -277,7 +304,9 @@ class Driver:
         """Whether ``ptr``'s allocation can be exported with cuIpcGetMemHandle (False for
         cuMem/VMM allocations, e.g. torch's expandable segments)."""
         v = ctypes.c_int()
-        rc = self._fn["cuPointerGetAttribute"](ctypes.byref(v), _CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, ptr)
+        rc = self._fn["cuPointerGetAttribute"](
+            ctypes.byref(v), _CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, ptr
+        )
         return rc == _CUDA_SUCCESS and bool(v.value)
 
     def ipc_mem_handle(self, base: int) -> bytes:
@@ -289,8 +318,12 @@ class Driver:
     def ipc_open_mem(self, handle: bytes) -> int:
         h = IpcHandle.from_buffer_copy(handle)
         p = ctypes.c_uint64()
-        self._check(self._fn["cuIpcOpenMemHandle_v2"](ctypes.byref(p), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-                    "cuIpcOpenMemHandle")
+        self._check(
+            self._fn["cuIpcOpenMemHandle_v2"](
+                ctypes.byref(p), h, _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+            ),
+            "cuIpcOpenMemHandle",
+        )
         return p.value
 
     def ipc_close_mem(self, ptr: int) -> None:
@@ -310,8 +343,12 @@ class Driver:
         if not n:
             return
         fn = self._fn.get("cuMemcpyBatchAsync_v2")
-        attrs = MemcpyAttributes(_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, _MemLocation(0, 0), _MemLocation(0, 0),
-                                 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE if prefer_ce else 0)
+        attrs = MemcpyAttributes(
+            _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            _MemLocation(0, 0),
+            _MemLocation(0, 0),
+            _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE if prefer_ce else 0,
+        )
         idx = ctypes.c_size_t(0)
         if fn is not None:
             rc = fn(dsts, srcs, sizes, n, ctypes.byref(attrs), ctypes.byref(idx), 1, stream)
@@ -320,15 +357,27 @@ class Driver:
         fn = self._fn.get("cuMemcpyBatchAsync")
         if fn is not None:
             fail = ctypes.c_size_t(0)
-            rc = fn(dsts, srcs, sizes, n, ctypes.byref(attrs), ctypes.byref(idx), 1, ctypes.byref(fail), stream)
+            rc = fn(
+                dsts,
+                srcs,
+                sizes,
+                n,
+                ctypes.byref(attrs),
+                ctypes.byref(idx),
+                1,
+                ctypes.byref(fail),
+                stream,
+            )
             self._check(rc, "cuMemcpyBatchAsync")
             return
         self.memcpy_dtod_async(list(zip(dsts, srcs, sizes)), stream)
 
     # ---- graphs ---------------------------------------------------------------------------
     def begin_capture(self, stream: int) -> None:
-        self._check(self._fn["cuStreamBeginCapture_v2"](stream, _CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
-                    "cuStreamBeginCapture")
+        self._check(
+            self._fn["cuStreamBeginCapture_v2"](stream, _CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+            "cuStreamBeginCapture",
+        )
 
     def end_capture(self, stream: int) -> int:
         g = ctypes.c_void_p()
@@ -337,7 +386,9 @@ class Driver:
 
     def graph_instantiate(self, graph: int) -> int:
         e = ctypes.c_void_p()
-        self._check(self._fn["cuGraphInstantiateWithFlags"](ctypes.byref(e), graph, 0), "cuGraphInstantiate")
+        self._check(
+            self._fn["cuGraphInstantiateWithFlags"](ctypes.byref(e), graph, 0), "cuGraphInstantiate"
+        )
         return e.value
 
     def graph_launch(self, exec_: int, stream: int) -> None:

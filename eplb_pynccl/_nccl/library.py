@@ -177,7 +177,9 @@ class NcclLibrary:
         return ctypes.string_at(ctypes.addressof(uid), UNIQUE_ID_BYTES)
 
     # -- communicators ------------------------------------------------------------------
-    def comm_init_rank(self, nranks: int, uid: bytes, rank: int, options: dict | None) -> tuple[int, int]:
+    def comm_init_rank(
+        self, nranks: int, uid: bytes, rank: int, options: dict | None
+    ) -> tuple[int, int]:
         """ncclCommInitRank(Config). Returns (comm handle, return code: success or in-progress)."""
         u = NcclUniqueIdStruct()
         ctypes.memmove(ctypes.addressof(u), uid, UNIQUE_ID_BYTES)
@@ -229,7 +231,10 @@ class NcclLibrary:
             if deadline is not None and time.monotonic() > deadline:
                 self.comm_abort(comm)
                 raise NcclTimeoutError(
-                    8, "operation timed out", "", what,
+                    8,
+                    "operation timed out",
+                    "",
+                    what,
                     "the communicator was aborted",
                 )
             if time.perf_counter() < spin_until:
@@ -298,7 +303,9 @@ class NcclLibrary:
 
     def all_reduce(self, sptr, rptr, count, dtype, op, comm, stream) -> int:
         return self.check(
-            self.fn("ncclAllReduce")(sptr, rptr, count, dtype, op, comm, stream), "ncclAllReduce", comm
+            self.fn("ncclAllReduce")(sptr, rptr, count, dtype, op, comm, stream),
+            "ncclAllReduce",
+            comm,
         )
 
     def all_gather(self, sptr, rptr, count, dtype, comm, stream) -> int:
@@ -343,8 +350,10 @@ class PreparedCalls:
         self._lib = lib
         self._stream = ctypes.c_void_p(0)
         self._calls = [
-            (lib._raw_send if is_send else lib._raw_recv,
-             (ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0, peer, comm, self._stream))
+            (
+                lib._raw_send if is_send else lib._raw_recv,
+                (ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0, peer, comm, self._stream),
+            )
             for is_send, ptr, nbytes, peer, comm in ops
         ]
 
@@ -360,7 +369,9 @@ class PreparedCalls:
             rc = fn(*args)
             if rc and rc != NCCL_IN_PROGRESS:
                 lib = self._lib
-                raise lib.error(rc, "ncclSend" if fn is lib._raw_send else "ncclRecv", args[4].value)
+                raise lib.error(
+                    rc, "ncclSend" if fn is lib._raw_send else "ncclRecv", args[4].value
+                )
 
 
 _lock = threading.Lock()
@@ -401,7 +412,9 @@ def load(path: str | os.PathLike | None = None) -> NcclLibrary:
             except NcclLibraryError:
                 raise
             except OSError as e:
-                raise NcclLibraryError(f"cannot load libnccl from {explicit} ({source}): {e}") from e
+                raise NcclLibraryError(
+                    f"cannot load libnccl from {explicit} ({source}): {e}"
+                ) from e
             return _loaded
         tried: list[str] = []
         for src, p in candidate_paths():

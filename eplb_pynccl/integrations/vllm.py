@@ -150,7 +150,9 @@ def _as_cuda_stream(torch, stream):
         return stream
     if isinstance(stream, torch.Stream) and stream.device.type == "cuda":  # device_type is an int
         return torch.cuda.Stream(
-            stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
+            stream_id=stream.stream_id,
+            device_index=stream.device_index,
+            device_type=stream.device_type,
         )
     raise TypeError(f"set_stream() needs a CUDA stream or None, got {stream!r}")
 
@@ -160,7 +162,9 @@ class _CommunicatorImpl:
 
     def __init__(self, transport: Transport, expert_weights=(), expert_buffer=()) -> None:
         if not isinstance(transport, Transport):
-            raise TypeError(f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}")
+            raise TypeError(
+                f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}"
+            )
         self._torch = _torch()
         self.transport = transport
         self.rank = transport.rank
@@ -224,7 +228,9 @@ class _CommunicatorImpl:
         torch = self._torch
         stream = None
         if self.device.type == "cuda":
-            stream = self._stream if self._stream is not None else torch.cuda.current_stream(self.device)
+            stream = (
+                self._stream if self._stream is not None else torch.cuda.current_stream(self.device)
+            )
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             out, inn, after = self._messages(sends, recvs)
@@ -239,12 +245,18 @@ class _CommunicatorImpl:
         torch = self._torch
         if type(peer) is not int or not 0 <= peer < self.world_size:
             raise ValueError(f"{what}: rank {peer!r} is not an EP rank in [0, {self.world_size})")
-        if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__len__") or len(tensors) == 0:
+        if (
+            isinstance(tensors, torch.Tensor)
+            or not hasattr(tensors, "__len__")
+            or len(tensors) == 0
+        ):
             raise TypeError(f"{what}: tensors must be a non-empty list of tensors")
         tensors = list(tensors)
         for i, t in enumerate(tensors):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{what}: tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(
+                    f"{what}: tensors[{i}] must be a torch.Tensor, got {type(t).__name__}"
+                )
             self.transport.check_tensor(t, f"{what}: tensors[{i}]")
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         return _Op(peer, tensors, self._row_of(sender, int(expert_id)), key)
@@ -378,10 +390,14 @@ def create_communicator(
                 "pass's NCCL kernels); set eplb_config.use_async=false"
             )
         dist = torch.distributed
-        device = first.device.index if first.device.index is not None else torch.cuda.current_device()
+        device = (
+            first.device.index if first.device.index is not None else torch.cuda.current_device()
+        )
         uid = _share_unique_id(torch, cpu_group)
         rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
-        comm = Communicator(uid, rank, world, device, blocking=False, timeout=timeout, max_ctas=max_ctas)
+        comm = Communicator(
+            uid, rank, world, device, blocking=False, timeout=timeout, max_ctas=max_ctas
+        )
         if world > 1:
             comm.connect_peers()
         transport = NcclTransport(comm)
@@ -441,7 +457,9 @@ def _sync_allowed():
 def _shuffler(transport, weights, owner):
     from ..shuffler import ExpertShuffler
 
-    key = tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws)
+    key = tuple(
+        (t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws
+    )
     cache = owner._shufflers if owner is not None else {}
     sh = cache.get(key)
     if sh is None:
@@ -535,7 +553,9 @@ class _PolicyImpl:
         if num_groups and num_nodes and num_groups % num_nodes == 0:
             # vLLM's rule: hierarchical balancing when groups divide over nodes, else global
             groups, nodes = num_groups, num_nodes
-        res = rebalance(loads, num_replicas, num_ranks, old_map=old, num_nodes=nodes, num_groups=groups)
+        res = rebalance(
+            loads, num_replicas, num_ranks, old_map=old, num_nodes=nodes, num_groups=groups
+        )
         # a copy: the result's arrays are read-only (torch warns on a tensor over them)
         return torch.from_numpy(np.array(res.new_map, dtype=np.int64, order="C", copy=True))
 
@@ -573,14 +593,27 @@ def __getattr__(name: str):
 
 _EXPECTED_PARAMS = {
     "eplb_communicator.create_eplb_communicator": [
-        "group_coordinator", "backend", "expert_weights", "expert_buffer",
+        "group_coordinator",
+        "backend",
+        "expert_weights",
+        "expert_buffer",
     ],
     "rebalance_execute.rearrange_expert_weights_inplace": [
-        "old_global_expert_indices", "new_global_expert_indices", "expert_weights",
-        "expert_buffer", "ep_group", "communicator", "is_profile", "rank_mapping",
+        "old_global_expert_indices",
+        "new_global_expert_indices",
+        "expert_weights",
+        "expert_buffer",
+        "ep_group",
+        "communicator",
+        "is_profile",
+        "rank_mapping",
     ],
     "policy.AbstractEplbPolicy.rebalance_experts": [
-        "weight", "num_replicas", "num_groups", "num_nodes", "num_ranks",
+        "weight",
+        "num_replicas",
+        "num_groups",
+        "num_nodes",
+        "num_ranks",
         "old_global_expert_indices",
     ],
     "eplb_communicator.EplbCommunicator.add_send": ["self", "tensors", "dst_rank", "expert_id"],
@@ -612,13 +645,17 @@ def _interface_problems(ec, es, pol, rx, cp) -> list[str]:
             continue
         got = list(inspect.signature(_unwrapped(obj)).parameters)
         if got != want:
-            problems.append(f"vllm.distributed.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})")
+            problems.append(
+                f"vllm.distributed.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})"
+            )
     base = getattr(ec, "EplbCommunicator", None)
     if base is not None:
         abstract = set(getattr(base, "__abstractmethods__", ()))
         if abstract != {"add_send", "add_recv", "execute"}:
             problems.append(f"EplbCommunicator's abstract methods are {sorted(abstract)}")
-        if not isinstance(inspect.getattr_static(base, "needs_profile_buffer_reservation", None), property):
+        if not isinstance(
+            inspect.getattr_static(base, "needs_profile_buffer_reservation", None), property
+        ):
             problems.append("EplbCommunicator.needs_profile_buffer_reservation is not a property")
     if not isinstance(getattr(pol, "EPLB_POLICIES", None), dict):
         problems.append("vllm.distributed.eplb.policy.EPLB_POLICIES is not a dict")
@@ -676,9 +713,7 @@ def _factory_wrapper(original):
             return create_communicator(group_coordinator, expert_weights, expert_buffer)
         return original(group_coordinator, backend, expert_weights, expert_buffer)
 
-    create_eplb_communicator.__doc__ = (
-        f"vLLM's factory, plus backend {BACKEND!r} (eplb_pynccl.integrations.vllm.create_communicator)."
-    )
+    create_eplb_communicator.__doc__ = f"vLLM's factory, plus backend {BACKEND!r} (eplb_pynccl.integrations.vllm.create_communicator)."
     setattr(create_eplb_communicator, _ORIGINAL, original)
     return create_eplb_communicator
 
@@ -698,8 +733,14 @@ def _loop_wrapper(original):
         if _state["layer_loop"] and isinstance(communicator, _CommunicatorImpl):
             fn = rearrange_expert_weights_inplace
         return fn(
-            old_global_expert_indices, new_global_expert_indices, expert_weights, expert_buffer,
-            ep_group, communicator, is_profile, rank_mapping,
+            old_global_expert_indices,
+            new_global_expert_indices,
+            expert_weights,
+            expert_buffer,
+            ep_group,
+            communicator,
+            is_profile,
+            rank_mapping,
         )
 
     rearrange.__name__ = rearrange.__qualname__ = "rearrange_expert_weights_inplace"
