@@ -28,6 +28,7 @@ after any failure each layer is entirely old or entirely new.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,10 +124,6 @@ class Layout:
     def layer_bytes(self) -> int:
         """The default staging bound: one layer of local experts (the largest), aligned."""
         return max(sum(_align(b) for b in rb) for rb in self.row_bytes) * self.rows
-
-
-def _arr(x) -> np.ndarray:
-    return np.asarray(x, dtype=_I64).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -288,9 +285,11 @@ def _split(rb, packed: bool, thr: int):
     return [i for i, b in enumerate(rb) if b >= thr], [i for i, b in enumerate(rb) if b < thr]
 
 
+@functools.lru_cache(maxsize=64)
 def _sizes(layout: Layout, packed: bool, thr: int):
     """Per layer: aligned bytes of the tensors sent as their own messages, bytes and aligned
-    bytes of the packed ones, and their counts."""
+    bytes of the packed ones, and their counts. Fixed for a shuffler's layout: cached (one
+    rearrangement asks six times; ~0.1 ms each for 58 layers), read-only."""
     L = layout.num_layers
     out = tuple(np.zeros(L, dtype=_I64) for _ in range(5))
     big, small, small_al, nbig, nsmall = out
@@ -300,6 +299,8 @@ def _sizes(layout: Layout, packed: bool, thr: int):
         small[layer] = sum(rb[i] for i in s_ids)
         small_al[layer] = sum(_align(rb[i]) for i in s_ids)
         nbig[layer], nsmall[layer] = len(b_ids), len(s_ids)
+    for a in out:
+        a.setflags(write=False)
     return out
 
 

@@ -180,16 +180,9 @@ class ExpertShuffler:
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
         self._bufs = Buffers(torch, [t for lw in layers for t in lw])
+        words = iter(self._bufs.words)  # buffer order: layer by layer, tensor by tensor
         self.layout = Layout.of(
-            self.row_bytes,
-            rows,
-            [
-                [
-                    w.element_size()
-                    for w in self._bufs.words[sum(map(len, layers[:li])) :][: len(lw)]
-                ]
-                for li, lw in enumerate(layers)
-            ],
+            self.row_bytes, rows, [[next(words).element_size() for _ in lw] for lw in layers]
         )
         self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
         self._staging_auto = staging_bytes is None
