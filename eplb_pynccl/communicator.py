@@ -18,6 +18,9 @@ from typing import Any
 from . import _buffers
 from ._nccl import cuda as _cuda
 from ._nccl import library as _library
+from ._nccl.library import INT_ARG_MAX as _INT_ARG_MAX
+from ._nccl.library import size_arg as _size_arg
+from ._nccl.library import word as _word
 from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
@@ -149,7 +152,7 @@ class group:
     __slots__ = ("_mark", "_st")
 
     def __enter__(self):
-        st = self._st = _state()
+        st = self._st = getattr(_tls, "st", None) or _state()
         st.depth += 1
         self._mark = len(st.ops)
         return self
@@ -164,33 +167,26 @@ class group:
             return False
         if st.depth == 0:
             ops, st.ops = st.ops, []
-            comms, st.comms = st.comms, {}
+            comms = st.comms  # the non-blocking communicators of the ops (usually none)
+            if comms:
+                st.comms = {}
             if ops:
                 _issue(ops, comms)
         return False
 
 
-def _issue(ops: list, comms: dict) -> None:
-    lib = _library.loaded() or _library.load()  # loaded once a communicator exists: no lock
+def _issue(ops: list, comms: dict | None) -> None:
+    """Issue queued calls (see NcclLibrary.issue_calls) as one NCCL group; then wait for the
+    launch of each non-blocking communicator in ``comms`` (only those are listed)."""
+    lib = _library._loaded or _library.load()  # loaded once a communicator exists: no lock
     lib.group_start()
     try:
-        run: list = []
-        for op in ops:
-            if op[0] is None:  # a deferred collective
-                if run:
-                    lib.issue_p2p(run)
-                    run = []
-                op[1]()
-            else:
-                run.append(op)
-        if run:
-            lib.issue_p2p(run)
+        lib.issue_calls(ops)
     finally:
-        rc = lib.group_end()
-    if rc == NCCL_IN_PROGRESS or any(not c._blocking for c in comms.values()):
+        lib.group_end()
+    if comms:  # rc may be ncclInProgress only for non-blocking communicators
         for c in comms.values():
-            if not c._blocking:
-                c._wait_ready("ncclGroupEnd")
+            c._wait_ready("ncclGroupEnd")
 
 
 # ---- communicator --------------------------------------------------------------------------
@@ -203,7 +199,7 @@ class PreparedP2P:
 
     def __init__(self, comm: Communicator, ops: list, hint, keep) -> None:
         self._comm = comm
-        self._calls = comm._lib.prepare_p2p(ops)
+        self._calls = comm._lib.prepare_p2p(ops, comm._comm)
         self._hint = hint
         self._keep = keep  # the buffers stay alive as long as the batch
         self.num_ops = len(ops)
@@ -220,7 +216,7 @@ class PreparedP2P:
             return
         # one deferred op with this launch's stream: issued now as a group of its own, or at
         # the enclosing group's end
-        c._enqueue([(None, lambda: (calls.set_stream(h), calls.issue()))])
+        c._enqueue([(None, lambda: calls.issue(h), None)])
 
     def capture(self) -> CapturedP2P:
         """Capture the batch once as a CUDA graph; its ``launch(stream)`` replays it (one
@@ -244,8 +240,8 @@ class PreparedP2P:
         try:
             drv.begin_capture(s)
             try:
-                self._calls.set_stream(s)
-                _issue([(None, self._calls.issue)], {id(c): c})
+                calls = self._calls
+                _issue([(None, lambda: calls.issue(s), None)], None if c._blocking else {id(c): c})
             finally:
                 graph = drv.end_capture(s)  # ends the capture even when issuing failed
             exec_ = drv.graph_instantiate(graph)
@@ -388,6 +384,59 @@ def _current_device() -> int:
     return 0
 
 
+def _p2p_method(is_send: bool, doc: str):
+    """Communicator.send / .recv: one function body, one Python call per op."""
+
+    def op(self, buf, peer, stream=None) -> None:
+        # The per-op hot path: the common cases (a contiguous torch tensor on this device, an
+        # int stream or torch's current one) inline, everything else through _resolve; the
+        # same checks either way. The op is queued as its ncclSend/ncclRecv call with every
+        # argument prebuilt (see NcclLibrary.issue_calls).
+        comm = self._comm_obj
+        if comm is None:
+            self._check_open()
+        if type(peer) is not int or not 0 <= peer < self._world_size:
+            self._bad_peer(peer)
+        if type(buf) is _TORCH_TENSOR and buf.get_device() == self._device and buf.is_contiguous():
+            ptr, nbytes = buf.data_ptr(), buf.nbytes
+            if stream is None:
+                stream = _RAW_STREAM[0](self._device)
+            elif type(stream) is not int:
+                stream = _buffers.stream_handle(stream, _buffers.HINT_TORCH, self._device)
+        else:
+            ptr, nbytes, hint = self._resolve(buf, "buf")
+            if type(stream) is not int:
+                stream = _buffers.stream_handle(stream, hint, self._device)
+        so = self._stream_objs.get(stream)
+        if so is None:  # first use of this stream handle (validated once)
+            so = self._lib.stream_obj(
+                _buffers.stream_handle(stream, _buffers.HINT_DEFAULT, self._device)
+            )
+        call = (
+            self._send_fn if is_send else self._recv_fn,
+            (
+                _word(ptr),
+                nbytes if nbytes <= _INT_ARG_MAX else _size_arg(nbytes),
+                0,
+                peer,
+                comm,
+                so,
+            ),
+            self._comm,
+        )
+        st = getattr(_tls, "st", None) or _state()  # _enqueue([call]) inlined
+        if st.depth:
+            st.ops.append(call)
+            if not self._blocking:
+                st.comms[id(self)] = self
+        else:
+            _issue([call], None if self._blocking else {id(self): self})
+
+    op.__name__ = op.__qualname__ = "send" if is_send else "recv"
+    op.__doc__ = doc
+    return op
+
+
 class Communicator:
     """A NCCL communicator over ``world_size`` ranks, one GPU each.
 
@@ -506,6 +555,7 @@ class Communicator:
                     ) from None
                 raise
             self._comm_obj = lib.comm_obj(self._comm)
+            self._send_fn, self._recv_fn = lib.p2p_fn(True), lib.p2p_fn(False)
             self._state = "open"
             if not self._blocking:
                 self._wait_ready("ncclCommInitRankConfig")
@@ -652,53 +702,16 @@ class Communicator:
                 )
         return ptr, nbytes, hint
 
-    def _op(self, buf, peer, stream, is_send: bool, name: str):
-        # The per-op hot path: the common cases (a contiguous torch tensor on this device, an
-        # int stream or torch's current one) inline, everything else through _resolve; the
-        # same checks either way.
-        comm = self._comm_obj
-        if comm is None:
-            self._check_open()
-        if type(peer) is not int or not 0 <= peer < self._world_size:
-            self._bad_peer(peer)
-        if type(buf) is _TORCH_TENSOR and buf.get_device() == self._device and buf.is_contiguous():
-            ptr, nbytes = buf.data_ptr(), buf.nbytes
-            if stream is None:
-                stream = _RAW_STREAM[0](self._device)
-            elif type(stream) is not int:
-                stream = _buffers.stream_handle(stream, _buffers.HINT_TORCH, self._device)
-        else:
-            ptr, nbytes, hint = self._resolve(buf, name)
-            if type(stream) is not int:
-                stream = _buffers.stream_handle(stream, hint, self._device)
-        so = self._stream_objs.get(stream)
-        if so is None:  # first use of this stream handle (validated once)
-            so = self._lib.stream_obj(
-                _buffers.stream_handle(stream, _buffers.HINT_DEFAULT, self._device)
-            )
-        op = (is_send, ptr, nbytes, peer, comm, so)
-        # _enqueue([op]) inlined
-        st = getattr(_tls, "st", None) or _state()
-        if st.depth:
-            st.ops.append(op)
-            if not self._blocking:
-                st.comms[id(self)] = self
-        else:
-            _issue([op], {id(self): self})
-
     def _bad_peer(self, peer):
         if isinstance(peer, int) and not isinstance(peer, bool):
             raise ValueError(f"peer must be in [0, {self._world_size}), got {peer}")
         raise TypeError(f"peer must be an int, got {type(peer).__name__}")
 
     # -- point to point ------------------------------------------------------------------
-    def send(self, buf, peer: int, stream=None) -> None:
-        """Send ``buf``'s bytes to ``peer`` (inside :func:`group` to pair with receives)."""
-        self._op(buf, peer, stream, True, "buf")
-
-    def recv(self, buf, peer: int, stream=None) -> None:
-        """Receive ``buf``'s size in bytes from ``peer`` into ``buf``."""
-        self._op(buf, peer, stream, False, "buf")
+    send = _p2p_method(
+        True, """Send ``buf``'s bytes to ``peer`` (inside :func:`group` to pair with receives)."""
+    )
+    recv = _p2p_method(False, """Receive ``buf``'s size in bytes from ``peer`` into ``buf``.""")
 
     def p2p(self, sends=(), recvs=(), stream=None) -> None:
         """Post many sends and receives in one NCCL group (or the enclosing :func:`group`).
@@ -714,7 +727,10 @@ class Communicator:
         s = self._lib.stream_obj(
             stream if type(stream) is int else _buffers.stream_handle(stream, hint, self._device)
         )
-        self._enqueue([op + (s,) for op in ops])
+        sf, rf, cw, c, w = self._send_fn, self._recv_fn, self._comm_obj, self._comm, _word
+        self._enqueue(
+            [(sf if i else rf, (w(p), _size_arg(n), 0, peer, cw, s), c) for i, p, n, peer in ops]
+        )
 
     def prepare_p2p(self, sends=(), recvs=(), *, graph: bool = False):
         """Validate a batch of sends and receives once and return a :class:`PreparedP2P`
@@ -748,7 +764,7 @@ class Communicator:
                 ptr, nbytes, h = resolve(buf, f"{what}[{k}]")
                 if hint is None:
                     hint = h
-                ops.append((is_send, ptr, nbytes, peer, comm))
+                ops.append((is_send, ptr, nbytes, peer))
         return ops, hint
 
     def _enqueue(self, ops: list) -> None:
@@ -759,7 +775,7 @@ class Communicator:
             if not self._blocking:
                 st.comms[id(self)] = self
         else:
-            _issue(ops, {id(self): self})
+            _issue(ops, None if self._blocking else {id(self): self})
 
     # -- collectives (small, for metadata) ----------------------------------------------
     def _typed(self, buf, name):
@@ -773,7 +789,7 @@ class Communicator:
 
     def _collective(self, fn, stream, hint) -> None:
         s = self._lib.stream_obj(_buffers.stream_handle(stream, hint, self._device))
-        self._enqueue([(None, lambda: fn(s))])
+        self._enqueue([(None, lambda: fn(s), None)])
 
     def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
         """All-reduce ``buf`` into ``out`` (in place when out is None)."""

@@ -885,3 +885,38 @@ def test_load_library_public_entry_point():
     assert out.returncode == 0, out.stderr
     assert "ERR cannot load libnccl from /nonexistent/libnccl.so.2 (explicit path)" in out.stdout
     assert "PATH True" in out.stdout
+
+
+# ---- the hot path's call arguments ---------------------------------------------------------
+
+
+def _libc_fn(name, restype):
+    fn = ctypes.CDLL(None)[name]
+    fn.restype = restype
+    return fn
+
+
+def test_hot_path_words_are_taken_on_lp64_linux():
+    # x86-64 and aarch64 Linux pass a pointer and a size_t alike: the fast arguments must be on
+    # (the fallback, plain ctypes objects, is for ABIs where the load-time check fails)
+    assert library.WORDS_BY_REF is True
+    assert library.INT_ARG_MAX == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 4096, 2**31 - 1, 2**31, 2**32 + 7, 2**46 + 12345, 2**63 - 1]
+)
+def test_word_and_size_arg_reach_c_as_the_exact_64_bit_value(value):
+    labs = _libc_fn("labs", ctypes.c_long)  # long labs(long) returns its non-negative argument
+    assert labs(library.word(value)) == value
+    assert labs(library.size_arg(value)) == value
+
+
+def test_word_passes_a_real_pointer_and_size_arg_a_byte_count():
+    memmove = _libc_fn("memmove", ctypes.c_void_p)
+    src = ctypes.create_string_buffer(bytes(range(1, 65)), 64)
+    dst = ctypes.create_string_buffer(64)
+    d = ctypes.addressof(dst)
+    r = memmove(library.word(d + 3), library.word(ctypes.addressof(src)), library.size_arg(40))
+    assert r == d + 3
+    assert dst.raw == b"\0" * 3 + bytes(range(1, 41)) + b"\0" * 21

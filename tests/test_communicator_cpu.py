@@ -580,7 +580,7 @@ def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
 
 def _op(log, name):
     """A deferred op as the queue holds collectives: issued by calling it at the outermost exit."""
-    return (None, lambda: log.append(name))
+    return (None, lambda: log.append(name), None)
 
 
 def _assert_idle(st):
@@ -663,7 +663,7 @@ def test_failure_while_issuing_still_ends_the_nccl_group():
     with pytest.raises(NcclInvalidError, match=r"^ncclAllReduce failed"):
         with group():
             st.ops.append(_op(log, "first"))
-            st.ops.append((None, failing))
+            st.ops.append((None, failing, None))
             st.ops.append(_op(log, "never"))
     assert log == ["first"]
     _assert_idle(st)

@@ -16,10 +16,12 @@ call the Python methods of :class:`NcclLibrary`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import threading
 import time
+from itertools import starmap as _starmap
 from pathlib import Path
 
 from ..errors import NcclLibraryError, NcclTimeoutError, error_class
@@ -35,6 +37,55 @@ from .table import (
 ENV_VAR = "EPLB_PYNCCL_NCCL_SO"
 MIN_VERSION = (2, 19, 0)
 SONAME = "libnccl.so.2"
+
+# ---- call arguments for the hot path ---------------------------------------------------------
+# ctypes converts each argument of a foreign call on every call. A ``c_void_p`` instance costs a
+# new conversion object per call; a plain int is cheap but is passed as a C int (32 bits); an
+# object made by ``byref(obj, offset)`` is passed as the pointer ``&obj + offset`` with no work
+# at the call. So the hot path passes every 64-bit value (device pointer, ncclComm_t,
+# cudaStream_t, a byte count >= 2**31) as ``byref(_NULL, value)``: ``_NULL`` is a ctypes object
+# *at address 0* (made with from_address, never read), so the argument is ``value`` itself. It
+# is made once per buffer or handle (once per op on the one-shot path) instead of once per
+# call. On LP64 ABIs (x86-64, aarch64) a pointer and a size_t travel in the same 64-bit
+# register; _words_pass_through() checks all of it through libc once, and plain ctypes objects
+# are used where that check fails.
+_NULL = ctypes.c_char.from_address(0)  # only its address is ever used: never read it
+INT_ARG_MAX = 0x7FFFFFFF  # a byte count up to this passes as a plain int (sign-extended by libffi)
+
+
+def _words_pass_through() -> bool:
+    """Whether byref-made words and plain ints reach C as the intended 64-bit values here."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(ctypes.c_size_t) != 8:
+        return False
+    w = functools.partial(ctypes.byref, _NULL)
+    try:
+        libc = ctypes.CDLL(None)
+        labs = libc["labs"]  # long labs(long): returns its (positive) argument
+        memmove = libc["memmove"]
+        labs.restype = ctypes.c_long
+        memmove.restype = ctypes.c_void_p
+        src = ctypes.create_string_buffer(b"eplb_pynccl", 12)
+        dst = ctypes.create_string_buffer(12)
+        d, big = ctypes.addressof(dst), (1 << 46) + 12345
+        ok = labs(w(big)) == big and labs(INT_ARG_MAX) == INT_ARG_MAX
+        ok = ok and memmove(w(d), w(ctypes.addressof(src)), 12) == d and dst.raw == src.raw
+    except Exception:  # noqa: BLE001 - any failure means: use the plain objects
+        return False
+    return ok
+
+
+WORDS_BY_REF = _words_pass_through()
+if not WORDS_BY_REF:
+    INT_ARG_MAX = -1  # every byte count goes through size_arg()
+word = functools.partial(ctypes.byref, _NULL) if WORDS_BY_REF else ctypes.c_void_p
+"""``word(v)``: the call argument for a 64-bit value (pointer, size, handle), made in C."""
+
+
+def size_arg(nbytes: int):
+    """The call argument for a byte count: a plain int when it fits a C int, else a word."""
+    if nbytes <= INT_ARG_MAX:
+        return nbytes
+    return word(nbytes) if WORDS_BY_REF else ctypes.c_size_t(nbytes)
 
 
 def decode_version(code: int) -> tuple[int, int, int]:
@@ -269,37 +320,43 @@ class NcclLibrary:
             raise self.error(rc, "ncclGroupEnd")
         return rc
 
-    def stream_obj(self, stream: int) -> ctypes.c_void_p:
+    def stream_obj(self, stream: int):
+        """The prebuilt call argument for a cudaStream_t handle (cached per handle)."""
         s = self._stream_objs.get(stream)
         if s is None:
             if len(self._stream_objs) > 4096:
                 self._stream_objs.clear()
-            s = self._stream_objs[stream] = ctypes.c_void_p(stream)
+            s = self._stream_objs[stream] = word(stream)
         return s
 
-    def comm_obj(self, comm: int) -> ctypes.c_void_p:
-        return ctypes.c_void_p(comm)
+    def comm_obj(self, comm: int):
+        """The prebuilt call argument for an ncclComm_t handle."""
+        return word(comm)
 
-    def issue_p2p(self, ops) -> None:
-        """Issue a list of p2p ops as bytes: ``(is_send, ptr, nbytes, peer, comm_obj, stream_obj)``.
+    def p2p_fn(self, is_send: bool):
+        """The raw ncclSend or ncclRecv (no argtypes: fed prebuilt arguments)."""
+        return self._raw_send if is_send else self._raw_recv
 
-        ``comm_obj``/``stream_obj`` come from :meth:`comm_obj`/:meth:`stream_obj`. The caller
-        brackets the list with group_start/group_end. This is the hot path: no argtypes, one
-        reused pointer and one reused size object, everything else prebuilt.
-        """
-        send, recv = self._raw_send, self._raw_recv
-        p = ctypes.c_void_p()
-        n = ctypes.c_size_t()
-        for is_send, ptr, nbytes, peer, comm, stream in ops:
-            p.value = ptr
-            n.value = nbytes
-            rc = (send if is_send else recv)(p, n, 0, peer, comm, stream)
-            if rc != NCCL_SUCCESS and rc != NCCL_IN_PROGRESS:
-                raise self.error(rc, "ncclSend" if is_send else "ncclRecv", comm.value)
+    def p2p_error(self, rc: int, fn, comm: int):
+        return self.error(rc, "ncclSend" if fn is self._raw_send else "ncclRecv", comm)
 
-    def prepare_p2p(self, ops) -> PreparedCalls:
-        """Prebuilt calls for ops as for :meth:`issue_p2p`, without the stream (set per issue)."""
-        return PreparedCalls(self, ops)
+    def issue_calls(self, calls) -> None:
+        """Issue queued calls ``(fn, args, comm)``: a p2p function with its prebuilt arguments
+        (see :meth:`p2p_fn`), or ``(None, callable, None)`` for deferred work (a collective, a
+        prepared batch). The caller brackets them with group_start/group_end. The hot path:
+        one ctypes call per op, nothing else unless one fails."""
+        for fn, args, comm in calls:
+            if fn is None:
+                args()
+                continue
+            rc = fn(*args)
+            if rc and rc != NCCL_IN_PROGRESS:
+                raise self.p2p_error(rc, fn, comm)
+
+    def prepare_p2p(self, ops, comm: int) -> PreparedCalls:
+        """Prebuilt calls for ops ``(is_send, ptr, nbytes, peer)`` of communicator ``comm``
+        (the stream is given per issue)."""
+        return PreparedCalls(self, ops, comm)
 
     def all_reduce(self, sptr, rptr, count, dtype, op, comm, stream) -> int:
         return self.check(
@@ -341,37 +398,45 @@ class NcclLibrary:
 
 
 class PreparedCalls:
-    """ncclSend/ncclRecv calls with every argument prebuilt; the stream is one shared object
-    set by :meth:`set_stream` before :meth:`issue` (which the caller brackets with a group)."""
+    """ncclSend/ncclRecv calls with every argument prebuilt. The stream is the only argument
+    that changes between issues: the argument tuples are built once per stream handle used
+    (a batch is typically launched on one or two streams; more are rebuilt as needed)."""
 
-    __slots__ = ("_lib", "_calls", "_stream")
+    __slots__ = ("_lib", "_comm", "_sends", "_recvs", "_by_stream")
 
-    def __init__(self, lib: NcclLibrary, ops) -> None:
+    def __init__(self, lib: NcclLibrary, ops, comm: int) -> None:
         self._lib = lib
-        self._stream = ctypes.c_void_p(0)
-        self._calls = [
-            (
-                lib._raw_send if is_send else lib._raw_recv,
-                (ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0, peer, comm, self._stream),
-            )
-            for is_send, ptr, nbytes, peer, comm in ops
-        ]
+        self._comm = comm
+        cw = lib.comm_obj(comm)
+        self._sends = [(word(p), size_arg(n), 0, peer, cw) for s, p, n, peer in ops if s]
+        self._recvs = [(word(p), size_arg(n), 0, peer, cw) for s, p, n, peer in ops if not s]
+        self._by_stream: dict = {}
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self._sends) + len(self._recvs)
 
-    def set_stream(self, stream: int) -> None:
-        self._stream.value = stream
+    def _args(self, stream: int):
+        a = self._by_stream.get(stream)
+        if a is None:
+            s = self._lib.stream_obj(stream)
+            a = ([x + (s,) for x in self._sends], [x + (s,) for x in self._recvs])
+            if len(self._by_stream) >= 4:
+                self._by_stream.clear()
+            self._by_stream[stream] = a
+        return a
 
-    def issue(self) -> None:
-        """The prepared hot loop: one ctypes call per op, nothing else unless one fails."""
-        for fn, args in self._calls:
-            rc = fn(*args)
-            if rc and rc != NCCL_IN_PROGRESS:
-                lib = self._lib
-                raise lib.error(
-                    rc, "ncclSend" if fn is lib._raw_send else "ncclRecv", args[4].value
-                )
+    def issue(self, stream: int) -> None:
+        """The prepared hot loop on ``stream``: the sends, then the receives (one NCCL group:
+        their order across peers does not matter, and each kind keeps its own order, which
+        is what pairs a rank's i-th send to a peer with the peer's i-th receive)."""
+        sends, recvs = self._args(stream)
+        lib = self._lib
+        for fn, args in ((lib._raw_send, sends), (lib._raw_recv, recvs)):
+            rcs = list(_starmap(fn, args))
+            if any(rcs):
+                for rc in rcs:
+                    if rc and rc != NCCL_IN_PROGRESS:
+                        raise lib.p2p_error(rc, fn, self._comm)
 
 
 _lock = threading.Lock()
