@@ -26,10 +26,12 @@ nccl4py                    ``nccl.core``: ``group_start(); comm.send(t, peer, st
                            group_end()`` with torch tensors
 =========================  =================================================================
 
-Timing (sendrecv, alltoall): per size and binding, ``--warmup`` untimed iterations (they pay the
-lazy connection setup), a data check, then ``--repeats`` repeats of: store barrier, one untimed
-iteration (aligns the ranks on the GPU), CUDA event, ``--iters`` iterations back to back, CUDA event.
-A rank's time is the median over repeats of (elapsed / iters); the row reports the slowest rank's.
+Timing (sendrecv, alltoall): per size, every binding gets ``--warmup`` untimed iterations (they
+pay the lazy connection setup) and a data check; then ``--repeats`` rounds, each timing every
+binding once (interleaved, so a drift of the host's speed hits all alike): store barrier, one
+untimed iteration (aligns the ranks on the GPU), CUDA event, ``--iters`` iterations back to back,
+CUDA event. A rank's time is the median over repeats of (elapsed / iters); the row reports the
+slowest rank's. The overhead part interleaves its repeats the same way.
 """
 
 from __future__ import annotations
@@ -333,7 +335,9 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
                     ops.append((False, recv[i * c : (i + 1) * c], i))
                     expect.append((recv[i * c : (i + 1) * c], _pattern(i, me)))
             mine: dict[str, Any] = {}
-            for b in names:
+            issues: dict[str, Issue] = {}
+            checks: dict[str, bool] = {}
+            for b in names:  # every binding set up, warmed and checked first
                 if b in dead:
                     mine[b] = {"error": dead[b]}
                     continue
@@ -351,11 +355,26 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
                     for _ in range(int(a.warmup)):
                         issue()
                     stream.synchronize()
-                    ok = all(bool((v == x).all()) for v, x in expect)
-                    times = _time_gpu(ctx, issue, int(a.iters), int(a.repeats))
-                    mine[b] = {**summarize(times), "check": ok}
+                    checks[b] = all(bool((v == x).all()) for v, x in expect)
+                    issues[b] = issue
                 except Exception as e:  # noqa: BLE001 - disabled for the rest of the part
                     mine[b] = {"error": f"{type(e).__name__}: {e}"}
+            # then the repeats interleaved (repeat j times every binding once): host drift
+            # hits all bindings alike; only bindings every rank set up, so barriers match
+            common = set.intersection(*(set(x) for x in ctx.allgather(sorted(issues))))
+            times: dict[str, list] = {b: [] for b in issues if b in common}
+            for b in [b for b in issues if b not in common]:
+                mine[b] = {"error": "it failed on another rank"}
+            try:
+                for _ in range(int(a.repeats)):
+                    for b in times:
+                        times[b] += _time_gpu(ctx, issues[b], int(a.iters), 1)
+                for b in times:
+                    mine[b] = {**summarize(times[b]), "check": checks[b]}
+            except Exception as e:  # noqa: BLE001 - the size's timings are lost
+                for b in times:
+                    mine[b] = {"error": f"{type(e).__name__}: {e}"}
+            del issues
             per_rank = ctx.allgather(mine)
             for b in names:
                 errs = [pr[b]["error"] for pr in per_rank if "error" in pr[b]]
@@ -422,29 +441,48 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
         recv = torch.zeros(k * nb, dtype=torch.uint8, device=ctx.device)
         ops: list[Op] = [(True, send[i * nb : (i + 1) * nb], nxt) for i in range(k)]
         ops += [(False, recv[i * nb : (i + 1) * nb], prv) for i in range(k)]
-        for b in names:
+        issues: dict[str, Issue] = {}
+        checks: dict[str, bool] = {}
+        for b in names:  # every binding set up, warmed and checked first
             try:
                 issue = P2P_BINDINGS[b][1](ctx, ops)
                 recv.zero_()
                 for _ in range(warm):
                     issue()
                 stream.synchronize()
-                ok = bool((recv == _pattern(prv, me)).all())
-                host, e2e = [], []
-                for _ in range(reps):
-                    ctx.barrier()
-                    t0 = time.perf_counter()
-                    issue()
-                    t1 = time.perf_counter()
-                    stream.synchronize()
-                    t2 = time.perf_counter()
-                    host.append((t1 - t0) * 1e6 / (2 * k))
-                    e2e.append((t2 - t0) * 1e6 / (2 * k))
-                mine[b] = {"host": summarize(host), "e2e": summarize(e2e), "check": ok}
+                checks[b] = bool((recv == _pattern(prv, me)).all())
+                issues[b] = issue
             except Exception as e:  # noqa: BLE001
                 mine[b] = {"error": f"{type(e).__name__}: {e}"}
                 ctx.log(f"overhead: {b} failed on rank {me}: {mine[b]['error']}", all_ranks=True)
-        del send, recv, ops
+        # Then the repeats interleaved: repeat j times every binding once, so a drift of the
+        # host's speed (large on shared machines) hits all bindings alike, and each repeat
+        # gives a ratio to cupy measured at the same moment.
+        # only the bindings every rank could set up (so the barriers below match)
+        common = set.intersection(*(set(x) for x in ctx.allgather(sorted(issues))))
+        for b in [b for b in issues if b not in common]:
+            del issues[b]
+            mine[b] = {"error": "it failed on another rank"}
+        host: dict[str, list] = {b: [] for b in issues}
+        e2e: dict[str, list] = {b: [] for b in issues}
+        for _ in range(reps):
+            for b, issue in issues.items():
+                ctx.barrier()
+                t0 = time.perf_counter()
+                issue()
+                t1 = time.perf_counter()
+                stream.synchronize()
+                t2 = time.perf_counter()
+                host[b].append((t1 - t0) * 1e6 / (2 * k))
+                e2e[b].append((t2 - t0) * 1e6 / (2 * k))
+        for b in issues:
+            mine[b] = {
+                "host": summarize(host[b]),
+                "e2e": summarize(e2e[b]),
+                "check": checks[b],
+                "host_samples": host[b],
+            }
+        del send, recv, ops, issues
     torch.cuda.synchronize(ctx.device)
     torch.cuda.empty_cache()
     per_rank = ctx.allgather(mine)
@@ -483,6 +521,20 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
     for r in rows:
         if cupy_host and "host_us_per_op" in r:
             r["host_ratio_vs_cupy"] = round(r["host_us_per_op"] / cupy_host, 3)
+            # the median of the per-repeat ratios (each repeat times both back to back), on
+            # the slowest rank: less sensitive to the host's drift than the ratio of medians
+            paired = [
+                median(
+                    [
+                        x / y
+                        for x, y in zip(
+                            pr[r["binding"]]["host_samples"], pr["cupy"]["host_samples"]
+                        )
+                    ]
+                )
+                for pr in per_rank
+            ]
+            r["host_ratio_vs_cupy_paired"] = round(max(paired), 3)
     return rows
 
 
