@@ -247,9 +247,11 @@ class IpcTransport(Transport):
 
     def poll_error(self) -> None:
         """Raise at once when a peer on the node failed (its flag) or its process is gone
-        (checked every 50 ms), rather than at the timeout."""
+        (checked every 50 ms), rather than at the timeout. A peer's flag set because a
+        process died is reported as that death (the root cause), where it is seen."""
         for p in self._peers.values():
             if p.counters[_FAILED]:
+                self._raise_if_a_peer_died()
                 self.abort(f"peer rank {p.rank} failed")
                 raise RuntimeError(
                     f"rank {self.rank}: peer rank {p.rank} failed (it set its failed flag)"
@@ -258,6 +260,9 @@ class IpcTransport(Transport):
         if now < self._next_alive_check:
             return
         self._next_alive_check = now + 0.05
+        self._raise_if_a_peer_died()
+
+    def _raise_if_a_peer_died(self) -> None:
         for p in self._peers.values():
             if p.pid is not None and not _alive(p.pid):
                 self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
