@@ -26,7 +26,6 @@ from eplb_pynccl.integrations._vllm_ipc import (  # noqa: E402
 )
 from eplb_pynccl.transport import Transport  # noqa: E402
 
-
 # ---- plan_pulls -------------------------------------------------------------------------------
 
 
@@ -392,3 +391,73 @@ def test_transport_name_is_checked():
     with pytest.raises(ValueError) as e:
         V.create_communicator(SimpleNamespace(cpu_group=None), [], [], transport="nvlink")
     assert str(e.value) == "transport must be 'nccl' or 'ipc', got 'nvlink'"
+
+
+# ---- vLLM's calls over in-process rounds that really copy ---------------------------------------
+
+
+class _Node:
+    """Every rank of a virtual node in this process: a round copies each pull with memmove
+    from the sender's registered row (the address IpcTransport would read)."""
+
+    def __init__(self):
+        self.bases = {}
+
+
+class _CopyingIpc(_FakeIpc):
+    def __init__(self, node, rank, world):
+        super().__init__(rank, world)
+        self.node = node
+
+    def prepare_round(self, sends, recvs, remote=None):
+        rnd = _Round(self, sends, recvs, remote)
+        node = self.node
+
+        def launch(stream, deadline):
+            import ctypes
+
+            for (peer, (dst, n)), b, off in zip(rnd.recvs, rnd.rbuf, rnd.roff):
+                ctypes.memmove(dst, node.bases[peer][b] + off, n)
+            _Round.launch(rnd, stream, deadline)
+
+        rnd.launch = launch
+        return rnd
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_vllms_calls_over_copying_rounds_move_every_row_exactly(n):
+    """The call sequence the GPU test drives without vLLM (tests/vllm_calls.py) and the pull
+    addresses: every rank's layer queued and executed (the copies happen in execute), then
+    every rank's copy-out, as vLLM orders them; exact bytes after each rearrangement."""
+    from tests.shuffle_util import check_weights, make_weights
+    from tests.test_gpu_vllm_ipc import LAYERS, SPECS
+    from tests.test_gpu_vllm_ipc import P as PR
+    from tests.vllm_calls import VllmCalls
+    from tests_vllm.util import sequence
+
+    maps = sequence(7 + n, 4, LAYERS, n, PR)
+    specs = [[(shape, getattr(torch, dt)) for shape, dt in SPECS]] * LAYERS
+    node = _Node()
+    ranks = []
+    for r in range(n):
+        ws = make_weights(torch, specs, maps[0], r, n, "cpu")
+        buf = [torch.empty_like(t) for t in ws[0]]
+        t = _CopyingIpc(node, r, n)
+        rows = WeightRows(ws)
+        node.bases[r] = rows.ptr
+        comm = V._CommunicatorImpl(t, ws, buf, ipc=IpcPath(t, rows))
+        ranks.append((ws, buf, t, VllmCalls(torch, V, comm, r, n, PR)))
+    pulled = 0
+    for k, (old, new) in enumerate(zip(maps, maps[1:])):
+        for layer in range(LAYERS):
+            primaries = [
+                calls.transfer(old[layer], new[layer], ws[layer], buf, None, layer)
+                for ws, buf, _, calls in ranks
+            ]
+            for (ws, buf, _, calls), primary in zip(ranks, primaries):
+                calls.move_from(ws[layer], buf, primary, old[layer], new[layer])
+        for r, (ws, _, t, _) in enumerate(ranks):
+            assert check_weights(torch, ws, new, r, n) == [], (k, r)
+            assert t._seq == (k + 1) * LAYERS
+            pulled += sum(len(rnd.recvs) for rnd in t.launched)
+    assert pulled > 0
