@@ -168,6 +168,7 @@ def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
         "elapsed": failure.get("elapsed"),
         "layer0_new": check_weights(torch, [ws[0]], maps[1][:1], rank, n) == [],
     }
+    comm.transport.close()  # local; every round this rank ran has finished on its readers
     if outdir is not None:
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
