@@ -392,8 +392,9 @@ def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
     device = dev.index if dev.index is not None else torch.cuda.current_device()
     local = rows.problems()
     local += [
-        f"expert_weights[{j}] is on {t.device}, expert_weights[0][0] on {dev}"
-        for j, t in enumerate(rows.tensors)
+        f"expert_weights[{layer}][{i}] is on {t.device}, expert_weights[0][0] on {dev}"
+        for layer, ws in enumerate(expert_weights)
+        for i, t in enumerate(ws)
         if t.device != dev
     ][:1]
     setup = TorchTransport(cpu_group, timeout=timeout)
