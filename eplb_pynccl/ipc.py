@@ -1,8 +1,8 @@
 """Layer 3: a one-sided, zero-SM transport for the GPUs of one node (copy engines over CUDA IPC),
 with NCCL for peers on other nodes.
 
-Set-up (:meth:`IpcTransport.register_buffers`, collective, through a key-value store or the
-communicator): every rank exports CUDA IPC handles of the allocations that hold its expert
+Set-up (:meth:`IpcTransport.register_buffers`, collective, through a key-value store, the
+communicator, or any transport's ``all_gather_bytes``, e.g. a gloo group's): every rank exports CUDA IPC handles of the allocations that hold its expert
 weights (a torch tensor lives at an offset inside one of the caching allocator's blocks) and of
 two interprocess events, and creates a small shared-memory page of counters; its peers on the
 node open all of them once.
@@ -70,11 +70,16 @@ class IpcTransport(Transport):
         rank, world_size: this rank and the number of ranks (taken from ``communicator``
             when one is given).
         store: a key-value store with ``set``/``get`` (torch ``TCPStore``) for the set-up
-            exchange; or leave it None and give a ``communicator``.
+            exchange; or leave it None and give ``setup`` or a ``communicator``.
         communicator: an eplb_pynccl :class:`Communicator` of the same ranks: peers on other
             nodes go through it (NCCL), and the set-up may run over it.
         device: this rank's CUDA device (default: the communicator's, else the current one).
         ranks_per_node: ranks ``[k * n, (k + 1) * n)`` share node k; None: by host name.
+        setup: what carries the set-up exchange when there is no store: a
+            :class:`~eplb_pynccl.Transport` (its ``all_gather_bytes``, e.g. a
+            :class:`~eplb_pynccl.TorchTransport` over a gloo group) or a torch.distributed
+            process group (wrapped in a TorchTransport with this timeout). Its ranks are
+            these ranks (``rank``/``world_size`` default to its own).
         timeout: seconds any wait may take (default ``$EPLB_PYNCCL_TIMEOUT`` or 600).
         key: store key prefix (different for each transport made through the same store).
 
@@ -97,6 +102,7 @@ class IpcTransport(Transport):
         ranks_per_node: int | None = None,
         timeout: float | None = None,
         key: str = "eplb_pynccl/ipc",
+        setup=None,
     ) -> None:
         if communicator is not None:
             if not isinstance(communicator, Communicator):
@@ -114,9 +120,23 @@ class IpcTransport(Transport):
             rank, world_size = communicator.rank, communicator.world_size
             if device is None:
                 device = communicator.device
-        if store is None and communicator is None:
+        if timeout is None:
+            timeout = _default_timeout()
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if setup is not None:
+            setup = _setup_transport(setup, timeout)
+            for name, v, own in (
+                ("rank", rank, setup.rank),
+                ("world_size", world_size, setup.world_size),
+            ):
+                if v is not None and v != own:
+                    raise ValueError(f"{name} {v} differs from the setup transport's {name} {own}")
+            rank, world_size = setup.rank, setup.world_size
+        if store is None and communicator is None and setup is None:
             raise ValueError(
-                "IpcTransport needs a store (set/get) or a communicator for its set-up"
+                "IpcTransport needs a store (set/get), a setup transport or group, or a "
+                "communicator for its set-up"
             )
         if store is not None and not (hasattr(store, "set") and hasattr(store, "get")):
             raise TypeError(f"store must have set() and get(), got {type(store).__name__}")
@@ -138,10 +158,6 @@ class IpcTransport(Transport):
                 raise ValueError(
                     f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})"
                 )
-        if timeout is None:
-            timeout = _default_timeout()
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         drv = _cuda.driver()
         if drv is None:
             raise RuntimeError(
@@ -155,6 +171,7 @@ class IpcTransport(Transport):
         self.rank, self.world_size = rank, world_size
         self.comm = communicator
         self.store = store
+        self._setup = setup
         self._device = int(device)
         self.timeout = float(timeout)
         self._key = key
@@ -230,9 +247,11 @@ class IpcTransport(Transport):
 
     def poll_error(self) -> None:
         """Raise at once when a peer on the node failed (its flag) or its process is gone
-        (checked every 50 ms), rather than at the timeout."""
+        (checked every 50 ms), rather than at the timeout. A peer's flag set because a
+        process died is reported as that death (the root cause), where it is seen."""
         for p in self._peers.values():
             if p.counters[_FAILED]:
+                self._raise_if_a_peer_died()
                 self.abort(f"peer rank {p.rank} failed")
                 raise RuntimeError(
                     f"rank {self.rank}: peer rank {p.rank} failed (it set its failed flag)"
@@ -241,6 +260,9 @@ class IpcTransport(Transport):
         if now < self._next_alive_check:
             return
         self._next_alive_check = now + 0.05
+        self._raise_if_a_peer_died()
+
+    def _raise_if_a_peer_died(self) -> None:
         for p in self._peers.values():
             if p.pid is not None and not _alive(p.pid):
                 self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
@@ -258,8 +280,14 @@ class IpcTransport(Transport):
             self.comm.abort()
 
     # ---- set-up ----------------------------------------------------------------------------
+    def make_current(self) -> None:
+        """Make this transport's device current on the calling thread (driver calls of a
+        thread other than the one that made the transport need it first)."""
+        self._drv.set_device(self._device)
+
     def _all_gather(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data`` (any lengths), through the store or the communicator."""
+        """Every rank's ``data`` (any lengths), through the store, the setup transport or
+        the communicator."""
         self._gen += 1
         if self.store is not None:
             k = f"{self._key}/{self._gen}"
@@ -277,12 +305,17 @@ class IpcTransport(Transport):
                 v = self.store.get(key)
                 out.append(v.encode("latin-1") if isinstance(v, str) else bytes(v))
             return out
-        from .transport import NcclTransport
+        if self._setup is not None:
+            gather = self._setup.all_gather_bytes
+        else:
+            from .transport import NcclTransport
 
+            gather = NcclTransport(self.comm).all_gather_bytes
+        # all_gather_bytes wants equal lengths: the lengths first, then the padded data
         n = len(data)
-        sizes = NcclTransport(self.comm).all_gather_bytes(n.to_bytes(8, "little"))
+        sizes = gather(n.to_bytes(8, "little"))
         width = max(int.from_bytes(x, "little") for x in sizes)
-        blobs = NcclTransport(self.comm).all_gather_bytes(data.ljust(width, b"\0"))
+        blobs = gather(data.ljust(width, b"\0"))
         return [b[: int.from_bytes(s, "little")] for b, s in zip(blobs, sizes)]
 
     def register_buffers(self, tensors: list) -> None:
@@ -459,6 +492,24 @@ class IpcTransport(Transport):
         self.close()
 
 
+def _setup_transport(setup, timeout: float) -> Transport:
+    """``setup`` as a Transport: as it is, or a torch.distributed process group wrapped."""
+    if isinstance(setup, Transport):
+        return setup
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        dist = None
+    if dist is not None and dist.is_available() and isinstance(setup, dist.ProcessGroup):
+        from .transport import TorchTransport
+
+        return TorchTransport(setup, timeout=timeout)
+    raise TypeError(
+        "setup must be an eplb_pynccl Transport or a torch.distributed ProcessGroup, got "
+        f"{type(setup).__name__}"
+    )
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie that has exited but not been reaped does not)."""
     try:
@@ -561,6 +612,12 @@ class RoundProtocol:
             return False
         return all(self._done(p, self.q) for p in self.readers)
 
+    def waiting_on(self) -> tuple[list, list]:
+        """(sources not ready yet, readers not done yet) of the current round: who holds it."""
+        unready = [p for p in self.sources if p not in self.pulled]
+        undone = [p for p in self.readers if not self._done(p, self.q)]
+        return unready, undone
+
 
 class _IpcRound(TransportRound):
     """One round: pulls from peers on the node (copy engines), NCCL for the others."""
@@ -632,6 +689,10 @@ class _IpcRound(TransportRound):
         # pulls wait for this rank's own phase A (staging free, rows it overwrote)
         drv.stream_wait_event(t._copy_stream, t._ready)
         self.proto.poll()
+
+    def waiting_on(self) -> tuple[list, list]:
+        """(peers whose rows are not ready yet, readers not done yet): who holds the round."""
+        return self.proto.waiting_on()
 
     def done(self) -> bool:
         t = self.t

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from eplb_pynccl._nccl import cuda
 from eplb_pynccl.ipc import IpcTransport, RoundProtocol
+from eplb_pynccl.transport import Transport
 
 
 class _Store:
@@ -25,13 +26,64 @@ class _Store:
         return b""
 
 
+class _Setup(Transport):
+    """A set-up transport of rank ``rank`` of ``world`` whose all_gather_bytes hands every
+    rank the same data (the given ones for the others), recording the calls."""
+
+    def __init__(self, rank=0, world=2, others=None):
+        self.rank, self.world_size = rank, world
+        self.others = others or {}
+        self.calls = []
+
+    device = None
+
+    def check_tensor(self, t, name):
+        pass
+
+    def exchange(self, sends, recvs, stream=None, timeout=None):
+        raise AssertionError("not used")
+
+    def wait(self, stream=None, timeout=None):
+        pass
+
+    def all_gather_bytes(self, data):
+        self.calls.append(data)
+        k = len(self.calls) - 1
+        out = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                out.append(data)
+            else:
+                other = self.others[r]
+                sizes = len(other).to_bytes(8, "little")
+                out.append(sizes if k % 2 == 0 else other.ljust(len(data), b"\0"))
+        assert len({len(x) for x in out}) == 1, "all_gather_bytes wants equal lengths"
+        return out
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
         (
             {"rank": 0, "world_size": 2},
             ValueError,
-            "IpcTransport needs a store (set/get) or a communicator for its set-up",
+            "IpcTransport needs a store (set/get), a setup transport or group, or a "
+            "communicator for its set-up",
+        ),
+        (
+            {"setup": "gloo"},
+            TypeError,
+            "setup must be an eplb_pynccl Transport or a torch.distributed ProcessGroup, got str",
+        ),
+        (
+            {"rank": 1, "setup": _Setup(0, 2)},
+            ValueError,
+            "rank 1 differs from the setup transport's rank 0",
+        ),
+        (
+            {"world_size": 3, "setup": _Setup(0, 2)},
+            ValueError,
+            "world_size 3 differs from the setup transport's world_size 2",
         ),
         (
             {"rank": 0, "world_size": 2, "store": object()},
@@ -79,6 +131,19 @@ def test_bad_arguments_are_refused_before_any_cuda_call(kwargs, exc, msg):
     with pytest.raises(exc) as info:
         IpcTransport(**kwargs)
     assert str(info.value) == msg
+
+
+def test_setup_exchange_over_a_transport_carries_data_of_any_length():
+    """The set-up all-gather through a transport's all_gather_bytes (equal lengths): the
+    lengths first, then the data padded to the longest; each rank gets back exactly its
+    peers' bytes."""
+    from types import SimpleNamespace
+
+    setup = _Setup(1, 3, others={0: b"a", 2: b"\x00third\x00"})
+    fake = SimpleNamespace(store=None, _setup=setup, _gen=0)
+    got = IpcTransport._all_gather(fake, b"rank one")
+    assert got == [b"a", b"rank one", b"\x00third\x00"]
+    assert setup.calls == [(8).to_bytes(8, "little"), b"rank one"]
 
 
 @pytest.mark.skipif(cuda.driver() is not None, reason="a CUDA driver is present")

@@ -56,7 +56,8 @@ def test_register_patches_what_it_says_once():
         PRELUDE
         + """
 factory, loop, rx_loop = ec.create_eplb_communicator, es.rearrange_expert_weights_inplace, rx.rearrange_expert_weights_inplace
-r = {"before": [refused(communicator="eplb_pynccl", use_async=False), refused(policy="eplb_pynccl", use_async=False)]}
+r = {"before": [refused(communicator="eplb_pynccl", use_async=False), refused(policy="eplb_pynccl", use_async=False),
+               refused(communicator="eplb_pynccl_ipc", use_async=True)]}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     V.register()
@@ -74,6 +75,10 @@ c = cp.EPLBConfig(communicator="eplb_pynccl", policy="eplb_pynccl", use_async=Fa
 r["config"] = [c.communicator, c.policy]
 pc = cp.ParallelConfig(eplb_config={"communicator": "eplb_pynccl", "use_async": False})
 r["parallel_config"] = pc.eplb_config.communicator
+ipc = cp.EPLBConfig(communicator="eplb_pynccl_ipc", use_async=True)  # vLLM's default policy
+r["ipc_config"] = [ipc.communicator, ipc.policy, ipc.use_async]
+pc = cp.ParallelConfig(eplb_config={"communicator": "eplb_pynccl_ipc"})
+r["ipc_parallel_config"] = [pc.eplb_config.communicator, pc.eplb_config.use_async]
 r["after"] = [refused(communicator="nope", use_async=False), refused(policy="nope", use_async=False)]
 try:
     cp.EPLBConfig(policy="eplb_pynccl", use_async=True)
@@ -85,7 +90,7 @@ print(json.dumps(r))
 """
     )
     assert out == {
-        "before": ["ValidationError", "ValidationError"],
+        "before": ["ValidationError", "ValidationError", "ValidationError"],
         "warnings": [],
         "idempotent": True,
         "wraps_vllms": True,
@@ -96,6 +101,8 @@ print(json.dumps(r))
         "policy_is_vllm_policy": True,
         "config": ["eplb_pynccl", "eplb_pynccl"],
         "parallel_config": "eplb_pynccl",
+        "ipc_config": ["eplb_pynccl_ipc", "default", True],
+        "ipc_parallel_config": ["eplb_pynccl_ipc", True],
         "after": ["ValidationError", "ValidationError"],
         # vLLM's own rule still holds: async EPLB takes only its default policy
         "async_policy": "Value error, Async EPLB is only supported with the default policy.",
@@ -211,6 +218,11 @@ def factory_job(ctx, layer_loop):
         es.create_eplb_communicator(gc, "nope", ws, buf)
     except ValueError as e:
         unknown = str(e)
+    try:  # the IPC name reaches create_communicator(transport="ipc"), which needs CUDA weights
+        es.create_eplb_communicator(gc, "eplb_pynccl_ipc", ws, buf)
+        ipc = None
+    except ValueError as e:
+        ipc = str(e)
     stats = es.rearrange_expert_weights_inplace(
         torch.from_numpy(old), torch.from_numpy(new), ws, buf, gc.device_group, ours
     )
@@ -219,6 +231,7 @@ def factory_job(ctx, layer_loop):
         type(ours).__name__,
         type(theirs).__name__,
         unknown,
+        ipc,
         type(stats).__name__,
         check_weights(torch, ws, new, gc.rank_in_group, 2),
     )
@@ -232,6 +245,8 @@ def test_vllms_factory_hands_out_ours_by_name(pools, layer_loop):
             "EplbPyncclCommunicator",
             "TorchDistNcclEplbCommunicator",
             "Unknown EPLB communicator backend: nope",
+            "EPLB communicator 'eplb_pynccl_ipc' moves CUDA expert weights over CUDA IPC; the "
+            "expert weights are on cpu (use 'eplb_pynccl' for CPU weights)",
             loop,
             [],
         )

@@ -6,14 +6,18 @@ module itself imports without vLLM.
 * :func:`create_communicator` makes vLLM's ``EplbCommunicator`` out of this package: CUDA
   expert weights move through an eplb_pynccl NCCL :class:`~eplb_pynccl.Communicator` of its
   own (its unique id shared over the EP group's gloo ``cpu_group``; vLLM's device group is
-  not used), CPU weights through :class:`~eplb_pynccl.TorchTransport` on the ``cpu_group``.
+  not used), CPU weights through :class:`~eplb_pynccl.TorchTransport` on the ``cpu_group``;
+  or, with ``transport="ipc"`` (backend :data:`BACKEND_IPC`), CUDA weights of one node
+  through :class:`~eplb_pynccl.IpcTransport` (copy engines, host polls: usable from vLLM's
+  async EPLB thread; see ``_vllm_ipc.py``).
 * :class:`MigrationAwareEplbPolicy` is vLLM's ``AbstractEplbPolicy`` over
   :func:`eplb_pynccl.rebalance` (placement that keeps most experts where they are).
 * :func:`rearrange_expert_weights_inplace` has the signature of vLLM's own and moves every
   layer with :class:`~eplb_pynccl.ExpertShuffler` (transactional, bounded staging, no per-layer
   buffer of vLLM's).
 * :func:`register` (the ``vllm.general_plugins`` entry point) makes all three selectable by
-  the name ``"eplb_pynccl"`` (:data:`BACKEND`, :data:`POLICY`) in vLLM's ``EPLBConfig``.
+  the name ``"eplb_pynccl"`` (:data:`BACKEND`, :data:`POLICY`) in vLLM's ``EPLBConfig``, and
+  the IPC communicator by ``"eplb_pynccl_ipc"`` (:data:`BACKEND_IPC`).
 
 Ranks are always EP-group-local, as in vLLM.
 """
@@ -35,6 +39,7 @@ from ..transport import NcclTransport, TorchTransport, Transport
 
 __all__ = [
     "BACKEND",
+    "BACKEND_IPC",
     "POLICY",
     "TESTED_VLLM_VERSIONS",
     "EplbPyncclCommunicator",  # noqa: F822 (made on first access, with vLLM's base class)
@@ -47,6 +52,10 @@ __all__ = [
 
 BACKEND = "eplb_pynccl"
 """The ``EPLBConfig.communicator`` value that selects :func:`create_communicator`."""
+BACKEND_IPC = "eplb_pynccl_ipc"
+"""The ``EPLBConfig.communicator`` value that selects :func:`create_communicator` with
+``transport="ipc"``: the one of this package's communicators that vLLM's async EPLB mode
+(``use_async=True``) may use."""
 POLICY = "eplb_pynccl"
 """The ``EPLBConfig.policy`` value that selects :class:`MigrationAwareEplbPolicy`."""
 TESTED_VLLM_VERSIONS = ("0.33.0",)
@@ -158,9 +167,17 @@ def _as_cuda_stream(torch, stream):
 
 
 class _CommunicatorImpl:
-    """Everything of :class:`EplbPyncclCommunicator` but vLLM's base class (see there)."""
+    """Everything of :class:`EplbPyncclCommunicator` but vLLM's base class (see there).
 
-    def __init__(self, transport: Transport, expert_weights=(), expert_buffer=()) -> None:
+    ``ipc``: an :class:`~eplb_pynccl.integrations._vllm_ipc.IpcPath` over ``transport`` (an
+    IpcTransport with the weights registered): every execute() is then one IPC round, and
+    may be called from any thread (vLLM's async EPLB thread). One communicator is driven by
+    one thread at a time: its queue and its transport's round numbers are not shared
+    between threads."""
+
+    def __init__(
+        self, transport: Transport, expert_weights=(), expert_buffer=(), *, ipc=None
+    ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(
                 f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}"
@@ -173,6 +190,8 @@ class _CommunicatorImpl:
         self.expert_weights = expert_weights
         self.expert_buffer = expert_buffer
         self._nccl = isinstance(transport, NcclTransport)
+        self._ipc = ipc
+        self._layer = None  # layer_idx of the transfer context
         self._stream = None
         self._sends: list[_Op] = []
         self._recvs: list[_Op] = []
@@ -197,24 +216,62 @@ class _CommunicatorImpl:
         experts whose rows follow each other into one message per tensor."""
         old = np.asarray(old_indices).reshape(-1)
         if old.size == 0 or old.size % self.world_size:
-            self._context = None
+            self._context = self._layer = None
             return
         self._context = (old.astype(np.int64), old.size // self.world_size, {})
+        self._layer = int(layer_idx)
 
     def add_send(self, tensors, dst_rank: int, expert_id: int) -> None:
-        self._sends.append(self._op("add_send", tensors, dst_rank, expert_id, self.rank))
+        if self._ipc is None:
+            self._sends.append(self._op("add_send", tensors, dst_rank, expert_id, self.rank))
+            return
+        with self._refusal_aborts():
+            layer = self._ipc.check_layer("add_send", self._layer)
+            op = self._op("add_send", tensors, dst_rank, expert_id, self.rank)
+            self._ipc.check_send(layer, op.row, int(expert_id), op.tensors)
+        self._sends.append(op)
 
     def add_recv(self, tensors, src_rank: int, expert_id: int) -> None:
-        self._recvs.append(self._op("add_recv", tensors, src_rank, expert_id, src_rank))
+        if self._ipc is None:
+            self._recvs.append(self._op("add_recv", tensors, src_rank, expert_id, src_rank))
+            return
+        with self._refusal_aborts():
+            layer = self._ipc.check_layer("add_recv", self._layer)
+            op = self._op("add_recv", tensors, src_rank, expert_id, src_rank)
+            self._ipc.check_recv(layer, op.row, src_rank, int(expert_id), op.tensors)
+        self._recvs.append(op)
+
+    @contextlib.contextmanager
+    def _refusal_aborts(self):
+        """IPC: a refused add_send/add_recv aborts the transport (this rank's round will not
+        run as its peers expect, and they should hear it now rather than at their timeout)."""
+        try:
+            yield
+        except (TypeError, ValueError) as e:
+            self._sends, self._recvs = [], []
+            self.transport.abort(str(e))  # a second abort (IpcPath.fail's) changes nothing
+            raise
 
     def execute(self) -> None:
         """Post every queued send and receive as one grouped exchange; on return the data is in
         the destination tensors (on CUDA: in the order of the stream given to set_stream, or
         the current stream; the host has seen the exchange complete, within the
         communicator's timeout). Merged runs travel straight from and into the tensors when
-        their rows are adjacent in memory, else through a staging copy."""
-        sends, recvs = self._sends, self._recvs
-        self._sends, self._recvs, self._context = [], [], None
+        their rows are adjacent in memory, else through a staging copy.
+
+        IPC: one round on every call, also with nothing queued (every rank runs the same
+        rounds); returns once this rank's pulls have landed and every peer that reads its
+        rows has finished (host polls, the transport's timeout: a peer that died or hangs is
+        an error naming it). Any thread; the device is made current first."""
+        sends, recvs, layer = self._sends, self._recvs, self._layer
+        self._sends, self._recvs, self._context, self._layer = [], [], None, None
+        if self._ipc is not None:
+            torch = self._torch
+            stream = self._stream
+            if stream is None and self.device.type == "cuda":
+                stream = torch.cuda.current_stream(self.device)
+            self._ipc.execute(torch, sends, recvs, layer, stream)
+            return
         if not sends and not recvs:
             return
         if self._nccl and threading.get_ident() != self._thread:
@@ -320,6 +377,55 @@ def _communicator_class() -> type:
     return cls
 
 
+def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
+    """The IPC communicator's transport (weights registered) and path (see
+    :func:`create_communicator`, ``transport="ipc"``); collective over ``cpu_group``. Every
+    rank learns every rank's problem, so they all refuse together, before anything moves."""
+    import pickle
+    import socket
+
+    from ..ipc import IpcTransport
+    from ._vllm_ipc import IpcPath, WeightRows, layout_disagreements
+
+    rows = WeightRows(expert_weights)
+    dev = rows.tensors[0].device
+    device = dev.index if dev.index is not None else torch.cuda.current_device()
+    local = rows.problems()
+    local += [
+        f"expert_weights[{layer}][{i}] is on {t.device}, expert_weights[0][0] on {dev}"
+        for layer, ws in enumerate(expert_weights)
+        for i, t in enumerate(ws)
+        if t.device != dev
+    ][:1]
+    setup = TorchTransport(cpu_group, timeout=timeout)
+    t = IpcTransport(setup=setup, device=device, timeout=timeout, key="eplb_pynccl/vllm_ipc")
+    try:
+        mine = {"host": socket.gethostname(), "problems": local, "layout": rows.describe()}
+        everyone = [pickle.loads(b) for b in t.all_gather_bytes(pickle.dumps(mine))]
+        problems = [f"rank {r}: {m}" for r, e in enumerate(everyone) for m in e["problems"]]
+        hosts = [e["host"] for e in everyone]
+        if len(set(hosts)) > 1:
+            problems.append(
+                "the EP ranks are on more than one node (hosts by EP rank: "
+                + ", ".join(f"{r}: {h}" for r, h in enumerate(hosts))
+                + f"); CUDA IPC reaches the GPUs of one node only: use {BACKEND!r} "
+                "(eplb_config.use_async=false)"
+            )
+        if not problems:
+            problems = layout_disagreements([e["layout"] for e in everyone])
+        if problems:
+            raise ValueError(
+                f"EPLB communicator {BACKEND_IPC!r}: "
+                + "; ".join(problems)
+                + "; no communicator was made"
+            )
+        t.register_buffers(rows.tensors)
+    except BaseException:
+        t.close()
+        raise
+    return t, IpcPath(t, rows)
+
+
 def _share_unique_id(torch, cpu_group) -> UniqueId:
     """EP rank 0 makes a NCCL unique id and broadcasts its 128 bytes over the gloo group; a
     failure there reaches every rank as an error instead of a wait."""
@@ -351,6 +457,7 @@ def create_communicator(
     *,
     timeout: float | None = None,
     max_ctas: int | None = None,
+    transport: str = "nccl",
 ):
     """vLLM's ``create_eplb_communicator`` less ``backend``: an :class:`EplbPyncclCommunicator`.
 
@@ -360,8 +467,18 @@ def create_communicator(
     ``$EPLB_PYNCCL_TIMEOUT`` or 600; ``max_ctas`` as in :class:`~eplb_pynccl.Communicator`),
     peers connected now. Its unique id is broadcast over ``group_coordinator.cpu_group``
     (gloo); vLLM's device group is not used. CPU ``expert_weights`` (or none):
-    :class:`~eplb_pynccl.TorchTransport` on the ``cpu_group``.
+    :class:`~eplb_pynccl.TorchTransport` on the ``cpu_group``. NCCL refuses vLLM's async
+    EPLB mode.
+
+    ``transport="ipc"`` (backend :data:`BACKEND_IPC`): CUDA ``expert_weights`` only, every EP
+    rank on one node; an :class:`~eplb_pynccl.IpcTransport` (set up over the ``cpu_group``)
+    with every layer's weight tensors registered, after checking that every rank's have the
+    same shapes, strides and dtypes. Usable from vLLM's async EPLB thread (no NCCL, no SM
+    kernel). ``max_ctas`` does not apply.
     """
+    if transport not in ("nccl", "ipc"):
+        raise ValueError(f"transport must be 'nccl' or 'ipc', got {transport!r}")
+    name = BACKEND_IPC if transport == "ipc" else BACKEND
     torch = _torch()
     vllm_stateless = None
     with contextlib.suppress(ImportError):
@@ -370,11 +487,21 @@ def create_communicator(
         )
     if vllm_stateless is not None and isinstance(group_coordinator, vllm_stateless):
         raise ValueError(
-            f"EPLB communicator {BACKEND!r} does not support elastic EP (stateless groups); use "
+            f"EPLB communicator {name!r} does not support elastic EP (stateless groups); use "
             "'pynccl' or 'nixl' there"
         )
     cpu_group = group_coordinator.cpu_group
     first = next((t for ws in expert_weights for t in ws), None)
+    if transport == "ipc":
+        if first is None or first.device.type != "cuda":
+            where = "none" if first is None else f"on {first.device}"
+            raise ValueError(
+                f"EPLB communicator {BACKEND_IPC!r} moves CUDA expert weights over CUDA IPC; "
+                f"the expert weights are {where} (use {BACKEND!r} for CPU weights)"
+            )
+        cls = _communicator_class()  # needs vLLM: before any set-up
+        t, path = _setup_ipc(torch, cpu_group, expert_weights, timeout)
+        return cls(t, expert_weights, expert_buffer, ipc=path)
     if first is None or first.device.type == "cpu":
         transport: Transport = TorchTransport(cpu_group)
     elif first.device.type == "cuda":
@@ -494,6 +621,12 @@ def rearrange_expert_weights_inplace(
     """
     torch = _torch()
     ours = isinstance(communicator, _CommunicatorImpl)
+    if ours and communicator._ipc is not None:
+        raise ValueError(
+            f"rearrange_expert_weights_inplace: the {BACKEND_IPC!r} communicator moves one "
+            "execute() at a time over its registered weights; use vLLM's layer loop with it "
+            "(register() keeps vLLM's loop for it)"
+        )
     transport = communicator.transport if ours else TorchTransport(ep_group)
     if transport.rank != ep_group.rank() or transport.world_size != ep_group.size():
         raise ValueError(
@@ -711,9 +844,16 @@ def _factory_wrapper(original):
     def create_eplb_communicator(group_coordinator, backend, expert_weights, expert_buffer):
         if backend == BACKEND:
             return create_communicator(group_coordinator, expert_weights, expert_buffer)
+        if backend == BACKEND_IPC:
+            return create_communicator(
+                group_coordinator, expert_weights, expert_buffer, transport="ipc"
+            )
         return original(group_coordinator, backend, expert_weights, expert_buffer)
 
-    create_eplb_communicator.__doc__ = f"vLLM's factory, plus backend {BACKEND!r} (eplb_pynccl.integrations.vllm.create_communicator)."
+    create_eplb_communicator.__doc__ = (
+        f"vLLM's factory, plus backends {BACKEND!r} and {BACKEND_IPC!r} "
+        "(eplb_pynccl.integrations.vllm.create_communicator)."
+    )
     setattr(create_eplb_communicator, _ORIGINAL, original)
     return create_eplb_communicator
 
@@ -730,7 +870,11 @@ def _loop_wrapper(original):
         rank_mapping=None,
     ):
         fn = original
-        if _state["layer_loop"] and isinstance(communicator, _CommunicatorImpl):
+        if (
+            _state["layer_loop"]
+            and isinstance(communicator, _CommunicatorImpl)
+            and communicator._ipc is None
+        ):
             fn = rearrange_expert_weights_inplace
         return fn(
             old_global_expert_indices,
@@ -745,7 +889,8 @@ def _loop_wrapper(original):
 
     rearrange.__name__ = rearrange.__qualname__ = "rearrange_expert_weights_inplace"
     rearrange.__doc__ = (
-        "vLLM's layer loop, or eplb_pynccl's ExpertShuffler when the communicator is eplb_pynccl's."
+        "vLLM's layer loop, or eplb_pynccl's ExpertShuffler when the communicator is "
+        "eplb_pynccl's NCCL or CPU one (the IPC one keeps vLLM's loop)."
     )
     setattr(rearrange, _ORIGINAL, original)
     return rearrange
@@ -761,14 +906,16 @@ def register(*, layer_loop: bool | None = None) -> None:
 
     1. ``vllm.distributed.eplb.policy.EPLB_POLICIES[POLICY] = MigrationAwareEplbPolicy``;
     2. ``vllm.distributed.eplb.eplb_communicator.create_eplb_communicator`` and the name
-       ``eplb_state`` imported from it: backend ``BACKEND`` goes to :func:`create_communicator`,
-       every other backend to vLLM's factory;
+       ``eplb_state`` imported from it: backends ``BACKEND`` and ``BACKEND_IPC`` go to
+       :func:`create_communicator` (``transport="nccl"`` / ``"ipc"``), every other backend to
+       vLLM's factory;
     3. ``vllm.distributed.eplb.eplb_state.rearrange_expert_weights_inplace`` (vLLM's
        synchronous rearrangement): :func:`rearrange_expert_weights_inplace` when the
-       communicator is ours, vLLM's loop otherwise (``layer_loop=False``, or
+       communicator is ours and not the IPC one, vLLM's loop otherwise (``layer_loop=False``, or
        ``$EPLB_PYNCCL_VLLM_LAYER_LOOP=vllm``, keeps vLLM's loop for ours too);
     4. ``vllm.config.parallel.EPLBConfig``'s ``policy`` and ``communicator`` Literal types
-       gain ``"eplb_pynccl"`` (pydantic schemas of EPLBConfig and ParallelConfig rebuilt).
+       gain ``"eplb_pynccl"``, and ``communicator`` ``"eplb_pynccl_ipc"`` too (pydantic
+       schemas of EPLBConfig and ParallelConfig rebuilt).
 
     vLLM loads it in every process as a ``vllm.general_plugins`` entry point (:func:`plugin`).
     Call it yourself before making an ``EPLBConfig`` with these names in a process where vLLM
@@ -804,7 +951,11 @@ def register(*, layer_loop: bool | None = None) -> None:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        changed = [_accept_name(cp, "policy", POLICY), _accept_name(cp, "communicator", BACKEND)]
+        changed = [
+            _accept_name(cp, "policy", POLICY),
+            _accept_name(cp, "communicator", BACKEND),
+            _accept_name(cp, "communicator", BACKEND_IPC),
+        ]
         if any(changed):
             _rebuild(cp)
         pol.EPLB_POLICIES[POLICY] = _policy_class()
