@@ -38,6 +38,8 @@ from tests.vllm_calls import VllmCalls
 pytestmark = pytest.mark.gpu(gpus=1)
 
 P, LAYERS = 4, 3
+# set (e.g. where tools/vllm_bundle.py's archive is on PYTHONPATH) to fail instead of emulating
+REQUIRE_VLLM = "EPLB_PYNCCL_TEST_REQUIRE_VLLM"
 SPECS = [((6, 40), "float32"), ((24,), "bfloat16"), ((3, 5, 7), "float32"), ((16, 8), "bfloat16")]
 
 
@@ -58,6 +60,8 @@ def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
     try:
         import vllm.distributed.eplb.rebalance_execute as rx
     except Exception:  # noqa: BLE001 - no vLLM (or one that does not import): emulate its calls
+        if os.environ.get(REQUIRE_VLLM):
+            raise
         rx = None
     torch.cuda.set_device(ctx.device)
     torch.zeros(1, device=ctx.device)  # CUDA up before the rendezvous: set-up is then quick
@@ -191,6 +195,8 @@ def test_async_thread_moves_every_layer_exactly(procs, tmp_path):
         assert r["kept"], "weight tensors lost their storage"
         assert r["rounds"] == steps * LAYERS  # one IPC round per execute, on every rank
     assert len({r["vllm"] for r in results}) == 1
+    if os.environ.get(REQUIRE_VLLM):
+        assert results[0]["vllm"], "vLLM's own functions were not used"
 
 
 def _ring_maps(n):
