@@ -18,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def fresh(code: str, env: dict | None = None):
     """Run ``code`` in a new interpreter of this environment; it prints one JSON line last."""
-    full = dict(os.environ, VLLM_TARGET_DEVICE="cpu", PYTHONPATH=ROOT)
+    # the repo first, then whatever the caller's path holds (e.g. a carried vLLM bundle)
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    full = dict(os.environ, VLLM_TARGET_DEVICE="cpu", PYTHONPATH=path)
     full.update(env or {})
     p = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
