@@ -357,24 +357,25 @@ class _CommunicatorImpl:
 _classes: dict[str, type] = {}
 
 
-def _communicator_class() -> type:
-    cls = _classes.get("communicator")
+def _with_vllm_base(name: str, impl: type, base, doc: str) -> type:
+    """``impl`` with vLLM's class ``base(modules)`` as second base, made once (vLLM is imported
+    on first use only)."""
+    cls = _classes.get(name)
     if cls is None:
-        _, ec, _, _, _, _ = _vllm_modules()
-        cls = type(
-            "EplbPyncclCommunicator",
-            (_CommunicatorImpl, ec.EplbCommunicator),
-            {
-                "__module__": __name__,
-                "__doc__": (
-                    "vLLM's EplbCommunicator over an eplb_pynccl Transport (made by "
-                    "create_communicator). Each execute() is one grouped exchange; runs of "
-                    "experts whose sender rows are adjacent go as one message per tensor."
-                ),
-            },
-        )
-        _classes["communicator"] = cls
+        cls = type(name, (impl, base(_vllm_modules())), {"__module__": __name__, "__doc__": doc})
+        _classes[name] = cls
     return cls
+
+
+def _communicator_class() -> type:
+    return _with_vllm_base(
+        "EplbPyncclCommunicator",
+        _CommunicatorImpl,
+        lambda m: m[1].EplbCommunicator,
+        "vLLM's EplbCommunicator over an eplb_pynccl Transport (made by create_communicator). "
+        "Each execute() is one grouped exchange; runs of experts whose sender rows are "
+        "adjacent go as one message per tensor.",
+    )
 
 
 def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
@@ -694,24 +695,15 @@ class _PolicyImpl:
 
 
 def _policy_class() -> type:
-    cls = _classes.get("policy")
-    if cls is None:
-        _, _, _, pol, _, _ = _vllm_modules()
-        cls = type(
-            "MigrationAwareEplbPolicy",
-            (_PolicyImpl, pol.AbstractEplbPolicy),
-            {
-                "__module__": __name__,
-                "__doc__": (
-                    "vLLM's AbstractEplbPolicy over eplb_pynccl.rebalance: from the current map "
-                    "(old_global_expert_indices) it keeps most experts in place at the balance "
-                    "DeepSeek's algorithm reaches; without one, that algorithm. Returns an int64 "
-                    "CPU tensor [layers, num_replicas], as DefaultEplbPolicy."
-                ),
-            },
-        )
-        _classes["policy"] = cls
-    return cls
+    return _with_vllm_base(
+        "MigrationAwareEplbPolicy",
+        _PolicyImpl,
+        lambda m: m[3].AbstractEplbPolicy,
+        "vLLM's AbstractEplbPolicy over eplb_pynccl.rebalance: from the current map "
+        "(old_global_expert_indices) it keeps most experts in place at the balance "
+        "DeepSeek's algorithm reaches; without one, that algorithm. Returns an int64 "
+        "CPU tensor [layers, num_replicas], as DefaultEplbPolicy.",
+    )
 
 
 def __getattr__(name: str):
