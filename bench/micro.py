@@ -228,6 +228,16 @@ def _pattern(src: int, dst: int) -> int:
     return (src * 31 + dst * 7 + 1) % 251 + 1
 
 
+def _set_up_everywhere(ctx: BenchContext, issues: dict, mine: dict) -> list[str]:
+    """The bindings (in ``issues``' order) that every rank set up, so the interleaved timing
+    loops meet at the same barriers; the others are marked failed in ``mine``."""
+    common = set.intersection(*(set(x) for x in ctx.allgather(sorted(issues))))
+    for b in issues:
+        if b not in common:
+            mine[b] = {"error": "it failed on another rank"}
+    return [b for b in issues if b in common]
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
@@ -361,10 +371,7 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
                     mine[b] = {"error": f"{type(e).__name__}: {e}"}
             # then the repeats interleaved (repeat j times every binding once): host drift
             # hits all bindings alike; only bindings every rank set up, so barriers match
-            common = set.intersection(*(set(x) for x in ctx.allgather(sorted(issues))))
-            times: dict[str, list] = {b: [] for b in issues if b in common}
-            for b in [b for b in issues if b not in common]:
-                mine[b] = {"error": "it failed on another rank"}
+            times: dict[str, list] = {b: [] for b in _set_up_everywhere(ctx, issues, mine)}
             try:
                 for _ in range(int(a.repeats)):
                     for b in times:
@@ -459,10 +466,7 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
         # host's speed (large on shared machines) hits all bindings alike, and each repeat
         # gives a ratio to cupy measured at the same moment.
         # only the bindings every rank could set up (so the barriers below match)
-        common = set.intersection(*(set(x) for x in ctx.allgather(sorted(issues))))
-        for b in [b for b in issues if b not in common]:
-            del issues[b]
-            mine[b] = {"error": "it failed on another rank"}
+        issues = {b: issues[b] for b in _set_up_everywhere(ctx, issues, mine)}
         host: dict[str, list] = {b: [] for b in issues}
         e2e: dict[str, list] = {b: [] for b in issues}
         for _ in range(reps):

@@ -214,20 +214,9 @@ class PreparedP2P:
         h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
         if not self.num_ops:
             return
-        st = getattr(_tls, "st", None) or _state()
-        if st.depth:  # one deferred op with this launch's stream, issued at the group's end
-            st.ops.append((None, lambda: calls.issue(h), None))
-            if not c._blocking:
-                st.comms[id(c)] = c
-            return
-        lib = c._lib  # a group of its own, now
-        lib.group_start()
-        try:
-            calls.issue(h)
-        finally:
-            lib.group_end()
-        if not c._blocking:
-            c._wait_ready("ncclGroupEnd")
+        # one deferred op with this launch's stream: issued now as a group of its own, or at
+        # the enclosing group's end
+        c._enqueue([(None, lambda: calls.issue(h), None)])
 
     def capture(self) -> CapturedP2P:
         """Capture the batch once as a CUDA graph; its ``launch(stream)`` replays it (one

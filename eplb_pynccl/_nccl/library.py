@@ -50,6 +50,7 @@ SONAME = "libnccl.so.2"
 # register; _words_pass_through() checks all of it through libc once, and plain ctypes objects
 # are used where that check fails.
 _NULL = ctypes.c_char.from_address(0)  # only its address is ever used: never read it
+_null_offset = functools.partial(ctypes.byref, _NULL)  # value -> argument passing value
 INT_ARG_MAX = 0x7FFFFFFF  # a byte count up to this passes as a plain int (sign-extended by libffi)
 
 
@@ -57,7 +58,7 @@ def _words_pass_through() -> bool:
     """Whether byref-made words and plain ints reach C as the intended 64-bit values here."""
     if ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(ctypes.c_size_t) != 8:
         return False
-    w = functools.partial(ctypes.byref, _NULL)
+    w = _null_offset
     try:
         libc = ctypes.CDLL(None)
         labs = libc["labs"]  # long labs(long): returns its (positive) argument
@@ -77,7 +78,7 @@ def _words_pass_through() -> bool:
 WORDS_BY_REF = _words_pass_through()
 if not WORDS_BY_REF:
     INT_ARG_MAX = -1  # every byte count goes through size_arg()
-word = functools.partial(ctypes.byref, _NULL) if WORDS_BY_REF else ctypes.c_void_p
+word = _null_offset if WORDS_BY_REF else ctypes.c_void_p
 """``word(v)``: the call argument for a 64-bit value (pointer, size, handle), made in C."""
 
 
