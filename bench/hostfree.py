@@ -84,7 +84,9 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
 
         for ce in (False, True):
             dst.zero_()
-            hm, gm = _timed(torch, s, lambda ce=ce: drv.memcpy_batch(*arrays, h, prefer_ce=ce), reps)
+            hm, gm = _timed(
+                torch, s, lambda ce=ce: drv.memcpy_batch(*arrays, h, prefer_ce=ce), reps
+            )
             torch.cuda.synchronize()
             row("cuMemcpyBatchAsync" + (" (CE hint)" if ce else ""), hm, gm, torch.equal(dst, want))
         ix = torch.from_numpy(perm).to(dev)
@@ -118,7 +120,7 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
             hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
             torch.cuda.synchronize()
             row(f"row-copy kernel, {ctas} CTAs", hm, gm, torch.equal(dst, want))
-        del src, dst, want, tmp, table
+        src = dst = want = tmp = table = None
     torch.cuda.empty_cache()
     return rows
 
@@ -137,8 +139,8 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
     row_bytes = sum(t[0].nbytes for t in w[0])
     rng = np.random.default_rng(1)
     old = np.tile(np.arange(P, dtype=np.int64), (L, 1))
-    new = np.stack([np.roll(rng.permutation(P), 0) for _ in range(L)])
-    new[:, 0] = old[:, 0]  # one row stays per layer: 142 rows move
+    # slot 0 keeps its expert, the other 71 of each layer are permuted: 142 rows move
+    new = np.stack([np.concatenate([[0], 1 + rng.permutation(P - 1)]) for _ in range(L)])
     moved = int((new != old).sum())
     nbytes = moved * row_bytes
     rows = []
@@ -147,7 +149,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
     b = torch.empty_like(a)
     _, gm = _timed(torch, torch.cuda.current_stream(dev), lambda: b.copy_(a), reps)
     floor_ms = 2 * gm
-    del a, b
+    a = b = None
     torch.cuda.empty_cache()
     base = {"case": "local-permutation", "what": f"dsv3 fp8 ep1 {L}L x {P}, {moved} rows moved"}
     rows.append({**base, "method": "HBM copy floor", "time_ms": floor_ms, "bytes": nbytes})
@@ -167,8 +169,14 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
         torch.cuda.synchronize()
         ms.append((time.perf_counter() - t0) * 1e3)
     tm = float(np.median(ms[1:]))
-    rows.append({**base, "method": "torch index_select + copy", "time_ms": tm,
-                 "floor_fraction": floor_ms / tm})
+    rows.append(
+        {
+            **base,
+            "method": "torch index_select + copy",
+            "time_ms": tm,
+            "floor_fraction": floor_ms / tm,
+        }
+    )
     variants = [("kernel", c) for c in (16, 32, 64, 132)] + [("copy_engine", 16)]
     for method, ctas in variants:
         sh = ep.ExpertShuffler(ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas)
@@ -213,7 +221,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
         )
         del sh
     comm.close()
-    del w
+    w = None
     torch.cuda.empty_cache()
     return rows
 

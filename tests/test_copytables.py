@@ -176,8 +176,13 @@ def test_schedule_ops_as_tables_give_the_new_weights(seed, ep):
             for q in range(len(ro.sends)):
                 b, o, n = int(ro.sends.buf[q]), int(ro.sends.off[q]), int(ro.sends.nbytes[q])
                 sent.append(
-                    (r, int(ro.sends.peer[q]), int(ro.sends.rbuf[q]), int(ro.sends.roff[q]),
-                     mems[r][b][o : o + n].copy())
+                    (
+                        r,
+                        int(ro.sends.peer[q]),
+                        int(ro.sends.rbuf[q]),
+                        int(ro.sends.roff[q]),
+                        mems[r][b][o : o + n].copy(),
+                    )
                 )
         for _, p, b, o, d in sent:
             mems[p][b][o : o + len(d)] = d
@@ -190,6 +195,9 @@ def test_schedule_ops_as_tables_give_the_new_weights(seed, ep):
             for i in range(2):
                 b = lay.buf(layer, i)
                 want = np.concatenate(
-                    [content(layer, int(new[layer, r * slots + j]), i, rowb[b]) for j in range(slots)]
+                    [
+                        content(layer, int(new[layer, r * slots + j]), i, rowb[b])
+                        for j in range(slots)
+                    ]
                 )
                 np.testing.assert_array_equal(mems[r][b], want, err_msg=f"rank {r} buf {b}")

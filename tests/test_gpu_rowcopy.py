@@ -140,21 +140,28 @@ def test_shuffler_local_moves_exact(case, mode, method):
         comm.close()
 
 
-def test_host_calls_do_not_grow_with_rows():
-    """The same permutation pattern with 4x the rows: the same host calls per round."""
+def test_host_calls_do_not_grow_with_tensors_or_layers():
+    """The same moves with 1 tensor and 1 layer, or 4 tensors and 3 layers in one round: the
+    same host calls per round (one launch per op, whatever it holds)."""
     torch = _torch()
     import eplb_pynccl as ep
 
     dev = torch.device("cuda", torch.cuda.current_device())
     comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=dev.index)
     calls = []
+    P = 16
     try:
-        for P in (16, 64):
-            w = [[torch.zeros((P, 64), dtype=torch.float32, device=dev) for _ in range(4)]]
+        for tensors, layers in ((1, 1), (4, 3)):
+            w = [
+                [torch.zeros((P, 64), dtype=torch.float32, device=dev) for _ in range(tensors)]
+                for _ in range(layers)
+            ]
             sh = ep.ExpertShuffler(ep.NcclTransport(comm), w, pack_threshold=0)
-            old = np.arange(P, dtype=np.int64)[None, :]
-            new = np.roll(old, 1, axis=1)  # one cycle through every row
+            old = np.tile(np.arange(P, dtype=np.int64), (layers, 1))
+            new = old.copy()
+            new[:, :4] = old[:, [1, 0, 3, 2]]  # two swaps per layer
             st = sh.rearrange(old, new)
+            assert st.rounds == 1
             calls.append(st.round_host_calls)
     finally:
         comm.close()
