@@ -16,6 +16,8 @@ import weakref
 from typing import Any
 
 from . import _buffers
+from ._checks import check_count, check_rank_world, check_timeout, current_device, device_index
+from ._deadline import DEFAULT_TIMEOUT, default_timeout
 from ._nccl import cuda as _cuda
 from ._nccl import library as _library
 from ._nccl.library import INT_ARG_MAX as _INT_ARG_MAX
@@ -36,22 +38,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
 ]
 
-TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
-DEFAULT_TIMEOUT = 600.0
 _REDOPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
-
-
-def _default_timeout() -> float:
-    v = os.environ.get(TIMEOUT_ENV)
-    if v is None:
-        return DEFAULT_TIMEOUT
-    try:
-        t = float(v)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={v!r} is not a number of seconds") from None
-    if t <= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {v}")
-    return t
 
 
 def load_library(path: str | os.PathLike | None = None) -> str:
@@ -336,52 +323,12 @@ class _NoClass:
     pass
 
 
-def _parse_device(device) -> int | None:
-    if device is None:
-        return None
-    if isinstance(device, bool):
-        raise TypeError("device must be an int, 'cuda:N' or a torch.device, got bool")
-    if isinstance(device, int):
-        idx = device
-    elif isinstance(device, str):
-        s = device.strip()
-        if s.startswith("cuda"):
-            s = s[4:].lstrip(":") or "0"
-        try:
-            idx = int(s)
-        except ValueError:
-            raise ValueError(f"device {device!r} is not 'cuda:N' or an index") from None
-    elif getattr(device, "type", None) is not None:
-        if device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {device}")
-        idx = device.index if device.index is not None else 0
-    else:
-        raise TypeError(
-            f"device must be an int, 'cuda:N' or a torch.device, got {type(device).__name__}"
-        )
-    if idx < 0:
-        raise ValueError(f"device index must be >= 0, got {idx}")
-    return idx
-
-
 def _no_gpu() -> str:
     """Why NCCL cannot work here when the CUDA driver does not load (no GPU)."""
     return (
         "no usable GPU on this machine: the CUDA driver does not load "
         f"({_cuda.unavailable_reason()}); a Communicator needs an NVIDIA GPU and its driver"
     )
-
-
-def _current_device() -> int:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.current_device()
-    drv = _cuda.driver()
-    if drv is not None:
-        d = drv.current_device()
-        if d is not None:
-            return d
-    return 0
 
 
 def _p2p_method(is_send: bool, doc: str):
@@ -485,23 +432,15 @@ class Communicator:
                     "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
                     f"{type(unique_id).__name__}"
                 )
-        for name, v in (("rank", rank), ("world_size", world_size)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if timeout is None:
-            timeout = _default_timeout()
-        elif not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        for name, v in (("max_ctas", max_ctas), ("min_ctas", min_ctas)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        rank, world_size = check_rank_world(rank, world_size)
+        timeout = default_timeout() if timeout is None else check_timeout(timeout)
+        if max_ctas is not None:
+            max_ctas = check_count(max_ctas, "max_ctas")
+        if min_ctas is not None:
+            min_ctas = check_count(min_ctas, "min_ctas")
         if max_ctas is not None and min_ctas is not None and min_ctas > max_ctas:
             raise ValueError(f"min_ctas ({min_ctas}) must be <= max_ctas ({max_ctas})")
-        dev = _parse_device(device)
+        dev = None if device is None else device_index(device)
 
         lib = self._lib = _library.load()
         self._stream_objs = lib._stream_objs  # stream handle -> prebuilt ctypes pointer
@@ -524,7 +463,7 @@ class Communicator:
 
         drv = _cuda.driver()
         if dev is None:
-            dev = _current_device()
+            dev = current_device()
         if drv is not None:
             n = drv.device_count()
             if dev >= n:
@@ -864,7 +803,7 @@ class Communicator:
             raise RuntimeError(f"wait() needs the CUDA driver: {_cuda.unavailable_reason()}")
         hint = _buffers.HINT_TORCH if "torch" in sys.modules else _buffers.HINT_DEFAULT
         s = _buffers.stream_handle(stream, hint, self._device)
-        t = self._timeout if timeout is None else float(timeout)
+        t = self._timeout if timeout is None else check_timeout(timeout)
         prev = drv.current_device()
         drv.set_device(self._device)
         ev = drv.event_create()
