@@ -23,8 +23,8 @@ The planner is pure and deterministic: every rank computes the identical plan fr
 same maps, with no communication. All of it is numpy-vectorised except the greedy choice
 among several candidate senders, which loops in Python over just those requests.
 
-:func:`simulate` applies a plan to a model of the ranks (content = expert id per slot) and
-is what the tests use to check that a plan produces the new map.
+:func:`eplb_pynccl.simulate.simulate_plan` applies a plan to a model of the ranks (content =
+expert id per slot) and is what the tests use to check that a plan produces the new map.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 
 from ._checks import check_count, check_ids, check_index, expert_map
 
-__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement", "simulate"]
+__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement"]
 
 _I64 = np.int64
 _KEY_LIMIT = 1 << 62  # composite sort keys must stay below this to fit in int64
@@ -503,52 +503,3 @@ def _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank) -> np
             extra[rank_of[best]] += 1
         i = j
     return np.asarray(choice, dtype=_I64)
-
-
-# ---------------------------------------------------------------------------------------
-# simulation (for tests)
-# ---------------------------------------------------------------------------------------
-
-
-def simulate(plan: RearrangementPlan, old_map, new_map) -> np.ndarray:
-    """Apply ``plan`` to a model of the ranks and return the resulting map.
-
-    The model's content is the expert id held per slot, starting from ``old_map`` (``-1``
-    = unknown/garbage). Per layer, every send and every old-content local copy reads the
-    *old* state; ``src_is_new`` copies read the state after those have landed. Slots the
-    plan does not write keep their old content (so slots where ``new_map`` is ``-1`` may
-    hold anything). ``new_map`` is only used to check shapes.
-
-    Raises ValueError when the plan is ill-formed in a way the hazard model cannot give a
-    meaning to: a slot written twice in one layer, or a ``src_is_new`` copy whose source
-    row is not written by a receive or old-content copy of the same layer.
-    """
-    old = expert_map(old_map, "old_map")
-    new = expert_map(new_map, "new_map")
-    shape = (plan.num_layers, plan.num_physical)
-    if old.shape != shape or new.shape != shape:
-        raise ValueError(
-            f"maps must have the plan's shape {shape}, got {old.shape} and {new.shape}"
-        )
-    N, P = plan.num_physical, plan.slots_per_rank
-    oldf = old.ravel()
-    out = oldf.copy()
-
-    t_dst = plan.t_layer * N + plan.t_dst_rank * P + plan.t_dst_row
-    t_src = plan.t_layer * N + plan.t_src_rank * P + plan.t_src_row
-    base = plan.c_layer * N + plan.c_rank * P
-    c_dst = base + plan.c_dst_row
-    c_src = base + plan.c_src_row
-    nw = plan.c_src_is_new
-
-    written = np.concatenate([t_dst, c_dst])
-    if np.unique(written).size != written.size:
-        raise ValueError("plan writes some slot more than once in a layer")
-    first_wave = np.concatenate([t_dst, c_dst[~nw]])
-    if not np.isin(c_src[nw], first_wave).all():
-        raise ValueError("a src_is_new copy reads a row that no receive/old copy writes")
-
-    out[t_dst] = oldf[t_src]
-    out[c_dst[~nw]] = oldf[c_src[~nw]]
-    out[c_dst[nw]] = out[c_src[nw]]
-    return out.reshape(shape)
