@@ -30,6 +30,7 @@ from .communicator import (
 )
 from .errors import (
     CommunicatorStateError,
+    CudaError,
     EplbPyncclError,
     NcclError,
     NcclInternalError,
@@ -67,6 +68,7 @@ __all__ = [
     "Communicator",
     "PreparedP2P",
     "CommunicatorStateError",
+    "CudaError",
     "EplbPyncclError",
     "NcclError",
     "NcclInternalError",
@@ -86,7 +88,16 @@ __all__ = [
 
 
 # submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
-_SUBMODULES = ("planner", "schedule", "placement", "executor", "shuffler", "transport", "ipc")
+_SUBMODULES = (
+    "planner",
+    "schedule",
+    "simulate",
+    "placement",
+    "executor",
+    "shuffler",
+    "transport",
+    "ipc",
+)
 
 
 def __getattr__(name: str):

@@ -23,7 +23,7 @@ from ._nccl import library as _library
 from ._nccl.library import INT_ARG_MAX as _INT_ARG_MAX
 from ._nccl.library import size_arg as _size_arg
 from ._nccl.library import word as _word
-from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
+from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES, Dtype, RedOp, Result
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "nccl_version",
     "DEFAULT_TIMEOUT",
 ]
-
-_REDOPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
 
 
 def load_library(path: str | os.PathLike | None = None) -> str:
@@ -488,7 +486,7 @@ class Communicator:
             try:
                 self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
             except NcclError as e:
-                if drv is None and e.code == 1:  # ncclUnhandledCudaError without a driver
+                if drv is None and e.code == Result.ncclUnhandledCudaError:  # without a driver
                     raise type(e)(
                         e.code, e.error_string, e.last_error, e.function, _no_gpu()
                     ) from None
@@ -720,9 +718,11 @@ class Communicator:
     def _typed(self, buf, name):
         ptr, nbytes, hint = self._resolve(buf, name)
         dtype, size = _buffers.nccl_dtype(buf, name)
-        if dtype >= 10 and self._lib.version < (2, 24, 0):
+        since = Dtype(dtype).since
+        if since is not None and self._lib.version < since:
             raise TypeError(
-                f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}"
+                f"{name}: fp8 collectives need NCCL >= {since[0]}.{since[1]}, loaded "
+                f"{self._lib.version}"
             )
         return ptr, nbytes, dtype, size, hint
 
@@ -733,8 +733,9 @@ class Communicator:
     def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
         """All-reduce ``buf`` into ``out`` (in place when out is None)."""
         self._check_open()
-        if op not in _REDOPS:
-            raise ValueError(f"op must be one of {sorted(_REDOPS)}, got {op!r}")
+        redops = RedOp.by_short()
+        if op not in redops:
+            raise ValueError(f"op must be one of {sorted(redops)}, got {op!r}")
         sptr, sbytes, dtype, size, hint = self._typed(buf, "buf")
         rptr, rbytes = sptr, sbytes
         if out is not None:
@@ -743,7 +744,7 @@ class Communicator:
                 raise TypeError("out must have the same dtype as buf")
             if rbytes != sbytes:
                 raise ValueError(f"out has {rbytes} bytes but buf has {sbytes}")
-        lib, comm, count, red = self._lib, self._comm, sbytes // size, _REDOPS[op]
+        lib, comm, count, red = self._lib, self._comm, sbytes // size, int(redops[op])
         self._collective(
             lambda s: lib.all_reduce(sptr, rptr, count, dtype, red, comm, s), stream, hint
         )
@@ -820,7 +821,7 @@ class Communicator:
                 if time.monotonic() > deadline:
                     self.abort()
                     raise NcclTimeoutError(
-                        8,
+                        Result.ncclTimeout,
                         "operation timed out",
                         "",
                         "wait",
@@ -846,8 +847,9 @@ class Communicator:
             drv.set_device(self._device)
         ptr = self._scratch()
         lib, comm = self._lib, self._comm
+        f32, add = int(Dtype.ncclFloat32), int(RedOp.ncclSum)
         s = 0 if stream is None else _buffers.stream_handle(stream, 0, self._device)
-        self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, 7, 0, comm, so), s, 0)
+        self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, f32, add, comm, so), s, 0)
         self.wait(s, timeout)
 
     def connect_peers(self, stream=None, timeout: float | None = None) -> None:

@@ -534,7 +534,7 @@ def test_nccl_dtype_for_torch_dtypes(name):
         pytest.skip(f"this torch has no torch.{name}")
     t = torch.empty(3, dtype=dt)
     nccl_name, size = EXPECTED_DTYPES[name]
-    assert _buffers.nccl_dtype(t, "buf") == (table.DATATYPE[nccl_name], size)
+    assert _buffers.nccl_dtype(t, "buf") == (table.Dtype[nccl_name], size)
     assert size == t.element_size()
 
 
@@ -550,13 +550,13 @@ def test_nccl_dtype_unsupported(name):
 
 
 def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
-    assert _buffers.nccl_dtype((4096, 64), "buf") == (table.DATATYPE["ncclUint8"], 1)
+    assert _buffers.nccl_dtype((4096, 64), "buf") == (table.Dtype["ncclUint8"], 1)
     assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<f2"), "buf") == (
-        table.DATATYPE["ncclFloat16"],
+        table.Dtype["ncclFloat16"],
         2,
     )
     assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<i8"), "buf") == (
-        table.DATATYPE["ncclInt64"],
+        table.Dtype["ncclInt64"],
         8,
     )
     with pytest.raises(
@@ -572,7 +572,7 @@ def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
         (np.float16, "ncclFloat16", 2),
     ]:
         assert _buffers.nccl_dtype(DLPackOnly(np.zeros(3, npdt)), "buf") == (
-            table.DATATYPE[nccl_name],
+            table.Dtype[nccl_name],
             size,
         )
     with pytest.raises(

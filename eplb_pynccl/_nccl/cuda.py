@@ -12,18 +12,14 @@ from __future__ import annotations
 import ctypes
 import threading
 
+from ..errors import CudaError
+
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_NOT_READY = 600
 _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 _CU_POINTER_ATTRIBUTE_RANGE_START_ADDR = 11
 _CU_POINTER_ATTRIBUTE_RANGE_SIZE = 12
 _CU_EVENT_DISABLE_TIMING = 2
-
-
-class CudaError(RuntimeError):
-    def __init__(self, msg: str, code: int = 0) -> None:
-        super().__init__(msg)
-        self.code = code
 
 
 class IpcHandle(ctypes.Structure):

@@ -33,6 +33,7 @@ from .table import (
     NCCL_SUCCESS,
     UNIQUE_ID_BYTES,
     NcclUniqueIdStruct,
+    Result,
 )
 
 ENV_VAR = "EPLB_PYNCCL_NCCL_SO"
@@ -283,7 +284,7 @@ class NcclLibrary:
         def timed_out():
             self.comm_abort(comm)
             raise NcclTimeoutError(
-                8, "operation timed out", "", what, "the communicator was aborted"
+                Result.ncclTimeout, "operation timed out", "", what, "the communicator was aborted"
             )
 
         at = math.inf if deadline is None else deadline

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import device_index, to_numpy
+from .._nccl.table import UNIQUE_ID_BYTES
 from ..communicator import Communicator, UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
 
@@ -62,7 +63,6 @@ POLICY = "eplb_pynccl"
 TESTED_VLLM_VERSIONS = ("0.33.0",)
 LAYER_LOOP_ENV = "EPLB_PYNCCL_VLLM_LAYER_LOOP"
 
-_UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES (part of NCCL's ABI)
 _ORIGINAL = "_eplb_pynccl_original"  # attribute of our wrappers: the vLLM function wrapped
 _log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ def _share_unique_id(torch, cpu_group) -> UniqueId:
     """EP rank 0 makes a NCCL unique id and broadcasts its 128 bytes over the gloo group; a
     failure there reaches every rank as an error instead of a wait."""
     dist = torch.distributed
-    buf = torch.zeros(1 + _UID_BYTES, dtype=torch.uint8)
+    buf = torch.zeros(1 + UNIQUE_ID_BYTES, dtype=torch.uint8)
     err = None
     if dist.get_rank(cpu_group) == 0:
         try:
