@@ -499,7 +499,6 @@ class Communicator:
         finally:
             if drv is not None and prev is not None and prev != dev:
                 drv.set_device(prev)
-        _live[id(self)] = weakref.ref(self)
 
     @classmethod
     def from_store(
@@ -884,7 +883,6 @@ class Communicator:
         self._release_graphs("its communicator was aborted")
         self._state = "aborted"
         self._comm_obj = None
-        _live.pop(id(self), None)
 
     def _release_graphs(self, why: str) -> None:
         for ref in list(self._graphs.values()):
@@ -911,7 +909,6 @@ class Communicator:
             self._wait_ready("ncclCommFinalize")
         self._state = "closed"
         self._comm_obj = None
-        _live.pop(id(self), None)
         lib.comm_destroy(comm)
 
     def abort(self) -> None:
@@ -939,7 +936,3 @@ class Communicator:
                 self._lib.comm_abort(self._comm)
         except Exception:
             pass
-
-
-# Open communicators (for diagnostics; weak so GC still aborts them).
-_live: dict[int, weakref.ref] = {}

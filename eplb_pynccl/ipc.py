@@ -608,7 +608,7 @@ class _IpcRound(TransportRound):
 
     def __init__(self, t: IpcTransport, sends, recvs, remote) -> None:
         self.t = t
-        smsg, rmsg = remote
+        _, rmsg = remote
         me = t.node[t.rank]
         self.peers = round_peers(sends, recvs)
         # pulls, per source peer: this rank's destination, the peer's row, the size

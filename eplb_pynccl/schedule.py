@@ -240,7 +240,6 @@ class Schedule:
     plan: RearrangementPlan
     layout: Layout
     rounds: list
-    round_staging: list
     packed: np.ndarray
     staging_bound: int
     transactional: bool
@@ -410,12 +409,10 @@ def build_schedule(
         macc += msgs[layer]
     if cur:
         rounds.append(cur)
-    round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
     return Schedule(
         plan=plan,
         layout=layout,
         rounds=rounds,
-        round_staging=round_need,
         packed=packed,
         staging_bound=budget + reserve,
         transactional=bool(transactional),

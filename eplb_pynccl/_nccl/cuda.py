@@ -1,9 +1,10 @@
-"""The few CUDA driver calls the communicator needs, through libcuda.so.1.
+"""The CUDA driver calls the package makes, through libcuda.so.1.
 
 Used to make a device current (the primary context, as the CUDA runtime and torch use), to
-find the device of a raw pointer, to copy device memory on a stream (the shuffler's row
-copies), and to wait on a stream with a timeout (an event polled beside
-ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
+find the device of a raw pointer and its allocation, to copy device memory on a stream (the
+shuffler's row copies, batched where the driver can), to share memory and events with peer
+processes (CUDA IPC, for the copy-engine transport), and to wait on a stream with a timeout
+(an event polled beside ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
 returns None there and callers skip what needs it.
 """
 
@@ -119,8 +120,6 @@ class Driver:
                 f.restype = ctypes.c_int
                 f.argtypes = args
                 self._fn[name] = f
-        # hot path: the per-row copy without argtypes (prebuilt values, no conversion checks)
-        self._memcpy = L["cuMemcpyDtoDAsync_v2"]
         self._check(self._fn["cuInit"](0), "cuInit")
         self._ctx: dict[int, int] = {}
 
