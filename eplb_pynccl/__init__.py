@@ -1,18 +1,26 @@
 """eplb_pynccl: expert-weight transport for MoE inference (EPLB) over NCCL.
 
-Layers (each uses only those below it):
+The house: two pillars that move bytes, a pure pillar beside them that decides what moves,
+then the execution that joins them and the engines' entry points.
 
-1. ``eplb_pynccl._nccl``: finding libnccl, the ctypes table, ncclConfig_t, errors.
-2. :class:`Communicator`, :class:`UniqueId`, :func:`group`: NCCL outside torch.distributed.
-3. :class:`Transport` with :class:`NcclTransport`, :class:`TorchTransport` and
-   :class:`IpcTransport` (copy engines over CUDA IPC).
-4. :func:`plan_rearrangement` (pure planner), :mod:`eplb_pynccl.schedule` (every rank's
-   rounds of ops, and a virtual cluster that checks them) and :func:`rebalance` (placement
-   policies: DeepSeek's EPLB and a migration-aware repair), pure numpy (+ scipy).
-5. :class:`ExpertShuffler` (``executor.py`` walks a schedule on streams; the async handle).
-6. ``eplb_pynccl.integrations``: engines (vLLM).
+* Moving bytes:
+  - the binding, ``eplb_pynccl._nccl``: finding libnccl, the one ctypes table and NCCL's
+    vocabulary (results, dtypes, reductions), ncclConfig_t, the CUDA driver calls;
+  - :class:`Communicator` (:class:`UniqueId`, :func:`group`, :class:`PreparedP2P`): NCCL
+    outside torch.distributed;
+  - the transports: :class:`Transport` with :class:`NcclTransport`, :class:`TorchTransport`
+    (torch.distributed, gloo on the CPU) and :class:`IpcTransport` (copy engines over CUDA IPC).
+* Deciding what moves (pure numpy, the same on every rank, no I/O): :func:`rebalance`
+  (``placement``: DeepSeek's EPLB and a migration-aware repair), :func:`plan_rearrangement`
+  (``planner``), ``schedule`` (every rank's rounds of ops), ``simulate`` (a plan or a
+  schedule run on a model of the ranks, for the tests and the bench).
+* Execution: :class:`ExpertShuffler` (``executor.py`` walks one rank's schedule on streams
+  through a transport; the async handle).
+* ``eplb_pynccl.integrations``: engines (vLLM).
 
-Importing the package needs neither torch, cupy, a GPU nor libnccl; libnccl loads on first use.
+The argument rules (``_checks``) and the timeouts and wait loop (``_deadline``) are written
+once and used by all of them. Importing the package needs neither torch, cupy, a GPU nor
+libnccl; libnccl loads on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from .communicator import (
 )
 from .errors import (
     CommunicatorStateError,
+    CudaError,
     EplbPyncclError,
     NcclError,
     NcclInternalError,
@@ -67,6 +76,7 @@ __all__ = [
     "Communicator",
     "PreparedP2P",
     "CommunicatorStateError",
+    "CudaError",
     "EplbPyncclError",
     "NcclError",
     "NcclInternalError",
@@ -86,7 +96,16 @@ __all__ = [
 
 
 # submodules reachable as attributes without an import of their own (eplb_pynccl.schedule...)
-_SUBMODULES = ("planner", "schedule", "placement", "executor", "shuffler", "transport", "ipc")
+_SUBMODULES = (
+    "planner",
+    "schedule",
+    "simulate",
+    "placement",
+    "executor",
+    "shuffler",
+    "transport",
+    "ipc",
+)
 
 
 def __getattr__(name: str):

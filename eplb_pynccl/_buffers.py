@@ -16,27 +16,12 @@ from typing import Any
 
 from ._nccl import cuda as _cuda
 from ._nccl.dlpack import KDL_CUDA, KDL_CUDA_MANAGED, read_capsule
+from ._nccl.table import Dtype
 
 # Stream hints: what stream=None means for a buffer.
 HINT_DEFAULT = 0  # the legacy default stream (raw pointers, CAI, DLPack)
 HINT_TORCH = 1  # torch's current stream on the buffer's device
 HINT_CUPY = 2  # cupy's current stream
-
-# dtype names (torch/numpy spelling) -> ncclDataType_t, for collectives.
-NCCL_DTYPES = {
-    "int8": 0,
-    "uint8": 1,
-    "int32": 2,
-    "uint32": 3,
-    "int64": 4,
-    "uint64": 5,
-    "float16": 6,
-    "float32": 7,
-    "float64": 8,
-    "bfloat16": 9,
-    "float8_e4m3fn": 10,
-    "float8_e5m2": 11,
-}
 
 
 def _torch_buffer(t, name):
@@ -85,21 +70,6 @@ _TYPESTR_NAMES = {
     "f2": "float16",
     "f4": "float32",
     "f8": "float64",
-}
-
-
-# (DLDataTypeCode, bits) -> name, for collectives on objects known only through DLPack.
-_DLPACK_NAMES = {
-    (0, 8): "int8",
-    (0, 32): "int32",
-    (0, 64): "int64",
-    (1, 8): "uint8",
-    (1, 32): "uint32",
-    (1, 64): "uint64",
-    (2, 16): "float16",
-    (2, 32): "float32",
-    (2, 64): "float64",
-    (4, 16): "bfloat16",
 }
 
 
@@ -203,8 +173,9 @@ def dtype_name(buf) -> str | None:
     if hasattr(buf, "__dlpack__"):
         info = read_capsule(buf.__dlpack__())
         key = (info.dtype_code, info.dtype_bits)
-        if info.dtype_lanes == 1 and key in _DLPACK_NAMES:
-            return _DLPACK_NAMES[key]
+        known = Dtype.by_dlpack()
+        if info.dtype_lanes == 1 and key in known:
+            return known[key].array_name
         return f"DLPack(code={info.dtype_code}, bits={info.dtype_bits}, lanes={info.dtype_lanes})"
     return None
 
@@ -213,16 +184,15 @@ def nccl_dtype(buf, name: str) -> tuple[int, int]:
     """(ncclDataType_t, element size) for a typed buffer; raw tuples count as uint8 bytes."""
     dn = dtype_name(buf)
     if dn is None:
-        return 1, 1
-    try:
-        code = NCCL_DTYPES[dn]
-    except KeyError:
+        return int(Dtype.ncclUint8), 1
+    names = Dtype.by_array_name()
+    d = names.get(dn)
+    if d is None:
         raise TypeError(
             f"{name} has dtype {dn}, which NCCL collectives do not support "
-            f"(supported: {', '.join(NCCL_DTYPES)})"
-        ) from None
-    size = {0: 1, 1: 1, 2: 4, 3: 4, 4: 8, 5: 8, 6: 2, 7: 4, 8: 8, 9: 2, 10: 1, 11: 1}[code]
-    return code, size
+            f"(supported: {', '.join(names)})"
+        )
+    return int(d), d.size
 
 
 # ---- streams ------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ import weakref
 from typing import Any
 
 from . import _buffers
+from ._checks import check_count, check_rank_world, check_timeout, current_device, device_index
+from ._deadline import DEFAULT_TIMEOUT, default_timeout
 from ._nccl import cuda as _cuda
 from ._nccl import library as _library
 from ._nccl.library import INT_ARG_MAX as _INT_ARG_MAX
 from ._nccl.library import size_arg as _size_arg
 from ._nccl.library import word as _word
-from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES
+from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES, Dtype, RedOp, Result
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
 
 __all__ = [
@@ -35,23 +37,6 @@ __all__ = [
     "nccl_version",
     "DEFAULT_TIMEOUT",
 ]
-
-TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
-DEFAULT_TIMEOUT = 600.0
-_REDOPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
-
-
-def _default_timeout() -> float:
-    v = os.environ.get(TIMEOUT_ENV)
-    if v is None:
-        return DEFAULT_TIMEOUT
-    try:
-        t = float(v)
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={v!r} is not a number of seconds") from None
-    if t <= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {v}")
-    return t
 
 
 def load_library(path: str | os.PathLike | None = None) -> str:
@@ -346,52 +331,12 @@ class _NoClass:
     pass
 
 
-def _parse_device(device) -> int | None:
-    if device is None:
-        return None
-    if isinstance(device, bool):
-        raise TypeError("device must be an int, 'cuda:N' or a torch.device, got bool")
-    if isinstance(device, int):
-        idx = device
-    elif isinstance(device, str):
-        s = device.strip()
-        if s.startswith("cuda"):
-            s = s[4:].lstrip(":") or "0"
-        try:
-            idx = int(s)
-        except ValueError:
-            raise ValueError(f"device {device!r} is not 'cuda:N' or an index") from None
-    elif getattr(device, "type", None) is not None:
-        if device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {device}")
-        idx = device.index if device.index is not None else 0
-    else:
-        raise TypeError(
-            f"device must be an int, 'cuda:N' or a torch.device, got {type(device).__name__}"
-        )
-    if idx < 0:
-        raise ValueError(f"device index must be >= 0, got {idx}")
-    return idx
-
-
 def _no_gpu() -> str:
     """Why NCCL cannot work here when the CUDA driver does not load (no GPU)."""
     return (
         "no usable GPU on this machine: the CUDA driver does not load "
         f"({_cuda.unavailable_reason()}); a Communicator needs an NVIDIA GPU and its driver"
     )
-
-
-def _current_device() -> int:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.current_device()
-    drv = _cuda.driver()
-    if drv is not None:
-        d = drv.current_device()
-        if d is not None:
-            return d
-    return 0
 
 
 def _p2p_method(is_send: bool, doc: str):
@@ -496,23 +441,15 @@ class Communicator:
                     "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
                     f"{type(unique_id).__name__}"
                 )
-        for name, v in (("rank", rank), ("world_size", world_size)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if timeout is None:
-            timeout = _default_timeout()
-        elif not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        for name, v in (("max_ctas", max_ctas), ("min_ctas", min_ctas)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        rank, world_size = check_rank_world(rank, world_size)
+        timeout = default_timeout() if timeout is None else check_timeout(timeout)
+        if max_ctas is not None:
+            max_ctas = check_count(max_ctas, "max_ctas")
+        if min_ctas is not None:
+            min_ctas = check_count(min_ctas, "min_ctas")
         if max_ctas is not None and min_ctas is not None and min_ctas > max_ctas:
             raise ValueError(f"min_ctas ({min_ctas}) must be <= max_ctas ({max_ctas})")
-        dev = _parse_device(device)
+        dev = None if device is None else device_index(device)
 
         lib = self._lib = _library.load()
         self._stream_objs = lib._stream_objs  # stream handle -> prebuilt ctypes pointer
@@ -535,7 +472,7 @@ class Communicator:
 
         drv = _cuda.driver()
         if dev is None:
-            dev = _current_device()
+            dev = current_device()
         if drv is not None:
             n = drv.device_count()
             if dev >= n:
@@ -560,7 +497,7 @@ class Communicator:
             try:
                 self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
             except NcclError as e:
-                if drv is None and e.code == 1:  # ncclUnhandledCudaError without a driver
+                if drv is None and e.code == Result.ncclUnhandledCudaError:  # without a driver
                     raise type(e)(
                         e.code, e.error_string, e.last_error, e.function, _no_gpu()
                     ) from None
@@ -573,7 +510,6 @@ class Communicator:
         finally:
             if drv is not None and prev is not None and prev != dev:
                 drv.set_device(prev)
-        _live[id(self)] = weakref.ref(self)
 
     @classmethod
     def from_store(
@@ -792,9 +728,11 @@ class Communicator:
     def _typed(self, buf, name):
         ptr, nbytes, hint = self._resolve(buf, name)
         dtype, size = _buffers.nccl_dtype(buf, name)
-        if dtype >= 10 and self._lib.version < (2, 24, 0):
+        since = Dtype(dtype).since
+        if since is not None and self._lib.version < since:
             raise TypeError(
-                f"{name}: fp8 collectives need NCCL >= 2.24, loaded {self._lib.version}"
+                f"{name}: fp8 collectives need NCCL >= {since[0]}.{since[1]}, loaded "
+                f"{self._lib.version}"
             )
         return ptr, nbytes, dtype, size, hint
 
@@ -805,8 +743,9 @@ class Communicator:
     def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
         """All-reduce ``buf`` into ``out`` (in place when out is None)."""
         self._check_open()
-        if op not in _REDOPS:
-            raise ValueError(f"op must be one of {sorted(_REDOPS)}, got {op!r}")
+        redops = RedOp.by_short()
+        if op not in redops:
+            raise ValueError(f"op must be one of {sorted(redops)}, got {op!r}")
         sptr, sbytes, dtype, size, hint = self._typed(buf, "buf")
         rptr, rbytes = sptr, sbytes
         if out is not None:
@@ -815,7 +754,7 @@ class Communicator:
                 raise TypeError("out must have the same dtype as buf")
             if rbytes != sbytes:
                 raise ValueError(f"out has {rbytes} bytes but buf has {sbytes}")
-        lib, comm, count, red = self._lib, self._comm, sbytes // size, _REDOPS[op]
+        lib, comm, count, red = self._lib, self._comm, sbytes // size, int(redops[op])
         self._collective(
             lambda s: lib.all_reduce(sptr, rptr, count, dtype, red, comm, s), stream, hint
         )
@@ -899,7 +838,7 @@ class Communicator:
             raise RuntimeError(f"wait() needs the CUDA driver: {_cuda.unavailable_reason()}")
         hint = _buffers.HINT_TORCH if "torch" in sys.modules else _buffers.HINT_DEFAULT
         s = _buffers.stream_handle(stream, hint, self._device)
-        t = self._timeout if timeout is None else float(timeout)
+        t = self._timeout if timeout is None else check_timeout(timeout)
         prev = drv.current_device()
         drv.set_device(self._device)
         ev = drv.event_create()
@@ -916,7 +855,7 @@ class Communicator:
                 if time.monotonic() > deadline:
                     self.abort()
                     raise NcclTimeoutError(
-                        8,
+                        Result.ncclTimeout,
                         "operation timed out",
                         "",
                         "wait",
@@ -942,8 +881,9 @@ class Communicator:
             drv.set_device(self._device)
         ptr = self._scratch()
         lib, comm = self._lib, self._comm
+        f32, add = int(Dtype.ncclFloat32), int(RedOp.ncclSum)
         s = 0 if stream is None else _buffers.stream_handle(stream, 0, self._device)
-        self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, 7, 0, comm, so), s, 0)
+        self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, f32, add, comm, so), s, 0)
         self.wait(s, timeout)
 
     def connect_peers(self, stream=None, timeout: float | None = None) -> None:
@@ -978,7 +918,6 @@ class Communicator:
         self._release_graphs("its communicator was aborted")
         self._state = "aborted"
         self._comm_obj = None
-        _live.pop(id(self), None)
 
     def _release_graphs(self, why: str) -> None:
         for ref in list(self._graphs.values()):
@@ -1007,7 +946,6 @@ class Communicator:
             self._wait_ready("ncclCommFinalize")
         self._state = "closed"
         self._comm_obj = None
-        _live.pop(id(self), None)
         lib.comm_destroy(comm)
 
     def abort(self) -> None:
@@ -1035,7 +973,3 @@ class Communicator:
                 self._lib.comm_abort(self._comm)
         except Exception:
             pass
-
-
-# Open communicators (for diagnostics; weak so GC still aborts them).
-_live: dict[int, weakref.ref] = {}

@@ -4,12 +4,15 @@ Two families:
 
 * Errors found by this package before anything reaches NCCL (bad arguments, a closed
   communicator, a missing library) are ordinary Python exceptions: ``ValueError``,
-  ``TypeError``, :class:`CommunicatorStateError`, :class:`NcclLibraryError`.
+  ``TypeError``, :class:`CommunicatorStateError`, :class:`NcclLibraryError`; a failed CUDA
+  driver call is :class:`CudaError`.
 * Errors NCCL itself reports are :class:`NcclError` (``.code``, NCCL's error string and the
   text of ``ncclGetLastError``), narrowed to a subclass callers can act on.
 """
 
 from __future__ import annotations
+
+from ._nccl.table import Result
 
 __all__ = [
     "EplbPyncclError",
@@ -22,21 +25,8 @@ __all__ = [
     "NcclRemoteError",
     "NcclTimeoutError",
     "RearrangeError",
-    "RESULT_NAMES",
+    "CudaError",
 ]
-
-# ncclResult_t values (checked against csrc_headers/eplb_nccl.h and nccl.h by the tests).
-RESULT_NAMES = {
-    0: "ncclSuccess",
-    1: "ncclUnhandledCudaError",
-    2: "ncclSystemError",
-    3: "ncclInternalError",
-    4: "ncclInvalidArgument",
-    5: "ncclInvalidUsage",
-    6: "ncclRemoteError",
-    7: "ncclInProgress",
-    8: "ncclTimeout",
-}
 
 
 class EplbPyncclError(Exception):
@@ -71,7 +61,10 @@ class NcclError(EplbPyncclError):
         detail: str = "",
     ) -> None:
         self.code = int(code)
-        self.name = RESULT_NAMES.get(self.code, f"ncclResult({self.code})")
+        try:
+            self.name = Result(self.code).name
+        except ValueError:
+            self.name = f"ncclResult({self.code})"
         self.error_string = error_string
         self.last_error = last_error
         self.function = function
@@ -112,20 +105,23 @@ class NcclTimeoutError(NcclError, TimeoutError):
     """An operation did not finish within its timeout (the communicator was aborted)."""
 
 
-_BY_CODE = {
-    1: NcclSystemError,
-    2: NcclSystemError,
-    3: NcclInternalError,
-    4: NcclInvalidError,
-    5: NcclInvalidError,
-    6: NcclRemoteError,
-    8: NcclTimeoutError,
-}
-
-
 def error_class(code: int) -> type[NcclError]:
-    """The NcclError subclass for an ncclResult_t code."""
-    return _BY_CODE.get(int(code), NcclError)
+    """The NcclError subclass for an ncclResult_t code (NcclError for unknown codes)."""
+    try:
+        return Result(int(code)).exception
+    except ValueError:
+        return NcclError
+
+
+class CudaError(EplbPyncclError, RuntimeError):
+    """A CUDA driver call failed (``.code``: the CUresult)."""
+
+    def __init__(self, msg: str, code: int = 0) -> None:
+        super().__init__(msg)
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.code))
 
 
 class RearrangeError(EplbPyncclError, RuntimeError):

@@ -40,10 +40,12 @@ import time
 
 import numpy as np
 
+from ._checks import check_count, check_rank_world, check_timeout, device_index
+from ._deadline import default_timeout
 from ._nccl import cuda as _cuda
-from .communicator import Communicator, _default_timeout
+from .communicator import Communicator
 from .errors import CommunicatorStateError
-from .transport import Transport, TransportRound, _peers
+from .transport import Transport, TransportRound, round_peers
 
 __all__ = ["IpcTransport"]
 
@@ -120,10 +122,7 @@ class IpcTransport(Transport):
             rank, world_size = communicator.rank, communicator.world_size
             if device is None:
                 device = communicator.device
-        if timeout is None:
-            timeout = _default_timeout()
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = default_timeout() if timeout is None else check_timeout(timeout)
         if setup is not None:
             setup = _setup_transport(setup, timeout)
             for name, v, own in (
@@ -140,20 +139,9 @@ class IpcTransport(Transport):
             )
         if store is not None and not (hasattr(store, "set") and hasattr(store, "get")):
             raise TypeError(f"store must have set() and get(), got {type(store).__name__}")
-        for name, v in (("rank", rank), ("world_size", world_size)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        rank, world_size = check_rank_world(rank, world_size)
         if ranks_per_node is not None:
-            if (
-                isinstance(ranks_per_node, bool)
-                or not isinstance(ranks_per_node, int)
-                or ranks_per_node < 1
-            ):
-                raise ValueError(f"ranks_per_node must be a positive int, got {ranks_per_node!r}")
+            ranks_per_node = check_count(ranks_per_node, "ranks_per_node")
             if ranks_per_node > world_size:
                 raise ValueError(
                     f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})"
@@ -163,16 +151,12 @@ class IpcTransport(Transport):
             raise RuntimeError(
                 f"IpcTransport needs a GPU and its driver: {_cuda.unavailable_reason()}"
             )
-        if device is None:
-            device = drv.current_device() or 0
-        if isinstance(device, str):
-            device = int(device.split(":")[-1])
-        device = getattr(device, "index", device)
+        device = device_index(device)
         self.rank, self.world_size = rank, world_size
         self.comm = communicator
         self.store = store
         self._setup = setup
-        self._device = int(device)
+        self._device = device
         self.timeout = float(timeout)
         self._key = key
         self._gen = 0
@@ -221,7 +205,7 @@ class IpcTransport(Transport):
         """Tensors of a round: only between ranks of different nodes (through the
         communicator); a one-sided round of the same node needs the schedule (prepare_round)."""
         self._check_open()
-        near = [p for p in _peers(sends, recvs) if self.node[p] == self.node[self.rank]]
+        near = [p for p in round_peers(sends, recvs) if self.node[p] == self.node[self.rank]]
         if near or self.comm is None:
             raise NotImplementedError(
                 "IpcTransport.exchange() moves tensors only to peers on other nodes (through the "
@@ -624,9 +608,9 @@ class _IpcRound(TransportRound):
 
     def __init__(self, t: IpcTransport, sends, recvs, remote) -> None:
         self.t = t
-        smsg, rmsg = remote
+        _, rmsg = remote
         me = t.node[t.rank]
-        self.peers = _peers(sends, recvs)
+        self.peers = round_peers(sends, recvs)
         # pulls, per source peer: this rank's destination, the peer's row, the size
         pulls: dict[int, list] = {}
         for q, (peer, (dst, n)) in enumerate(recvs):

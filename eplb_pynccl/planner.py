@@ -23,18 +23,19 @@ The planner is pure and deterministic: every rank computes the identical plan fr
 same maps, with no communication. All of it is numpy-vectorised except the greedy choice
 among several candidate senders, which loops in Python over just those requests.
 
-:func:`simulate` applies a plan to a model of the ranks (content = expert id per slot) and
-is what the tests use to check that a plan produces the new map.
+:func:`eplb_pynccl.simulate.simulate_plan` applies a plan to a model of the ranks (content =
+expert id per slot) and is what the tests use to check that a plan produces the new map.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement", "simulate"]
+from ._checks import check_count, check_ids, check_index, expert_map
+
+__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement"]
 
 _I64 = np.int64
 _KEY_LIMIT = 1 << 62  # composite sort keys must stay below this to fit in int64
@@ -153,9 +154,7 @@ class RearrangementPlan:
 
     def rank_view(self, rank: int) -> RankPlan:
         """The sends, receives and local copies of one rank."""
-        rank = _index(rank, "rank")
-        if not 0 <= rank < self.ep_size:
-            raise ValueError(f"rank must be in [0, {self.ep_size}), got {rank}")
+        rank = check_index(rank, "rank", self.ep_size)
         # The plan order (layer, src, dst, dst_row) restricted to one src is
         # (layer, dst, dst_row); restricted to one dst it is (layer, src, dst_row).
         s = np.flatnonzero(self.t_src_rank == rank)
@@ -190,9 +189,7 @@ class RearrangementPlan:
 
     def layer_ranks_involved(self, layer: int) -> np.ndarray:
         """Sorted rank ids that send, receive or copy anything in ``layer``."""
-        layer = _index(layer, "layer")
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        layer = check_index(layer, "layer", self.num_layers)
         t = self.t_layer == layer
         c = self.c_layer == layer
         hit = np.zeros(self.ep_size, dtype=bool)
@@ -227,73 +224,17 @@ class RearrangementPlan:
 # ---------------------------------------------------------------------------------------
 
 
+# The rules live in _checks; placement.py still imports these names from here.
+_as_map = expert_map
+_check_ids = check_ids
+
+
 def _index(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    return check_count(value, name, minimum=None)
 
 
 def _positive(value, name: str) -> int:
-    v = _index(value, name)
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
-
-
-def _as_map(x, name: str) -> np.ndarray:
-    """numpy int64 [L, N] from a numpy array, a torch tensor or nested lists."""
-    if not isinstance(x, np.ndarray) and hasattr(x, "numpy"):
-        # A torch tensor (or anything like one); torch itself is never imported here.
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        x = x.numpy()
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name} must be a 2-D integer array: {exc}") from None
-    kind = arr.dtype.kind
-    if kind not in "iu":
-        if arr.size == 0 and kind == "f":
-            arr = arr.astype(_I64)  # np.asarray([]) is float64
-        else:
-            raise TypeError(f"{name} must be an integer array, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D [num_layers, num_physical], got shape {tuple(arr.shape)}"
-        )
-    if kind == "u" and arr.size and int(arr.max()) > np.iinfo(_I64).max:
-        flat = int(np.argmax(arr.ravel() > np.iinfo(_I64).max))
-        layer, slot = divmod(flat, arr.shape[1])
-        raise ValueError(
-            f"{name}: layer {layer}, slot {slot} holds expert id {int(arr[layer, slot])}, "
-            "which does not fit in int64"
-        )
-    return np.ascontiguousarray(arr, dtype=_I64)
-
-
-def _check_ids(arr: np.ndarray, name: str, num_logical: int | None) -> None:
-    if arr.size == 0:
-        return
-    flat = arr.ravel()
-    if int(flat.min()) < -1:
-        i = int(np.argmax(flat < -1))
-        layer, slot = divmod(i, arr.shape[1])
-        raise ValueError(
-            f"{name}: layer {layer}, slot {slot} holds expert id {int(flat[i])}; "
-            "ids must be >= -1 (-1 = empty slot)"
-        )
-    if num_logical is not None and int(flat.max()) >= num_logical:
-        i = int(np.argmax(flat >= num_logical))
-        layer, slot = divmod(i, arr.shape[1])
-        raise ValueError(
-            f"{name}: layer {layer}, slot {slot} holds expert id {int(flat[i])}, "
-            f"which is >= num_logical ({num_logical})"
-        )
+    return check_count(value, name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,15 +270,15 @@ def plan_rearrangement(
             ``ep_size``, or an expert the new map needs in a layer that the old map holds
             nowhere in that layer.
     """
-    ep = _positive(ep_size, "ep_size")
-    rpn = None if ranks_per_node is None else _positive(ranks_per_node, "ranks_per_node")
+    ep = check_count(ep_size, "ep_size")
+    rpn = None if ranks_per_node is None else check_count(ranks_per_node, "ranks_per_node")
     if rpn is not None and rpn > ep:
         raise ValueError(
             f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
         )
-    nlog = None if num_logical is None else _positive(num_logical, "num_logical")
-    old = _as_map(old_map, "old_map")
-    new = _as_map(new_map, "new_map")
+    nlog = None if num_logical is None else check_count(num_logical, "num_logical")
+    old = expert_map(old_map, "old_map")
+    new = expert_map(new_map, "new_map")
     if old.shape != new.shape:
         raise ValueError(
             "old_map and new_map must have the same shape, got "
@@ -348,8 +289,8 @@ def plan_rearrangement(
         raise ValueError("num_physical must be >= 1, got 0 (the maps have no slots)")
     if num_physical % ep:
         raise ValueError(f"num_physical ({num_physical}) is not divisible by ep_size ({ep})")
-    _check_ids(old, "old_map", nlog)
-    _check_ids(new, "new_map", nlog)
+    check_ids(old, "old_map", nlog)
+    check_ids(new, "new_map", nlog)
     return _plan(old, new, ep, rpn)
 
 
@@ -562,52 +503,3 @@ def _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank) -> np
             extra[rank_of[best]] += 1
         i = j
     return np.asarray(choice, dtype=_I64)
-
-
-# ---------------------------------------------------------------------------------------
-# simulation (for tests)
-# ---------------------------------------------------------------------------------------
-
-
-def simulate(plan: RearrangementPlan, old_map, new_map) -> np.ndarray:
-    """Apply ``plan`` to a model of the ranks and return the resulting map.
-
-    The model's content is the expert id held per slot, starting from ``old_map`` (``-1``
-    = unknown/garbage). Per layer, every send and every old-content local copy reads the
-    *old* state; ``src_is_new`` copies read the state after those have landed. Slots the
-    plan does not write keep their old content (so slots where ``new_map`` is ``-1`` may
-    hold anything). ``new_map`` is only used to check shapes.
-
-    Raises ValueError when the plan is ill-formed in a way the hazard model cannot give a
-    meaning to: a slot written twice in one layer, or a ``src_is_new`` copy whose source
-    row is not written by a receive or old-content copy of the same layer.
-    """
-    old = _as_map(old_map, "old_map")
-    new = _as_map(new_map, "new_map")
-    shape = (plan.num_layers, plan.num_physical)
-    if old.shape != shape or new.shape != shape:
-        raise ValueError(
-            f"maps must have the plan's shape {shape}, got {old.shape} and {new.shape}"
-        )
-    N, P = plan.num_physical, plan.slots_per_rank
-    oldf = old.ravel()
-    out = oldf.copy()
-
-    t_dst = plan.t_layer * N + plan.t_dst_rank * P + plan.t_dst_row
-    t_src = plan.t_layer * N + plan.t_src_rank * P + plan.t_src_row
-    base = plan.c_layer * N + plan.c_rank * P
-    c_dst = base + plan.c_dst_row
-    c_src = base + plan.c_src_row
-    nw = plan.c_src_is_new
-
-    written = np.concatenate([t_dst, c_dst])
-    if np.unique(written).size != written.size:
-        raise ValueError("plan writes some slot more than once in a layer")
-    first_wave = np.concatenate([t_dst, c_dst[~nw]])
-    if not np.isin(c_src[nw], first_wave).all():
-        raise ValueError("a src_is_new copy reads a row that no receive/old copy writes")
-
-    out[t_dst] = oldf[t_src]
-    out[c_dst[~nw]] = oldf[c_src[~nw]]
-    out[c_dst[nw]] = out[c_src[nw]]
-    return out.reshape(shape)

@@ -19,8 +19,9 @@ rank's staging fits the bound. A round of one rank is three phases of plain ops:
 
 Every rank can compute every rank's schedule from the same inputs, so a one-sided transport
 knows the remote addresses it reads without a metadata exchange (:meth:`Schedule.linked`).
-:func:`simulate` executes all ranks' schedules on numpy arrays (a virtual cluster) and checks
-them; :func:`simulate_rearrangement` is the one entry point from maps to checked figures.
+:mod:`eplb_pynccl.simulate` executes all ranks' schedules on numpy arrays (a virtual cluster)
+and checks them; its :func:`~eplb_pynccl.simulate.simulate_rearrangement` is the one entry
+point from maps to checked figures.
 
 Transactional mode (the default) writes no live row before its round's messages complete, so
 after any failure each layer is entirely old or entirely new.
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .planner import RearrangementPlan, plan_rearrangement
+from .planner import RearrangementPlan
 
 __all__ = [
     "ALIGN",
@@ -49,8 +50,6 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "build_schedule",
-    "simulate",
-    "simulate_rearrangement",
 ]
 
 ALIGN = 16  # staging blocks start 16-byte aligned (any dtype view, vector copies)
@@ -241,7 +240,6 @@ class Schedule:
     plan: RearrangementPlan
     layout: Layout
     rounds: list
-    round_staging: list
     packed: np.ndarray
     staging_bound: int
     transactional: bool
@@ -411,12 +409,10 @@ def build_schedule(
         macc += msgs[layer]
     if cur:
         rounds.append(cur)
-    round_need = [int(need[rl].sum(axis=0).max()) for rl in rounds]
     return Schedule(
         plan=plan,
         layout=layout,
         rounds=rounds,
-        round_staging=round_need,
         packed=packed,
         staging_bound=budget + reserve,
         transactional=bool(transactional),
@@ -758,111 +754,142 @@ def _lay_out_layer(b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int) -> 
 
     Per pair, both sides list messages run by run, tensor by tensor, then the packed parts
     tensor by tensor."""
+    st = _stage_layer(b, w, rb)
+    _lay_out_pre(b, w, rb, fb, st)
+    _lay_out_messages(b, w, rb, fb, layer, st)
+    _lay_out_post(b, w, rb, fb, st)
+
+
+@dataclass
+class _LayerStaging:
+    """Where one layer's staged bytes and index ranges are (block offsets by tensor)."""
+
+    recv_block: dict  # tensor -> staging offset of the received rows (big tensors)
+    stash_block: dict  # tensor -> staging offset of the stashed rows (every tensor)
+    recv_ix: int
+    stash_ix: int
+    copy_block: dict  # tensor -> staging offset of the old-content copies (small tensors)
+    c_src_ix: int
+    c_dst_ix: int
+    packs: dict  # "s"/"r" -> (spans [(peer, first, count)], blocks by tensor, index, count)
+
+
+def _stage_layer(b: _RoundBuilder, w: _LayerWork, rb) -> _LayerStaging:
+    """Take the layer's staging blocks and index ranges, in the order the executor reads them."""
     ntens = len(rb)
     recv_block = {i: b.take(len(w.recv_rows) * rb[i]) for i in w.big} if w.recv_rows else {}
     stash_block = {i: b.take(len(w.stash_src) * rb[i]) for i in range(ntens)} if w.stash_src else {}
     recv_ix = b.index(w.recv_rows) if w.recv_rows else -1
     stash_ix = b.index(w.stash_src) if w.stash_src else -1
-    copy_block = {}
+    copy_block, c_src_ix, c_dst_ix = {}, -1, -1
     if w.copies_c and w.small and not w.stash_src:
         copy_block = {i: b.take(len(w.copies_c) * rb[i]) for i in w.small}
         c_src_ix = b.index([src for src, _, _ in w.copies_c])
         c_dst_ix = b.index([dst for _, _, dst in w.copies_c])
     packs = {}
     for tag, pairs in (("s", w.sends), ("r", [(p, d) for p, _, d, _ in w.recvs])):
-        if not (w.small and pairs):
-            continue
-        by_peer: dict = {}
-        for peer, row in pairs:
-            by_peer.setdefault(peer, []).append(row)
-        spans, rows, at = [], [], 0
-        for peer, pr in by_peer.items():
-            spans.append((peer, at, len(pr)))
-            rows += pr
-            at += len(pr)
-        blocks = {i: b.take(at * rb[i]) for i in w.small}
-        packs[tag] = (spans, blocks, b.index(rows), at)
+        if w.small and pairs:
+            packs[tag] = _pack(b, w, rb, pairs)
+    return _LayerStaging(
+        recv_block, stash_block, recv_ix, stash_ix, copy_block, c_src_ix, c_dst_ix, packs
+    )
 
-    # phase A: local copies into rows nobody reads; the stash; packed sends
+
+def _pack(b: _RoundBuilder, w: _LayerWork, rb, pairs) -> tuple:
+    """The small tensors' rows to or from each peer, in one staging block per tensor."""
+    by_peer: dict = {}
+    for peer, row in pairs:
+        by_peer.setdefault(peer, []).append(row)
+    spans, rows, at = [], [], 0
+    for peer, pr in by_peer.items():
+        spans.append((peer, at, len(pr)))
+        rows += pr
+        at += len(pr)
+    blocks = {i: b.take(at * rb[i]) for i in w.small}
+    return spans, blocks, b.index(rows), at
+
+
+def _lay_out_pre(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
+    """Phase A: local copies into rows nobody reads; the stash; packed sends."""
     for src, dst in w.copies_a:
-        for i in range(ntens):
+        for i in range(len(rb)):
             b.copy("a", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
-    for i in stash_block:
-        b.kernel(
-            ("pre", "gather", "stash"), fb + i, stash_ix, len(w.stash_src), stash_block[i], rb[i]
-        )
-    if "s" in packs:
-        spans, blocks, ix, cnt = packs["s"]
+    for i, off in st.stash_block.items():
+        b.kernel(("pre", "gather", "stash"), fb + i, st.stash_ix, len(w.stash_src), off, rb[i])
+    if "s" in st.packs:
+        _, blocks, ix, cnt = st.packs["s"]
         for i in w.small:
             b.kernel(("pre", "gather", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
-    # B: messages. Sends straight from the rows; receives into staging or (not transactional,
-    # rows nobody reads) straight into the rows. The remote end is filled where this rank
-    # knows it: a receive's source row on the sender (-1 until Schedule.linked otherwise).
+
+
+def _lay_out_messages(
+    b: _RoundBuilder, w: _LayerWork, rb, fb: int, layer: int, st: _LayerStaging
+) -> None:
+    """Phase B: messages. Sends straight from the rows; receives into staging or (not
+    transactional, rows nobody reads) straight into the rows. The remote end is filled where
+    this rank knows it: a receive's source row on the sender (-1 until Schedule.linked
+    otherwise)."""
     for peer, src, k in w.send_msgs:
         for i in w.big:
             b.msgs["s"].append((peer, fb + i, fb + i, src * rb[i], k * rb[i], -1, -1, layer))
     for peer, src, dst, j, k in w.recv_msgs:
         for i in w.big:
             if j < 0:
-                b.msgs["r"].append(
-                    (peer, fb + i, fb + i, dst * rb[i], rb[i], fb + i, src * rb[i], layer)
-                )
+                here, off, n = fb + i, dst * rb[i], rb[i]
             else:
-                b.msgs["r"].append(
-                    (
-                        peer,
-                        fb + i,
-                        STAGING,
-                        recv_block[i] + j * rb[i],
-                        k * rb[i],
-                        fb + i,
-                        src * rb[i],
-                        layer,
-                    )
-                )
+                here, off, n = STAGING, st.recv_block[i] + j * rb[i], k * rb[i]
+            b.msgs["r"].append((peer, fb + i, here, off, n, fb + i, src * rb[i], layer))
     for tag in ("s", "r"):
-        if tag not in packs:
+        if tag not in st.packs:
             continue
-        spans, blocks, _, _ = packs[tag]
+        spans, blocks, _, _ = st.packs[tag]
         for peer, at, k in spans:
             for i in w.small:
                 b.msgs[tag].append(
                     (peer, fb + i, STAGING, blocks[i] + at * rb[i], k * rb[i], -1, -1, layer)
                 )
-    # C: old-content copies (small tensors through a staging block, the rest row by row in
-    # read-before-write order), staged receives into the rows, then duplicates of new rows
+
+
+def _lay_out_post(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
+    """Phase C: old-content copies (small tensors through a staging block, the rest row by
+    row in read-before-write order), staged receives into the rows, then duplicates of new
+    rows."""
     if w.copies_c:
         nc = len(w.copies_c)
-        for i, off in copy_block.items():
-            b.kernel(("post", "gather", "copy"), fb + i, c_src_ix, nc, off, rb[i])
-        rows = [i for i in range(ntens) if i not in copy_block]
-        # waves of copies that may run at once (one batch each): a copy that overwrites a row
-        # a copy of the current wave reads starts the next wave (the order reads every row
-        # before it is written, so nothing else can conflict)
-        wave, reads = 0, set()
-        for src, j, dst in w.copies_c:
-            if dst in reads:
-                wave, reads = wave + 1, set()
-            if j < 0:
-                reads.add(src)
-            for i in rows:
-                if j < 0:
-                    b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
-                else:
-                    b.copy(
-                        ("c", wave), fb + i, dst * rb[i], STAGING, stash_block[i] + j * rb[i], rb[i]
-                    )
-        for i, off in copy_block.items():
-            b.kernel(("post", "scatter", "copy"), fb + i, c_dst_ix, nc, off, rb[i])
-    for i, off in recv_block.items():
-        b.kernel(("post", "scatter", "recv"), fb + i, recv_ix, len(w.recv_rows), off, rb[i])
-    if "r" in packs:
-        spans, blocks, ix, cnt = packs["r"]
+        for i, off in st.copy_block.items():
+            b.kernel(("post", "gather", "copy"), fb + i, st.c_src_ix, nc, off, rb[i])
+        _copy_waves(b, w, rb, fb, st)
+        for i, off in st.copy_block.items():
+            b.kernel(("post", "scatter", "copy"), fb + i, st.c_dst_ix, nc, off, rb[i])
+    for i, off in st.recv_block.items():
+        b.kernel(("post", "scatter", "recv"), fb + i, st.recv_ix, len(w.recv_rows), off, rb[i])
+    if "r" in st.packs:
+        _, blocks, ix, cnt = st.packs["r"]
         for i in w.small:
             b.kernel(("post", "scatter", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
     for src, dst in w.copies_new:
-        for i in range(ntens):
+        for i in range(len(rb)):
             b.copy("new", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+
+
+def _copy_waves(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
+    """The row-by-row old-content copies as waves that may run at once (one batch each): a
+    copy that overwrites a row a copy of the current wave reads starts the next wave (the
+    order reads every row before it is written, so nothing else can conflict)."""
+    rows = [i for i in range(len(rb)) if i not in st.copy_block]
+    wave, reads = 0, set()
+    for src, j, dst in w.copies_c:
+        if dst in reads:
+            wave, reads = wave + 1, set()
+        if j < 0:
+            reads.add(src)
+        for i in rows:
+            if j < 0:
+                b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+            else:
+                b.copy(
+                    ("c", wave), fb + i, dst * rb[i], STAGING, st.stash_block[i] + j * rb[i], rb[i]
+                )
 
 
 def _link(ranks: list, nrounds: int) -> None:
@@ -916,391 +943,3 @@ def _link(ranks: list, nrounds: int) -> None:
                 )
             sm.rbuf[si], sm.roff[si] = rm.buf[ri], rm.off[ri]
             rm.rbuf[ri], rm.roff[ri] = sm.buf[si], sm.off[si]
-
-
-# ---- the virtual cluster --------------------------------------------------------------------
-
-
-def _tag(layer: int, expert: int, i: int) -> int:
-    """The name of the bytes of (layer, expert, tensor i); -1 for an empty slot's junk."""
-    return (layer * 1_000_003 + expert) * 64 + i if expert >= 0 else -1
-
-
-def _untag(t: int) -> str:
-    if t < 0:
-        return "an empty slot's junk"
-    le, i = divmod(t, 64)
-    return f"layer {le // 1_000_003} expert {le % 1_000_003} tensor {i}"
-
-
-def _cell_bytes(tag: int, cell: int) -> np.ndarray:
-    return np.random.default_rng([tag & 0x7FFFFFFF, 7]).integers(0, 256, cell, dtype=np.uint8)
-
-
-class _Rank:
-    """One rank's memory in the virtual cluster, in cells of one row of one tensor.
-
-    Weight cells ``(buf, row)`` hold a tag (whose bytes they hold) and ``cell`` scaled-down
-    bytes; ``over`` marks rows written during this rearrangement. Staging cells are keyed by
-    their byte offset (full size) with their row size; a write clobbers every cell it
-    overlaps, so a later read of a clobbered cell fails."""
-
-    def __init__(self, sched: Schedule, rs: RankSchedule, old: np.ndarray, cell: int) -> None:
-        layout = sched.layout
-        P = layout.rows
-        self.rs = rs
-        self.cell = cell
-        self.tags, self.data = [], []
-        for layer, rb in enumerate(layout.row_bytes):
-            for i in range(len(rb)):
-                tags = np.asarray(
-                    [_tag(layer, int(old[layer, rs.rank * P + j]), i) for j in range(P)], dtype=_I64
-                )
-                self.tags.append(tags)
-                self.data.append(
-                    np.stack([_cell_bytes(int(t), cell) for t in tags])
-                    if P
-                    else np.zeros((0, cell), dtype=np.uint8)
-                )
-        self.over = [np.zeros(P, dtype=bool) for _ in self.tags]
-        self.stage: dict = {}  # offset -> (row bytes, tag, bytes)
-
-    # staging
-    def stage_write(self, off: int, rb: int, tag: int, data) -> None:
-        end = off + rb
-        for o in [o for o, v in self.stage.items() if o < end and o + v[0] > off]:
-            del self.stage[o]
-        self.stage[off] = (rb, tag, data)
-
-    def stage_read(self, off: int, rb: int, what: str):
-        v = self.stage.get(off)
-        if v is None or v[0] != rb:
-            raise ScheduleError(
-                f"{what}: reads staging at byte {off}, which holds no row of {rb} B (never written, or overwritten)"
-            )
-        return v[1], v[2]
-
-
-def _rows_of(
-    sched: Schedule, rs: RankSchedule, buf: int, off: int, nbytes: int, rb: int, what: str
-):
-    """A byte range as cells: ('w', buf, rows) or ('s', offsets, rb); checks it is whole rows
-    of ``rb`` bytes inside the buffer (staging: inside the rank's staging)."""
-    if rb <= 0:
-        raise ScheduleError(f"{what}: rows of {rb} B")
-    if nbytes % rb:
-        raise ScheduleError(f"{what}: {nbytes} B are not whole rows of {rb} B")
-    k = nbytes // rb
-    if buf == STAGING:
-        if off < 0 or off + nbytes > rs.staging_bytes:
-            raise ScheduleError(
-                f"{what}: staging bytes [{off}, {off + nbytes}) outside the rank's staging of {rs.staging_bytes} B"
-            )
-        return ("s", [off + j * rb for j in range(k)], rb)
-    rbytes = sched.layout.buf_row_bytes()
-    if not 0 <= buf < rbytes.size:
-        raise ScheduleError(f"{what}: no buffer {buf}")
-    if int(rbytes[buf]) != rb:
-        raise ScheduleError(
-            f"{what}: rows of {rb} B in buffer {buf}, whose rows have {int(rbytes[buf])} B"
-        )
-    if off % rb:
-        raise ScheduleError(f"{what}: byte {off} of buffer {buf} is not the start of a row")
-    first = off // rb
-    if first < 0 or first + k > sched.layout.rows:
-        raise ScheduleError(f"{what}: rows [{first}, {first + k}) of buffer {buf} do not exist")
-    return ("w", buf, np.arange(first, first + k, dtype=_I64))
-
-
-def _keys(c) -> set:
-    if c[0] == "s":
-        return {("s", o) for o in c[1]}
-    return {("w", c[1], int(j)) for j in c[2]}
-
-
-def _read(m: _Rank, c, reads_new: bool, what: str) -> list:
-    """(tag, bytes) of each cell, enforcing old/new content for live rows."""
-    if c[0] == "s":
-        return [m.stage_read(o, c[2], what) for o in c[1]]
-    buf, rows = c[1], c[2]
-    over = m.over[buf][rows]
-    if reads_new and not over.all():
-        raise ScheduleError(
-            f"{what}: reads rows {rows[~over].tolist()} of buffer {buf} as new, but they were not written yet"
-        )
-    if not reads_new and over.any():
-        raise ScheduleError(
-            f"{what}: reads rows {rows[over].tolist()} of buffer {buf} after they were overwritten"
-        )
-    return [(int(m.tags[buf][j]), m.data[buf][j].copy()) for j in rows.tolist()]
-
-
-def _write(m: _Rank, c, vals: list, what: str, live_ok: bool) -> None:
-    if c[0] == "s":
-        for o, (tag, data) in zip(c[1], vals):
-            m.stage_write(o, c[2], tag, data)
-        return
-    buf, rows = c[1], c[2]
-    if not live_ok and len(rows):
-        raise ScheduleError(
-            f"{what}: writes live rows {rows.tolist()} of buffer {buf} before the round's exchange "
-            "completed (transactional)"
-        )
-    for j, (tag, data) in zip(rows.tolist(), vals):
-        m.tags[buf][j] = tag
-        m.data[buf][j] = data
-    m.over[buf][rows] = True
-
-
-def _run_copies(sched, m: _Rank, op: Copies, where: str, live_ok: bool) -> None:
-    rbytes = sched.layout.buf_row_bytes()
-    cells = []
-    for q in range(len(op)):
-        what = f"{where} copy {q}"
-        sb, db = int(op.src_buf[q]), int(op.dst_buf[q])
-        wb = db if db != STAGING else sb
-        if wb == STAGING:
-            raise ScheduleError(f"{what}: a copy from staging to staging")
-        rb = int(rbytes[wb])
-        cells.append(
-            (
-                _rows_of(sched, m.rs, sb, int(op.src_off[q]), int(op.nbytes[q]), rb, what),
-                _rows_of(sched, m.rs, db, int(op.dst_off[q]), int(op.nbytes[q]), rb, what),
-                what,
-            )
-        )
-    if not op.ordered:  # independent copies: no copy may read or write what another writes
-        wr: set = set()
-        for src, dst, what in cells:
-            d = _keys(dst)
-            if d & wr or _keys(src) & wr:
-                raise ScheduleError(f"{what}: depends on another copy of an unordered batch")
-            wr |= d
-        for src, _, what in cells:
-            if _keys(src) & wr:
-                raise ScheduleError(
-                    f"{what}: reads a row another copy of the unordered batch writes"
-                )
-    for src, dst, what in cells:
-        _write(
-            m,
-            dst,
-            _read(m, src, op.reads_new and src[0] == "w", what),
-            what,
-            live_ok or dst[0] == "s",
-        )
-
-
-def _run_kernels(sched, m: _Rank, op: Kernels, where: str, live_ok: bool) -> None:
-    rbytes = sched.layout.buf_row_bytes()
-    wbytes = sched.layout.buf_word_bytes()
-    rs = m.rs
-    for q in range(len(op)):
-        what = f"{where} {op.kind} kernel {q} ({op.what})"
-        buf, rb = int(op.buf[q]), int(op.row_bytes[q])
-        a, cnt, stg = int(op.idx[q]), int(op.count[q]), int(op.stage[q])
-        if not 0 <= buf < rbytes.size:
-            raise ScheduleError(f"{what}: no buffer {buf}")
-        word = int(wbytes[buf])
-        if stg % ALIGN or rb % word:
-            raise ScheduleError(
-                f"{what}: staging offset {stg} not {ALIGN}-byte aligned or rows of {rb} B not whole words of {word} B"
-            )
-        if a < 0 or a + cnt > rs.index.size:
-            raise ScheduleError(
-                f"{what}: index range [{a}, {a + cnt}) outside the index of {rs.index.size}"
-            )
-        rows = rs.index[a : a + cnt]
-        if op.kind == "scatter" and np.unique(rows).size != cnt:  # a gather may read a row twice
-            raise ScheduleError(f"{what}: rows {rows.tolist()} written twice within one kernel")
-        if cnt and (rows.min() < 0 or rows.max() >= sched.layout.rows):
-            raise ScheduleError(f"{what}: rows {rows.tolist()} out of range")
-        _rows_of(sched, rs, buf, 0, rb, rb, what)  # the buffer's row size
-        wcells = ("w", buf, rows.astype(_I64))
-        scells = _rows_of(sched, rs, STAGING, stg, cnt * rb, rb, what)
-        if op.kind == "gather":
-            _write(m, scells, _read(m, wcells, False, what), what, True)
-        elif op.kind == "scatter":
-            _write(m, wcells, _read(m, scells, False, what), what, live_ok)
-        else:
-            raise ScheduleError(f"{what}: unknown kernel kind {op.kind!r}")
-
-
-def _run_phase(sched, m: _Rank, ops: list, k: int, phase: str) -> None:
-    live_ok = phase == "post" or not sched.transactional
-    for j, op in enumerate(ops):
-        where = f"round {k} rank {m.rs.rank} {phase} op {j}"
-        if isinstance(op, Copies):
-            _run_copies(sched, m, op, where, live_ok)
-        elif isinstance(op, Kernels):
-            _run_kernels(sched, m, op, where, live_ok)
-        else:
-            raise ScheduleError(f"{where}: unknown op {type(op).__name__}")
-
-
-def _exchange(sched: Schedule, mems: list, k: int) -> None:
-    """Round k's messages, all concurrent (one NCCL group per rank): every send reads the
-    memory as phase A left it, no send reads bytes a receive of the round writes on its rank,
-    and no two receives write the same bytes."""
-    rbytes = sched.layout.buf_row_bytes()
-    written = []
-    recv_cells = []
-    for m in mems:
-        r = m.rs.rank
-        rm = m.rs.rounds[k].recvs
-        w: set = set()
-        cells = []
-        for q in range(len(rm)):
-            what = f"round {k} rank {r} receive {q} from rank {int(rm.peer[q])}"
-            c = _rows_of(
-                sched,
-                m.rs,
-                int(rm.buf[q]),
-                int(rm.off[q]),
-                int(rm.nbytes[q]),
-                int(rbytes[rm.tensor[q]]),
-                what,
-            )
-            key = _keys(c)
-            if key & w:
-                raise ScheduleError(f"{what}: writes bytes another receive of the round writes")
-            w |= key
-            cells.append(c)
-        written.append(w)
-        recv_cells.append(cells)
-    deliveries = []
-    for m in mems:
-        r = m.rs.rank
-        sm = m.rs.rounds[k].sends
-        # the i-th send to p is the i-th receive from r on p (linked() checked sizes)
-        seen: dict = {}
-        for q in range(len(sm)):
-            p = int(sm.peer[q])
-            what = f"round {k} rank {r} send {q} to rank {p}"
-            c = _rows_of(
-                sched,
-                m.rs,
-                int(sm.buf[q]),
-                int(sm.off[q]),
-                int(sm.nbytes[q]),
-                int(rbytes[sm.tensor[q]]),
-                what,
-            )
-            if _keys(c) & written[r]:
-                raise ScheduleError(f"{what}: reads bytes a receive of the same round writes")
-            pos = seen.get(p, 0)
-            seen[p] = pos + 1
-            deliveries.append((p, r, pos, _read(m, c, False, what)))
-    index: dict = {}
-    for m in mems:
-        rm = m.rs.rounds[k].recvs
-        for q, peer in enumerate(rm.peer.tolist()):
-            index.setdefault((m.rs.rank, peer), []).append(q)
-    live_ok = not sched.transactional
-    for p, r, pos, vals in deliveries:
-        q = index[(p, r)][pos]
-        c = recv_cells[p][q]
-        _write(mems[p], c, vals, f"round {k} rank {p} receive {q} from rank {r}", live_ok)
-
-
-def simulate(sched: Schedule, old_map, new_map, *, cell: int = 4) -> list[dict]:
-    """Execute every rank's schedule in one process (a virtual cluster) and check it.
-
-    Memory is kept in cells of one tensor row, each holding ``cell`` bytes (rows are scaled
-    down; sizes, offsets and the bound are checked at full size). Raises
-    :class:`ScheduleError` when: a pair's send and receive sequences differ (count, sizes,
-    order) or a message's two ends disagree; an op reads a row's old content after it was
-    overwritten, or a duplicate reads a row not yet written; concurrent ops touch the same
-    bytes (the messages of a round, the rows of one kernel, an unordered batch of copies);
-    staging is used beyond its size, read where nothing (or something else) was written, or
-    the rank's staging and index exceed the bound; in transactional mode a live row is written
-    before its round's exchange completed; a range is not whole rows of one buffer; or the
-    final rows are not exactly those of ``new_map``. Returns per-rank figures.
-    """
-    plan, layout = sched.plan, sched.layout
-    old = np.asarray(old_map)
-    new = np.asarray(new_map)
-    P = plan.slots_per_rank
-    ranks = sched.linked()
-    mems = []
-    for rs in ranks:
-        if rs.peak_extra_bytes > sched.staging_bound:
-            raise ScheduleError(
-                f"rank {rs.rank}: staging {rs.staging_bytes} B + index {8 * rs.index.size} B exceed "
-                f"the bound of {sched.staging_bound} B"
-            )
-        mems.append(_Rank(sched, rs, old, cell))
-    for k in range(len(sched.rounds)):
-        for m in mems:
-            _run_phase(sched, m, m.rs.rounds[k].pre, k, "pre")
-        _exchange(sched, mems, k)
-        for m in mems:
-            _run_phase(sched, m, m.rs.rounds[k].post, k, "post")
-    first = layout.first_buf
-    for m in mems:
-        r = m.rs.rank
-        for layer, rb in enumerate(layout.row_bytes):
-            for i in range(len(rb)):
-                buf = int(first[layer]) + i
-                for j in range(P):
-                    e = int(new[layer, r * P + j])
-                    if e < 0:
-                        continue
-                    want = _tag(layer, e, i)
-                    if m.tags[buf][j] != want or not np.array_equal(
-                        m.data[buf][j], _cell_bytes(want, cell)
-                    ):
-                        raise ScheduleError(
-                            f"rank {r} layer {layer} tensor {i} row {j}: holds "
-                            f"{_untag(int(m.tags[buf][j]))}, new_map wants expert {e}"
-                        )
-    return [
-        {
-            "rank": rs.rank,
-            "rounds": len(rs.rounds),
-            "messages": rs.messages,
-            "bytes_sent": sum(x.bytes_sent for x in rs.rounds),
-            "bytes_received": sum(x.bytes_received for x in rs.rounds),
-            "experts_sent": sum(x.experts_sent for x in rs.rounds),
-            "experts_received": sum(x.experts_received for x in rs.rounds),
-            "local_copies": sum(x.local_copies for x in rs.rounds),
-            "peak_staging_bytes": rs.staging_bytes,
-            "peak_extra_bytes": rs.peak_extra_bytes,
-            "staging_bound": sched.staging_bound,
-        }
-        for rs in ranks
-    ]
-
-
-# ---- one entry point -----------------------------------------------------------------------
-
-_SHUFFLER_OPTS = {
-    "staging_bytes",
-    "pack_threshold",
-    "transactional",
-    "max_messages_per_round",
-    "ranks_per_node",
-    "one_sided",
-}
-
-
-def simulate_rearrangement(
-    old_map, new_map, ep_size: int, row_bytes, *, cell: int = 4, **opts
-) -> list[dict]:
-    """Plan, schedule and run a rearrangement on a virtual cluster of ``ep_size`` ranks.
-
-    ``row_bytes[layer]`` lists the byte size of one row of each tensor of that layer (the
-    same on every rank); ``opts`` are :class:`~eplb_pynccl.ExpertShuffler` options
-    (``staging_bytes``, ``pack_threshold``, ``transactional``, ``max_messages_per_round``,
-    ``ranks_per_node``) and ``one_sided`` (the copy-engine transport's mode). Raises
-    :class:`ScheduleError` on any violation (see :func:`simulate`); returns per-rank figures
-    (rounds, messages, bytes, local copies, peak staging).
-    """
-    bad = set(opts) - _SHUFFLER_OPTS
-    if bad:
-        raise TypeError(f"unknown option(s) {sorted(bad)}; known: {sorted(_SHUFFLER_OPTS)}")
-    rpn = opts.pop("ranks_per_node", None)
-    plan = plan_rearrangement(old_map, new_map, ep_size, ranks_per_node=rpn)
-    layout = Layout.of(row_bytes, plan.slots_per_rank)
-    sched = build_schedule(plan, layout, **opts)
-    return simulate(sched, old_map, new_map, cell=cell)

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _optional
+from ._checks import check_count, check_timeout, to_numpy
+from ._deadline import DEFAULT_TIMEOUT
 from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
 from .executor import COPY_METHODS, Buffers, Executor
-from .planner import RearrangementPlan, _positive, plan_rearrangement
+from .planner import RearrangementPlan, plan_rearrangement
 from .schedule import DEFAULT_MAX_MESSAGES, DEFAULT_PACK_THRESHOLD, Layout, build_schedule
 from .transport import Transport
 
@@ -72,12 +74,6 @@ class RearrangeStats:
     round_apply_us: list = field(default_factory=list)
     round_host_calls: list = field(default_factory=list)
     copy_method: str = ""  # CUDA: "kernel" or "copy_engine" (see ExpertShuffler)
-
-
-def _nonneg_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    return v
 
 
 class ExpertShuffler:
@@ -175,32 +171,24 @@ class ExpertShuffler:
                 lw.append(t)
             layers.append(lw)
         if staging_bytes is not None:
-            _nonneg_int(staging_bytes, "staging_bytes")
-        _nonneg_int(pack_threshold, "pack_threshold")
-        if (
-            isinstance(max_messages_per_round, bool)
-            or not isinstance(max_messages_per_round, int)
-            or max_messages_per_round < 1
-        ):
-            raise ValueError(
-                f"max_messages_per_round must be a positive int, got {max_messages_per_round!r}"
-            )
+            staging_bytes = check_count(staging_bytes, "staging_bytes", minimum=0)
+        pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)
+        max_messages_per_round = check_count(max_messages_per_round, "max_messages_per_round")
         if ranks_per_node is not None:
-            ranks_per_node = _positive(ranks_per_node, "ranks_per_node")
+            ranks_per_node = check_count(ranks_per_node, "ranks_per_node")
             if ranks_per_node > self.ep_size:
                 raise ValueError(
                     f"ranks_per_node counts EP ranks per node, at most ep_size ({self.ep_size}); "
                     f"got {ranks_per_node}"
                 )
         if timeout is None:
-            timeout = getattr(transport, "timeout", 600.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            timeout = getattr(transport, "timeout", DEFAULT_TIMEOUT)
+        timeout = check_timeout(timeout)
         if copy_method not in ("auto", *COPY_METHODS):
             raise ValueError(
                 f"copy_method must be 'auto', 'kernel' or 'copy_engine', got {copy_method!r}"
             )
-        copy_ctas = _positive(copy_ctas, "copy_ctas")
+        copy_ctas = check_count(copy_ctas, "copy_ctas")
         self.weights = layers
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
@@ -338,8 +326,8 @@ class ExpertShuffler:
         if err is None:
             try:
                 maps.update(f"ep_size={self.ep_size};rows={self.num_local};".encode())
-                maps.update(np.asarray(_host(old_map), dtype=np.int64).tobytes())
-                maps.update(np.asarray(_host(new_map), dtype=np.int64).tobytes())
+                maps.update(to_numpy(old_map, "old_map", dtype=np.int64).tobytes())
+                maps.update(to_numpy(new_map, "new_map", dtype=np.int64).tobytes())
             except (ValueError, TypeError) as e:
                 err = e
         if err is not None:
@@ -403,12 +391,6 @@ class ExpertShuffler:
             self._pinned_free.synchronize()  # already complete unless a rearrangement was cut short
         buf[:n].numpy()[:] = values
         return buf[:n]
-
-
-def _host(x):
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        return x.detach().cpu().numpy()
-    return x
 
 
 def _mark(torch, stream):

@@ -31,7 +31,9 @@ import time
 from typing import Any
 
 from . import _optional
-from .communicator import Communicator, _default_timeout
+from ._checks import check_timeout
+from ._deadline import DEFAULT_TIMEOUT, default_timeout
+from .communicator import Communicator
 
 __all__ = ["Transport", "TransportRound", "NcclTransport", "TorchTransport"]
 
@@ -71,7 +73,7 @@ class Transport(abc.ABC):
 
     rank: int
     world_size: int
-    timeout: float = 600.0
+    timeout: float = DEFAULT_TIMEOUT
     accepts_raw = False
     one_sided = False
     host_exchange = False
@@ -126,7 +128,8 @@ class Transport(abc.ABC):
         return None
 
 
-def _peers(sends, recvs) -> list:
+def round_peers(sends, recvs) -> list:
+    """The sorted peers a round's ``(peer, buffer)`` sends and receives touch."""
     return sorted({p for p, _ in sends} | {p for p, _ in recvs})
 
 
@@ -143,7 +146,7 @@ class _ExchangeRound(TransportRound):
     def __init__(self, transport: Transport, sends, recvs) -> None:
         self.t = transport
         self.sends, self.recvs = sends, recvs
-        self.peers = _peers(sends, recvs)
+        self.peers = round_peers(sends, recvs)
         self._event = None
 
     def launch(self, stream, deadline: float) -> None:
@@ -239,7 +242,7 @@ class NcclTransport(Transport):
 class _NcclRound(TransportRound):
     def __init__(self, t: NcclTransport, sends, recvs) -> None:
         self.t = t
-        self.peers = _peers(sends, recvs)
+        self.peers = round_peers(sends, recvs)
         self.batch = t.comm.prepare_p2p([(b, p) for p, b in sends], [(b, p) for p, b in recvs])
         self._event = None
         self._stream = None
@@ -287,11 +290,7 @@ class TorchTransport(Transport):
             raise RuntimeError(
                 "TorchTransport needs torch.distributed initialised (init_process_group)"
             )
-        if timeout is None:
-            timeout = _default_timeout()
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout = float(timeout)
+        self.timeout = default_timeout() if timeout is None else check_timeout(timeout)
         self.group = group
         self.backend = str(dist.get_backend(group)).lower()
         self.rank = dist.get_rank(group)
@@ -367,7 +366,7 @@ class TorchTransport(Transport):
             return
         reqs = dist.batch_isend_irecv(ops)
         t = self.timeout if timeout is None else timeout
-        self._wait_all(reqs, time.monotonic() + t, _peers(sends, recvs), t)
+        self._wait_all(reqs, time.monotonic() + t, round_peers(sends, recvs), t)
         for h, dst in staged_back:
             dst.copy_(h)
 

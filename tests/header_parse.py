@@ -484,13 +484,12 @@ def compare_table_to_header(
     enums: Mapping[str, Mapping[str, int]],
     datatype_since: Mapping[str, Version],
     config_fields: Iterable,
-    result_names: Mapping[int, str] | None = None,
     unique_id_bytes: int | None = None,
 ) -> list[str]:
-    """table.py / config.py / errors.RESULT_NAMES against this project's header.
+    """table.py / config.py against this project's header.
 
     ``functions``: table.FUNCTIONS (``.name``, ``.restype``, ``.args`` of ``(type, name)``);
-    ``enums``: ``{"ncclResult_t": table.RESULT, ...}``; ``config_fields``: CONFIG_FIELDS
+    ``enums``: ``{"ncclResult_t": {name: code}, ...}`` (from table.Result, ...); ``config_fields``: CONFIG_FIELDS
     (``.c_name``, ``.c_type``, ``.since``). Count sentinels (``ncclNum*``) of the header are
     not expected in the table.
     """
@@ -518,25 +517,18 @@ def compare_table_to_header(
         got = {k: v for k, v in got.items() if not _is_count(k)}
         out += compare_enum(ename, dict(members), got, TABLE_LABEL, OUR_LABEL)
 
-    if result_names is not None:
-        got = {k: v for k, v in ours.enums.get("ncclResult_t", {}).items() if not _is_count(k)}
-        by_name = {name: code for code, name in result_names.items()}
-        out += compare_enum("ncclResult_t", by_name, got, "errors.RESULT_NAMES", OUR_LABEL)
-
     dtypes = ours.enums.get("ncclDataType_t", {})
     annotated = {k: v for k, v in ours.since.items() if k in dtypes}
     for k, v in datatype_since.items():
         if k not in annotated:
-            out.append(
-                f"since {k}: {vstr(v)} in table.DATATYPE_SINCE, no annotation in {OUR_LABEL}"
-            )
+            out.append(f"since {k}: {vstr(v)} in table.Dtype.since, no annotation in {OUR_LABEL}")
         elif tuple(annotated[k]) != tuple(v):
             out.append(
-                f"since {k}: {vstr(v)} in table.DATATYPE_SINCE, {vstr(annotated[k])} in {OUR_LABEL}"
+                f"since {k}: {vstr(v)} in table.Dtype.since, {vstr(annotated[k])} in {OUR_LABEL}"
             )
     for k, v in annotated.items():
         if k not in datatype_since:
-            out.append(f"since {k}: {vstr(v)} in {OUR_LABEL}, not in table.DATATYPE_SINCE")
+            out.append(f"since {k}: {vstr(v)} in {OUR_LABEL}, not in table.Dtype.since")
 
     cfg = list(config_fields)
     out += compare_fields(
@@ -660,18 +652,16 @@ def installed_config_size(installed_text: str) -> int | None:
 def project_disagreements(header_text: str) -> list[str]:
     """:func:`compare_table_to_header` fed from the eplb_pynccl package (imported lazily)."""
     from eplb_pynccl._nccl import config, table
-    from eplb_pynccl.errors import RESULT_NAMES
 
     return compare_table_to_header(
         header_text,
         functions=table.FUNCTIONS,
         enums={
-            "ncclResult_t": table.RESULT,
-            "ncclDataType_t": table.DATATYPE,
-            "ncclRedOp_t": table.REDOP,
+            "ncclResult_t": {m.name: int(m) for m in table.Result},
+            "ncclDataType_t": {m.name: int(m) for m in table.Dtype},
+            "ncclRedOp_t": {m.name: int(m) for m in table.RedOp},
         },
-        datatype_since=table.DATATYPE_SINCE,
+        datatype_since={m.name: m.since for m in table.Dtype if m.since is not None},
         config_fields=config.CONFIG_FIELDS,
-        result_names=RESULT_NAMES,
         unique_id_bytes=table.UNIQUE_ID_BYTES,
     )

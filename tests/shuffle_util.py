@@ -14,6 +14,21 @@ import traceback
 
 import numpy as np
 
+# The layers the GPU shuffler tests move: DeepSeek-V3-like (fp8 w13/w2 + fp32 block scales)
+# and Qwen3-like bf16 experts, scaled down, and a 1-D fp32 tensor; dtypes by torch name.
+_DSV3 = [
+    ((64, 112), "float8_e4m3fn"),
+    ((112, 32), "float8_e4m3fn"),
+    ((2, 4), "float32"),
+    ((4, 2), "float32"),
+]
+GPU_SPECS = [_DSV3, [((96, 64), "bfloat16"), ((64, 48), "bfloat16")], _DSV3, [((300,), "float32")]]
+
+
+def torch_specs(torch, specs):
+    """``specs`` with the dtype names turned into torch dtypes (for :func:`make_weights`)."""
+    return [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in specs]
+
 
 def expert_bytes(layer: int, expert: int, index: int, nbytes: int) -> np.ndarray:
     rng = np.random.default_rng([layer, expert, index, 12345])
@@ -137,3 +152,111 @@ def run_gloo(fn, world, *args, timeout=120):
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(world)]
+
+
+def layer_states(torch, weights, old_map, new_map, rank, ep_size) -> dict:
+    """Per layer of this rank: "new" when every non-empty slot holds its new expert's bytes,
+    else "old" when every one holds its old expert's, else "mixed"."""
+    bad_new = {int(m.split()[3]) for m in check_weights(torch, weights, new_map, rank, ep_size)}
+    bad_old = {int(m.split()[3]) for m in check_weights(torch, weights, old_map, rank, ep_size)}
+    return {
+        layer: "new" if layer not in bad_new else "old" if layer not in bad_old else "mixed"
+        for layer in range(len(weights))
+    }
+
+
+# ---- a peer that dies mid-rearrangement (GPU; one job for every transport) -----------------
+
+
+def peer_death_job(ctx, outdir, timeout, make_transport, row_shape, staging_rows):
+    """Every rank starts one async rearrangement over ``make_transport(ctx, timeout)`` (which
+    returns the transport, a no-argument ``closed()`` saying whether it was torn down, and
+    whether to synchronise the device after the failure); the last rank launches round 0 and
+    exits with code 3. The others record what they saw in ``outdir/rank{r}.json``."""
+    import json
+    import time
+
+    import torch
+
+    import eplb_pynccl as ep
+    from bench.eplb import make_maps
+
+    t, closed, sync_after = make_transport(ctx, timeout)
+    n, rank = ctx.world_size, ctx.rank
+    layers, P = 6, 8
+    old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
+    dev = torch.device("cuda", ctx.device)
+    weights = make_weights(torch, [[(row_shape, torch.bfloat16)]] * layers, old, rank, n, dev)
+    torch.cuda.synchronize()
+    row_bytes = weights[0][0][0].nbytes
+    staging = None if staging_rows is None else staging_rows * row_bytes
+    sh = ep.ExpertShuffler(t, weights, staging_bytes=staging)
+    victim = n - 1
+    h = sh.rearrange_async(old, new)
+    if rank == victim:
+        h.step()  # launches round 0, then the process dies mid-rearrangement
+        os._exit(3)
+    t0 = time.monotonic()
+    err = None
+    try:
+        h.wait()
+    except ep.RearrangeError as e:
+        err = e
+    elapsed = time.monotonic() - t0
+    if sync_after:
+        torch.cuda.synchronize()
+    state = layer_states(torch, weights, old, new, rank, n)
+    try:
+        again = None
+        h.step()
+    except ep.RearrangeError as e2:
+        again = str(e2) == str(err)
+    res = {
+        "rank": rank,
+        "elapsed": elapsed,
+        "error": None if err is None else str(err),
+        "completed": None if err is None else err.completed_layers,
+        "pending": None if err is None else err.pending_layers,
+        "peers": None if err is None else err.peers,
+        "state": state,
+        "again": again,
+        "closed": closed(),
+        "unchanged_here": [
+            layer
+            for layer in range(layers)
+            if np.array_equal(
+                old[layer, rank * P : (rank + 1) * P], new[layer, rank * P : (rank + 1) * P]
+            )
+        ],
+    }
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
+        json.dump(res, fh)
+    return res
+
+
+def check_peer_death(info, outdir, world, timeout) -> list[dict]:
+    """What every survivor of :func:`peer_death_job` must have seen: the victim's exit named,
+    a RearrangeError within the timeout, each layer entirely old or new as the error says,
+    the same error again on the next step, the transport torn down. Returns their records."""
+    import json
+
+    msg = str(info.value)
+    victim = world - 1
+    assert f"1 of {world} ranks failed" in msg
+    assert f"rank {victim} exited (exit code 3)" in msg
+    out = []
+    for rank in range(world - 1):
+        with open(os.path.join(outdir, f"rank{rank}.json")) as fh:
+            r = json.load(fh)
+        assert r["error"] is not None, r
+        assert r["elapsed"] <= timeout + 5, r
+        assert "mixed" not in r["state"].values(), r
+        for layer in r["completed"]:
+            assert r["state"][str(layer)] == "new", r
+        for layer in r["pending"]:
+            assert r["state"][str(layer)] == "old" or layer in r["unchanged_here"], r
+        assert not (set(r["completed"]) & set(r["pending"]))
+        assert r["again"] is True, r  # step() after the error raises the same error
+        assert r["closed"], r  # the transport was aborted / released its handles
+        out.append(r)
+    return out

@@ -167,12 +167,12 @@ def test_bad_weights_are_refused_by_the_constructor():
         (
             lambda: ExpertShuffler(t, [[good]], staging_bytes=-1),
             ValueError,
-            "staging_bytes must be a non-negative int",
+            "staging_bytes must be >= 0, got -1",
         ),
         (
             lambda: ExpertShuffler(t, [[good]], max_messages_per_round=0),
             ValueError,
-            "max_messages_per_round must be a positive int",
+            "max_messages_per_round must be >= 1, got 0",
         ),
         (
             lambda: ExpertShuffler(t, [[good]], timeout=-1),
@@ -183,6 +183,21 @@ def test_bad_weights_are_refused_by_the_constructor():
             lambda: ExpertShuffler(t, [[good]], timeout=0),
             ValueError,
             r"timeout must be a positive number of seconds, got 0$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], timeout=float("nan")),
+            ValueError,
+            r"timeout must be a finite number of seconds, got nan$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], timeout=True),
+            ValueError,
+            r"timeout must be a positive number of seconds, got True$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], pack_threshold=True),
+            TypeError,
+            r"pack_threshold must be an int, got bool$",
         ),
         (
             lambda: ExpertShuffler(t, [[good]], timeout="5"),
@@ -202,7 +217,7 @@ def test_bad_weights_are_refused_by_the_constructor():
         (
             lambda: ExpertShuffler(t, [[good]], pack_threshold=-1),
             ValueError,
-            "pack_threshold must be a non-negative int",
+            "pack_threshold must be >= 0, got -1",
         ),
     ]
     for make, exc, msg in cases:
@@ -391,3 +406,36 @@ def test_ranks_with_other_dtypes_are_refused_by_default_over_gloo():
         assert msg is not None and msg.startswith(
             "verify=True: ranks disagree or refused the input: expert weight shapes/dtypes"
         ), msg
+
+
+def _torch_transport_timeouts_job(rank, world):
+    import os
+
+    from eplb_pynccl import TorchTransport
+
+    out = {}
+    for value in (0, -1, float("nan"), float("inf"), True, "5"):
+        try:
+            TorchTransport(timeout=value)
+        except ValueError as e:
+            out[repr(value)] = str(e)
+    os.environ["EPLB_PYNCCL_TIMEOUT"] = "nan"
+    try:
+        TorchTransport()
+    except ValueError as e:
+        out["env nan"] = str(e)
+    return out
+
+
+def test_torch_transport_refuses_timeouts_like_every_other_entry_point():
+    (out,) = run_gloo(_torch_transport_timeouts_job, 1, timeout=60)
+    positive, finite = "must be a positive number of seconds", "must be a finite number of seconds"
+    assert out == {
+        "0": f"timeout {positive}, got 0",
+        "-1": f"timeout {positive}, got -1",
+        "nan": f"timeout {finite}, got nan",
+        "inf": f"timeout {finite}, got inf",
+        "True": f"timeout {positive}, got True",
+        "'5'": f"timeout {positive}, got '5'",
+        "env nan": f"EPLB_PYNCCL_TIMEOUT {finite}, got nan",
+    }

@@ -40,8 +40,7 @@ from eplb_pynccl import (
     UniqueId,
 )
 from eplb_pynccl._nccl import config, library, table
-from eplb_pynccl.communicator import _live
-from eplb_pynccl.errors import RESULT_NAMES, error_class
+from eplb_pynccl.errors import error_class
 from tests.gpu_util import libcuda_loadable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -680,13 +679,13 @@ def test_error_class_mapping(code, cls):
     e = lib.error(code, "ncclSomething")
     assert type(e) is cls
     assert e.code == code and e.function == "ncclSomething"
-    assert e.name == RESULT_NAMES.get(code, f"ncclResult({code})")
+    assert e.name == {r.value: r.name for r in table.Result}.get(code, f"ncclResult({code})")
     assert e.error_string == lib.error_string(code)
     assert str(e).startswith(f"ncclSomething failed: {e.name} ({code})")
 
 
 def test_error_names_match_the_table_and_nccl_strings():
-    assert RESULT_NAMES == {v: k for k, v in table.RESULT.items()}
+    assert [r.value for r in table.Result] == list(range(9))
     lib = library.load()
     for code in range(1, 9):
         assert lib.error_string(code), code
@@ -786,7 +785,6 @@ INIT_CASES = [
 @no_cuda_driver
 @pytest.mark.parametrize("kwargs, function", INIT_CASES)
 def test_comm_init_without_gpu_maps_the_real_error(kwargs, function):
-    live_before = dict(_live)
     with pytest.raises(NcclSystemError) as info:
         Communicator(UniqueId.generate(), 0, 1, **kwargs)
     e = info.value
@@ -808,7 +806,6 @@ def test_comm_init_without_gpu_maps_the_real_error(kwargs, function):
         f"{function} failed: ncclUnhandledCudaError (1): {e.error_string}; NCCL last error: "
         f"{e.last_error}; {e.detail}"
     )
-    assert dict(_live) == live_before  # nothing registered as a live communicator
     # The failed init must not leave this thread inside an NCCL group (later groups would then
     # never launch): a bare ncclGroupEnd has to be refused as "not in a group call".
     with pytest.raises(NcclInvalidError, match=r"ncclGroupEnd: not in a group call"):

@@ -22,6 +22,7 @@ import pytest
 
 from eplb_pynccl import Communicator, NcclInvalidError, UniqueId, _buffers, group
 from eplb_pynccl import communicator as comm_mod
+from eplb_pynccl._checks import current_device, device_index
 from eplb_pynccl._nccl import library, table
 from eplb_pynccl._nccl.dlpack import KDL_CUDA, read_capsule
 from tests.gpu_util import libcuda_loadable
@@ -72,9 +73,28 @@ COMM_ARG_ERRORS = [
         ValueError,
         "timeout must be a positive number of seconds, got '3'",
     ),
-    ((UID, 0, 1), {"max_ctas": 0}, ValueError, "max_ctas must be a positive int, got 0"),
-    ((UID, 0, 1), {"min_ctas": "2"}, ValueError, "min_ctas must be a positive int, got '2'"),
-    ((UID, 0, 1), {"max_ctas": 2.5}, ValueError, "max_ctas must be a positive int, got 2.5"),
+    (
+        (UID, 0, 1),
+        {"timeout": True},
+        ValueError,
+        "timeout must be a positive number of seconds, got True",
+    ),
+    (
+        (UID, 0, 1),
+        {"timeout": float("nan")},
+        ValueError,
+        "timeout must be a finite number of seconds, got nan",
+    ),
+    (
+        (UID, 0, 1),
+        {"timeout": float("inf")},
+        ValueError,
+        "timeout must be a finite number of seconds, got inf",
+    ),
+    ((UID, 0, 1), {"max_ctas": 0}, ValueError, "max_ctas must be >= 1, got 0"),
+    ((UID, 0, 1), {"max_ctas": True}, TypeError, "max_ctas must be an int, got bool"),
+    ((UID, 0, 1), {"min_ctas": "2"}, TypeError, "min_ctas must be an int, got str"),
+    ((UID, 0, 1), {"max_ctas": 2.5}, TypeError, "max_ctas must be an int, got float"),
     (
         (UID, 0, 1),
         {"min_ctas": 8, "max_ctas": 4},
@@ -117,25 +137,8 @@ def test_communicator_torch_device_arguments():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"^device must be a CUDA device, got cpu$"):
         Communicator(UID, 0, 1, torch.device("cpu"))
-    assert comm_mod._parse_device(torch.device("cuda", 3)) == 3
-    assert comm_mod._parse_device(torch.device("cuda")) == 0
-
-
-@pytest.mark.parametrize(
-    "device, index",
-    [
-        (None, None),
-        (0, 0),
-        (7, 7),
-        ("cuda", 0),
-        ("cuda:", 0),
-        ("cuda:2", 2),
-        (" cuda:5 ", 5),
-        ("3", 3),
-    ],
-)
-def test_parse_device(device, index):
-    assert comm_mod._parse_device(device) == index
+    assert device_index(torch.device("cuda", 3)) == 3
+    assert device_index(torch.device("cuda")) == current_device()
 
 
 def test_timeout_environment_variable(monkeypatch):
@@ -143,12 +146,15 @@ def test_timeout_environment_variable(monkeypatch):
     with pytest.raises(ValueError, match=r"^EPLB_PYNCCL_TIMEOUT='abc' is not a number of seconds$"):
         Communicator(UID, 0, 1)
     monkeypatch.setenv("EPLB_PYNCCL_TIMEOUT", "0")
-    with pytest.raises(ValueError, match=r"^EPLB_PYNCCL_TIMEOUT must be > 0, got 0$"):
+    with pytest.raises(
+        ValueError, match=r"^EPLB_PYNCCL_TIMEOUT must be a positive number of seconds, got 0.0$"
+    ):
         Communicator(UID, 0, 1)
-    monkeypatch.setenv("EPLB_PYNCCL_TIMEOUT", "12.5")
-    assert comm_mod._default_timeout() == 12.5
-    monkeypatch.delenv("EPLB_PYNCCL_TIMEOUT")
-    assert comm_mod._default_timeout() == comm_mod.DEFAULT_TIMEOUT == 600.0
+    monkeypatch.setenv("EPLB_PYNCCL_TIMEOUT", "nan")
+    with pytest.raises(
+        ValueError, match=r"^EPLB_PYNCCL_TIMEOUT must be a finite number of seconds, got nan$"
+    ):
+        Communicator(UID, 0, 1)
 
 
 def test_validation_happens_before_libnccl_is_even_loaded():
@@ -528,7 +534,7 @@ def test_nccl_dtype_for_torch_dtypes(name):
         pytest.skip(f"this torch has no torch.{name}")
     t = torch.empty(3, dtype=dt)
     nccl_name, size = EXPECTED_DTYPES[name]
-    assert _buffers.nccl_dtype(t, "buf") == (table.DATATYPE[nccl_name], size)
+    assert _buffers.nccl_dtype(t, "buf") == (table.Dtype[nccl_name], size)
     assert size == t.element_size()
 
 
@@ -544,13 +550,13 @@ def test_nccl_dtype_unsupported(name):
 
 
 def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
-    assert _buffers.nccl_dtype((4096, 64), "buf") == (table.DATATYPE["ncclUint8"], 1)
+    assert _buffers.nccl_dtype((4096, 64), "buf") == (table.Dtype["ncclUint8"], 1)
     assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<f2"), "buf") == (
-        table.DATATYPE["ncclFloat16"],
+        table.Dtype["ncclFloat16"],
         2,
     )
     assert _buffers.nccl_dtype(CudaArrayLike(4096, (4,), "<i8"), "buf") == (
-        table.DATATYPE["ncclInt64"],
+        table.Dtype["ncclInt64"],
         8,
     )
     with pytest.raises(
@@ -566,7 +572,7 @@ def test_nccl_dtype_for_raw_cai_and_dlpack_buffers():
         (np.float16, "ncclFloat16", 2),
     ]:
         assert _buffers.nccl_dtype(DLPackOnly(np.zeros(3, npdt)), "buf") == (
-            table.DATATYPE[nccl_name],
+            table.Dtype[nccl_name],
             size,
         )
     with pytest.raises(

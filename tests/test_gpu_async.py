@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
-import numpy as np
 import pytest
 
 from tests.gpu_util import RankFailure, run_ranks
+from tests.shuffle_util import check_peer_death, peer_death_job
 
 pytestmark = pytest.mark.gpu
 
@@ -86,65 +84,11 @@ def test_async_stress_beside_live_nccl(world_size, variant):
     )
 
 
-def _peer_failure_job(ctx, outdir, timeout):
-    import torch
-
+def _nccl_for_peer_death(ctx, timeout):
     import eplb_pynccl as ep
 
     comm = _init(ctx, blocking=False, timeout=timeout)
-    n, rank = ctx.world_size, ctx.rank
-    layers, P = 6, 8
-    from bench.eplb import _check, _fill, make_maps
-
-    old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
-    dev = torch.device("cuda", ctx.device)
-    weights = [
-        [torch.empty((P, 1024, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)
-    ]
-    _fill(torch, weights, old, rank, P)
-    torch.cuda.synchronize()
-    sh = ep.ExpertShuffler(ep.NcclTransport(comm), weights)
-    victim = n - 1
-    h = sh.rearrange_async(old, new)
-    if rank == victim:
-        h.step()  # launches round 0, then the process dies mid-rearrangement
-        os._exit(3)
-    t0 = time.monotonic()
-    err = None
-    try:
-        h.wait()
-    except ep.RearrangeError as e:
-        err = e
-    elapsed = time.monotonic() - t0
-    state = {}
-    for layer in range(layers):
-        is_new = _check(torch, [weights[layer]], new[layer : layer + 1], rank, P, first_layer=layer)
-        is_old = _check(torch, [weights[layer]], old[layer : layer + 1], rank, P, first_layer=layer)
-        state[layer] = "new" if is_new else "old" if is_old else "mixed"
-    try:
-        again = None
-        h.step()
-    except ep.RearrangeError as e2:
-        again = str(e2) == str(err)
-    res = {
-        "rank": rank,
-        "elapsed": elapsed,
-        "error": None if err is None else str(err),
-        "completed": None if err is None else err.completed_layers,
-        "pending": None if err is None else err.pending_layers,
-        "peers": None if err is None else err.peers,
-        "state": state,
-        "again": again,
-        "comm_closed": comm.closed,
-        "unchanged_here": [
-            l
-            for l in range(layers)
-            if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
-        ],
-    }
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
-        json.dump(res, fh)
-    return res
+    return ep.NcclTransport(comm), lambda: comm.closed, False
 
 
 @pytest.mark.gpu(gpus=2)  # one rank dies, another must survive it (NCCL: one rank per GPU)
@@ -152,24 +96,16 @@ def test_peer_dies_mid_rearrangement(world_size, tmp_path):
     timeout = 5.0
     with pytest.raises(RankFailure) as info:
         run_ranks(
-            _peer_failure_job, world_size, str(tmp_path), timeout, timeout=100, grace=timeout + 20
+            peer_death_job,
+            world_size,
+            str(tmp_path),
+            timeout,
+            _nccl_for_peer_death,
+            (1024, 1024),
+            None,
+            timeout=100,
+            grace=timeout + 20,
         )
-    msg = str(info.value)
-    victim = world_size - 1
-    assert f"1 of {world_size} ranks failed" in msg
-    assert f"rank {victim} exited (exit code 3)" in msg
-    for rank in range(world_size - 1):
-        with open(tmp_path / f"rank{rank}.json") as fh:
-            r = json.load(fh)
-        assert r["error"] is not None, r
-        assert r["elapsed"] <= timeout + 5, r
-        assert "mixed" not in r["state"].values(), r
-        assert r["completed"] is not None and r["pending"], r
-        for layer in r["completed"]:
-            assert r["state"][str(layer)] == "new", r
-        for layer in r["pending"]:
-            assert r["state"][str(layer)] == "old" or layer in r["unchanged_here"], r
-        assert not (set(r["completed"]) & set(r["pending"]))
-        assert victim in r["peers"], r
-        assert r["again"] is True, r  # step() after the error raises the same error
-        assert r["comm_closed"], r  # the communicator was aborted
+    for r in check_peer_death(info, str(tmp_path), world_size, timeout):
+        assert r["pending"], r
+        assert world_size - 1 in r["peers"], r

@@ -7,27 +7,15 @@ and async, transactional and not; a peer that dies mid-round; handles released b
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
 import pytest
 
 from tests.gpu_util import RankFailure, run_ranks
+from tests.shuffle_util import GPU_SPECS, check_peer_death, peer_death_job, torch_specs
 
 pytestmark = pytest.mark.gpu(gpus=1)
-
-SPECS = [
-    [
-        ((64, 112), "float8_e4m3fn"),
-        ((112, 32), "float8_e4m3fn"),
-        ((2, 4), "float32"),
-        ((4, 2), "float32"),
-    ],
-    [((96, 64), "bfloat16"), ((64, 48), "bfloat16")],
-    [((300,), "float32")],
-]
 
 
 def _devices(procs):
@@ -57,7 +45,7 @@ def _ipc_job(ctx, seed, rearrangements):
     t = _transport(ctx)
     n, rank = ctx.world_size, ctx.rank
     dev = torch.device("cuda", ctx.device)
-    specs = [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in SPECS]
+    specs = torch_specs(torch, GPU_SPECS)
     rng = np.random.default_rng(seed)  # the same stream on every rank: the same maps
     P = 5
     num_logical = n * P - 3  # redundant slots: duplicates
@@ -140,7 +128,7 @@ def _ipc_nontransactional_job(ctx, seed):
     t = _transport(ctx)
     n, rank = ctx.world_size, ctx.rank
     dev = torch.device("cuda", ctx.device)
-    specs = [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in SPECS]
+    specs = torch_specs(torch, GPU_SPECS)
     rng = np.random.default_rng(seed)
     P = 4
     old, new = random_maps(rng, len(specs), n * P - 2, n, P, empty_frac=0.1)
@@ -158,66 +146,14 @@ def test_ipc_direct_receives_and_many_rounds():
     assert max(r for _, r in results) >= 2
 
 
-def _ipc_failure_job(ctx, outdir, timeout):
-    import torch
-
-    import eplb_pynccl as ep
-    from bench.eplb import _check, _fill, make_maps
-
+def _ipc_for_peer_death(ctx, timeout):
     t = _transport(ctx, timeout=timeout)
-    n, rank = ctx.world_size, ctx.rank
-    layers, P = 6, 8
-    old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
-    dev = torch.device("cuda", ctx.device)
-    weights = [
-        [torch.empty((P, 256, 1024), dtype=torch.bfloat16, device=dev)] for _ in range(layers)
-    ]
-    _fill(torch, weights, old, rank, P)
-    torch.cuda.synchronize()
-    sh = ep.ExpertShuffler(t, weights, staging_bytes=3 * P * 256 * 1024 * 2)  # several rounds
-    victim = n - 1
-    h = sh.rearrange_async(old, new)
-    if rank == victim:
-        h.step()  # launches round 0, then the process dies mid-rearrangement
-        os._exit(3)
-    t0 = time.monotonic()
-    err = None
-    try:
-        h.wait()
-    except ep.RearrangeError as e:
-        err = e
-    elapsed = time.monotonic() - t0
-    torch.cuda.synchronize()
-    state = {}
-    for layer in range(layers):
-        is_new = _check(torch, [weights[layer]], new[layer : layer + 1], rank, P, first_layer=layer)
-        is_old = _check(torch, [weights[layer]], old[layer : layer + 1], rank, P, first_layer=layer)
-        state[layer] = "new" if is_new else "old" if is_old else "mixed"
-    try:
-        again = None
-        h.step()
-    except ep.RearrangeError as e2:
-        again = str(e2) == str(err)
-    t.close()
-    res = {
-        "rank": rank,
-        "elapsed": elapsed,
-        "error": None if err is None else str(err),
-        "completed": None if err is None else err.completed_layers,
-        "pending": None if err is None else err.pending_layers,
-        "peers": None if err is None else err.peers,
-        "state": state,
-        "again": again,
-        "released": len(t._opened) == 0 and len(t._events) == 0,
-        "unchanged_here": [
-            l
-            for l in range(layers)
-            if np.array_equal(old[l, rank * P : (rank + 1) * P], new[l, rank * P : (rank + 1) * P])
-        ],
-    }
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
-        json.dump(res, fh)
-    return res
+
+    def closed():
+        t.close()
+        return len(t._opened) == 0 and len(t._events) == 0
+
+    return t, closed, True
 
 
 @pytest.mark.parametrize("procs", [2, 4])
@@ -225,28 +161,15 @@ def test_ipc_peer_dies_mid_round(procs, tmp_path):
     timeout = 5.0
     with pytest.raises(RankFailure) as info:
         run_ranks(
-            _ipc_failure_job,
+            peer_death_job,
             procs,
             str(tmp_path),
             timeout,
+            _ipc_for_peer_death,
+            (256, 1024),
+            3 * 8,  # several rounds
             timeout=100,
             grace=timeout + 20,
             devices=_devices(procs),
         )
-    msg = str(info.value)
-    victim = procs - 1
-    assert f"1 of {procs} ranks failed" in msg
-    assert f"rank {victim} exited (exit code 3)" in msg
-    for rank in range(procs - 1):
-        with open(tmp_path / f"rank{rank}.json") as fh:
-            r = json.load(fh)
-        assert r["error"] is not None, r
-        assert r["elapsed"] <= timeout + 5, r
-        assert "mixed" not in r["state"].values(), r
-        for layer in r["completed"]:
-            assert r["state"][str(layer)] == "new", r
-        for layer in r["pending"]:
-            assert r["state"][str(layer)] == "old" or layer in r["unchanged_here"], r
-        assert not (set(r["completed"]) & set(r["pending"]))
-        assert r["again"] is True, r
-        assert r["released"], r
+    check_peer_death(info, str(tmp_path), procs, timeout)

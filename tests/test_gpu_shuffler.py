@@ -9,25 +9,9 @@ import numpy as np
 import pytest
 
 from tests.gpu_util import run_ranks
+from tests.shuffle_util import GPU_SPECS, torch_specs
 
 pytestmark = pytest.mark.gpu
-
-# DeepSeek-V3-like (fp8 w13/w2 + fp32 block scales), scaled down, and Qwen3-like bf16.
-SPECS = [
-    [
-        ((64, 112), "float8_e4m3fn"),
-        ((112, 32), "float8_e4m3fn"),
-        ((2, 4), "float32"),
-        ((4, 2), "float32"),
-    ],
-    [((96, 64), "bfloat16"), ((64, 48), "bfloat16")],
-    [
-        ((64, 112), "float8_e4m3fn"),
-        ((112, 32), "float8_e4m3fn"),
-        ((2, 4), "float32"),
-        ((4, 2), "float32"),
-    ],
-]
 
 
 def _pg(ctx):
@@ -60,7 +44,7 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
     else:
         comm = None
         transport = ep.TorchTransport()
-    specs = [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in SPECS]
+    specs = torch_specs(torch, GPU_SPECS)
     rng = np.random.default_rng(seed)
     P = 6
     num_logical = n * P - 3

@@ -2,7 +2,7 @@
 
 Three sources must say the same thing about the NCCL ABI this package uses:
 
-* ``eplb_pynccl/_nccl/table.py``, ``config.py`` and ``errors.RESULT_NAMES`` (what the binding does);
+* ``eplb_pynccl/_nccl/table.py`` (its functions and enums) and ``config.py`` (what the binding does);
 * ``csrc_headers/eplb_nccl.h`` (this project's declaration of it);
 * the ``nccl.h`` of the installed nvidia-nccl wheel (what NCCL declares).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from eplb_pynccl._nccl import config, table
-from eplb_pynccl.errors import RESULT_NAMES
+from eplb_pynccl.errors import NcclError
 from tests import header_parse as hp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,11 +85,12 @@ def test_our_header_declares_exactly_the_table(ours):
     assert [n for n, _ in parsed.config] == [f.c_name for f in config.CONFIG_FIELDS]
     # every config field carries a since annotation
     assert all(n in parsed.since for n, _ in parsed.config)
-    assert parsed.enums["ncclResult_t"]["ncclNumResults"] == len(table.RESULT)
+    assert parsed.enums["ncclResult_t"]["ncclNumResults"] == len(table.Result)
 
 
-def test_result_names_match_table():
-    assert {v: k for k, v in RESULT_NAMES.items()} == table.RESULT
+def test_every_result_names_its_exception_class():
+    for r in table.Result:
+        assert issubclass(r.exception, NcclError), r
 
 
 def test_our_header_agrees_with_installed_nccl_h(ours, installed):
@@ -118,7 +119,6 @@ def test_changed_enum_value_is_reported(ours, installed):
     bad = mutate(ours, "ncclInvalidUsage       = 5,", "ncclInvalidUsage       = 15,")
     assert table_vs(bad) == [
         "enum ncclResult_t: ncclInvalidUsage = 5 in table.py, 15 in eplb_nccl.h",
-        "enum ncclResult_t: ncclInvalidUsage = 5 in errors.RESULT_NAMES, 15 in eplb_nccl.h",
     ]
     v = hp.vstr(installed[1])
     assert installed_vs(bad, installed) == [
@@ -220,7 +220,7 @@ def test_since_disagreements_are_reported(ours):
         "int nvlsHostMode;             /* since 2.33.0 */",
     )
     assert table_vs(bad) == [
-        "since ncclFloat8e4m3: 2.24.0 in table.DATATYPE_SINCE, 2.25.0 in eplb_nccl.h",
+        "since ncclFloat8e4m3: 2.24.0 in table.Dtype.since, 2.25.0 in eplb_nccl.h",
         "ncclConfig_t field nvlsHostMode: since 2.32.0 in config.py, 2.33.0 in eplb_nccl.h",
     ]
 

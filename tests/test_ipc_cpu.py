@@ -113,7 +113,22 @@ class _Setup(Transport):
         (
             {"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": 0},
             ValueError,
-            "ranks_per_node must be a positive int, got 0",
+            "ranks_per_node must be >= 1, got 0",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "ranks_per_node": True},
+            TypeError,
+            "ranks_per_node must be an int, got bool",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "timeout": float("nan")},
+            ValueError,
+            "timeout must be a finite number of seconds, got nan",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "timeout": True},
+            ValueError,
+            "timeout must be a positive number of seconds, got True",
         ),
         (
             {"rank": 0, "world_size": 2, "store": _Store(), "timeout": -1},

@@ -20,7 +20,8 @@ from eplb_pynccl.placement import (
     rebalance,
     should_rebalance,
 )
-from eplb_pynccl.planner import plan_rearrangement, simulate
+from eplb_pynccl.planner import plan_rearrangement
+from eplb_pynccl.simulate import simulate_plan
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,7 +160,7 @@ def test_figures_match_recomputation_and_the_planner(case, policy):
     assert np.array_equal(res.internode_received, inter)
     gpn = ep // nodes
     plan = plan_rearrangement(old, res.new_map, ep, ranks_per_node=gpn)
-    assert np.array_equal(simulate(plan, old, res.new_map), res.new_map)
+    assert np.array_equal(simulate_plan(plan, old, res.new_map), res.new_map)
     L = loads.shape[0]
     per_layer = np.bincount(plan.t_layer * ep + plan.t_dst_rank, minlength=L * ep).reshape(L, ep)
     assert np.array_equal(per_layer, res.experts_received)
@@ -345,7 +346,7 @@ def test_empty_slots_are_filled_and_plannable():
     res = rebalance(loads, 16, 4, old_map=old)
     assert (res.new_map >= 0).all()
     plan = plan_rearrangement(old, res.new_map, 4)
-    assert np.array_equal(simulate(plan, old, res.new_map), res.new_map)
+    assert np.array_equal(simulate_plan(plan, old, res.new_map), res.new_map)
 
 
 def test_unreachable_target_is_reported():

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from eplb_pynccl.planner import RankPlan, RearrangementPlan, plan_rearrangement, simulate
+from eplb_pynccl.planner import RankPlan, RearrangementPlan, plan_rearrangement
+from eplb_pynccl.simulate import simulate_plan
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -130,7 +131,7 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     assert (np.diff(ckey) > 0).all(), "copies not sorted by (layer, rank, dst_row)"
 
     # the result is the new map
-    out = simulate(plan, old, new)
+    out = simulate_plan(plan, old, new)
     np.testing.assert_array_equal(np.where(new == -1, -1, out), new)
 
     # destinations: exactly the changed rows, each once, with the right expert
@@ -641,11 +642,11 @@ def test_simulate_hazard_model():
     old = np.array([[0, 1, 2, 3]])
     new = np.array([[1, 0, 0, 2]])
     plan = plan_rearrangement(old, new, 2)
-    out = simulate(plan, old, new)
+    out = simulate_plan(plan, old, new)
     np.testing.assert_array_equal(out, new)
     # untouched -1 targets keep their old content
     plan = plan_rearrangement(old, [[1, -1, 2, 3]], 2)
-    np.testing.assert_array_equal(simulate(plan, old, [[1, -1, 2, 3]]), [[1, 1, 2, 3]])
+    np.testing.assert_array_equal(simulate_plan(plan, old, [[1, -1, 2, 3]]), [[1, 1, 2, 3]])
 
 
 def test_simulate_rejects_ill_formed_plans():
@@ -656,10 +657,10 @@ def test_simulate_rejects_ill_formed_plans():
     # write the same row twice
     bad = dataclasses.replace(plan, c_dst_row=np.zeros_like(plan.c_dst_row))
     with pytest.raises(ValueError, match="more than once"):
-        simulate(bad, old, new)
+        simulate_plan(bad, old, new)
     # src_is_new copy reading a row nothing writes
     bad = dataclasses.replace(plan, c_src_row=np.full_like(plan.c_src_row, 1))
     with pytest.raises(ValueError, match="src_is_new"):
-        simulate(bad, old, new)
+        simulate_plan(bad, old, new)
     with pytest.raises(ValueError, match="plan's shape"):
-        simulate(plan, old[:, :2], new[:, :2])
+        simulate_plan(plan, old[:, :2], new[:, :2])

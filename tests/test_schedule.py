@@ -23,9 +23,8 @@ from eplb_pynccl.schedule import (
     Layout,
     ScheduleError,
     build_schedule,
-    simulate,
-    simulate_rearrangement,
 )
+from eplb_pynccl.simulate import simulate_rearrangement, simulate_schedule
 
 # DeepSeek-V3 fp8 experts: w13 [4096, 7168] fp8, w2 [7168, 2048] fp8, scales [32, 56] and
 # [56, 16] fp32 (42.0 MiB per expert)
@@ -114,7 +113,7 @@ def test_one_sided_schedules_pack_nothing_and_read_only_weight_rows(seed, ep, tr
     sched = build_schedule(
         plan, Layout.of([[64, 8, 4], [16]], 4), transactional=transactional, one_sided=True
     )
-    simulate(sched, old, new)
+    simulate_schedule(sched, old, new)
     for rs in sched.linked():
         for ro in rs.rounds:
             # every receive names the sender's weight row it reads: no sender staging
@@ -180,7 +179,7 @@ def _two_rank_case(transactional=True, **kw):
         staging_bytes=1 << 16,
         **kw,
     )
-    simulate(sched, old, new)  # the schedule as built is right
+    simulate_schedule(sched, old, new)  # the schedule as built is right
     fresh = build_schedule(
         plan,
         Layout.of([[64, 8]], 4),
@@ -204,7 +203,7 @@ def test_planted_wrong_final_rows():
         ScheduleError,
         match=r"^rank 0 layer 0 tensor 0 row 0: holds layer 0 expert 0 tensor 0, new_map wants expert 4$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_send_and_receive_sequences_that_differ():
@@ -215,7 +214,7 @@ def test_planted_send_and_receive_sequences_that_differ():
         ScheduleError,
         match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
     sched, old, new = _two_rank_case()
     ro = sched.rank(1).rounds[0]
     keep = np.arange(len(ro.recvs)) != 0  # a receive missing: the NCCL group would hang
@@ -223,7 +222,7 @@ def test_planted_send_and_receive_sequences_that_differ():
         ro.recvs, **{f.name: getattr(ro.recvs, f.name)[keep] for f in dataclasses.fields(ro.recvs)}
     )
     with pytest.raises(ScheduleError, match=r"^round 0: \d+ sends but \d+ receives in all$"):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_messages_swapped_between_tensors():
@@ -237,7 +236,7 @@ def test_planted_messages_swapped_between_tensors():
         ScheduleError,
         match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_read_after_overwrite():
@@ -254,14 +253,14 @@ def test_planted_read_after_overwrite():
 
     sched, ro, cs = waves()
     assert [c.src_off.tolist() for c in cs] == [[32], [64], [96]]  # read before write
-    simulate(sched, old, new)
+    simulate_schedule(sched, old, new)
     sched, ro, cs = waves()
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + cs[::-1]
     with pytest.raises(
         ScheduleError,
         match=r"^round 0 rank 0 post op 1 copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
     # the three merged into one batch of independent copies depend on each other
     sched, ro, cs = waves()
     merged = Copies(
@@ -275,7 +274,7 @@ def test_planted_read_after_overwrite():
         ScheduleError,
         match=r"depends on another copy of an unordered batch|reads a row another copy of the unordered batch writes",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_duplicate_before_its_source_arrives():
@@ -290,7 +289,7 @@ def test_planted_duplicate_before_its_source_arrives():
     with pytest.raises(
         ScheduleError, match=r"reads rows \[0\] of buffer 0 as new, but they were not written yet$"
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_staging_beyond_the_bound():
@@ -300,13 +299,13 @@ def test_planted_staging_beyond_the_bound():
     with pytest.raises(
         ScheduleError, match=r"^rank 0: staging \d+ B \+ index \d+ B exceed the bound of \d+ B$"
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
     sched, old, new = _two_rank_case()
     m = sched.rank(1).rounds[0].recvs
     k = int(np.flatnonzero(m.buf == STAGING)[0])
     m.off[k] = sched.rank(1).staging_bytes  # past the end of the rank's staging
     with pytest.raises(ScheduleError, match=r"outside the rank's staging of \d+ B$"):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_live_write_before_the_exchange_in_transactional_mode():
@@ -319,7 +318,7 @@ def test_planted_live_write_before_the_exchange_in_transactional_mode():
         ScheduleError,
         match=r"^round 0 rank 0 pre op \d copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_send_reading_bytes_a_receive_writes():
@@ -330,7 +329,7 @@ def test_planted_send_reading_bytes_a_receive_writes():
     sched = build_schedule(
         plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False
     )
-    simulate(sched, old, new)
+    simulate_schedule(sched, old, new)
     sched = build_schedule(
         plan_rearrangement(old, new, 2), Layout.of([[16]], 2), transactional=False
     )
@@ -342,14 +341,14 @@ def test_planted_send_reading_bytes_a_receive_writes():
         ScheduleError,
         match=r"^round 0: receive 0 on rank 1 expects bytes at \(0, 16\) on rank 0, which sends \(0, 0\)$",
     ):
-        simulate(sched, old, new)  # the two ends disagree
+        simulate_schedule(sched, old, new)  # the two ends disagree
     sched._linked = False
     sched.rank(1).rounds[0].recvs.roff[0] = 0  # both ends agree on the racing bytes
     with pytest.raises(
         ScheduleError,
         match=r"^round 0 rank 0 send 0 to rank 1: reads bytes a receive of the same round writes$",
     ):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)
 
 
 def test_planted_misaligned_message():
@@ -357,4 +356,4 @@ def test_planted_misaligned_message():
     m = sched.rank(0).rounds[0].sends
     m.off[0] += 1
     with pytest.raises(ScheduleError, match=r"is not the start of a row$|expects bytes at|targets"):
-        simulate(sched, old, new)
+        simulate_schedule(sched, old, new)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.shuffle_util import run_gloo
+from tests.shuffle_util import run_gloo, torch_specs
 
 torch = pytest.importorskip("torch")
 
@@ -15,10 +15,6 @@ SPECS = [
     [((5, 3), "bfloat16"), ((2, 2), "int32")],
     [((40,), "float16"), ((7,), "uint8")],
 ]
-
-
-def _specs(names):
-    return [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in names]
 
 
 def _rearrange_job(
@@ -31,7 +27,7 @@ def _rearrange_job(
 
     rng = np.random.default_rng(seed)
     P = 3
-    specs = _specs(SPECS)
+    specs = torch_specs(torch, SPECS)
     num_logical = max(2, world * P - 2)
     old, new = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
     weights = make_weights(T, specs, old, rank, world, "cpu")
@@ -131,7 +127,7 @@ def _config_sweep_job(rank, world, seed, n):
     from tests.shuffle_util import check_weights, make_weights, random_maps
 
     rng = np.random.default_rng(seed)  # same stream on every rank: same configs and maps
-    specs = _specs(SPECS)
+    specs = torch_specs(torch, SPECS)
     P = 3
     num_logical = max(2, world * P - 1)
     cur, _ = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
@@ -177,7 +173,7 @@ def _lockstep_job(rank, world, seed):
 
     rng = np.random.default_rng(seed)
     P = 3
-    specs = _specs(SPECS)
+    specs = torch_specs(torch, SPECS)
     old, new = random_maps(rng, len(specs), world * P - 1, world, P)
     weights = make_weights(T, specs, old, rank, world, "cpu")
     # at most one message per round: every changed layer is a round of its own

@@ -1,9 +1,10 @@
-"""The few CUDA driver calls the communicator needs, through libcuda.so.1.
+"""The CUDA driver calls the package makes, through libcuda.so.1.
 
 Used to make a device current (the primary context, as the CUDA runtime and torch use), to
-find the device of a raw pointer, to copy device memory on a stream (the shuffler's row
-copies), and to wait on a stream with a timeout (an event polled beside
-ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
+find the device of a raw pointer and its allocation, to copy device memory on a stream (the
+shuffler's row copies, batched where the driver can), to share memory and events with peer
+processes (CUDA IPC, for the copy-engine transport), and to wait on a stream with a timeout
+(an event polled beside ncclCommGetAsyncError). Absent on machines without a GPU driver: :func:`driver`
 returns None there and callers skip what needs it.
 """
 
@@ -12,18 +13,14 @@ from __future__ import annotations
 import ctypes
 import threading
 
+from ..errors import CudaError
+
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_NOT_READY = 600
 _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 _CU_POINTER_ATTRIBUTE_RANGE_START_ADDR = 11
 _CU_POINTER_ATTRIBUTE_RANGE_SIZE = 12
 _CU_EVENT_DISABLE_TIMING = 2
-
-
-class CudaError(RuntimeError):
-    def __init__(self, msg: str, code: int = 0) -> None:
-        super().__init__(msg)
-        self.code = code
 
 
 class IpcHandle(ctypes.Structure):
@@ -127,9 +124,8 @@ class Driver:
                 f.restype = ctypes.c_int
                 f.argtypes = args
                 self._fn[name] = f
-        # hot path: the per-row copy and the kernel launch without argtypes (prebuilt ctypes
-        # values, no conversion checks)
-        self._memcpy = L["cuMemcpyDtoDAsync_v2"]
+        # hot path: the kernel launch without argtypes (prebuilt ctypes values, no conversion
+        # checks)
         self._launch = L["cuLaunchKernel"]
         self._launch.restype = ctypes.c_int
         self._check(self._fn["cuInit"](0), "cuInit")

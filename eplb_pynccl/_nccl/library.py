@@ -18,12 +18,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import math
 import os
 import threading
-import time
 from itertools import starmap as _starmap
 from pathlib import Path
 
+from .._deadline import poll_until
 from ..errors import NcclLibraryError, NcclTimeoutError, error_class
 from . import config as _config
 from .table import (
@@ -32,6 +33,7 @@ from .table import (
     NCCL_SUCCESS,
     UNIQUE_ID_BYTES,
     NcclUniqueIdStruct,
+    Result,
 )
 
 ENV_VAR = "EPLB_PYNCCL_NCCL_SO"
@@ -272,28 +274,21 @@ class NcclLibrary:
         # A non-blocking group usually completes within tens of microseconds (its launch runs
         # on an NCCL thread), far below the ~60 us a sleep lasts: yield the CPU for the first
         # ~200 us, then back off.
-        spin_until = time.perf_counter() + 2e-4
-        delay = 2e-5
-        while True:
+
+        def ready() -> bool:
             r = self.async_error(comm)
-            if r == NCCL_SUCCESS:
-                return
-            if r != NCCL_IN_PROGRESS:
+            if r != NCCL_SUCCESS and r != NCCL_IN_PROGRESS:
                 raise self.error(r, what, comm)
-            if deadline is not None and time.monotonic() > deadline:
-                self.comm_abort(comm)
-                raise NcclTimeoutError(
-                    8,
-                    "operation timed out",
-                    "",
-                    what,
-                    "the communicator was aborted",
-                )
-            if time.perf_counter() < spin_until:
-                time.sleep(0)
-                continue
-            time.sleep(delay)
-            delay = min(delay * 2, 2e-3)
+            return r == NCCL_SUCCESS
+
+        def timed_out():
+            self.comm_abort(comm)
+            raise NcclTimeoutError(
+                Result.ncclTimeout, "operation timed out", "", what, "the communicator was aborted"
+            )
+
+        at = math.inf if deadline is None else deadline
+        poll_until(ready, at, timed_out, cap=2e-3, spin=2e-4)
 
     def comm_int(self, name: str, comm: int) -> int:
         r = ctypes.c_int()

@@ -9,6 +9,7 @@ The ctypes argtypes/restype are derived from the C type names by :data:`CTYPES`.
 from __future__ import annotations
 
 import ctypes
+import enum
 from typing import NamedTuple
 
 
@@ -161,39 +162,103 @@ FUNCTIONS: tuple[Function, ...] = (
     _f("ncclMemFree", "ncclResult_t", "void* ptr"),
 )
 
-FUNCTIONS_BY_NAME = {f.name: f for f in FUNCTIONS}
+# ---- NCCL's vocabulary, as this package relies on it (checked against both headers by the
+# tests): every code, name, size and version is written here once.
 
-# Enums, as this package relies on them (checked against both headers by the tests).
-RESULT = {
-    "ncclSuccess": 0,
-    "ncclUnhandledCudaError": 1,
-    "ncclSystemError": 2,
-    "ncclInternalError": 3,
-    "ncclInvalidArgument": 4,
-    "ncclInvalidUsage": 5,
-    "ncclRemoteError": 6,
-    "ncclInProgress": 7,
-    "ncclTimeout": 8,
-}
-DATATYPE = {
-    "ncclInt8": 0,
-    "ncclUint8": 1,
-    "ncclInt32": 2,
-    "ncclUint32": 3,
-    "ncclInt64": 4,
-    "ncclUint64": 5,
-    "ncclFloat16": 6,
-    "ncclFloat32": 7,
-    "ncclFloat64": 8,
-    "ncclBfloat16": 9,
-    "ncclFloat8e4m3": 10,
-    "ncclFloat8e5m2": 11,
-}
-REDOP = {"ncclSum": 0, "ncclProd": 1, "ncclMax": 2, "ncclMin": 3, "ncclAvg": 4}
 
-# NCCL versions that first had a datatype (older libraries lack it: such data moves as bytes
-# in send/recv, and collectives on it are refused).
-DATATYPE_SINCE = {"ncclFloat8e4m3": (2, 24, 0), "ncclFloat8e5m2": (2, 24, 0)}
+class Result(enum.IntEnum):
+    """``ncclResult_t``; ``exception`` is the :class:`~eplb_pynccl.errors.NcclError` subclass
+    an error code raises as."""
 
-NCCL_SUCCESS = 0
-NCCL_IN_PROGRESS = 7
+    def __new__(cls, code: int, exception_name: str):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.exception_name = exception_name
+        return member
+
+    ncclSuccess = 0, ""
+    ncclUnhandledCudaError = 1, "NcclSystemError"
+    ncclSystemError = 2, "NcclSystemError"
+    ncclInternalError = 3, "NcclInternalError"
+    ncclInvalidArgument = 4, "NcclInvalidError"
+    ncclInvalidUsage = 5, "NcclInvalidError"
+    ncclRemoteError = 6, "NcclRemoteError"
+    ncclInProgress = 7, "NcclError"
+    ncclTimeout = 8, "NcclTimeoutError"
+
+    @property
+    def exception(self) -> type:
+        from .. import errors  # errors imports this module: looked up on use
+
+        return getattr(errors, self.exception_name or "NcclError")
+
+
+class Dtype(enum.IntEnum):
+    """``ncclDataType_t`` with its element size, its name in torch / numpy / cupy spelling,
+    its DLPack ``(type code, bits)`` where DLPack has it, and the NCCL version that first had
+    it (None: every supported version). Older libraries lack a newer type: such data moves
+    as bytes in send/recv, and collectives on it are refused."""
+
+    def __new__(cls, code: int, size: int, array_name: str, dlpack, since):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.size = size
+        member.array_name = array_name
+        member.dlpack = dlpack
+        member.since = since
+        return member
+
+    ncclInt8 = 0, 1, "int8", (0, 8), None
+    ncclUint8 = 1, 1, "uint8", (1, 8), None
+    ncclInt32 = 2, 4, "int32", (0, 32), None
+    ncclUint32 = 3, 4, "uint32", (1, 32), None
+    ncclInt64 = 4, 8, "int64", (0, 64), None
+    ncclUint64 = 5, 8, "uint64", (1, 64), None
+    ncclFloat16 = 6, 2, "float16", (2, 16), None
+    ncclFloat32 = 7, 4, "float32", (2, 32), None
+    ncclFloat64 = 8, 8, "float64", (2, 64), None
+    ncclBfloat16 = 9, 2, "bfloat16", (4, 16), None
+    ncclFloat8e4m3 = 10, 1, "float8_e4m3fn", None, (2, 24, 0)
+    ncclFloat8e5m2 = 11, 1, "float8_e5m2", None, (2, 24, 0)
+
+    @classmethod
+    def by_array_name(cls) -> dict:
+        """``{"float32": Dtype.ncclFloat32, ...}`` (torch / numpy / cupy spelling)."""
+        return _DTYPE_BY_ARRAY_NAME
+
+    @classmethod
+    def by_dlpack(cls) -> dict:
+        """``{(DLDataTypeCode, bits): Dtype}`` for the types DLPack names."""
+        return _DTYPE_BY_DLPACK
+
+
+_DTYPE_BY_ARRAY_NAME = {d.array_name: d for d in Dtype}
+_DTYPE_BY_DLPACK = {d.dlpack: d for d in Dtype if d.dlpack is not None}
+
+
+class RedOp(enum.IntEnum):
+    """``ncclRedOp_t``; ``short`` is the name :meth:`Communicator.all_reduce` takes."""
+
+    def __new__(cls, code: int, short: str):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.short = short
+        return member
+
+    ncclSum = 0, "sum"
+    ncclProd = 1, "prod"
+    ncclMax = 2, "max"
+    ncclMin = 3, "min"
+    ncclAvg = 4, "avg"
+
+    @classmethod
+    def by_short(cls) -> dict:
+        """``{"sum": RedOp.ncclSum, ...}``."""
+        return _REDOP_BY_SHORT
+
+
+_REDOP_BY_SHORT = {r.short: r for r in RedOp}
+
+# plain ints for the hot paths' comparisons
+NCCL_SUCCESS = int(Result.ncclSuccess)
+NCCL_IN_PROGRESS = int(Result.ncclInProgress)

@@ -19,9 +19,10 @@ execute) are pure and run without a GPU; :class:`IpcPath` drives the transport.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import numpy as np
+
+from .._deadline import Deadline, poll_until
 
 __all__ = ["IpcPath", "WeightRows", "plan_pulls"]
 
@@ -259,22 +260,21 @@ class IpcPath:
         )
         rnd = t.prepare_round(out, [(p[0], (p[3], p[4])) for p in pulls], remote=(None, remote))
         timeout = t.timeout
-        deadline = time.monotonic() + timeout
-        rnd.launch(stream, deadline)
-        delay = 1e-5
-        while not rnd.done():
-            if time.monotonic() > deadline:
-                unready, undone = rnd.waiting_on()
-                why = []
-                if unready:
-                    why.append(f"ranks {unready} never made their rows ready")
-                if undone:
-                    why.append(f"ranks {undone} never finished reading this rank's rows")
-                msg = (
-                    f"rank {me}: the IPC round of layer {layer} did not complete within "
-                    f"{timeout:.3g} s ({'; '.join(why) or 'its own copies did not finish'})"
-                )
-                t.abort(msg)
-                raise TimeoutError(msg + "; the communicator was aborted")
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+        deadline = Deadline(timeout)
+        rnd.launch(stream, deadline.at)
+
+        def timed_out():
+            unready, undone = rnd.waiting_on()
+            why = []
+            if unready:
+                why.append(f"ranks {unready} never made their rows ready")
+            if undone:
+                why.append(f"ranks {undone} never finished reading this rank's rows")
+            msg = (
+                f"rank {me}: the IPC round of layer {layer} did not complete within "
+                f"{timeout:.3g} s ({'; '.join(why) or 'its own copies did not finish'})"
+            )
+            t.abort(msg)
+            raise TimeoutError(msg + "; the communicator was aborted")
+
+        poll_until(rnd.done, deadline, timed_out)

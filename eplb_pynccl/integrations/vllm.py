@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import device_index, to_numpy
+from .._nccl.table import UNIQUE_ID_BYTES
 from ..communicator import Communicator, UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
 
@@ -61,7 +63,6 @@ POLICY = "eplb_pynccl"
 TESTED_VLLM_VERSIONS = ("0.33.0",)
 LAYER_LOOP_ENV = "EPLB_PYNCCL_VLLM_LAYER_LOOP"
 
-_UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES (part of NCCL's ABI)
 _ORIGINAL = "_eplb_pynccl_original"  # attribute of our wrappers: the vLLM function wrapped
 _log = logging.getLogger(__name__)
 
@@ -390,7 +391,7 @@ def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
 
     rows = WeightRows(expert_weights)
     dev = rows.tensors[0].device
-    device = dev.index if dev.index is not None else torch.cuda.current_device()
+    device = device_index(dev)
     local = rows.problems()
     local += [
         f"expert_weights[{layer}][{i}] is on {t.device}, expert_weights[0][0] on {dev}"
@@ -431,7 +432,7 @@ def _share_unique_id(torch, cpu_group) -> UniqueId:
     """EP rank 0 makes a NCCL unique id and broadcasts its 128 bytes over the gloo group; a
     failure there reaches every rank as an error instead of a wait."""
     dist = torch.distributed
-    buf = torch.zeros(1 + _UID_BYTES, dtype=torch.uint8)
+    buf = torch.zeros(1 + UNIQUE_ID_BYTES, dtype=torch.uint8)
     err = None
     if dist.get_rank(cpu_group) == 0:
         try:
@@ -518,9 +519,7 @@ def create_communicator(
                 "pass's NCCL kernels); set eplb_config.use_async=false"
             )
         dist = torch.distributed
-        device = (
-            first.device.index if first.device.index is not None else torch.cuda.current_device()
-        )
+        device = device_index(first.device)
         uid = _share_unique_id(torch, cpu_group)
         rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
         comm = Communicator(
@@ -538,13 +537,6 @@ def create_communicator(
 
 
 # ---- the layer loop ------------------------------------------------------------------------
-
-
-def _host_map(m) -> np.ndarray:
-    torch = _torch()
-    if isinstance(m, torch.Tensor):
-        m = m.detach().cpu().numpy()
-    return np.asarray(m)
 
 
 def _apply_rank_mapping(old: np.ndarray, new: np.ndarray, rank_mapping: dict, ep_size: int):
@@ -642,8 +634,9 @@ def rearrange_expert_weights_inplace(
             torch.empty(sh.staging_bytes, dtype=torch.uint8, device=sh.device)
         return None
     with _sync_allowed():
-        old = _host_map(old_global_expert_indices).astype(np.int64, copy=False)
-        new = _host_map(new_global_expert_indices).astype(np.int64, copy=False)
+        old = to_numpy(old_global_expert_indices, "old_global_expert_indices")
+        new = to_numpy(new_global_expert_indices, "new_global_expert_indices")
+        old, new = old.astype(np.int64, copy=False), new.astype(np.int64, copy=False)
         if rank_mapping is not None:
             old, new = _apply_rank_mapping(old, new, rank_mapping, ep_group.size())
         return sh.rearrange(old, new)
@@ -673,10 +666,10 @@ class _PolicyImpl:
                 f"the {POLICY!r} EPLB policy needs eplb_pynccl.rebalance (eplb_pynccl.placement), "
                 f"which this install lacks: {e}"
             ) from e
-        loads = _host_map(weight).astype(np.float64)
+        loads = to_numpy(weight, "weight").astype(np.float64)
         old = None
         if old_global_expert_indices is not None:
-            o = _host_map(old_global_expert_indices).astype(np.int64)
+            o = to_numpy(old_global_expert_indices, "old_global_expert_indices").astype(np.int64)
             # a resize (elastic EP) changes num_replicas, and a map that lost an expert is no
             # placement of these experts: then there is nothing to keep, DeepSeek's algorithm
             if o.shape == (loads.shape[0], num_replicas) and all(
