@@ -94,7 +94,9 @@ def _peer_failure_job(ctx, outdir, timeout):
     comm = _init(ctx, blocking=False, timeout=timeout)
     n, rank = ctx.world_size, ctx.rank
     layers, P = 6, 8
-    from bench.eplb import _check, _fill, make_maps
+    from bench.common import check as _check
+    from bench.common import fill as _fill
+    from bench.common import make_maps
 
     old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
     dev = torch.device("cuda", ctx.device)

@@ -162,7 +162,9 @@ def _ipc_failure_job(ctx, outdir, timeout):
     import torch
 
     import eplb_pynccl as ep
-    from bench.eplb import _check, _fill, make_maps
+    from bench.common import check as _check
+    from bench.common import fill as _fill
+    from bench.common import make_maps
 
     t = _transport(ctx, timeout=timeout)
     n, rank = ctx.world_size, ctx.rank
