@@ -36,10 +36,21 @@ import time
 
 import numpy as np
 
+from bench.common import (
+    DSV3,
+    DSV3_CPU,
+    QWEN3,
+    QWEN3_CPU,
+    MiB,
+    check,
+    fill,
+    layers_of,
+    listed,
+    make_maps,
+    make_weights,
+)
+from bench.eplb_sequence import SEQ_CASES, run_sequence_cases
 from bench.harness import BenchContext, PartSkipped, sig
-
-MiB = 1 << 20
-
 
 CASES = ("dsv3", "qwen3", "dsv3-cpu", "qwen3-cpu", "dsv3-seq", "dsv3-seq-cpu")
 # every method's name; which of them run depends on the mode (GPU: NCCL ones, CPU: gloo)
@@ -54,148 +65,31 @@ METHODS = (
 )
 
 
-def layers_of(a, model: str, cpu: bool) -> int:
-    """--eplb-layers-<model> when given (every case of that model, CPU ones included), else
-    the case's default: 4 (dsv3) or 8 (qwen3) layers on GPUs, 2 for the CPU cases."""
-    v = getattr(a, f"eplb_layers_{model}", None)
-    if v is not None:
-        return int(v)
-    return 2 if cpu else {"dsv3": 4, "qwen": 8}[model]
+def wanted_cases(ctx: BenchContext) -> list[str]:
+    """--eplb-cases, or the mode's default: dsv3, qwen3, dsv3-seq (their -cpu versions on CPU)."""
+    cpu = ["dsv3-cpu", "qwen3-cpu", "dsv3-seq-cpu"]
+    return listed(ctx.args, "eplb_cases") or (["dsv3", "qwen3", "dsv3-seq"] if ctx.is_gpu else cpu)
+
+
+def case_shape(case: str, n: int, args):
+    """(layout, num_logical, num_physical, layers) of a whole-rearrangement case at ``n`` ranks."""
+    if case == "dsv3":
+        return DSV3, 256, 288, layers_of(args, "dsv3", False)
+    if case == "qwen3":
+        return QWEN3, 128, -(-int(128 * 1.125) // n) * n, layers_of(args, "qwen", False)
+    if case == "dsv3-cpu":
+        return DSV3_CPU, 32, 32 + 4 * n, layers_of(args, "dsv3", True)
+    if case == "qwen3-cpu":
+        return QWEN3_CPU, 16, 16 + 2 * n, layers_of(args, "qwen", True)
+    raise ValueError(f"unknown eplb case {case!r} ({', '.join(CASES)})")
 
 
 def _cases(ctx: BenchContext):
-    a = ctx.args
-    wanted = [c for c in (getattr(a, "eplb_cases", "") or "").split(",") if c]
-    n = ctx.world_size
-    if not wanted:
-        wanted = (
-            ["dsv3", "qwen3", "dsv3-seq"]
-            if ctx.is_gpu
-            else ["dsv3-cpu", "qwen3-cpu", "dsv3-seq-cpu"]
-        )
-    out = []
-    for c in wanted:
-        if c in ("dsv3-seq", "dsv3-seq-cpu"):
-            continue  # bench/eplb_sequence.py
-        if c == "dsv3":
-            spec = [
-                ((4096, 7168), "float8_e4m3fn"),
-                ((7168, 2048), "float8_e4m3fn"),
-                ((32, 56), "float32"),
-                ((56, 16), "float32"),
-            ]
-            out.append((c, spec, 256, 288, layers_of(a, "dsv3", False)))
-        elif c == "qwen3":
-            phys = -(-int(128 * 1.125) // n) * n
-            out.append(
-                (
-                    c,
-                    [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")],
-                    128,
-                    phys,
-                    layers_of(a, "qwen", False),
-                )
-            )
-        elif c == "dsv3-cpu":
-            spec = [
-                ((64, 112), "float8_e4m3fn"),
-                ((112, 32), "float8_e4m3fn"),
-                ((2, 4), "float32"),
-                ((4, 2), "float32"),
-            ]
-            out.append((c, spec, 32, 32 + 4 * n, layers_of(a, "dsv3", True)))
-        elif c == "qwen3-cpu":
-            out.append(
-                (
-                    c,
-                    [((48, 64), "bfloat16"), ((64, 24), "bfloat16")],
-                    16,
-                    16 + 2 * n,
-                    layers_of(a, "qwen", True),
-                )
-            )
-        else:
-            raise ValueError(
-                f"unknown eplb case {c!r} (dsv3, qwen3, dsv3-cpu, qwen3-cpu, dsv3-seq, dsv3-seq-cpu)"
-            )
-    return out
-
-
-# ---- placements -----------------------------------------------------------------------------
-
-
-def greedy_placement(loads: np.ndarray, num_physical: int, ep: int) -> np.ndarray:
-    """Slot -> expert: replicate the hottest experts, then place heaviest replicas first on the
-    least loaded rank that has room (and does not hold that expert yet, where possible)."""
-    num_logical = len(loads)
-    reps = np.ones(num_logical, dtype=np.int64)
-    for _ in range(num_physical - num_logical):
-        reps[np.argmax(loads / reps)] += 1
-    per = num_physical // ep
-    items = sorted(
-        ((loads[e] / reps[e], e) for e in range(num_logical) for _ in range(reps[e])),
-        key=lambda x: (-x[0], x[1]),
-    )
-    rank_load = np.zeros(ep)
-    rank_rows: list[list[int]] = [[] for _ in range(ep)]
-    for load, e in items:
-        order = np.argsort(rank_load, kind="stable")
-        choice = None
-        for r in order:
-            if len(rank_rows[r]) < per and e not in rank_rows[r]:
-                choice = r
-                break
-        if choice is None:
-            choice = next(r for r in order if len(rank_rows[r]) < per)
-        rank_rows[choice].append(e)
-        rank_load[choice] += load
-    return np.array([e for rows in rank_rows for e in rows], dtype=np.int64)
-
-
-def make_maps(seed: int, layers: int, num_logical: int, num_physical: int, ep: int):
-    rng = np.random.default_rng(seed)
-    old = np.empty((layers, num_physical), dtype=np.int64)
-    new = np.empty_like(old)
-    ranks = np.arange(1, num_logical + 1)
-    for layer in range(layers):
-        for m in (old, new):
-            loads = (1.0 / ranks**1.5)[rng.permutation(num_logical)] * 1e6
-            m[layer] = greedy_placement(loads, num_physical, ep)
-    return old, new
-
-
-# ---- weights: a per-(layer, expert, tensor) byte pattern made and checked on the device -------
-
-
-def _pattern(torch, n: int, layer: int, expert: int, index: int, device):
-    h = (layer * 1_000_003 + expert * 7919 + index * 104_729 + 17) & 0x7FFFFFFF
-    mul, add = (h % 251) * 2 + 1, h % 256
-    idx = torch.arange(n, device=device, dtype=torch.int32)
-    return ((idx * mul + add) & 0xFF).to(torch.uint8)
-
-
-def _rows(torch, weights, amap, rank, P, first_layer):
-    """(byte row, layer, expert, tensor index) for every row; ``weights[k]`` is layer
-    ``first_layer + k`` and ``amap[k]`` its map."""
-    for k, ws in enumerate(weights):
-        for i, t in enumerate(ws):
-            v = t.view(torch.uint8).view(P, -1)
-            for r in range(P):
-                yield v[r], first_layer + k, int(amap[k, rank * P + r]), i
-
-
-def _fill(torch, weights, amap, rank, P, first_layer=0):
-    """Write each row's expert pattern (empty slots get expert 0's)."""
-    for row, layer, e, i in _rows(torch, weights, amap, rank, P, first_layer):
-        row.copy_(_pattern(torch, row.numel(), layer, max(e, 0), i, row.device))
-
-
-def _check(torch, weights, amap, rank, P, first_layer=0) -> bool:
-    """Whether every non-empty row holds its expert's pattern."""
-    return all(
-        e < 0 or torch.equal(row, _pattern(torch, row.numel(), layer, e, i, row.device))
-        for row, layer, e, i in _rows(torch, weights, amap, rank, P, first_layer)
-    )
+    return [
+        (c, *case_shape(c, ctx.world_size, ctx.args))
+        for c in wanted_cases(ctx)
+        if c not in SEQ_CASES  # bench/eplb_sequence.py
+    ]
 
 
 # ---- the vLLM-style baseline ------------------------------------------------------------------
@@ -585,163 +479,214 @@ def run_p2p_ctas(ctx: BenchContext):
 
 
 def run_eplb(ctx: BenchContext):
+    """The part: every whole-rearrangement case, then the sequence cases."""
+    if ctx.world_size < 2:
+        raise PartSkipped("eplb needs at least 2 ranks")
+    rows = []
+    for case in _cases(ctx):
+        rows += _run_case(ctx, *case)
+    return rows + run_sequence_cases(ctx, wanted_cases(ctx))
+
+
+class _Case:
+    """One case's set-up on this rank: maps, weights, plan and the sizes its rows report."""
+
+    def __init__(self, ctx: BenchContext, case, spec, num_logical, num_physical, layers):
+        import torch
+
+        import eplb_pynccl as ep
+
+        n = ctx.world_size
+        if num_physical % n:
+            raise PartSkipped(f"{case}: {num_physical} slots do not divide over {n} ranks")
+        self.P = P = num_physical // n
+        self.layers = layers
+        self.seed = ctx.args.seed
+        self.old, self.new = make_maps(self.seed, layers, num_logical, num_physical, n)
+        self.weights = make_weights(torch, spec, layers, P, ctx.device)
+        self.row_bytes = sum(t[0].nbytes for t in self.weights[0])
+        t0 = time.perf_counter()
+        self.plan = ep.plan_rearrangement(self.old, self.new, n)
+        self.plan_ms = (time.perf_counter() - t0) * 1e3
+        self.max_recv = int(self.plan.received_per_rank().max()) * self.row_bytes
+        self.changed = float(self.plan.changed.mean())
+        self.label = f"{case} ep{n} {layers}L"
+
+
+def _selected_methods(ctx: BenchContext, ep, c: _Case):
+    """The methods of this mode, narrowed to --eplb-methods (none left: a ValueError)."""
+    methods = _methods(ctx, ep, c.row_bytes * c.P)
+    variants = listed(ctx.args, "eplb_methods")
+    if not variants:
+        return methods
+    chosen = [m for m in methods if m[0] in variants]
+    if not chosen:
+        raise ValueError(
+            f"--eplb-methods {','.join(variants)}: none of them runs in "
+            f"{'GPU' if ctx.is_gpu else 'CPU'} mode here (these do: "
+            f"{', '.join(m[0] for m in methods)})"
+        )
+    return chosen
+
+
+def _run_case(ctx: BenchContext, *case) -> list[dict]:
     import torch
 
     import eplb_pynccl as ep
 
-    n, rank = ctx.world_size, ctx.rank
-    if n < 2:
-        raise PartSkipped("eplb needs at least 2 ranks")
+    c = _Case(ctx, *case)
     repeats = int(getattr(ctx.args, "eplb_repeats", 5) or 5)
-    variants = [v for v in (getattr(ctx.args, "eplb_methods", "") or "").split(",") if v]
-    dev = ctx.device
-    rows = []
-    for case, spec, num_logical, num_physical, layers in _cases(ctx):
-        if num_physical % n:
-            raise PartSkipped(f"{case}: {num_physical} slots do not divide over {n} ranks")
-        P = num_physical // n
-        seed = ctx.args.seed
-        old, new = make_maps(seed, layers, num_logical, num_physical, n)
-        tspec = [(shape, getattr(torch, dt)) for shape, dt in spec]
-        weights = [
-            [torch.empty((P, *shape), dtype=dt, device=dev) for shape, dt in tspec]
-            for _ in range(layers)
-        ]
-        row_bytes = sum(t[0].nbytes for t in weights[0])
-        t0 = time.perf_counter()
-        plan = ep.plan_rearrangement(old, new, n)
-        plan_ms = (time.perf_counter() - t0) * 1e3
-        recv_rows = plan.received_per_rank()
-        max_recv = int(recv_rows.max()) * row_bytes
-        changed = float(plan.changed.mean())
-        label = f"{case} ep{n} {layers}L"
-        methods = _methods(ctx, ep, row_bytes * P)
-
-        if variants:
-            methods = [m for m in methods if m[0] in variants]
-            if not methods:
-                raise ValueError(
-                    f"--eplb-methods {','.join(variants)}: none of them runs in "
-                    f"{'GPU' if ctx.is_gpu else 'CPU'} mode here (these do: "
-                    f"{', '.join(m[0] for m in _methods(ctx, ep, row_bytes * P))})"
-                )
-        results = {}
-        for name, make in methods:
-            shuffler = make(weights) if make is not None else None
-            times, ok, stats = [], True, None
-            for rep in range(repeats + 1):  # the first is warm-up (connections, allocator)
-                _fill(torch, weights, old, rank, P)
-                ctx.sync()
-                if ctx.is_gpu:
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base_mem = torch.cuda.memory_allocated(dev)
-                ctx.barrier()
-                t0 = time.perf_counter()
-                if shuffler is not None:
-                    stats = shuffler.rearrange(old, new)
-                else:
-                    vllm_style(torch, weights, plan, rank)
-                ctx.sync()
-                dt = time.perf_counter() - t0
-                extra = (torch.cuda.max_memory_allocated(dev) - base_mem) if ctx.is_gpu else 0
-                good = _check(torch, weights, new, rank, P)
-                ok = ok and good
-                if rep:
-                    times.append((dt, extra))
-            gpu_ms = {}
-            if shuffler is not None and ctx.is_gpu:
-                # one more (untimed) run with CUDA events per phase: where the GPU time goes
-                shuffler.profile = True
-                _fill(torch, weights, old, rank, P)
-                ctx.sync()
-                ctx.barrier()
-                gpu_ms = shuffler.rearrange(old, new).gpu_ms
-                ok = ok and _check(torch, weights, new, rank, P)
-            del shuffler
-            every = ctx.allgather(
-                (
-                    times,
-                    ok,
-                    None
-                    if stats is None
-                    else (
-                        stats.messages,
-                        stats.rounds,
-                        stats.peak_extra_bytes,
-                        stats.launch_seconds,
-                        stats.wait_seconds,
-                        stats.apply_seconds,
-                        stats.setup_seconds,
-                        gpu_ms,
-                    ),
-                )
-            )
-            slow = [max(every[r][0][i][0] for r in range(n)) for i in range(repeats)]
-            peak = max(every[r][0][i][1] for r in range(n) for i in range(repeats))
-            all_ok = all(e[1] for e in every)
-            med = float(np.median(slow)) * 1e3
-            row = {
-                "case": label,
-                "method": name,
-                "world_size": n,
-                "layers": layers,
-                "time_ms": round(med, 3),
-                "time_ms_min": round(min(slow) * 1e3, 3),
-                "time_ms_max": round(max(slow) * 1e3, 3),
-                "gbps_per_gpu": sig(max_recv / (med * 1e-3) / 1e9),
-                "bytes_max_per_gpu": max_recv,
-                "peak_extra_mib": sig(peak / MiB),
-                "layer_mib_per_gpu": sig(row_bytes * P / MiB),
-                "repeats": repeats,
-                "check": "ok" if all_ok else "FAIL",
-                "seed": seed,
-                "changed_frac": round(changed, 3),
-                "planner_ms": round(plan_ms, 2),
-            }
-            if every[0][2] is not None:
-                row["messages_max"] = max(e[2][0] for e in every)
-                row["rounds"] = every[0][2][1]
-                row["host_launch_ms"] = round(max(e[2][3] for e in every) * 1e3, 2)
-                row["host_wait_ms"] = round(max(e[2][4] for e in every) * 1e3, 2)
-                row["host_apply_ms"] = round(max(e[2][5] for e in every) * 1e3, 2)
-                row["host_setup_ms"] = round(max(e[2][6] for e in every) * 1e3, 2)
-                if every[0][2][7]:
-                    # slowest rank per phase (profiled run)
-                    row["gpu_ms"] = " / ".join(
-                        f"{k} {max(e[2][7][k] for e in every):.1f}" for k in every[0][2][7]
-                    )
-            results[name] = med
-            rows.append(row)
-        base = results.get("vllm-style")
-        for row in rows:
-            if row["case"] == label and base and row["method"] != "vllm-style":
-                row["speedup"] = round(base / row["time_ms"], 2)
-                row["note"] = "speedup vs vllm-style"
-        bw, at = _floor_bw(ctx, max_recv / max(n - 1, 1) * n / layers)
-        if bw:
-            floor_ms = max_recv / (bw * 1e9) * 1e3
-            rows.append(
-                {
-                    "case": label,
-                    "method": "link-floor",
-                    "world_size": n,
-                    "layers": layers,
-                    "time_ms": round(floor_ms, 3),
-                    "gbps_per_gpu": bw,
-                    "bytes_max_per_gpu": max_recv,
-                    "reference": True,
-                    "note": f"max bytes received / eplb_pynccl alltoall busbw at {at} B per rank",
-                }
-            )
-            for row in rows:
-                if row["case"] == label and row["method"].startswith("eplb_pynccl"):
-                    row["floor_frac"] = round(floor_ms / row["time_ms"], 3)
-        del weights
-        if ctx.is_gpu:
-            torch.cuda.empty_cache()
-        ctx.log(f"eplb {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results.items()))
-    from bench.eplb_sequence import run_sequence_cases
-
-    wanted = [c for c in (getattr(ctx.args, "eplb_cases", "") or "").split(",") if c]
-    rows += run_sequence_cases(ctx, wanted or (["dsv3-seq"] if ctx.is_gpu else ["dsv3-seq-cpu"]))
+    rows, results = [], {}
+    for name, make in _selected_methods(ctx, ep, c):
+        every = ctx.allgather(_time_method(ctx, torch, c, make, repeats))
+        row = _method_row(c, name, every, repeats, ctx.world_size)
+        results[name] = row["time_ms_exact"]
+        del row["time_ms_exact"]
+        rows.append(row)
+    _add_speedups(rows, results.get("vllm-style"))
+    rows += _floor_rows(ctx, c, rows)
+    del c.weights
+    if ctx.is_gpu:
+        torch.cuda.empty_cache()
+    ctx.log(f"eplb {c.label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results.items()))
     return rows
+
+
+def _timed_rearrangement(ctx: BenchContext, torch, c: _Case, shuffler):
+    """One rearrangement from a barrier: (seconds, extra device bytes, stats, exact)."""
+    dev = ctx.device
+    fill(torch, c.weights, c.old, ctx.rank, c.P)
+    ctx.sync()
+    if ctx.is_gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_mem = torch.cuda.memory_allocated(dev)
+    ctx.barrier()
+    t0 = time.perf_counter()
+    stats = None
+    if shuffler is not None:
+        stats = shuffler.rearrange(c.old, c.new)
+    else:
+        vllm_style(torch, c.weights, c.plan, ctx.rank)
+    ctx.sync()
+    dt = time.perf_counter() - t0
+    extra = (torch.cuda.max_memory_allocated(dev) - base_mem) if ctx.is_gpu else 0
+    return dt, extra, stats, check(torch, c.weights, c.new, ctx.rank, c.P)
+
+
+def _profiled_gpu_ms(ctx: BenchContext, torch, c: _Case, shuffler):
+    """One more (untimed) run with CUDA events per phase: (gpu ms per phase, exact)."""
+    shuffler.profile = True
+    fill(torch, c.weights, c.old, ctx.rank, c.P)
+    ctx.sync()
+    ctx.barrier()
+    gpu_ms = shuffler.rearrange(c.old, c.new).gpu_ms
+    return gpu_ms, check(torch, c.weights, c.new, ctx.rank, c.P)
+
+
+def _time_method(ctx: BenchContext, torch, c: _Case, make, repeats: int):
+    """This rank's (times [(s, extra bytes)], exact, stats summary or None) of one method;
+    the first of ``repeats + 1`` runs is warm-up (connections, allocator)."""
+    shuffler = make(c.weights) if make is not None else None
+    times, ok, stats = [], True, None
+    for rep in range(repeats + 1):
+        dt, extra, stats, good = _timed_rearrangement(ctx, torch, c, shuffler)
+        ok = ok and good
+        if rep:
+            times.append((dt, extra))
+    gpu_ms = {}
+    if shuffler is not None and ctx.is_gpu:
+        gpu_ms, good = _profiled_gpu_ms(ctx, torch, c, shuffler)
+        ok = ok and good
+    del shuffler
+    if stats is None:
+        return times, ok, None
+    summary = (
+        stats.messages,
+        stats.rounds,
+        stats.peak_extra_bytes,
+        stats.launch_seconds,
+        stats.wait_seconds,
+        stats.apply_seconds,
+        stats.setup_seconds,
+        gpu_ms,
+    )
+    return times, ok, summary
+
+
+def _method_row(c: _Case, name: str, every, repeats: int, n: int) -> dict:
+    """The row of one method from every rank's :func:`_time_method` (slowest rank per repeat)."""
+    slow = [max(every[r][0][i][0] for r in range(n)) for i in range(repeats)]
+    peak = max(every[r][0][i][1] for r in range(n) for i in range(repeats))
+    med = float(np.median(slow)) * 1e3
+    row = {
+        "case": c.label,
+        "method": name,
+        "world_size": n,
+        "layers": c.layers,
+        "time_ms": round(med, 3),
+        "time_ms_min": round(min(slow) * 1e3, 3),
+        "time_ms_max": round(max(slow) * 1e3, 3),
+        "gbps_per_gpu": sig(c.max_recv / (med * 1e-3) / 1e9),
+        "bytes_max_per_gpu": c.max_recv,
+        "peak_extra_mib": sig(peak / MiB),
+        "layer_mib_per_gpu": sig(c.row_bytes * c.P / MiB),
+        "repeats": repeats,
+        "check": "ok" if all(e[1] for e in every) else "FAIL",
+        "seed": c.seed,
+        "changed_frac": round(c.changed, 3),
+        "planner_ms": round(c.plan_ms, 2),
+        "time_ms_exact": med,
+    }
+    if every[0][2] is not None:
+        row.update(_host_columns(every))
+    return row
+
+
+def _host_columns(every) -> dict:
+    """Messages, rounds and host time per phase: the slowest rank's."""
+    out = {
+        "messages_max": max(e[2][0] for e in every),
+        "rounds": every[0][2][1],
+        "host_launch_ms": round(max(e[2][3] for e in every) * 1e3, 2),
+        "host_wait_ms": round(max(e[2][4] for e in every) * 1e3, 2),
+        "host_apply_ms": round(max(e[2][5] for e in every) * 1e3, 2),
+        "host_setup_ms": round(max(e[2][6] for e in every) * 1e3, 2),
+    }
+    if every[0][2][7]:
+        # slowest rank per phase (profiled run)
+        out["gpu_ms"] = " / ".join(
+            f"{k} {max(e[2][7][k] for e in every):.1f}" for k in every[0][2][7]
+        )
+    return out
+
+
+def _add_speedups(rows: list[dict], base) -> None:
+    for row in rows:
+        if base and row["method"] != "vllm-style":
+            row["speedup"] = round(base / row["time_ms"], 2)
+            row["note"] = "speedup vs vllm-style"
+
+
+def _floor_rows(ctx: BenchContext, c: _Case, rows: list[dict]) -> list[dict]:
+    """The link-floor row (when the alltoall part ran), and each eplb_pynccl row's share of it."""
+    n = ctx.world_size
+    bw, at = _floor_bw(ctx, c.max_recv / max(n - 1, 1) * n / c.layers)
+    if not bw:
+        return []
+    floor_ms = c.max_recv / (bw * 1e9) * 1e3
+    for row in rows:
+        if row["method"].startswith("eplb_pynccl"):
+            row["floor_frac"] = round(floor_ms / row["time_ms"], 3)
+    return [
+        {
+            "case": c.label,
+            "method": "link-floor",
+            "world_size": n,
+            "layers": c.layers,
+            "time_ms": round(floor_ms, 3),
+            "gbps_per_gpu": bw,
+            "bytes_max_per_gpu": c.max_recv,
+            "reference": True,
+            "note": f"max bytes received / eplb_pynccl alltoall busbw at {at} B per rank",
+        }
+    ]

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.eplb import _check, _fill, layers_of
+from bench.common import DSV3, DSV3_CPU, check, fill, layers_of, make_weights
 from bench.harness import BenchContext
 from bench.loadgen import load_sequence
 
@@ -32,22 +32,11 @@ POLICIES = ("deepseek", "deepseek_relabelled", "migration_aware")
 
 
 def _spec(case: str, ctx: BenchContext):
+    """(layout, num_logical, num_physical, layers, groups) of a sequence case."""
     n = ctx.world_size
     if case == "dsv3-seq":
-        spec = [
-            ((4096, 7168), "float8_e4m3fn"),
-            ((7168, 2048), "float8_e4m3fn"),
-            ((32, 56), "float32"),
-            ((56, 16), "float32"),
-        ]
-        return spec, 256, -(-288 // n) * n, layers_of(ctx.args, "dsv3", False), 8
-    spec = [
-        ((64, 112), "float8_e4m3fn"),
-        ((112, 32), "float8_e4m3fn"),
-        ((2, 4), "float32"),
-        ((4, 2), "float32"),
-    ]
-    return spec, 32, 32 + 4 * n, layers_of(ctx.args, "dsv3", True), 8
+        return DSV3, 256, -(-288 // n) * n, layers_of(ctx.args, "dsv3", False), 8
+    return DSV3_CPU, 32, 32 + 4 * n, layers_of(ctx.args, "dsv3", True), 8
 
 
 def run_sequence_cases(ctx: BenchContext, wanted: list[str]) -> list[dict]:
@@ -56,6 +45,13 @@ def run_sequence_cases(ctx: BenchContext, wanted: list[str]) -> list[dict]:
         if case in SEQ_CASES:
             rows += _run_case(ctx, case)
     return rows
+
+
+def _transport(ctx: BenchContext, ep):
+    """(transport, name): NCCL through eplb_pynccl on GPUs, torch.distributed otherwise."""
+    if ctx.is_gpu and ctx.comm is not None:
+        return ep.NcclTransport(ctx.comm), "eplb_pynccl"
+    return ep.TorchTransport(), "eplb_pynccl/torch-" + ("nccl" if ctx.is_gpu else "gloo")
 
 
 def _run_case(ctx: BenchContext, case: str) -> list[dict]:
@@ -71,82 +67,89 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
     seq = load_sequence(layers, num_logical, steps + 1, "moderate", seed=seed)
     kw = dict(num_groups=groups)
     first = ep.rebalance(seq[0], num_physical, n, **kw).new_map
-    tspec = [(shape, getattr(torch, dt)) for shape, dt in spec]
-    weights = [
-        [torch.empty((P, *shape), dtype=dt, device=ctx.device) for shape, dt in tspec]
-        for _ in range(layers)
-    ]
+    weights = make_weights(torch, spec, layers, P, ctx.device)
     row_bytes = sum(t[0].nbytes for t in weights[0])
-    if ctx.is_gpu and ctx.comm is not None:
-        transport, tname = ep.NcclTransport(ctx.comm), "eplb_pynccl"
-    else:
-        transport, tname = (
-            ep.TorchTransport(),
-            "eplb_pynccl/torch-" + ("nccl" if ctx.is_gpu else "gloo"),
-        )
+    transport, tname = _transport(ctx, ep)
     shuffler = ep.ExpertShuffler(transport, weights)
     # warm-up (connections, allocator, kernels): there and back, untimed
     other = ep.rebalance(seq[1], num_physical, n, **kw).new_map
-    _fill(torch, weights, first, rank, P)
+    fill(torch, weights, first, rank, P)
     ctx.sync()
     shuffler.rearrange(first, other)
     shuffler.rearrange(other, first)
     ctx.sync()
-    ok = _check(torch, weights, first, rank, P)
+    ok = check(torch, weights, first, rank, P)
     label = f"{case} ep{n} {layers}L x{steps}"
     rows = []
     for policy in POLICIES:
-        cur = first
-        times, recv, changed, imb, pol_ms = [], [], [], [], []
-        for t in range(1, steps + 1):
-            res = ep.rebalance(
-                seq[t], num_physical, n, old_map=cur, policy=policy, row_bytes=row_bytes, **kw
-            )
-            pol_ms.append(res.seconds * 1e3)
-            ctx.barrier()
-            t0 = time.perf_counter()
-            shuffler.rearrange(cur, res.new_map)
-            ctx.sync()
-            times.append(time.perf_counter() - t0)
-            ok = _check(torch, weights, res.new_map, rank, P) and ok
-            recv.append(res.bytes_received_max)
-            changed.append(float(res.slots_changed.mean()) / num_physical)
-            imb.append(float(res.imbalance.mean()))
-            cur = res.new_map
-        every = ctx.allgather((times, ok))
-        slow = [max(e[0][i] for e in every) for i in range(steps)]
-        med = float(np.median(slow)) * 1e3
-        total = sum(slow)
-        rows.append(
-            {
-                "case": label,
-                "method": f"{policy} ({tname})",
-                "world_size": n,
-                "layers": layers,
-                "time_ms": round(med, 3),
-                "time_ms_min": round(min(slow) * 1e3, 3),
-                "time_ms_max": round(max(slow) * 1e3, 3),
-                "gbps_per_gpu": round(sum(recv) / total / 1e9, 2) if total > 0 else 0.0,
-                "bytes_max_per_gpu": int(np.mean(recv)),
-                "repeats": steps,
-                "check": "ok" if all(e[1] for e in every) else "FAIL",
-                "seed": seed,
-                "changed_frac": round(float(np.mean(changed)), 4),
-                "imbalance": round(float(np.mean(imb)), 4),
-                "policy_ms": round(float(np.median(pol_ms)), 2),
-                "note": "median time per rebalance over a moderate-drift load sequence",
-            }
-        )
+        m = _run_policy(ctx, ep, torch, shuffler, seq, first, policy, row_bytes, P, kw, ok)
+        m.update(case=label, method=f"{policy} ({tname})", layers=layers, seed=seed)
+        rows.append(_policy_row(m, num_physical, n))
         # the next policy starts again from the first placement
-        _fill(torch, weights, first, rank, P)
+        fill(torch, weights, first, rank, P)
         ctx.sync()
     del shuffler, weights
     if ctx.is_gpu:
         torch.cuda.empty_cache()
+    _add_speedups(rows)
+    ctx.log(f"eplb {label}: " + ", ".join(f"{r['method']} {r['time_ms']:.1f} ms" for r in rows))
+    return rows
+
+
+def _run_policy(ctx, ep, torch, shuffler, seq, first, policy, row_bytes, P, kw, ok) -> dict:
+    """Rebalance with ``policy`` at every later window and move it; every rank's timings."""
+    n, rank = ctx.world_size, ctx.rank
+    num_physical = first.shape[1]
+    cur = first
+    times, recv, changed, imb, pol_ms = [], [], [], [], []
+    for t in range(1, len(seq)):
+        res = ep.rebalance(
+            seq[t], num_physical, n, old_map=cur, policy=policy, row_bytes=row_bytes, **kw
+        )
+        pol_ms.append(res.seconds * 1e3)
+        ctx.barrier()
+        t0 = time.perf_counter()
+        shuffler.rearrange(cur, res.new_map)
+        ctx.sync()
+        times.append(time.perf_counter() - t0)
+        ok = check(torch, shuffler.weights, res.new_map, rank, P) and ok
+        recv.append(res.bytes_received_max)
+        changed.append(float(res.slots_changed.mean()) / num_physical)
+        imb.append(float(res.imbalance.mean()))
+        cur = res.new_map
+    every = ctx.allgather((times, ok))
+    return dict(every=every, recv=recv, changed=changed, imb=imb, pol_ms=pol_ms)
+
+
+def _policy_row(m: dict, num_physical: int, n: int) -> dict:
+    every, recv = m["every"], m["recv"]
+    steps = len(recv)
+    slow = [max(e[0][i] for e in every) for i in range(steps)]
+    med = float(np.median(slow)) * 1e3
+    total = sum(slow)
+    return {
+        "case": m["case"],
+        "method": m["method"],
+        "world_size": n,
+        "layers": m["layers"],
+        "time_ms": round(med, 3),
+        "time_ms_min": round(min(slow) * 1e3, 3),
+        "time_ms_max": round(max(slow) * 1e3, 3),
+        "gbps_per_gpu": round(sum(recv) / total / 1e9, 2) if total > 0 else 0.0,
+        "bytes_max_per_gpu": int(np.mean(recv)),
+        "repeats": steps,
+        "check": "ok" if all(e[1] for e in every) else "FAIL",
+        "seed": m["seed"],
+        "changed_frac": round(float(np.mean(m["changed"])), 4),
+        "imbalance": round(float(np.mean(m["imb"])), 4),
+        "policy_ms": round(float(np.median(m["pol_ms"])), 2),
+        "note": "median time per rebalance over a moderate-drift load sequence",
+    }
+
+
+def _add_speedups(rows: list[dict]) -> None:
     base = next((r["time_ms"] for r in rows if r["method"].startswith("deepseek (")), None)
     for r in rows:
         if base and r["time_ms"] > 0:
             r["speedup"] = round(base / r["time_ms"], 2)
             r["note"] += "; speedup vs deepseek"
-    ctx.log(f"eplb {label}: " + ", ".join(f"{r['method']} {r['time_ms']:.1f} ms" for r in rows))
-    return rows

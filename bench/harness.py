@@ -25,7 +25,7 @@ error, and always at ``--timeout``. Any error makes ``bench.run`` exit non-zero.
 
 Writing a part
 --------------
-Register it in :data:`PARTS` (or pass ``--parts module:function``). Raise :class:`PartSkipped`
+Register it in ``bench/run.py`` (one ``part(...)`` line; or pass ``--parts module:function``). Raise :class:`PartSkipped`
 (on every rank alike) when the part does not apply (e.g. it needs GPUs). Rows are flat dicts; the
 harness adds ``'part'`` when missing. See ``bench/report.py`` for the row schema.
 """
@@ -88,94 +88,9 @@ class PartSpec:
     hidden: bool = False
 
 
-PARTS: dict[str, PartSpec] = {
-    "sendrecv": PartSpec(
-        "sendrecv",
-        "bench.micro:run_sendrecv",
-        "child",
-        True,
-        "ring send/recv bandwidth (nccl-tests semantics) per binding",
-    ),
-    "alltoall": PartSpec(
-        "alltoall",
-        "bench.micro:run_alltoall",
-        "child",
-        True,
-        "all-to-all through grouped p2p, bandwidth per binding",
-    ),
-    "overhead": PartSpec(
-        "overhead",
-        "bench.micro:run_overhead",
-        "child",
-        True,
-        "host time per grouped p2p op (K sends + K recvs in one group)",
-    ),
-    "eplb": PartSpec(
-        "eplb",
-        "bench.eplb:run_eplb",
-        "child",
-        False,
-        "EPLB expert-weight rearrangement (bench/eplb.py)",
-    ),
-    "stress": PartSpec(
-        "stress",
-        "bench.stress:run_stress",
-        "child",
-        True,
-        "async rearrangement beside a forward loop with its own NCCL traffic (bench/stress.py)",
-    ),
-    "ipc": PartSpec(
-        "ipc",
-        "bench.ipc_bench:run_ipc",
-        "parent",
-        True,
-        "copy-engine transport: pull rate, host time per round, a rearrangement (bench/ipc_bench.py)",
-    ),
-    "planner": PartSpec(
-        "planner",
-        "bench.planner_bench:bench_planner",
-        "parent",
-        False,
-        "EPLB planner timing, CPU only (bench/planner_bench.py)",
-    ),
-    "placement": PartSpec(
-        "placement",
-        "bench.placement_bench:bench_placement",
-        "parent",
-        False,
-        "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
-    ),
-    "selftest": PartSpec(
-        "selftest",
-        "bench.micro:run_selftest",
-        "child",
-        False,
-        "harness plumbing check (store, process group, timing); for debugging the bench",
-        hidden=True,
-    ),
-}
-
-DEFAULT_PARTS = (
-    "sendrecv",
-    "alltoall",
-    "overhead",
-    "eplb",
-    "stress",
-    "ipc",
-    "planner",
-    "placement",
-)
-
-
-def part_spec(name: str) -> PartSpec:
-    """The spec of a registered part, or an ad hoc child part named ``module:function``."""
-    if name in PARTS:
-        return PARTS[name]
-    if ":" in name:
-        return PartSpec(name, name, "child", False, f"custom part {name}")
-    raise KeyError(
-        f"unknown part {name!r}; known: {', '.join(p for p in PARTS if not PARTS[p].hidden)}"
-    )
+def custom_part(name: str) -> PartSpec:
+    """An ad hoc child part named ``module:function`` (``--parts module:function``)."""
+    return PartSpec(name, name, "child", False, f"custom part {name}")
 
 
 def resolve_part(spec: PartSpec) -> Callable[..., Any]:
@@ -687,8 +602,8 @@ def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> No
         _finish(q, rank, 2)
         return
 
-    for idx, name in enumerate(spec["parts"]):
-        pspec = part_spec(name)
+    for idx, pspec in enumerate(spec["parts"]):
+        name = pspec.name
         ctx._enter(f"p{idx}")
         _send(q, "part_start", rank, name)
         t0 = time.perf_counter()
@@ -842,7 +757,7 @@ def _free_port() -> int:
 
 
 def run_children(
-    parts: list[str],
+    parts: list[PartSpec],
     args: argparse.Namespace,
     nprocs: int,
     is_gpu: bool,
@@ -850,154 +765,190 @@ def run_children(
     log: Callable[[str], None] = print,
 ) -> ChildRun:
     """Spawn ``nprocs`` ranks, run ``parts`` on them, collect outcomes. Never hangs past --timeout."""
-    import multiprocessing as mp
+    sup = _Supervisor(parts, args, nprocs, is_gpu, on_part_done, log)
+    old_term = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        sup.watch()
+    except KeyboardInterrupt as e:
+        sup.fail(f"interrupted ({e or 'Ctrl-C'}); ranks killed")
+        sup.kill_alive()
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        sup.close()
+    return sup.result()
 
-    import torch.distributed as dist
 
-    for k, v in CHILD_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)  # inherited by the spawned children
-    stall = float(args.stall_timeout)
-    port = int(getattr(args, "master_port", 0) or 0) or _free_port()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=_dt.timedelta(seconds=stall),
-    )
-    spec = {
-        "host": "127.0.0.1",
-        "port": store.port,
-        "parts": list(parts),
-        "args": args,
-        "is_gpu": is_gpu,
-        "stall_timeout": stall,
-    }
-    mpc = mp.get_context("spawn")
-    q = mpc.Queue()
-    procs = [
-        mpc.Process(
-            target=_child_entry, args=(r, nprocs, spec, q), name=f"bench-rank{r}", daemon=False
+def _on_term(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _Supervisor:
+    """The parent's side of a child run: the store, the ranks, their messages and limits."""
+
+    def __init__(self, parts, args, nprocs, is_gpu, on_part_done, log) -> None:
+        import multiprocessing as mp
+
+        import torch.distributed as dist
+
+        for k, v in CHILD_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)  # inherited by the spawned children
+        self.parts = [p.name for p in parts]
+        self.args, self.on_part_done, self.log = args, on_part_done, log
+        self.stall = stall = float(args.stall_timeout)
+        port = int(getattr(args, "master_port", 0) or 0) or _free_port()
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=_dt.timedelta(seconds=stall),
         )
-        for r in range(nprocs)
-    ]
-    outcomes = {p: PartOutcome(p) for p in parts}
-    meta: dict[str, Any] = {}
-    failures: list[str] = []
-    current: dict[int, str] = {}
-    exited: dict[int, int] = {}
-    start = time.monotonic()
-    deadline = start + float(args.timeout)
-    kill_at: float | None = None  # set after an error: nothing progressed since
-    exit_by: float | None = None  # set when the last part is done
-    for p in procs:
-        p.start()
+        spec = {
+            "host": "127.0.0.1",
+            "port": self.store.port,
+            "parts": list(parts),
+            "args": args,
+            "is_gpu": is_gpu,
+            "stall_timeout": stall,
+        }
+        mpc = mp.get_context("spawn")
+        self.q = mpc.Queue()
+        self.procs = [
+            mpc.Process(
+                target=_child_entry,
+                args=(r, nprocs, spec, self.q),
+                name=f"bench-rank{r}",
+                daemon=False,
+            )
+            for r in range(nprocs)
+        ]
+        self.outcomes = {p: PartOutcome(p) for p in self.parts}
+        self.meta: dict[str, Any] = {}
+        self.failures: list[str] = []
+        self.current: dict[int, str] = {}
+        self.exited: dict[int, int] = {}
+        self.deadline = time.monotonic() + float(args.timeout)
+        self.kill_at: float | None = None  # set after an error: nothing progressed since
+        self.exit_by: float | None = None  # set when the last part is done
+        for p in self.procs:
+            p.start()
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+        self.log(f"!! {what}")
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
-
-    def trouble(now: float, fatal: str = "") -> None:
+    def trouble(self, now: float, fatal: str = "") -> None:
         """An error: kill whatever has not progressed in stall+15 s. A fatal one (a rank is gone
         or gave up) also tells the ranks to abandon their store waits, and kills in 20 s."""
-        nonlocal kill_at
-        if kill_at is None:
-            kill_at = now + stall + 15.0
+        if self.kill_at is None:
+            self.kill_at = now + self.stall + 15.0
         if fatal:
-            kill_at = min(kill_at, now + 20.0)
+            self.kill_at = min(self.kill_at, now + 20.0)
             try:
-                store.set(ABORT_ALL, fatal[:500])
+                self.store.set(ABORT_ALL, fatal[:500])
             except Exception:  # noqa: BLE001
                 pass
 
-    try:
+    def watch(self) -> None:
         while True:
             now = time.monotonic()
             try:
-                msg = q.get(timeout=0.5)
+                msg = self.q.get(timeout=0.5)
             except _queue.Empty:
                 msg = None
             if msg is not None:
-                kind, rank = msg[0], msg[1]
-                if kind == "meta":
-                    meta = msg[2]
-                elif kind == "part_start":
-                    current[rank] = msg[2]
-                    if outcomes[msg[2]].status == "not run":
-                        outcomes[msg[2]].status = "running"
-                elif kind == "part_error":
-                    outcomes[msg[2]].errors[rank] = msg[3]
-                    log(f"!! part {msg[2]!r} raised on rank {rank}:\n{_indent(msg[3])}")
-                    trouble(now)
-                elif kind == "part_done":
-                    _, _, name, status, reason, rows, secs = msg
-                    o = outcomes[name]
-                    o.status, o.reason, o.rows, o.seconds = status, reason, rows or [], secs
-                    if kill_at is not None:
-                        kill_at = None  # every rank got through the status exchange: progress
-                    if name == parts[-1]:
-                        exit_by = now + EXIT_GRACE_S  # closing communicators must not hang the run
-                    if on_part_done:
-                        on_part_done(o)
-                elif kind in ("init_error", "fatal"):
-                    failures.append(f"rank {rank}: {kind}\n{msg[2]}")
-                    log(f"!! rank {rank} {kind.replace('_', ' ')}:\n{_indent(msg[2])}")
-                    trouble(now, f"rank {rank}: {kind}")
-                elif kind == "exit":
-                    exited[rank] = msg[2]
+                self.handle(msg, now)
                 continue  # drain the queue before looking at the processes
-            for r, p in enumerate(procs):
-                if not p.is_alive() and r not in exited and p.exitcode is not None:
-                    exited[r] = p.exitcode
-                    where = (
-                        f"in part {current[r]!r}" if r in current else "before its first part began"
-                    )
-                    failures.append(f"rank {r} died with exit code {p.exitcode} ({where})")
-                    log(f"!! {failures[-1]}")
-                    trouble(now, failures[-1])
-            if all(not p.is_alive() for p in procs) and len(exited) == len(procs):
-                break
-            why = None
-            if now > deadline:
-                why = f"--timeout {args.timeout:.0f} s reached"
-            elif exit_by is not None and now > exit_by:
-                why = f"still alive {EXIT_GRACE_S:.0f} s after the last part (closing communicators hung?)"
-            elif kill_at is not None and now > kill_at:
-                why = f"no progress for {stall:.0f} s (--stall-timeout) after an error"
+            self.check_deaths(now)
+            if all(not p.is_alive() for p in self.procs) and len(self.exited) == len(self.procs):
+                return
+            why = self.past_limit(now)
             if why:
-                alive = [r for r, p in enumerate(procs) if p.is_alive()]
-                where = ", ".join(f"rank {r} in {current.get(r, '<init>')!r}" for r in alive)
-                failures.append(f"killed ranks {alive}: {why} ({where})")
-                log(f"!! {failures[-1]}")
-                for r in alive:
-                    procs[r].kill()
-                for p in procs:
+                alive = [r for r, p in enumerate(self.procs) if p.is_alive()]
+                where = ", ".join(f"rank {r} in {self.current.get(r, '<init>')!r}" for r in alive)
+                self.fail(f"killed ranks {alive}: {why} ({where})")
+                self.kill_alive()
+                for p in self.procs:
                     p.join(10)
-                break
-    except KeyboardInterrupt as e:
-        failures.append(f"interrupted ({e or 'Ctrl-C'}); ranks killed")
-        log(f"!! {failures[-1]}")
-        for p in procs:
+                return
+
+    def handle(self, msg: tuple, now: float) -> None:
+        kind, rank = msg[0], msg[1]
+        if kind == "meta":
+            self.meta = msg[2]
+        elif kind == "part_start":
+            self.current[rank] = msg[2]
+            if self.outcomes[msg[2]].status == "not run":
+                self.outcomes[msg[2]].status = "running"
+        elif kind == "part_error":
+            self.outcomes[msg[2]].errors[rank] = msg[3]
+            self.log(f"!! part {msg[2]!r} raised on rank {rank}:\n{_indent(msg[3])}")
+            self.trouble(now)
+        elif kind == "part_done":
+            self.part_done(msg, now)
+        elif kind in ("init_error", "fatal"):
+            self.failures.append(f"rank {rank}: {kind}\n{msg[2]}")
+            self.log(f"!! rank {rank} {kind.replace('_', ' ')}:\n{_indent(msg[2])}")
+            self.trouble(now, f"rank {rank}: {kind}")
+        elif kind == "exit":
+            self.exited[rank] = msg[2]
+
+    def part_done(self, msg: tuple, now: float) -> None:
+        _, _, name, status, reason, rows, secs = msg
+        o = self.outcomes[name]
+        o.status, o.reason, o.rows, o.seconds = status, reason, rows or [], secs
+        if self.kill_at is not None:
+            self.kill_at = None  # every rank got through the status exchange: progress
+        if name == self.parts[-1]:
+            self.exit_by = now + EXIT_GRACE_S  # closing communicators must not hang the run
+        if self.on_part_done:
+            self.on_part_done(o)
+
+    def check_deaths(self, now: float) -> None:
+        for r, p in enumerate(self.procs):
+            if not p.is_alive() and r not in self.exited and p.exitcode is not None:
+                self.exited[r] = p.exitcode
+                where = (
+                    f"in part {self.current[r]!r}"
+                    if r in self.current
+                    else "before its first part began"
+                )
+                self.fail(f"rank {r} died with exit code {p.exitcode} ({where})")
+                self.trouble(now, self.failures[-1])
+
+    def past_limit(self, now: float) -> str | None:
+        if now > self.deadline:
+            return f"--timeout {self.args.timeout:.0f} s reached"
+        if self.exit_by is not None and now > self.exit_by:
+            return f"still alive {EXIT_GRACE_S:.0f} s after the last part (closing communicators hung?)"
+        if self.kill_at is not None and now > self.kill_at:
+            return f"no progress for {self.stall:.0f} s (--stall-timeout) after an error"
+        return None
+
+    def kill_alive(self) -> None:
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        for p in procs:
+
+    def close(self) -> None:
+        for p in self.procs:
             p.join(5)
-        q.close()
-    for r, c in sorted(exited.items()):
-        # exit code 1 only says "a part failed", which that part's outcome already reports
-        if c not in (0, 1, None) and not any(f.startswith(f"rank {r}") for f in failures):
-            failures.append(f"rank {r} exited with code {c}")
-    for o in outcomes.values():
-        if o.status == "running":
-            o.status, o.reason = "error", o.reason or "did not finish (a rank died or was killed)"
-        elif o.status == "not run" and failures:
-            o.reason = "not reached (run aborted)"
-    return ChildRun(
-        outcomes, meta, failures, interrupted=any(f.startswith("interrupted") for f in failures)
-    )
+        self.q.close()
+
+    def result(self) -> ChildRun:
+        failures = self.failures
+        for r, c in sorted(self.exited.items()):
+            # exit code 1 only says "a part failed", which that part's outcome already reports
+            if c not in (0, 1, None) and not any(f.startswith(f"rank {r}") for f in failures):
+                failures.append(f"rank {r} exited with code {c}")
+        for o in self.outcomes.values():
+            if o.status == "running":
+                o.status = "error"
+                o.reason = o.reason or "did not finish (a rank died or was killed)"
+            elif o.status == "not run" and failures:
+                o.reason = "not reached (run aborted)"
+        interrupted = any(f.startswith("interrupted") for f in failures)
+        return ChildRun(self.outcomes, self.meta, failures, interrupted=interrupted)
 
 
 def run_parent_part(spec: PartSpec, args: argparse.Namespace) -> PartOutcome:
@@ -1005,11 +956,7 @@ def run_parent_part(spec: PartSpec, args: argparse.Namespace) -> PartOutcome:
     o = PartOutcome(spec.name)
     t0 = time.perf_counter()
     try:
-        fn = resolve_part(spec)
-        if spec.name == "planner":
-            rows = fn(repeats=int(args.planner_repeats), seed=int(args.seed))
-        else:
-            rows = fn(args)
+        rows = resolve_part(spec)(args)
         o.rows = normalize_rows(rows, spec.name)
         o.status = "ok"
     except (PartSkipped, PartUnavailable) as e:

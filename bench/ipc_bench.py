@@ -61,7 +61,9 @@ def _worker(rank, n, port, device, opts, q):
         from torch.distributed import TCPStore
 
         import eplb_pynccl as ep
-        from bench.eplb import _check, _fill, make_maps
+        from bench.common import check as _check
+        from bench.common import fill as _fill
+        from bench.common import make_maps
 
         torch.cuda.set_device(device)
         store = TCPStore(

@@ -110,6 +110,11 @@ def bench_planner(repeats: int = 50, seed: int = 0) -> list[dict]:
     return rows
 
 
+def run_planner(args: argparse.Namespace) -> list[dict]:
+    """bench part ``planner``: :func:`bench_planner` with ``--planner-repeats`` and ``--seed``."""
+    return bench_planner(repeats=int(args.planner_repeats), seed=int(args.seed))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=50)

@@ -22,14 +22,107 @@ from typing import Any
 
 from . import report
 from .harness import (
-    DEFAULT_PARTS,
-    PARTS,
     PartOutcome,
+    PartSpec,
+    custom_part,
     parse_bytes,
-    part_spec,
     run_children,
     run_parent_part,
 )
+
+# ---- the parts ------------------------------------------------------------------------------
+# One ``part(...)`` call per part, in the order a default run takes them: name, "module:function"
+# (``fn(ctx)`` on every rank for "child" parts, ``fn(args)`` in this process for "parent"
+# ones), where, whether it needs GPUs, a one-line description. Its flags: a function taking
+# the parser, appended to FLAGS below.
+PARTS: dict[str, PartSpec] = {}
+DEFAULT_PARTS: list[str] = []
+
+
+def part(name, target, where, needs_gpu, description, *, default=True, hidden=False) -> None:
+    PARTS[name] = PartSpec(name, target, where, needs_gpu, description, hidden)
+    if default and not hidden:
+        DEFAULT_PARTS.append(name)
+
+
+part(
+    "sendrecv",
+    "bench.micro:run_sendrecv",
+    "child",
+    True,
+    "ring send/recv bandwidth (nccl-tests semantics) per binding",
+)
+part(
+    "alltoall",
+    "bench.micro:run_alltoall",
+    "child",
+    True,
+    "all-to-all through grouped p2p, bandwidth per binding",
+)
+part(
+    "overhead",
+    "bench.micro:run_overhead",
+    "child",
+    True,
+    "host time per grouped p2p op (K sends + K recvs in one group)",
+)
+part(
+    "eplb",
+    "bench.eplb:run_eplb",
+    "child",
+    False,
+    "EPLB expert-weight rearrangement (bench/eplb.py)",
+)
+part(
+    "stress",
+    "bench.stress:run_stress",
+    "child",
+    True,
+    "async rearrangement beside a forward loop with its own NCCL traffic (bench/stress.py)",
+)
+part(
+    "ipc",
+    "bench.ipc_bench:run_ipc",
+    "parent",
+    True,
+    "copy-engine transport: pull rate, host time per round, a rearrangement (bench/ipc_bench.py)",
+)
+part(
+    "planner",
+    "bench.planner_bench:run_planner",
+    "parent",
+    False,
+    "EPLB planner timing, CPU only (bench/planner_bench.py)",
+)
+part(
+    "placement",
+    "bench.placement_bench:bench_placement",
+    "parent",
+    False,
+    "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
+)
+part(
+    "selftest",
+    "bench.micro:run_selftest",
+    "child",
+    False,
+    "harness plumbing check (store, process group, timing); for debugging the bench",
+    hidden=True,
+)
+
+
+def part_spec(name: str) -> PartSpec:
+    """The spec of a registered part, or an ad hoc child part named ``module:function``."""
+    if name in PARTS:
+        return PARTS[name]
+    if ":" in name:
+        return custom_part(name)
+    raise KeyError(
+        f"unknown part {name!r}; known: {', '.join(p for p in PARTS if not PARTS[p].hidden)}"
+    )
+
+
+# ---- flags ----------------------------------------------------------------------------------
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,13 +135,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.run",
-        description="eplb_pynccl benchmarks: NCCL p2p bindings compared, EPLB rearrangement, "
-        "copy-engine transport, placement policies, planner. bench/README.md says more.",
-        formatter_class=_Help,
-    )
+def _flags_what(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("what to run")
     g.add_argument(
         "--parts",
@@ -71,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these bindings in the micro parts (comma list of "
         "eplb_pynccl, cupy, torch, nccl4py; default: all available)",
     )
+
+
+def _flags_micro(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("sendrecv / alltoall")
     g.add_argument(
         "--min-bytes", type=parse_bytes, default=8, help="smallest size (8, 4K, 1M, ...)"
@@ -88,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--overhead-repeats", type=int, default=50, help="timed groups (the median is reported)"
     )
+
+
+def _flags_eplb(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eplb (passed to bench/eplb.py as ctx.args)")
     g.add_argument(
         "--eplb-cases",
@@ -120,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
+
+
+def _flags_stress_ipc(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("stress (bench/stress.py)")
     g.add_argument(
         "--stress-variants",
@@ -140,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="processes of the copy-engine part, spread over the visible GPUs",
     )
+
+
+def _flags_planner_placement(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("planner")
     g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
     g = ap.add_argument_group("placement (bench/placement_bench.py)")
@@ -159,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)",
     )
+
+
+def _flags_output(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("output and robustness")
     g.add_argument(
         "--out", default="bench_out", help="directory for results.json, summary.md, PNGs"
@@ -187,6 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--inject-fault", default="", help=argparse.SUPPRESS
     )  # RANK:PART:raise|hang|exit|skip
+
+
+# in --help order; a part's flags: append its function (before _flags_output's group if you
+# like the help that way)
+FLAGS = [
+    _flags_what,
+    _flags_micro,
+    _flags_eplb,
+    _flags_stress_ipc,
+    _flags_planner_placement,
+    _flags_output,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="eplb_pynccl benchmarks: NCCL p2p bindings compared, EPLB rearrangement, "
+        "copy-engine transport, placement policies, planner. bench/README.md says more.",
+        formatter_class=_Help,
+    )
+    for add in FLAGS:
+        add(ap)
     return ap
 
 
@@ -354,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             printed.add(o.name)
             print_part(o)
 
-        res = run_children(child, args, nprocs, is_gpu, on_part_done=on_done)
+        res = run_children(
+            [PARTS.get(c) or custom_part(c) for c in child], args, nprocs, is_gpu, on_done
+        )
         meta.update(res.meta)
         failures += res.failures
         for name, o in res.outcomes.items():

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from bench.eplb import _check, _fill, make_maps
+from bench.common import check, fill, make_maps
 
 # name -> communicator settings and loop settings (the default variant is what the test runs)
 VARIANTS = {
@@ -93,7 +93,7 @@ def _layer_state(torch, weights, old, new, rank, P, applied):
     bad = []
     for layer in range(len(weights)):
         want = new if layer in applied else old
-        if not _check(torch, [weights[layer]], want[layer : layer + 1], rank, P, first_layer=layer):
+        if not check(torch, [weights[layer]], want[layer : layer + 1], rank, P, first_layer=layer):
             bad.append(layer)
     return bad
 
@@ -120,165 +120,242 @@ def stress_rank(
     transport: str = "nccl",
     log=None,
 ) -> dict:
+    """The workload on this rank (see the module docstring); this rank's figures."""
     import torch
 
-    import eplb_pynccl as ep
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    num_physical = num_logical + redundant_per_rank * world
-    num_physical += (-num_physical) % world
-    P = num_physical // world
-    weights = [
-        [
-            torch.empty((P, *row_shape), dtype=torch.bfloat16, device=dev),
-            torch.empty((P, 8), dtype=torch.float32, device=dev),
-        ]
-        for _ in range(layers)
-    ]
-    tr = ep.IpcTransport(communicator=comm) if transport == "ipc" else ep.NcclTransport(comm)
-    shuffler = ep.ExpertShuffler(tr, weights)
-    n = matmul
-    fwd = (
-        torch.randn(n, n, device=dev, dtype=torch.bfloat16),
-        torch.randn(n, n, device=dev, dtype=torch.bfloat16) * (1.0 / n),
-        torch.empty(n, n, device=dev, dtype=torch.bfloat16),
-        torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
-        torch.empty(a2a_bytes // 4, device=dev, dtype=torch.float32),
-        torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
+    run = _StressRun(
+        torch,
+        rank,
+        world,
+        comm,
+        seed,
+        layers,
+        num_logical,
+        redundant_per_rank,
+        row_shape,
+        matmul,
+        a2a_bytes,
+        max_delay_ms,
+        transport,
+        host_sync,
     )
-    delays = np.random.default_rng([seed, rank, 99])
-
-    def maps(k):
-        return make_maps(seed * 1000 + k, layers, num_logical, num_physical, world)
-
-    cur = maps(0)[0]
-    _fill(torch, weights, cur, rank, P)
-    torch.cuda.synchronize()
-
-    def loop_time(nsteps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(nsteps):
-            _forward(torch, fwd)
-            _read(fwd, host_sync)
-            time.sleep(delays.random() * max_delay_ms * 1e-3)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / nsteps
-
     say = log or (lambda m: None)
-    loop_time(10)  # warm-up
-    base_step = loop_time(min(steps, 200))
+    run.loop_time(10)  # warm-up
+    base_step = run.loop_time(min(steps, 200))
     say(f"forward step alone {base_step * 1e3:.3f} ms")
-
-    # the synchronous path, same sizes
-    sync_times = []
-    for k in range(1, 1 + sync_repeats):
-        nxt = maps(k)[1]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        shuffler.rearrange(cur, nxt)
-        sync_times.append(time.perf_counter() - t0)
-        if not _check(torch, weights, nxt, rank, P):
-            raise AssertionError(f"rank {rank}: sync rearrangement {k} wrong")
-        cur = nxt
+    sync_times = run.sync_path(sync_repeats)
     say(f"sync rearrangements {[round(t * 1e3, 2) for t in sync_times]} ms")
-
-    done = 0
-    mismatches, half, async_times = [], [], []
-    step_host = 0.0
-    step_calls = 0
-    excluded = 0.0  # seconds spent verifying (not part of the loop's cost)
-    handle = None
-    started = 0.0
-    target = None
-    k = 100
-    start_host = 0.0  # host time inside rearrange_async()
-
-    def rearrangement_step(step):
-        nonlocal handle, k, target, started, step_host, start_host, step_calls, excluded, done, cur
-        if handle is None:
-            k += 1
-            target = maps(k)[1]
-            started = time.perf_counter()
-            handle = shuffler.rearrange_async(cur, target)
-            start_host += time.perf_counter() - started
-            return
-        t0 = time.perf_counter()
-        handle.step(wait=lockstep)
-        step_host += time.perf_counter() - t0
-        step_calls += 1
-        if handle.done:
-            async_times.append(time.perf_counter() - started)
-            # the compute stream only: a device-wide sync while a peer's round is in flight
-            # can deadlock (README, threading model)
-            torch.cuda.current_stream().synchronize()
-            tx = time.perf_counter()
-            if not _check(torch, weights, target, rank, P):
-                mismatches.append(k)
-            excluded += time.perf_counter() - tx
-            cur, handle = target, None
-            done += 1
-        elif check_every and step % check_every == 0:
-            torch.cuda.current_stream().synchronize()
-            tx = time.perf_counter()
-            bad = _layer_state(torch, weights, cur, target, rank, P, set(handle.applied_layers))
-            if bad:
-                half.append((k, bad))
-            excluded += time.perf_counter() - tx
-
-    torch.cuda.synchronize()
-    t_loop = time.perf_counter()
-    # the same number of steps on every rank: the forward's collectives must pair up
-    for step in range(steps):
-        _forward(torch, fwd)
-        if step_before_read:  # while the GPU runs this step: the host's work is hidden
-            rearrangement_step(step)
-        _read(fwd, host_sync)
-        time.sleep(delays.random() * max_delay_ms * 1e-3)
-        if not step_before_read:
-            rearrangement_step(step)
-        if (step + 1) % 100 == 0:
-            say(f"step {step + 1}: {done} rearrangements done")
-    if handle is not None:
-        handle.wait()
-        async_times.append(time.perf_counter() - started)
-        if not _check(torch, weights, target, rank, P):
-            mismatches.append(k)
-        cur = target
-        done += 1
-    torch.cuda.synchronize()
-    loop_s = time.perf_counter() - t_loop - excluded
-    # free-running ranks may have started different numbers of rearrangements: the ones
-    # behind run the missing ones (every rank must run the same sequence)
-    started_max = torch.tensor([k], dtype=torch.int64, device=dev)
-    torch.distributed.all_reduce(started_max, op=torch.distributed.ReduceOp.MAX)
-    while k < int(started_max.item()):
-        k += 1
-        target = maps(k)[1]
-        shuffler.rearrange(cur, target)
-        if not _check(torch, weights, target, rank, P):
-            mismatches.append(k)
-        cur = target
-    torch.cuda.synchronize()
-    after_step = loop_time(min(steps, 200))
+    loop_s = run.busy_loop(steps, check_every, lockstep, step_before_read, say)
+    run.catch_up()
+    after_step = run.loop_time(min(steps, 200))
     if transport == "ipc":
-        tr.close()
+        run.transport.close()
     return {
         "rank": rank,
         "steps": steps,
-        "rearrangements": done,
-        "mismatches": mismatches,
-        "half_layers": half,
+        "rearrangements": run.done,
+        "mismatches": run.mismatches,
+        "half_layers": run.half,
         "base_step_ms": base_step * 1e3,
         "base_step_after_ms": after_step * 1e3,
         "busy_step_ms": loop_s / steps * 1e3,
-        "step_host_us": step_host / max(step_calls, 1) * 1e6,
+        "step_host_us": run.step_host / max(run.step_calls, 1) * 1e6,
         # host time in rearrange_async() and step() per forward step
-        "host_per_step_us": (step_host + start_host) / steps * 1e6,
+        "host_per_step_us": (run.step_host + run.start_host) / steps * 1e6,
         "sync_ms": float(np.median(sync_times)) * 1e3,
-        "async_ms": float(np.median(async_times)) * 1e3 if async_times else 0.0,
-        "layer_mib": sum(t[0].nbytes for t in weights[0]) * P / 2**20,
+        "async_ms": float(np.median(run.async_times)) * 1e3 if run.async_times else 0.0,
+        "layer_mib": sum(t[0].nbytes for t in run.weights[0]) * run.P / 2**20,
     }
+
+
+class _StressRun:
+    """One rank's state: weights, shuffler, forward tensors and what the loop counted."""
+
+    def __init__(
+        self,
+        torch,
+        rank,
+        world,
+        comm,
+        seed,
+        layers,
+        num_logical,
+        redundant_per_rank,
+        row_shape,
+        matmul,
+        a2a_bytes,
+        max_delay_ms,
+        transport,
+        host_sync,
+    ):
+        import eplb_pynccl as ep
+
+        self.torch, self.rank, self.world = torch, rank, world
+        self.seed, self.layers, self.num_logical = seed, layers, num_logical
+        self.max_delay_ms = max_delay_ms
+        self.host_sync = host_sync
+        dev = self.dev = torch.device("cuda", torch.cuda.current_device())
+        num_physical = num_logical + redundant_per_rank * world
+        self.num_physical = num_physical + (-num_physical) % world
+        P = self.P = self.num_physical // world
+        self.weights = [
+            [
+                torch.empty((P, *row_shape), dtype=torch.bfloat16, device=dev),
+                torch.empty((P, 8), dtype=torch.float32, device=dev),
+            ]
+            for _ in range(layers)
+        ]
+        self.transport = (
+            ep.IpcTransport(communicator=comm) if transport == "ipc" else ep.NcclTransport(comm)
+        )
+        self.shuffler = ep.ExpertShuffler(self.transport, self.weights)
+        n = matmul
+        self.fwd = (
+            torch.randn(n, n, device=dev, dtype=torch.bfloat16),
+            torch.randn(n, n, device=dev, dtype=torch.bfloat16) * (1.0 / n),
+            torch.empty(n, n, device=dev, dtype=torch.bfloat16),
+            torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
+            torch.empty(a2a_bytes // 4, device=dev, dtype=torch.float32),
+            torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
+        )
+        self.delays = np.random.default_rng([seed, rank, 99])
+        self.cur = self.maps(0)[0]
+        fill(torch, self.weights, self.cur, rank, P)
+        torch.cuda.synchronize()
+        # the busy loop's counters
+        self.done = 0
+        self.mismatches, self.half, self.async_times = [], [], []
+        self.step_host = 0.0
+        self.step_calls = 0
+        self.excluded = 0.0  # seconds spent verifying (not part of the loop's cost)
+        self.handle = None
+        self.started = 0.0
+        self.target = None
+        self.k = 100
+        self.start_host = 0.0  # host time inside rearrange_async()
+
+    def maps(self, k):
+        return make_maps(
+            self.seed * 1000 + k, self.layers, self.num_logical, self.num_physical, self.world
+        )
+
+    def sleep(self):
+        time.sleep(self.delays.random() * self.max_delay_ms * 1e-3)
+
+    def exact(self, amap) -> bool:
+        return check(self.torch, self.weights, amap, self.rank, self.P)
+
+    def loop_time(self, nsteps):
+        torch = self.torch
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(nsteps):
+            _forward(torch, self.fwd)
+            _read(self.fwd, self.host_sync)
+            self.sleep()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / nsteps
+
+    def sync_path(self, repeats) -> list[float]:
+        """The synchronous path, same sizes: seconds per rearrangement."""
+        times = []
+        for k in range(1, 1 + repeats):
+            nxt = self.maps(k)[1]
+            self.torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.shuffler.rearrange(self.cur, nxt)
+            times.append(time.perf_counter() - t0)
+            if not self.exact(nxt):
+                raise AssertionError(f"rank {self.rank}: sync rearrangement {k} wrong")
+            self.cur = nxt
+        return times
+
+    def _start(self):
+        self.k += 1
+        self.target = self.maps(self.k)[1]
+        self.started = time.perf_counter()
+        self.handle = self.shuffler.rearrange_async(self.cur, self.target)
+        self.start_host += time.perf_counter() - self.started
+
+    def _verified(self):
+        """Check a completed rearrangement (outside the loop's timed cost)."""
+        tx = time.perf_counter()
+        if not self.exact(self.target):
+            self.mismatches.append(self.k)
+        self.excluded += time.perf_counter() - tx
+        self.cur, self.handle = self.target, None
+        self.done += 1
+
+    def rearrangement_step(self, step, check_every, lockstep):
+        if self.handle is None:
+            self._start()
+            return
+        t0 = time.perf_counter()
+        self.handle.step(wait=lockstep)
+        self.step_host += time.perf_counter() - t0
+        self.step_calls += 1
+        if self.handle.done:
+            self.async_times.append(time.perf_counter() - self.started)
+            # the compute stream only: a device-wide sync while a peer's round is in flight
+            # can deadlock (README, threading model)
+            self.torch.cuda.current_stream().synchronize()
+            self._verified()
+        elif check_every and step % check_every == 0:
+            self.torch.cuda.current_stream().synchronize()
+            tx = time.perf_counter()
+            bad = _layer_state(
+                self.torch,
+                self.weights,
+                self.cur,
+                self.target,
+                self.rank,
+                self.P,
+                set(self.handle.applied_layers),
+            )
+            if bad:
+                self.half.append((self.k, bad))
+            self.excluded += time.perf_counter() - tx
+
+    def busy_loop(self, steps, check_every, lockstep, step_before_read, say):
+        """The forward loop with rearrangements back to back: its seconds, checks excluded."""
+        torch = self.torch
+        torch.cuda.synchronize()
+        t_loop = time.perf_counter()
+        # the same number of steps on every rank: the forward's collectives must pair up
+        for step in range(steps):
+            _forward(torch, self.fwd)
+            if step_before_read:  # while the GPU runs this step: the host's work is hidden
+                self.rearrangement_step(step, check_every, lockstep)
+            _read(self.fwd, self.host_sync)
+            self.sleep()
+            if not step_before_read:
+                self.rearrangement_step(step, check_every, lockstep)
+            if (step + 1) % 100 == 0:
+                say(f"step {step + 1}: {self.done} rearrangements done")
+        if self.handle is not None:
+            self.handle.wait()
+            self.async_times.append(time.perf_counter() - self.started)
+            if not self.exact(self.target):
+                self.mismatches.append(self.k)
+            self.cur = self.target
+            self.done += 1
+        torch.cuda.synchronize()
+        return time.perf_counter() - t_loop - self.excluded
+
+    def catch_up(self):
+        """Free-running ranks may have started different numbers of rearrangements: the ones
+        behind run the missing ones (every rank must run the same sequence)."""
+        torch = self.torch
+        started_max = torch.tensor([self.k], dtype=torch.int64, device=self.dev)
+        torch.distributed.all_reduce(started_max, op=torch.distributed.ReduceOp.MAX)
+        while self.k < int(started_max.item()):
+            self.k += 1
+            self.target = self.maps(self.k)[1]
+            self.shuffler.rearrange(self.cur, self.target)
+            if not self.exact(self.target):
+                self.mismatches.append(self.k)
+            self.cur = self.target
+        torch.cuda.synchronize()
 
 
 def summarize(every: list[dict]) -> dict:

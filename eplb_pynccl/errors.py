@@ -125,7 +125,10 @@ class CudaError(EplbPyncclError, RuntimeError):
 
 
 class RearrangeError(EplbPyncclError, RuntimeError):
-    """A rearrangement failed part-way.
+    """A rearrangement failed part-way: in the collective verification before anything
+    moved (every layer still old), or in the exchange. The transport is aborted and the
+    shuffler refuses every later call with a RearrangeError (make a new transport and
+    shuffler), so no retry can pair with a late peer's first call.
 
     Attributes:
         completed_layers: layers whose weights are entirely new (the engine should switch

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -210,6 +211,8 @@ class ExpertShuffler:
         self.profile = bool(profile) and self._is_cuda
         self._active: RearrangeHandle | None = None
         self._failed: BaseException | None = None
+        self._failed_peers: list[int] = []
+        self._gather_takes_timeout = _takes_timeout(transport.all_gather_bytes)
         self._verified = False  # a verify has passed on this shuffler (shapes are fixed)
         shapes = hashlib.sha256()
         for lw in layers:
@@ -252,7 +255,10 @@ class ExpertShuffler:
         Synchronous: returns when every layer is done. ``stream`` (torch.cuda.Stream, default:
         the current stream) is where the switch to new weights is ordered; the exchange runs on
         the shuffler's own stream. Raises ValueError/TypeError before anything moves on bad
-        input, RearrangeError (naming complete and still-old layers) on a failure mid-way.
+        input, RearrangeError (naming complete and still-old layers, and the peers) on any
+        failure of the transport: in the verification (within the shuffler's timeout) or the
+        exchange. After a RearrangeError the transport is aborted and every later call on
+        this shuffler raises one at once (required reset: make a new transport and shuffler).
 
         ``verify`` (collective check that every rank has the same maps, ep_size and weight
         shapes/dtypes): None (default) verifies the first synchronous rearrangement of a
@@ -280,7 +286,10 @@ class ExpertShuffler:
             raise RearrangeError(
                 f"this shuffler's transport failed earlier ({self._failed!r}); make a new "
                 "communicator and shuffler",
-                cause=self._failed,
+                [],
+                range(len(self.weights)),
+                self._failed_peers,
+                self._failed,
             )
         if self._active is not None and not self._active.done:
             raise RuntimeError(
@@ -305,7 +314,7 @@ class ExpertShuffler:
         planner_s = time.perf_counter() - t0
         if verify:
             # every rank joins, also one whose own checks failed: no peer is left waiting
-            self._verify(old_map, new_map, err)
+            self._verify(old_map, new_map, err, plan)
         if err is not None:
             raise err
         return RearrangeHandle(self, plan, planner_s, stream)
@@ -317,10 +326,12 @@ class ExpertShuffler:
             sync and not self._verified
         )
 
-    def _verify(self, old_map, new_map, err: BaseException | None) -> None:
+    def _verify(self, old_map, new_map, err: BaseException | None, plan) -> None:
         """Collective: every rank's maps/ep_size/rows and weight shapes/dtypes must agree, and
         no rank may have refused the input; otherwise every rank raises ValueError (a rank
-        that refused raises its own error). Nothing has moved yet."""
+        that refused raises its own error). Nothing has moved yet. A failure of the
+        transport here (a peer that is gone or never comes, within the shuffler's timeout)
+        is a RearrangeError, and the shuffler is failed (see :meth:`_fail_before_moving`)."""
         maps = hashlib.sha256()
         shapes = self._shapes_digest
         if err is None:
@@ -333,7 +344,10 @@ class ExpertShuffler:
         if err is not None:
             maps = hashlib.sha256(f"refused by rank {self.rank}: {err}".encode())
             shapes = maps.digest()
-        everyone = self.transport.all_gather_bytes(maps.digest() + shapes)
+        try:
+            everyone = self._all_gather(maps.digest() + shapes)
+        except BaseException as e:
+            self._fail_before_moving("while verifying (before anything moved)", e, err)
         if err is not None:
             raise err
         differ = []
@@ -370,6 +384,34 @@ class ExpertShuffler:
         )
         return "copy_engine"
 
+    def _all_gather(self, data: bytes) -> list[bytes]:
+        """The transport's all-gather, bounded by this shuffler's timeout where the transport
+        takes one (its ``all_gather_bytes(data, timeout=...)``), else by its own."""
+        if self._gather_takes_timeout:
+            return self.transport.all_gather_bytes(data, timeout=self.timeout)
+        return self.transport.all_gather_bytes(data)
+
+    def _fail_before_moving(self, where: str, e: BaseException, refused=None):
+        """A transport failure before any row moved: abort the transport, fail the shuffler
+        (every later call raises at once, so no retry can pair with a late peer's first
+        call), raise the RearrangeError: every layer still old, every other rank named."""
+        peers = [r for r in range(self.ep_size) if r != self.rank]
+        self._mark_failed(e, peers)
+        msg = f"rearrangement failed on rank {self.rank} {where}: {type(e).__name__}: {e}"
+        if refused is not None:
+            msg += f"; this rank had also refused the input: {refused}"
+        raise RearrangeError(msg, [], range(len(self.weights)), peers, e) from e
+
+    def _mark_failed(self, e: BaseException, peers) -> None:
+        """Required reset: the transport is aborted and this shuffler refuses every later
+        rearrangement (make a new transport and shuffler)."""
+        self._failed = e
+        self._failed_peers = sorted(peers)
+        try:
+            self.transport.abort()
+        except Exception:  # noqa: BLE001 - aborting is best effort; the shuffler is failed either way
+            pass
+
     def _index_host(self, values: np.ndarray):
         """The row indices as an int64 host tensor; on CUDA in a pinned buffer kept by the
         shuffler (pinning a fresh one per rearrangement cost ~0.5 ms of host time), reused
@@ -391,6 +433,13 @@ class ExpertShuffler:
             self._pinned_free.synchronize()  # already complete unless a rearrangement was cut short
         buf[:n].numpy()[:] = values
         return buf[:n]
+
+
+def _takes_timeout(fn) -> bool:
+    try:
+        return "timeout" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _mark(torch, stream):
@@ -602,7 +651,7 @@ class RearrangeHandle:
         if partial:
             msg += f"; non-transactional mode: layers {partial} may be partly written"
         self._error = RearrangeError(msg, self.applied_layers, self.pending_layers, peers, e)
-        self.s._failed = e
+        self.s._mark_failed(e, peers)
         self._release_exec()
         self._inflight = None
         self.s._active = None

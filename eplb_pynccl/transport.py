@@ -107,7 +107,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data`` (equal lengths), in rank order. Collective."""
+        """Every rank's ``data`` (equal lengths), in rank order. Collective. A transport may
+        take ``timeout=`` (seconds, default its own) as well: the shuffler then bounds its
+        collective checks by its own timeout."""
 
     # ---- the shuffler's path, with defaults built on exchange() ------------------------
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
@@ -222,9 +224,9 @@ class NcclTransport(Transport):
     def abort(self) -> None:
         self.comm.abort()
 
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+    def all_gather_bytes(self, data: bytes, timeout: float | None = None) -> list[bytes]:
         """On a stream of its own: waits for the tiny all-gather only, not for the caller's
-        compute stream."""
+        compute stream (up to ``timeout`` seconds, default the communicator's)."""
         torch = _optional.torch()
         n = len(data)
         if self._gather_stream is None:
@@ -234,7 +236,7 @@ class NcclTransport(Transport):
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
             out = torch.empty(n * self.world_size, dtype=torch.uint8, device=self.device)
             self.comm.all_gather(buf, out, stream=stream.cuda_stream)
-            self.comm.wait(stream.cuda_stream)
+            self.comm.wait(stream.cuda_stream, timeout)
             host = out.cpu().numpy().tobytes()
         return [host[i * n : (i + 1) * n] for i in range(self.world_size)]
 
@@ -380,7 +382,8 @@ class TorchTransport(Transport):
                     raise RuntimeError("Timed out before waiting")
                 r.wait(timeout=datetime.timedelta(seconds=left))
             except RuntimeError as e:
-                if "Timed out" not in str(e) and time.monotonic() <= deadline:
+                # gloo says "Timed out ..." or "Operation timed out!"
+                if "timed out" not in str(e).lower() and time.monotonic() <= deadline:
                     raise
                 self.abort(f"a round with peers {peers} did not complete within {t:.3g} s")
                 raise TimeoutError(
@@ -420,7 +423,9 @@ class TorchTransport(Transport):
             except Exception:  # noqa: BLE001 - aborting is best effort; the transport is dead either way
                 pass
 
-    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+    def all_gather_bytes(self, data: bytes, timeout: float | None = None) -> list[bytes]:
+        """Every rank's ``data``; over gloo past ``timeout`` seconds (default the
+        transport's) the group is aborted and TimeoutError raised."""
         self._check_usable()
         torch = _optional.torch()
         dist = torch.distributed
@@ -434,7 +439,6 @@ class TorchTransport(Transport):
         if self._cuda_capable:
             work.wait()
         else:
-            self._wait_all(
-                [work], time.monotonic() + self.timeout, list(range(self.world_size)), self.timeout
-            )
+            t = self.timeout if timeout is None else timeout
+            self._wait_all([work], time.monotonic() + t, list(range(self.world_size)), t)
         return [o.cpu().numpy().tobytes() for o in outs]
