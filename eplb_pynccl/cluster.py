@@ -231,7 +231,8 @@ class Cluster:
         * Host costs: this project's executor on the 4x H100 host (run F) took 1.27 ms of
           set-up per rearrangement and ~1.5 ms per round (launch + apply), 1.65 us per
           prepared NCCL op; torch's batch_isend_irecv cost 17.1 us per op there and a torch
-          copy ~4-5 us (one H200, session 4/5); the IPC transport ~2.2 ms per round
+          copy ~4-5 us (one H200, session 4/5), ~0.5 ms per layer for the group and its wait
+          (fitted to run F's vLLM-style rows); the IPC transport ~2.2 ms per round
           (launch 0.41 + poll 0.91 + apply 0.92 ms, one H200). Planning and building the
           schedule inside ``rearrange()``: ~14 us per message of the busiest rank (run F's
           wall time less its set-up, launch, wait and apply: 11.6 ms for 660 messages on
@@ -260,7 +261,7 @@ def _hopper_host() -> dict:
             setup=1.3 * MS,
             plan_per_message=14 * US,
         ),
-        "torch": HostCost(per_op=17.1 * US, per_copy=4.5 * US, per_round=0.1 * MS),
+        "torch": HostCost(per_op=17.1 * US, per_copy=4.5 * US, per_round=0.5 * MS),
     }
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "RearrangementEstimate",
     "estimate_rearrangement",
     "estimate_schedule",
+    "estimate_stages",
     "estimate_vllm_style",
     "predict_eplb_row",
     "round_messages",
@@ -414,26 +415,84 @@ def estimate_rearrangement(
     *,
     cluster: Cluster,
     transport: str = "nccl",
+    node_dedupe=False,
     **schedule_opts,
 ) -> RearrangementEstimate:
     """The modelled time of the rearrangement ``old_map -> new_map`` on ``cluster``.
 
     ``row_bytes``: bytes of one row of each tensor, per layer (``[[w13, w2, ...], ...]``) or
     one list for every layer. ``transport``: ``"nccl"`` (ours over NCCL) or ``"ipc"`` (ours
-    with copy engines inside a node; its schedule is one-sided). ``schedule_opts``:
-    ``staging_bytes``, ``pack_threshold``, ``transactional``, ``max_messages_per_round`` (as
-    :class:`~eplb_pynccl.ExpertShuffler`) and ``ranks_per_node`` (default: the cluster's GPUs
-    per node when the ranks span nodes). Rank ``r`` runs on GPU ``r`` of the cluster.
+    with copy engines inside a node; its schedule is one-sided). ``node_dedupe``: as
+    :func:`~eplb_pynccl.planner.plan_stages` (``True``: relay through one GPU per node;
+    ``"auto"``: only where this model says it is faster); the stages' times add up.
+    ``schedule_opts``: ``staging_bytes``, ``pack_threshold``, ``transactional``,
+    ``max_messages_per_round`` (as :class:`~eplb_pynccl.ExpertShuffler`) and
+    ``ranks_per_node`` (default: the cluster's GPUs per node when the ranks span nodes).
+    Rank ``r`` runs on GPU ``r`` of the cluster.
     """
     transport = _check_transport(transport)
     bad = set(schedule_opts) - _SCHEDULE_OPTS
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; known: {sorted(_SCHEDULE_OPTS)}")
     rpn = schedule_opts.pop("ranks_per_node", None)
-    ep, plan = _plan_inputs(old_map, new_map, ep_size, cluster, rpn)
+    if node_dedupe is False:
+        ep, plan = _plan_inputs(old_map, new_map, ep_size, cluster, rpn)
+        return _estimate_plan(plan, row_bytes, cluster, transport, schedule_opts)
+    from .planner import _positive, plan_stages
+
+    ep = _positive(ep_size, "ep_size")
+    _check_cluster(cluster, ep)
+    if rpn is None:
+        rpn = min(cluster.gpus_per_node, ep)
+    stages = plan_stages(
+        old_map,
+        new_map,
+        ep,
+        ranks_per_node=rpn,
+        node_dedupe=node_dedupe,
+        row_bytes=row_bytes,
+        cluster=cluster,
+        transport=transport,
+    )
+    return estimate_stages(stages, row_bytes, cluster=cluster, transport=transport, **schedule_opts)
+
+
+def _estimate_plan(plan, row_bytes, cluster, transport, opts) -> RearrangementEstimate:
     layout = Layout.of(_row_bytes(row_bytes, plan.num_layers), plan.slots_per_rank)
-    sched = build_schedule(plan, layout, one_sided=transport == "ipc", **schedule_opts)
+    sched = build_schedule(plan, layout, one_sided=transport == "ipc", **opts)
     return estimate_schedule(sched, cluster=cluster, transport=transport)
+
+
+def estimate_stages(
+    stages, row_bytes, *, cluster: Cluster, transport: str = "nccl", **schedule_opts
+) -> RearrangementEstimate:
+    """The time of a rearrangement run as consecutive stages (``plan_stages``' list of
+    ``(from_map, to_map, plan)``): the stages' times, bytes and rounds add up."""
+    transport = _check_transport(transport)
+    schedule_opts.pop("ranks_per_node", None)
+    ests = [
+        _estimate_plan(p, row_bytes, cluster, transport, dict(schedule_opts)) for _, _, p in stages
+    ]
+    if len(ests) == 1:
+        return ests[0]
+    total = sum(e.seconds for e in ests)
+    moved = max(e.layers_moved for e in ests)
+    return RearrangementEstimate(
+        seconds=total,
+        seconds_per_layer=total / moved if moved else 0.0,
+        nvlink_bytes=sum(e.nvlink_bytes for e in ests),
+        network_bytes=sum(e.network_bytes for e in ests),
+        network_bytes_per_node=sum(e.network_bytes_per_node for e in ests),
+        busiest_gpu_bytes=sum(e.busiest_gpu_bytes for e in ests),
+        rounds=sum(e.rounds for e in ests),
+        round_seconds=np.concatenate([e.round_seconds for e in ests]),
+        critical=tuple(c for e in ests for c in e.critical),
+        layers_moved=moved,
+        messages=sum(e.messages for e in ests),
+        setup_seconds=sum(e.setup_seconds for e in ests),
+        parts={k: np.concatenate([e.parts[k] for e in ests]) for k in ests[0].parts},
+        stages=len(ests),
+    )
 
 
 # ---- the vLLM-style baseline --------------------------------------------------------------------
