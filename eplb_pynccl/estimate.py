@@ -31,7 +31,7 @@ timing uses, and the tests check them against every rank's schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -621,8 +621,15 @@ def predict_eplb_row(
         )
     if method == "vllm-style":
         est = estimate_vllm_style(old_map, new_map, ep_size, row_bytes, cluster=cluster)
-    elif method in ("eplb_pynccl", "eplb_pynccl/torch-nccl"):
+    elif method == "eplb_pynccl":
         est = estimate_rearrangement(old_map, new_map, ep_size, row_bytes, cluster=cluster)
+    elif method == "eplb_pynccl/torch-nccl":
+        # the same schedule over torch.distributed: torch's host cost per op
+        host = dict(cluster.host)
+        host["nccl"] = replace(host["nccl"], per_op=host["torch"].per_op)
+        est = estimate_rearrangement(
+            old_map, new_map, ep_size, row_bytes, cluster=replace(cluster, host=host)
+        )
     elif method == "eplb_pynccl direct":
         est = estimate_rearrangement(
             old_map, new_map, ep_size, row_bytes, cluster=cluster, transactional=False
