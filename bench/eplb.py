@@ -247,6 +247,22 @@ def vllm_style(torch, weights, plan, rank, group=None):
 # ---- the part ---------------------------------------------------------------------------------
 
 
+def model_ms(ctx: BenchContext, old, new, n: int, weights0, method: str, layer_bytes=None):
+    """The time model's prediction (ms) for a measured GPU row (eplb_pynccl/estimate.py), or
+    None (CPU rows, methods it does not model, any failure of the model)."""
+    if not ctx.is_gpu:
+        return None
+    try:
+        from eplb_pynccl.estimate import predict_eplb_row
+
+        ms = predict_eplb_row(
+            old, new, n, [int(t[0].nbytes) for t in weights0], method, layer_bytes=layer_bytes
+        )
+    except Exception:  # noqa: BLE001 - a model failure must not cost the measurement
+        return None
+    return None if ms is None else round(ms, 1)
+
+
 def _floor_bw(ctx: BenchContext, per_rank_total: float):
     rows = [
         r
@@ -698,6 +714,10 @@ def run_eplb(ctx: BenchContext):
                 "changed_frac": round(changed, 3),
                 "planner_ms": round(plan_ms, 2),
             }
+            pred = model_ms(ctx, old, new, n, weights[0], name, row_bytes * P)
+            if pred is not None:
+                row["model_ms"] = pred
+                row["model_err_pct"] = round(100 * (pred - med) / med, 1) if med else None
             if every[0][2] is not None:
                 row["messages_max"] = max(e[2][0] for e in every)
                 row["rounds"] = every[0][2][1]

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.eplb import _check, _fill, layers_of
+from bench.eplb import _check, _fill, layers_of, model_ms
 from bench.harness import BenchContext
 from bench.loadgen import load_sequence
 
@@ -97,7 +97,7 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
     rows = []
     for policy in POLICIES:
         cur = first
-        times, recv, changed, imb, pol_ms = [], [], [], [], []
+        times, recv, changed, imb, pol_ms, preds = [], [], [], [], [], []
         for t in range(1, steps + 1):
             res = ep.rebalance(
                 seq[t], num_physical, n, old_map=cur, policy=policy, row_bytes=row_bytes, **kw
@@ -108,6 +108,7 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
             shuffler.rearrange(cur, res.new_map)
             ctx.sync()
             times.append(time.perf_counter() - t0)
+            preds.append(model_ms(ctx, cur, res.new_map, n, weights[0], tname))
             ok = _check(torch, weights, res.new_map, rank, P) and ok
             recv.append(res.bytes_received_max)
             changed.append(float(res.slots_changed.mean()) / num_physical)
@@ -137,6 +138,8 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
                 "note": "median time per rebalance over a moderate-drift load sequence",
             }
         )
+        if preds and all(p is not None for p in preds):
+            rows[-1]["model_ms"] = round(float(np.median(preds)), 1)
         # the next policy starts again from the first placement
         _fill(torch, weights, first, rank, P)
         ctx.sync()

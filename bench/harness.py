@@ -145,6 +145,13 @@ PARTS: dict[str, PartSpec] = {
         False,
         "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
     ),
+    "scale": PartSpec(
+        "scale",
+        "bench.scale:bench_scale",
+        "parent",
+        False,
+        "time model: calibration against measured rows, EP8-256 / NVL72 rebalances (bench/scale.py)",
+    ),
     "selftest": PartSpec(
         "selftest",
         "bench.micro:run_selftest",
@@ -164,6 +171,7 @@ DEFAULT_PARTS = (
     "ipc",
     "planner",
     "placement",
+    "scale",
 )
 
 

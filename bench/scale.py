@@ -195,7 +195,9 @@ def _estimates(old, new, ep, row, cluster) -> dict:
     out = {
         "vllm-style": estimate_vllm_style(old, new, ep, row, cluster=cluster),
         "ours nccl": estimate_rearrangement(old, new, ep, row, cluster=cluster),
-        "ours ipc+nccl": estimate_rearrangement(old, new, ep, row, cluster=cluster, transport="ipc"),
+        "ours ipc+nccl": estimate_rearrangement(
+            old, new, ep, row, cluster=cluster, transport="ipc"
+        ),
     }
     if cluster.nodes > 1 and ep > cluster.gpus_per_node:
         out["ours dedupe"] = estimate_rearrangement(
@@ -225,10 +227,14 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                         per.setdefault(ex, []).append(est)
                 plain = per["ours nccl"]
                 for ex, ests in per.items():
-                    share = {r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()}
+                    share = {
+                        r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()
+                    }
                     secs = float(np.mean([e.seconds for e in ests]))
                     if ex == "ours dedupe":  # 'auto': two stages only where the model says faster
-                        auto = float(np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)]))
+                        auto = float(
+                            np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)])
+                        )
                     row = {
                         "kind": "scale",
                         "model": key,
@@ -246,9 +252,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                             float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3
                         ),
                         "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
-                        "bound": " / ".join(
-                            f"{r} {v:.0%}" for r, v in share.items() if v > 0
-                        ),
+                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
                         "host_build_ms": round(build_ms, 1),
                         "rebalances": len(ests),
                     }
@@ -342,7 +346,9 @@ def plot(path: str, rows: list[dict]) -> str | None:
             lab = f"{policy} + {ex}"
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, label=lab)
             if ex in ("ours nccl", "ours dedupe"):
-                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], ls, marker="o", ms=3, label=lab)
+                axes[1].plot(
+                    [p[0] for p in pts], [p[2] for p in pts], ls, marker="o", ms=3, label=lab
+                )
     for ax, t in zip(axes[:2], ("predicted s per rebalance", "network GB received, busiest node")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -355,7 +361,9 @@ def plot(path: str, rows: list[dict]) -> str | None:
     bars = [
         r
         for r in rows
-        if r["model"] == "dsv3" and r["executor"] == "ours nccl" and r["policy"] == "migration_aware"
+        if r["model"] == "dsv3"
+        and r["executor"] == "ours nccl"
+        and r["policy"] == "migration_aware"
     ]
     labels = [f"{'nvl72' if r['cluster'] == 'gb200-nvl72' else '8gpu'} EP{r['ep']}" for r in bars]
     bottom = np.zeros(len(bars))
