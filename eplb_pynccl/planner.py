@@ -584,8 +584,8 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     them, the *relay*, receives it from another node in the first stage; the others keep
     their old rows in the intermediate map and take ``e`` from a holder on their node (the
     relay, or any rank of the node that holds it by then) in the second stage, over NVLink.
-    The relay of a group is its ``e % k``-th rank (spreads the fetches over the node's
-    NICs). The intermediate map equals ``new_map`` except at those followers' rows, where
+    The relay of a group is the rank of it with the fewest network fetches so far in that
+    layer (see ``_choose_relays``), so the fetches spread over the node's NICs. The intermediate map equals ``new_map`` except at those followers' rows, where
     it is ``old_map``; it holds every expert ``new_map`` holds, so it is itself a valid
     placement (an engine may serve from it between the stages).
     """
@@ -632,9 +632,8 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     gid = np.cumsum(first) - 1
     starts = np.flatnonzero(first)
     size = np.diff(np.append(starts, grp.size))
-    pos = np.arange(grp.size) - starts[gid]
     k = size[gid]
-    relay = pos == (grp % E) % k
+    relay = _choose_relays(ranks_in % ep, grp // (nodes * E), starts, size, ep)
     follower = (k > 1) & ~relay
     if not follower.any():
         return None
@@ -643,6 +642,30 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     mid = newf.copy()
     mid[ch[is_f]] = oldf[ch[is_f]]
     return mid.reshape(L, N)
+
+
+def _choose_relays(rank, layer, starts, size, ep: int) -> np.ndarray:
+    """Per (layer, node, expert) group of receiving ranks: which one fetches over the network.
+
+    The NIC of a GPU that must fetch alone (a group of one) is loaded first; then, per layer,
+    the larger groups first, each relay is the group's rank with the fewest fetches so far
+    (ties to the lower rank), so the fetches spread over the node's NICs."""
+    relay = np.zeros(rank.size, dtype=bool)
+    single = starts[size == 1]
+    relay[single] = True
+    load = np.zeros((int(layer.max()) + 1 if layer.size else 0, ep), dtype=_I64)
+    np.add.at(load, (layer[single], rank[single]), 1)
+    multi = np.flatnonzero(size > 1)
+    order = multi[np.lexsort((starts[multi], -size[multi], layer[starts[multi]]))]
+    rank_l = rank.tolist()
+    for g in order.tolist():
+        a, n = int(starts[g]), int(size[g])
+        row = load[int(layer[a])]
+        cand = rank_l[a : a + n]  # ascending ranks
+        best = min(range(n), key=lambda j: (row[cand[j]], j))
+        relay[a + best] = True
+        row[cand[best]] += 1
+    return relay
 
 
 def _member(a: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
