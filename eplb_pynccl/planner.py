@@ -283,6 +283,18 @@ def _as_map(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=_I64)
 
 
+def _two_maps(old_map, new_map):
+    """Both maps as int64 [L, N], of the same shape."""
+    old = _as_map(old_map, "old_map")
+    new = _as_map(new_map, "new_map")
+    if old.shape != new.shape:
+        raise ValueError(
+            "old_map and new_map must have the same shape, got "
+            f"{tuple(old.shape)} and {tuple(new.shape)}"
+        )
+    return old, new
+
+
 def _check_ids(arr: np.ndarray, name: str, num_logical: int | None) -> None:
     if arr.size == 0:
         return
@@ -343,13 +355,7 @@ def plan_rearrangement(
             f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
         )
     nlog = None if num_logical is None else _positive(num_logical, "num_logical")
-    old = _as_map(old_map, "old_map")
-    new = _as_map(new_map, "new_map")
-    if old.shape != new.shape:
-        raise ValueError(
-            "old_map and new_map must have the same shape, got "
-            f"{tuple(old.shape)} and {tuple(new.shape)}"
-        )
+    old, new = _two_maps(old_map, new_map)
     num_layers, num_physical = old.shape
     if num_physical == 0:
         raise ValueError("num_physical must be >= 1, got 0 (the maps have no slots)")
@@ -585,19 +591,14 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     their old rows in the intermediate map and take ``e`` from a holder on their node (the
     relay, or any rank of the node that holds it by then) in the second stage, over NVLink.
     The relay of a group is the rank of it with the fewest network fetches so far in that
-    layer (see ``_choose_relays``), so the fetches spread over the node's NICs. The intermediate map equals ``new_map`` except at those followers' rows, where
+    layer (see ``_choose_relays``), so the fetches spread over the node's NICs. The
+    intermediate map equals ``new_map`` except at those followers' rows, where
     it is ``old_map``; it holds every expert ``new_map`` holds, so it is itself a valid
     placement (an engine may serve from it between the stages).
     """
     ep = _positive(ep_size, "ep_size")
     rpn = _positive(ranks_per_node, "ranks_per_node")
-    old = _as_map(old_map, "old_map")
-    new = _as_map(new_map, "new_map")
-    if old.shape != new.shape:
-        raise ValueError(
-            "old_map and new_map must have the same shape, got "
-            f"{tuple(old.shape)} and {tuple(new.shape)}"
-        )
+    old, new = _two_maps(old_map, new_map)
     L, N = old.shape
     if N == 0 or N % ep:
         raise ValueError(f"num_physical ({N}) is not a positive multiple of ep_size ({ep})")

@@ -19,6 +19,7 @@ from eplb_pynccl.estimate import (
     round_messages,
 )
 from eplb_pynccl.schedule import Layout, build_schedule
+from tests.test_schedule import eplb_maps
 
 MiB = 1 << 20
 DSV3_ROW = [4096 * 7168, 7168 * 2048, 32 * 56 * 4, 56 * 16 * 4]
@@ -123,17 +124,7 @@ def test_vllm_style_one_message():
 
 
 def maps(rng, layers, ep, per_rank, keep=0.3):
-    n = ep * per_rank
-    nl = max(1, n - max(1, n // 8))
-    old = np.empty((layers, n), dtype=np.int64)
-    new = np.empty_like(old)
-    for layer in range(layers):
-        for m in (old, new):
-            ids = np.concatenate([np.arange(nl), rng.integers(0, nl, n - nl)])
-            m[layer] = rng.permutation(ids)
-        k = rng.random(n) < keep
-        new[layer, k] = old[layer, k]
-    return old, new
+    return eplb_maps(rng, layers, ep, per_rank, keep=keep)
 
 
 @settings(max_examples=60, deadline=None)
