@@ -185,7 +185,7 @@ class Cluster:
     def nic_of(self, ranks) -> np.ndarray:
         """Global NIC id (node * nics_per_node + j) of each rank (GPU)."""
         local = np.empty(self.gpus_per_node, dtype=np.int64)
-        for j, grp in enumerate(self.nic_gpus):
+        for j, grp in enumerate(self.nic_gpus or ()):  # always set by __post_init__
             local[list(grp)] = j
         r = np.asarray(ranks, dtype=np.int64)
         return (r // self.gpus_per_node) * self.nics_per_node + local[r % self.gpus_per_node]

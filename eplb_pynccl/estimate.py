@@ -482,7 +482,7 @@ def estimate_stages(
         seconds_per_layer=total / moved if moved else 0.0,
         nvlink_bytes=sum(e.nvlink_bytes for e in ests),
         network_bytes=sum(e.network_bytes for e in ests),
-        network_bytes_per_node=sum(e.network_bytes_per_node for e in ests),
+        network_bytes_per_node=np.sum([e.network_bytes_per_node for e in ests], axis=0),
         busiest_gpu_bytes=sum(e.busiest_gpu_bytes for e in ests),
         rounds=sum(e.rounds for e in ests),
         round_seconds=np.concatenate([e.round_seconds for e in ests]),
@@ -635,7 +635,7 @@ def predict_eplb_row(
             old_map, new_map, ep_size, row_bytes, cluster=cluster, transactional=False
         )
     elif method == "eplb_pynccl packed-2L":
-        opts = {"pack_threshold": 1 << 62}
+        opts: dict = {"pack_threshold": 1 << 62}
         if layer_bytes is not None:
             opts["staging_bytes"] = 2 * int(layer_bytes)
         est = estimate_rearrangement(old_map, new_map, ep_size, row_bytes, cluster=cluster, **opts)
