@@ -229,7 +229,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                 maps = _sequence(m, ep, nodes, loads, policy)
                 if build_ms is None:
                     build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
-                per = {}
+                per: dict = {}
                 for t in range(1, len(maps)):
                     for ex, est in _estimates(maps[t - 1], maps[t], ep, m.row, cluster).items():
                         per.setdefault(ex, []).append(est)
