@@ -365,9 +365,10 @@ def plot(path: str, rows: list[dict]) -> str | None:
             ls = "-" if policy == "migration_aware" else "--"
             lab = f"{policy} + {ex}"
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, label=lab)
-            if ex in ("ours nccl", "ours dedupe"):
+            net = [p for p in pts if p[2] > 0]  # one node: nothing crosses (log scale)
+            if ex in ("ours nccl", "ours dedupe") and net:
                 axes[1].plot(
-                    [p[0] for p in pts], [p[2] for p in pts], ls, marker="o", ms=3, label=lab
+                    [p[0] for p in net], [p[2] for p in net], ls, marker="o", ms=3, label=lab
                 )
     for ax, t in zip(axes[:2], ("predicted s per rebalance", "network GB received, busiest node")):
         ax.set_xscale("log", base=2)
