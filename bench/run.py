@@ -102,6 +102,13 @@ part(
     "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
 )
 part(
+    "scale",
+    "bench.scale:bench_scale",
+    "parent",
+    False,
+    "time model: calibration against measured rows, EP8-256 / NVL72 rebalances (bench/scale.py)",
+)
+part(
     "selftest",
     "bench.micro:run_selftest",
     "child",

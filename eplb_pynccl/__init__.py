@@ -68,6 +68,9 @@ _LAZY = {
     "RebalanceResult": ".placement",
     "should_rebalance": ".placement",
     "placement_imbalance": ".placement",
+    "Cluster": ".cluster",
+    "estimate_rearrangement": ".estimate",
+    "RearrangementEstimate": ".estimate",
 }
 
 __all__ = [

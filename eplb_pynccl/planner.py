@@ -35,7 +35,13 @@ import numpy as np
 
 from ._checks import check_count, check_ids, check_index, expert_map
 
-__all__ = ["RankPlan", "RearrangementPlan", "plan_rearrangement"]
+__all__ = [
+    "RankPlan",
+    "RearrangementPlan",
+    "plan_rearrangement",
+    "plan_stages",
+    "relay_map",
+]
 
 _I64 = np.int64
 _KEY_LIMIT = 1 << 62  # composite sort keys must stay below this to fit in int64
@@ -237,6 +243,18 @@ def _positive(value, name: str) -> int:
     return check_count(value, name)
 
 
+def _two_maps(old_map, new_map):
+    """Both maps as int64 [L, N], of the same shape."""
+    old = expert_map(old_map, "old_map")
+    new = expert_map(new_map, "new_map")
+    if old.shape != new.shape:
+        raise ValueError(
+            "old_map and new_map must have the same shape, got "
+            f"{tuple(old.shape)} and {tuple(new.shape)}"
+        )
+    return old, new
+
+
 # ---------------------------------------------------------------------------------------
 # planning
 # ---------------------------------------------------------------------------------------
@@ -276,14 +294,8 @@ def plan_rearrangement(
         raise ValueError(
             f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
         )
-    nlog = None if num_logical is None else check_count(num_logical, "num_logical")
-    old = expert_map(old_map, "old_map")
-    new = expert_map(new_map, "new_map")
-    if old.shape != new.shape:
-        raise ValueError(
-            "old_map and new_map must have the same shape, got "
-            f"{tuple(old.shape)} and {tuple(new.shape)}"
-        )
+    nlog = None if num_logical is None else _positive(num_logical, "num_logical")
+    old, new = _two_maps(old_map, new_map)
     num_layers, num_physical = old.shape
     if num_physical == 0:
         raise ValueError("num_physical must be >= 1, got 0 (the maps have no slots)")
@@ -503,3 +515,162 @@ def _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank) -> np
             extra[rank_of[best]] += 1
         i = j
     return np.asarray(choice, dtype=_I64)
+
+
+# ---------------------------------------------------------------------------------------
+# node-level dedupe: an expert crosses the network once per node
+# ---------------------------------------------------------------------------------------
+
+
+def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray | None:
+    """The intermediate placement of node-level dedupe, or None when nothing would change.
+
+    When ``k > 1`` ranks of a node need expert ``e`` in a layer over the network (no rank of
+    their node holds it in ``old_map``, and none of them holds it on its own rank), one of
+    them, the *relay*, receives it from another node in the first stage; the others keep
+    their old rows in the intermediate map and take ``e`` from a holder on their node (the
+    relay, or any rank of the node that holds it by then) in the second stage, over NVLink.
+    The relay of a group is the rank of it with the fewest network fetches so far in that
+    layer (see ``_choose_relays``), so the fetches spread over the node's NICs. The
+    intermediate map equals ``new_map`` except at those followers' rows, where
+    it is ``old_map``; it holds every expert ``new_map`` holds, so it is itself a valid
+    placement (an engine may serve from it between the stages).
+    """
+    ep = _positive(ep_size, "ep_size")
+    rpn = _positive(ranks_per_node, "ranks_per_node")
+    old, new = _two_maps(old_map, new_map)
+    L, N = old.shape
+    if N == 0 or N % ep:
+        raise ValueError(f"num_physical ({N}) is not a positive multiple of ep_size ({ep})")
+    check_ids(old, "old_map", None)
+    check_ids(new, "new_map", None)
+    P = N // ep
+    nodes = -(-ep // rpn)
+    E = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
+    if E == 0 or nodes == 1:
+        return None
+    slot = np.arange(N, dtype=_I64)
+    rank = slot // P
+    node = rank // rpn
+    lay = np.repeat(np.arange(L, dtype=_I64), N)
+    oldf, newf = old.ravel(), new.ravel()
+    rk, nd = np.tile(rank, L), np.tile(node, L)
+    held = oldf >= 0
+    on_node = _distinct(((lay * nodes + nd) * E + oldf)[held])
+    on_rank = _distinct(((lay * ep + rk) * E + oldf)[held])
+    ch = np.flatnonzero((newf != oldf) & (newf >= 0))
+    e = newf[ch]
+    kn = (lay[ch] * nodes + nd[ch]) * E + e
+    kr = (lay[ch] * ep + rk[ch]) * E + e
+    net = ~_member(kn, on_node) & ~_member(kr, on_rank)
+    ch, kn, kr, e = ch[net], kn[net], kr[net], e[net]
+    if ch.size == 0:
+        return None
+    # distinct receiving ranks per (layer, node, expert) group
+    ranks_in = _distinct(kn * ep + rk[ch])  # sorted by group, then rank
+    grp = ranks_in // ep
+    first = _group_starts(grp)
+    gid = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    size = np.diff(np.append(starts, grp.size))
+    k = size[gid]
+    relay = _choose_relays(ranks_in % ep, grp // (nodes * E), starts, size, ep)
+    follower = (k > 1) & ~relay
+    if not follower.any():
+        return None
+    fkey = ranks_in[follower]  # (layer, node, expert, rank) of followers
+    is_f = _member(kn * ep + rk[ch], fkey)
+    mid = newf.copy()
+    mid[ch[is_f]] = oldf[ch[is_f]]
+    return mid.reshape(L, N)
+
+
+def _choose_relays(rank, layer, starts, size, ep: int) -> np.ndarray:
+    """Per (layer, node, expert) group of receiving ranks: which one fetches over the network.
+
+    The NIC of a GPU that must fetch alone (a group of one) is loaded first; then, per layer,
+    the larger groups first, each relay is the group's rank with the fewest fetches so far
+    (ties to the lower rank), so the fetches spread over the node's NICs."""
+    relay = np.zeros(rank.size, dtype=bool)
+    single = starts[size == 1]
+    relay[single] = True
+    load = np.zeros((int(layer.max()) + 1 if layer.size else 0, ep), dtype=_I64)
+    np.add.at(load, (layer[single], rank[single]), 1)
+    multi = np.flatnonzero(size > 1)
+    order = multi[np.lexsort((starts[multi], -size[multi], layer[starts[multi]]))]
+    rank_l = rank.tolist()
+    for g in order.tolist():
+        a, n = int(starts[g]), int(size[g])
+        row = load[int(layer[a])]
+        cand = rank_l[a : a + n]  # ascending ranks
+        best = min(range(n), key=lambda j: (row[cand[j]], j))
+        relay[a + best] = True
+        row[cand[best]] += 1
+    return relay
+
+
+def _member(a: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    if sorted_keys.size == 0:
+        return np.zeros(a.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, a), sorted_keys.size - 1)
+    return sorted_keys[pos] == a
+
+
+def _distinct(a: np.ndarray) -> np.ndarray:
+    a = np.sort(a)
+    if a.size:
+        a = a[np.append(True, a[1:] != a[:-1])]
+    return a
+
+
+def plan_stages(
+    old_map,
+    new_map,
+    ep_size: int,
+    *,
+    ranks_per_node: int | None = None,
+    node_dedupe=False,
+    row_bytes=None,
+    cluster=None,
+    transport: str = "nccl",
+) -> list:
+    """The rearrangement as a list of stages ``(from_map, to_map, plan)``, run in order.
+
+    ``node_dedupe=False`` (default): one stage, :func:`plan_rearrangement`. ``True``: two
+    stages through :func:`relay_map` when it changes anything (an expert that several ranks
+    of a node need from another node crosses the network once, then goes over NVLink from
+    the relay). ``"auto"``: two stages only where the time model
+    (:func:`eplb_pynccl.estimate.estimate_stages`) on ``cluster`` with ``row_bytes`` says
+    they are faster. Each stage is a complete rearrangement (every layer ends the stage
+    entirely in its ``to_map``), so each is executed and checked as one.
+    """
+    if node_dedupe not in (False, True, "auto"):
+        raise ValueError(f"node_dedupe must be False, True or 'auto', got {node_dedupe!r}")
+    one = [
+        (
+            old_map,
+            new_map,
+            plan_rearrangement(old_map, new_map, ep_size, ranks_per_node=ranks_per_node),
+        )
+    ]
+    if node_dedupe is False:
+        return one
+    if ranks_per_node is None:
+        raise ValueError("node_dedupe needs ranks_per_node (the EP ranks of one node)")
+    mid = relay_map(old_map, new_map, ep_size, ranks_per_node)
+    if mid is None:
+        return one
+    two = [
+        (old_map, mid, plan_rearrangement(old_map, mid, ep_size, ranks_per_node=ranks_per_node)),
+        (mid, new_map, plan_rearrangement(mid, new_map, ep_size, ranks_per_node=ranks_per_node)),
+    ]
+    if node_dedupe is True:
+        return two
+    if cluster is None or row_bytes is None:
+        raise ValueError("node_dedupe='auto' needs cluster and row_bytes (for the time model)")
+    from .estimate import estimate_stages
+
+    t1 = estimate_stages(one, row_bytes, cluster=cluster, transport=transport).seconds
+    t2 = estimate_stages(two, row_bytes, cluster=cluster, transport=transport).seconds
+    return two if t2 < t1 else one
+

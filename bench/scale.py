@@ -1,0 +1,445 @@
+"""The ``scale`` part of ``make bench`` (CPU, in the parent): rebalances past one node, on paper.
+
+Two things, both from the time model (``eplb_pynccl/estimate.py``) on described clusters
+(``eplb_pynccl/cluster.py``):
+
+1. **Calibration** (rows with ``kind = "calibration"``): the model's prediction for every
+   measured EPLB row of bench/RESULTS.md that it can model (run F on 4x H100: DeepSeek-V3
+   and Qwen3-30B-A3B at EP4 and EP2, ours in its variants and the vLLM-style baseline; one
+   H200: a local permutation at EP1), the same placements as the bench (``make_maps``,
+   seed 0), and the error per row.
+2. **Scale** (``kind = "scale"``): DeepSeek-V3 fp8 (256 experts, 58 MoE layers), Kimi-K2
+   (384, 60) and Qwen3-235B-A22B bf16 (128, 94) at EP 8-256 over 8-GPU nodes with
+   8x 400 Gb/s per node (``h100-ib400``) and on GB200 NVL72 (EP up to 72); a drifting
+   load sequence (``bench/loadgen.py``, "moderate"), every policy rebalancing from its own
+   previous placement; each rebalance timed for the vLLM-style exchange, ours over NCCL,
+   ours with copy engines inside a node (IPC) + NCCL between nodes, and ours with node-level
+   dedupe. Per (model, cluster, EP, policy, executor): predicted seconds per rebalance
+   (mean over the sequence), network bytes received per node (the busiest node, mean), the
+   share of rounds bound by each resource; the host time to plan and build the schedule
+   (and one rank's ops) on this machine; the reported figures of others beside the
+   comparable rows. ``targets`` rows check issue 25's ratios.
+
+Options (attributes of the bench's args when present): ``scale_steps`` (rebalances per
+sequence, default 2), ``scale_models`` (comma-separated keys of :data:`MODELS`), ``out`` and
+``no_plots`` (the plot ``scale.png``). Run alone: ``python -m bench.scale [--calibrate]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+try:
+    import eplb_pynccl  # noqa: F401
+except ImportError:  # run from a checkout without installing: use the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eplb_pynccl.cluster import Cluster  # noqa: E402
+from eplb_pynccl.estimate import (  # noqa: E402
+    estimate_rearrangement,
+    estimate_vllm_style,
+    predict_eplb_row,
+)
+from eplb_pynccl.placement import rebalance  # noqa: E402
+from eplb_pynccl.planner import plan_rearrangement  # noqa: E402
+from eplb_pynccl.schedule import Layout, build_schedule  # noqa: E402
+
+GB = 1e9
+DSV3_ROW = [4096 * 7168, 7168 * 2048, 32 * 56 * 4, 56 * 16 * 4]  # fp8 + fp32 block scales
+QWEN30_ROW = [1536 * 2048 * 2, 2048 * 768 * 2]
+QWEN235_ROW = [3072 * 4096 * 2, 4096 * 1536 * 2]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    experts: int
+    layers: int
+    row: list
+    groups: int | None
+    eps: tuple  # EP sizes over 8-GPU nodes
+    nvl72_eps: tuple
+
+
+# Kimi-K2 has DeepSeek-V3's expert shapes (hidden 7168, moe_intermediate 2048, fp8 blocks)
+MODELS = {
+    "dsv3": Model("DeepSeek-V3 fp8", 256, 58, DSV3_ROW, 8, (8, 16, 32, 64, 128, 256), (32, 64, 72)),
+    "kimi-k2": Model("Kimi-K2 fp8", 384, 60, DSV3_ROW, None, (16, 64, 256), (72,)),
+    "qwen3-235b": Model("Qwen3-235B-A22B bf16", 128, 94, QWEN235_ROW, None, (16, 64, 256), (72,)),
+}
+POLICIES = ("deepseek", "migration_aware")
+EXECUTORS = ("vllm-style", "ours nccl", "ours ipc+nccl", "ours dedupe", "ours host-free (what-if)")
+HOSTFREE_ROUND = 0.2e-3  # assumed host seconds per round of host-free rounds (not measured)
+
+# what others reported, printed beside the comparable rows (ANCHORS.md)
+ANCHORS = {
+    ("dsv3", "gb200-nvl72", 32, "deepseek", "vllm-style"): (
+        "vLLM: 0.91 s mean (0.65-1.70 s) per sync rearrangement, DeepSeek-R1 NVFP4 on 32x "
+        "GB200 over NIXL (its policy, its layer loop; NVFP4 rows are ~0.6x of fp8)"
+    ),
+    ("dsv3", "h100-ib400", 32, "deepseek", "vllm-style"): (
+        "SGLang: ~1.8 s per rebalance (2025; setup not stated); TensorRT-LLM estimates "
+        "0.5-1 s for a bulk update (from host memory)"
+    ),
+}
+
+# measured rows of bench/RESULTS.md: (case, ep, layers, method, ms, where)
+MEASURED = [
+    ("dsv3", 4, 4, "eplb_pynccl", 72.5, "run F, 4x H100"),
+    ("dsv3", 4, 4, "eplb_pynccl direct", 69.0, "run F, 4x H100"),
+    ("dsv3", 4, 4, "eplb_pynccl packed-2L", 60.4, "run F, 4x H100"),
+    ("dsv3", 4, 4, "eplb_pynccl/torch-nccl", 91.2, "run F, 4x H100"),
+    ("dsv3", 4, 4, "vllm-style", 95.8, "run F, 4x H100 (79-209)"),
+    ("qwen3", 4, 8, "eplb_pynccl", 40.0, "run F, 4x H100"),
+    ("qwen3", 4, 8, "eplb_pynccl direct", 42.6, "run F, 4x H100"),
+    ("qwen3", 4, 8, "eplb_pynccl packed-2L", 34.9, "run F, 4x H100"),
+    ("qwen3", 4, 8, "eplb_pynccl/torch-nccl", 58.5, "run F, 4x H100"),
+    ("qwen3", 4, 8, "vllm-style", 49.8, "run F, 4x H100"),
+    ("dsv3", 2, 4, "eplb_pynccl", 81.6, "run F, H100 x2"),
+    ("dsv3", 2, 4, "eplb_pynccl direct", 88.9, "run F, H100 x2"),
+    ("dsv3", 2, 4, "vllm-style", 138.2, "run F, H100 x2 (115-218)"),
+    ("qwen3", 2, 8, "eplb_pynccl", 32.3, "run F, H100 x2"),
+    ("qwen3", 2, 8, "eplb_pynccl direct", 31.9, "run F, H100 x2"),
+    ("qwen3", 2, 8, "vllm-style", 61.0, "run F, H100 x2"),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 6.9, "one H200, 2026-12-01 (ANCHORS)"),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 10.5, "one H200, 2026-12-02 (8.5-12.5)"),
+]
+
+
+def _bench_maps(case: str, ep: int, layers: int):
+    if case == "dsv3-perm":  # 71 of 72 rows of each layer move (one cycle), 142 in all
+        old = np.tile(np.arange(72), (layers, 1))
+        new = old.copy()
+        new[:, :71] = np.roll(old[:, :71], 1, axis=1)
+        return old, new, DSV3_ROW
+    from bench.eplb import make_maps
+
+    if case == "dsv3":
+        old, new = make_maps(0, layers, 256, 288, ep)
+        return old, new, DSV3_ROW
+    phys = -(-int(128 * 1.125) // ep) * ep
+    old, new = make_maps(0, layers, 128, phys, ep)
+    return old, new, QWEN30_ROW
+
+
+def calibration_rows() -> list[dict]:
+    """The model against every measured row of :data:`MEASURED`: prediction and error."""
+    rows = []
+    for case, ep, layers, method, ms, where in MEASURED:
+        old, new, row = _bench_maps(case, ep, layers)
+        cluster = Cluster.preset("h200x1") if ep == 1 else Cluster.preset("h100x4-nv18")
+        P = old.shape[1] // ep
+        pred = predict_eplb_row(
+            old, new, ep, row, method, cluster=cluster, layer_bytes=sum(row) * P
+        )
+        rows.append(
+            {
+                "kind": "calibration",
+                "case": f"{case} ep{ep} {layers}L",
+                "method": method,
+                "measured_ms": ms,
+                "predicted_ms": round(pred, 1),
+                "error_pct": round(100 * (pred - ms) / ms, 1),
+                "within_25pct": abs(pred - ms) <= 0.25 * ms,
+                "where": where,
+                "cluster": cluster.name,
+            }
+        )
+    return rows
+
+
+# ---- the scale part --------------------------------------------------------------------------
+
+
+def _slots(experts: int, ep: int) -> int:
+    """12.5% redundant slots (DeepSeek's 32 of 256), rounded up to a multiple of EP."""
+    return -(-int(np.ceil(experts * 1.125)) // ep) * ep
+
+
+def _clusters(m: Model):
+    for ep in m.eps:
+        yield "h100-ib400", ep, Cluster.preset("h100-ib400", nodes=max(1, ep // 8))
+    for ep in m.nvl72_eps:
+        yield "gb200-nvl72", ep, Cluster.preset("gb200-nvl72")
+
+
+def _sequence(m: Model, ep: int, nodes: int, loads, policy: str) -> list:
+    phys = _slots(m.experts, ep)
+    groups = m.groups if (m.groups and nodes > 1 and m.groups % nodes == 0) else None
+    kw = {"num_nodes": nodes, "num_groups": groups} if groups else {"num_nodes": 1}
+    maps = [rebalance(loads[0], phys, ep, policy="deepseek", **kw).new_map]
+    for t in range(1, len(loads)):
+        maps.append(rebalance(loads[t], phys, ep, old_map=maps[-1], policy=policy, **kw).new_map)
+    return maps
+
+
+def _host_build_ms(old, new, ep: int, rpn, row, reps: int = 3) -> float:
+    """Host time (this machine) to plan, build the schedule and one rank's ops; median."""
+    times = []
+    P = old.shape[1] // ep
+    layout = Layout.of([row] * old.shape[0], P)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        plan = plan_rearrangement(old, new, ep, ranks_per_node=rpn)
+        build_schedule(plan, layout).rank(0)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _estimates(old, new, ep, row, cluster) -> dict:
+    out = {
+        "vllm-style": estimate_vllm_style(old, new, ep, row, cluster=cluster),
+        "ours nccl": estimate_rearrangement(old, new, ep, row, cluster=cluster),
+        "ours ipc+nccl": estimate_rearrangement(
+            old, new, ep, row, cluster=cluster, transport="ipc"
+        ),
+    }
+    # what-if, not measured: the host-free rounds of issue 21 (local ops as one table launch,
+    # the round driven from the device): 0.2 ms of host per round, nothing per copy
+    host = dict(cluster.host)
+    host["nccl"] = replace(host["nccl"], per_round=HOSTFREE_ROUND, per_copy=0.0)
+    out["ours host-free (what-if)"] = estimate_rearrangement(
+        old, new, ep, row, cluster=replace(cluster, host=host)
+    )
+    if cluster.nodes > 1 and ep > cluster.gpus_per_node:
+        out["ours dedupe"] = estimate_rearrangement(
+            old, new, ep, row, cluster=cluster, node_dedupe=True
+        )
+    return out
+
+
+def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
+    from bench.loadgen import load_sequence
+
+    rows = []
+    for key in models or MODELS:
+        m = MODELS[key]
+        loads = load_sequence(m.layers, m.experts, steps + 1, "moderate", seed=seed)
+        for topo, ep, cluster in _clusters(m):
+            nodes = cluster.nodes if topo == "h100-ib400" else 1
+            rpn = 8 if topo == "h100-ib400" and ep > 8 else None
+            build_ms = None
+            for policy in POLICIES:
+                maps = _sequence(m, ep, nodes, loads, policy)
+                if build_ms is None:
+                    build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
+                per: dict = {}
+                for t in range(1, len(maps)):
+                    for ex, est in _estimates(maps[t - 1], maps[t], ep, m.row, cluster).items():
+                        per.setdefault(ex, []).append(est)
+                plain = per["ours nccl"]
+                for ex, ests in per.items():
+                    share = {
+                        r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()
+                    }
+                    secs = float(np.mean([e.seconds for e in ests]))
+                    if ex == "ours dedupe":  # 'auto': two stages only where the model says faster
+                        auto = float(
+                            np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)])
+                        )
+                    row = {
+                        "kind": "scale",
+                        "model": key,
+                        "cluster": topo,
+                        "ep": ep,
+                        "nodes": cluster.nodes,
+                        "slots": maps[0].shape[1],
+                        "policy": policy,
+                        "executor": ex,
+                        "seconds_per_rebalance": round(secs, 4),
+                        "network_gb_per_node": round(
+                            float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
+                        ),
+                        "busiest_gpu_gb": round(
+                            float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3
+                        ),
+                        "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
+                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+                        "host_build_ms": round(build_ms, 1),
+                        "rebalances": len(ests),
+                    }
+                    if ex == "ours dedupe":
+                        row["seconds_auto"] = round(auto, 4)
+                        base = np.mean([p.max_network_bytes_per_node for p in plain])
+                        row["net_vs_plain"] = round(
+                            float(np.mean([e.max_network_bytes_per_node for e in ests]))
+                            / max(base, 1),
+                            3,
+                        )
+                    note = ANCHORS.get((key, topo, ep, policy, ex))
+                    if note:
+                        row["reported"] = note
+                    rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
+    8 nodes and EP72 on NVL72; network bytes per node with dedupe vs without."""
+    out = []
+
+    def sec(model, topo, ep, policy, ex):
+        for r in rows:
+            if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
+                model,
+                topo,
+                ep,
+                policy,
+                ex,
+            ):
+                return r["seconds_per_rebalance"]
+        return None
+
+    for topo, ep in (("h100-ib400", 64), ("gb200-nvl72", 72)):
+        base = sec("dsv3", topo, ep, "deepseek", "vllm-style")
+        ours = [
+            (ex, sec("dsv3", topo, ep, "migration_aware", ex))
+            for ex in ("ours nccl", "ours ipc+nccl", "ours dedupe")
+        ]
+        ours = [(ex, s) for ex, s in ours if s]
+        if base and ours:
+            ex, best = min(ours, key=lambda x: x[1])
+            ratio = base / best
+            out.append(
+                {
+                    "kind": "target",
+                    "what": f"dsv3 {topo} EP{ep}: migration_aware + {ex} vs deepseek + vLLM-style",
+                    "value": round(ratio, 1),
+                    "target": ">= 20x",
+                    "met": ratio >= 20,
+                }
+            )
+            hf = sec("dsv3", topo, ep, "migration_aware", "ours host-free (what-if)")
+            if hf:
+                out.append(
+                    {
+                        "kind": "target",
+                        "what": f"dsv3 {topo} EP{ep}: the same with host-free rounds (what-if: "
+                        f"{HOSTFREE_ROUND * 1e3:.1f} ms host per round, assumed)",
+                        "value": round(base / hf, 1),
+                        "target": ">= 20x",
+                        "met": base / hf >= 20,
+                    }
+                )
+    ded = [r for r in rows if r.get("executor") == "ours dedupe" and r["policy"] == "deepseek"]
+    if ded:
+        best = min(ded, key=lambda r: r["net_vs_plain"])
+        out.append(
+            {
+                "kind": "target",
+                "what": "network bytes per node with dedupe / without (best sequence: "
+                f"{best['model']} EP{best['ep']} {best['policy']})",
+                "value": best["net_vs_plain"],
+                "target": "<= 0.6",
+                "met": best["net_vs_plain"] <= 0.6,
+            }
+        )
+    return out
+
+
+def plot(path: str, rows: list[dict]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    sub = [r for r in rows if r["model"] == "dsv3" and r["cluster"] == "h100-ib400"]
+    for policy in POLICIES:
+        for ex in EXECUTORS:
+            pts = sorted(
+                (r["ep"], r["seconds_per_rebalance"], r["network_gb_per_node"])
+                for r in sub
+                if r["policy"] == policy and r["executor"] == ex
+            )
+            if not pts:
+                continue
+            ls = "-" if policy == "migration_aware" else "--"
+            lab = f"{policy} + {ex}"
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, label=lab)
+            net = [p for p in pts if p[2] > 0]  # one node: nothing crosses (log scale)
+            if ex in ("ours nccl", "ours dedupe") and net:
+                axes[1].plot(
+                    [p[0] for p in net], [p[2] for p in net], ls, marker="o", ms=3, label=lab
+                )
+    for ax, t in zip(axes[:2], ("predicted s per rebalance", "network GB received, busiest node")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("EP (8-GPU nodes, 8x 400 Gb/s each)")
+        ax.set_title(f"DeepSeek-V3 fp8: {t}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    res = ("host", "local", "nvlink", "copy_engine", "nic")
+    bars = [
+        r
+        for r in rows
+        if r["model"] == "dsv3"
+        and r["executor"] == "ours nccl"
+        and r["policy"] == "migration_aware"
+    ]
+    labels = [f"{'nvl72' if r['cluster'] == 'gb200-nvl72' else '8gpu'} EP{r['ep']}" for r in bars]
+    bottom = np.zeros(len(bars))
+    for res_name in res:
+        vals = []
+        for r in bars:
+            d = dict(
+                (p.split(" ")[0], float(p.split(" ")[1].rstrip("%")) / 100)
+                for p in r["bound"].split(" / ")
+                if p
+            )
+            vals.append(d.get(res_name, 0.0))
+        axes[2].bar(labels, vals, bottom=bottom, label=res_name)
+        bottom += np.asarray(vals)
+    axes[2].set_title("DeepSeek-V3, migration_aware + ours: share of rounds bound by")
+    axes[2].tick_params(axis="x", rotation=60)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench_scale(args: argparse.Namespace) -> list[dict]:
+    steps = int(getattr(args, "scale_steps", 2) or 2)
+    seed = int(getattr(args, "seed", 0) or 0)
+    models = [m for m in (getattr(args, "scale_models", "") or "").split(",") if m] or None
+    for m in models or ():
+        if m not in MODELS:
+            raise ValueError(f"unknown scale model {m!r} (known: {', '.join(MODELS)})")
+    rows = calibration_rows()
+    srows = scale_rows(steps, seed, models)
+    out = getattr(args, "out", None)
+    if out and not getattr(args, "no_plots", False):
+        os.makedirs(out, exist_ok=True)
+        p = plot(os.path.join(out, "scale.png"), srows)
+        if p:
+            srows[0]["plot"] = os.path.basename(p)
+    return rows + srows + targets(srows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibrate", action="store_true", help="only the calibration rows")
+    ap.add_argument("--steps", dest="scale_steps", type=int, default=2)
+    ap.add_argument("--models", dest="scale_models", default="", help=", ".join(MODELS))
+    ap.add_argument("--out", default="")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    rows = calibration_rows() if a.calibrate else bench_scale(a)
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items() if k != "kind"))
+    print(f"{time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The time model (pure, CPU): Cluster's checks, the model's arithmetic on hand-computed cases,
+its message counts against every rank's schedule, monotonic in rates, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb_pynccl import plan_rearrangement
+from eplb_pynccl.cluster import Cluster, HostCost
+from eplb_pynccl.estimate import (
+    estimate_rearrangement,
+    estimate_vllm_style,
+    predict_eplb_row,
+    round_messages,
+)
+from eplb_pynccl.schedule import Layout, build_schedule
+from tests.test_schedule import eplb_maps
+
+MiB = 1 << 20
+DSV3_ROW = [4096 * 7168, 7168 * 2048, 32 * 56 * 4, 56 * 16 * 4]
+
+
+def toy(gpus_per_node=4, nodes=1, *, nics=1, split=True, **kw):
+    """Round numbers: NVLink 1 GB/s + 1 ms per message, NIC 0.5 GB/s + 2 ms, copies 10 GB/s
+    + 0.1 ms, host 0.5 ms per round + 10 us per op + 1 us per copy, 3 ms set-up, no planning
+    cost."""
+    host = {
+        t: HostCost(per_op=10e-6, per_copy=1e-6, per_round=0.5e-3, setup=3e-3)
+        for t in ("nccl", "ipc", "torch")
+    }
+    args = dict(
+        name="toy",
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        nvlink_bw=1e9,
+        nvlink_latency=1e-3,
+        copy_engines=2,
+        ce_bw=0.25e9,
+        ce_latency=0.2e-3,
+        nics_per_node=nics,
+        nic_bw=0.5e9,
+        nic_latency=2e-3,
+        local_bw=10e9,
+        local_op=1e-4,
+        host=host,
+        split_channels=split,
+    )
+    args.update(kw)
+    return Cluster(**args)
+
+
+B = 2 * MiB  # one tensor per row, above the packing threshold: a message of its own
+
+
+def test_one_message():
+    # rank 0's only row needs expert 1, which only rank 1 holds: one transfer, staged
+    # (transactional), scattered into place after the exchange
+    old, new = [[0, 1]], [[1, 1]]
+    c = toy(2)
+    e = estimate_rearrangement(old, new, 2, [B], cluster=c)
+    exch = B / 1e9 + 1e-3
+    post = B / 10e9 + 1e-4  # one scatter kernel
+    host = 0.5e-3 + 10e-6 * 1 + 1e-6 * 1
+    assert e.rounds == 1 and e.messages == 1
+    assert e.seconds == pytest.approx(3e-3 + exch + max(host, post))
+    assert e.nvlink_bytes == B and e.network_bytes == 0 and e.busiest_gpu_bytes == B
+    assert e.critical == ("nvlink",)
+    assert e.parts["nvlink"][0] == pytest.approx(exch)
+
+
+def test_one_round_channels_split_over_peers():
+    # rank 0 holds experts 0, 1; rank 1 takes both (consecutive rows: one message of two rows),
+    # rank 2 takes expert 0 (one message): rank 0 has two NVLink peers in the round
+    old = [[0, 1, 2, 3, 4, 5]]
+    new = [[0, 1, 0, 1, 0, 5]]
+    e = estimate_rearrangement(old, new, 3, [B], cluster=toy(3))
+    assert e.messages == 2
+    # with split channels each of rank 0's pairs gets half of its rate: the two-row pair
+    # takes 2 * 2B / bw + 1 ms
+    assert e.parts["nvlink"][0] == pytest.approx(4 * B / 1e9 + 1e-3)
+    e2 = estimate_rearrangement(old, new, 3, [B], cluster=toy(3, split=False))
+    assert e2.parts["nvlink"][0] == pytest.approx(3 * B / 1e9 + 2e-3)
+
+
+def test_contended_nic():
+    # two nodes of two GPUs; ranks 2 and 3 (node 1) each take a row that only node 0 holds
+    old = [[0, 1, 2, 3]]
+    new = [[0, 1, 0, 1]]
+    one = estimate_rearrangement(old, new, 4, [B], cluster=toy(2, 2, nics=1))
+    assert one.network_bytes == 2 * B and one.nvlink_bytes == 0
+    assert one.parts["nic"][0] == pytest.approx(2 * B / 0.5e9 + 2 * 2e-3)
+    assert one.critical == ("nic",)
+    assert list(one.network_bytes_per_node) == [0, 2 * B]
+    two = estimate_rearrangement(old, new, 4, [B], cluster=toy(2, 2, nics=2))
+    assert two.parts["nic"][0] == pytest.approx(B / 0.5e9 + 2e-3)
+    # the NIC of one node serves both GPUs: named explicitly, the same as the default
+    same = toy(2, 2, nics=1, nic_gpus=((0, 1),))
+    assert estimate_rearrangement(old, new, 4, [B], cluster=same).seconds == one.seconds
+
+
+def test_copy_engine_transport():
+    old, new = [[0, 1]], [[1, 1]]
+    e = estimate_rearrangement(old, new, 2, [B], cluster=toy(2), transport="ipc")
+    # the receiver pulls through two engines of 0.25 GB/s: 0.5 GB/s, 0.2 ms per copy over 2
+    assert e.parts["copy_engine"][0] == pytest.approx(B / 0.5e9 + 0.2e-3 / 2)
+    assert e.critical == ("copy_engine",)
+
+
+def test_vllm_style_one_message():
+    old, new = [[0, 1]], [[1, 1]]
+    c = toy(2)
+    v = estimate_vllm_style(old, new, 2, [B, B], cluster=c)
+    # one op per tensor each side; two copies back (one per tensor)
+    host_ops = 0.5e-3 + 10e-6 * 2
+    exch = 2 * B / 1e9 + 2 * 1e-3
+    local = 2 * B / 10e9 + 2 * 1e-4
+    assert v.seconds == pytest.approx(host_ops + exch + max(local, 2 * 1e-6))
+    assert v.messages == 2
+
+
+def maps(rng, layers, ep, per_rank, keep=0.3):
+    return eplb_maps(rng, layers, ep, per_rank, keep=keep)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([2, 3, 4, 8]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([0, 1 << 20, 1 << 62]),
+)
+def test_round_messages_match_rank_schedules(seed, ep, transactional, one_sided, thr):
+    rng = np.random.default_rng(seed)
+    old, new = maps(rng, 3, ep, 3)
+    plan = plan_rearrangement(old, new, ep)
+    rows = [[3 * MiB, 1000, 48], [2 * MiB, 2 * MiB], [64, 4 * MiB]]
+    sched = build_schedule(
+        plan,
+        Layout.of(rows, 3),
+        transactional=transactional,
+        one_sided=one_sided,
+        pack_threshold=thr,
+        max_messages_per_round=int(rng.integers(4, 64)),
+    )
+    rnd, src, dst, msgs, byts = round_messages(sched)
+    want = {}
+    for r in range(ep):
+        for k, ro in enumerate(sched.rank(r).rounds):
+            for p, nb in zip(ro.sends.peer.tolist(), ro.sends.nbytes.tolist()):
+                m, b = want.get((k, r, p), (0, 0))
+                want[(k, r, p)] = (m + 1, b + nb)
+    got = {
+        (a, s, d): (m, b)
+        for a, s, d, m, b in zip(
+            rnd.tolist(), src.tolist(), dst.tolist(), msgs.tolist(), byts.tolist()
+        )
+    }
+    assert got == want
+
+
+def _scaled(c: Cluster, f: dict) -> Cluster:
+    return dataclasses.replace(c, **{k: getattr(c, k) * v for k, v in f.items()})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["nvlink_bw", "nic_bw", "local_bw", "ce_bw"]),
+    st.floats(1.0, 8.0),
+    st.sampled_from(["nccl", "ipc"]),
+)
+def test_monotonic_in_rates(seed, rate, factor, transport):
+    rng = np.random.default_rng(seed)
+    old, new = maps(rng, 2, 8, 3, keep=0.2)
+    c = toy(4, 2, nics=2)
+    rows = [2 * MiB, 512 * 1024, 64]
+    a = estimate_rearrangement(old, new, 8, rows, cluster=c, transport=transport)
+    b = estimate_rearrangement(
+        old, new, 8, rows, cluster=_scaled(c, {rate: factor}), transport=transport
+    )
+    assert b.seconds <= a.seconds * (1 + 1e-12)
+    va = estimate_vllm_style(old, new, 8, rows, cluster=c)
+    vb = estimate_vllm_style(old, new, 8, rows, cluster=_scaled(c, {rate: factor}))
+    assert vb.seconds <= va.seconds * (1 + 1e-12)
+
+
+def test_nothing_moves():
+    old = np.arange(8).reshape(1, 8)
+    e = estimate_rearrangement(old, old, 4, [B], cluster=toy(4))
+    assert e.seconds == 0.0 and e.rounds == 0 and e.messages == 0
+    assert estimate_vllm_style(old, old, 4, [B], cluster=toy(4)).seconds == 0.0
+
+
+def test_presets():
+    for name in ("h100-ib400", "h200-ib400", "gb200-nvl72", "h100x4-nv18", "h200x1"):
+        c = Cluster.preset(name, nodes=2)
+        assert c.nodes == 2 and c.world_size == 2 * c.gpus_per_node
+        assert sorted(g for grp in c.nic_gpus for g in grp) == list(range(c.gpus_per_node))
+    c = Cluster.preset("h100-ib400", nodes=4)
+    assert c.nic_of([0, 7, 8, 31]).tolist() == [0, 7, 8, 31]
+    assert Cluster.preset("gb200-nvl72").gpus_per_node == 72
+    assert "NVLink 4" in Cluster.preset.__doc__
+
+
+def test_predict_eplb_row():
+    rng = np.random.default_rng(0)
+    old, new = maps(rng, 2, 4, 4)
+    ms = predict_eplb_row(old, new, 4, DSV3_ROW, "eplb_pynccl")
+    assert ms > 0
+    assert predict_eplb_row(old, new, 4, DSV3_ROW, "vllm-style") > 0
+    assert predict_eplb_row(old, new, 4, DSV3_ROW, "eplb_pynccl/gloo") is None
+
+
+@pytest.mark.parametrize(
+    "kw, err, msg",
+    [
+        ({"gpus_per_node": 0}, ValueError, "gpus_per_node must be >= 1"),
+        ({"nodes": True}, TypeError, "nodes must be an int, got bool"),
+        ({"nvlink_bw": -1.0}, ValueError, "nvlink_bw must be > 0"),
+        ({"nic_bw": float("inf")}, ValueError, "nic_bw must be finite"),
+        ({"nic_latency": -1e-6}, ValueError, "nic_latency must be >= 0"),
+        ({"local_op": "1"}, TypeError, "local_op must be a real number, got str"),
+        ({"copy_engines": 1.5}, TypeError, "copy_engines must be an int, got float"),
+        ({"nics_per_node": 3}, ValueError, "nic_gpus must be given when 3 NICs"),
+        ({"nic_gpus": ((0, 1), (1, 2), (3,))}, ValueError, "nic_gpus lists 3 NICs"),
+        ({"nics_per_node": 2, "nic_gpus": ((0, 1), (1, 2))}, ValueError, "exactly once"),
+        ({"nics_per_node": 2, "nic_gpus": ((0, 1, 2, 3), ())}, ValueError, "at least one GPU"),
+        ({"host": {}}, ValueError, "host lacks a HostCost for 'nccl'"),
+        ({"host": {"nixl": None}}, ValueError, "unknown transport 'nixl'"),
+        ({"split_channels": 1}, TypeError, "split_channels must be a bool"),
+    ],
+)
+def test_cluster_bad_fields(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        toy(**kw) if "gpus_per_node" in kw or "split" in kw else toy(4, **kw)
+
+
+def test_host_cost_bad():
+    with pytest.raises(ValueError, match="HostCost.per_op must be >= 0"):
+        HostCost(per_op=-1.0, per_copy=0.0, per_round=0.0)
+    with pytest.raises(TypeError, match="host\\['nccl'\\] must be a HostCost"):
+        toy(host={"nccl": 1, "ipc": 1, "torch": 1})
+
+
+def test_estimate_bad_input():
+    old, new = [[0, 1]], [[1, 1]]
+    c = toy(2)
+    with pytest.raises(TypeError, match="cluster must be a Cluster, got str"):
+        estimate_rearrangement(old, new, 2, [B], cluster="h100-ib400")
+    with pytest.raises(ValueError, match="ep_size \\(4\\) is larger than the cluster's 2 GPUs"):
+        estimate_rearrangement([[0, 1, 2, 3]], [[1, 1, 2, 3]], 4, [B], cluster=c)
+    with pytest.raises(ValueError, match="transport must be one of nccl, ipc, got 'gloo'"):
+        estimate_rearrangement(old, new, 2, [B], cluster=c, transport="gloo")
+    with pytest.raises(TypeError, match="unknown option\\(s\\) \\['stagin_bytes'\\]"):
+        estimate_rearrangement(old, new, 2, [B], cluster=c, stagin_bytes=1)
+    with pytest.raises(ValueError, match="row_bytes must be >= 0"):
+        estimate_rearrangement(old, new, 2, [-1], cluster=c)
+    with pytest.raises(ValueError, match="link must be 'nccl' or 'ce'"):
+        estimate_vllm_style(old, new, 2, [B], cluster=c, link="nixl")
+    with pytest.raises(ValueError, match="unknown cluster preset 'dgx'"):
+        Cluster.preset("dgx")
+    with pytest.raises(ValueError, match="nodes must be >= 1"):
+        Cluster.preset("h100-ib400", nodes=0)
+
+
+def test_calibration_against_measured_rows():
+    """The model against bench/RESULTS.md's measured rows (bench/scale.py): the errors the
+    README states, so a change to the model or the schedule that moves them shows here."""
+    from bench.scale import MEASURED, calibration_rows
+
+    rows = calibration_rows()
+    assert len(rows) == len(MEASURED) == 18
+    errs = [abs(r["error_pct"]) for r in rows]
+    assert sum(e <= 25 for e in errs) >= 14
+    assert max(errs) <= 40
