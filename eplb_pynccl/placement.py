@@ -461,13 +461,11 @@ def rebalance(
         slots_changed=None if sc is None else _frozen(sc),
         experts_received=None if recv is None else _frozen(recv),
         internode_received=None if inter is None else _frozen(inter),
-        seconds=0.0,
         repair_rounds=rounds,
+        _new_cost=float((cost * scale).sum()),
+        _old_cost=None if old_cost is None else float((old_cost * scale).sum()),
+        seconds=time.perf_counter() - t0,
     )
-    object.__setattr__(res, "_new_cost", float((cost * scale).sum()))
-    if old_cost is not None:
-        object.__setattr__(res, "_old_cost", float((old_cost * scale).sum()))
-    object.__setattr__(res, "seconds", time.perf_counter() - t0)
     return res
 
 
@@ -774,25 +772,20 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     gpn = ep // nodes
     items = ref.reshape(L, ep, P)  # pack p = the reference's GPU p
     co = _gpu_counts(old, ep, E)
-    f32 = np.float32  # exact here: every sum of products is an integer <= P
-    pn = _gpu_presence(ref, ep, E).astype(f32)
-    po_t = np.ascontiguousarray((co > 0).transpose(0, 2, 1), dtype=f32)  # [L, E, gpu]
-    distinct = pn.sum(2, dtype=_I64)[:, :, None]
-    shared = np.rint(pn @ po_t).astype(_I64)  # [L, pack, gpu]: experts both hold
+    occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
+    distinct = (occ == 0).sum(2)[:, :, None]
+    shared = _shared(items, occ, old, ep, 1)  # [L, pack, gpu]: experts both hold
     recv = distinct - shared  # experts the GPU lacks
     # rows kept = sum_e min(new_e, old_e): the shared experts, plus each further copy of an
     # expert in the pack that the GPU also held more than once (rare: counted one by one)
     kept = shared.copy()
-    occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
     dl, dp, dj = np.nonzero(occ > 0)
     if dl.size:
         more = co[dl, :, items[dl, dp, dj]] > occ[dl, dp, dj][:, None]  # [dups, gpu]
         np.add.at(kept, (dl, dp), more.astype(_I64))
     cost = recv * (P + 1) + (P - kept)
     if nodes > 1:
-        node_has = co.reshape(L, nodes, gpn, E).max(2) > 0  # [L, node, E]
-        nh_t = np.ascontiguousarray(node_has.transpose(0, 2, 1), dtype=f32)
-        cross = distinct - np.rint(pn @ nh_t).astype(_I64)  # [L, pack, node]
+        cross = distinct - _shared(items, occ, old, ep, gpn)  # [L, pack, node]
         cost += np.repeat(cross, gpn, axis=2) * (P + 1) ** 2
     gpu_of_pack = np.empty((L, ep), dtype=_I64)
     costf = cost.astype(np.float64)
@@ -826,6 +819,29 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     if nodes > 1:
         inter_g = cross[rows, pack_of_gpu, gpus // gpn]
     return gpu_of_pack, changed, recv_g, inter_g
+
+
+def _shared(items: np.ndarray, occ: np.ndarray, old: np.ndarray, ep: int, size: int) -> np.ndarray:
+    """int [L, packs, ep // size]: distinct experts of each pack (``items`` [L, packs, P],
+    ``occ`` their :func:`_occurrence`) that ``old`` holds on each block of ``size``
+    consecutive GPUs. Counted pair by pair (pack item, holder of its expert), no BLAS."""
+    L, K, P = items.shape
+    N = old.shape[1]
+    nb = ep // size
+    E1 = int(max(items.max(), old.max())) + 1
+    # distinct (layer, expert, block) holders in old (empty slots hold nothing), sorted
+    lr, sr = np.nonzero(old >= 0)
+    key = np.unique((lr * E1 + old[lr, sr]) * nb + sr // (N // nb))
+    hold_le, hold_b = np.divmod(key, nb)
+    start = np.searchsorted(hold_le, np.arange(L * E1 + 1))
+    m = occ.ravel() == 0
+    le = (np.repeat(np.arange(L), K * P) * E1 + items.ravel())[m]
+    pk = np.tile(np.repeat(np.arange(K), P), L)[m] + np.repeat(np.arange(L), K * P)[m] * K
+    n = start[le + 1] - start[le]
+    first = np.repeat(start[le], n)
+    at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + first
+    out = np.bincount(np.repeat(pk, n) * nb + hold_b[at], minlength=L * K * nb)
+    return out.reshape(L, K, nb)
 
 
 def _relabel_maps(ref, old, gpu_of_pack, layers) -> np.ndarray:
@@ -898,6 +914,8 @@ def _migration_aware(old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref
     rounds = 0
     if todo.size:
         rep, rounds = _repair(old[todo], lam[todo], target[todo], rel_changed[todo], ep, nodes)
+        # rows: each GPU's experts where they were (the fewest rows written for its multiset)
+        rep = _place_rows(rep.reshape(todo.size, ep, N // ep), old[todo])
         rep_imb, rep_cost = _imbalance(rep, lam[todo], ep)
         rep_changed = (rep != old[todo]).sum(1)
         t = target[todo] * (1 + _TOL)

@@ -663,3 +663,19 @@ def test_placement_imbalance_bad_input():
         ValueError, match=re.escape("num_physical (6) is not divisible by ep_size (4)")
     ):
         placement_imbalance(OLD0, L0, 4)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(["deepseek_relabelled", "migration_aware"]))
+def test_rows_kept_are_the_most_possible(case, policy):
+    """Per GPU, the rows that keep their expert are sum_e min(new_e, old_e): an expert that
+    stays on a GPU keeps its slot, and no row is written that need not be."""
+    loads, N, ep, nodes, groups, old = case
+    res = rebalance(loads, N, ep, old_map=old, num_nodes=nodes, num_groups=groups, policy=policy)
+    P = N // ep
+    for layer in range(loads.shape[0]):
+        for g in range(ep):
+            o = old[layer, g * P : (g + 1) * P]
+            n = res.new_map[layer, g * P : (g + 1) * P]
+            best = sum((Counter(n.tolist()) & Counter(o[o >= 0].tolist())).values())
+            assert int((n == o).sum()) == best
