@@ -1132,8 +1132,8 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         best_m = np.argmax(score_m, axis=1)
         sc_m = score_m[ar, best_m]
 
-        use_s = (sc_s >= sc_m) & (sc_s > 0)
-        use_m = ~use_s & (sc_m > 0)
+        use_s = (sc_s >= sc_m) & (sc_s > -1)
+        use_m = ~use_s & (sc_m > -1)
         active[idx[~(use_s | use_m)]] = False  # nothing helps: stuck
 
         # A layer applies its move for A (which changes the weights of its experts x and y
@@ -1149,7 +1149,7 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
             touched[ar, rs[ar, mj]] = True
             used[use_m] = touched[use_m]
         for k in range(M):
-            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)
+            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)  # no side steps
             i, j = np.divmod(best_s[:, k], K * P)
             ga, gb_ = heavy[:, k], gpuB[ar, j]
             ok &= ~used[ar, ga] & ~used[ar, gb_]
@@ -1188,14 +1188,21 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
 def _score(gain, reduction, cost):
     """How much an operation reduces the layer's excess over the target (sum over GPUs of
     load above it) per unit of movement cost, plus a tie-break on the load it removes from
-    the heaviest GPU; -inf where it is not allowed: it must lower that GPU below its load,
-    leave every GPU it raises below that load (``gain > 0``) and reduce the excess.
+    the heaviest GPU. An operation must lower that GPU and leave every GPU it raises below
+    that GPU's load (``gain > 0``; -inf otherwise). One that does not reduce the excess
+    (a step out of a dead end: it lowers the peak, the next one may reduce the excess)
+    scores in (-1, 0), by peak lowered per cost: below every operation that reduces it.
     Overwrites ``reduction``."""
-    bad = (gain <= 0) | (reduction <= 0)
+    bad = gain <= 0
+    flat = reduction <= 0
     np.maximum(cost, _MIN_COST, out=cost)
     reduction /= cost
+    gain /= cost
+    pos = np.maximum(gain, 0.0)
+    side = pos / (1.0 + pos) - 1.0
     gain *= 1e-6
     reduction += gain
+    reduction[flat] = side[flat]
     reduction[bad] = -np.inf
     return reduction
 
