@@ -30,7 +30,14 @@ Shapes (:data:`SHAPES`), with the expert sizes of the public model configs:
 
 Qwen3 has no expert groups: DeepSeek's global variant there.
 
-Run alone: ``python -m bench.placement_bench [--steps N] [--shapes ...] [--drifts ...]``.
+Part ``placement-time``: policy time of deepseek and migration_aware, 58 layers, DeepSeek-V3
+(256 experts, 8 groups) and Kimi-K2 (384 experts, no groups) at EP 8-256 with
+``ceil(experts / ep) + r`` slots per GPU (r = 1, 4), 8 GPUs per node, moderate drift; idle and
+with one busy-loop process per core started and stopped beside it; BLAS threads at their
+defaults. Target (issue 23): migration_aware <= 25 ms.
+
+Run alone: ``python -m bench.placement_bench [--steps N] [--shapes ...] [--drifts ...]``
+(``--time-only`` for part placement-time alone).
 """
 
 from __future__ import annotations
@@ -271,6 +278,88 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+# policy time (part 'placement-time'): 58 layers, EP 8-256, idle and beside busy loops
+TIME_MODELS = {"dsv3": (256, 8), "kimi-k2": (384, 1)}  # experts, expert groups
+TIME_EPS = (8, 16, 32, 64, 128, 256)
+TIME_REDUNDANT = (1, 4)  # further slots per GPU: ceil(experts / ep) + r slots per GPU
+POLICY_TIME_TARGET_MS = 25.0  # issue 23: 58 layers, EP8-256, loaded 2-core host
+
+
+class _BusyLoops:
+    """One busy-loop process per core beside the measurement (started and stopped here)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list = []
+
+    def __enter__(self):
+        import subprocess
+
+        code = "while True: pass"
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
+        time.sleep(0.3)  # let them reach the loop
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def policy_time(
+    steps: int = 3, seed: int = 0, eps=TIME_EPS, redundant=TIME_REDUNDANT
+) -> list[dict]:
+    """Rows of part 'placement-time': median and max policy time (``RebalanceResult.seconds``)
+    of deepseek and migration_aware over ``steps`` rebalances of drifting loads (moderate),
+    58 layers, 8 GPUs per node, for each model, EP and redundancy; idle, then with one
+    busy-loop process per core. BLAS threads are left at their defaults."""
+    cases = []
+    for model, (E, G) in TIME_MODELS.items():
+        for ep in eps:
+            for r in redundant:
+                P = -(-E // ep) + r
+                cases.append((model, E, G, ep, P))
+    seqs = {
+        (m, E): load_sequence(58, E, steps + 1, "moderate", seed=seed + E, top_k=8)
+        for m, E, *_ in cases
+    }
+    out = []
+    for cond in ("idle", "loaded"):
+        ctx = _BusyLoops(os.cpu_count() or 1) if cond == "loaded" else None
+        if ctx:
+            ctx.__enter__()
+        try:
+            for model, E, G, ep, P in cases:
+                seq = seqs[(model, E)]
+                nodes = max(1, ep // 8)
+                kw = dict(num_nodes=nodes, num_groups=G, row_bytes=1)
+                first = rebalance(seq[0], ep * P, ep, **kw).new_map
+                row = {"model": model, "ep": ep, "slots_per_gpu": P, "condition": cond}
+                for pol in ("deepseek", "migration_aware"):
+                    cur, ms = first, []
+                    for t in range(1, steps + 1):
+                        res = rebalance(seq[t], ep * P, ep, old_map=cur, policy=pol, **kw)
+                        ms.append(res.seconds * 1e3)
+                        cur = res.new_map
+                    key = "ds" if pol == "deepseek" else "ma"
+                    row[f"{key}_ms_median"] = round(float(np.median(ms)), 1)
+                    row[f"{key}_ms_max"] = round(float(np.max(ms)), 1)
+                row["ma_vs_ds"] = round(row["ma_ms_median"] / row["ds_ms_median"], 2)
+                row["status"] = (
+                    "met"
+                    if row["ma_ms_median"] <= POLICY_TIME_TARGET_MS
+                    else f"MISSED: migration_aware {row['ma_ms_median']:.0f} ms"
+                )
+                out.append(row)
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+    for r in out:
+        r["part"] = "placement-time"
+    return out
+
+
 def bench_placement(args: argparse.Namespace) -> list[dict]:
     steps = int(getattr(args, "placement_steps", 20) or 20)
     seed = int(getattr(args, "seed", 0) or 0)
@@ -294,7 +383,8 @@ def bench_placement(args: argparse.Namespace) -> list[dict]:
             rows += run_sequence(SHAPES[s], d, steps, seed)
     for r in rows:
         r["part"] = "placement"
-    return rows + targets(rows)
+    timing = policy_time(int(getattr(args, "placement_time_steps", 3) or 3), seed)
+    return rows + targets(rows) + timing
 
 
 def main() -> None:
@@ -303,10 +393,15 @@ def main() -> None:
     ap.add_argument("--shapes", dest="placement_shapes", default="", help=", ".join(SHAPES))
     ap.add_argument("--drifts", dest="placement_drifts", default="", help=", ".join(DRIFTS))
     ap.add_argument("--seed", type=int, default=0)
-    rows = bench_placement(ap.parse_args())
+    ap.add_argument("--time-only", action="store_true", help="only part placement-time")
+    ap.add_argument("--time-steps", dest="placement_time_steps", type=int, default=3)
+    a = ap.parse_args()
+    rows = policy_time(a.placement_time_steps, a.seed) if a.time_only else bench_placement(a)
     from .report import part_table, text_table
 
-    for part in ("placement", "placement-targets"):
+    for part in ("placement", "placement-targets", "placement-time"):
+        if not any(r["part"] == part for r in rows):
+            continue
         h, c = part_table(part, [r for r in rows if r["part"] == part])
         print(text_table(h, c))
 

@@ -10,15 +10,20 @@ divided by the mean GPU load (1.0 is perfect; 1.0 too for a layer without load).
 Policies
 --------
 ``"deepseek"``
-    DeepSeek's published EPLB algorithm, written here from its description. Replication:
-    while slots are left, add a replica to the expert with the largest load per replica.
-    Balanced packing: items in decreasing weight order, each to the least loaded pack that
-    still has room (every pack gets the same number of items). Hierarchical variant, used
-    when ``num_groups`` is given and ``num_nodes`` divides it: pack the expert groups (sum of
-    their loads) onto nodes, replicate within each node, pack each node's replicas onto its
-    GPUs. Otherwise the global variant: replicate over all slots and pack onto all GPUs.
-    It ignores ``old_map`` (which is only used for the movement figures): ties go to the
-    lower index, pack ``i`` goes to GPU ``i`` and rows follow the packing order.
+    DeepSeek's EPLB algorithm, the same map as its reference implementations (DeepSeek's
+    ``eplb.py``, vLLM's ``DefaultEplbPolicy``) on every input, ties included; written here,
+    vectorised over layers. Hierarchical whenever ``num_groups`` is given and ``num_nodes``
+    divides it (one node with several groups included): pack the expert groups (sums of
+    their loads) onto nodes, renumber the experts node by node in that order, replicate
+    within each node, pack each node's replicas onto its GPUs. Otherwise the global variant
+    (replicate over all slots, pack onto all GPUs). Replication: while slots are left, add a
+    replica to the expert with the largest load per replica (ties: the lowest index in the
+    node-local order). Balanced packing: items in decreasing weight order, each to the least
+    loaded pack that still has room (ties: the lowest pack); with one item per pack, item
+    ``i`` goes to pack ``i``. The arithmetic is the reference's: float32 loads and group
+    sums, load per replica and pack loads in float64, and items of equal weight in the
+    order of numpy's default ``argsort`` of the negated weights (vLLM's sort; deterministic
+    for one numpy build and CPU). It ignores ``old_map`` (only used for the figures).
 ``"deepseek_relabelled"``
     The same packs, placed to move as little as possible: packs are assigned to GPUs (and,
     in the hierarchical variant, node packs to nodes first) by solving an assignment problem
@@ -59,7 +64,8 @@ where it was reached.
 
 Determinism: the result is a pure function of the arguments (numpy and scipy only, ties to
 the lower index, no randomness), so every rank computes the same map from the same loads.
-Loads are scaled per layer by their maximum before anything else (imbalance is scale-free).
+The migration-aware repair and the figures work on loads scaled per layer by their maximum
+(imbalance is scale-free); DeepSeek's packs are computed from the loads as given.
 
 The gate: ``RebalanceResult.old_imbalance`` is the imbalance of ``old_map`` under the new
 loads; :func:`should_rebalance` says whether the gain is worth the bytes (rule there).
@@ -412,7 +418,7 @@ def rebalance(
     scale[scale == 0] = 1.0
     lam = lam_raw / scale[:, None]
 
-    ref, nodes_h = _deepseek(lam, N, ep, nodes, groups)
+    ref, nodes_h = _deepseek(_ds_weights(lam_raw), N, ep, nodes, groups)
     ref_imb, ref_cost = _imbalance(ref, lam, ep)
     target = ref_imb if target_arg is None else target_arg
     old_imb = old_cost = None
@@ -455,13 +461,11 @@ def rebalance(
         slots_changed=None if sc is None else _frozen(sc),
         experts_received=None if recv is None else _frozen(recv),
         internode_received=None if inter is None else _frozen(inter),
-        seconds=0.0,
         repair_rounds=rounds,
+        _new_cost=float((cost * scale).sum()),
+        _old_cost=None if old_cost is None else float((old_cost * scale).sum()),
+        seconds=time.perf_counter() - t0,
     )
-    object.__setattr__(res, "_new_cost", float((cost * scale).sum()))
-    if old_cost is not None:
-        object.__setattr__(res, "_old_cost", float((old_cost * scale).sum()))
-    object.__setattr__(res, "seconds", time.perf_counter() - t0)
     return res
 
 
@@ -562,68 +566,180 @@ def _received(old, new, ep, nodes, E):
 
 
 # ---------------------------------------------------------------------------------------
-# DeepSeek's algorithm
+# DeepSeek's algorithm, as its reference implementations compute it
 # ---------------------------------------------------------------------------------------
+#
+# The reference (DeepSeek's eplb.py; vLLM's DefaultEplbPolicy) works on float32 loads: group
+# sums in float32, load per replica as float32 / count in float64, pack loads accumulated in
+# float64. Its packing visits items in the order of numpy's default argsort of the negated
+# weights, so equal weights come in that sort's order. The functions below take the same
+# values in the same order (vectorised over layers), so they return the same map, ties
+# included; tests/test_placement.py checks them against a plain re-implementation and
+# tests_vllm/test_policy.py against vLLM's own.
+
+_GREEDY_REPLICAS = 64  # up to this many redundant slots: one argmax per slot; above: bisection
 
 
-def _replicate(w: np.ndarray, total: int) -> np.ndarray:
-    """Replica counts [B, n] summing to ``total`` per row: each extra replica goes to the item
-    with the largest weight per replica (ties: lowest index)."""
+def _ds_weights(lam_raw: np.ndarray) -> np.ndarray:
+    """The loads as the reference sees them (float32), scaled by a power of two where
+    float32 would overflow (exact: no order or tie changes)."""
+    top = float(lam_raw.max())
+    if top > 1e38:
+        lam_raw = lam_raw * 2.0 ** -(math.frexp(top)[1] - 120)
+    return lam_raw.astype(np.float32)
+
+
+def _replicate(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's replication of ``n`` items into ``total`` replicas per row: each further
+    replica goes to the item with the largest ``w / count`` (float64; ties: lowest index).
+
+    Returns ``(count [B, n], chosen [B, total - n])``: the item of each further replica, in
+    the order they are added. Few replicas: one argmax each. Many: the added replicas are the
+    ``total - n`` largest values of ``{w_i / k : k >= 1}`` (largest value first, equal values
+    by lowest index), selected among the few near the threshold a proportional share
+    brackets."""
     B, n = w.shape
+    R = total - n
+    rows = np.arange(B)
     cnt = np.ones((B, n), dtype=_I64)
-    rows = np.arange(B)
-    for _ in range(total - n):
-        cnt[rows, np.argmax(w / cnt, axis=1)] += 1
-    return cnt
+    if R <= _GREEDY_REPLICAS:
+        chosen = np.empty((B, R), dtype=_I64)
+        for i in range(R):
+            c = np.argmax(w / cnt, axis=1)
+            chosen[:, i] = c
+            cnt[rows, c] += 1
+        return cnt, chosen
+    wf = w.astype(np.float64)
+
+    def above(t: np.ndarray) -> np.ndarray:
+        """[B, n]: how many k >= 1 have w / k > t (t > 0 per row), at most R."""
+        k = np.floor(np.minimum(wf / t[:, None], R + 1.0))
+        for _ in range(2):  # the floor of a rounded quotient is off by at most one
+            k = np.where((k < R + 1) & (wf / (k + 1) > t[:, None]), k + 1, k)
+            k = np.where((k >= 1) & ~(wf / np.maximum(k, 1) > t[:, None]), k - 1, k)
+        return np.minimum(k, R).astype(_I64)
+
+    # The R-th largest value lies in (lo, hi]: fewer than R values exceed W / R and at
+    # least R exceed W / (R + n) (n: items with load). Every value in between is a
+    # candidate (about n per row); sorting them finishes the selection.
+    tot = wf.sum(1)
+    live = tot > 0
+    pos_n = (wf > 0).sum(1)
+    hi = np.where(live, tot / R * (1 + 1e-9), 1.0)
+    lo = np.where(live, tot / (R + pos_n + 1) * (1 - 1e-9), 0.5)
+    k_hi, k_lo = above(hi), above(lo)
+    if (k_hi.sum(1)[live] >= R).any() or (k_lo.sum(1)[live] < R).any():  # pragma: no cover
+        raise AssertionError("replication bracket")  # cannot happen: bounds are loose
+    extra = k_lo - k_hi  # candidates per item: its replicas k_hi + 1 .. k_lo
+    rows_c = np.repeat(np.arange(B), extra.sum(1))
+    item_c = np.repeat(np.tile(np.arange(n), B), extra.ravel())
+    start = np.repeat((np.cumsum(extra.ravel()) - extra.ravel()), extra.ravel())
+    kc = np.arange(item_c.size) - start + np.repeat(k_hi.ravel(), extra.ravel()) + 1
+    vc = wf[rows_c, item_c] / kc
+    order = np.lexsort((item_c, -vc, rows_c))
+    rank = np.arange(order.size) - np.repeat(np.cumsum(extra.sum(1)) - extra.sum(1), extra.sum(1))
+    take = order[rank < (R - k_hi.sum(1))[rows_c]]
+    k = k_hi.copy()
+    np.add.at(k, (rows_c[take], item_c[take]), 1)
+    zero = ~live  # nothing loaded: every argmax is item 0
+    k[zero] = 0
+    k[zero, 0] = R
+    cnt += k
+    # the order the greedy adds them: value descending, then lowest item first
+    item = np.repeat(np.tile(np.arange(n), B), k.ravel()).reshape(B, R)
+    first = np.cumsum(k, axis=1) - k  # where each item's run starts
+    kk = np.arange(R)[None, :] - np.take_along_axis(first, item, 1) + 1  # k-th extra replica
+    val = np.take_along_axis(w.astype(np.float64), item, 1) / kk
+    order = np.lexsort((item, -val), axis=1)
+    return cnt, np.take_along_axis(item, order, 1)
 
 
-def _pack(w: np.ndarray, num_packs: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced packing of ``num_packs * cap`` items per row into ``num_packs`` packs of
-    ``cap``: heaviest item first, each to the least loaded pack with room (ties: lowest).
-    Returns (pack, position in the pack) per item."""
+def _pack(w: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's balanced packing of each row's ``n`` items into ``num_packs`` packs of
+    ``n / num_packs``: items in the order of numpy's argsort of ``-w``, each to the least
+    loaded pack with room (float64 loads; ties: lowest pack index). One item per pack: item
+    ``i`` in pack ``i``. Returns (pack, position in the pack) per item.
+
+    Several items are placed per step: after sorting the packs by (load, index), the k-th
+    next item goes to the k-th pack as long as that pack stays lighter than every pack that
+    took an item earlier in the step (strictly; an equal load ends the step), which is what
+    placing them one by one would do."""
     B, n = w.shape
-    order = np.argsort(-w, axis=1, kind="stable")
-    rows = np.arange(B)
-    load = np.zeros((B, num_packs))
-    fill = np.zeros((B, num_packs), dtype=_I64)
+    cap = n // num_packs
+    if cap == 1:
+        return np.broadcast_to(np.arange(n), (B, n)).copy(), np.zeros((B, n), dtype=_I64)
+    order = np.argsort(-w, axis=-1)
+    ws = np.take_along_axis(w, order, 1).astype(np.float64)
+    K = num_packs
+    load = np.zeros((B, K))
+    fill = np.zeros((B, K), dtype=_I64)
+    pack_s = np.empty((B, n), dtype=_I64)  # per sorted item
+    pos_s = np.empty((B, n), dtype=_I64)
+    ptr = np.zeros(B, dtype=_I64)
+    jj = np.arange(K)
+    a = np.arange(B)
+    while a.size:
+        la = load[a]
+        q = np.argsort(la, axis=1, kind="stable")  # full packs (inf) last
+        ar = a[:, None]
+        lq = la[np.arange(a.size)[:, None], q]
+        idx = ptr[a][:, None] + jj
+        valid = idx < n
+        np.minimum(idx, n - 1, out=idx)
+        after = lq + ws[ar, idx]
+        fq = fill[ar, q]
+        after[fq + 1 == cap] = np.inf
+        prev = np.minimum.accumulate(after, axis=1)
+        ok = valid & (lq < np.inf)
+        ok[:, 1:] &= lq[:, 1:] < prev[:, :-1]
+        m = np.logical_and.accumulate(ok, axis=1)  # the first items of the step
+        r, j = np.nonzero(m)
+        rows, it, pk = a[r], idx[r, j], q[r, j]
+        pack_s[rows, it] = pk
+        pos_s[rows, it] = fq[r, j]
+        load[rows, pk] = after[r, j]
+        fill[rows, pk] += 1
+        ptr[a] += m.sum(1)
+        a = a[ptr[a] < n]
     pack = np.empty((B, n), dtype=_I64)
     pos = np.empty((B, n), dtype=_I64)
-    ws = np.take_along_axis(w, order, 1)
-    for j in range(n):
-        cand = np.where(fill < cap, load, np.inf)
-        p = np.argmin(cand, axis=1)
-        it = order[:, j]
-        pack[rows, it] = p
-        pos[rows, it] = fill[rows, p]
-        load[rows, p] += ws[:, j]
-        fill[rows, p] += 1
+    np.put_along_axis(pack, order, pack_s, 1)
+    np.put_along_axis(pos, order, pos_s, 1)
     return pack, pos
 
 
-def _deepseek(lam, N, ep, nodes, groups) -> tuple[np.ndarray, int]:
-    """DeepSeek's EPLB placement [L, N], and the node count of its hierarchy (1: global)."""
-    L, E = lam.shape
-    hier = groups is not None and groups % nodes == 0 and nodes > 1
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), 1)
+    return inv
+
+
+def _hierarchical(num_groups: int | None, nodes: int) -> bool:
+    """The reference's rule: hierarchical whenever the groups divide over the nodes (one
+    node with several groups included); the global variant otherwise."""
+    return num_groups is not None and num_groups % nodes == 0
+
+
+def _deepseek(w, N, ep, nodes, groups) -> tuple[np.ndarray, int]:
+    """DeepSeek's EPLB placement [L, N] of float32 loads ``w`` (see :func:`_ds_weights`),
+    and the node count of its hierarchy (1: global)."""
+    L, E = w.shape
+    hier = _hierarchical(groups, nodes)
     nh, G = (nodes, groups) if hier else (1, 1)
     gs, gpn, Nn, En, P = E // G, ep // nh, N // nh, E // nh, N // ep
-    if hier:
-        gl = lam.reshape(L, G, gs).sum(2)
-        gpack, gpos = _pack(gl, nh, G // nh)
-        gorder = np.argsort(gpack * G + gpos, axis=1)  # groups by (node, position)
-        experts = (gorder[:, :, None] * gs + np.arange(gs)).reshape(L * nh, En)
-    else:
-        experts = np.broadcast_to(np.arange(E), (L, E))
+    # groups onto nodes; experts renumbered node by node, groups in their packing order
+    gpack, gpos = _pack(w.reshape(L, G, gs).sum(-1), nh)
+    group_at = _inverse(gpack * (G // nh) + gpos)  # [L, G]: the group at each position
+    experts = (group_at[:, :, None] * gs + np.arange(gs)).reshape(L, E)
     B = L * nh
-    w = np.take_along_axis(np.repeat(lam, nh, axis=0), experts, 1)  # [B, En]
-    cnt = _replicate(w, Nn)
-    flat = np.repeat(np.arange(B * En), cnt.ravel())  # item -> (node batch, local expert)
-    item_e = experts.ravel()[flat].reshape(B, Nn)
-    item_w = (w / cnt).ravel()[flat].reshape(B, Nn)
-    pack, pos = _pack(item_w, gpn, P)
-    slot = (np.arange(B) % nh)[:, None] * Nn + pack * P + pos
-    out = np.empty((B // nh, N), dtype=_I64)
-    out[np.repeat(np.arange(L), nh)[:, None], slot] = item_e
-    return out, nh
+    wn = np.take_along_axis(w, experts, 1).reshape(B, En)
+    cnt, chosen = _replicate(wn, Nn)
+    phy = np.concatenate([np.broadcast_to(np.arange(En), (B, En)), chosen], axis=1)
+    pack, pos = _pack(np.take_along_axis(wn / cnt, phy, 1), gpn)
+    local = np.empty((B, Nn), dtype=_I64)
+    np.put_along_axis(local, pack * P + pos, phy, 1)  # node-local expert of each slot
+    local += (np.arange(B) % nh)[:, None] * En
+    return np.take_along_axis(experts, local.reshape(L, N), 1), nh
 
 
 # ---------------------------------------------------------------------------------------
@@ -656,25 +772,20 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     gpn = ep // nodes
     items = ref.reshape(L, ep, P)  # pack p = the reference's GPU p
     co = _gpu_counts(old, ep, E)
-    f32 = np.float32  # exact here: every sum of products is an integer <= P
-    pn = _gpu_presence(ref, ep, E).astype(f32)
-    po_t = np.ascontiguousarray((co > 0).transpose(0, 2, 1), dtype=f32)  # [L, E, gpu]
-    distinct = pn.sum(2, dtype=_I64)[:, :, None]
-    shared = np.rint(pn @ po_t).astype(_I64)  # [L, pack, gpu]: experts both hold
+    occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
+    distinct = (occ == 0).sum(2)[:, :, None]
+    shared = _shared(items, occ, old, ep, 1)  # [L, pack, gpu]: experts both hold
     recv = distinct - shared  # experts the GPU lacks
     # rows kept = sum_e min(new_e, old_e): the shared experts, plus each further copy of an
     # expert in the pack that the GPU also held more than once (rare: counted one by one)
     kept = shared.copy()
-    occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
     dl, dp, dj = np.nonzero(occ > 0)
     if dl.size:
         more = co[dl, :, items[dl, dp, dj]] > occ[dl, dp, dj][:, None]  # [dups, gpu]
         np.add.at(kept, (dl, dp), more.astype(_I64))
     cost = recv * (P + 1) + (P - kept)
     if nodes > 1:
-        node_has = co.reshape(L, nodes, gpn, E).max(2) > 0  # [L, node, E]
-        nh_t = np.ascontiguousarray(node_has.transpose(0, 2, 1), dtype=f32)
-        cross = distinct - np.rint(pn @ nh_t).astype(_I64)  # [L, pack, node]
+        cross = distinct - _shared(items, occ, old, ep, gpn)  # [L, pack, node]
         cost += np.repeat(cross, gpn, axis=2) * (P + 1) ** 2
     gpu_of_pack = np.empty((L, ep), dtype=_I64)
     costf = cost.astype(np.float64)
@@ -708,6 +819,29 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     if nodes > 1:
         inter_g = cross[rows, pack_of_gpu, gpus // gpn]
     return gpu_of_pack, changed, recv_g, inter_g
+
+
+def _shared(items: np.ndarray, occ: np.ndarray, old: np.ndarray, ep: int, size: int) -> np.ndarray:
+    """int [L, packs, ep // size]: distinct experts of each pack (``items`` [L, packs, P],
+    ``occ`` their :func:`_occurrence`) that ``old`` holds on each block of ``size``
+    consecutive GPUs. Counted pair by pair (pack item, holder of its expert), no BLAS."""
+    L, K, P = items.shape
+    N = old.shape[1]
+    nb = ep // size
+    E1 = int(max(items.max(), old.max())) + 1
+    # distinct (layer, expert, block) holders in old (empty slots hold nothing), sorted
+    lr, sr = np.nonzero(old >= 0)
+    key = np.unique((lr * E1 + old[lr, sr]) * nb + sr // (N // nb))
+    hold_le, hold_b = np.divmod(key, nb)
+    start = np.searchsorted(hold_le, np.arange(L * E1 + 1))
+    m = occ.ravel() == 0
+    le = (np.repeat(np.arange(L), K * P) * E1 + items.ravel())[m]
+    pk = np.tile(np.repeat(np.arange(K), P), L)[m] + np.repeat(np.arange(L), K * P)[m] * K
+    n = start[le + 1] - start[le]
+    first = np.repeat(start[le], n)
+    at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + first
+    out = np.bincount(np.repeat(pk, n) * nb + hold_b[at], minlength=L * K * nb)
+    return out.reshape(L, K, nb)
 
 
 def _relabel_maps(ref, old, gpu_of_pack, layers) -> np.ndarray:
@@ -780,6 +914,8 @@ def _migration_aware(old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref
     rounds = 0
     if todo.size:
         rep, rounds = _repair(old[todo], lam[todo], target[todo], rel_changed[todo], ep, nodes)
+        # rows: each GPU's experts where they were (the fewest rows written for its multiset)
+        rep = _place_rows(rep.reshape(todo.size, ep, N // ep), old[todo])
         rep_imb, rep_cost = _imbalance(rep, lam[todo], ep)
         rep_changed = (rep != old[todo]).sum(1)
         t = target[todo] * (1 + _TOL)
@@ -996,8 +1132,8 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
         best_m = np.argmax(score_m, axis=1)
         sc_m = score_m[ar, best_m]
 
-        use_s = (sc_s >= sc_m) & (sc_s > 0)
-        use_m = ~use_s & (sc_m > 0)
+        use_s = (sc_s >= sc_m) & (sc_s > -1)
+        use_m = ~use_s & (sc_m > -1)
         active[idx[~(use_s | use_m)]] = False  # nothing helps: stuck
 
         # A layer applies its move for A (which changes the weights of its experts x and y
@@ -1013,7 +1149,7 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
             touched[ar, rs[ar, mj]] = True
             used[use_m] = touched[use_m]
         for k in range(M):
-            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)
+            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)  # no side steps
             i, j = np.divmod(best_s[:, k], K * P)
             ga, gb_ = heavy[:, k], gpuB[ar, j]
             ok &= ~used[ar, ga] & ~used[ar, gb_]
@@ -1052,14 +1188,21 @@ def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
 def _score(gain, reduction, cost):
     """How much an operation reduces the layer's excess over the target (sum over GPUs of
     load above it) per unit of movement cost, plus a tie-break on the load it removes from
-    the heaviest GPU; -inf where it is not allowed: it must lower that GPU below its load,
-    leave every GPU it raises below that load (``gain > 0``) and reduce the excess.
+    the heaviest GPU. An operation must lower that GPU and leave every GPU it raises below
+    that GPU's load (``gain > 0``; -inf otherwise). One that does not reduce the excess
+    (a step out of a dead end: it lowers the peak, the next one may reduce the excess)
+    scores in (-1, 0), by peak lowered per cost: below every operation that reduces it.
     Overwrites ``reduction``."""
-    bad = (gain <= 0) | (reduction <= 0)
+    bad = gain <= 0
+    flat = reduction <= 0
     np.maximum(cost, _MIN_COST, out=cost)
     reduction /= cost
+    gain /= cost
+    pos = np.maximum(gain, 0.0)
+    side = pos / (1.0 + pos) - 1.0
     gain *= 1e-6
     reduction += gain
+    reduction[flat] = side[flat]
     reduction[bad] = -np.inf
     return reduction
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eplb_pynccl
+from eplb_pynccl import placement
 from eplb_pynccl.placement import (
     RebalanceResult,
     placement_imbalance,
@@ -22,6 +23,7 @@ from eplb_pynccl.placement import (
 )
 from eplb_pynccl.planner import plan_rearrangement
 from eplb_pynccl.simulate import simulate_plan
+from tests import deepseek_plain
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -287,14 +289,89 @@ def test_balanced_old_map_is_kept(case):
 
 def test_deepseek_replication_and_packing_follow_the_description():
     """Replicas: the expert with the largest load per replica gets the next one. Packing:
-    heaviest replica first onto the least loaded GPU with room."""
-    loads = np.array([[100.0, 60, 30, 10, 5, 1]])
+    heaviest replica first onto the least loaded GPU with room (no equal weights here: their
+    order is numpy's sort's, checked against the plain re-implementation below)."""
+    loads = np.array([[100.0, 62, 29, 10, 5, 1]])
     res = rebalance(loads, 8, 2)
-    assert res.replicas.tolist() == [[2, 2, 1, 1, 1, 1]]  # 100 -> 50+50, then 60 -> 30+30
-    # items 50 50 30 30 30 10 5 1: 50->g0, 50->g1, 30->g0 (tie), 30->g1, 30->g0 (tie),
-    # 10->g1 (90), 5->g1 (95, now full), 1->g0 (111); rows in packing order
+    assert res.replicas.tolist() == [[2, 2, 1, 1, 1, 1]]  # 100 -> 50+50, then 62 -> 31+31
+    # items 50 50 31 31 29 10 5 1: 50->g0, 50->g1, 31->g0 (tie: lower index), 31->g1,
+    # 29->g0 (tie), 10->g1 (91), 5->g1 (96, now full), 1->g0 (111); rows in packing order
     assert res.new_map.tolist() == [[0, 1, 2, 5, 0, 1, 3, 4]]
-    np.testing.assert_allclose(res.imbalance, [111 / 103])
+    np.testing.assert_allclose(res.imbalance, [111 / 103.5])
+
+
+README_LOADS = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+README_MAP = [  # DeepSeek's README (github.com/deepseek-ai/EPLB): 16 replicas, 4 groups, 2 x 4 GPUs
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
+
+
+def test_deepseek_readme_example():
+    res = rebalance(np.array(README_LOADS), 16, 8, num_nodes=2, num_groups=4)
+    assert res.new_map.tolist() == README_MAP
+    assert deepseek_plain.deepseek(README_LOADS, 16, 8, 2, 4).tolist() == README_MAP
+    # layer 1: expert 8's two replicas (172 / 2 = 86) tie with expert 9 (86) and go to two GPUs
+    assert res.new_map[1, 4:6].tolist() == [6, 11] and 8 in res.new_map[1, 2:4]
+
+
+@st.composite
+def deepseek_cases(draw):
+    ep = draw(st.integers(1, 12))
+    nodes = draw(st.sampled_from([d for d in range(1, ep + 1) if ep % d == 0]))
+    groups = draw(st.one_of(st.none(), st.integers(1, 12)))
+    E = (groups or 1) * draw(st.integers(1, 6))
+    P = -(-E // ep) + draw(st.sampled_from([0, 0, 1, 2, 40]))  # 40: > 64 further replicas
+    L = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["zero", "uniform", "heavy", "sparse", "equal", "float", "small"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "float":  # group sums of floats in float32: the same order as the reference
+        loads = rng.random((L, E)) * 100
+    elif kind == "small":  # many exact ties among loads per replica
+        loads = rng.integers(0, 4, (L, E)).astype(np.float64)
+    else:
+        loads = make_loads(rng, L, E, kind)
+    return loads, ep * P, ep, nodes, groups
+
+
+@SETTINGS
+@given(deepseek_cases())
+def test_deepseek_is_the_plain_reimplementation(case):
+    """Map for map, ties included, against tests/deepseek_plain.py (hierarchical whenever the
+    groups divide over the nodes, one node included; one item per pack: item i on pack i)."""
+    loads, N, ep, nodes, groups = case
+    res = rebalance(loads, N, ep, num_nodes=nodes, num_groups=groups)
+    assert np.array_equal(res.new_map, deepseek_plain.deepseek(loads, N, ep, nodes, groups))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_deepseek_replication_paths_agree(seed):
+    """Many further replicas are selected by a bracket and a sort, few by one argmax each:
+    both give the reference's counts and order (big R: the plain loop, small: the bracket)."""
+    rng = np.random.default_rng(seed)
+    w = np.rint(np.exp(rng.normal(0, 2, (5, 40)))).astype(np.float32)
+    w[1] = 3  # all equal
+    w[2, 1:] = 0  # one loaded item
+    w[3] = 0  # nothing loaded
+    total = 40 + int(rng.integers(1, 400))
+    cnt, chosen = placement._replicate(w, total)
+    for b in range(5):
+        count, items = deepseek_plain.replicate(list(w[b]), total)
+        assert cnt[b].tolist() == count and chosen[b].tolist() == items[40:]
+
+
+def test_deepseek_hierarchical_on_one_node_orders_groups():
+    """One node, several groups: hierarchical (the reference's rule), so replicas go by the
+    node-local order of the groups (heaviest group first), not by expert id."""
+    loads = np.array([[3.0, 1, 3, 2]])  # groups {0, 1} (4) and {2, 3} (5): a tie 3 = 3
+    flat = rebalance(loads, 5, 1)
+    grouped = rebalance(loads, 5, 1, num_groups=2)
+    assert flat.replicas.tolist() == [[2, 1, 1, 1]]  # the tie to the lower expert id
+    assert grouped.replicas.tolist() == [[1, 1, 2, 1]]  # to the heavier group's expert
+    assert grouped.new_map.tolist() == deepseek_plain.deepseek(loads, 5, 1, 1, 2).tolist()
 
 
 def test_deepseek_hierarchical_keeps_groups_on_nodes():
@@ -587,3 +664,19 @@ def test_placement_imbalance_bad_input():
         ValueError, match=re.escape("num_physical (6) is not divisible by ep_size (4)")
     ):
         placement_imbalance(OLD0, L0, 4)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(["deepseek_relabelled", "migration_aware"]))
+def test_rows_kept_are_the_most_possible(case, policy):
+    """Per GPU, the rows that keep their expert are sum_e min(new_e, old_e): an expert that
+    stays on a GPU keeps its slot, and no row is written that need not be."""
+    loads, N, ep, nodes, groups, old = case
+    res = rebalance(loads, N, ep, old_map=old, num_nodes=nodes, num_groups=groups, policy=policy)
+    P = N // ep
+    for layer in range(loads.shape[0]):
+        for g in range(ep):
+            o = old[layer, g * P : (g + 1) * P]
+            n = res.new_map[layer, g * P : (g + 1) * P]
+            best = sum((Counter(n.tolist()) & Counter(o[o >= 0].tolist())).values())
+            assert int((n == o).sum()) == best

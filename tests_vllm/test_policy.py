@@ -78,10 +78,56 @@ def test_against_default_policy_on_the_same_loads():
     imb_mine = imbalance(drifted, mine.numpy(), RANKS)
     changed_theirs = int((theirs != old).sum())
     changed_mine = int((mine != old).sum())
-    # balance within 1% of DeepSeek's algorithm per layer (eplb_pynccl's own "deepseek" is
-    # written from its description; tie-breaking may differ from vLLM's), fewer slots moved
+    # balance within 1% of DeepSeek's algorithm per layer (the repair's target is the
+    # imbalance of eplb_pynccl's "deepseek", vLLM's own map), fewer slots moved
     assert np.all(imb_mine <= imb_theirs * 1.01), (imb_mine, imb_theirs)
     assert changed_mine < changed_theirs, (changed_mine, changed_theirs)
+
+
+def _random_case(rng, case):
+    """One of 300 inputs: 1-6 layers, 1-16 GPUs, nodes dividing them, 1-16 groups; integer,
+    float, Zipf, all-equal and sparse loads, and some with over 64 redundant slots."""
+    L, ep = int(rng.integers(1, 7)), int(rng.integers(1, 17))
+    nodes = int(rng.choice([d for d in range(1, ep + 1) if ep % d == 0]))
+    G = int(rng.integers(1, 17))
+    E = G * int(rng.integers(1, 5))
+    P = -(-E // ep) + int(rng.integers(0, 3))
+    kind = ("int", "float", "zipf", "equal", "sparse", "many")[case % 6]
+    if kind == "int":
+        x = rng.integers(0, 50, (L, E))
+    elif kind == "float":
+        x = rng.random((L, E)) * 100
+    elif kind == "zipf":
+        x = np.rint(1000.0 / (1 + np.stack([rng.permutation(E) for _ in range(L)])) ** 0.8)
+    elif kind == "equal":
+        x = np.full((L, E), 5)
+    elif kind == "sparse":
+        x = np.where(rng.random((L, E)) < 0.2, rng.integers(1, 100, (L, E)), 0)
+    else:
+        P += 70
+        x = rng.integers(0, 30, (L, E))
+    return x, ep * P, G, nodes, ep
+
+
+def test_deepseek_is_vllms_default_policy():
+    """eplb_pynccl's policy="deepseek" returns DefaultEplbPolicy's map, exactly, on 300
+    random inputs (ties included) and on DeepSeek's README example."""
+    import torch
+
+    from eplb_pynccl import rebalance
+    from tests.test_placement import README_LOADS, README_MAP
+
+    _, default = _policies()
+    assert default.rebalance_experts(torch.tensor(README_LOADS), 16, 4, 2, 8).tolist() == README_MAP
+    rng = np.random.default_rng(23)
+    differ = []
+    for case in range(300):
+        x, N, G, nodes, ep = _random_case(rng, case)
+        theirs = default.rebalance_experts(torch.from_numpy(x), N, G, nodes, ep).numpy()
+        mine = rebalance(x, N, ep, num_nodes=nodes, num_groups=G, policy="deepseek").new_map
+        if not np.array_equal(theirs, mine):
+            differ.append((case, x.shape, N, G, nodes, ep))
+    assert differ == []
 
 
 def policy_e2e_job(ctx):
