@@ -73,7 +73,7 @@ def _worker(rank, n, port, device, opts, q):
             key = f"bar/{tag}"
             if store.add(key, 1) == n:
                 store.set(key + "/go", b"1")
-            store.wait([key + "/go"], datetime.timedelta(seconds=120))
+            store.wait([key + "/go"], datetime.timedelta(seconds=600))
 
         dev = torch.device("cuda", device)
         reps = int(opts["reps"])
@@ -254,6 +254,15 @@ def _worker(rank, n, port, device, opts, q):
             del w, sh1
             comm.close()
             torch.cuda.empty_cache()
+        if rank == 0:  # host-free rounds: row copies and a local permutation (one process)
+            from bench import hostfree
+
+            rows += hostfree.copies_rows(torch, dev, device, reps)
+            rows += hostfree.local_permutation_rows(torch, ep, dev, device, reps)
+        barrier("hostfree")
+        from bench import hostfree
+
+        rows += hostfree.step_rows(torch, ep, dev, rank, n, shuffler, barrier, reps)
         # -- a whole rearrangement: Qwen3-30B-A3B experts, real sizes -------------------------
         L = 8
         num_physical = -(-int(128 * 1.125) // n) * n
@@ -346,17 +355,18 @@ def run_ipc(args) -> list[dict]:
         " (copies inside one GPU, no link)" if ngpu == 1 else ""
     )
     merged = []
-    for case in ("probe", "host", "host-ep1", "eplb"):
+    for case in ("probe", "host", "host-ep1", "copies", "local-permutation", "step", "eplb"):
         group = [r for r in rows if r["case"] == case]
         if not group:
             continue
-        if case in ("host", "host-ep1", "eplb"):
+        if case in ("host", "host-ep1", "eplb", "step"):
             # the slowest rank per column
             first = dict(group[0])
             for k, v in first.items():
                 if isinstance(v, float):
                     first[k] = max(r[k] for r in group)
-            first["check"] = "ok" if all(r["check"] == "ok" for r in group) else "FAIL"
+            checks = {r["check"] for r in group}
+            first["check"] = checks.pop() if len(checks) == 1 else "FAIL"
             first.pop("rank", None)
             merged.append({**first, "note": note})
         else:

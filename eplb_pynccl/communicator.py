@@ -176,17 +176,27 @@ class group:
 
 
 def _issue(ops: list, comms: dict | None) -> None:
-    """Issue queued calls (see NcclLibrary.issue_calls) as one NCCL group; then wait for the
-    launch of each non-blocking communicator in ``comms`` (only those are listed)."""
+    """Issue queued calls (see NcclLibrary.issue_calls) as one NCCL group.
+
+    ``comms``: the non-blocking communicators of the ops (only those are listed). Their
+    previous launch must have completed before NCCL is called on them again (settled here,
+    polling with their timeout); this launch is not waited for: when ncclGroupEnd says it is
+    still in progress they are marked pending, and whoever next needs the launch done
+    (:meth:`Communicator.wait`, a transport round's ``done()``, the next issue) settles it."""
     lib = _library._loaded or _library.load()  # loaded once a communicator exists: no lock
+    if comms:
+        for c in comms.values():
+            if c._pending:
+                c._settle("ncclGroupEnd")
     lib.group_start()
+    rc = 0
     try:
         lib.issue_calls(ops)
     finally:
-        lib.group_end()
-    if comms:  # rc may be ncclInProgress only for non-blocking communicators
+        rc = lib.group_end()
+    if comms and rc == NCCL_IN_PROGRESS:  # only non-blocking communicators return this
         for c in comms.values():
-            c._wait_ready("ncclGroupEnd")
+            c._pending = True
 
 
 # ---- communicator --------------------------------------------------------------------------
@@ -476,6 +486,7 @@ class Communicator:
         self._comm = 0
         self._comm_obj = None
         self._state = "init"
+        self._pending = False  # non-blocking: the last grouped launch may still be in progress
         self._graphs: dict = {}  # id -> weakref of the CapturedP2P graphs of this communicator
         if not isinstance(unique_id, UniqueId):
             if isinstance(unique_id, (bytes, bytearray)):
@@ -835,6 +846,28 @@ class Communicator:
         )
 
     # -- synchronisation and health ------------------------------------------------------
+    def _settle(self, what: str) -> None:
+        """Wait (polling, with the timeout) until the pending non-blocking launch is done."""
+        self._pending = False
+        self._wait_ready(what)
+
+    def launch_settled(self) -> bool:
+        """Non-blocking communicators: whether the last grouped launch has been handed to the
+        stream (one ncclCommGetAsyncError query, never a wait); raises the communicator's
+        asynchronous error (after aborting it). Always True for a blocking communicator.
+        Only once it is True may an event recorded on the launch's stream follow the launch."""
+        if not self._pending:
+            return True
+        code = self._lib.async_error(self._comm)
+        if code == NCCL_IN_PROGRESS:
+            return False
+        self._pending = False
+        if code:
+            err = self._lib.error(code, "ncclGroupEnd", self._comm, "the communicator was aborted")
+            self.abort()
+            raise err
+        return True
+
     def _wait_ready(self, what: str) -> None:
         deadline = time.monotonic() + self._timeout
         try:
@@ -859,6 +892,8 @@ class Communicator:
         asynchronous NCCL error the communicator is aborted and the error raised.
         """
         self._check_open()
+        if self._pending:
+            self._settle("wait")
         drv = _cuda.driver()
         if drv is None:
             raise RuntimeError(f"wait() needs the CUDA driver: {_cuda.unavailable_reason()}")
@@ -962,6 +997,8 @@ class Communicator:
         drv = _cuda.driver()
         if drv is not None:
             drv.set_device(self._device)
+        if self._pending:
+            self._settle("ncclCommFinalize")
         if self._scratch_ptr:
             lib.mem_free(self._scratch_ptr)
             self._scratch_ptr = 0

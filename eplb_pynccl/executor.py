@@ -1,14 +1,22 @@
-"""Layer 5: walking one rank's schedule on its buffers (CUDA streams or CPU tensors).
+"""Execution: walking one rank's schedule on its buffers (CUDA streams or CPU tensors).
 
 Everything a round needs is built once, when the rearrangement starts (``Executor(...)``):
-the staging buffer, the device index tensor, every kernel's views, every copy's pointers, and
-every round's messages prepared by the transport. ``launch(k, stream)`` then runs round k's
-phase A and hands its messages to the transport; ``apply(k, stream)`` runs its phase C.
+the staging buffer, every round's messages prepared by the transport and, on CUDA, one device
+table of every local copy of the whole rearrangement (:mod:`eplb_pynccl.copytables`: the
+gathers into staging, the scatters out of it and the row copies, cut into pieces of at most
+1 MiB). ``launch_pre(k)`` runs round k's phase A and ``launch_messages(k)`` hands its messages
+to the transport; ``apply(k, stream)`` runs its phase C.
 
-On CUDA, copies are driver memcpys on the stream (independent rows under 1 MiB as one
-``cuMemcpyBatchAsync``, larger ones one call per row, no tensor view) and the
-gather/scatter kernels run over word views of the rows (8-byte words move several times
-faster than bytes); on the CPU (gloo), copies are tensor copies of byte views.
+On CUDA each op of a phase is then one host call, whatever its number of rows, tensors and
+layers (``copy_method``):
+
+* ``"kernel"`` (default): one launch of the row-copy kernel (:mod:`eplb_pynccl._nccl.rowcopy`)
+  over the op's slice of the table, with at most ``copy_ctas`` thread blocks;
+* ``"copy_engine"``: one ``cuMemcpyBatchAsync`` of the op's copies with the hint that prefers
+  copy engines: no SM touched, but the driver costs ~4.5 us of host time per copy.
+
+On the CPU (gloo), copies are tensor copies of byte views and gathers/scatters index kernels
+over word views.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ import contextlib
 
 import numpy as np
 
-from . import _buffers
+from . import copytables as _tables
 from ._nccl import cuda as _cuda
 from .schedule import STAGING, Copies, Kernels, RankSchedule, Schedule
 
-__all__ = ["Executor"]
+__all__ = ["COPY_METHODS", "Executor"]
 
-BATCH_BELOW = 1 << 20  # independent row copies below this size go in one cuMemcpyBatchAsync
+COPY_METHODS = ("kernel", "copy_engine")
 
 
 def word_rows(torch, b):
@@ -61,7 +69,10 @@ class Executor:
         transport,
         device,
         stream,
-        index_host,
+        host_int64,
+        *,
+        copy_method: str = "kernel",
+        copy_ctas: int = 16,
     ) -> None:
         self.torch = torch
         self.sched, self.rs, self.bufs = sched, rs, bufs
@@ -73,28 +84,74 @@ class Executor:
         if rs.staging_bytes:
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 self.staging = torch.empty(rs.staging_bytes, dtype=torch.uint8, device=device)
-        self.index = None
-        self._index_host = index_host
-        if rs.index.size:
-            if cuda:
-                with torch.cuda.stream(stream):
-                    self.index = torch.empty(rs.index.size, dtype=torch.int64, device=device)
-            else:
-                self.index = index_host
-        self._index_copied = not cuda or self.index is None
-        raw = bool(getattr(transport, "accepts_raw", False)) and cuda
         sbase = self.staging.data_ptr() if self.staging is not None else 0
+        self.table = None  # CUDA: the device copy table (int64 words), see copytables
+        self.index = None  # CPU: the row indices of the gather/scatter kernels
+        self.host_calls = []  # per round: (phase A calls, phase C calls)
+        self._table_host = None
+        if cuda:
+            ops = self._cuda_ops(device, stream, sbase, host_int64, copy_method, copy_ctas)
+        else:
+            self.index = host_int64(rs.index) if rs.index.size else None
+            ops = {id(op): self._cpu_op(op) for ro in rs.rounds for op in (*ro.pre, *ro.post)}
+        self._uploaded = self._table_host is None
+        raw = bool(getattr(transport, "accepts_raw", False)) and cuda
         self._bases = np.append(bufs.ptrs, sbase)  # index -1 = STAGING
         self.rounds = []
         for ro in rs.rounds:
-            pre = [self._op(op) for op in ro.pre]
-            post = [self._op(op) for op in ro.post]
+            pre = [ops[id(op)] for op in ro.pre if ops.get(id(op)) is not None]
+            post = [ops[id(op)] for op in ro.post if ops.get(id(op)) is not None]
             sends = self._messages(ro.sends, raw)
             recvs = self._messages(ro.recvs, raw)
             tround = transport.prepare_round(sends, recvs, remote=(ro.sends, ro.recvs))
             self.rounds.append((pre, tround, post))
+            self.host_calls.append((len(pre), len(post)))
 
     # ---- building ---------------------------------------------------------------------
+    def _cuda_ops(self, device, stream, sbase, host_int64, method, ctas) -> dict:
+        """Every local op of the schedule as one prepared host call (see the docstring)."""
+        torch, rs = self.torch, self.rs
+        if method not in COPY_METHODS:
+            raise ValueError(f"copy_method must be one of {COPY_METHODS}, got {method!r}")
+        opl = [op for ro in rs.rounds for op in (*ro.pre, *ro.post)]
+        for op in opl:
+            if isinstance(op, Copies) and op.ordered:
+                raise ValueError("ordered Copies ops are not supported on CUDA (none is built)")
+        kernel = method == "kernel"
+        tabs = [_tables.op_table(op, rs.index, STAGING) for op in opl]
+        if kernel:
+            tabs = [_tables.split(t) for t in tabs]
+        whole = _tables.concat(tabs)
+        host = _tables.resolve(whole, self.bufs.ptrs, sbase)
+        out: dict = {}
+        if not kernel:
+            at = 0
+            for op, t in zip(opl, tabs):
+                rows = host[at : at + len(t)]
+                at += len(t)
+                if len(t):
+                    dst, src, n = (rows[:, c].tolist() for c in (1, 0, 2))
+                    out[id(op)] = ("batch", _cuda.copy_arrays(list(zip(dst, src, n))))
+            return out
+        from ._nccl import rowcopy as _rowcopy
+
+        k = _rowcopy.kernel(int(device.index if hasattr(device, "index") else device))
+        if len(whole):
+            with torch.cuda.stream(stream):
+                self.table = torch.empty(host.size, dtype=torch.int64, device=device)
+            self._table_host = host_int64(host.view(np.int64).reshape(-1))
+            base = self.table.data_ptr()
+        at = 0
+        for op, t in zip(opl, tabs):
+            n = len(t)
+            if n:
+                launch = k.prepare(
+                    base + 8 * _rowcopy.ENTRY_WORDS * at, n, ctas, int(t.nbytes.max())
+                )
+                out[id(op)] = ("kernel", launch)
+            at += n
+        return out
+
     def _ptrs(self, buf: np.ndarray, off: np.ndarray) -> list:
         return (self._bases[buf] + off).tolist()
 
@@ -117,25 +174,10 @@ class Executor:
         n = rows * w.shape[1] * w.element_size()
         return self.staging[offset : offset + n].view(w.dtype).view(rows, w.shape[1])
 
-    def _op(self, op):
+    def _cpu_op(self, op):
         if isinstance(op, Copies):
-            if self.bufs.is_cuda:
-                copies = list(
-                    zip(
-                        self._ptrs(op.dst_buf, op.dst_off),
-                        self._ptrs(op.src_buf, op.src_off),
-                        op.nbytes.tolist(),
-                    )
-                )
-                drv = _cuda.driver()
-                if op.ordered or drv is None or not drv.has_memcpy_batch:
-                    return ("memcpy", copies)
-                # independent copies: the small rows as one batch (one driver call instead of
-                # one per row; the driver picks the engine), large rows one memcpy each (the
-                # device's copy kernels beat a copy engine inside one GPU)
-                small = [c for c in copies if c[2] < BATCH_BELOW]
-                big = [c for c in copies if c[2] >= BATCH_BELOW]
-                return ("batch", (_cuda.copy_arrays(small) if small else None, big))
+            if not len(op):
+                return None
             return (
                 "copy",
                 [
@@ -156,22 +198,17 @@ class Executor:
             ):
                 w = self.bufs.words[buf]
                 items.append((w, self.index[a : a + cnt], self._block(stg, cnt, w)))
-            return (op.kind, items)
+            return (op.kind, items) if items else None
         raise TypeError(f"unknown op {type(op).__name__}")
 
     # ---- running ----------------------------------------------------------------------
     def _run(self, ops, stream) -> None:
         torch = self.torch
         for kind, items in ops:
-            if kind == "memcpy":
-                _buffers.copy_async(items, stream.cuda_stream)
+            if kind == "kernel":
+                items.launch(stream.cuda_stream)
             elif kind == "batch":
-                arrays, big = items
-                h = stream.cuda_stream
-                if arrays is not None:
-                    self._batch(arrays, h)
-                if big:
-                    _buffers.copy_async(big, h)
+                self._batch(items, stream.cuda_stream)
             elif kind == "copy":
                 for dst, src in items:
                     dst.copy_(src)
@@ -183,28 +220,28 @@ class Executor:
                     w.index_copy_(0, ix, blk)
 
     def _batch(self, arrays, h: int) -> None:
-        """One cuMemcpyBatchAsync on stream ``h``; on the legacy default stream (which the
-        call refuses) through a side stream ordered by two events."""
+        """One cuMemcpyBatchAsync on stream ``h`` (copy engines preferred); on the legacy
+        default stream (which the call refuses) through a side stream ordered by two events."""
         drv = _cuda.driver()
         if h:
-            drv.memcpy_batch(*arrays, h, prefer_ce=False)
+            drv.memcpy_batch(*arrays, h, prefer_ce=True)
             return
         if self._side is None:
             self._side = (drv.stream_create(), drv.event_create(), drv.event_create())
         side, before, after = self._side
         drv.event_record(before, 0)
         drv.stream_wait_event(side, before)
-        drv.memcpy_batch(*arrays, side, prefer_ce=False)
+        drv.memcpy_batch(*arrays, side, prefer_ce=True)
         drv.event_record(after, side)
         drv.stream_wait_event(0, after)
 
     def launch_pre(self, k: int):
         """Round k's phase A (on the current stream: the exchange stream); the first call
-        also copies the row indices to the device. Returns the transport's round."""
+        also copies the copy table to the device. Returns the transport's round."""
         pre, tround, _ = self.rounds[k]
-        if not self._index_copied:
-            self.index.copy_(self._index_host, non_blocking=True)
-            self._index_copied = True
+        if not self._uploaded:
+            self.table.copy_(self._table_host, non_blocking=True)
+            self._uploaded = True
         self._run(pre, self.stream)
         return tround
 
@@ -212,8 +249,22 @@ class Executor:
         """Round k's messages, handed to the transport (poll the round's ``done()``)."""
         self.rounds[k][1].launch(self.stream, deadline)
 
-    def copied_index(self) -> bool:
-        return self._index_copied
+    def uploaded(self) -> bool:
+        """Whether the host tables have been copied to the device (their host buffer may be
+        reused once that copy has completed)."""
+        return self._uploaded
+
+    @property
+    def device_tensors(self) -> tuple:
+        """The device tensors the rounds use (staging, table): the caller keeps them alive on
+        its stream until the work queued there completes."""
+        return tuple(t for t in (self.staging, self.table) if t is not None)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Extra device memory this rearrangement holds: staging plus the copy table."""
+        n = 0 if self.staging is None else self.staging.numel()
+        return n + (0 if self.table is None else 8 * self.table.numel())
 
     def apply(self, k: int, stream) -> None:
         """Round k's phase C on ``stream`` (the caller orders it after the round's end)."""
@@ -221,6 +272,7 @@ class Executor:
 
     def release(self) -> None:
         self.staging = None
+        self.table = None
         self.index = None
         self.rounds = []
         if self._side is not None:  # work queued on it completes first; the handles go now

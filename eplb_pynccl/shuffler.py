@@ -19,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _optional
+from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
-from .executor import Buffers, Executor
+from .executor import COPY_METHODS, Buffers, Executor
 from .planner import RearrangementPlan, _positive, plan_rearrangement
 from .schedule import DEFAULT_MAX_MESSAGES, DEFAULT_PACK_THRESHOLD, Layout, build_schedule
 from .transport import Transport
@@ -46,7 +48,7 @@ class RearrangeStats:
     rounds: int = 0
     seconds: float = 0.0
     planner_seconds: float = 0.0
-    peak_extra_bytes: int = 0  # staging + row-index device memory held at the peak
+    peak_extra_bytes: int = 0  # staging + copy-table (CUDA) / row-index device memory at the peak
     staging_bound: int = 0  # the bound in force (staging_bytes; see ExpertShuffler)
     # host time split (seconds): enqueueing rounds (copies, packing, NCCL calls), waiting for
     # exchanges to complete, enqueueing the copies that apply them
@@ -62,6 +64,14 @@ class RearrangeStats:
     # into the live rows), "idle_after_exchange" (exchange done -> apply starts: the host seeing
     # the round complete), "idle_before_round" (previous apply done -> next round starts)
     gpu_ms: dict = field(default_factory=dict)
+    # per round, in round order: host microseconds spent launching it (phase A + messages),
+    # polling it (inside the transport's done()), applying it (phase C), and the number of
+    # host calls into CUDA/NCCL our code made for it (phase A ops + the transport's + phase C)
+    round_launch_us: list = field(default_factory=list)
+    round_poll_us: list = field(default_factory=list)
+    round_apply_us: list = field(default_factory=list)
+    round_host_calls: list = field(default_factory=list)
+    copy_method: str = ""  # CUDA: "kernel" or "copy_engine" (see ExpertShuffler)
 
 
 def _nonneg_int(v, name: str) -> int:
@@ -95,6 +105,14 @@ class ExpertShuffler:
             transport's timeout, e.g. the communicator's for NcclTransport).
         profile: record CUDA events around each phase and report GPU time per phase in
             ``RearrangeStats.gpu_ms`` (filled by ``wait()``; costs a few events per round).
+        copy_method: how local copies, gathers and scatters run on CUDA: ``"kernel"`` (one
+            launch of the row-copy kernel per op over a device table, O(1) host calls per
+            phase), ``"copy_engine"`` (one ``cuMemcpyBatchAsync`` per op preferring copy
+            engines: no SM touched, ~4.5 us of host time per row copy), or ``"auto"``
+            (default: the kernel, or the copy engines with a warning where the driver cannot
+            load the kernel).
+        copy_ctas: thread blocks per kernel launch (default 16): the SMs a copy phase may
+            take from a concurrent forward pass.
 
     On CUDA, construction also launches the copy kernels once on tiny tensors (~0.1 s), so
     that lazy module loading does not land in the first rearrangement. With a one-sided
@@ -114,6 +132,8 @@ class ExpertShuffler:
         ranks_per_node: int | None = None,
         timeout: float | None = None,
         profile: bool = False,
+        copy_method: str = "auto",
+        copy_ctas: int = 16,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(
@@ -176,6 +196,11 @@ class ExpertShuffler:
             timeout = getattr(transport, "timeout", 600.0)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if copy_method not in ("auto", *COPY_METHODS):
+            raise ValueError(
+                f"copy_method must be 'auto', 'kernel' or 'copy_engine', got {copy_method!r}"
+            )
+        copy_ctas = _positive(copy_ctas, "copy_ctas")
         self.weights = layers
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
@@ -206,8 +231,10 @@ class ExpertShuffler:
         self._shapes_digest = shapes.digest()
         self._pinned = None  # host buffer of row indices (CUDA), see _index_host
         self._pinned_free = None  # event after the last copy out of it
+        self.copy_ctas = copy_ctas
+        self.copy_method = copy_method
         if self._is_cuda:
-            self._warm_up()
+            self.copy_method = self._copy_method(copy_method)
         transport.register_buffers(self._bufs.tensors)
 
     # ------------------------------------------------------------------------------------
@@ -337,20 +364,23 @@ class ExpertShuffler:
             )
         self._verified = True
 
-    def _warm_up(self) -> None:
-        """Run the gather/scatter kernels once on tiny tensors of every word type in use:
-        with CUDA's lazy module loading their first launch costs ~10 ms each (~110 ms for the
-        first rearrangement of a process, measured on H100), which belongs at set-up, not in
-        the middle of serving. Small and large index counts use different kernels."""
-        torch = self._torch
-        dev = self.device
-        for dtype in {w.dtype for w in self._bufs.words}:
-            for k in (1, 32):
-                ix = torch.arange(k, device=dev)
-                rows = torch.zeros((k, 4), dtype=dtype, device=dev)
-                out = torch.empty_like(rows)
-                torch.index_select(rows, 0, ix, out=out)
-                rows.index_copy_(0, ix, out)
+    def _copy_method(self, asked: str) -> str:
+        """Load the row-copy kernel now (the driver compiles its PTX once per process and
+        device, a few ms that belong at set-up, not in the first rearrangement)."""
+        if asked == "copy_engine":
+            return asked
+        err = _rowcopy.kernel_error(self.device.index)
+        if err is None:
+            return "kernel"
+        if asked == "kernel":
+            raise RuntimeError(f"copy_method='kernel': the row-copy kernel did not load: {err}")
+        warnings.warn(
+            f"eplb_pynccl: the row-copy kernel did not load ({err}); local copies use the "
+            "copy engines (~4.5 us of host time per row copy)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "copy_engine"
 
     def _index_host(self, values: np.ndarray):
         """The row indices as an int64 host tensor; on CUDA in a pinned buffer kept by the
@@ -436,7 +466,6 @@ class RearrangeHandle:
         self._release = None  # event after the last consumer of staging
         self._exec = None
         if rs.rounds:
-            index = shuffler._index_host(rs.index) if rs.index.size else None
             self._exec = Executor(
                 shuffler._torch,
                 sched,
@@ -445,8 +474,21 @@ class RearrangeHandle:
                 shuffler.transport,
                 shuffler.device,
                 shuffler._stream,
-                index,
+                shuffler._index_host,
+                copy_method=shuffler.copy_method,
+                copy_ctas=shuffler.copy_ctas,
             )
+            if shuffler._is_cuda:
+                st.peak_extra_bytes = self._exec.extra_bytes
+                st.copy_method = shuffler.copy_method
+            n = len(rs.rounds)
+            st.round_launch_us = [0.0] * n
+            st.round_poll_us = [0.0] * n
+            st.round_apply_us = [0.0] * n
+            st.round_host_calls = [
+                a + c + int(getattr(self._exec.rounds[k][1], "host_calls", 0))
+                for k, (a, c) in enumerate(self._exec.host_calls)
+            ]
         shuffler._active = self
         st.setup_seconds = time.perf_counter() - t_setup
         if not rs.rounds:
@@ -564,7 +606,9 @@ class RearrangeHandle:
             return None
         t_apply = time.perf_counter()
         self._apply(rnd)
-        self.stats.apply_seconds += time.perf_counter() - t_apply
+        dt = time.perf_counter() - t_apply
+        self.stats.apply_seconds += dt
+        self.stats.round_apply_us[rnd.index] += dt * 1e6
         self._inflight = None
         return list(rnd.layers)
 
@@ -609,9 +653,9 @@ class RearrangeHandle:
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
             if s.profile:
                 rnd.marks["start"] = _mark(torch, stream)
-            first = not self._exec.copied_index()
+            first = not self._exec.uploaded()
             rnd.tround = self._exec.launch_pre(rnd.index)
-            if first and stream is not None and self._exec.index is not None:
+            if first and stream is not None:
                 s._pinned_free = torch.cuda.Event()
                 s._pinned_free.record(stream)
             if s.profile:
@@ -619,7 +663,9 @@ class RearrangeHandle:
             self._exec.launch_messages(rnd.index, rnd.launched_at + s.timeout)
             if s.profile:
                 rnd.marks["exchanged"] = _mark(torch, stream)
-        self.stats.launch_seconds += time.perf_counter() - t_start
+        dt = time.perf_counter() - t_start
+        self.stats.launch_seconds += dt
+        self.stats.round_launch_us[rnd.index] += dt * 1e6
 
     def _arrived(self, rnd: _Round, block: bool, deadline: float | None) -> bool:
         s = self.s
@@ -630,7 +676,9 @@ class RearrangeHandle:
         while True:
             t0 = time.perf_counter()
             ok = rnd.tround.done()
-            self.stats.poll_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.stats.poll_seconds += dt
+            self.stats.round_poll_us[rnd.index] += dt * 1e6
             if ok:
                 return True
             if time.monotonic() > limit:
@@ -670,8 +718,7 @@ class RearrangeHandle:
                 self._release.record(cs)
                 rnd.marks["end"] = self._release
                 if rnd.index == 0:
-                    for t in (self._exec.staging, self._exec.index):
-                        if t is not None:
-                            t.record_stream(cs)
+                    for t in self._exec.device_tensors:
+                        t.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)

@@ -242,12 +242,22 @@ class _NcclRound(TransportRound):
         self.peers = _peers(sends, recvs)
         self.batch = t.comm.prepare_p2p([(b, p) for p, b in sends], [(b, p) for p, b in recvs])
         self._event = None
+        self._stream = None
+        # NCCL calls per launch: group start/end + one per message, and the end event
+        self.host_calls = (2 + len(sends) + len(recvs) if (sends or recvs) else 0) + 1
 
     def launch(self, stream, deadline: float) -> None:
         self.batch.launch(stream.cuda_stream)
-        self._event = _record(stream)
+        self._stream = stream
+        # a non-blocking communicator may still be handing the launch to the stream: the
+        # round's end event is recorded once it has (in done()), never before
+        self._event = _record(stream) if self.t.comm.launch_settled() else None
 
     def done(self) -> bool:
+        if self._event is None:
+            if not self.t.comm.launch_settled():
+                return False
+            self._event = _record(self._stream)
         if self._event.query():
             return True
         self.t.poll_error()

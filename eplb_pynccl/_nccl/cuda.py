@@ -39,6 +39,7 @@ _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 _CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 _CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33
 _CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34
+_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 _CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
@@ -106,6 +107,9 @@ class Driver:
             "cuIpcOpenEventHandle": [V, IpcHandle],
             "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, S, V],
             "cuGetErrorString": [I, V],
+            "cuModuleLoadData": [V, ctypes.c_char_p],
+            "cuModuleGetFunction": [V, V, ctypes.c_char_p],
+            "cuModuleUnload": [V],
         }
         # optional: CUDA 12.8+ (the _v2 signature, without failIdx, is CUDA 13's)
         optional = {
@@ -123,8 +127,11 @@ class Driver:
                 f.restype = ctypes.c_int
                 f.argtypes = args
                 self._fn[name] = f
-        # hot path: the per-row copy without argtypes (prebuilt values, no conversion checks)
+        # hot path: the per-row copy and the kernel launch without argtypes (prebuilt ctypes
+        # values, no conversion checks)
         self._memcpy = L["cuMemcpyDtoDAsync_v2"]
+        self._launch = L["cuLaunchKernel"]
+        self._launch.restype = ctypes.c_int
         self._check(self._fn["cuInit"](0), "cuInit")
         self._ctx: dict[int, int] = {}
 
@@ -371,6 +378,41 @@ class Driver:
             self._check(rc, "cuMemcpyBatchAsync")
             return
         self.memcpy_dtod_async(list(zip(dsts, srcs, sizes)), stream)
+
+    # ---- modules and kernels ----------------------------------------------------------------
+    def module_load(self, image: bytes) -> int:
+        """Load a module (PTX text or a cubin, NUL-terminated) into the current context."""
+        m = ctypes.c_void_p()
+        self._check(self._fn["cuModuleLoadData"](ctypes.byref(m), image), "cuModuleLoadData")
+        return m.value
+
+    def module_function(self, module: int, name: str) -> int:
+        f = ctypes.c_void_p()
+        self._check(
+            self._fn["cuModuleGetFunction"](ctypes.byref(f), module, name.encode()),
+            "cuModuleGetFunction",
+        )
+        return f.value
+
+    def module_unload(self, module: int) -> None:
+        self._fn["cuModuleUnload"](module)
+
+    def multiprocessors(self, device: int) -> int:
+        v = ctypes.c_int()
+        self._check(
+            self._fn["cuDeviceGetAttribute"](
+                ctypes.byref(v), _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self._device(device)
+            ),
+            "cuDeviceGetAttribute",
+        )
+        return v.value
+
+    def launch_raw(self, args: tuple) -> None:
+        """``cuLaunchKernel(*args)`` with prebuilt ctypes arguments (see
+        :class:`~eplb_pynccl._nccl.rowcopy.Launch`): one foreign call, no conversion."""
+        rc = self._launch(*args)
+        if rc != _CUDA_SUCCESS:
+            self._check(rc, "cuLaunchKernel")
 
     # ---- graphs ---------------------------------------------------------------------------
     def begin_capture(self, stream: int) -> None:

@@ -1,0 +1,344 @@
+"""Rows of the ``ipc`` part about host-free rounds (issue: one launch per phase).
+
+* ``copies``: independent row copies inside one GPU (1,148 × 4 KiB, 1,148 × 56 KiB,
+  256 × 1 MiB, 24 × 29.4 MB): host time to enqueue and GPU time, for one
+  ``cuMemcpyBatchAsync`` (copy engines preferred and not), torch ``index_select`` +
+  ``index_copy_`` over int64 words, and the row-copy kernel at several CTA bounds.
+* ``local-permutation``: ``ExpertShuffler.rearrange`` of DeepSeek-V3 fp8 experts at EP1 (2
+  layers × 72 slots, 142 rows moved, 44 MB each) over a 1-rank communicator, per copy method
+  and CTA bound, beside torch ``index_select`` + copy back and the HBM copy floor (the same
+  bytes copied once by torch at the device's copy rate); ``floor_fraction`` = floor / time.
+* ``step``: async ``step()`` between forward steps: every rank runs matmuls on its compute
+  stream and calls ``step()`` after every 2 of them while a rearrangement of 8 layers of fp8
+  rows runs over IpcTransport; host ms per call p50 / p99 / max, and ``step(wait=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+DSV3 = [
+    ((4096, 7168), "float8_e4m3fn"),
+    ((7168, 2048), "float8_e4m3fn"),
+    ((32, 56), "float32"),
+    ((56, 16), "float32"),
+]
+
+
+def _ev(torch):
+    return torch.cuda.Event(enable_timing=True)
+
+
+def _timed(torch, stream, fn, reps):
+    """(median host ms to enqueue, median GPU ms) of ``fn()`` on ``stream``."""
+    host, gpu = [], []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        a, b = _ev(torch), _ev(torch)
+        a.record(stream)
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        b.record(stream)
+        b.synchronize()
+        host.append((t1 - t0) * 1e3)
+        gpu.append(a.elapsed_time(b))
+    return float(np.median(host[1:])), float(np.median(gpu[1:]))
+
+
+def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
+    from eplb_pynccl import copytables as ct
+    from eplb_pynccl._nccl import cuda as cu
+    from eplb_pynccl._nccl import rowcopy
+
+    drv = cu.driver()
+    k = rowcopy.kernel(device)
+    s = torch.cuda.Stream(dev)
+    h = s.cuda_stream
+    rows = []
+    for n, rb in ((1148, 4096), (1148, 56 << 10), (256, 1 << 20), (24, 4096 * 7168)):
+        src = torch.randint(0, 255, (n, rb), dtype=torch.uint8, device=dev)
+        dst = torch.zeros_like(src)
+        perm = np.random.default_rng(0).permutation(n)
+        want = src[torch.from_numpy(perm).to(dev)]
+        sp = src.data_ptr() + perm.astype(np.uint64) * rb
+        dp = dst.data_ptr() + np.arange(n, dtype=np.uint64) * rb
+        arrays = cu.copy_arrays(list(zip(dp.tolist(), sp.tolist(), [rb] * n)))
+        what = f"{n} x {rb / 1024:.0f} KiB"
+        nbytes = n * rb
+
+        def row(method, host_ms, gpu_ms, ok):
+            rows.append(
+                {
+                    "case": "copies",
+                    "what": what,
+                    "method": method,
+                    "host_ms": host_ms,
+                    "gpu_ms": gpu_ms,
+                    "gbps": nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None,
+                    "check": "ok" if ok else "FAIL",
+                }
+            )
+
+        for ce in (False, True):
+            dst.zero_()
+            hm, gm = _timed(torch, s, lambda ce=ce: drv.memcpy_batch(*arrays, h, prefer_ce=ce), reps)
+            torch.cuda.synchronize()
+            row("cuMemcpyBatchAsync" + (" (CE hint)" if ce else ""), hm, gm, torch.equal(dst, want))
+        ix = torch.from_numpy(perm).to(dev)
+        iw = torch.arange(n, device=dev)
+        sw, dw = src.view(torch.int64), dst.view(torch.int64)
+        tmp = torch.empty_like(sw)
+
+        def torch_copy():
+            with torch.cuda.stream(s):
+                torch.index_select(sw, 0, ix, out=tmp)
+                dw.index_copy_(0, iw, tmp)
+
+        dst.zero_()
+        hm, gm = _timed(torch, s, torch_copy, reps)
+        torch.cuda.synchronize()
+        row("torch index_select + index_copy_", hm, gm, torch.equal(dst, want))
+        t = ct.split(
+            ct.CopyTable(
+                np.zeros(n, np.int64),
+                perm.astype(np.int64) * rb,
+                np.ones(n, np.int64),
+                np.arange(n, dtype=np.int64) * rb,
+                np.full(n, rb, np.int64),
+            )
+        )
+        host = ct.resolve(t, np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64), 0)
+        table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
+        for ctas in (8, 16, 32, 64, 132):
+            launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
+            dst.zero_()
+            hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
+            torch.cuda.synchronize()
+            row(f"row-copy kernel, {ctas} CTAs", hm, gm, torch.equal(dst, want))
+        del src, dst, want, tmp, table
+    torch.cuda.empty_cache()
+    return rows
+
+
+def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]:
+    """EP1: a permutation of 2 layers × 72 DeepSeek-V3 experts (142 rows move)."""
+    P, L = 72, 2
+    comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device)
+    w = [
+        [torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev) for shape, dt in DSV3]
+        for _ in range(L)
+    ]
+    for lw in w:
+        for t in lw:
+            t.view(torch.uint8).random_(0, 255)
+    row_bytes = sum(t[0].nbytes for t in w[0])
+    rng = np.random.default_rng(1)
+    old = np.tile(np.arange(P, dtype=np.int64), (L, 1))
+    new = np.stack([np.roll(rng.permutation(P), 0) for _ in range(L)])
+    new[:, 0] = old[:, 0]  # one row stays per layer: 142 rows move
+    moved = int((new != old).sum())
+    nbytes = moved * row_bytes
+    rows = []
+    # floor: the moved bytes copied once at this device's copy rate (a large torch copy)
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    _, gm = _timed(torch, torch.cuda.current_stream(dev), lambda: b.copy_(a), reps)
+    floor_ms = 2 * gm
+    del a, b
+    torch.cuda.empty_cache()
+    base = {"case": "local-permutation", "what": f"dsv3 fp8 ep1 {L}L x {P}, {moved} rows moved"}
+    rows.append({**base, "method": "HBM copy floor", "time_ms": floor_ms, "bytes": nbytes})
+    # torch: index_select of every tensor into a temporary, copied back
+    perm = [torch.from_numpy(new[layer]).to(dev) for layer in range(L)]
+
+    def torch_perm():
+        for layer in range(L):
+            for t in w[layer]:
+                t.copy_(torch.index_select(t, 0, perm[layer]))
+
+    ms = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch_perm()
+        torch.cuda.synchronize()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    tm = float(np.median(ms[1:]))
+    rows.append({**base, "method": "torch index_select + copy", "time_ms": tm,
+                 "floor_fraction": floor_ms / tm})
+    variants = [("kernel", c) for c in (16, 32, 64, 132)] + [("copy_engine", 16)]
+    for method, ctas in variants:
+        sh = ep.ExpertShuffler(ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas)
+        cur = old
+        ms, gpu, okall = [], [], True
+        for k in range(reps + 1):
+            nxt = new if k % 2 == 0 else old
+            ref = [[t.clone() for t in lw] for lw in w]
+            torch.cuda.synchronize()
+            e0, e1 = _ev(torch), _ev(torch)
+            e0.record()
+            t0 = time.perf_counter()
+            st = sh.rearrange(cur, nxt, verify=False)
+            torch.cuda.synchronize()
+            ms.append((time.perf_counter() - t0) * 1e3)
+            e1.record()
+            e1.synchronize()
+            gpu.append(e0.elapsed_time(e1))
+            src = new if k % 2 == 0 else None
+            # check: row j of each tensor now holds old row (permutation) j
+            if k % 2 == 0:
+                for layer in range(L):
+                    p = torch.from_numpy(src[layer]).to(dev)
+                    okall &= all(torch.equal(t, r[p]) for t, r in zip(w[layer], ref[layer]))
+            del ref
+            cur = nxt
+        tm = float(np.median(ms[1:]))
+        rows.append(
+            {
+                **base,
+                "method": f"ExpertShuffler {method}, {ctas} CTAs",
+                "time_ms": tm,
+                "gpu_ms": float(np.median(gpu[1:])),
+                "floor_fraction": floor_ms / tm,
+                "apply_host_ms": st.apply_seconds * 1e3,
+                "launch_host_ms": st.launch_seconds * 1e3,
+                "setup_ms": st.setup_seconds * 1e3,
+                "planner_ms": st.planner_seconds * 1e3,
+                "host_calls": sum(st.round_host_calls),
+                "check": "ok" if okall else "FAIL",
+            }
+        )
+        del sh
+    comm.close()
+    del w
+    torch.cuda.empty_cache()
+    return rows
+
+
+def step_rows(torch, ep, dev, rank, n, make_shuffler, barrier, reps) -> list[dict]:
+    """Async step() host time while matmuls run (every rank)."""
+    L, P = 8, 6
+    spec = DSV3[:2]
+    t, w, sh = make_shuffler("step", spec, P, L)
+    rng = np.random.default_rng(7)
+    old = np.tile(np.arange(n * P, dtype=np.int64), (L, 1))
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    comp = torch.cuda.Stream(dev)
+    per_call, lock_calls = [], []
+    for k in range(reps):
+        new = np.stack([rng.permutation(n * P) for _ in range(L)])
+        barrier(f"step/{k}")
+        with torch.cuda.stream(comp):
+            h = sh.rearrange_async(old, new, stream=comp)
+            while not h.done:
+                for _ in range(2):
+                    a = torch.tanh(a @ a) * 0.5
+                t0 = time.perf_counter()
+                h.step()
+                per_call.append((time.perf_counter() - t0) * 1e3)
+            h.wait()
+        torch.cuda.synchronize()
+        old = new
+        new = np.stack([rng.permutation(n * P) for _ in range(L)])
+        barrier(f"stepw/{k}")
+        with torch.cuda.stream(comp):
+            h = sh.rearrange_async(old, new, stream=comp)
+            while not h.done:
+                a = torch.tanh(a @ a) * 0.5
+                t0 = time.perf_counter()
+                h.step(wait=True)
+                lock_calls.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        old = new
+    t.close()
+    pc = np.asarray(per_call)
+    return [
+        {
+            "case": "step",
+            "what": f"ipc {n} procs, {L}L fp8 rows, step() after every 2 matmuls",
+            "procs": n,
+            "rank": rank,
+            "calls": int(pc.size),
+            "step_p50_ms": float(np.percentile(pc, 50)),
+            "step_p99_ms": float(np.percentile(pc, 99)),
+            "step_max_ms": float(pc.max()),
+            "step_wait_p50_ms": float(np.median(lock_calls)),
+            "check": "timing only",
+        }
+    ]
+
+
+def nccl_pair_rows(torch, ep, dev, device: int, reps: int, pairs: int = 200) -> list[dict]:
+    """A 4 KiB self send/recv pair (1-rank communicators): GPU time per pair with the host
+    ahead of the GPU (a sleep kernel first), and host time per pair; ours blocking and
+    non-blocking, and cupy's communicator on the same libnccl when cupy imports."""
+    import importlib.util
+
+    s = torch.cuda.Stream(dev)
+    a = torch.zeros(1024, dtype=torch.float32, device=dev)
+    b = torch.zeros_like(a)
+    runs = {}
+    for name, kw in (("ours blocking", {}), ("ours non-blocking", {"blocking": False})):
+        c = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device, **kw)
+
+        def pair(c=c):
+            with ep.group():
+                c.send(a, 0, s.cuda_stream)
+                c.recv(b, 0, s.cuda_stream)
+
+        runs[name] = (pair, c)
+    if importlib.util.find_spec("cupy") is not None:
+        from cupy.cuda import nccl as cnccl
+
+        uid = cnccl.get_unique_id()
+        cc = cnccl.NcclCommunicator(1, uid, 0)
+
+        def cpair():
+            cnccl.groupStart()
+            cc.send(a.data_ptr(), a.numel(), cnccl.NCCL_FLOAT32, 0, s.cuda_stream)
+            cc.recv(b.data_ptr(), b.numel(), cnccl.NCCL_FLOAT32, 0, s.cuda_stream)
+            cnccl.groupEnd()
+
+        runs["cupy"] = (cpair, None)
+    out = {k: ([], []) for k in runs}
+    for _ in range(reps + 1):
+        for name, (fn, c) in runs.items():  # interleaved: host drift hits every binding alike
+            fn()
+            if c is not None:
+                c.wait(s.cuda_stream)
+            torch.cuda.synchronize()
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(40_000_000)  # ~20 ms: the host enqueues every pair first
+            e0, e1 = _ev(torch), _ev(torch)
+            e0.record(s)
+            t0 = time.perf_counter()
+            for _ in range(pairs):
+                fn()
+            t1 = time.perf_counter()
+            if c is not None and c._pending:
+                c.wait(s.cuda_stream)
+            e1.record(s)
+            e1.synchronize()
+            out[name][0].append(e0.elapsed_time(e1) * 1e3 / pairs)
+            out[name][1].append((t1 - t0) * 1e6 / pairs)
+    rows = []
+    cupy_gpu = float(np.median(out["cupy"][0][1:])) if "cupy" in out else None
+    for name, (g, h) in out.items():
+        gu = float(np.median(g[1:]))
+        rows.append(
+            {
+                "case": "nccl-pair",
+                "what": "4 KiB self send/recv pair, 1-rank communicator",
+                "method": name,
+                "gpu_us_per_pair": gu,
+                "host_us_per_pair": float(np.median(h[1:])),
+                "gpu_vs_cupy": gu / cupy_gpu if cupy_gpu else None,
+            }
+        )
+    for _, c in runs.values():
+        if c is not None:
+            c.close()
+    return rows
