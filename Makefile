@@ -29,13 +29,19 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test test-gpu test-vllm bench example lint test-abi setup clean
+.PHONY: test test-gpu test-vllm test-sglang bench example lint test-abi setup clean
 
 # make test-vllm: a second environment (never the ambient Python) with CPU torch, vLLM without
 # its dependencies and the pinned pure-Python ones its EPLB modules import.
 VLLM_VENV ?= .venv-vllm
 VLLM_VERSION ?= 0.33.0
 VLLM_REQS := tests_vllm/requirements-cpu-$(VLLM_VERSION).txt
+
+# make test-sglang: the same for SGLang (CPU torch, SGLang without its dependencies, the pinned
+# ones its EPLB modules import: real triton among them).
+SGLANG_VENV ?= .venv-sglang
+SGLANG_VERSION ?= 0.5.23
+SGLANG_REQS := tests_sglang/requirements-cpu-sglang-$(SGLANG_VERSION).txt
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +68,15 @@ $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_REQS)
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_REQS)
 	touch $@
 
+$(SGLANG_VENV)/.installed: pyproject.toml $(SGLANG_REQS)
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q '$(TORCH_CPU_SPEC)'
+	$(SGLANG_VENV)/bin/python -m pip install -q -e '.[test]'
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==$(SGLANG_VERSION)
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps -r $(SGLANG_REQS)
+	touch $@
+
 ## make test: the whole suite (GPU tests skip, with their reason, where there is no GPU).
 test: $(SETUP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -69,6 +84,10 @@ test: $(SETUP)
 ## make test-vllm: eplb_pynccl inside vLLM's own EPLB code, on gloo CPU processes (tests_vllm/).
 test-vllm: $(VLLM_VENV)/.installed
 	VLLM_TARGET_DEVICE=cpu $(VLLM_VENV)/bin/python -m pytest tests_vllm $(PYTEST_ARGS)
+
+## make test-sglang: eplb_pynccl inside SGLang's own EPLB code, on gloo CPU processes (tests_sglang/).
+test-sglang: $(SGLANG_VENV)/.installed
+	$(SGLANG_VENV)/bin/python -m pytest tests_sglang $(PYTEST_ARGS)
 
 ## make test-gpu: only the GPU suite, with the Python already there (no install).
 test-gpu:
@@ -85,12 +104,12 @@ example: $(SETUP)
 ## make lint: ruff check and ruff format --check over the package, tests, bench, tools and examples.
 lint: $(SETUP)
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check eplb_pynccl tests tests_vllm bench tools examples
-	$(PY) -m ruff format --check eplb_pynccl tests tests_vllm bench tools examples
+	$(PY) -m ruff check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
+	$(PY) -m ruff format --check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
 
 ## make test-abi: load one nvidia-nccl-cu12 wheel per NCCL minor (2.19 .. newest); downloads GBs.
 test-abi: $(SETUP)
 	$(PY) tools/abi_matrix.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis

@@ -1,0 +1,808 @@
+"""eplb_pynccl inside SGLang's EPLB (SGLang 0.5.23): its weight update and, optionally, its policy.
+
+SGLang is imported only inside the functions below, never by ``import eplb_pynccl``; this
+module itself imports without SGLang.
+
+:func:`install` replaces, in this process, the module-level functions of
+``sglang.srt.eplb.expert_location_updater`` that SGLang looks up at call time:
+
+* ``_update_expert_weights_raw`` (every layer of an update; called by
+  ``ExpertLocationUpdater.update`` and by its canary variant): all the layers go through one
+  :class:`~eplb_pynccl.ExpertShuffler` rearrangement, in rounds of several whole layers
+  within a bounded staging buffer (default a quarter of one layer, see :func:`install`),
+  instead of SGLang's one-layer-at-a-time P2P with a whole layer of temp buffers. Returns
+  SGLang's ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
+* ``update_expert_weights_single_layer`` (one layer; SGLang's own updater test calls it
+  directly): the same for one layer. Returns SGLang's value: ``None``, or with
+  ``debug=True`` a list of log lines (ours, describing what moved). ``temp_buffers`` is not
+  used (the shuffler stages within its own bound).
+* ``ExpertLocationUpdater.update``: SGLang's own method (it still updates the metadata);
+  only its first call's ``torch.get_device_module().empty_cache()`` is skipped where the
+  device module has none (CPU torch), so the updater runs on CPU processes too.
+
+and, with ``policy="migration_aware"``, ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``:
+:func:`eplb_pynccl.rebalance` fed with the current map (SGLang's global expert location
+metadata), which keeps most experts where they are at DeepSeek's balance; the same three
+outputs as SGLang's (``physical_to_logical_map`` ``[layers, physical]``,
+``logical_to_all_physical_map`` ``[layers, logical, max replicas]`` padded with -1,
+``expert_count`` ``[layers, logical]``; int64 CPU tensors).
+
+SGLang's maps are used as given: slot ``s`` of ``physical_to_logical_map`` is row
+``s % num_local_physical_experts`` on rank ``s // num_local_physical_experts``. SGLang moves
+weights between WORLD ranks and passes its TP rank as the WORLD peer; so does this module
+(the ``rank`` argument must be this process's WORLD rank, and the maps' ranks the WORLD's).
+
+Transports (made once per process, on the first update, and reused): ``"torch"``:
+:class:`~eplb_pynccl.TorchTransport` on the WORLD group (gloo moves CPU weights, and CUDA
+ones staged through the host); ``"nccl"``: an eplb_pynccl :class:`~eplb_pynccl.Communicator`
+of the WORLD's ranks (its unique id shared over a gloo group made once); ``"ipc"``:
+:class:`~eplb_pynccl.IpcTransport` (copy engines between the GPUs of a node, set up over the
+same gloo group; the communicator carries peers on other nodes); ``"auto"``: ``"torch"`` for
+CPU weights, ``"nccl"`` for CUDA ones.
+
+With SGLang's elastic EP and a rank marked inactive, the update is SGLang's own (it drops
+the dead ranks' transfers and reports what is missing); eplb_pynccl needs every rank.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import RearrangeError
+from ..transport import Transport
+
+__all__ = [
+    "POLICIES",
+    "TESTED_SGLANG_VERSIONS",
+    "TRANSPORTS",
+    "install",
+    "installed",
+    "plugin",
+    "uninstall",
+]
+
+TESTED_SGLANG_VERSIONS = ("0.5.23",)
+TRANSPORTS = ("auto", "nccl", "ipc", "torch")
+POLICIES = (None, "migration_aware")
+ENV = "EPLB_PYNCCL_SGLANG"  # plugin(): a transport name (or "1" for auto); unset: do nothing
+POLICY_ENV = "EPLB_PYNCCL_SGLANG_POLICY"
+_ORIGINAL = "_eplb_pynccl_original"
+_CACHE_SIZE = 8  # shufflers kept per process (one per weight set: all-layer, per-layer, canary)
+_UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+_log = logging.getLogger(__name__)
+
+# What SGLang's functions take (their parameters, in order): install() refuses a SGLang whose
+# functions differ, whatever its version says.
+_EXPECTED_PARAMS = {
+    "expert_location_updater.update_expert_weights_single_layer": [
+        "routed_experts_weights",
+        "temp_buffers",
+        "old_physical_to_logical_map",
+        "new_physical_to_logical_map",
+        "num_local_physical_experts",
+        "num_gpu_per_node",
+        "rank",
+        "world_size",
+        "missing_logical_experts_info",
+        "debug",
+        "log_metrics",
+    ],
+    "expert_location_updater._update_expert_weights_raw": [
+        "routed_experts_weights_of_layer",
+        "old_expert_location_metadata",
+        "new_expert_location_metadata",
+        "update_layer_ids",
+        "nnodes",
+        "rank",
+    ],
+    "expert_location_updater.ExpertLocationUpdater.update": [
+        "self",
+        "routed_experts_weights_of_layer",
+        "new_expert_location_metadata",
+        "update_layer_ids",
+        "nnodes",
+        "rank",
+        "use_flat_topology",
+    ],
+    "eplb_algorithms.rebalance_experts": [
+        "tokens_per_expert",
+        "num_physical_experts",
+        "num_local_physical_experts",
+        "num_groups",
+        "num_nodes",
+        "algorithm",
+    ],
+}
+_METADATA_FIELDS = ("physical_to_logical_map_cpu", "ep_size")
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {"config": None, "originals": None}
+_world: dict[str, Any] = {}  # transports and the set-up group, made once per process
+_shufflers: collections.OrderedDict = collections.OrderedDict()
+
+
+# ---- SGLang's modules ----------------------------------------------------------------------
+
+
+def _sglang_modules():
+    try:
+        import sglang
+        import sglang.srt.eplb.eplb_algorithms as algos
+        import sglang.srt.eplb.expert_location as loc
+        import sglang.srt.eplb.expert_location_updater as upd
+    except ImportError as e:
+        raise ImportError(
+            "eplb_pynccl.integrations.sglang needs SGLang (tested with "
+            f"{', '.join(TESTED_SGLANG_VERSIONS)}); importing it failed: {e}"
+        ) from e
+    return sglang, upd, algos, loc
+
+
+def _version(sglang) -> str:
+    v = getattr(sglang, "__version__", None)
+    if v is None:
+        try:
+            from importlib.metadata import version
+
+            v = version("sglang")
+        except Exception:  # noqa: BLE001 - no metadata: the version is unknown
+            v = "unknown"
+    return str(v)
+
+
+def _unwrapped(fn):
+    return getattr(fn, _ORIGINAL, fn)
+
+
+def _interface_problems(upd, algos, loc) -> list[str]:
+    mods = {"expert_location_updater": upd, "eplb_algorithms": algos}
+    problems = []
+    for path, want in _EXPECTED_PARAMS.items():
+        mod, *names = path.split(".")
+        obj = mods[mod]
+        for n in names:
+            obj = getattr(obj, n, None)
+        if obj is None:
+            problems.append(f"sglang.srt.eplb.{path} is missing")
+            continue
+        got = list(inspect.signature(_unwrapped(obj)).parameters)
+        if got != want:
+            problems.append(
+                f"sglang.srt.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})"
+            )
+    fields = getattr(getattr(loc, "ExpertLocationMetadata", None), "__dataclass_fields__", {})
+    for f in _METADATA_FIELDS:
+        if f not in fields:
+            problems.append(f"sglang.srt.eplb.expert_location.ExpertLocationMetadata has no {f}")
+    if not callable(getattr(loc, "get_global_expert_location_metadata", None)):
+        problems.append(
+            "sglang.srt.eplb.expert_location.get_global_expert_location_metadata is missing"
+        )
+    return problems
+
+
+# ---- install / uninstall -------------------------------------------------------------------
+
+
+def _check_timeout(timeout) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if not np.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_args(transport, policy, timeout, staging_bytes) -> dict:
+    """install()'s arguments checked (no SGLang needed): the configuration, or an error
+    naming the argument."""
+    if not isinstance(transport, str):
+        raise TypeError(
+            f"transport must be a str, one of {TRANSPORTS}, got {type(transport).__name__}"
+        )
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if policy is not None and not isinstance(policy, str):
+        raise TypeError(f"policy must be None or 'migration_aware', got {type(policy).__name__}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be None or 'migration_aware', got {policy!r}")
+    timeout = _check_timeout(timeout)
+    if staging_bytes is not None:
+        if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, (int, np.integer)):
+            raise TypeError(
+                f"staging_bytes must be None or an int, got {type(staging_bytes).__name__}"
+            )
+        if staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be >= 0, got {staging_bytes}")
+        staging_bytes = int(staging_bytes)
+    return {
+        "transport": transport,
+        "policy": policy,
+        "timeout": timeout,
+        "staging_bytes": staging_bytes,
+    }
+
+
+def install(
+    *,
+    transport: str = "auto",
+    policy: str | None = None,
+    timeout: float | None = None,
+    staging_bytes: int | None = None,
+) -> None:
+    """Make SGLang's EPLB weight update (and with ``policy``, its rebalance) eplb_pynccl's.
+
+    Args:
+        transport: ``"auto"`` (CPU weights: ``"torch"``; CUDA weights: ``"nccl"``),
+            ``"nccl"``, ``"ipc"`` or ``"torch"`` (see the module docstring).
+        policy: None (SGLang's algorithms) or ``"migration_aware"``
+            (``rebalance_experts`` returns :func:`eplb_pynccl.rebalance`'s placement, fed
+            with the current map).
+        timeout: seconds any wait of an update may take (default ``$EPLB_PYNCCL_TIMEOUT`` or
+            600); past it the transport is aborted and the update raises
+            :class:`~eplb_pynccl.RearrangeError`.
+        staging_bytes: bound on the extra memory of an update (default: a quarter of the
+            largest layer's local experts; an update with a layer that needs more gets the
+            shuffler's default, one layer). Rounds pack as many whole layers as fit.
+
+    Call it in every SGLang process that holds expert weights (the scheduler processes),
+    before the first update; or let SGLang's plugin loader call :func:`plugin`. Raises
+    RuntimeError, patching nothing, on a SGLang version other than
+    :data:`TESTED_SGLANG_VERSIONS` or one whose functions differ. A second call replaces the
+    configuration (the transports made so far are kept when ``transport`` and ``timeout``
+    are unchanged).
+    """
+    cfg = _check_args(transport, policy, timeout, staging_bytes)
+    with _lock:
+        sglang, upd, algos, loc = _sglang_modules()
+        version = _version(sglang)
+        if version not in TESTED_SGLANG_VERSIONS:
+            raise RuntimeError(
+                "eplb_pynccl.integrations.sglang supports SGLang "
+                f"{', '.join(TESTED_SGLANG_VERSIONS)}; this is SGLang {version}, whose EPLB "
+                "updater it has not been checked against. Nothing was patched."
+            )
+        problems = _interface_problems(upd, algos, loc)
+        if problems:
+            raise RuntimeError(
+                f"eplb_pynccl.integrations.sglang: SGLang {version}'s EPLB functions differ from "
+                "the ones this module was written for: "
+                + "; ".join(problems)
+                + ". Nothing was patched."
+            )
+        old = _state["config"]
+        if old is not None and (old["transport"], old["timeout"]) != (
+            cfg["transport"],
+            cfg["timeout"],
+        ):
+            _drop_world()
+        if _state["originals"] is None:
+            _state["originals"] = {
+                "single": upd.update_expert_weights_single_layer,
+                "raw": upd._update_expert_weights_raw,
+                "update": upd.ExpertLocationUpdater.update,
+                "rebalance": algos.rebalance_experts,
+            }
+        orig = _state["originals"]
+        _state["config"] = cfg
+        upd.update_expert_weights_single_layer = _wrap(
+            update_expert_weights_single_layer, orig["single"]
+        )
+        upd._update_expert_weights_raw = _wrap(update_expert_weights_raw, orig["raw"])
+        upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
+        algos.rebalance_experts = (
+            _wrap(rebalance_experts, orig["rebalance"])
+            if cfg["policy"] == "migration_aware"
+            else orig["rebalance"]
+        )
+
+
+def installed() -> dict | None:
+    """The configuration :func:`install` put in force (a copy), or None."""
+    cfg = _state["config"]
+    return None if cfg is None else dict(cfg)
+
+
+def uninstall() -> None:
+    """Put SGLang's own functions back and drop this module's transports and shufflers (an
+    IPC transport is closed; a NCCL communicator is aborted: no collective). Idempotent."""
+    with _lock:
+        orig = _state["originals"]
+        if orig is not None:
+            _, upd, algos, _ = _sglang_modules()
+            upd.update_expert_weights_single_layer = orig["single"]
+            upd._update_expert_weights_raw = orig["raw"]
+            upd.ExpertLocationUpdater.update = orig["update"]
+            algos.rebalance_experts = orig["rebalance"]
+        _state["originals"] = None
+        _state["config"] = None
+        _drop_world()
+
+
+def plugin() -> None:
+    """SGLang's general plugin (entry point group ``sglang.srt.plugins``, loaded by every
+    SGLang process): :func:`install` when ``$EPLB_PYNCCL_SGLANG`` names a transport
+    (``auto``, ``nccl``, ``ipc``, ``torch``; ``1`` means ``auto``), with
+    ``$EPLB_PYNCCL_SGLANG_POLICY`` (``migration_aware``) as the policy; unset, nothing is
+    patched. An install that fails (another SGLang version) is logged and leaves SGLang as
+    it is."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "0", "off", "none"):
+        return
+    transport = "auto" if value in ("1", "on", "true", "yes") else value
+    policy = os.environ.get(POLICY_ENV, "").strip().lower() or None
+    try:
+        install(transport=transport, policy=policy)
+    except (RuntimeError, ValueError, TypeError, ImportError) as e:
+        _log.warning("eplb_pynccl SGLang plugin: not installed: %s", e)
+
+
+def _wrap(ours, original):
+    def call(*args, **kwargs):
+        return ours(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = original.__name__
+    call.__doc__ = f"eplb_pynccl's {original.__name__} (eplb_pynccl.integrations.sglang)."
+    call.__signature__ = inspect.signature(original)
+    setattr(call, _ORIGINAL, original)
+    return call
+
+
+def _update_wrapper(original):
+    def update(self, *args, **kwargs):
+        if getattr(self, "_first_execution", False):
+            torch = _torch()
+            if not callable(getattr(torch.get_device_module(), "empty_cache", None)):
+                # CPU torch: nothing to empty; SGLang's first call would raise here
+                self._first_execution = False
+        return original(self, *args, **kwargs)
+
+    update.__name__ = update.__qualname__ = "update"
+    update.__doc__ = original.__doc__
+    update.__signature__ = inspect.signature(original)
+    setattr(update, _ORIGINAL, original)
+    return update
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _config() -> dict:
+    cfg = _state["config"]
+    if cfg is None:
+        raise RuntimeError("eplb_pynccl.integrations.sglang is not installed (call install())")
+    return cfg
+
+
+# ---- transports ------------------------------------------------------------------------------
+
+
+def _drop_world() -> None:
+    for t in list(_world.values()):
+        close = getattr(t, "close", None)
+        if close is not None and type(t).__name__ == "IpcTransport":
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - dropping: best effort
+                pass
+        comm = getattr(t, "comm", None)
+        if comm is not None and hasattr(comm, "abort"):
+            try:
+                comm.abort()
+            except Exception:  # noqa: BLE001
+                pass
+    _world.clear()
+    _shufflers.clear()
+
+
+def _dist():
+    torch = _torch()
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "SGLang's expert update through eplb_pynccl needs torch.distributed initialised "
+            "(SGLang's WORLD group)"
+        )
+    return dist
+
+
+def _setup_group():
+    """A gloo group of the WORLD's ranks for set-up exchanges (made once: collective)."""
+    g = _world.get("setup_group")
+    if g is None:
+        dist = _dist()
+        g = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _world["setup_group"] = g
+    return g
+
+
+def _setup_transport(timeout):
+    from ..transport import TorchTransport
+
+    t = _world.get("setup")
+    if t is None:
+        t = _world["setup"] = TorchTransport(_setup_group(), timeout=timeout)
+    return t
+
+
+def _peer_table(timeout) -> list[tuple[str, int]]:
+    """(host name, pid) of every WORLD rank, exchanged once: a failed update names the ranks
+    on this host whose process is gone."""
+    tab = _world.get("peers")
+    if tab is None:
+        me = f"{socket.gethostname()}\0{os.getpid()}".encode()[:240].ljust(256, b"\0")
+        got = _setup_transport(timeout).all_gather_bytes(me)
+        tab = []
+        for b in got:
+            host, pid = b.rstrip(b"\0").split(b"\0")
+            tab.append((host.decode(), int(pid)))
+        _world["peers"] = tab
+    return tab
+
+
+def _nccl_comm(device, timeout):
+    comm = _world.get("comm")
+    if comm is None:
+        from ..communicator import Communicator, UniqueId
+
+        setup = _setup_transport(timeout)
+        raw = b"\0" * _UID_BYTES
+        err = None
+        if setup.rank == 0:
+            try:
+                raw = bytes(UniqueId.generate())
+            except Exception as e:  # still share, so that the others learn it failed
+                err = e
+        flag = b"\1" if err is None else b"\0"
+        first = setup.all_gather_bytes(flag + raw)[0]
+        if err is not None:
+            raise err
+        if first[:1] != b"\1":
+            raise RuntimeError("WORLD rank 0 could not make a NCCL unique id; no communicator")
+        comm = _world["comm"] = Communicator(
+            UniqueId.from_bytes(first[1:]),
+            setup.rank,
+            setup.world_size,
+            device,
+            timeout=timeout,
+        )
+    return comm
+
+
+def _transport(device, ranks_per_node: int) -> Transport:
+    """This process's transport for weights on ``device`` (made once, then reused)."""
+    cfg = _config()
+    kind = cfg["transport"]
+    if kind == "auto":
+        kind = "nccl" if device.type == "cuda" else "torch"
+    key = (kind, str(device), ranks_per_node if kind == "ipc" else None)
+    t = _world.get(key)
+    if t is not None:
+        return t
+    timeout = cfg["timeout"]
+    _peer_table(timeout)
+    if kind == "torch":
+        from ..transport import TorchTransport
+
+        t = TorchTransport(None, timeout=timeout)
+    elif kind == "nccl":
+        from ..transport import NcclTransport
+
+        if device.type != "cuda":
+            raise ValueError(f"transport='nccl' moves CUDA weights; these are on {device}")
+        t = NcclTransport(_nccl_comm(device, timeout))
+    else:
+        from ..ipc import IpcTransport
+
+        if device.type != "cuda":
+            raise ValueError(f"transport='ipc' moves CUDA weights; these are on {device}")
+        setup = _setup_transport(timeout)
+        comm = _nccl_comm(device, timeout) if ranks_per_node < setup.world_size else None
+        t = IpcTransport(
+            setup=setup,
+            communicator=comm,
+            device=device,
+            ranks_per_node=ranks_per_node,
+            timeout=timeout,
+        )
+    _world[key] = t
+    return t
+
+
+# ---- the update --------------------------------------------------------------------------------
+
+
+def _shuffler(transport, weights, ranks_per_node: int, staging_bytes):
+    from ..shuffler import ExpertShuffler
+
+    key = (
+        id(transport),
+        ranks_per_node,
+        staging_bytes,
+        tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws),
+    )
+    sh = _shufflers.get(key)
+    if sh is None:
+        sh = ExpertShuffler(
+            transport, weights, staging_bytes=staging_bytes, ranks_per_node=ranks_per_node
+        )
+        _shufflers[key] = sh
+        while len(_shufflers) > _CACHE_SIZE:
+            _shufflers.popitem(last=False)
+    else:
+        _shufflers.move_to_end(key)
+    return sh
+
+
+def _staging_bound(weights) -> int:
+    """A quarter of the largest layer's local experts (all its tensors)."""
+    return max(sum(t.nbytes for t in ws) for ws in weights) // 4
+
+
+def _elastic_inactive() -> bool:
+    """SGLang's elastic EP is on and some rank is marked inactive."""
+    try:
+        from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
+    except ImportError:
+        return False
+    st = ElasticEPStateManager.instance()
+    if st is None:
+        return False
+    active = getattr(st, "active_ranks_cpu", None)
+    if active is None:
+        return False
+    return not bool(_torch().as_tensor(active).bool().all())
+
+
+def _dead_peers(peers) -> list[int]:
+    """Ranks of ``peers`` on this host whose process has exited."""
+    from ..ipc import _alive
+
+    tab = _world.get("peers") or []
+    host = socket.gethostname()
+    return [p for p in peers if p < len(tab) and tab[p][0] == host and not _alive(tab[p][1])]
+
+
+def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
+    """Move ``weights`` (one list of tensors per layer) from ``old`` to ``new`` (int64
+    ``[len(weights), num_physical]``, WORLD ranks) through the shuffler; returns its stats."""
+    cfg = _config()
+    dist = _dist()
+    device = weights[0][0].device
+    world = dist.get_world_size()
+    per = weights[0][0].shape[0]
+    if old.shape[1] != per * world:
+        raise ValueError(
+            f"the maps have {old.shape[1]} physical experts, but {world} WORLD ranks of "
+            f"{per} local experts hold {per * world}: eplb_pynccl moves SGLang's experts between "
+            "the WORLD's ranks, as SGLang does"
+        )
+    if rank != dist.get_rank():
+        raise ValueError(
+            f"rank {rank} (SGLang's TP rank, used by SGLang as the WORLD peer) is not this "
+            f"process's WORLD rank {dist.get_rank()}"
+        )
+    t = _transport(device, ranks_per_node)
+    bound = cfg["staging_bytes"]
+    if bound is None:
+        bound = _staging_bound(weights)
+        sh = _shuffler(t, weights, ranks_per_node, bound)
+        try:
+            sh.schedule(sh.plan(old, new))
+        except ValueError:
+            # a layer needs more than the quarter (same answer on every rank: pure)
+            sh = _shuffler(t, weights, ranks_per_node, None)
+    else:
+        sh = _shuffler(t, weights, ranks_per_node, bound)
+    t0 = time.monotonic()
+    try:
+        return sh.rearrange(old, new)
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure of an update: one RearrangeError
+        done = getattr(e, "completed_layers", [])
+        pending = getattr(e, "pending_layers", list(range(len(weights))))
+        peers = list(getattr(e, "peers", []) or range(world))
+        dead = _dead_peers(sorted(set(range(world)) - {rank}))
+        what = f"; rank(s) {dead} exited" if dead else ""
+        raise RearrangeError(
+            f"SGLang expert update on WORLD rank {rank} failed after "
+            f"{time.monotonic() - t0:.1f} s{what}: {type(e).__name__}: {e}",
+            [layer_ids[i] for i in done],
+            [layer_ids[i] for i in pending],
+            sorted(set(peers) | set(dead)),
+            e,
+        ) from e
+
+
+def _as_map(m) -> np.ndarray:
+    torch = _torch()
+    if isinstance(m, torch.Tensor):
+        m = m.detach().cpu().numpy()
+    return np.asarray(m, dtype=np.int64)
+
+
+def update_expert_weights_raw(
+    routed_experts_weights_of_layer,
+    old_expert_location_metadata,
+    new_expert_location_metadata,
+    update_layer_ids,
+    nnodes,
+    rank,
+):
+    """SGLang's ``_update_expert_weights_raw`` (same arguments and return value) through one
+    :class:`~eplb_pynccl.ExpertShuffler` rearrangement of every layer in ``update_layer_ids``."""
+    if _elastic_inactive():
+        return _state["originals"]["raw"](
+            routed_experts_weights_of_layer,
+            old_expert_location_metadata,
+            new_expert_location_metadata,
+            update_layer_ids,
+            nnodes,
+            rank,
+        )
+    layer_ids = list(dict.fromkeys(int(x) for x in update_layer_ids))
+    if not layer_ids:
+        return {}
+    dist = _dist()
+    world = dist.get_world_size()
+    if isinstance(nnodes, bool) or not isinstance(nnodes, int) or nnodes < 1 or world % nnodes:
+        raise ValueError(
+            f"nnodes must be a positive int dividing the WORLD size {world}, got {nnodes!r}"
+        )
+    old_all = _as_map(old_expert_location_metadata.physical_to_logical_map_cpu)
+    new_all = _as_map(new_expert_location_metadata.physical_to_logical_map_cpu)
+    weights = [list(routed_experts_weights_of_layer[i]) for i in layer_ids]
+    _rearrange(weights, old_all[layer_ids], new_all[layer_ids], world // nnodes, layer_ids, rank)
+    return {}
+
+
+def update_expert_weights_single_layer(
+    routed_experts_weights,
+    temp_buffers,
+    old_physical_to_logical_map,
+    new_physical_to_logical_map,
+    num_local_physical_experts,
+    num_gpu_per_node,
+    rank,
+    world_size=None,
+    missing_logical_experts_info=None,
+    debug=False,
+    log_metrics=False,
+):
+    """SGLang's ``update_expert_weights_single_layer`` (same arguments and return value: None,
+    or with ``debug`` a list of log lines) through :class:`~eplb_pynccl.ExpertShuffler`.
+    ``temp_buffers`` is not used."""
+    if _elastic_inactive():
+        return _state["originals"]["single"](
+            routed_experts_weights,
+            temp_buffers,
+            old_physical_to_logical_map,
+            new_physical_to_logical_map,
+            num_local_physical_experts,
+            num_gpu_per_node,
+            rank,
+            world_size,
+            missing_logical_experts_info,
+            debug,
+            log_metrics,
+        )
+    weights = list(routed_experts_weights)
+    bad = [tuple(t.shape) for t in weights if t.shape[0] != num_local_physical_experts]
+    if bad:
+        raise ValueError(
+            f"routed_experts_weights must have num_local_physical_experts="
+            f"{num_local_physical_experts} rows each, got shapes {bad}"
+        )
+    old = _as_map(old_physical_to_logical_map).reshape(1, -1)
+    new = _as_map(new_physical_to_logical_map).reshape(1, -1)
+    if old.shape != new.shape:
+        raise ValueError(
+            f"old_physical_to_logical_map has {old.shape[1]} entries, "
+            f"new_physical_to_logical_map {new.shape[1]}"
+        )
+    stats = _rearrange([weights], old, new, int(num_gpu_per_node), [0], rank)
+    line = (
+        f"eplb_pynccl: rank {rank}: {stats.experts_received} experts received, "
+        f"{stats.experts_sent} sent, {stats.local_copies} local copies, "
+        f"{stats.bytes_received} B in, {stats.bytes_sent} B out, {stats.messages} messages, "
+        f"{stats.rounds} rounds, {stats.seconds * 1e3:.2f} ms"
+    )
+    if log_metrics:
+        logging.getLogger("sglang.srt.eplb.expert_location_updater").info(
+            "[ExpertLocationUpdater] %s", line
+        )
+    return [line] if debug else None
+
+
+# ---- the policy ---------------------------------------------------------------------------------
+
+
+def _current_map(num_layers: int, num_physical: int, num_logical: int):
+    """SGLang's current physical_to_logical_map when it is a placement of these experts."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        meta = get_global_expert_location_metadata()
+    except Exception:  # noqa: BLE001 - no SGLang runtime context: no current map
+        return None
+    if meta is None:
+        return None
+    m = _as_map(meta.physical_to_logical_map_cpu)
+    if m.shape != (num_layers, num_physical):
+        return None
+    experts = np.arange(num_logical)
+    if not all(np.isin(experts, row).all() for row in m):
+        return None
+    return m
+
+
+def rebalance_experts(
+    tokens_per_expert,
+    num_physical_experts,
+    num_local_physical_experts,
+    num_groups,
+    num_nodes,
+    algorithm,
+):
+    """SGLang's ``rebalance_experts`` (same arguments; the same three int64 CPU tensors) from
+    :func:`eplb_pynccl.rebalance`, fed with the current map. SGLang's elasticity-aware
+    algorithms stay SGLang's."""
+    if "elasticity" in getattr(algorithm, "name", str(algorithm)):
+        return _state["originals"]["rebalance"](
+            tokens_per_expert,
+            num_physical_experts,
+            num_local_physical_experts,
+            num_groups,
+            num_nodes,
+            algorithm,
+        )
+    from ..placement import rebalance
+
+    torch = _torch()
+    t = torch.as_tensor(tokens_per_expert)
+    loads = (t.sum(dim=0) if t.dim() == 3 else t).detach().double().cpu().numpy()
+    L, E = loads.shape
+    N = int(num_physical_experts)
+    ep = N // int(num_local_physical_experts)
+    hierarchical = "hierarchical" in getattr(algorithm, "name", str(algorithm))
+    nodes = int(num_nodes) if num_nodes else 1
+    if ep % nodes:
+        nodes = 1
+    groups = int(num_groups) if (hierarchical and num_groups) else None
+    if groups is not None and (E % groups or groups % nodes):
+        groups = None
+    res = rebalance(loads, N, ep, old_map=_current_map(L, N, E), num_nodes=nodes, num_groups=groups)
+    phy = np.array(res.new_map, dtype=np.int64, copy=True)
+    count = np.zeros((L, E), dtype=np.int64)
+    np.add.at(count, (np.repeat(np.arange(L), N), phy.ravel()), 1)
+    name = getattr(algorithm, "name", str(algorithm))
+    # SGLang's vectorised algorithms pad to the most replicas possible and return int32
+    # (deepseek_vec_hierarchical its physical map as int64), the others to the most replicas
+    # used, int64: the same shapes and dtypes as the algorithm replaced
+    vec = "vec" in name
+    width = N - E + 1 if vec else int(count.max())
+    dt = (
+        _torch().int64 if (not vec or hierarchical) else _torch().int32,
+        *([_torch().int32] * 2 if vec else [_torch().int64] * 2),
+    )
+    log2phy = np.full((L, E, width), -1, dtype=np.int64)
+    order = np.argsort(phy, axis=1, kind="stable")  # slots of each expert, ascending
+    sorted_e = np.take_along_axis(phy, order, axis=1)
+    starts = np.cumsum(count, axis=1) - count
+    rank_in = np.arange(N)[None, :] - np.take_along_axis(starts, sorted_e, axis=1)
+    log2phy[np.repeat(np.arange(L), N), sorted_e.ravel(), rank_in.ravel()] = order.ravel()
+    return tuple(torch.from_numpy(a).to(d) for a, d in zip((phy, log2phy, count), dt))
