@@ -57,9 +57,7 @@ class Launch:
         self._drv = k.drv
         self._ptr = ctypes.c_uint64(table_ptr)
         self._n = ctypes.c_uint32(count)
-        self._params = (ctypes.c_void_p * 2)(
-            ctypes.addressof(self._ptr), ctypes.addressof(self._n)
-        )
+        self._params = (ctypes.c_void_p * 2)(ctypes.addressof(self._ptr), ctypes.addressof(self._n))
         self.count = count
         self.grid = max(1, min(ctas, count))
         self._head = (k._f, self.grid, 1, 1, threads, 1, 1, 0)
