@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _buffers
 from ._checks import check_count, check_rank_world, check_timeout, current_device, device_index
@@ -25,6 +25,10 @@ from ._nccl.library import size_arg as _size_arg
 from ._nccl.library import word as _word
 from ._nccl.table import NCCL_IN_PROGRESS, UNIQUE_ID_BYTES, Dtype, RedOp, Result
 from .errors import CommunicatorStateError, NcclError, NcclTimeoutError
+
+if TYPE_CHECKING:
+    from ._types import Buffer, DeviceSpec, StreamSpec
+
 
 __all__ = [
     "UniqueId",
@@ -417,7 +421,7 @@ class Communicator:
         unique_id: UniqueId,
         rank: int,
         world_size: int,
-        device=None,
+        device: DeviceSpec = None,
         *,
         blocking: bool = True,
         timeout: float | None = None,
@@ -660,7 +664,7 @@ class Communicator:
     )
     recv = _p2p_method(False, """Receive ``buf``'s size in bytes from ``peer`` into ``buf``.""")
 
-    def p2p(self, sends=(), recvs=(), stream=None) -> None:
+    def p2p(self, sends=(), recvs=(), stream: StreamSpec = None) -> None:
         """Post many sends and receives in one NCCL group (or the enclosing :func:`group`).
 
         ``sends``/``recvs``: sequences of ``(buf, peer)``. Everything is validated first; if
@@ -740,7 +744,9 @@ class Communicator:
         s = self._lib.stream_obj(_buffers.stream_handle(stream, hint, self._device))
         self._enqueue([(None, lambda: fn(s), None)])
 
-    def all_reduce(self, buf, out=None, op: str = "sum", stream=None) -> None:
+    def all_reduce(
+        self, buf: Buffer, out: Buffer | None = None, op: str = "sum", stream: StreamSpec = None
+    ) -> None:
         """All-reduce ``buf`` into ``out`` (in place when out is None)."""
         self._check_open()
         redops = RedOp.by_short()
@@ -773,7 +779,7 @@ class Communicator:
         lib, comm, count = self._lib, self._comm, sbytes // size
         self._collective(lambda s: lib.all_gather(sptr, rptr, count, dtype, comm, s), stream, hint)
 
-    def broadcast(self, buf, root: int = 0, stream=None) -> None:
+    def broadcast(self, buf: Buffer, root: int = 0, stream: StreamSpec = None) -> None:
         """Broadcast ``buf`` from ``root`` in place."""
         self._check_open()
         if not isinstance(root, int) or not 0 <= root < self._world_size:
@@ -823,7 +829,7 @@ class Communicator:
             return None
         return self._lib.error(code, "ncclCommGetAsyncError", self._comm)
 
-    def wait(self, stream=None, timeout: float | None = None) -> None:
+    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         """Wait until the work queued on ``stream`` so far is done, watching for NCCL errors.
 
         ``stream`` None means torch's current stream on this device when torch is loaded,
@@ -873,7 +879,7 @@ class Communicator:
             self._scratch_ptr = self._lib.mem_alloc(4096)
         return self._scratch_ptr
 
-    def barrier(self, stream=None, timeout: float | None = None) -> None:
+    def barrier(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         """All ranks meet: a 1-element all-reduce, then :meth:`wait` (collective)."""
         self._check_open()
         drv = _cuda.driver()
@@ -886,7 +892,7 @@ class Communicator:
         self._collective(lambda so: lib.all_reduce(ptr, ptr, 1, f32, add, comm, so), s, 0)
         self.wait(s, timeout)
 
-    def connect_peers(self, stream=None, timeout: float | None = None) -> None:
+    def connect_peers(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         """Open the p2p connection to every peer now (collective): one tiny grouped exchange
         with all ranks, so no lazy connection set-up happens later, in the middle of serving."""
         self._check_open()

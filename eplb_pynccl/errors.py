@@ -61,10 +61,8 @@ class NcclError(EplbPyncclError):
         detail: str = "",
     ) -> None:
         self.code = int(code)
-        try:
-            self.name = Result(self.code).name
-        except ValueError:
-            self.name = f"ncclResult({self.code})"
+        known = Result.of(self.code)
+        self.name = known.name if known is not None else f"ncclResult({self.code})"
         self.error_string = error_string
         self.last_error = last_error
         self.function = function
@@ -107,10 +105,8 @@ class NcclTimeoutError(NcclError, TimeoutError):
 
 def error_class(code: int) -> type[NcclError]:
     """The NcclError subclass for an ncclResult_t code (NcclError for unknown codes)."""
-    try:
-        return Result(int(code)).exception
-    except ValueError:
-        return NcclError
+    known = Result.of(code)
+    return NcclError if known is None else known.exception
 
 
 class CudaError(EplbPyncclError, RuntimeError):

@@ -37,6 +37,7 @@ import os
 import pickle
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +47,10 @@ from ._nccl import cuda as _cuda
 from .communicator import Communicator
 from .errors import CommunicatorStateError
 from .transport import Transport, TransportRound, round_peers
+
+if TYPE_CHECKING:
+    from ._types import DeviceSpec, StreamSpec
+
 
 __all__ = ["IpcTransport"]
 
@@ -100,7 +105,7 @@ class IpcTransport(Transport):
         store=None,
         *,
         communicator: Communicator | None = None,
-        device=None,
+        device: DeviceSpec = None,
         ranks_per_node: int | None = None,
         timeout: float | None = None,
         key: str = "eplb_pynccl/ipc",
@@ -201,7 +206,9 @@ class IpcTransport(Transport):
                 f"this IpcTransport failed ({self._failed_why}); make a new one"
             )
 
-    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+    def exchange(
+        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+    ) -> None:
         """Tensors of a round: only between ranks of different nodes (through the
         communicator); a one-sided round of the same node needs the schedule (prepare_round)."""
         self._check_open()
@@ -216,7 +223,7 @@ class IpcTransport(Transport):
         s = torch.cuda.current_stream(self._device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
 
-    def wait(self, stream=None, timeout: float | None = None) -> None:
+    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         import torch
 
         s = torch.cuda.current_stream(self._device) if stream is None else stream

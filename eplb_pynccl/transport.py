@@ -28,12 +28,16 @@ from __future__ import annotations
 import abc
 import datetime
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _optional
 from ._checks import check_timeout
 from ._deadline import DEFAULT_TIMEOUT, default_timeout
 from .communicator import Communicator
+
+if TYPE_CHECKING:
+    from ._types import StreamSpec
+
 
 __all__ = ["Transport", "TransportRound", "NcclTransport", "TorchTransport"]
 
@@ -101,7 +105,7 @@ class Transport(abc.ABC):
         (default: the transport's) with the transport aborted."""
 
     @abc.abstractmethod
-    def wait(self, stream=None, timeout: float | None = None) -> None:
+    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         """Block until the work enqueued on ``stream`` is done; raise on failure or timeout
         (after making further use of the transport fail fast)."""
 
@@ -203,14 +207,16 @@ class NcclTransport(Transport):
                 f"{name} is on {t.device}, but the NCCL transport's communicator is on cuda:{self.comm.device}"
             )
 
-    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+    def exchange(
+        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+    ) -> None:
         s = _optional.torch().cuda.current_stream(self.comm.device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
 
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
         return _NcclRound(self, sends, recvs)
 
-    def wait(self, stream=None, timeout: float | None = None) -> None:
+    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         h = None if stream is None else stream.cuda_stream
         self.comm.wait(h, timeout)
 
@@ -329,7 +335,9 @@ class TorchTransport(Transport):
                 f"this TorchTransport was aborted ({self._failed}); make a new process group"
             )
 
-    def exchange(self, sends, recvs, stream=None, timeout: float | None = None) -> None:
+    def exchange(
+        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+    ) -> None:
         self._check_usable()
         torch = _optional.torch()
         dist = torch.distributed
@@ -391,7 +399,7 @@ class TorchTransport(Transport):
                     f"{t:.3g} s; the process group was aborted"
                 ) from None
 
-    def wait(self, stream=None, timeout: float | None = None) -> None:
+    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
         torch = _optional.torch()
         if not (self._cuda_capable or stream is not None):
             return

@@ -170,6 +170,8 @@ class Result(enum.IntEnum):
     """``ncclResult_t``; ``exception`` is the :class:`~eplb_pynccl.errors.NcclError` subclass
     an error code raises as."""
 
+    exception_name: str
+
     def __new__(cls, code: int, exception_name: str):
         member = int.__new__(cls, code)
         member._value_ = code
@@ -186,6 +188,11 @@ class Result(enum.IntEnum):
     ncclInProgress = 7, "NcclError"
     ncclTimeout = 8, "NcclTimeoutError"
 
+    @classmethod
+    def of(cls, code: int) -> Result | None:
+        """The member for ``code``, None for a code this table does not know."""
+        return cls._value2member_map_.get(int(code))  # type: ignore[return-value]
+
     @property
     def exception(self) -> type:
         from .. import errors  # errors imports this module: looked up on use
@@ -198,6 +205,11 @@ class Dtype(enum.IntEnum):
     its DLPack ``(type code, bits)`` where DLPack has it, and the NCCL version that first had
     it (None: every supported version). Older libraries lack a newer type: such data moves
     as bytes in send/recv, and collectives on it are refused."""
+
+    size: int
+    array_name: str
+    dlpack: tuple[int, int] | None
+    since: tuple[int, int, int] | None
 
     def __new__(cls, code: int, size: int, array_name: str, dlpack, since):
         member = int.__new__(cls, code)
@@ -222,12 +234,12 @@ class Dtype(enum.IntEnum):
     ncclFloat8e5m2 = 11, 1, "float8_e5m2", None, (2, 24, 0)
 
     @classmethod
-    def by_array_name(cls) -> dict:
+    def by_array_name(cls) -> dict[str, Dtype]:
         """``{"float32": Dtype.ncclFloat32, ...}`` (torch / numpy / cupy spelling)."""
         return _DTYPE_BY_ARRAY_NAME
 
     @classmethod
-    def by_dlpack(cls) -> dict:
+    def by_dlpack(cls) -> dict[tuple[int, int], Dtype]:
         """``{(DLDataTypeCode, bits): Dtype}`` for the types DLPack names."""
         return _DTYPE_BY_DLPACK
 
@@ -238,6 +250,8 @@ _DTYPE_BY_DLPACK = {d.dlpack: d for d in Dtype if d.dlpack is not None}
 
 class RedOp(enum.IntEnum):
     """``ncclRedOp_t``; ``short`` is the name :meth:`Communicator.all_reduce` takes."""
+
+    short: str
 
     def __new__(cls, code: int, short: str):
         member = int.__new__(cls, code)
@@ -252,7 +266,7 @@ class RedOp(enum.IntEnum):
     ncclAvg = 4, "avg"
 
     @classmethod
-    def by_short(cls) -> dict:
+    def by_short(cls) -> dict[str, RedOp]:
         """``{"sum": RedOp.ncclSum, ...}``."""
         return _REDOP_BY_SHORT
 
