@@ -673,4 +673,3 @@ def plan_stages(
     t1 = estimate_stages(one, row_bytes, cluster=cluster, transport=transport).seconds
     t2 = estimate_stages(two, row_bytes, cluster=cluster, transport=transport).seconds
     return two if t2 < t1 else one
-
