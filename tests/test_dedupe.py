@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from eplb_pynccl.cluster import Cluster
 from eplb_pynccl.estimate import estimate_rearrangement
 from eplb_pynccl.planner import plan_rearrangement, plan_stages, relay_map
-from eplb_pynccl.schedule import simulate_rearrangement
+from eplb_pynccl.simulate import simulate_rearrangement
 
 ROW = [3 << 20, 96, 40]  # one large tensor (own messages) and two packed ones
 
