@@ -75,6 +75,9 @@ class RearrangeStats:
     round_apply_us: list = field(default_factory=list)
     round_host_calls: list = field(default_factory=list)
     copy_method: str = ""  # CUDA: "kernel" or "copy_engine" (see ExpertShuffler)
+    # CUDA: device bytes of the copy table (24 per copy piece); counted in peak_extra_bytes,
+    # outside the staging bound (metadata, like the row indices on the CPU)
+    table_bytes: int = 0
 
 
 class ExpertShuffler:
@@ -511,6 +514,8 @@ class RearrangeHandle:
             )
             if shuffler._is_cuda:
                 st.peak_extra_bytes = self._exec.extra_bytes
+                tb = self._exec.table
+                st.table_bytes = 0 if tb is None else 8 * tb.numel()
                 st.copy_method = shuffler.copy_method
             n = len(rs.rounds)
             st.round_launch_us = [0.0] * n
