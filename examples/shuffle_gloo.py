@@ -7,7 +7,7 @@ On GPUs the same code takes ``NcclTransport(Communicator.from_store(...))`` and 
 """
 
 import os
-import socket
+import tempfile
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ def fill(weights, expert_map, rank):
                 t[r] = float(expert_map[layer, rank * SLOTS + r])
 
 
-def main(rank):
-    dist.init_process_group("gloo", rank=rank, world_size=EP)
+def main(rank, rendezvous):
+    # a file rendezvous: no port to pick (a free port picked here could be taken before use)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=EP)
     # slot -> logical expert; slot s lives on rank s // SLOTS at row s % SLOTS; -1 = empty
     old_map = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]])
     new_map = np.array([[7, 6, 5, 4, 3, 2, 1, 0], [0, 0, 1, 2, 3, 4, 5, -1]])  # layer 1: 0 twice
@@ -60,7 +61,5 @@ def main(rank):
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:  # a free port for the process group's rendezvous
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    mp.spawn(main, nprocs=EP)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(main, args=(os.path.join(d, "rendezvous"),), nprocs=EP)
