@@ -48,9 +48,10 @@ from bench.common import (
     listed,
     make_maps,
     make_weights,
+    row_bytes,
 )
-from bench.eplb_sequence import SEQ_CASES, run_sequence_cases
-from bench.harness import BenchContext, PartSkipped, sig
+from bench.eplb_sequence import SEQ_CASES, run_sequence_cases, sequence_shape
+from bench.harness import BenchContext, PartSkipped
 
 CASES = ("dsv3", "qwen3", "dsv3-cpu", "qwen3-cpu", "dsv3-seq", "dsv3-seq-cpu")
 # every method's name; which of them run depends on the mode (GPU: NCCL ones, CPU: gloo)
@@ -77,11 +78,25 @@ def case_shape(case: str, n: int, args):
         return DSV3, 256, 288, layers_of(args, "dsv3", False)
     if case == "qwen3":
         return QWEN3, 128, -(-int(128 * 1.125) // n) * n, layers_of(args, "qwen", False)
+    # CPU cases: 4 (2) redundant experts per rank, rounded up to fill every rank evenly
     if case == "dsv3-cpu":
-        return DSV3_CPU, 32, 32 + 4 * n, layers_of(args, "dsv3", True)
+        return DSV3_CPU, 32, -(-(32 + 4 * n) // n) * n, layers_of(args, "dsv3", True)
     if case == "qwen3-cpu":
-        return QWEN3_CPU, 16, 16 + 2 * n, layers_of(args, "qwen", True)
+        return QWEN3_CPU, 16, -(-(16 + 2 * n) // n) * n, layers_of(args, "qwen", True)
     raise ValueError(f"unknown eplb case {case!r} ({', '.join(CASES)})")
+
+
+def case_memory(case: str, n: int, args) -> tuple[int, str]:
+    """Bytes one rank holds for a case (its layers of weights plus two layers for staging and
+    the baseline's buffer), and how that adds up."""
+    if case in SEQ_CASES:
+        spec, _, num_physical, layers, _ = sequence_shape(case, n, args)
+    else:
+        spec, _, num_physical, layers = case_shape(case, n, args)
+    per_layer = -(-num_physical // n) * row_bytes(spec)
+    return (
+        layers + 2
+    ) * per_layer, f"({layers} layers + 2 of staging) x {per_layer / MiB:,.0f} MiB"
 
 
 def _cases(ctx: BenchContext):
@@ -479,11 +494,18 @@ def run_p2p_ctas(ctx: BenchContext):
 
 
 def run_eplb(ctx: BenchContext):
-    """The part: every whole-rearrangement case, then the sequence cases."""
-    if ctx.world_size < 2:
+    """The part: every whole-rearrangement case, then the sequence cases. A case whose slots
+    do not divide over the ranks is skipped, with a row that says so."""
+    n = ctx.world_size
+    if n < 2:
         raise PartSkipped("eplb needs at least 2 ranks")
     rows = []
     for case in _cases(ctx):
+        if case[3] % n:
+            why = f"{case[3]} slots do not divide over {n} ranks"
+            ctx.log(f"eplb {case[0]}: skipped ({why})")
+            rows.append({"case": f"{case[0]} ep{n}", "skipped": why})
+            continue
         rows += _run_case(ctx, *case)
     return rows + run_sequence_cases(ctx, wanted_cases(ctx))
 
@@ -497,8 +519,6 @@ class _Case:
         import eplb_pynccl as ep
 
         n = ctx.world_size
-        if num_physical % n:
-            raise PartSkipped(f"{case}: {num_physical} slots do not divide over {n} ranks")
         self.P = P = num_physical // n
         self.layers = layers
         self.seed = ctx.args.seed
@@ -540,15 +560,13 @@ def _run_case(ctx: BenchContext, *case) -> list[dict]:
     for name, make in _selected_methods(ctx, ep, c):
         every = ctx.allgather(_time_method(ctx, torch, c, make, repeats))
         row = _method_row(c, name, every, repeats, ctx.world_size)
-        results[name] = row["time_ms_exact"]
-        del row["time_ms_exact"]
+        results[name] = row["time_ms"]
         rows.append(row)
     _add_speedups(rows, results.get("vllm-style"))
     rows += _floor_rows(ctx, c, rows)
     del c.weights
     if ctx.is_gpu:
         torch.cuda.empty_cache()
-    ctx.log(f"eplb {c.label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results.items()))
     return rows
 
 
@@ -623,19 +641,18 @@ def _method_row(c: _Case, name: str, every, repeats: int, n: int) -> dict:
         "method": name,
         "world_size": n,
         "layers": c.layers,
-        "time_ms": round(med, 3),
-        "time_ms_min": round(min(slow) * 1e3, 3),
-        "time_ms_max": round(max(slow) * 1e3, 3),
-        "gbps_per_gpu": sig(c.max_recv / (med * 1e-3) / 1e9),
+        "time_ms": med,
+        "time_ms_min": min(slow) * 1e3,
+        "time_ms_max": max(slow) * 1e3,
+        "gbps_per_gpu": c.max_recv / (med * 1e-3) / 1e9,
         "bytes_max_per_gpu": c.max_recv,
-        "peak_extra_mib": sig(peak / MiB),
-        "layer_mib_per_gpu": sig(c.row_bytes * c.P / MiB),
+        "peak_extra_mib": peak / MiB,
+        "layer_mib_per_gpu": c.row_bytes * c.P / MiB,
         "repeats": repeats,
         "check": "ok" if all(e[1] for e in every) else "FAIL",
         "seed": c.seed,
-        "changed_frac": round(c.changed, 3),
-        "planner_ms": round(c.plan_ms, 2),
-        "time_ms_exact": med,
+        "changed_frac": c.changed,
+        "planner_ms": c.plan_ms,
     }
     if every[0][2] is not None:
         row.update(_host_columns(every))
@@ -647,10 +664,10 @@ def _host_columns(every) -> dict:
     out = {
         "messages_max": max(e[2][0] for e in every),
         "rounds": every[0][2][1],
-        "host_launch_ms": round(max(e[2][3] for e in every) * 1e3, 2),
-        "host_wait_ms": round(max(e[2][4] for e in every) * 1e3, 2),
-        "host_apply_ms": round(max(e[2][5] for e in every) * 1e3, 2),
-        "host_setup_ms": round(max(e[2][6] for e in every) * 1e3, 2),
+        "host_launch_ms": max(e[2][3] for e in every) * 1e3,
+        "host_wait_ms": max(e[2][4] for e in every) * 1e3,
+        "host_apply_ms": max(e[2][5] for e in every) * 1e3,
+        "host_setup_ms": max(e[2][6] for e in every) * 1e3,
     }
     if every[0][2][7]:
         # slowest rank per phase (profiled run)
@@ -663,7 +680,7 @@ def _host_columns(every) -> dict:
 def _add_speedups(rows: list[dict], base) -> None:
     for row in rows:
         if base and row["method"] != "vllm-style":
-            row["speedup"] = round(base / row["time_ms"], 2)
+            row["speedup"] = base / row["time_ms"]
             row["note"] = "speedup vs vllm-style"
 
 
@@ -676,14 +693,14 @@ def _floor_rows(ctx: BenchContext, c: _Case, rows: list[dict]) -> list[dict]:
     floor_ms = c.max_recv / (bw * 1e9) * 1e3
     for row in rows:
         if row["method"].startswith("eplb_pynccl"):
-            row["floor_frac"] = round(floor_ms / row["time_ms"], 3)
+            row["floor_frac"] = floor_ms / row["time_ms"]
     return [
         {
             "case": c.label,
             "method": "link-floor",
             "world_size": n,
             "layers": c.layers,
-            "time_ms": round(floor_ms, 3),
+            "time_ms": floor_ms,
             "gbps_per_gpu": bw,
             "bytes_max_per_gpu": c.max_recv,
             "reference": True,

@@ -31,12 +31,12 @@ SEQ_CASES = ("dsv3-seq", "dsv3-seq-cpu")
 POLICIES = ("deepseek", "deepseek_relabelled", "migration_aware")
 
 
-def _spec(case: str, ctx: BenchContext):
-    """(layout, num_logical, num_physical, layers, groups) of a sequence case."""
-    n = ctx.world_size
+def sequence_shape(case: str, n: int, args):
+    """(layout, num_logical, num_physical, layers, groups) of a sequence case at ``n`` ranks
+    (slots rounded up to fill every rank evenly)."""
     if case == "dsv3-seq":
-        return DSV3, 256, -(-288 // n) * n, layers_of(ctx.args, "dsv3", False), 8
-    return DSV3_CPU, 32, 32 + 4 * n, layers_of(ctx.args, "dsv3", True), 8
+        return DSV3, 256, -(-288 // n) * n, layers_of(args, "dsv3", False), 8
+    return DSV3_CPU, 32, -(-(32 + 4 * n) // n) * n, layers_of(args, "dsv3", True), 8
 
 
 def run_sequence_cases(ctx: BenchContext, wanted: list[str]) -> list[dict]:
@@ -60,7 +60,7 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
     import eplb_pynccl as ep
 
     n, rank = ctx.world_size, ctx.rank
-    spec, num_logical, num_physical, layers, groups = _spec(case, ctx)
+    spec, num_logical, num_physical, layers, groups = sequence_shape(case, n, ctx.args)
     steps = max(1, int(getattr(ctx.args, "eplb_seq_steps", 4) or 4))
     P = num_physical // n
     seed = int(ctx.args.seed)
@@ -92,7 +92,6 @@ def _run_case(ctx: BenchContext, case: str) -> list[dict]:
     if ctx.is_gpu:
         torch.cuda.empty_cache()
     _add_speedups(rows)
-    ctx.log(f"eplb {label}: " + ", ".join(f"{r['method']} {r['time_ms']:.1f} ms" for r in rows))
     return rows
 
 
@@ -132,17 +131,17 @@ def _policy_row(m: dict, num_physical: int, n: int) -> dict:
         "method": m["method"],
         "world_size": n,
         "layers": m["layers"],
-        "time_ms": round(med, 3),
-        "time_ms_min": round(min(slow) * 1e3, 3),
-        "time_ms_max": round(max(slow) * 1e3, 3),
-        "gbps_per_gpu": round(sum(recv) / total / 1e9, 2) if total > 0 else 0.0,
+        "time_ms": med,
+        "time_ms_min": min(slow) * 1e3,
+        "time_ms_max": max(slow) * 1e3,
+        "gbps_per_gpu": sum(recv) / total / 1e9 if total > 0 else 0.0,
         "bytes_max_per_gpu": int(np.mean(recv)),
         "repeats": steps,
         "check": "ok" if all(e[1] for e in every) else "FAIL",
         "seed": m["seed"],
-        "changed_frac": round(float(np.mean(m["changed"])), 4),
-        "imbalance": round(float(np.mean(m["imb"])), 4),
-        "policy_ms": round(float(np.median(m["pol_ms"])), 2),
+        "changed_frac": float(np.mean(m["changed"])),
+        "imbalance": float(np.mean(m["imb"])),
+        "policy_ms": float(np.median(m["pol_ms"])),
         "note": "median time per rebalance over a moderate-drift load sequence",
     }
 
@@ -151,5 +150,5 @@ def _add_speedups(rows: list[dict]) -> None:
     base = next((r["time_ms"] for r in rows if r["method"].startswith("deepseek (")), None)
     for r in rows:
         if base and r["time_ms"] > 0:
-            r["speedup"] = round(base / r["time_ms"], 2)
+            r["speedup"] = base / r["time_ms"]
             r["note"] += "; speedup vs deepseek"

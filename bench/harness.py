@@ -72,6 +72,19 @@ class PeerFailed(BaseException):
 
 ABORT_ALL = "bench/abort/all"
 EXIT_GRACE_S = 120.0  # after the last part, ranks get this long to close their communicators
+DEATH_GRACE_S = 2.0  # after a rank died, its peers get this long before they are killed
+
+
+def _exit_code(code: int) -> str:
+    """'exit code 3', or the signal that killed the process (negative codes)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = " (the kernel's out-of-memory killer sends it)" if -code == signal.SIGKILL else ""
+    return f"exit code {code}: killed by {name}{why}"
 
 
 class PartUnavailable(Exception):
@@ -830,6 +843,7 @@ class _Supervisor:
         self.deadline = time.monotonic() + float(args.timeout)
         self.kill_at: float | None = None  # set after an error: nothing progressed since
         self.exit_by: float | None = None  # set when the last part is done
+        self.death = ""  # the first rank that died, when one did
         for p in self.procs:
             p.start()
 
@@ -897,7 +911,7 @@ class _Supervisor:
         _, _, name, status, reason, rows, secs = msg
         o = self.outcomes[name]
         o.status, o.reason, o.rows, o.seconds = status, reason, rows or [], secs
-        if self.kill_at is not None:
+        if self.kill_at is not None and not self.death:
             self.kill_at = None  # every rank got through the status exchange: progress
         if name == self.parts[-1]:
             self.exit_by = now + EXIT_GRACE_S  # closing communicators must not hang the run
@@ -911,10 +925,14 @@ class _Supervisor:
                 where = (
                     f"in part {self.current[r]!r}"
                     if r in self.current
-                    else "before its first part began"
+                    else "before it reported starting a part"
                 )
-                self.fail(f"rank {r} died with exit code {p.exitcode} ({where})")
+                self.fail(f"rank {r} died with {_exit_code(p.exitcode)} ({where})")
                 self.trouble(now, self.failures[-1])
+                # its peers cannot finish without it: end the run now (a short grace for
+                # their last messages), not after the stall timeout
+                self.kill_at = min(self.kill_at or now, now + DEATH_GRACE_S)
+                self.death = self.failures[-1]
 
     def past_limit(self, now: float) -> str | None:
         if now > self.deadline:
@@ -922,6 +940,8 @@ class _Supervisor:
         if self.exit_by is not None and now > self.exit_by:
             return f"still alive {EXIT_GRACE_S:.0f} s after the last part (closing communicators hung?)"
         if self.kill_at is not None and now > self.kill_at:
+            if self.death:
+                return f"a peer is gone ({self.death})"
             return f"no progress for {self.stall:.0f} s (--stall-timeout) after an error"
         return None
 

@@ -81,6 +81,25 @@ OUTPUT_FILES = (
     "eplb.png",
     "placement.png",
 )
+# the eplb table on stdout and in summary.md; results.json has every column
+EPLB_COLUMNS = (
+    "case",
+    "method",
+    "time_ms",
+    "gbps_per_gpu",
+    "speedup",
+    "check",
+    "changed_frac",
+    "messages_max",
+    "rounds",
+    "peak_extra_mib",
+    "imbalance",
+    "policy_ms",
+)
+CPU_NOTE = (
+    "CPU mode: gloo processes sharing this host's cores; these times and speedups say "
+    "nothing of GPUs (bench/RESULTS.md has GPU runs)"
+)
 PLACEMENT_COLUMNS = (
     "shape",
     "drift",
@@ -123,7 +142,7 @@ def fmt_cell(v: Any) -> str:
         if a == 0:
             return "0"
         if a >= 1000:
-            return f"{v:,.0f}"
+            return f"{v:.0f}"  # no thousands separators: ints are shown without them too
         if a >= 100:
             return f"{v:.1f}"
         if a >= 1:
@@ -229,7 +248,8 @@ def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]
             "op_bytes",
         ]
     elif part == "eplb":
-        cols = _ordered_keys(good, EPLB_REQUIRED)
+        good = [r for r in good if "skipped" not in r]
+        cols = list(EPLB_COLUMNS)
     elif part == "placement":
         cols = list(PLACEMENT_COLUMNS)
     else:
@@ -239,14 +259,39 @@ def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]
     return cols, cells
 
 
+def part_text(part: str, rows: list[dict], cpu: bool = False) -> list[str]:
+    """What stdout shows of a part: its tables, then notes, skipped cases and errors."""
+    out = []
+    for pname in dict.fromkeys(r.get("part", part) for r in rows):
+        mine = [r for r in rows if r.get("part", part) == pname]
+        h, c = part_table(pname, mine)
+        if c:
+            out.append(text_table(h, c))
+        out += [f"   note: {n}" for n in note_lines(pname, mine, cpu)]
+    out += [f"   skipped: {r['case']}: {r['skipped']}" for r in rows if "skipped" in r]
+    out += [f"   error: {e}" for e in error_lines(rows)]
+    return out
+
+
+def note_lines(part: str, rows: list[dict], cpu: bool = False) -> list[str]:
+    """The eplb rows' notes, each once (the table leaves the column out), and the CPU note."""
+    if part != "eplb":
+        return []
+    notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
+    if cpu and any("time_ms" in r for r in rows):
+        notes.append(CPU_NOTE)
+    return notes
+
+
 def error_lines(rows: list[dict]) -> list[str]:
     return [
         f"{r.get('binding') or r.get('method') or '?'}: {r['error']}" for r in rows if "error" in r
     ]
 
 
-def highlights(rows: list[dict]) -> list[str]:
-    """One-line conclusions: overhead ratios vs cupy, best busbw per binding, eplb vs floor."""
+def highlights(rows: list[dict], cpu: bool = False) -> list[str]:
+    """One-line conclusions: overhead ratios vs cupy, best busbw per binding, eplb vs floor,
+    how many placement targets were met (their table has the lines)."""
     out = []
     ov = [r for r in rows if r.get("part") == "overhead" and "host_us_per_op" in r]
     cupy = next((r for r in ov if r["binding"] == "cupy"), None)
@@ -275,13 +320,17 @@ def highlights(rows: list[dict]) -> list[str]:
         fails = sorted({r["binding"] for r in good if r.get("check") not in (None, "ok")})
         if fails:
             out.append(f"{part}: DATA CHECK FAILED for {', '.join(fails)}")
-    for r in rows:
-        if r.get("part") == "placement-targets":
-            out.append(
-                f"placement {r['shape']} {r['drift']}: {r['target']}: {r['status']} "
-                f"({r['measured']})"
-            )
+    tg = [r for r in rows if r.get("part") == "placement-targets"]
+    if tg:
+        missed = [r for r in tg if r["status"] != "met"]
+        out.append(
+            f"placement targets: {len(tg) - len(missed)} met, {len(missed)} MISSED (the "
+            "placement-targets table; a MISSED target is a finding, not a failure: "
+            "bench/README.md)"
+        )
     ep = [r for r in rows if r.get("part") == "eplb" and "time_ms" in r and "case" in r]
+    if ep and cpu:
+        out.append(f"eplb: {CPU_NOTE}")
     for case in dict.fromkeys(r["case"] for r in ep):
         rs = [r for r in ep if r["case"] == case]
         desc = ", ".join(f"{r.get('method')} {float(r['time_ms']):.1f} ms" for r in rs)
@@ -364,7 +413,7 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             ],
         ),
     ]
-    hl = highlights(rows)
+    hl = highlights(rows, meta.get("mode") == "cpu")
     if hl:
         out += ["", "## Highlights", ""] + [f"- {h}" for h in hl]
     for p in dict.fromkeys([*parts, *(r.get("part") for r in rows)]):
@@ -375,9 +424,11 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
         out += ["", f"## {p}", ""]
         if c:
             out.append(md_table(h, c))
-        errs = error_lines(prow)
-        if errs:
-            out += [""] + [f"- error: {e}" for e in errs]
+        notes = [f"- note: {n}" for n in note_lines(p, prow, meta.get("mode") == "cpu")]
+        notes += [f"- skipped: {r['case']}: {r['skipped']}" for r in prow if "skipped" in r]
+        notes += [f"- error: {e}" for e in error_lines(prow)]
+        if notes:
+            out += [""] + notes
     if plots:
         out += ["", "## Plots", ""] + [
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots
@@ -524,9 +575,16 @@ def eplb_figure(rows: list[dict], meta: dict):
         ax.set_ylim(bottom=0)  # bars from zero, also when every value is tiny
         ax.grid(True, axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(methods), 6), fontsize=8)
+    # as many columns as fit the figure's width (8-pt text: ~5.5 pt per character plus the
+    # marker), and room below the axes for every legend row
+    width_pt = fig.get_figwidth() * 72
+    per_col = 5.5 * max(len(x) for x in labels) + 40
+    ncol = max(1, min(len(labels), int(width_pt // per_col)))
+    nrows = -(-len(labels) // ncol)
+    legend_h = (0.3 + 0.2 * nrows) / fig.get_figheight()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(f"EPLB rearrangement{_title_suffix(meta)}")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, legend_h, 1, 1))
     return fig
 
 
@@ -536,6 +594,8 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
     if not good:
         return None
     plt = _plt()
+    import matplotlib.transforms as mtransforms
+
     shapes = list(dict.fromkeys(r["shape"] for r in good))
     drifts = list(dict.fromkeys(r["drift"] for r in good))
     policies = list(dict.fromkeys(r["policy"] for r in good))
@@ -554,23 +614,28 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
         ]
         lo, hi = min(moving), max(moving)
         top = hi + max(0.02, 0.15 * (hi - lo))
+        off = 0  # off-scale points on the top edge, side by side, each with its value
         for r in mine:
-            y = min(r["imb_mean"], top)  # a far worse baseline sits on the top edge, labelled
-            ax.scatter(
-                r["recv_max_gib"],
-                y,
+            kw = dict(
                 s=36,
                 color=colors[drifts.index(r["drift"]) % len(colors)],
                 marker=markers[policies.index(r["policy"]) % len(markers)],
             )
-            if r["imb_mean"] > top:
-                ax.annotate(
-                    f"{r['imb_mean']:.2f}",
-                    (r["recv_max_gib"], y),
-                    fontsize=6,
-                    xytext=(4, -8 - 7 * drifts.index(r["drift"])),
-                    textcoords="offset points",
-                )
+            if r["imb_mean"] <= top:
+                ax.scatter(r["recv_max_gib"], r["imb_mean"], **kw)
+                continue
+            dx = 10 + 18 * off  # points right of the point's own x
+            shift = mtransforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
+            ax.scatter(r["recv_max_gib"], top, transform=shift, clip_on=False, **kw)
+            ax.annotate(
+                f"{r['imb_mean']:.2f}",
+                (r["recv_max_gib"], top),
+                fontsize=6,
+                ha="center",
+                xytext=(dx, -11),
+                textcoords="offset points",
+            )
+            off += 1
         ax.set_ylim(min(1.0, lo) - 0.005, top + 0.01)
         ax.set_xlim(0, max(r["recv_max_gib"] for r in mine) * 2 + 0.02)
         ax.set_xscale("symlog", linthresh=0.01)
@@ -820,7 +885,7 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     hl = highlights(rows)
     assert any("eplb_pynccl host 1.20 us/op = 2.00x cupy" in x and "meets" in x for x in hl), hl
     assert any("eplb_pynccl[raw]" in x and "1.50x" in x for x in hl), hl
-    assert any(x.startswith("placement dsv3 ep32 4n steady: policy time") for x in hl), hl
+    assert "placement targets: 1 met, 0 MISSED" in " ".join(hl), hl
     h, c = part_table("placement", [r for r in rows if r["part"] == "placement"])
     assert h[:3] == ["shape", "drift", "policy"] and len(c) == 8, (h, c[:1])
     md = markdown_summary(meta, parts, rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import platform
 import socket
@@ -142,6 +143,50 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (the usage error names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _count(0)(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text!r}")
+    return v
+
+
+def _bytes(text: str) -> int:
+    try:
+        v = parse_bytes(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a size >= 1 byte (8, 4K, 1M, ...), got {text!r}")
+    return v
+
+
 def _flags_what(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("what to run")
     g.add_argument(
@@ -153,12 +198,12 @@ def _flags_what(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--gpus",
-        type=int,
+        type=_count(0),
         default=None,
         help="number of GPUs / ranks (default: all visible; 0 = CPU mode)",
     )
     g.add_argument("--cpu", action="store_true", help="CPU mode even if GPUs are visible")
-    g.add_argument("--cpu-procs", type=int, default=2, help="ranks in CPU mode")
+    g.add_argument("--cpu-procs", type=_count(1), default=2, help="ranks in CPU mode")
     g.add_argument(
         "--bindings",
         default="",
@@ -169,21 +214,22 @@ def _flags_what(ap: argparse.ArgumentParser) -> None:
 
 def _flags_micro(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("sendrecv / alltoall")
-    g.add_argument(
-        "--min-bytes", type=parse_bytes, default=8, help="smallest size (8, 4K, 1M, ...)"
-    )
-    g.add_argument("--max-bytes", type=parse_bytes, default=1 << 30, help="largest size")
-    g.add_argument("--step-factor", type=int, default=4, help="size multiplier between steps")
-    g.add_argument("--iters", type=int, default=20, help="timed iterations per repeat")
-    g.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
-    g.add_argument("--repeats", type=int, default=5, help="repeats (the median is reported)")
+    g.add_argument("--min-bytes", type=_bytes, default=8, help="smallest size (8, 4K, 1M, ...)")
+    g.add_argument("--max-bytes", type=_bytes, default=1 << 30, help="largest size")
+    g.add_argument("--step-factor", type=_count(2), default=4, help="size multiplier between steps")
+    g.add_argument("--iters", type=_count(1), default=20, help="timed iterations per repeat")
+    g.add_argument("--warmup", type=_count(0), default=5, help="untimed iterations before timing")
+    g.add_argument("--repeats", type=_count(1), default=5, help="repeats (the median is reported)")
     g = ap.add_argument_group("overhead")
     g.add_argument(
-        "--overhead-ops", type=int, default=256, help="K: sends (and as many recvs) per group"
+        "--overhead-ops", type=_count(1), default=256, help="K: sends (and as many recvs) per group"
     )
-    g.add_argument("--overhead-bytes", type=parse_bytes, default=4096, help="bytes per op")
+    g.add_argument("--overhead-bytes", type=_bytes, default=4096, help="bytes per op")
     g.add_argument(
-        "--overhead-repeats", type=int, default=50, help="timed groups (the median is reported)"
+        "--overhead-repeats",
+        type=_count(1),
+        default=50,
+        help="timed groups (the median is reported)",
     )
 
 
@@ -197,17 +243,19 @@ def _flags_eplb(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eplb-layers-dsv3",
-        type=int,
+        type=_count(1),
         default=None,
         help="layers of every DeepSeek-V3 case, CPU ones too (default: 4 on GPUs, 2 for -cpu cases)",
     )
     g.add_argument(
         "--eplb-layers-qwen",
-        type=int,
+        type=_count(1),
         default=None,
         help="layers of every Qwen3 case, CPU ones too (default: 8 on GPUs, 2 for -cpu cases)",
     )
-    g.add_argument("--eplb-repeats", type=int, default=5, help="timed repeats per EPLB method")
+    g.add_argument(
+        "--eplb-repeats", type=_count(1), default=5, help="timed repeats per EPLB method"
+    )
     g.add_argument(
         "--eplb-methods",
         default="",
@@ -215,7 +263,7 @@ def _flags_eplb(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eplb-seq-steps",
-        type=int,
+        type=_count(1),
         default=4,
         help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)",
     )
@@ -229,17 +277,17 @@ def _flags_stress_ipc(ap: argparse.ArgumentParser) -> None:
         default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
         help="comma-separated variants (bench/stress.py VARIANTS)",
     )
-    g.add_argument("--stress-steps", type=int, default=500, help="forward steps per variant")
+    g.add_argument("--stress-steps", type=_count(1), default=500, help="forward steps per variant")
     g.add_argument(
         "--stress-timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         help="communicator timeout (s) in the stress part: a hang fails the variant",
     )
     g = ap.add_argument_group("ipc (bench/ipc_bench.py)")
     g.add_argument(
         "--ipc-procs",
-        type=int,
+        type=_count(2),
         default=4,
         help="processes of the copy-engine part, spread over the visible GPUs",
     )
@@ -247,11 +295,11 @@ def _flags_stress_ipc(ap: argparse.ArgumentParser) -> None:
 
 def _flags_planner_placement(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("planner")
-    g.add_argument("--planner-repeats", type=int, default=50, help="repeats of bench_planner")
+    g.add_argument("--planner-repeats", type=_count(1), default=50, help="repeats of bench_planner")
     g = ap.add_argument_group("placement (bench/placement_bench.py)")
     g.add_argument(
         "--placement-steps",
-        type=int,
+        type=_count(1),
         default=20,
         help="consecutive rebalances per shape, drift level and policy",
     )
@@ -275,18 +323,18 @@ def _flags_output(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=1800.0,
         help="seconds before all ranks are killed (the run then fails)",
     )
     g.add_argument(
         "--stall-timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         help="seconds a rank waits for its peers in a store exchange, and that the parent "
         "waits for progress after an error before killing the ranks",
     )
-    g.add_argument("--master-port", type=int, default=0, help="TCPStore port (0: a free one)")
+    g.add_argument("--master-port", type=_port, default=0, help="TCPStore port (0: a free one)")
     g.add_argument(
         "--selfcheck",
         action="store_true",
@@ -387,131 +435,184 @@ def visible_gpus() -> tuple[int, str]:
         return 0, f"{type(e).__name__}: {e}"
 
 
-def print_part(o: PartOutcome) -> None:
+def print_part(o: PartOutcome, cpu: bool = False) -> None:
     head = f"== {o.name}: {o.status}"
     if o.seconds:
         head += f" ({o.seconds:.1f} s)"
     if o.reason:
         head += f" -- {o.reason}"
     print("\n" + head, flush=True)
-    if o.rows:
-        for pname in dict.fromkeys(r.get("part", o.name) for r in o.rows):
-            h, c = report.part_table(pname, [r for r in o.rows if r.get("part", o.name) == pname])
-            if c:
-                print(report.text_table(h, c))
-        for e in report.error_lines(o.rows):
-            print(f"   error: {e}")
-        for line in report.highlights(o.rows):
-            print(f"   {line}")
+    for line in report.part_text(o.name, o.rows, cpu):
+        print(line)
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.list_parts:
-        for p, s in PARTS.items():
-            if not s.hidden:
-                where = "per GPU rank" if s.where == "child" else "in the parent process"
-                print(f"{p:10s} {s.description} [{where}{', needs GPUs' if s.needs_gpu else ''}]")
-        return 0
-    if args.selfcheck:
-        out = os.path.join(args.out, "selfcheck") if args.out != ap.get_default("out") else None
-        report.selfcheck(out)
-        return 0
-    names = [p.strip() for p in args.parts.split(",") if p.strip()]
-    try:
-        specs = [part_spec(p) for p in names]
-    except KeyError as e:
-        ap.error(str(e.args[0]))
-    if len(set(names)) != len(names):
-        ap.error("a part is listed twice")
-    if args.min_bytes > args.max_bytes:
-        ap.error("--min-bytes is larger than --max-bytes")
-    if args.cpu_procs < 1:
-        ap.error(f"--cpu-procs must be >= 1, got {args.cpu_procs}")
-    for flag in ("eplb_layers_dsv3", "eplb_layers_qwen"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    from bench.eplb import CASES, METHODS
+# ---- checks before anything runs ------------------------------------------------------------
 
-    for flag, known in (("eplb_cases", CASES), ("eplb_methods", METHODS)):
-        bad = [x for x in getattr(args, flag).split(",") if x and x not in known]
+
+def _comma_flags() -> list[tuple[str, Any]]:
+    """(flag, known values) of the comma-list flags (their modules are imported for it)."""
+    from bench.eplb import CASES, METHODS
+    from bench.loadgen import DRIFTS
+    from bench.micro import BW_BINDINGS, OVERHEAD_BINDINGS
+    from bench.stress import VARIANTS
+
+    try:
+        from bench.placement_bench import SHAPES
+    except ModuleNotFoundError:  # the placement extra (scipy) is not installed: no check
+        SHAPES = None
+    bindings = list(dict.fromkeys([*BW_BINDINGS, *OVERHEAD_BINDINGS]))
+    return [
+        ("eplb_cases", CASES),
+        ("eplb_methods", METHODS),
+        ("placement_shapes", SHAPES),
+        ("placement_drifts", DRIFTS),
+        ("stress_variants", VARIANTS),
+        ("bindings", bindings),
+    ]
+
+
+def _check_lists(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from bench.common import listed
+
+    for flag, known in _comma_flags():
+        if known is None:
+            continue
+        bad = [x for x in listed(args, flag) if x not in known]
         if bad:
             ap.error(
-                f"--{flag.replace('_', '-')}: unknown {', '.join(map(repr, bad))}; known: {', '.join(known)}"
+                f"--{flag.replace('_', '-')}: unknown {', '.join(map(repr, bad))}; "
+                f"known: {', '.join(known)}"
             )
+    if args.min_bytes > args.max_bytes:
+        ap.error("--min-bytes is larger than --max-bytes")
 
+
+def _selected_parts(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[PartSpec]:
+    names = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not names:
+        ap.error(f"--parts {args.parts!r} names no part; known: {', '.join(DEFAULT_PARTS)}")
+    if len(set(names)) != len(names):
+        ap.error("--parts: a part is listed twice")
+    try:
+        return [part_spec(p) for p in names]
+    except KeyError as e:
+        ap.error(f"--parts: {e.args[0]}")
+
+
+def _mode(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[bool, int, str]:
+    """(GPU mode, ranks, why not GPU mode)."""
     ngpu, why_no_gpu = visible_gpus()
     if args.cpu or args.gpus == 0:
-        why_no_gpu = "--cpu" if args.cpu else "--gpus 0"
-        ngpu = 0
-    is_gpu = ngpu > 0
-    if is_gpu:
-        nprocs = ngpu if args.gpus is None else args.gpus
-        if nprocs > ngpu:
-            ap.error(f"--gpus {nprocs} but only {ngpu} visible")
-    else:
-        nprocs = args.cpu_procs
-    meta = base_meta(args, argv)
-    meta.update({"mode": "gpu" if is_gpu else "cpu", "world_size": nprocs})
-    print(
-        f"bench: {'GPU' if is_gpu else 'CPU'} mode, {nprocs} rank(s)"
-        + ("" if is_gpu else f" ({why_no_gpu})")
-        + f"; parts: {', '.join(names)}",
-        flush=True,
-    )
+        return False, args.cpu_procs, "--cpu" if args.cpu else "--gpus 0"
+    if ngpu == 0:
+        return False, args.cpu_procs, why_no_gpu
+    nprocs = ngpu if args.gpus is None else args.gpus
+    if nprocs > ngpu:
+        ap.error(f"--gpus {nprocs} but only {ngpu} visible")
+    return True, nprocs, ""
 
-    outcomes: dict[str, PartOutcome] = {p: PartOutcome(p) for p in names}
+
+def _host_memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_fit(ap, args, specs: list[PartSpec], is_gpu: bool, nprocs: int) -> None:
+    """CPU mode: every eplb case's ranks share this host's memory; refuse a case that cannot
+    fit (before any rank starts), saying what it needs."""
+    if is_gpu or "eplb" not in [s.name for s in specs]:
+        return
+    avail = _host_memory_available()
+    if avail is None:
+        return
+    from types import SimpleNamespace
+
+    from bench.eplb import case_memory, wanted_cases
+
+    GiB = 1 << 30
+    bad = []
+    for case in wanted_cases(SimpleNamespace(args=args, is_gpu=False)):
+        per_rank, how = case_memory(case, nprocs, args)
+        if per_rank * nprocs > 0.8 * avail:
+            bad.append(
+                f"{case} needs about {per_rank * nprocs / GiB:.1f} GiB of host memory in CPU "
+                f"mode ({nprocs} ranks x {how}); {avail / GiB:.1f} GiB is available"
+            )
+    if bad:
+        ap.error(
+            "--eplb-cases: " + "; ".join(bad) + " (the -cpu cases are the same layouts shrunk "
+            "for gloo; fewer layers: --eplb-layers-dsv3 / --eplb-layers-qwen)"
+        )
+
+
+def _check_out(ap: argparse.ArgumentParser, out: str) -> None:
+    """--out must be a directory this process can write, found before any part runs."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".bench-write-check-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        ap.error(f"--out {out!r} is not a directory this process can write: {e.strerror or e}")
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def _run_parts(specs, args, nprocs: int, is_gpu: bool, why_no_gpu: str, meta: dict):
+    """Run every part (children first, then the parent's). (outcomes, failures)."""
+    outcomes = {s.name: PartOutcome(s.name) for s in specs}
     failures: list[str] = []
-    t_start = time.perf_counter()
+    cpu = not is_gpu
     child = []
     for s in specs:
-        if s.where != "child" and not (s.needs_gpu and not is_gpu):
-            continue
         if s.needs_gpu and not is_gpu:
             outcomes[s.name].status = "skipped"
             outcomes[s.name].reason = f"needs GPUs ({why_no_gpu})"
-        else:
-            child.append(s.name)
-    for s in specs:
-        if outcomes[s.name].status == "skipped":
             print_part(outcomes[s.name])
+        elif s.where == "child":
+            child.append(s)
+    interrupted = False
     if child:
         printed: set[str] = set()
 
         def on_done(o: PartOutcome) -> None:
             printed.add(o.name)
-            print_part(o)
+            print_part(o, cpu)
 
-        res = run_children(
-            [PARTS.get(c) or custom_part(c) for c in child], args, nprocs, is_gpu, on_done
-        )
+        res = run_children(child, args, nprocs, is_gpu, on_done)
         meta.update(res.meta)
         failures += res.failures
+        interrupted = res.interrupted
         for name, o in res.outcomes.items():
             outcomes[name] = o
             if name not in printed:
-                print_part(o)
-    interrupted = False
-    if child:
-        interrupted = res.interrupted
+                print_part(o, cpu)
     for s in specs:
-        if s.where == "parent" and interrupted:
+        if s.where != "parent" or outcomes[s.name].status == "skipped":
+            continue
+        if interrupted:
             outcomes[s.name].reason = "not run: interrupted"
-        elif s.where == "parent" and outcomes[s.name].status != "skipped":
-            print(f"\n-- running {s.name} in the parent process", flush=True)
-            outcomes[s.name] = o = run_parent_part(s, args)
-            if o.errors:
-                print(next(iter(o.errors.values())), file=sys.stderr)
-            print_part(o)
+            continue
+        print(f"\n-- running {s.name} in the parent process", flush=True)
+        outcomes[s.name] = o = run_parent_part(s, args)
+        if o.errors:
+            print(next(iter(o.errors.values())), file=sys.stderr)
+        print_part(o, cpu)
+    return outcomes, failures
 
+
+def _write_outputs(args, meta: dict, outcomes: dict, names: list[str]) -> list[str]:
     rows = [r for p in names for r in outcomes[p].rows]
     parts_meta = {p: outcomes[p].as_meta() for p in names}
-    meta["failures"] = failures
-    meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
     os.makedirs(args.out, exist_ok=True)
     for stale in report.OUTPUT_FILES:  # from an earlier run; this one may not write them all
         try:
@@ -528,7 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     files.append(
         report.write_markdown(os.path.join(args.out, "summary.md"), meta, parts_meta, rows, plots)
     )
+    return files
 
+
+def _print_summary(outcomes: dict, names: list[str], failures: list[str], files, cpu) -> int:
+    """The summary lines; the exit status (1 when a part failed or the run did)."""
+    rows = [r for p in names for r in outcomes[p].rows]
     print("\n== summary")
     for p in names:
         o = outcomes[p]
@@ -538,13 +644,53 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if gpu_skips:
         print(f"   skipped because they need GPUs: {', '.join(gpu_skips)}")
-    for line in report.highlights(rows):
+    for line in report.highlights(rows, cpu):
         print(f"   {line}")
     for f in failures:
         print(f"   FAILURE: {f.splitlines()[0]}")
     print(f"   wrote {', '.join(files)}")
     bad = failures or any(outcomes[p].status in ("error", "not run", "running") for p in names)
     return 1 if bad else 0
+
+
+def _list_parts() -> int:
+    for p, s in PARTS.items():
+        if not s.hidden:
+            where = "per GPU rank" if s.where == "child" else "in the parent process"
+            print(f"{p:10s} {s.description} [{where}{', needs GPUs' if s.needs_gpu else ''}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.list_parts:
+        return _list_parts()
+    if args.selfcheck:
+        out = os.path.join(args.out, "selfcheck") if args.out != ap.get_default("out") else None
+        report.selfcheck(out)
+        return 0
+    specs = _selected_parts(ap, args)
+    names = [s.name for s in specs]
+    _check_lists(ap, args)
+    is_gpu, nprocs, why_no_gpu = _mode(ap, args)
+    _check_fit(ap, args, specs, is_gpu, nprocs)
+    _check_out(ap, args.out)
+    meta = base_meta(args, argv)
+    meta.update({"mode": "gpu" if is_gpu else "cpu", "world_size": nprocs})
+    print(
+        f"bench: {'GPU' if is_gpu else 'CPU'} mode, {nprocs} rank(s)"
+        + ("" if is_gpu else f" ({why_no_gpu})")
+        + f"; parts: {', '.join(names)}",
+        flush=True,
+    )
+    t_start = time.perf_counter()
+    outcomes, failures = _run_parts(specs, args, nprocs, is_gpu, why_no_gpu, meta)
+    meta["failures"] = failures
+    meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    files = _write_outputs(args, meta, outcomes, names)
+    return _print_summary(outcomes, names, failures, files, not is_gpu)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,85 @@ def _bench(*args, timeout=300):
     [
         (["--eplb-methods", "bogus"], "--eplb-methods: unknown 'bogus'; known: eplb_pynccl, "),
         (["--eplb-cases", "dsv3,bogus"], "--eplb-cases: unknown 'bogus'; known: dsv3, "),
-        (["--cpu-procs", "0"], "--cpu-procs must be >= 1, got 0"),
-        (["--eplb-layers-dsv3", "0"], "--eplb-layers-dsv3 must be >= 1, got 0"),
-        (["--parts", "bogus"], "unknown part 'bogus'"),
+        (["--cpu-procs", "0"], "argument --cpu-procs: must be an integer >= 1, got '0'"),
+        (["--eplb-layers-dsv3", "0"], "argument --eplb-layers-dsv3: must be an integer >= 1"),
+        (["--parts", "bogus"], "--parts: unknown part 'bogus'"),
+        # issue 22 item 6: each of these was a traceback, a silent default or a wrong status
+        (["--planner-repeats", "0"], "argument --planner-repeats: must be an integer >= 1"),
+        (["--placement-steps", "0"], "argument --placement-steps: must be an integer >= 1"),
+        (["--eplb-repeats", "0"], "argument --eplb-repeats: must be an integer >= 1"),
+        (["--eplb-seq-steps", "0"], "argument --eplb-seq-steps: must be an integer >= 1"),
+        (["--timeout", "0"], "argument --timeout: must be a finite number of seconds > 0"),
+        (["--timeout", "-5"], "argument --timeout: must be a finite number of seconds > 0"),
+        (["--timeout", "nan"], "argument --timeout: must be a finite number of seconds > 0"),
+        (["--stall-timeout", "0"], "argument --stall-timeout: must be a finite number"),
+        (["--gpus", "-1"], "argument --gpus: must be an integer >= 0, got '-1'"),
+        (["--placement-shapes", "nope"], "--placement-shapes: unknown 'nope'; known: dsv3-ep8"),
+        (["--placement-drifts", "nope"], "--placement-drifts: unknown 'nope'; known: steady"),
+        (["--stress-variants", "nope"], "--stress-variants: unknown 'nope'; known: default"),
+        (["--bindings", "nope"], "--bindings: unknown 'nope'; known: eplb_pynccl"),
+        (["--parts", ""], "--parts '' names no part; known: sendrecv"),
+        (["--parts", " , "], "--parts ' , ' names no part"),
+        (["--master-port", "70000"], "argument --master-port: must be a TCP port"),
+        (["--min-bytes", "0"], "argument --min-bytes: must be a size >= 1 byte"),
     ],
 )
-def test_bad_flags_are_refused_with_exit_status_2(args, msg):
-    r = _bench(*args)
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-500:])
-    assert msg in r.stderr, r.stderr
+def test_bad_flags_are_refused_with_exit_status_2(args, msg, capsys):
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", os.devnull + "-never-written"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert msg in err, err
+
+
+@pytest.mark.parametrize("out", ["FILE", "/proc/x"])
+def test_an_unusable_out_is_refused_before_any_part_runs(out, tmp_path, capsys):
+    from bench.run import main
+
+    if out == "FILE":
+        out = str(tmp_path / "a-file")
+        Path(out).write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--parts", "planner", "--out", out])
+    cap = capsys.readouterr()
+    assert e.value.code == 2
+    assert f"--out {out!r} is not a directory this process can write" in cap.err
+    assert "running planner" not in cap.out  # nothing ran
+
+
+def test_a_case_that_cannot_fit_cpu_mode_is_refused_with_the_memory_it_needs(capsys):
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--cpu", "--parts", "eplb", "--eplb-cases", "dsv3", "--out", os.devnull + "-x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    # 2 ranks x (4 layers + 2 of staging) x 144 rows x 42.0 MiB
+    assert "--eplb-cases: dsv3 needs about 70.9 GiB of host memory in CPU mode (2 ranks x " in err
+    assert "(4 layers + 2 of staging) x 6,049 MiB); " in err and "GiB is available" in err
+
+
+def test_cpu_procs_3_runs_every_cpu_case(tmp_path):
+    r = _bench(
+        "--parts",
+        "eplb",
+        "--cpu-procs",
+        "3",
+        "--eplb-repeats",
+        "1",
+        "--eplb-seq-steps",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--no-plots",
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = {x["case"] for x in rows if x["part"] == "eplb"}
+    assert cases == {"dsv3-cpu ep3 2L", "qwen3-cpu ep3 2L", "dsv3-seq-cpu ep3 2L x1"}, cases
+    assert all(x["check"] == "ok" for x in rows if "check" in x)
 
 
 def test_help_states_each_default_once():
@@ -115,3 +185,18 @@ def test_eplb_plot_starts_at_zero_and_selfcheck_says_its_data_is_synthetic(tmp_p
     md = next(p for p in written if p.endswith("summary.md"))
     assert "synthetic data (selfcheck)" in Path(md).read_text()
     assert "H100" not in Path(md).read_text()
+
+
+def test_a_rank_that_dies_ends_the_run_at_once_naming_its_exit_code(tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    r = _bench(
+        "--parts", "tests.bench_parts:die_while_peer_is_busy", "--out", str(tmp_path), "--no-plots"
+    )
+    elapsed = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-2000:]
+    assert "rank 1 died with exit code 9" in out, out[-2000:]
+    # not the 20 s (or --stall-timeout) wait for the survivor: start-up plus a 2 s grace
+    assert elapsed < 15, (elapsed, out[-2000:])
