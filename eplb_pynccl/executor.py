@@ -26,7 +26,9 @@ import contextlib
 import numpy as np
 
 from . import copytables as _tables
+from ._checks import device_index
 from ._nccl import cuda as _cuda
+from ._nccl import rowcopy as _rowcopy
 from .schedule import STAGING, Copies, Kernels, RankSchedule, Schedule
 
 __all__ = ["COPY_METHODS", "Executor"]
@@ -99,8 +101,8 @@ class Executor:
         self._bases = np.append(bufs.ptrs, sbase)  # index -1 = STAGING
         self.rounds = []
         for ro in rs.rounds:
-            pre = [ops[id(op)] for op in ro.pre if ops.get(id(op)) is not None]
-            post = [ops[id(op)] for op in ro.post if ops.get(id(op)) is not None]
+            pre = [x for x in map(ops.get, map(id, ro.pre)) if x is not None]
+            post = [x for x in map(ops.get, map(id, ro.post)) if x is not None]
             sends = self._messages(ro.sends, raw)
             recvs = self._messages(ro.recvs, raw)
             tround = transport.prepare_round(sends, recvs, remote=(ro.sends, ro.recvs))
@@ -109,10 +111,9 @@ class Executor:
 
     # ---- building ---------------------------------------------------------------------
     def _cuda_ops(self, device, stream, sbase, host_int64, method, ctas) -> dict:
-        """Every local op of the schedule as one prepared host call (see the docstring)."""
+        """Every local op of the schedule as one prepared host call (see the docstring);
+        ``method`` is one of COPY_METHODS (ExpertShuffler checked it)."""
         torch, rs = self.torch, self.rs
-        if method not in COPY_METHODS:
-            raise ValueError(f"copy_method must be one of {COPY_METHODS}, got {method!r}")
         opl = [op for ro in rs.rounds for op in (*ro.pre, *ro.post)]
         for op in opl:
             if isinstance(op, Copies) and op.ordered:
@@ -133,9 +134,7 @@ class Executor:
                     dst, src, n = (rows[:, c].tolist() for c in (1, 0, 2))
                     out[id(op)] = ("batch", _cuda.copy_arrays(list(zip(dst, src, n))))
             return out
-        from ._nccl import rowcopy as _rowcopy
-
-        k = _rowcopy.kernel(int(device.index if hasattr(device, "index") else device))
+        k = _rowcopy.kernel(device_index(device))
         if len(whole):
             with torch.cuda.stream(stream):
                 self.table = torch.empty(host.size, dtype=torch.int64, device=device)
@@ -261,10 +260,13 @@ class Executor:
         return tuple(t for t in (self.staging, self.table) if t is not None)
 
     @property
+    def table_bytes(self) -> int:
+        return 0 if self.table is None else 8 * self.table.numel()
+
+    @property
     def extra_bytes(self) -> int:
         """Extra device memory this rearrangement holds: staging plus the copy table."""
-        n = 0 if self.staging is None else self.staging.numel()
-        return n + (0 if self.table is None else 8 * self.table.numel())
+        return (0 if self.staging is None else self.staging.numel()) + self.table_bytes
 
     def apply(self, k: int, stream) -> None:
         """Round k's phase C on ``stream`` (the caller orders it after the round's end)."""

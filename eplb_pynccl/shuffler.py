@@ -223,7 +223,7 @@ class ExpertShuffler:
                 shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
             shapes.update(b"|")
         self._shapes_digest = shapes.digest()
-        self._pinned = None  # host buffer of row indices (CUDA), see _index_host
+        self._pinned = None  # host buffer of the copy table (CUDA), see _host_int64
         self._pinned_free = None  # event after the last copy out of it
         self.copy_ctas = copy_ctas
         self.copy_method = copy_method
@@ -415,8 +415,9 @@ class ExpertShuffler:
         except Exception:  # noqa: BLE001 - aborting is best effort; the shuffler is failed either way
             pass
 
-    def _index_host(self, values: np.ndarray):
-        """The row indices as an int64 host tensor; on CUDA in a pinned buffer kept by the
+    def _host_int64(self, values: np.ndarray):
+        """``values`` (the row indices on the CPU, the copy table on CUDA) as an int64 host
+        tensor; on CUDA in a pinned buffer kept by the
         shuffler (pinning a fresh one per rearrangement cost ~0.5 ms of host time), reused
         once the previous rearrangement's copy out of it has completed."""
         torch = self._torch
@@ -508,14 +509,13 @@ class RearrangeHandle:
                 shuffler.transport,
                 shuffler.device,
                 shuffler._stream,
-                shuffler._index_host,
+                shuffler._host_int64,
                 copy_method=shuffler.copy_method,
                 copy_ctas=shuffler.copy_ctas,
             )
             if shuffler._is_cuda:
                 st.peak_extra_bytes = self._exec.extra_bytes
-                tb = self._exec.table
-                st.table_bytes = 0 if tb is None else 8 * tb.numel()
+                st.table_bytes = self._exec.table_bytes
                 st.copy_method = shuffler.copy_method
             n = len(rs.rounds)
             st.round_launch_us = [0.0] * n
