@@ -32,7 +32,13 @@ from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
 from .executor import COPY_METHODS, Buffers, Executor
 from .planner import RearrangementPlan, plan_rearrangement
-from .schedule import DEFAULT_MAX_MESSAGES, DEFAULT_PACK_THRESHOLD, Layout, build_schedule
+from .schedule import (
+    DEFAULT_COPY_WAVES,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_PACK_THRESHOLD,
+    Layout,
+    build_schedule,
+)
 from .transport import Transport
 
 __all__ = ["ExpertShuffler", "RearrangeStats", "RearrangeHandle"]
@@ -106,13 +112,16 @@ class ExpertShuffler:
         profile: record CUDA events around each phase and report GPU time per phase in
             ``RearrangeStats.gpu_ms`` (filled by ``wait()``; costs a few events per round).
         copy_method: how local copies, gathers and scatters run on CUDA: ``"kernel"`` (one
-            launch of the row-copy kernel per op over a device table, O(1) host calls per
-            phase), ``"copy_engine"`` (one ``cuMemcpyBatchAsync`` per op preferring copy
-            engines: no SM touched, ~4.5 us of host time per row copy), or ``"auto"``
-            (default: the kernel, or the copy engines with a warning where the driver cannot
-            load the kernel).
+            launch of the row-copy kernel per phase over a device table: one host call per
+            phase), ``"copy_engine"`` (one ``cuMemcpyBatchAsync`` per wave of a phase
+            preferring copy engines: no SM touched, ~4.5 us of host time per row copy), or
+            ``"auto"`` (default: the kernel, or the copy engines with a warning where the
+            driver cannot load the kernel).
         copy_ctas: thread blocks per kernel launch (default 16): the SMs a copy phase may
             take from a concurrent forward pass.
+        copy_waves: waves of ordered local copies per phase at most (default 8): rows that
+            move along chains and cycles of local copies are copied in waves; fewer waves
+            stash more of them first (about one row in ``copy_waves`` is copied twice).
 
     On CUDA, construction also launches the copy kernels once on tiny tensors (~0.1 s), so
     that lazy module loading does not land in the first rearrangement. With a one-sided
@@ -134,6 +143,7 @@ class ExpertShuffler:
         profile: bool = False,
         copy_method: str = "auto",
         copy_ctas: int = 16,
+        copy_waves: int = DEFAULT_COPY_WAVES,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(
@@ -193,6 +203,7 @@ class ExpertShuffler:
                 f"copy_method must be 'auto', 'kernel' or 'copy_engine', got {copy_method!r}"
             )
         copy_ctas = check_count(copy_ctas, "copy_ctas")
+        self.copy_waves = check_count(copy_waves, "copy_waves")
         self.weights = layers
         self.num_local = rows
         self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
@@ -248,6 +259,7 @@ class ExpertShuffler:
             transactional=self.transactional,
             max_messages_per_round=self.max_messages,
             one_sided=bool(getattr(self.transport, "one_sided", False)),
+            copy_waves=self.copy_waves,
         )
 
     def rearrange(
