@@ -177,9 +177,12 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
             "floor_fraction": floor_ms / tm,
         }
     )
-    variants = [("kernel", c) for c in (16, 32, 64, 132)] + [("copy_engine", 16)]
-    for method, ctas in variants:
-        sh = ep.ExpertShuffler(ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas)
+    variants = [("kernel", 16, 8), ("kernel", 32, 8), ("kernel", 132, 8), ("kernel", 132, 4)]
+    variants += [("kernel", 132, 16), ("copy_engine", 16, 8), ("copy_engine", 16, 16)]
+    for method, ctas, waves in variants:
+        sh = ep.ExpertShuffler(
+            ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas, copy_waves=waves
+        )
         cur = old
         ms, gpu, okall = [], [], True
         for k in range(reps + 1):
@@ -210,7 +213,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
         rows.append(
             {
                 **base,
-                "method": f"ExpertShuffler {method}, {ctas} CTAs",
+                "method": f"ExpertShuffler {method}, {ctas} CTAs, {waves} waves",
                 "time_ms": tm,
                 "gpu_ms": float(np.median(gpu[1:])),
                 "floor_fraction": floor_ms / tm,
@@ -219,6 +222,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
                 "setup_ms": st.setup_seconds * 1e3,
                 "planner_ms": st.planner_seconds * 1e3,
                 "host_calls": sum(st.round_host_calls),
+                "extra_bytes": st.peak_extra_bytes,
                 "check": "ok" if okall else "FAIL",
             }
         )

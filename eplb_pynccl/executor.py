@@ -309,6 +309,8 @@ class Executor:
         self.staging = None
         self.table = None
         self.index = None
+        for _, tround, _ in self.rounds:
+            tround.release()
         self.rounds = []
         if self._side is not None:  # work queued on it completes first; the handles go now
             drv = _cuda.driver()

@@ -64,6 +64,11 @@ class TransportRound(abc.ABC):
         """A CUDA event recorded when the round's work on this rank completed (profiling), or None."""
         return None
 
+    def release(self) -> None:
+        """Free what the round holds beyond memory (captured graphs), once it is not needed
+        again; work of it still in flight completes first. The default holds nothing."""
+        return None
+
 
 class Transport(abc.ABC):
     """What the shuffler needs from a transport.
