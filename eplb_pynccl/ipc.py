@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._checks import check_count, check_rank_world, check_timeout, device_index
-from ._deadline import default_timeout
+from ._deadline import default_timeout, poll_until
 from ._nccl import cuda as _cuda
 from .communicator import Communicator
 from .errors import CommunicatorStateError
@@ -566,13 +566,11 @@ class _Page:
 
 
 def _poll(cond, deadline: float, what: str, t: IpcTransport) -> None:
-    delay = 1e-5
-    while not cond():
-        if time.monotonic() > deadline:
-            t.abort(what)
-            raise TimeoutError(f"rank {t.rank}: {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
+    def expired() -> None:
+        t.abort(what)
+        raise TimeoutError(f"rank {t.rank}: {what}")
+
+    poll_until(cond, deadline, expired)
 
 
 class RoundProtocol:

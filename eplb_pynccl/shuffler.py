@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _optional
 from ._checks import check_count, check_timeout, to_numpy
-from ._deadline import DEFAULT_TIMEOUT
+from ._deadline import DEFAULT_TIMEOUT, poll_until
 from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
 from .executor import COPY_METHODS, Buffers, Executor
@@ -720,26 +720,30 @@ class RearrangeHandle:
         limit = rnd.launched_at + s.timeout
         if deadline is not None:
             limit = min(limit, deadline)
-        delay = 2e-5
-        while True:
+
+        def done() -> bool:
             t0 = time.perf_counter()
             ok = rnd.tround.done()
             dt = time.perf_counter() - t0
             self.stats.poll_seconds += dt
             self.stats.round_poll_us[rnd.index] += dt * 1e6
-            if ok:
+            return ok
+
+        def expired() -> None:
+            s.transport.abort()
+            raise TimeoutError(
+                f"round {rnd.index} (layers {rnd.layers}, peers {rnd.peers}) did not complete "
+                f"within {limit - rnd.launched_at:.1f} s; the transport was aborted"
+            )
+
+        if not block:
+            if done():
                 return True
             if time.monotonic() > limit:
-                s.transport.abort()
-                raise TimeoutError(
-                    f"round {rnd.index} (layers {rnd.layers}, peers {rnd.peers}) did not complete "
-                    f"within {limit - rnd.launched_at:.1f} s; the transport was aborted"
-                )
-            if not block:
-                return False
-            time.sleep(delay)
-            # short cap: every round's apply (and the next round) waits for the host to see it
-            delay = min(delay * 2, 1e-4)
+                expired()
+            return False
+        # short cap: every round's apply (and the next round) waits for the host to see it
+        return poll_until(done, limit, expired, cap=1e-4)
 
     def _apply(self, rnd: _Round) -> None:
         s = self.s
