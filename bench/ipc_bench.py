@@ -52,6 +52,19 @@ def _sync_time(torch, fn, reps):
     return float(np.median(ts)), out
 
 
+def _per_round(st, count) -> tuple:
+    """Host seconds per round (launch, poll, apply), rounds, ``count``, set-up seconds."""
+    r = st.rounds
+    return (
+        st.launch_seconds / r,
+        st.poll_seconds / r,
+        st.apply_seconds / r,
+        r,
+        count,
+        st.setup_seconds,
+    )
+
+
 def _worker(rank, n, port, device, opts, q):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
@@ -188,16 +201,7 @@ def _worker(rank, n, port, device, opts, q):
                 torch.cuda.synchronize()
                 ok = ok and _check(torch, w, new, rank, P)
                 if k:
-                    per.append(
-                        (
-                            st.launch_seconds / st.rounds,
-                            st.poll_seconds / st.rounds,
-                            st.apply_seconds / st.rounds,
-                            st.rounds,
-                            st.messages,
-                            st.setup_seconds,
-                        )
-                    )
+                    per.append(_per_round(st, st.messages))
             a = np.median(np.asarray(per), axis=0)
             rows.append(
                 {
@@ -237,16 +241,7 @@ def _worker(rank, n, port, device, opts, q):
                 torch.cuda.synchronize()
                 ok1 = ok1 and _check(torch, w, n1, 0, 288)
                 if k:
-                    per1.append(
-                        (
-                            st.launch_seconds / st.rounds,
-                            st.poll_seconds / st.rounds,
-                            st.apply_seconds / st.rounds,
-                            st.rounds,
-                            st.local_copies,
-                            st.setup_seconds,
-                        )
-                    )
+                    per1.append(_per_round(st, st.local_copies))
             a = np.median(np.asarray(per1), axis=0)
             rows.append(
                 {
