@@ -362,10 +362,13 @@ def run_ipc(args) -> list[dict]:
         " (copies inside one GPU, no link)" if ngpu == 1 else ""
     )
     merged = []
-    for case in ("probe", "host", "host-ep1", "copies", "local-permutation", "step", "eplb"):
-        group = [r for r in rows if r["case"] == case]
-        if not group:
-            continue
+    keys = [
+        (c, w)
+        for c in ("probe", "host", "host-ep1", "copies", "local-permutation", "step", "eplb")
+        for w in dict.fromkeys(r["what"] for r in rows if r["case"] == c)
+    ]
+    for case, what in keys:
+        group = [r for r in rows if r["case"] == case and r["what"] == what]
         if case in ("host", "host-ep1", "eplb", "step"):
             # the slowest rank per column
             first = dict(group[0])
