@@ -759,18 +759,16 @@ class RearrangeHandle:
                 cs.wait_stream(s._stream)
             if s.profile:
                 rnd.marks["apply"] = _mark(torch, cs)
-            ctx = torch.cuda.stream(cs)
         else:
             cs = None
-            ctx = contextlib.nullcontext()
-        with ctx:
-            self._exec.apply(rnd.index, cs)
-            if cs is not None:
-                self._release = torch.cuda.Event(enable_timing=s.profile)
-                self._release.record(cs)
-                rnd.marks["end"] = self._release
-                if rnd.index == 0:
-                    for t in self._exec.device_tensors:
-                        t.record_stream(cs)
+        # CUDA phases take their stream explicitly (no torch stream context: ~10 us each way)
+        self._exec.apply(rnd.index, cs)
+        if cs is not None:
+            self._release = torch.cuda.Event(enable_timing=s.profile)
+            self._release.record(cs)
+            rnd.marks["end"] = self._release
+            if rnd.index == 0:
+                for t in self._exec.device_tensors:
+                    t.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)
