@@ -325,3 +325,23 @@ def test_bench_model_columns():
     r = [{"method": "eplb_pynccl", "time_ms": 1.0}]
     add_model_columns(r, old, new, 4, DSV3_ROW, layer, None, "gloo on the CPU")
     assert (r[0]["model_ms"], r[0]["model_note"]) == ("n/a", "gloo on the CPU")
+
+
+def test_host_profiles():
+    """The presets carry the measured host costs of the executor as it is now (Session 6);
+    run F's executor's are kept for the calibration against run F's rows."""
+    from eplb_pynccl.cluster import HOST_PROFILES
+
+    cur = Cluster.preset("h200-ib400").host
+    assert cur["nccl"].per_round == pytest.approx(0.09e-3 + 0.20e-3 + 3 * 7e-6)
+    nccl = cur["nccl"]
+    assert (nccl.per_op, nccl.per_copy, nccl.setup) == pytest.approx((1.04e-6, 0.0, 5.2e-3))
+    assert cur["ipc"].per_round == pytest.approx(0.52e-3)
+    old = Cluster.preset("h100x4-nv18", host="run-f").host
+    assert (old["nccl"].per_round, old["ipc"].per_round) == pytest.approx((1.3e-3, 2.2e-3))
+    assert cur["torch"] == old["torch"]  # the vLLM-style baseline: unchanged
+    assert set(HOST_PROFILES) == {"current", "run-f"}
+    for name in ("h100-ib400", "gb200-nvl72", "h100x4-nv18", "h200x1"):
+        assert Cluster.preset(name).host == cur
+    with pytest.raises(ValueError, match="host must be one of 'current', 'run-f', got 'new'"):
+        Cluster.preset("h200x1", host="new")
