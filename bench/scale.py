@@ -123,11 +123,13 @@ MEASURED = [
     ("qwen3", 2, 8, "vllm-style", 61.0, "run F, H100 x2"),
     ("dsv3-perm", 1, 2, "eplb_pynccl", 6.9, "one H200, 2026-12-01 (ANCHORS)"),
     ("dsv3-perm", 1, 2, "eplb_pynccl", 10.5, "one H200, 2026-12-02 (8.5-12.5)"),
-    # the executor as it is now (Session 6, D3): the row-copy kernel at its default 16 CTAs,
-    # and the copy engines; the cluster's copy rate is what that method measured on 24 rows of
-    # 28 MiB in the same run (760 and 1,666 GB/s)
-    ("dsv3-perm", 1, 2, "eplb_pynccl", 16.16, "one H200, Session 6 D3, kernel 16 CTAs", 760e9),
-    ("dsv3-perm", 1, 2, "eplb_pynccl", 9.15, "one H200, Session 6 D3, copy engines", 1666e9),
+    # the executor as it is now (Session 7, run D7: one launch per phase, at most 8 waves):
+    # the row-copy kernel at its default 16 CTAs and at 132, and the copy engines; the
+    # cluster's copy rate is what that method measured on 24 rows of 28 MiB in the same run
+    # (765, 1,879 and 1,687 GB/s)
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 12.18, "one H200, Session 7 D7, kernel 16 CTAs", 765e9),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 6.09, "one H200, Session 7 D7, kernel 132 CTAs", 1879e9),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 7.70, "one H200, Session 7 D7, copy engines", 1687e9),
 ]
 
 
@@ -173,7 +175,10 @@ MISS_CAUSES = {
 def _calibration_cluster(ep: int, where: str) -> Cluster:
     """The machine of a measured row, with the host costs of the executor that ran it."""
     if ep == 1:
-        return Cluster.preset("h200x1", host="current" if "Session 6" in where else "run-f")
+        # run F's host costs: the "current" profile's fixed 5.2 ms set-up was measured on
+        # host-ep1's 1,148 copies and overstates a 142-row permutation's (1.8-1.9 ms in
+        # Session 7 D7): the model has no per-copy set-up term yet
+        return Cluster.preset("h200x1", host="run-f")
     return Cluster.preset("h100x4-nv18", host="run-f")
 
 

@@ -262,7 +262,7 @@ def _local_work(sched: Schedule):
         old_c = ~cn & ~into_free
         lr_c = np.unique((cl * n + cr)[old_c])
         add(post_o, lr_c // n, lr_c % n, 2.0 * (ntens - nlarge)[lr_c // n])
-    cycles, _ = _phase_c_copies(plan, sched.transactional)
+    cycles, _ = _phase_c_copies(plan, sched.transactional, sched.copy_waves)
     cyc = cycles.reshape(-1)
     if cyc.any():
         lr = np.flatnonzero(cyc)
