@@ -594,13 +594,19 @@ class RoundProtocol:
         self.q = 0
         self.pulled: set = set()
         self.finished = False
+        self.landed = False
+        self.waiting: list = []
 
     def start(self, q: int) -> None:
         self.q = q
         self.pulled = set()
         self.finished = False
+        self.landed = False
+        self.waiting = list(self.readers)  # readers not seen done yet
 
     def poll(self) -> bool:
+        """One look at what the round waits for; every answer that can no longer change
+        (a pull posted, the local pulls landed, a reader done) is kept, not asked again."""
         if not self.finished:
             for p in self.sources:
                 if p not in self.pulled and self._ready(p, self.q):
@@ -610,9 +616,15 @@ class RoundProtocol:
                 return False
             self._finish()
             self.finished = True
-        if not self._local():
-            return False
-        return all(self._done(p, self.q) for p in self.readers)
+        if not self.landed:
+            if not self._local():
+                return False
+            self.landed = True
+        while self.waiting:
+            if not self._done(self.waiting[-1], self.q):
+                return False
+            self.waiting.pop()
+        return True
 
     def waiting_on(self) -> tuple[list, list]:
         """(sources not ready yet, readers not done yet) of the current round: who holds it."""
