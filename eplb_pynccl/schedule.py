@@ -698,7 +698,7 @@ class _RoundBuilder:
         self.parts = index_parts
         self.pos = index_pos
         self.kern: dict = {}  # (phase, kind, what) -> list of rows
-        self.copies: dict = {}  # phase name -> list of rows
+        self.copies: dict = {}  # phase name -> list of [k, 5] row arrays
         self.msgs = {"s": [], "r": []}
 
     def take(self, n: int) -> int:
@@ -715,8 +715,13 @@ class _RoundBuilder:
     def kernel(self, key, buf, idx, count, stage, rb) -> None:
         self.kern.setdefault(key, []).append((buf, idx, count, stage, rb))
 
-    def copy(self, key, dst_buf, dst_off, src_buf, src_off, n) -> None:
-        self.copies.setdefault(key, []).append((dst_buf, dst_off, src_buf, src_off, n))
+    def copies_of(self, key, dst_buf, dst_off, src_buf, src_off, n) -> None:
+        """Copies ``n`` bytes ``(src_buf, src_off) -> (dst_buf, dst_off)``, element by element
+        of arrays of one shape (or scalars broadcast against them)."""
+        cols = np.broadcast_arrays(
+            *(np.asarray(x, dtype=_I64) for x in (dst_buf, dst_off, src_buf, src_off, n))
+        )
+        self.copies.setdefault(key, []).append(np.stack([c.reshape(-1) for c in cols], axis=1))
 
     def kernels_op(self, key) -> Kernels | None:
         rows = self.kern.get(key)
@@ -729,7 +734,9 @@ class _RoundBuilder:
         rows = self.copies.get(key)
         if not rows:
             return None
-        a = np.asarray(rows, dtype=_I64).reshape(-1, 5)
+        a = np.concatenate(rows) if len(rows) > 1 else rows[0]
+        if not len(a):
+            return None
         return Copies(
             a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], reads_new=reads_new, ordered=ordered
         )
@@ -853,9 +860,8 @@ def _pack(b: _RoundBuilder, w: _LayerWork, rb, pairs) -> tuple:
 
 def _lay_out_pre(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
     """Phase A: local copies into rows nobody reads; the stash; packed sends."""
-    for src, dst in w.copies_a:
-        for i in range(len(rb)):
-            b.copy("a", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+    if w.copies_a:
+        _row_copies(b, "a", np.asarray(w.copies_a, dtype=_I64), rb, fb, range(len(rb)))
     for i, off in st.stash_block.items():
         b.kernel(("pre", "gather", "stash"), fb + i, st.stash_ix, len(w.stash_src), off, rb[i])
     if "s" in st.packs:
@@ -909,23 +915,34 @@ def _lay_out_post(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStagin
         _, blocks, ix, cnt = st.packs["r"]
         for i in w.small:
             b.kernel(("post", "scatter", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
-    for src, dst in w.copies_new:
-        for i in range(len(rb)):
-            b.copy("new", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+    if w.copies_new:
+        _row_copies(b, "new", np.asarray(w.copies_new, dtype=_I64), rb, fb, range(len(rb)))
+
+
+def _row_copies(b: _RoundBuilder, key, pairs: np.ndarray, rb, fb: int, tensors) -> None:
+    """Whole-row copies ``pairs[:, 0] -> pairs[:, 1]`` (rows of this rank) of ``tensors``."""
+    t = np.asarray(list(tensors), dtype=_I64)
+    r = np.asarray(rb, dtype=_I64)[t]
+    src, dst = pairs[:, :1], pairs[:, 1:2]
+    b.copies_of(key, fb + t, dst * r, fb + t, src * r, r)
 
 
 def _copy_waves(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
     """The row-by-row old-content copies, one op per wave of :class:`CopyOrder` (the copies
     of a wave are independent; the waves of every layer of the round run together)."""
-    rows = [i for i in range(len(rb)) if i not in st.copy_block]
-    for src, j, dst, wave in w.copies_c:
-        for i in rows:
-            if j < 0:
-                b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
-            else:
-                b.copy(
-                    ("c", wave), fb + i, dst * rb[i], STAGING, st.stash_block[i] + j * rb[i], rb[i]
-                )
+    t = np.asarray([i for i in range(len(rb)) if i not in st.copy_block], dtype=_I64)
+    if not t.size:
+        return
+    c = np.asarray(w.copies_c, dtype=_I64)  # (src, j, dst, wave)
+    r = np.asarray(rb, dtype=_I64)[t]
+    stash = np.asarray([st.stash_block.get(int(i), 0) for i in t], dtype=_I64)
+    src, j, dst = c[:, :1], c[:, 1:2], c[:, 2:3]
+    from_row = j < 0
+    src_buf = np.where(from_row, fb + t, STAGING)
+    src_off = np.where(from_row, src * r, stash + j * r)
+    for wave in _distinct(c[:, 3]).tolist():
+        m = c[:, 3] == wave
+        b.copies_of(("c", wave), fb + t, dst[m] * r, src_buf[m], src_off[m], r)
 
 
 def _link(ranks: list, nrounds: int) -> None:
