@@ -101,15 +101,21 @@ bench: $(SETUP)
 example: $(SETUP)
 	$(PY) examples/shuffle_gloo.py
 
-## make lint: ruff check and ruff format --check over the package, tests, bench, tools and examples.
+## make lint: ruff (check and format --check) over the package, tests, bench, tools and examples,
+## then mypy over the package (configuration in pyproject.toml); both at the versions pinned here.
+RUFF_VERSION := 0.17.6
+MYPY_VERSION := 2.4.1
+LINT_PATHS := eplb_pynccl tests tests_vllm tests_sglang bench tools examples
 lint: $(SETUP)
-	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
-	$(PY) -m ruff format --check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
+	@$(PY) -m ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || $(PY) -m pip install -q 'ruff==$(RUFF_VERSION)'
+	@$(PY) -m mypy --version 2>/dev/null | grep -q '^mypy $(MYPY_VERSION)\b' || $(PY) -m pip install -q 'mypy==$(MYPY_VERSION)'
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 ## make test-abi: load one nvidia-nccl-cu12 wheel per NCCL minor (2.19 .. newest); downloads GBs.
 test-abi: $(SETUP)
 	$(PY) tools/abi_matrix.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis .mypy_cache .ruff_cache build *.egg-info dist

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from typing import Any
 
 from ..errors import CudaError
 
@@ -21,6 +22,11 @@ _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
 _CU_POINTER_ATTRIBUTE_RANGE_START_ADDR = 11
 _CU_POINTER_ATTRIBUTE_RANGE_SIZE = 12
 _CU_EVENT_DISABLE_TIMING = 2
+
+
+def _handle(out: ctypes.c_void_p) -> int:
+    """The handle a successful create wrote into ``out`` (NULL reads as 0)."""
+    return out.value or 0
 
 
 class IpcHandle(ctypes.Structure):
@@ -163,7 +169,7 @@ class Driver:
                 self._fn["cuDevicePrimaryCtxRetain"](ctypes.byref(c), dev.value),
                 "cuDevicePrimaryCtxRetain",
             )
-            ctx = self._ctx[device] = c.value
+            ctx = self._ctx[device] = _handle(c)
         self._check(self._fn["cuCtxSetCurrent"](ctx), "cuCtxSetCurrent")
 
     def pointer_device(self, ptr: int) -> int | None:
@@ -194,7 +200,7 @@ class Driver:
         self._check(
             self._fn["cuEventCreate"](ctypes.byref(e), _CU_EVENT_DISABLE_TIMING), "cuEventCreate"
         )
-        return e.value
+        return _handle(e)
 
     def event_record(self, event: int, stream: int) -> None:
         self._check(self._fn["cuEventRecord"](event, stream), "cuEventRecord")
@@ -233,7 +239,7 @@ class Driver:
         self._check(self._fn["cuDeviceGetName"](name, 256, d), "cuDeviceGetName")
         uuid = ctypes.create_string_buffer(16)
         self._check(self._fn["cuDeviceGetUuid_v2"](uuid, d), "cuDeviceGetUuid")
-        out = {"name": name.value.decode(errors="replace"), "uuid": uuid.raw.hex()}
+        out: dict[str, Any] = {"name": name.value.decode(errors="replace"), "uuid": uuid.raw.hex()}
         for key, attr in (
             ("cc_major", _CU_DEVICE_ATTRIBUTE_CC_MAJOR),
             ("cc_minor", _CU_DEVICE_ATTRIBUTE_CC_MINOR),
@@ -272,7 +278,7 @@ class Driver:
         self._check(
             self._fn["cuStreamCreate"](ctypes.byref(s), _CU_STREAM_NON_BLOCKING), "cuStreamCreate"
         )
-        return s.value
+        return _handle(s)
 
     def stream_destroy(self, stream: int) -> None:
         self._fn["cuStreamDestroy_v2"](stream)
@@ -289,7 +295,7 @@ class Driver:
             ),
             "cuEventCreate",
         )
-        return e.value
+        return _handle(e)
 
     def ipc_event_handle(self, event: int) -> bytes:
         h = IpcHandle()
@@ -300,7 +306,7 @@ class Driver:
         h = IpcHandle.from_buffer_copy(handle)
         e = ctypes.c_void_p()
         self._check(self._fn["cuIpcOpenEventHandle"](ctypes.byref(e), h), "cuIpcOpenEventHandle")
-        return e.value
+        return _handle(e)
 
     # ---- IPC memory ----------------------------------------------------------------------
     def ipc_capable(self, ptr: int) -> bool:
@@ -380,7 +386,7 @@ class Driver:
         """Load a module (PTX text or a cubin, NUL-terminated) into the current context."""
         m = ctypes.c_void_p()
         self._check(self._fn["cuModuleLoadData"](ctypes.byref(m), image), "cuModuleLoadData")
-        return m.value
+        return _handle(m)
 
     def module_function(self, module: int, name: str) -> int:
         f = ctypes.c_void_p()
@@ -388,7 +394,7 @@ class Driver:
             self._fn["cuModuleGetFunction"](ctypes.byref(f), module, name.encode()),
             "cuModuleGetFunction",
         )
-        return f.value
+        return _handle(f)
 
     def module_unload(self, module: int) -> None:
         self._fn["cuModuleUnload"](module)
@@ -420,14 +426,14 @@ class Driver:
     def end_capture(self, stream: int) -> int:
         g = ctypes.c_void_p()
         self._check(self._fn["cuStreamEndCapture"](stream, ctypes.byref(g)), "cuStreamEndCapture")
-        return g.value
+        return _handle(g)
 
     def graph_instantiate(self, graph: int) -> int:
         e = ctypes.c_void_p()
         self._check(
             self._fn["cuGraphInstantiateWithFlags"](ctypes.byref(e), graph, 0), "cuGraphInstantiate"
         )
-        return e.value
+        return _handle(e)
 
     def graph_launch(self, exec_: int, stream: int) -> None:
         rc = self._fn["cuGraphLaunch"](exec_, stream)

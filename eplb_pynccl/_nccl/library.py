@@ -23,6 +23,7 @@ import os
 import threading
 from itertools import starmap as _starmap
 from pathlib import Path
+from typing import Any
 
 from .._deadline import poll_until
 from ..errors import NcclLibraryError, NcclTimeoutError, error_class
@@ -135,8 +136,7 @@ def candidate_paths() -> list[tuple[str, str]]:
     for p in _loaded_nccl_paths():
         out.append(("already loaded in this process", p))
     for d in _spec_dirs("nvidia"):
-        p = d / "nccl" / "lib" / SONAME
-        out.append(("nvidia.nccl wheel", str(p)))
+        out.append(("nvidia.nccl wheel", str(d / "nccl" / "lib" / SONAME)))
     for d in _spec_dirs("torch"):
         for name in (SONAME, "libnccl.so"):
             out.append(("torch lib directory", str(d / "lib" / name)))
@@ -151,7 +151,7 @@ class NcclLibrary:
         self.path = path
         self.source = source
         self._cdll = ctypes.CDLL(path)
-        self._fns: dict[str, object] = {}
+        self._fns: dict[str, Any] = {}  # ctypes function pointers
         self.missing: list[str] = []
         for f in FUNCTIONS:
             try:
@@ -175,13 +175,13 @@ class NcclLibrary:
         # enqueue (they never block), and releasing and re-taking the GIL per call costs more
         # than the call. ncclGroupEnd, which may block, still releases it.
         hot = ctypes.PyDLL(path)
-        self._raw_send = hot["ncclSend"] if "ncclSend" not in self.missing else None
-        self._raw_recv = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
+        self._raw_send: Any = hot["ncclSend"] if "ncclSend" not in self.missing else None
+        self._raw_recv: Any = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
         # ncclGroupStart only opens a group (keeps the GIL); ncclGroupEnd may block (it
         # releases it). Both without argtypes: no conversion work per call.
         self._gstart = hot["ncclGroupStart"]
         self._gend = self._cdll["ncclGroupEnd"]
-        self._stream_objs: dict[int, ctypes.c_void_p] = {}
+        self._stream_objs: dict[int, Any] = {}  # word(handle): a C-made c_void_p or a byref
 
     # -- basics -------------------------------------------------------------------------
     def has(self, name: str) -> bool:

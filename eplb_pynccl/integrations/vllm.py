@@ -192,11 +192,12 @@ class _CommunicatorImpl:
         self.expert_buffer = expert_buffer
         self._nccl = isinstance(transport, NcclTransport)
         self._ipc = ipc
-        self._layer = None  # layer_idx of the transfer context
+        self._layer: int | None = None  # layer_idx of the transfer context
         self._stream = None
         self._sends: list[_Op] = []
         self._recvs: list[_Op] = []
-        self._context = None  # (old layer map, slots per rank, {sender: {expert: first row}})
+        # (old layer map, slots per rank, {sender: {expert: first row}})
+        self._context: tuple[np.ndarray, int, dict[int, dict[int, int]]] | None = None
         self._thread = threading.get_ident()
         self._shufflers: dict = {}
 
@@ -482,11 +483,11 @@ def create_communicator(
         raise ValueError(f"transport must be 'nccl' or 'ipc', got {transport!r}")
     name = BACKEND_IPC if transport == "ipc" else BACKEND
     torch = _torch()
-    vllm_stateless = None
+    vllm_stateless: Any = None
     with contextlib.suppress(ImportError):
-        from vllm.distributed.stateless_coordinator import (
-            StatelessGroupCoordinator as vllm_stateless,
-        )
+        from vllm.distributed.stateless_coordinator import StatelessGroupCoordinator
+
+        vllm_stateless = StatelessGroupCoordinator
     if vllm_stateless is not None and isinstance(group_coordinator, vllm_stateless):
         raise ValueError(
             f"EPLB communicator {name!r} does not support elastic EP (stateless groups); use "
@@ -505,7 +506,7 @@ def create_communicator(
         t, path = _setup_ipc(torch, cpu_group, expert_weights, timeout)
         return cls(t, expert_weights, expert_buffer, ipc=path)
     if first is None or first.device.type == "cpu":
-        transport: Transport = TorchTransport(cpu_group)
+        mover: Transport = TorchTransport(cpu_group)
     elif first.device.type == "cuda":
         cfg = None
         with contextlib.suppress(ImportError):
@@ -527,13 +528,13 @@ def create_communicator(
         )
         if world > 1:
             comm.connect_peers()
-        transport = NcclTransport(comm)
+        mover = NcclTransport(comm)
     else:
         raise ValueError(
             f"EPLB communicator {BACKEND!r} moves CUDA or CPU tensors; the expert weights are on "
             f"{first.device}"
         )
-    return _communicator_class()(transport, expert_weights, expert_buffer)
+    return _communicator_class()(mover, expert_weights, expert_buffer)
 
 
 # ---- the layer loop ------------------------------------------------------------------------
@@ -810,7 +811,7 @@ def _accept_name(cp, field: str, name: str) -> bool:
     values, optional = _literal_values(cls.__dataclass_fields__[field].type)
     if name in values:
         return False
-    tp = typing.Literal[(*values, name)]
+    tp: Any = typing.Literal.__getitem__((*values, name))  # Literal[*values, name], at runtime
     if optional:
         tp = tp | None
     cls.__dataclass_fields__[field].type = tp
