@@ -134,6 +134,10 @@ class RebalanceResult:
       over layers: the bytes of the busiest receiver for the whole rearrangement.
     * ``internode_bytes_max``, ``internode_bytes_total``: bytes crossing nodes, busiest
       receiver and all ranks together.
+    * ``gain``: fraction of MoE time saved, if each layer's time follows its most loaded
+      GPU: ``1 - sum_l imbalance[l] * mean_l / sum_l old_imbalance[l] * mean_l`` with the
+      mean GPU load ``mean_l`` of each layer (layers with more tokens weigh more). ``None``
+      without ``old_map``; 0.0 when nothing carries load.
     * ``seconds``: time spent in :func:`rebalance`; ``repair_rounds``: rounds of the
       repair (each applies at most one set of operations per layer; a diagnostic).
     """
@@ -152,6 +156,7 @@ class RebalanceResult:
     slots_changed: np.ndarray | None
     experts_received: np.ndarray | None
     internode_received: np.ndarray | None
+    gain: float | None
     seconds: float
     repair_rounds: int = 0
 
@@ -177,18 +182,6 @@ class RebalanceResult:
         if self.internode_received is None or self.row_bytes is None:
             return None
         return int(self.internode_received.sum()) * self.row_bytes
-
-    @property
-    def gain(self) -> float | None:
-        """Fraction of MoE time saved, if each layer's time follows its most loaded GPU:
-        ``1 - sum_l imbalance[l] * mean_l / sum_l old_imbalance[l] * mean_l`` with the mean
-        GPU load ``mean_l`` of each layer (layers with more tokens weigh more). ``None``
-        without ``old_map``; 0.0 when nothing carries load."""
-        return None if self._old_cost is None else _gain(self._new_cost, self._old_cost)
-
-    # set by rebalance(): sum over layers of max GPU load (unscaled), new and old
-    _new_cost: float = 0.0
-    _old_cost: float | None = None
 
     def __repr__(self) -> str:
         parts = [
@@ -462,8 +455,10 @@ def rebalance(
         experts_received=None if recv is None else _frozen(recv),
         internode_received=None if inter is None else _frozen(inter),
         repair_rounds=rounds,
-        _new_cost=float((cost * scale).sum()),
-        _old_cost=None if old_cost is None else float((old_cost * scale).sum()),
+        # from the sums over layers of the max GPU load (unscaled), new and old
+        gain=None
+        if old_cost is None
+        else _gain(float((cost * scale).sum()), float((old_cost * scale).sum())),
         seconds=time.perf_counter() - t0,
     )
     return res
