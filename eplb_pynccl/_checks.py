@@ -16,6 +16,8 @@ import sys
 __all__ = [
     "check_timeout",
     "check_count",
+    "check_bool",
+    "check_row_bytes",
     "check_real",
     "check_index",
     "check_rank_world",
@@ -77,6 +79,37 @@ def check_count(value, name: str, *, minimum: int | None = 1) -> int:
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def check_bool(value, name: str) -> bool:
+    """True or False (a numpy bool too); anything else, truthy strings included, is refused."""
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_row_bytes(value, name: str = "row_bytes") -> tuple[tuple[int, ...], ...]:
+    """Per layer, the byte size of one row of each of its tensors: a non-empty list of
+    non-empty lists of ints ``>= 1``, as tuples."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"{name} must list, per layer, the bytes of one row of each tensor (a list of "
+            f"lists of ints), got {type(value).__name__}"
+        )
+    layers = []
+    for li, layer in enumerate(value):
+        if isinstance(layer, (str, bytes)) or not hasattr(layer, "__iter__"):
+            raise TypeError(
+                f"{name}[{li}] must list the bytes of one row of each tensor of layer {li}, "
+                f"got {type(layer).__name__}"
+            )
+        sizes = tuple(check_count(b, f"{name}[{li}][{ti}]") for ti, b in enumerate(layer))
+        if not sizes:
+            raise ValueError(f"{name}[{li}] is empty: every layer has at least one tensor")
+        layers.append(sizes)
+    if not layers:
+        raise ValueError(f"{name} is empty: give at least one layer")
+    return tuple(layers)
 
 
 def check_index(value, name: str, size: int) -> int:
