@@ -76,6 +76,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -394,6 +395,13 @@ def rebalance(
         raise ValueError(
             f"the number of logical experts ({E}, loads.shape[1]) is not divisible by "
             f"num_groups ({groups})"
+        )
+    if groups is not None and not _hierarchical(groups, nodes):
+        warnings.warn(
+            f"num_groups ({groups}) is not divisible by num_nodes ({nodes}): DeepSeek's "
+            "hierarchical variant does not apply, the global one is used (num_groups ignored; "
+            "num_groups=None asks for it without this warning)",
+            stacklevel=2,
         )
     if policy is not None and not isinstance(policy, str):
         raise TypeError(f"policy must be a str or None, got {type(policy).__name__}")

@@ -1,0 +1,37 @@
+"""rebalance() says when DeepSeek's hierarchical variant does not apply (issue 22 item 9):
+num_groups not divisible by num_nodes falls back to the global variant with a warning, the
+same map as asking for the global variant."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from eplb_pynccl import rebalance
+
+
+def test_groups_that_do_not_divide_over_nodes_warn_and_use_the_global_variant():
+    loads = np.random.default_rng(0).random((2, 256)) * 100
+    message = (
+        "num_groups (8) is not divisible by num_nodes (16): DeepSeek's hierarchical variant "
+        "does not apply, the global one is used (num_groups ignored; num_groups=None asks for "
+        "it without this warning)"
+    )
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}$") as rec:
+        res = rebalance(loads, 384, 128, num_nodes=16, num_groups=8)
+    assert len(rec) == 1 and rec[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = rebalance(loads, 384, 128, num_nodes=16)
+    assert np.array_equal(res.new_map, plain.new_map)
+
+
+def test_groups_that_divide_over_nodes_do_not_warn():
+    loads = np.random.default_rng(1).random((2, 64)) * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rebalance(loads, 96, 16, num_nodes=2, num_groups=8)
+        rebalance(loads, 96, 16, num_nodes=1, num_groups=8)
