@@ -282,21 +282,23 @@ def _as_loads(x) -> np.ndarray:
     return arr
 
 
-def _check_old_map(old_map, num_layers: int, num_physical: int, num_logical: int) -> np.ndarray:
-    old = _as_map(old_map, "old_map")
+def _check_old_map(
+    old_map, num_layers: int, num_physical: int, num_logical: int, name: str = "old_map"
+) -> np.ndarray:
+    old = _as_map(old_map, name)
     if old.shape != (num_layers, num_physical):
         raise ValueError(
-            f"old_map must have shape ({num_layers}, {num_physical}) "
+            f"{name} must have shape ({num_layers}, {num_physical}) "
             f"(loads' layers x num_physical), got {tuple(old.shape)}"
         )
-    _check_ids(old, "old_map", num_logical)
+    _check_ids(old, name, num_logical)
     held = np.zeros((num_layers, num_logical + 1), dtype=bool)
     held[np.arange(num_layers)[:, None], old] = True  # -1 lands in the last column
     missing = ~held[:, :num_logical]
     if missing.any():
         layer, e = divmod(int(np.argmax(missing.ravel())), num_logical)
         raise ValueError(
-            f"old_map: layer {layer} holds no replica of expert {e}; a placement must hold "
+            f"{name}: layer {layer} holds no replica of expert {e}; a placement must hold "
             "every logical expert"
         )
     return old
@@ -486,7 +488,7 @@ def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
     N = amap.shape[1]
     if N == 0 or N % ep:
         raise ValueError(f"num_physical ({N}) is not divisible by ep_size ({ep})")
-    _check_old_map(amap, L, N, E)  # same rule as old_map (messages name old_map's checks)
+    _check_old_map(amap, L, N, E, "placement")  # the same rule as old_map's
     scale = lam.max(1)
     scale[scale == 0] = 1.0
     return _imbalance(amap, lam / scale[:, None], ep)[0]

@@ -1,6 +1,7 @@
-"""rebalance() says when DeepSeek's hierarchical variant does not apply (issue 22 item 9):
-num_groups not divisible by num_nodes falls back to the global variant with a warning, the
-same map as asking for the global variant."""
+"""Placement's smaller points of issue 22 item 9: rebalance() says when DeepSeek's
+hierarchical variant does not apply (num_groups not divisible by num_nodes falls back to the
+global variant with a warning, the same map as asking for it), and placement_imbalance's
+errors name its own argument."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def test_groups_that_divide_over_nodes_do_not_warn():
         warnings.simplefilter("error")
         rebalance(loads, 96, 16, num_nodes=2, num_groups=8)
         rebalance(loads, 96, 16, num_nodes=1, num_groups=8)
+
+
+@pytest.mark.parametrize(
+    "fill, message",
+    [
+        (
+            0,
+            "placement: layer 0 holds no replica of expert 1; a placement must hold every "
+            "logical expert",
+        ),
+        (-3, "placement: layer 0, slot 0 holds expert id -3; ids must be >= -1 (-1 = empty slot)"),
+        (9, "placement: layer 0, slot 0 holds expert id 9, which is >= num_logical (8)"),
+    ],
+)
+def test_placement_imbalance_names_its_own_argument(fill, message):
+    from eplb_pynccl import placement_imbalance
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        placement_imbalance(np.full((2, 8), fill), np.ones((2, 8)), 2)
