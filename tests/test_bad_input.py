@@ -219,6 +219,22 @@ def test_bad_weights_are_refused_by_the_constructor():
             ValueError,
             "pack_threshold must be >= 0, got -1",
         ),
+        (
+            lambda: ExpertShuffler(t, [[torch.zeros(0, 8)]]),
+            ValueError,
+            r"^expert_weights\[0\]\[0\] is empty \(shape \(0, 8\)\): every weight tensor holds "
+            r"at least one expert row of at least one element$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good, torch.zeros(4, 0)]]),
+            ValueError,
+            r"^expert_weights\[0\]\[1\] is empty \(shape \(4, 0\)\)",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], transactional="no"),
+            TypeError,
+            r"^transactional must be a bool, got str$",
+        ),
     ]
     for make, exc, msg in cases:
         with pytest.raises(exc, match=msg):
