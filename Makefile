@@ -89,9 +89,12 @@ test-vllm: $(VLLM_VENV)/.installed
 test-sglang: $(SGLANG_VENV)/.installed
 	$(SGLANG_VENV)/bin/python -m pytest tests_sglang $(PYTEST_ARGS)
 
-## make test-gpu: only the GPU suite, with the Python already there (no install).
+## make test-gpu: only the GPU suite, with the Python already there (no install). It fails when
+## no test passed and EPLB_PYNCCL_REQUIRE_GPU=1, the default where nvidia-smi lists a GPU
+## (tests/require_gpu.py), so a GPU runner that cannot run the suite does not pass green.
 test-gpu:
-	$(PYTHON) -m pytest tests -m gpu $(PYTEST_ARGS)
+	EPLB_PYNCCL_REQUIRE_GPU=$${EPLB_PYNCCL_REQUIRE_GPU:-$(if $(GPU),1,0)} \
+	  $(PYTHON) -m pytest tests -m gpu -p tests.require_gpu $(PYTEST_ARGS)
 
 ## make bench: every part the machine can run (see bench/README.md or `python -m bench.run -h`).
 bench: $(SETUP)
