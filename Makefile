@@ -105,13 +105,12 @@ example: $(SETUP)
 	$(PY) examples/shuffle_gloo.py
 
 ## make lint: ruff (check and format --check) over the package, tests, bench, tools and examples,
-## then mypy over the package (configuration in pyproject.toml); both at the versions pinned here.
-RUFF_VERSION := 0.17.6
-MYPY_VERSION := 2.4.1
+## then mypy over the package (its configuration is in pyproject.toml), at the versions of
+## pyproject.toml's `lint` extra (installed first where another version or none is there).
+LINT_PINS := $(shell sed -n 's/^lint = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
 LINT_PATHS := eplb_pynccl tests tests_vllm tests_sglang bench tools examples
 lint: $(SETUP)
-	@$(PY) -m ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || $(PY) -m pip install -q 'ruff==$(RUFF_VERSION)'
-	@$(PY) -m mypy --version 2>/dev/null | grep -q '^mypy $(MYPY_VERSION)\b' || $(PY) -m pip install -q 'mypy==$(MYPY_VERSION)'
+	@$(PY) -c 'import sys, importlib.metadata as m; sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))' $(LINT_PINS) 2>/dev/null || $(PY) -m pip install -q $(LINT_PINS)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
