@@ -115,6 +115,17 @@ def test_sdist_has_the_test_helpers_examples_and_licence(sdist):
         assert need in names, need
     assert not any(n.startswith("bench/results/") for n in names)
     assert "License-Expression: Apache-2.0" in pkg_info
+    # no shipped file sends its reader to notes outside the repository (the project's
+    # shared/ directory, which a clone or an sdist does not have)
+    unpacked = sdist[2]
+    pointing = [
+        n
+        for n in sorted(names)
+        if (unpacked / n).is_file()
+        and n.endswith((".py", ".txt", ".md", ".toml", ".in", "Makefile"))
+        and re.search(r"(?<![\w./-])shared/\w", (unpacked / n).read_text(errors="replace"))
+    ]
+    assert not pointing, pointing
     if (ROOT / ".git").exists():  # every file the suites and make's rules read is shipped
         tracked = subprocess.run(
             ["git", "ls-files", "tests", "tests_vllm", "tests_sglang"],
