@@ -25,7 +25,7 @@ libnccl; libnccl loads on first use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .communicator import (
     DEFAULT_TIMEOUT,
@@ -156,7 +156,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _SUBMODULES:

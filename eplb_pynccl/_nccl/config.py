@@ -106,7 +106,7 @@ def available_options(version: tuple[int, int, int]) -> frozenset[str]:
     return frozenset(f.py_name for f in fields_for(version) if f.py_name)
 
 
-def build_config(version: tuple[int, int, int], **options):
+def build_config(version: tuple[int, int, int], **options: int | str | None) -> ctypes.Structure:
     """An ncclConfig_t for ``version`` with the given options set and every other field unset.
 
     ``options`` keys are the exposed names (blocking, cga_cluster_size, min_ctas, max_ctas,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CudaError
@@ -214,7 +215,7 @@ class Driver:
         self._check(rc, "cuEventQuery")
         return False
 
-    def memcpy_dtod_async(self, copies, stream: int) -> None:
+    def memcpy_dtod_async(self, copies: Sequence[tuple[int, int, int]], stream: int) -> None:
         """Enqueue device-to-device copies ``[(dst, src, nbytes)]`` on ``stream``, in order
         (one driver call each: no tensor views, no dispatcher)."""
         fn = self._fn["cuMemcpyDtoDAsync_v2"]
@@ -343,7 +344,9 @@ class Driver:
     def has_memcpy_batch(self) -> bool:
         return "cuMemcpyBatchAsync_v2" in self._fn or "cuMemcpyBatchAsync" in self._fn
 
-    def memcpy_batch(self, dsts, srcs, sizes, stream: int, prefer_ce: bool = True) -> None:
+    def memcpy_batch(
+        self, dsts: Any, srcs: Any, sizes: Any, stream: int, prefer_ce: bool = True
+    ) -> None:
         """Copies ``[(dst, src, nbytes)]`` as one batch (``cuMemcpyBatchAsync``, unordered
         within the batch), with the hint that prefers copy engines (overlap with compute);
         one cuMemcpyDtoDAsync each where the driver lacks it. ``dsts``/``srcs``/``sizes``
@@ -447,7 +450,7 @@ class Driver:
             self._fn["cuGraphDestroy"](graph)
 
 
-def copy_arrays(copies):
+def copy_arrays(copies: Sequence[tuple[int, int, int]]) -> tuple[Any, Any, Any]:
     """ctypes (dsts, srcs, sizes) arrays for :meth:`Driver.memcpy_batch` from
     ``[(dst, src, nbytes)]`` (built once, reused for every launch)."""
     n = len(copies)
