@@ -398,7 +398,7 @@ def rebalance(
             f"the number of logical experts ({E}, loads.shape[1]) is not divisible by "
             f"num_groups ({groups})"
         )
-    if groups is not None and not _hierarchical(groups, nodes):
+    if groups is not None and groups > 1 and not _hierarchical(groups, nodes):
         warnings.warn(
             f"num_groups ({groups}) is not divisible by num_nodes ({nodes}): DeepSeek's "
             "hierarchical variant does not apply, the global one is used (num_groups ignored; "

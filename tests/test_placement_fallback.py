@@ -55,3 +55,12 @@ def test_placement_imbalance_names_its_own_argument(fill, message):
 
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         placement_imbalance(np.full((2, 8), fill), np.ones((2, 8)), 2)
+
+
+def test_one_group_is_no_grouping_and_does_not_warn():
+    # num_groups=1 (a model without expert groups) over several nodes: the global variant is
+    # what was asked for
+    loads = np.random.default_rng(2).random((2, 64)) * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rebalance(loads, 96, 16, num_nodes=4, num_groups=1)
