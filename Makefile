@@ -119,5 +119,6 @@ lint: $(SETUP)
 test-abi: $(SETUP)
 	$(PY) tools/abi_matrix.py
 
+## make clean: the environments make built, bench output, the tools' caches and build output.
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis .mypy_cache .ruff_cache build *.egg-info dist
