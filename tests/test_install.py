@@ -254,6 +254,6 @@ def test_missing_torch_names_the_extra_to_install():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
     assert r.stdout.strip() == (
-        "TorchTransport needs PyTorch, which is not installed: pip install 'eplb-pynccl[torch]' "
-        "(or a torch build for your CUDA version)"
+        "TorchTransport needs PyTorch, which is not installed: pip install torch (a build for "
+        "your CUDA version; README 'Install': the package's torch extra, or a CPU build)"
     ), r.stdout + r.stderr
