@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _optional
-from ._checks import check_count, check_timeout, to_numpy
+from ._checks import check_bool, check_count, check_timeout, to_numpy
 from ._deadline import DEFAULT_TIMEOUT, poll_until
 from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
@@ -172,6 +172,11 @@ class ExpertShuffler:
                     raise ValueError(
                         f"{name} must have a leading expert dimension, got a 0-d tensor"
                     )
+                if t.numel() == 0:
+                    raise ValueError(
+                        f"{name} is empty (shape {tuple(t.shape)}): every weight tensor holds "
+                        "at least one expert row of at least one element"
+                    )
                 if not t.is_contiguous():
                     raise ValueError(f"{name} is not contiguous")
                 transport.check_tensor(t, name)
@@ -187,6 +192,7 @@ class ExpertShuffler:
         if staging_bytes is not None:
             staging_bytes = check_count(staging_bytes, "staging_bytes", minimum=0)
         pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)
+        transactional = check_bool(transactional, "transactional")
         max_messages_per_round = check_count(max_messages_per_round, "max_messages_per_round")
         if ranks_per_node is not None:
             ranks_per_node = check_count(ranks_per_node, "ranks_per_node")
@@ -215,7 +221,7 @@ class ExpertShuffler:
         self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
         self._staging_auto = staging_bytes is None
         self.pack_threshold = pack_threshold
-        self.transactional = bool(transactional)
+        self.transactional = transactional
         self.max_messages = max_messages_per_round
         self.ranks_per_node = ranks_per_node
         self.timeout = float(timeout)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import expert_map
+from ._checks import check_bool, check_count, check_row_bytes, expert_map
 from .copytables import Phase, rank_phases
 from .planner import RearrangementPlan, plan_rearrangement
 from .schedule import (
@@ -344,6 +344,7 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
     before its round's exchange completed; a range is not whole rows of one buffer; or the
     final rows are not exactly those of ``new_map``. Returns per-rank figures.
     """
+    cell = check_count(cell, "cell")
     plan, layout = sched.plan, sched.layout
     old = np.asarray(old_map)
     new = np.asarray(new_map)
@@ -432,8 +433,22 @@ def simulate_rearrangement(
     bad = set(opts) - _SHUFFLER_OPTS
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; known: {sorted(_SHUFFLER_OPTS)}")
+    row_bytes = check_row_bytes(row_bytes)
+    cell = check_count(cell, "cell")
+    if opts.get("staging_bytes") is not None:  # None: one layer (the shuffler's default)
+        opts["staging_bytes"] = check_count(opts["staging_bytes"], "staging_bytes", minimum=0)
+    for key, minimum in (("pack_threshold", 0), ("max_messages_per_round", 1)):
+        if key in opts:
+            opts[key] = check_count(opts[key], key, minimum=minimum)
+    for key in ("transactional", "one_sided"):
+        if key in opts:
+            opts[key] = check_bool(opts[key], key)
     rpn = opts.pop("ranks_per_node", None)
     plan = plan_rearrangement(old_map, new_map, ep_size, ranks_per_node=rpn)
+    if len(row_bytes) != plan.num_layers:
+        raise ValueError(
+            f"row_bytes has {len(row_bytes)} layers but old_map/new_map have {plan.num_layers}"
+        )
     layout = Layout.of(row_bytes, plan.slots_per_rank)
     sched = build_schedule(plan, layout, **opts)
     return simulate_schedule(sched, old_map, new_map, cell=cell)
