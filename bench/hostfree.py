@@ -103,23 +103,28 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
         hm, gm = _timed(torch, s, torch_copy, reps)
         torch.cuda.synchronize()
         row("torch index_select + index_copy_", hm, gm, torch.equal(dst, want))
-        t = ct.split(
-            ct.CopyTable(
-                np.zeros(n, np.int64),
-                perm.astype(np.int64) * rb,
-                np.ones(n, np.int64),
-                np.arange(n, dtype=np.int64) * rb,
-                np.full(n, rb, np.int64),
-            )
+        whole = ct.CopyTable(
+            np.zeros(n, np.int64),
+            perm.astype(np.int64) * rb,
+            np.ones(n, np.int64),
+            np.arange(n, dtype=np.int64) * rb,
+            np.full(n, rb, np.int64),
         )
-        host = ct.resolve(t, np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64), 0)
-        table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
-        for ctas in (8, 16, 32, 64, 132):
-            launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
-            dst.zero_()
-            hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
-            torch.cuda.synchronize()
-            row(f"row-copy kernel, {ctas} CTAs", hm, gm, torch.equal(dst, want))
+        bases = np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64)
+        # pieces of 1 MiB (the executor's) at every CTA bound; 256 KiB at 132 CTAs (tail)
+        for chunk, ctas_list in ((ct.DEFAULT_CHUNK, (8, 16, 32, 64, 132)), (256 << 10, (132,))):
+            t = ct.split(whole, chunk)
+            host = ct.resolve(t, bases, 0)
+            table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
+            for ctas in ctas_list:
+                launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
+                dst.zero_()
+                hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
+                torch.cuda.synchronize()
+                label = f"row-copy kernel, {ctas} CTAs"
+                if chunk != ct.DEFAULT_CHUNK:
+                    label += f", {chunk >> 10} KiB pieces"
+                row(label, hm, gm, torch.equal(dst, want))
         src = dst = want = tmp = table = None
     torch.cuda.empty_cache()
     return rows
