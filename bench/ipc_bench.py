@@ -65,243 +65,230 @@ def _per_round(st, count) -> tuple:
     )
 
 
-def _worker(rank, n, port, device, opts, q):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    try:
+class _Ranks:
+    """One rank's view of the run: its store, barrier, tensors and transports."""
+
+    def __init__(self, rank: int, n: int, port: int, device: int, opts: dict) -> None:
         import datetime
 
         import torch
         from torch.distributed import TCPStore
 
         import eplb_pynccl as ep
-        from bench.common import check as _check
-        from bench.common import fill as _fill
-        from bench.common import make_maps
 
+        self.torch, self.ep, self.td = torch, ep, datetime.timedelta
+        self.rank, self.n, self.device, self.opts = rank, n, device, opts
         torch.cuda.set_device(device)
-        store = TCPStore(
+        self.dev = torch.device("cuda", device)
+        self.reps = int(opts["reps"])
+        self.store = TCPStore(
             "127.0.0.1", port, n, rank == 0, datetime.timedelta(seconds=120), wait_for_workers=False
         )
-        rows = []
 
-        def barrier(tag):
-            key = f"bar/{tag}"
-            if store.add(key, 1) == n:
-                store.set(key + "/go", b"1")
-            store.wait([key + "/go"], datetime.timedelta(seconds=600))
+    def barrier(self, tag: str) -> None:
+        key = f"bar/{tag}"
+        if self.store.add(key, 1) == self.n:
+            self.store.set(key + "/go", b"1")
+        self.store.wait([key + "/go"], self.td(seconds=600))
 
-        dev = torch.device("cuda", device)
-        reps = int(opts["reps"])
-
-        def shuffler(tag, spec, P, layers, pull_graphs=True, **kw):
-            t = ep.IpcTransport(
-                rank,
-                n,
-                store,
-                device=device,
-                key=f"ipc/{tag}",
-                timeout=120,
-                pull_graphs=pull_graphs,
-            )
-            w = [
-                [
-                    torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev)
-                    for shape, dt in spec
-                ]
-                for _ in range(layers)
+    def weights(self, spec, P: int, layers: int) -> list:
+        torch = self.torch
+        return [
+            [
+                torch.empty((P, *shape), dtype=getattr(torch, dt), device=self.dev)
+                for shape, dt in spec
             ]
-            return t, w, ep.ExpertShuffler(t, w, **kw)
-
-        # -- probe: rank 0 receives 24 rows from rank 1 -------------------------------------
-        for name, spec in (
-            ("24 w13 rows (29.4 MB each)", DSV3[:1]),
-            ("24 experts (4 tensors, 42 MiB)", DSV3),
-        ):
-            P = 24
-            old = np.arange(n * P, dtype=np.int64)[None, :]
-            new = old.copy()
-            new[0, :P] = old[0, P : 2 * P]  # rank 0's rows become rank 1's experts
-            new[0, P : 2 * P] = old[0, :P]
-            if n > 2:
-                new[0, 2 * P :] = old[0, 2 * P :]
-            t, w, sh = shuffler(f"probe{len(spec)}", spec, P, 1, profile=True)
-            times = []
-            ok = True
-            gpu = []
-            for k in range(reps + 1):
-                _fill(torch, w, old, rank, P)
-                torch.cuda.synchronize()
-                barrier(f"probe{len(spec)}/{k}")
-                t0 = time.perf_counter()
-                st = sh.rearrange(old, new)
-                torch.cuda.synchronize()
-                if k:
-                    times.append(time.perf_counter() - t0)
-                    gpu.append(st.gpu_ms.get("exchange", 0.0))
-                ok = ok and _check(torch, w, new, rank, P)
-            nbytes = P * sum(x[0].nbytes for x in w[0])
-            if rank in (0, 1):
-                med = float(np.median(times))
-                rows.append(
-                    {
-                        "case": "probe",
-                        "what": name,
-                        "procs": n,
-                        "rank": rank,
-                        "bytes": nbytes,
-                        "time_ms": round(med * 1e3, 3),
-                        "gbps": round(nbytes / med / 1e9, 1),
-                        "pull_gpu_ms": round(float(np.median(gpu)), 3),
-                        "pull_gbps": round(nbytes / (float(np.median(gpu)) * 1e-3) / 1e9, 1)
-                        if np.median(gpu)
-                        else None,
-                        "check": "ok" if ok else "FAIL",
-                    }
-                )
-            t.close()
-            del w, sh
-            torch.cuda.empty_cache()
-        # a device copy of the same bytes on this GPU, for reference
-        if rank == 0:
-            a = torch.empty(24 * 4096 * 7168, dtype=torch.uint8, device=dev)
-            b = torch.empty_like(a)
-            med, _ = _sync_time(torch, lambda: b.copy_(a), reps)
-            rows.append(
-                {
-                    "case": "probe",
-                    "what": "torch copy_ on one GPU (reference)",
-                    "procs": 1,
-                    "rank": 0,
-                    "bytes": a.numel(),
-                    "time_ms": round(med * 1e3, 3),
-                    "gbps": round(a.numel() / med / 1e9, 1),
-                }
-            )
-            del a, b
-        # -- host time per round: DeepSeek-V3 EPn plans, rows scaled down --------------------
-        L = 4
-        num_physical = 288 if 288 % n == 0 else 288 + (-288) % n
-        P = num_physical // n
-        small = [
-            ((1024,), "float32"),
-            ((1024,), "float32"),
-            ((1024,), "float32"),
-            ((1024,), "float32"),
+            for _ in range(layers)
         ]
-        for graphs in (True, False):
-            t, w, sh = shuffler(f"host{graphs}", small, P, L, pull_graphs=graphs, pack_threshold=0)
-            old, new = make_maps(opts["seed"], L, 256, num_physical, n)
-            per = []
-            ok = True
-            for k in range(reps + 1):
-                _fill(torch, w, old, rank, P)
-                torch.cuda.synchronize()
-                barrier(f"host{graphs}/{k}")
-                st = sh.rearrange(old, new)
-                torch.cuda.synchronize()
-                ok = ok and _check(torch, w, new, rank, P)
-                if k:
-                    per.append(_per_round(st, st.messages))
-            a = np.median(np.asarray(per), axis=0)
-            rows.append(
-                {
-                    "case": "host",
-                    "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows, pulls: {t.pull_method}",
-                    "procs": n,
-                    "rank": rank,
-                    "launch_ms_per_round": round(a[0] * 1e3, 3),
-                    "poll_ms_per_round": round(a[1] * 1e3, 3),
-                    "apply_ms_per_round": round(a[2] * 1e3, 3),
-                    "rounds": int(a[3]),
-                    "messages": int(a[4]),
-                    "host_calls_per_round": float(np.mean(st.round_host_calls)),
-                    "setup_ms": round(a[5] * 1e3, 3),
-                    "check": "ok" if ok else "FAIL",
-                }
-            )
-            t.close()
-            del w, sh
-            torch.cuda.empty_cache()
-        if rank == 0:  # the same plans' local moves at EP1 over NCCL (a 1-rank communicator)
-            comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device)
-            w = [
-                [
-                    torch.empty((288, *shape), dtype=getattr(torch, dt), device=dev)
-                    for shape, dt in small
-                ]
-                for _ in range(L)
-            ]
-            sh1 = ep.ExpertShuffler(ep.NcclTransport(comm), w, pack_threshold=0)
-            o1, n1 = make_maps(opts["seed"], L, 256, 288, 1)
-            per1, ok1 = [], True
-            for k in range(reps + 1):
-                _fill(torch, w, o1, 0, 288)
-                torch.cuda.synchronize()
-                st = sh1.rearrange(o1, n1)
-                torch.cuda.synchronize()
-                ok1 = ok1 and _check(torch, w, n1, 0, 288)
-                if k:
-                    per1.append(_per_round(st, st.local_copies))
-            a = np.median(np.asarray(per1), axis=0)
-            rows.append(
-                {
-                    "case": "host-ep1",
-                    "what": f"dsv3 ep1 {L}L local moves (NCCL, 1 rank), 4 KiB rows",
-                    "procs": 1,
-                    "rank": 0,
-                    "launch_ms_per_round": round(a[0] * 1e3, 3),
-                    "poll_ms_per_round": round(a[1] * 1e3, 3),
-                    "apply_ms_per_round": round(a[2] * 1e3, 3),
-                    "rounds": int(a[3]),
-                    "local_copies": int(a[4]),
-                    "setup_ms": round(a[5] * 1e3, 3),
-                    "check": "ok" if ok1 else "FAIL",
-                }
-            )
-            del w, sh1
-            comm.close()
-            torch.cuda.empty_cache()
-        if rank == 0:  # host-free rounds: row copies and a local permutation (one process)
-            from bench import hostfree
 
-            rows += hostfree.copies_rows(torch, dev, device, reps)
-            rows += hostfree.local_permutation_rows(torch, ep, dev, device, reps)
-        barrier("hostfree")
-        from bench import hostfree
+    def shuffler(self, tag, spec, P, layers, pull_graphs=True, **kw):
+        t = self.ep.IpcTransport(
+            self.rank,
+            self.n,
+            self.store,
+            device=self.device,
+            key=f"ipc/{tag}",
+            timeout=120,
+            pull_graphs=pull_graphs,
+        )
+        w = self.weights(spec, P, layers)
+        return t, w, self.ep.ExpertShuffler(t, w, **kw)
 
-        rows += hostfree.step_rows(torch, ep, dev, rank, n, shuffler, barrier, reps)
-        # -- a whole rearrangement: Qwen3-30B-A3B experts, real sizes -------------------------
-        L = 8
-        num_physical = -(-int(128 * 1.125) // n) * n
-        P = num_physical // n
-        t, w, sh = shuffler("qwen3", QWEN3, P, L)
-        old, new = make_maps(opts["seed"], L, 128, num_physical, n)
-        times = []
-        ok = True
-        for k in range(reps + 1):
-            _fill(torch, w, old, rank, P)
+    def repeat(self, tag, sh, w, old, new, P, rank=None, barrier=True):
+        """``reps`` timed rearrangements after one warm-up, each from freshly filled old
+        rows: (stats of the timed ones, wall seconds of each, every one byte-exact)."""
+        from bench.common import check, fill
+
+        torch = self.torch
+        rank = self.rank if rank is None else rank
+        stats, times, ok = [], [], True
+        for k in range(self.reps + 1):
+            fill(torch, w, old, rank, P)
             torch.cuda.synchronize()
-            barrier(f"qwen/{k}")
+            if barrier:
+                self.barrier(f"{tag}/{k}")
             t0 = time.perf_counter()
             st = sh.rearrange(old, new)
             torch.cuda.synchronize()
             if k:
                 times.append(time.perf_counter() - t0)
-            ok = ok and _check(torch, w, new, rank, P)
+                stats.append(st)
+            ok = ok and check(torch, w, new, rank, P)
+        return stats, times, ok
+
+
+def _probe_rows(r: _Ranks) -> list[dict]:
+    """Rank 0 receives 24 rows from rank 1 (and rank 1 rank 0's); a device copy beside."""
+    rows, n = [], r.n
+    for name, spec in (
+        ("24 w13 rows (29.4 MB each)", DSV3[:1]),
+        ("24 experts (4 tensors, 42 MiB)", DSV3),
+    ):
+        P = 24
+        old = np.arange(n * P, dtype=np.int64)[None, :]
+        new = old.copy()
+        new[0, :P] = old[0, P : 2 * P]  # rank 0's rows become rank 1's experts
+        new[0, P : 2 * P] = old[0, :P]
+        t, w, sh = r.shuffler(f"probe{len(spec)}", spec, P, 1, profile=True)
+        stats, times, ok = r.repeat(f"probe{len(spec)}", sh, w, old, new, P)
+        nbytes = P * sum(x[0].nbytes for x in w[0])
+        if r.rank in (0, 1):
+            med = float(np.median(times))
+            gpu = float(np.median([st.gpu_ms.get("exchange", 0.0) for st in stats]))
+            rows.append(
+                {
+                    "case": "probe",
+                    "what": name,
+                    "procs": n,
+                    "rank": r.rank,
+                    "bytes": nbytes,
+                    "time_ms": round(med * 1e3, 3),
+                    "gbps": round(nbytes / med / 1e9, 1),
+                    "pull_gpu_ms": round(gpu, 3),
+                    "pull_gbps": round(nbytes / (gpu * 1e-3) / 1e9, 1) if gpu else None,
+                    "check": "ok" if ok else "FAIL",
+                }
+            )
+        t.close()
+        del w, sh
+        r.torch.cuda.empty_cache()
+    if r.rank == 0:  # a device copy of the same bytes on this GPU, for reference
+        a = r.torch.empty(24 * 4096 * 7168, dtype=r.torch.uint8, device=r.dev)
+        b = r.torch.empty_like(a)
+        med, _ = _sync_time(r.torch, lambda: b.copy_(a), r.reps)
         rows.append(
             {
-                "case": "eplb",
-                "what": f"qwen3 bf16 ep{n} {L}L",
-                "procs": n,
-                "rank": rank,
-                "time_ms": round(float(np.median(times)) * 1e3, 3),
-                "bytes_received": st.bytes_received,
-                "gbps": round(st.bytes_received / float(np.median(times)) / 1e9, 2),
-                "rounds": st.rounds,
-                "check": "ok" if ok else "FAIL",
+                "case": "probe",
+                "what": "torch copy_ on one GPU (reference)",
+                "procs": 1,
+                "rank": 0,
+                "bytes": a.numel(),
+                "time_ms": round(med * 1e3, 3),
+                "gbps": round(a.numel() / med / 1e9, 1),
             }
         )
+    return rows
+
+
+_SMALL = [((1024,), "float32")] * 4  # DeepSeek-V3 plans with rows scaled down to 4 KiB
+
+
+def _host_row(case, what, procs, stats, count_field, count, ok) -> dict:
+    """Per-round host figures (medians over the timed rearrangements)."""
+    a = np.median(np.asarray([_per_round(st, 0) for st in stats]), axis=0)
+    return {
+        "case": case,
+        "what": what,
+        "procs": procs,
+        "launch_ms_per_round": round(a[0] * 1e3, 3),
+        "poll_ms_per_round": round(a[1] * 1e3, 3),
+        "apply_ms_per_round": round(a[2] * 1e3, 3),
+        "rounds": int(a[3]),
+        count_field: count,
+        "host_calls_per_round": float(np.mean(stats[-1].round_host_calls)),
+        "setup_ms": round(a[5] * 1e3, 3),
+        "check": "ok" if ok else "FAIL",
+    }
+
+
+def _host_rows(r: _Ranks) -> list[dict]:
+    """Host time per round: DeepSeek-V3 EPn plans over IPC (pulls as graphs and as batches),
+    and the same plans' local moves at EP1 over NCCL (a 1-rank communicator, rank 0)."""
+    from bench.common import make_maps
+
+    L, n, rows = 4, r.n, []
+    num_physical = 288 if 288 % n == 0 else 288 + (-288) % n
+    P = num_physical // n
+    old, new = make_maps(r.opts["seed"], L, 256, num_physical, n)
+    for graphs in (True, False):
+        t, w, sh = r.shuffler(f"host{graphs}", _SMALL, P, L, pull_graphs=graphs, pack_threshold=0)
+        stats, _, ok = r.repeat(f"host{graphs}", sh, w, old, new, P)
+        what = f"dsv3 ep{n} {L}L plans, 4 KiB rows, pulls: {t.pull_method}"
+        row = _host_row("host", what, n, stats, "messages", stats[-1].messages, ok)
+        rows.append({**row, "rank": r.rank})
         t.close()
+        del w, sh
+        r.torch.cuda.empty_cache()
+    if r.rank == 0:
+        ep = r.ep
+        comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=r.device)
+        w = r.weights(_SMALL, 288, L)
+        sh1 = ep.ExpertShuffler(ep.NcclTransport(comm), w, pack_threshold=0)
+        o1, n1 = make_maps(r.opts["seed"], L, 256, 288, 1)
+        stats, _, ok = r.repeat("host-ep1", sh1, w, o1, n1, 288, rank=0, barrier=False)
+        what = f"dsv3 ep1 {L}L local moves (NCCL, 1 rank), 4 KiB rows"
+        rows.append(
+            {
+                **_host_row("host-ep1", what, 1, stats, "local_copies", stats[-1].local_copies, ok),
+                "rank": 0,
+            }
+        )
+        del w, sh1
+        comm.close()
+        r.torch.cuda.empty_cache()
+    return rows
+
+
+def _eplb_rows(r: _Ranks) -> list[dict]:
+    """A whole rearrangement: Qwen3-30B-A3B experts, real sizes."""
+    from bench.common import make_maps
+
+    L, n = 8, r.n
+    num_physical = -(-int(128 * 1.125) // n) * n
+    P = num_physical // n
+    t, w, sh = r.shuffler("qwen3", QWEN3, P, L)
+    old, new = make_maps(r.opts["seed"], L, 128, num_physical, n)
+    stats, times, ok = r.repeat("qwen", sh, w, old, new, P)
+    st, med = stats[-1], float(np.median(times))
+    t.close()
+    return [
+        {
+            "case": "eplb",
+            "what": f"qwen3 bf16 ep{n} {L}L",
+            "procs": n,
+            "rank": r.rank,
+            "time_ms": round(med * 1e3, 3),
+            "bytes_received": st.bytes_received,
+            "gbps": round(st.bytes_received / med / 1e9, 2),
+            "rounds": st.rounds,
+            "check": "ok" if ok else "FAIL",
+        }
+    ]
+
+
+def _worker(rank, n, port, device, opts, q):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    try:
+        from bench import hostfree
+
+        r = _Ranks(rank, n, port, device, opts)
+        rows = _probe_rows(r) + _host_rows(r)
+        if rank == 0:  # host-free rounds: row copies and a local permutation (one process)
+            rows += hostfree.copies_rows(r.torch, r.dev, device, r.reps)
+            rows += hostfree.local_permutation_rows(r.torch, r.ep, r.dev, device, r.reps)
+        r.barrier("hostfree")
+        rows += hostfree.step_rows(r.torch, r.ep, r.dev, rank, n, r.shuffler, r.barrier, r.reps)
+        rows += _eplb_rows(r)
         q.put((rank, "ok", rows))
     except BaseException:
         q.put((rank, "err", traceback.format_exc()))
