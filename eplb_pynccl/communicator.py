@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _buffers
 from ._checks import check_count, check_rank_world, check_timeout, current_device, device_index
@@ -146,7 +146,7 @@ class group:
         self._mark = len(st.ops)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         st = self._st
         st.depth -= 1
         if exc_type is not None:
@@ -274,7 +274,8 @@ class CapturedP2P:
         self, comm: Communicator, exec_: int, graph: int, hint, keep, num_ops: int
     ) -> None:
         self._comm = comm
-        self._exec, self._graph = exec_, graph
+        self._exec: int | None = exec_
+        self._graph: int | None = graph
         self._hint, self._keep = hint, keep
         self.num_ops = num_ops
         self._why = ""
@@ -291,7 +292,9 @@ class CapturedP2P:
             )
         c = self._comm
         h = stream if type(stream) is int else _buffers.stream_handle(stream, self._hint, c._device)
-        _cuda.driver().graph_launch(ex, h)
+        drv = _cuda.driver()
+        assert drv is not None  # a captured graph exists: the driver loaded
+        drv.graph_launch(ex, h)
 
     def release(self, why: str = "released by the caller") -> None:
         """Free the graph now (idempotent)."""
@@ -313,7 +316,8 @@ class CapturedP2P:
             pass
 
 
-_TORCH_TENSOR: type | None = None  # torch.Tensor once torch is imported (see _torch_tensor_cls)
+# torch.Tensor once torch is imported (see _torch_tensor_cls)
+_TORCH_TENSOR: type[Any] | None = None
 _RAW_STREAM: list = [None]  # torch's current raw stream of a device, once torch is imported
 
 

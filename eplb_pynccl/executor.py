@@ -25,6 +25,7 @@ over word views.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from ._checks import device_index
 from ._nccl import cuda as _cuda
 from ._nccl import rowcopy as _rowcopy
 from .schedule import STAGING, Copies, Kernels, RankSchedule, Schedule
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["COPY_METHODS", "Executor"]
 
@@ -64,6 +68,12 @@ class Buffers:
 
 class Executor:
     """One rank's rearrangement, ready to run round by round (see the module docstring)."""
+
+    staging: torch.Tensor | None
+    table: torch.Tensor | None
+    index: torch.Tensor | None
+    _table_host: torch.Tensor | None
+    _side: tuple[int, int, int] | None
 
     def __init__(
         self,
@@ -189,6 +199,7 @@ class Executor:
 
     def _view(self, buf: int, off: int, n: int):
         src = self.staging if buf == STAGING else self.bufs.flat[buf]
+        assert src is not None  # STAGING is named only where rs.staging_bytes > 0
         return src[off : off + n]
 
     def _messages(self, m, raw: bool) -> list:
@@ -204,6 +215,7 @@ class Executor:
     def _block(self, offset: int, rows: int, w):
         """A [rows, k] view of staging at ``offset`` shaped and typed like the rows ``w``."""
         n = rows * w.shape[1] * w.element_size()
+        assert self.staging is not None  # rows staged: rs.staging_bytes > 0
         return self.staging[offset : offset + n].view(w.dtype).view(rows, w.shape[1])
 
     def _cpu_op(self, op):
@@ -229,6 +241,7 @@ class Executor:
                 op.buf.tolist(), op.idx.tolist(), op.count.tolist(), op.stage.tolist()
             ):
                 w = self.bufs.words[buf]
+                assert self.index is not None  # kernel rows: rs.index is not empty
                 items.append((w, self.index[a : a + cnt], self._block(stg, cnt, w)))
             return (op.kind, items) if items else None
         raise TypeError(f"unknown op {type(op).__name__}")
@@ -251,10 +264,11 @@ class Executor:
                 for w, ix, blk in items:
                     w.index_copy_(0, ix, blk)
 
-    def _batch(self, arrays, h: int) -> None:
+    def _batch(self, arrays: tuple[Any, Any, Any], h: int) -> None:
         """One cuMemcpyBatchAsync on stream ``h`` (copy engines preferred); on the legacy
         default stream (which the call refuses) through a side stream ordered by two events."""
         drv = _cuda.driver()
+        assert drv is not None  # a CUDA executor: the driver loaded
         if h:
             drv.memcpy_batch(*arrays, h, prefer_ce=True)
             return
@@ -272,6 +286,7 @@ class Executor:
         also copies the copy table to the device. Returns the transport's round."""
         pre, tround, _ = self.rounds[k]
         if not self._uploaded:
+            assert self.table is not None and self._table_host is not None  # made together
             self.table.copy_(self._table_host, non_blocking=True)
             self._uploaded = True
         self._run(pre, self.stream)
@@ -314,6 +329,7 @@ class Executor:
         self.rounds = []
         if self._side is not None:  # work queued on it completes first; the handles go now
             drv = _cuda.driver()
+            assert drv is not None  # it made the side stream
             side, before, after = self._side
             self._side = None
             drv.stream_destroy(side)

@@ -49,7 +49,9 @@ from .errors import CommunicatorStateError
 from .transport import Transport, TransportRound, round_peers
 
 if TYPE_CHECKING:
-    from ._types import DeviceSpec, StreamSpec
+    import torch
+
+    from ._types import DeviceSpec
 
 
 __all__ = ["IpcTransport"]
@@ -174,7 +176,7 @@ class IpcTransport(Transport):
         self._rpn = ranks_per_node
         self._drv = drv
         self._state = "open"
-        self._failed_why = None
+        self._failed_why: str | None = None
         self._peers: dict[int, _Peer] = {}
         self._opened: list[int] = []  # mapped peer allocations, closed by close()
         self._events: list[int] = []  # every event created or opened here
@@ -217,7 +219,7 @@ class IpcTransport(Transport):
             )
 
     def exchange(
-        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+        self, sends, recvs, stream: torch.cuda.Stream | None = None, timeout: float | None = None
     ) -> None:
         """Tensors of a round: only between ranks of different nodes (through the
         communicator); a one-sided round of the same node needs the schedule (prepare_round)."""
@@ -233,7 +235,7 @@ class IpcTransport(Transport):
         s = torch.cuda.current_stream(self._device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
 
-    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
+    def wait(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         import torch
 
         s = torch.cuda.current_stream(self._device) if stream is None else stream
@@ -311,6 +313,7 @@ class IpcTransport(Transport):
         else:
             from .transport import NcclTransport
 
+            assert self.comm is not None  # __init__ refuses no store, no setup, no communicator
             gather = NcclTransport(self.comm).all_gather_bytes
         # all_gather_bytes wants equal lengths: the lengths first, then the padded data
         n = len(data)
@@ -331,16 +334,16 @@ class IpcTransport(Transport):
         drv = self._drv
         drv.set_device(self._device)
         allocs: dict[int, int] = {}  # base -> index
-        alloc_list = []
+        alloc_list: list[tuple[int, int, bytes]] = []  # (base, size, IPC handle)
         tens = []
         err = None
         for i, t in enumerate(tensors):
             ptr = t.data_ptr()
-            r = drv.pointer_range(ptr)
-            if r is None:
+            rng = drv.pointer_range(ptr)
+            if rng is None:
                 err = f"tensors[{i}]: CUDA does not know its pointer {ptr:#x}"
                 break
-            base, size, _ = r
+            base, size, _ = rng
             if not drv.ipc_capable(base):
                 err = (
                     f"tensors[{i}] lives in memory CUDA IPC cannot export (a cuMem/VMM allocation, "
@@ -503,7 +506,7 @@ def _setup_transport(setup, timeout: float) -> Transport:
     try:
         import torch.distributed as dist
     except ImportError:
-        dist = None
+        dist = None  # type: ignore[assignment]  # checked below
     if dist is not None and dist.is_available() and isinstance(setup, dist.ProcessGroup):
         from .transport import TorchTransport
 
@@ -659,10 +662,13 @@ class _IpcRound(TransportRound):
         readers = sorted({p for p, _ in sends if t.node[p] == me})
         far_s = [(b, p) for p, b in sends if t.node[p] != me]
         far_r = [(b, p) for p, b in recvs if t.node[p] != me]
-        self.nccl = t.comm.prepare_p2p(far_s, far_r) if (far_s or far_r) else None
+        self.nccl = None
+        if far_s or far_r:
+            assert t.comm is not None  # register_buffers refused far ranks without one
+            self.nccl = t.comm.prepare_p2p(far_s, far_r)
         self._far = len(far_s) + len(far_r)
         self._stream = None
-        self._nccl_end = None
+        self._nccl_end: int | None = None
         drv = t._drv
 
         def ready(p, q):
@@ -747,6 +753,7 @@ class _IpcRound(TransportRound):
         if not self.proto.poll():
             return False
         if self._nccl_end is not None and not t._drv.event_done(self._nccl_end):
+            assert t.comm is not None  # an NCCL part (_nccl_end) implies the communicator
             err = t.comm.async_error()
             if err is not None:
                 t.abort(str(err))

@@ -340,7 +340,7 @@ def build_schedule(
             f"the plan has {plan.slots_per_rank} slots per rank but the layout {layout.rows} rows"
         )
     auto = staging_bytes is None
-    bound = layout.layer_bytes() if auto else int(staging_bytes)
+    bound = layout.layer_bytes() if staging_bytes is None else int(staging_bytes)
     thr = 0 if one_sided else int(pack_threshold)
     P = plan.slots_per_rank
     L, n = plan.num_layers, plan.ep_size
@@ -616,6 +616,7 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     o = np.argsort(rv.c_layer, kind="stable")
     cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
     order = sched.order
+    assert order is not None  # build_schedule sets it
     mine = np.flatnonzero(plan.c_rank == rank)[o]  # the same copies in the plan's order
     cwave, cstash = order.wave[mine], order.from_stash[mine]
     # 0: duplicate of a new row (phase C last), 1: into a row nobody reads (phase A),
@@ -650,7 +651,8 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
         i0, i1 = srb[k]
         send_msgs = [(sp_l[x], ss_l[x], m) for x, m in zip(s_starts[i0:i1], s_len[i0:i1])]
         a, b = rb_[k]
-        recvs, recv_rows = [], []
+        recvs: list[tuple[int, int, int, int]] = []  # (peer, src row, dst row, staged index)
+        recv_rows: list[int] = []
         for peer, src, row, staged in zip(rp_l[a:b], rs_l[a:b], rd_l[a:b], stg_l[a:b]):
             if staged:
                 recvs.append((peer, src, row, len(recv_rows)))
@@ -699,7 +701,7 @@ class _RoundBuilder:
         self.pos = index_pos
         self.kern: dict = {}  # (phase, kind, what) -> list of rows
         self.copies: dict = {}  # phase name -> list of [k, 5] row arrays
-        self.msgs = {"s": [], "r": []}
+        self.msgs: dict[str, list] = {"s": [], "r": []}
 
     def take(self, n: int) -> int:
         off = self.cursor
@@ -757,7 +759,7 @@ def _rank_schedule(sched: Schedule, rank: int) -> RankSchedule:
     cap = 0
     for ri, layers in enumerate(sched.rounds):
         b = _RoundBuilder(layout, index_parts, pos)
-        st = RoundOps(ri, list(layers), [], None, None, [])
+        st = RoundOps(ri, list(layers), [], None, None, [])  # type: ignore[arg-type]  # set below
         for layer in layers:
             w = works[layer]
             _lay_out_layer(b, w, layout.row_bytes[layer], first[layer], layer)

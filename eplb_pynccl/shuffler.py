@@ -22,6 +22,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -41,7 +42,16 @@ from .schedule import (
 )
 from .transport import Transport
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["ExpertShuffler", "RearrangeStats", "RearrangeHandle"]
+
+
+class _GathersWithTimeout(Protocol):
+    """A transport whose all-gather takes ``timeout=`` (see Transport.all_gather_bytes)."""
+
+    def all_gather_bytes(self, data: bytes, timeout: float | None = None) -> list[bytes]: ...
 
 
 @dataclass
@@ -129,6 +139,8 @@ class ExpertShuffler:
     memory with its peers.
     """
 
+    _pinned_free: torch.cuda.Event | None
+
     def __init__(
         self,
         transport: Transport,
@@ -189,6 +201,7 @@ class ExpertShuffler:
                     )
                 lw.append(t)
             layers.append(lw)
+        assert rows is not None  # expert_weights[0][0] exists (checked above)
         if staging_bytes is not None:
             staging_bytes = check_count(staging_bytes, "staging_bytes", minimum=0)
         pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)
@@ -338,6 +351,7 @@ class ExpertShuffler:
             self._verify(old_map, new_map, err, plan)
         if err is not None:
             raise err
+        assert plan is not None  # no error: planned
         return RearrangeHandle(self, plan, planner_s, stream)
 
     def _verify_default(self, verify, sync: bool) -> bool:
@@ -409,7 +423,8 @@ class ExpertShuffler:
         """The transport's all-gather, bounded by this shuffler's timeout where the transport
         takes one (its ``all_gather_bytes(data, timeout=...)``), else by its own."""
         if self._gather_takes_timeout:
-            return self.transport.all_gather_bytes(data, timeout=self.timeout)
+            timed = cast("_GathersWithTimeout", self.transport)
+            return timed.all_gather_bytes(data, timeout=self.timeout)
         return self.transport.all_gather_bytes(data)
 
     def _fail_before_moving(self, where: str, e: BaseException, refused=None):
@@ -516,8 +531,8 @@ class RearrangeHandle:
         self._inflight: _Round | None = None
         self.applied_layers: list[int] = []
         self._error: RearrangeError | None = None
-        self._release = None  # event after the last consumer of staging
-        self._exec = None
+        self._release: torch.cuda.Event | None = None  # after the last consumer of staging
+        self._exec: Executor | None = None
         if rs.rounds:
             self._exec = Executor(
                 shuffler._torch,
@@ -644,6 +659,7 @@ class RearrangeHandle:
             raise
         except BaseException as e:
             self._fail(e)
+            assert self._error is not None  # _fail set it
             raise self._error from e
 
     def _launch_next(self) -> None:
@@ -707,14 +723,16 @@ class RearrangeHandle:
                     stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
             if s.profile:
                 rnd.marks["start"] = _mark(torch, stream)
-            first = not self._exec.uploaded()
-            rnd.tround = self._exec.launch_pre(rnd.index)
+            ex = self._exec
+            assert ex is not None  # rounds to launch: an executor
+            first = not ex.uploaded()
+            rnd.tround = ex.launch_pre(rnd.index)
             if first and stream is not None:
                 s._pinned_free = torch.cuda.Event()
                 s._pinned_free.record(stream)
             if s.profile:
                 rnd.marks["packed"] = _mark(torch, stream)
-            self._exec.launch_messages(rnd.index, rnd.launched_at + s.timeout)
+            ex.launch_messages(rnd.index, rnd.launched_at + s.timeout)
             if s.profile:
                 rnd.marks["exchanged"] = _mark(torch, stream)
         dt = time.perf_counter() - t_start
@@ -768,13 +786,15 @@ class RearrangeHandle:
         else:
             cs = None
         # CUDA phases take their stream explicitly (no torch stream context: ~10 us each way)
-        self._exec.apply(rnd.index, cs)
+        ex = self._exec
+        assert ex is not None  # a round to apply: an executor
+        ex.apply(rnd.index, cs)
         if cs is not None:
             self._release = torch.cuda.Event(enable_timing=s.profile)
             self._release.record(cs)
             rnd.marks["end"] = self._release
             if rnd.index == 0:
-                for t in self._exec.device_tensors:
+                for t in ex.device_tensors:
                     t.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)

@@ -362,8 +362,8 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
     for rs in ranks:
         try:
             phases.append(rank_phases(rs, STAGING))
-        except ValueError as e:
-            raise ScheduleError(f"rank {rs.rank}: {e}") from None
+        except ValueError as err:
+            raise ScheduleError(f"rank {rs.rank}: {err}") from None
     for k in range(len(sched.rounds)):
         for m, ph in zip(mems, phases):
             _run_phase(sched, m, ph[k][0], k, "pre")

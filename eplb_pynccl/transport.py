@@ -36,7 +36,7 @@ from ._deadline import DEFAULT_TIMEOUT, Deadline, default_timeout, poll_until
 from .communicator import Communicator
 
 if TYPE_CHECKING:
-    from ._types import StreamSpec
+    import torch
 
 
 __all__ = ["Transport", "TransportRound", "NcclTransport", "TorchTransport"]
@@ -110,7 +110,7 @@ class Transport(abc.ABC):
         (default: the transport's) with the transport aborted."""
 
     @abc.abstractmethod
-    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
+    def wait(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         """Block until the work enqueued on ``stream`` is done; raise on failure or timeout
         (after making further use of the transport fail fast)."""
 
@@ -219,10 +219,10 @@ class NcclTransport(Transport):
         self.comm = communicator
         self.rank = communicator.rank
         self.world_size = communicator.world_size
-        self._gather_stream = None
+        self._gather_stream: torch.cuda.Stream | None = None
 
     @property
-    def timeout(self) -> float:
+    def timeout(self) -> float:  # type: ignore[override]  # read-only: the communicator's
         return self.comm.timeout
 
     @property
@@ -236,7 +236,7 @@ class NcclTransport(Transport):
             )
 
     def exchange(
-        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+        self, sends, recvs, stream: torch.cuda.Stream | None = None, timeout: float | None = None
     ) -> None:
         s = _optional.torch().cuda.current_stream(self.comm.device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
@@ -244,7 +244,7 @@ class NcclTransport(Transport):
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
         return _NcclRound(self, sends, recvs)
 
-    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
+    def wait(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         h = None if stream is None else stream.cuda_stream
         self.comm.wait(h, timeout)
 
@@ -277,6 +277,8 @@ class NcclTransport(Transport):
 
 class _NcclRound(_EventRound):
     """One prepared NCCL group; a non-blocking communicator's launch settles lazily."""
+
+    t: NcclTransport
 
     def __init__(self, t: NcclTransport, sends, recvs) -> None:
         self.t = t
@@ -350,7 +352,7 @@ class TorchTransport(Transport):
             )
 
     def exchange(
-        self, sends, recvs, stream: StreamSpec = None, timeout: float | None = None
+        self, sends, recvs, stream: torch.cuda.Stream | None = None, timeout: float | None = None
     ) -> None:
         self._check_usable()
         torch = _optional.torch()
@@ -413,7 +415,7 @@ class TorchTransport(Transport):
                     f"{t:.3g} s; the process group was aborted"
                 ) from None
 
-    def wait(self, stream: StreamSpec = None, timeout: float | None = None) -> None:
+    def wait(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         torch = _optional.torch()
         if not (self._cuda_capable or stream is not None):
             return
