@@ -80,7 +80,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .planner import _as_map, _check_ids, _index, _positive
+from ._checks import check_count, check_ids, check_real, expert_map, to_numpy
 
 __all__ = [
     "POLICIES",
@@ -224,11 +224,9 @@ def should_rebalance(
     """
     if not isinstance(result, RebalanceResult):
         raise TypeError(f"result must be a RebalanceResult, got {type(result).__name__}")
-    mg = _real(min_gain, "min_gain")
+    mg = check_real(min_gain, "min_gain")
     if max_bytes is not None:
-        max_bytes = _index(max_bytes, "max_bytes")
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        max_bytes = check_count(max_bytes, "max_bytes", minimum=0)
         if result.row_bytes is None:
             raise ValueError("max_bytes needs a result computed with row_bytes")
     if result.old_imbalance is None:
@@ -243,34 +241,8 @@ def should_rebalance(
 # ---------------------------------------------------------------------------------------
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
 def _as_loads(x) -> np.ndarray:
-    if not isinstance(x, np.ndarray) and hasattr(x, "numpy"):  # a torch tensor: never imported
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        if str(getattr(x, "dtype", "")) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"loads must be a 2-D array of numbers: {exc}") from None
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"loads must be an integer or float array, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(
-            f"loads must be 2-D [num_layers, num_logical], got shape {tuple(arr.shape)}"
-        )
+    arr = to_numpy(x, "loads", dtype=np.number, ndim=2, dims="[num_layers, num_logical]")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(
             f"loads must have at least one layer and one expert, got shape {tuple(arr.shape)}"
@@ -289,13 +261,13 @@ def _as_loads(x) -> np.ndarray:
 
 
 def _check_old_map(old_map, num_layers: int, num_physical: int, num_logical: int) -> np.ndarray:
-    old = _as_map(old_map, "old_map")
+    old = expert_map(old_map, "old_map")
     if old.shape != (num_layers, num_physical):
         raise ValueError(
             f"old_map must have shape ({num_layers}, {num_physical}) "
             f"(loads' layers x num_physical), got {tuple(old.shape)}"
         )
-    _check_ids(old, "old_map", num_logical)
+    check_ids(old, "old_map", num_logical)
     held = np.zeros((num_layers, num_logical + 1), dtype=bool)
     held[np.arange(num_layers)[:, None], old] = True  # -1 lands in the last column
     missing = ~held[:, :num_logical]
@@ -312,14 +284,12 @@ def _targets(max_imbalance, num_layers: int) -> np.ndarray | None:
     if max_imbalance is None:
         return None
     if isinstance(max_imbalance, numbers.Real) and not isinstance(max_imbalance, (bool, np.bool_)):
-        t = np.full(num_layers, _real(max_imbalance, "max_imbalance"))
+        t = np.full(num_layers, check_real(max_imbalance, "max_imbalance"))
     else:
-        if not isinstance(max_imbalance, np.ndarray) and hasattr(max_imbalance, "numpy"):
-            max_imbalance = max_imbalance.detach().cpu().numpy()
         try:
-            t = np.asarray(max_imbalance)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"max_imbalance must be a number or one per layer: {exc}") from None
+            t = to_numpy(max_imbalance, "max_imbalance")
+        except ValueError as exc:
+            raise ValueError(f"max_imbalance must be a number or one per layer ({exc})") from None
         if t.dtype.kind not in "iuf":
             raise TypeError(
                 f"max_imbalance must be a real number or an array of them, got {t.dtype}"
@@ -384,10 +354,10 @@ def rebalance(
     t0 = time.perf_counter()
     lam_raw = _as_loads(loads)
     L, E = lam_raw.shape
-    N = _positive(num_physical, "num_physical")
-    ep = _positive(ep_size, "ep_size")
-    nodes = _positive(num_nodes, "num_nodes")
-    groups = None if num_groups is None else _positive(num_groups, "num_groups")
+    N = check_count(num_physical, "num_physical")
+    ep = check_count(ep_size, "ep_size")
+    nodes = check_count(num_nodes, "num_nodes")
+    groups = None if num_groups is None else check_count(num_groups, "num_groups")
     if N < E:
         raise ValueError(
             f"num_physical ({N}) must be >= the number of logical experts ({E}, the "
@@ -412,7 +382,7 @@ def rebalance(
     if old is None and policy != "deepseek":
         raise ValueError(f"policy {policy!r} needs old_map (the current placement)")
     target_arg = _targets(max_imbalance, L)
-    rb = None if row_bytes is None else _positive(row_bytes, "row_bytes")
+    rb = None if row_bytes is None else check_count(row_bytes, "row_bytes")
 
     scale = lam_raw.max(1)
     scale[scale == 0] = 1.0
@@ -476,8 +446,8 @@ def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
     without load has imbalance 1.0. ``placement`` must hold every expert of ``loads``."""
     lam = _as_loads(loads)
     L, E = lam.shape
-    ep = _positive(ep_size, "ep_size")
-    amap = _as_map(placement, "placement")
+    ep = check_count(ep_size, "ep_size")
+    amap = expert_map(placement, "placement")
     if amap.shape[0] != L:
         raise ValueError(f"placement has {amap.shape[0]} layers, loads has {L}")
     N = amap.shape[1]
