@@ -52,7 +52,11 @@ Policies
     for an expert its GPU already held (a local copy), 1 for a network transfer, 2 when no
     GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
     ``old_map`` are first given the expert with the largest load per replica. The repair
-    stops at the target or when nothing helps ``A``; the layer then takes the repair if it
+    stops at the target or when nothing helps ``A``. A layer that missed the target is
+    repaired again from a map built from ``old_map`` with the reference's replica counts
+    (DeepSeek's packing, except that a replica stays on a GPU that held its expert when
+    that GPU is nearly as light as the lightest); the second repair is taken where it
+    meets the target. The layer then takes the repair if it
     met the target and changed no more slots than the relabelled reference (or neither met
     it and the repair is no worse), else the relabelled reference. So no layer changes more
     slots than the reference. Finally, if the largest number of experts any rank receives
@@ -951,12 +955,19 @@ def _migration_aware(
     source = np.array(["kept"] * L, dtype=object)
     rounds = 0
     if todo.size:
-        rep, rounds = _repair(old[todo], lam[todo], target[todo], ep, nodes)
-        # rows: each GPU's experts where they were (the fewest rows written for its multiset)
-        rep = _place_rows(rep.reshape(todo.size, ep, N // ep), old[todo])
-        rep_imb, rep_cost = _imbalance(rep, lam[todo], ep)
-        rep_changed = (rep != old[todo]).sum(1)
+        rep, rep_imb, rep_cost, rounds = _repaired(old[todo], lam[todo], target[todo], ep, nodes)
         rep_met = rep_imb <= t[todo]
+        stuck = np.flatnonzero(~rep_met)
+        if stuck.size:  # repair again, from the reference's replica counts placed near old
+            lay = todo[stuck]
+            start = _restart_maps(old[lay], lam[lay], ref[lay], ep)
+            again = _repaired(old[lay], lam[lay], target[lay], ep, nodes, start)
+            better = again[1] <= t[lay]
+            for a, b in zip((rep, rep_imb, rep_cost), again[:3]):
+                a[stuck[better]] = b[better]
+            rounds += again[3]
+            rep_met = rep_imb <= t[todo]
+        rep_changed = (rep != old[todo]).sum(1)
         # the reference is needed where the repair missed, or may have changed more rows
         unsure = ~rep_met | (rep_changed > _reference_at_least(ref[todo], old[todo], ep))
         rel.need(todo[unsure])
@@ -975,6 +986,51 @@ def _migration_aware(
     if layers.size:
         new[layers] = _relabel_maps(ref, old, rel.gpu_of_pack, layers)
     return new, imb, cost, source.tolist(), rounds, recv, inter
+
+
+def _repaired(old, lam, target, ep, nodes, start=None):
+    """:func:`_repair`, rows placed to keep each GPU's experts where they were (the fewest
+    rows written for its multiset): (maps, imbalance, max GPU load, rounds)."""
+    L, N = old.shape
+    rep, rounds = _repair(old, lam, target, ep, nodes, start)
+    rep = _place_rows(rep.reshape(L, ep, N // ep), old)
+    imb, cost = _imbalance(rep, lam, ep)
+    return rep, imb, cost, rounds
+
+
+def _restart_maps(old, lam, ref, ep) -> np.ndarray:
+    """Where the repair of ``old`` got stuck, a map to repair again, built from ``old``
+    rather than from the reference's packs: the reference's replica counts, placed as
+    DeepSeek packs them (heaviest first, each on the least loaded GPU with room), except
+    that a replica goes to a GPU that held its expert in ``old`` (one per old replica) when
+    that GPU is loaded at most half the replica's weight above the least loaded one.
+    Replica by replica, all layers at once."""
+    L, N = old.shape
+    E = lam.shape[1]
+    P = N // ep
+    cnt = _expert_counts(ref, E)
+    w = lam / np.maximum(cnt, 1)
+    items = np.repeat(np.tile(np.arange(E), L), cnt.ravel()).reshape(L, N)
+    items = np.take_along_axis(
+        items, np.argsort(-w[np.arange(L)[:, None], items], axis=1, kind="stable"), 1
+    )
+    have = _gpu_counts(old, ep, E).astype(_I64)
+    load = np.zeros((L, ep))
+    fill = np.zeros((L, ep), dtype=_I64)
+    slots = np.empty((L, ep, P), dtype=_I64)
+    rows = np.arange(L)
+    for i in range(N):
+        e = items[:, i]
+        we = w[rows, e]
+        free = np.where(fill < P, load, np.inf)
+        low = free.min(1)
+        near = np.where((have[rows, :, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
+        q = np.where(np.isfinite(near.min(1)), np.argmin(near, 1), np.argmin(free, 1))
+        have[rows, q, e] = np.maximum(have[rows, q, e] - 1, 0)
+        slots[rows, q, fill[rows, q]] = e
+        load[rows, q] += we
+        fill[rows, q] += 1
+    return slots.reshape(L, N)
 
 
 def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
@@ -1021,13 +1077,13 @@ class _RepairState:
     replica counts per expert and per (GPU, expert), and the cost of each slot's content
     (see the module docstring: 0 for its old expert, else what writing it there costs)."""
 
-    def __init__(self, old, lam, ep, nodes):
+    def __init__(self, old, lam, ep, nodes, start=None):
         L, N = old.shape
         E = lam.shape[1]
         self.old, self.lam, self.ep, self.nodes = old, lam, ep, nodes
         self.P = N // ep
         self.gpn = ep // nodes
-        self.cur = old.copy()
+        self.cur = (old if start is None else start).copy()
         self.cnt = _expert_counts(self.cur, E).astype(_I64)
         _fill_empty(self.cur, lam, self.cnt)
         self.H = np.zeros((L, ep, E), dtype=np.int32)  # replicas per (layer, GPU, expert)
@@ -1095,14 +1151,16 @@ class _Round:
         self.r_ = np.arange(idx.size)[:, None]
 
 
-def _repair(old, lam, target, ep, nodes):
+def _repair(old, lam, target, ep, nodes, start=None):
     """Incremental repair of ``old`` (see the module docstring), all layers at once. Each
     round, per layer still above its target: for each of its GPUs above the target (up to
     ``_HEAVY_MAX``, heaviest first) the best swap with one of its own light partners (the
     partner sets are disjoint, so these swaps do not interact), and for the heaviest GPU
-    the best replica move instead when that scores higher. Returns the maps and the rounds."""
+    the best replica move instead when that scores higher. ``start``: the maps to repair
+    (default ``old``; costs are always counted from ``old``). Returns the maps and the
+    rounds."""
     L, N = old.shape
-    st = _RepairState(old, lam, ep, nodes)
+    st = _RepairState(old, lam, ep, nodes, start)
     if ep == 1:
         return st.cur, 0
     idx = np.arange(L)
