@@ -35,27 +35,37 @@ Policies
 ``"migration_aware"`` (the default when ``old_map`` is given)
     Per layer: a layer whose ``old_map`` imbalance under the new loads is already within the
     target is kept as it is. Otherwise an incremental repair of ``old_map``, in rounds (all
-    layers at once, one operation per layer and round; when GPUs have at most 12 slots, up
-    to two swaps on disjoint GPUs). Candidates, for the most loaded GPU ``A``: a swap of
-    one of its slots with a slot of one of the 8 least loaded GPUs; a replica move (one
-    of 16 donor slots, whose expert has several replicas, becomes a further replica of one
-    of the 6 heaviest experts on ``A``). Each is scored by how much it reduces the layer's
-    excess over the target (the sum over GPUs of load above it) per unit of movement cost,
-    and the best is applied. An operation is allowed only when it lowers ``A`` and every
-    GPU it raises ends below ``A``'s current load, so the sorted load vector decreases at
-    every step and the repair terminates. Movement cost per slot written: 0 when a slot
-    gets its old expert back (reverting an earlier step counts negative), 0.05 for an
-    expert its GPU already held (a local copy), 1 for a network transfer, 2 when no GPU of
-    the receiver's node held the expert (``num_nodes > 1``). Empty slots of ``old_map``
-    are first given the expert with the largest load per replica. The repair stops at the
-    target, when nothing helps, or when it has changed as many slots as the relabelled
-    reference; the layer then takes the repair if it met the target (or neither met it
-    and the repair is no worse), else the relabelled reference. So no layer changes more
+    layers at once). Candidates, for the most loaded GPU ``A``: a swap of one of its slots
+    with a slot of one of the 8 least loaded GPUs; a replica move (one of 16 donor slots,
+    whose expert has several replicas, becomes a further replica of one of the 6 heaviest
+    experts on ``A``). From EP 128, for up to 15 further GPUs above the target: a swap with
+    one of 2 light GPUs of their own (no two share one), applied beside ``A``'s operation
+    when it scores at least half as high and touches nothing ``A``'s operation changes.
+    With more than 24 slots per GPU, a swap is scored for the pairs worth it only (for each slot of
+    the heavy GPU, the two partner slots whose weights bracket the most balancing swap, and
+    the pairs with the slots changed so far). Each operation is scored by how much it
+    reduces the layer's excess over the target (the sum over GPUs of load above it) per
+    unit of movement cost. An operation is allowed only when it lowers its heavy GPU and
+    every GPU it raises ends below that GPU's current load, so the sorted load vector
+    decreases at every step and the repair terminates. Movement cost per slot written: 0
+    when a slot gets its old expert back (reverting an earlier step counts negative), 0.05
+    for an expert its GPU already held (a local copy), 1 for a network transfer, 2 when no
+    GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
+    ``old_map`` are first given the expert with the largest load per replica. The repair
+    stops at the target or when nothing helps ``A``. A layer that missed the target is
+    repaired again from a map built from ``old_map`` with the reference's replica counts
+    (DeepSeek's packing, except that a replica stays on a GPU that held its expert when
+    that GPU is nearly as light as the lightest); the second repair is taken where it
+    meets the target. The layer then takes the repair if it
+    met the target and changed no more slots than the relabelled reference (or neither met
+    it and the repair is no worse), else the relabelled reference. So no layer changes more
     slots than the reference. Finally, if the largest number of experts any rank receives
     (summed over layers) exceeds the reference's, layers are switched to the reference,
     largest excess on the worst rank first, until it does not (only layers where the
     reference meets the target): with the default target it never moves more bytes than
-    the reference. The repair ignores ``num_groups``: it may move an expert to another
+    the reference. The relabelled reference (an assignment problem per layer) is computed
+    only for the layers where a lower bound on its rows and bytes does not settle these
+    comparisons. The repair ignores ``num_groups``: it may move an expert to another
     node's GPUs, at the cross-node cost above.
 
 Target (``max_imbalance``): by default, per layer, the imbalance ``"deepseek"`` reaches on
@@ -81,7 +91,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .planner import _as_map, _check_ids, _index, _positive
+from ._checks import check_count, check_ids, check_real, expert_map, to_numpy
 
 __all__ = [
     "POLICIES",
@@ -98,8 +108,14 @@ _TOL = 1e-9  # relative slack on imbalance comparisons (the same sums taken in a
 _LOCAL_COST = 0.05  # repair cost of writing an expert the GPU already held (a local copy)
 _NODE_COST = 1.0  # extra repair cost of an expert no GPU of the receiver's node held
 _MIN_COST = 0.01  # floor of an operation's cost in the score (reverting a change is < 0)
-_SWAP_GPUS = 8  # swap partners: slots of this many least loaded GPUs
-_HEAVY_GPUS = 2  # swaps: GPUs above the target handled in one round (when P <= 12)
+_SWAP_GPUS = 8  # swaps: partners of the most loaded GPU (the least loaded GPUs)
+_SWAP_MORE = 2  # swaps: partners of each further GPU above the target handled in a round
+_AS_GOOD = 0.5  # swaps of further heavy GPUs: at least this fraction of the heaviest's score
+_HEAVY_MAX = 16  # swaps: GPUs above the target handled in one round (each with its partners)
+_ALL_PAIRS = 24  # swaps: every pair of slots scored up to this many slots per GPU
+# swaps: further heavy GPUs beside the heaviest from this EP size (measured: EP64 slower and
+# +20% bytes; EP128-256 2-4x faster for +5-10% bytes)
+_MORE_FROM_EP = 128
 _DONORS = 16  # replica moves: candidate donor slots per step
 _RECEIVERS = 6  # replica moves: heaviest slots of the most loaded GPU to replicate
 
@@ -218,11 +234,9 @@ def should_rebalance(
     """
     if not isinstance(result, RebalanceResult):
         raise TypeError(f"result must be a RebalanceResult, got {type(result).__name__}")
-    mg = _real(min_gain, "min_gain")
+    mg = check_real(min_gain, "min_gain")
     if max_bytes is not None:
-        max_bytes = _index(max_bytes, "max_bytes")
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        max_bytes = check_count(max_bytes, "max_bytes", minimum=0)
         if result.row_bytes is None:
             raise ValueError("max_bytes needs a result computed with row_bytes")
     if result.old_imbalance is None:
@@ -237,34 +251,8 @@ def should_rebalance(
 # ---------------------------------------------------------------------------------------
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
 def _as_loads(x) -> np.ndarray:
-    if not isinstance(x, np.ndarray) and hasattr(x, "numpy"):  # a torch tensor: never imported
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        if str(getattr(x, "dtype", "")) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"loads must be a 2-D array of numbers: {exc}") from None
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"loads must be an integer or float array, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(
-            f"loads must be 2-D [num_layers, num_logical], got shape {tuple(arr.shape)}"
-        )
+    arr = to_numpy(x, "loads", dtype=np.number, ndim=2, dims="[num_layers, num_logical]")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(
             f"loads must have at least one layer and one expert, got shape {tuple(arr.shape)}"
@@ -285,13 +273,13 @@ def _as_loads(x) -> np.ndarray:
 def _check_old_map(
     old_map, num_layers: int, num_physical: int, num_logical: int, name: str = "old_map"
 ) -> np.ndarray:
-    old = _as_map(old_map, name)
+    old = expert_map(old_map, name)
     if old.shape != (num_layers, num_physical):
         raise ValueError(
             f"{name} must have shape ({num_layers}, {num_physical}) "
             f"(loads' layers x num_physical), got {tuple(old.shape)}"
         )
-    _check_ids(old, name, num_logical)
+    check_ids(old, name, num_logical)
     held = np.zeros((num_layers, num_logical + 1), dtype=bool)
     held[np.arange(num_layers)[:, None], old] = True  # -1 lands in the last column
     missing = ~held[:, :num_logical]
@@ -308,14 +296,12 @@ def _targets(max_imbalance, num_layers: int) -> np.ndarray | None:
     if max_imbalance is None:
         return None
     if isinstance(max_imbalance, numbers.Real) and not isinstance(max_imbalance, (bool, np.bool_)):
-        t = np.full(num_layers, _real(max_imbalance, "max_imbalance"))
+        t = np.full(num_layers, check_real(max_imbalance, "max_imbalance"))
     else:
-        if not isinstance(max_imbalance, np.ndarray) and hasattr(max_imbalance, "numpy"):
-            max_imbalance = max_imbalance.detach().cpu().numpy()
         try:
-            t = np.asarray(max_imbalance)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"max_imbalance must be a number or one per layer: {exc}") from None
+            t = to_numpy(max_imbalance, "max_imbalance")
+        except ValueError as exc:
+            raise ValueError(f"max_imbalance must be a number or one per layer ({exc})") from None
         if t.dtype.kind not in "iuf":
             raise TypeError(
                 f"max_imbalance must be a real number or an array of them, got {t.dtype}"
@@ -380,10 +366,10 @@ def rebalance(
     t0 = time.perf_counter()
     lam_raw = _as_loads(loads)
     L, E = lam_raw.shape
-    N = _positive(num_physical, "num_physical")
-    ep = _positive(ep_size, "ep_size")
-    nodes = _positive(num_nodes, "num_nodes")
-    groups = None if num_groups is None else _positive(num_groups, "num_groups")
+    N = check_count(num_physical, "num_physical")
+    ep = check_count(ep_size, "ep_size")
+    nodes = check_count(num_nodes, "num_nodes")
+    groups = None if num_groups is None else check_count(num_groups, "num_groups")
     if N < E:
         raise ValueError(
             f"num_physical ({N}) must be >= the number of logical experts ({E}, the "
@@ -415,7 +401,7 @@ def rebalance(
     if old is None and policy != "deepseek":
         raise ValueError(f"policy {policy!r} needs old_map (the current placement)")
     target_arg = _targets(max_imbalance, L)
-    rb = None if row_bytes is None else _positive(row_bytes, "row_bytes")
+    rb = None if row_bytes is None else check_count(row_bytes, "row_bytes")
 
     scale = lam_raw.max(1)
     scale[scale == 0] = 1.0
@@ -434,13 +420,13 @@ def rebalance(
         new, imb, cost = ref, ref_imb, ref_cost
         source = ["deepseek"] * L
     else:
-        rel = _relabel(ref, old, ep, nodes, nodes_h, E)
         if policy == "deepseek_relabelled":
-            new, imb, cost = _relabel_maps(ref, old, rel[0], np.arange(L)), ref_imb, ref_cost
+            gpu_of_pack = _relabel(ref, old, ep, nodes, nodes_h, E)[0]
+            new, imb, cost = _relabel_maps(ref, old, gpu_of_pack, np.arange(L)), ref_imb, ref_cost
             source = ["reference"] * L
         else:
             new, imb, cost, source, rounds, recv, inter = _migration_aware(
-                old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes
+                old, ref, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes, nodes_h
             )
 
     replicas = _expert_counts(new, E)
@@ -481,8 +467,8 @@ def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
     without load has imbalance 1.0. ``placement`` must hold every expert of ``loads``."""
     lam = _as_loads(loads)
     L, E = lam.shape
-    ep = _positive(ep_size, "ep_size")
-    amap = _as_map(placement, "placement")
+    ep = check_count(ep_size, "ep_size")
+    amap = expert_map(placement, "placement")
     if amap.shape[0] != L:
         raise ValueError(f"placement has {amap.shape[0]} layers, loads has {L}")
     N = amap.shape[1]
@@ -906,11 +892,70 @@ def _place_rows(items: np.ndarray, old: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def _migration_aware(old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes):
+class _Relabelling:
+    """The relabelled reference (:func:`_relabel`), computed layer by layer when needed:
+    its assignment costs one assignment problem of ``ep x ep`` per layer, the largest part
+    of the policy's time at EP 128-256, and most layers never need it."""
+
+    def __init__(self, ref, old, ep, nodes, nodes_h, E):
+        L = ref.shape[0]
+        self.args = (ref, old, ep, nodes, nodes_h, E)
+        self.have = np.zeros(L, dtype=bool)
+        self.gpu_of_pack = np.zeros((L, ep), dtype=_I64)
+        self.changed = np.zeros(L, dtype=_I64)
+        self.recv = np.zeros((L, ep), dtype=_I64)
+        self.inter = np.zeros((L, ep), dtype=_I64)
+
+    def need(self, layers) -> None:
+        layers = np.asarray(layers, dtype=_I64)
+        layers = layers[~self.have[layers]]
+        if layers.size == 0:
+            return
+        ref, old, ep, nodes, nodes_h, E = self.args
+        out = _relabel(ref[layers], old[layers], ep, nodes, nodes_h, E)
+        self.gpu_of_pack[layers], self.changed[layers], self.recv[layers], self.inter[layers] = out
+        self.have[layers] = True
+
+
+def _reference_at_least(ref, old, ep) -> np.ndarray:
+    """[L]: a lower bound on both the rows the relabelled reference changes and the experts
+    it sends (all GPUs together), whatever GPU each of its packs goes to: pack ``p`` on GPU
+    ``q`` receives ``distinct(p) - shared(p, q)`` experts and changes at least as many rows,
+    so every assignment costs at least ``sum_p distinct(p) - max_q shared(p, q)``. Counted
+    over the (pack item, old holder) pairs, without the dense ``[ep, ep]`` matrices."""
+    L, N = ref.shape
+    P = N // ep
+    E1 = int(max(ref.max(), old.max())) + 1
+    # distinct (layer, expert, GPU) holders in old, sorted; empty slots hold nothing
+    lr, sr = np.nonzero(old >= 0)
+    hold = _distinct((lr * E1 + old[lr, sr]) * ep + sr // P)
+    hold_le, hold_g = np.divmod(hold, ep)
+    # distinct (layer, pack, expert) of the reference, and the old holders of each
+    lp, e = np.divmod(_distinct(np.arange(L * ep).repeat(P) * E1 + ref.ravel()), E1)
+    le = (lp // ep) * E1 + e
+    lo = np.searchsorted(hold_le, le)
+    n = np.searchsorted(hold_le, le, side="right") - lo
+    at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+    shared = np.bincount(np.repeat(lp, n) * ep + hold_g[at], minlength=L * ep * ep)
+    best = shared.reshape(L * ep, ep).max(1)
+    distinct = np.bincount(lp, minlength=L * ep)
+    return (distinct - best).reshape(L, ep).sum(1)
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of an int array (a sort, no hashing)."""
+    k = np.sort(keys)
+    return k[np.concatenate(([True], k[1:] != k[:-1]))] if k.size else k
+
+
+def _migration_aware(
+    old, ref, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes, nodes_h
+):
     L, N = old.shape
     E = lam.shape[1]
-    gpu_of_pack, rel_changed, recv_rel, inter_rel = rel
-    keep = (old_imb <= target * (1 + _TOL)) & (old >= 0).all(1)
+    rel = _Relabelling(ref, old, ep, nodes, nodes_h, E)
+    t = target * (1 + _TOL)
+    keep = (old_imb <= t) & (old >= 0).all(1)
     todo = np.flatnonzero(~keep)
     new = old.copy()
     imb = old_imb.copy()
@@ -918,43 +963,508 @@ def _migration_aware(old, ref, rel, lam, target, ref_imb, old_imb, old_cost, ref
     source = np.array(["kept"] * L, dtype=object)
     rounds = 0
     if todo.size:
-        rep, rounds = _repair(old[todo], lam[todo], target[todo], rel_changed[todo], ep, nodes)
-        # rows: each GPU's experts where they were (the fewest rows written for its multiset)
-        rep = _place_rows(rep.reshape(todo.size, ep, N // ep), old[todo])
-        rep_imb, rep_cost = _imbalance(rep, lam[todo], ep)
+        rep, rep_imb, rep_cost, rounds = _repaired(old[todo], lam[todo], target[todo], ep, nodes)
+        rep_met = rep_imb <= t[todo]
+        stuck = np.flatnonzero(~rep_met)
+        if stuck.size:  # repair again, from the reference's replica counts placed near old
+            lay = todo[stuck]
+            start = _restart_maps(old[lay], lam[lay], ref[lay], ep)
+            again = _repaired(old[lay], lam[lay], target[lay], ep, nodes, start)
+            better = again[1] <= t[lay]
+            for a, b in zip((rep, rep_imb, rep_cost), again[:3]):
+                a[stuck[better]] = b[better]
+            rounds += again[3]
+            rep_met = rep_imb <= t[todo]
         rep_changed = (rep != old[todo]).sum(1)
-        t = target[todo] * (1 + _TOL)
-        rep_met = rep_imb <= t
-        ref_met = ref_imb[todo] <= t
-        ok = rep_changed <= rel_changed[todo]
+        # the reference is needed where the repair missed, or may have changed more rows
+        unsure = ~rep_met | (rep_changed > _reference_at_least(ref[todo], old[todo], ep))
+        rel.need(todo[unsure])
+        ok = ~unsure | (rep_changed <= rel.changed[todo])
+        ref_met = ref_imb[todo] <= t[todo]
         use_rep = ok & (rep_met | (~ref_met & (rep_imb <= ref_imb[todo])))
         new[todo] = rep  # the layers that take the reference get its map below
         imb[todo] = np.where(use_rep, rep_imb, ref_imb[todo])
         cost[todo] = np.where(use_rep, rep_cost, ref_cost[todo])
         source[todo] = np.where(use_rep, "repaired", "reference")
-    is_ref = source == "reference"
     recv, inter = _received(old, new, ep, nodes, E)
-    recv[is_ref], inter[is_ref] = recv_rel[is_ref], inter_rel[is_ref]
-    # never more bytes for the busiest receiver than the relabelled reference
-    limit = recv_rel.sum(0).max()
+    _limit_to_reference(recv, inter, rel, source, ref_imb <= t)
+    for a, b in ((imb, ref_imb), (cost, ref_cost)):
+        a[source == "reference"] = b[source == "reference"]
+    layers = np.flatnonzero(source == "reference")
+    if layers.size:
+        new[layers] = _relabel_maps(ref, old, rel.gpu_of_pack, layers)
+    return new, imb, cost, source.tolist(), rounds, recv, inter
+
+
+def _repaired(old, lam, target, ep, nodes, start=None):
+    """:func:`_repair`, rows placed to keep each GPU's experts where they were (the fewest
+    rows written for its multiset): (maps, imbalance, max GPU load, rounds)."""
+    L, N = old.shape
+    rep, rounds = _repair(old, lam, target, ep, nodes, start)
+    rep = _place_rows(rep.reshape(L, ep, N // ep), old)
+    imb, cost = _imbalance(rep, lam, ep)
+    return rep, imb, cost, rounds
+
+
+def _restart_maps(old, lam, ref, ep) -> np.ndarray:
+    """Where the repair of ``old`` got stuck, a map to repair again, built from ``old``
+    rather than from the reference's packs: the reference's replica counts, placed as
+    DeepSeek packs them (heaviest first, each on the least loaded GPU with room), except
+    that a replica goes to a GPU that held its expert in ``old`` (one per old replica) when
+    that GPU is loaded at most half the replica's weight above the least loaded one.
+    Replica by replica, all layers at once."""
+    L, N = old.shape
+    E = lam.shape[1]
+    P = N // ep
+    cnt = _expert_counts(ref, E)
+    w = lam / np.maximum(cnt, 1)
+    items = np.repeat(np.tile(np.arange(E), L), cnt.ravel()).reshape(L, N)
+    items = np.take_along_axis(
+        items, np.argsort(-w[np.arange(L)[:, None], items], axis=1, kind="stable"), 1
+    )
+    have = _gpu_counts(old, ep, E).astype(_I64)
+    load = np.zeros((L, ep))
+    fill = np.zeros((L, ep), dtype=_I64)
+    slots = np.empty((L, ep, P), dtype=_I64)
+    rows = np.arange(L)
+    for i in range(N):
+        e = items[:, i]
+        we = w[rows, e]
+        free = np.where(fill < P, load, np.inf)
+        low = free.min(1)
+        near = np.where((have[rows, :, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
+        q = np.where(np.isfinite(near.min(1)), np.argmin(near, 1), np.argmin(free, 1))
+        have[rows, q, e] = np.maximum(have[rows, q, e] - 1, 0)
+        slots[rows, q, fill[rows, q]] = e
+        load[rows, q] += we
+        fill[rows, q] += 1
+    return slots.reshape(L, N)
+
+
+def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
+    """Never more bytes for the busiest receiver than the relabelled reference: while the
+    most experts a rank receives (summed over layers) exceeds the reference's, switch the
+    layer with the largest excess on that rank to the reference (only layers where the
+    reference meets the target). Updates ``recv``, ``inter`` and ``source`` in place. The
+    reference's figure is bounded from below first (its exact layers, and per layer
+    :func:`_reference_at_least` spread over the ranks); the rest of it is computed only when
+    the bound does not settle the question."""
+    ref, old, ep = rel.args[:3]
+    is_ref = source == "reference"
+    recv[is_ref], inter[is_ref] = rel.recv[is_ref], rel.inter[is_ref]
     tot = recv.sum(0)
-    switchable = ~is_ref & (ref_imb <= target * (1 + _TOL))
+    if not rel.have.all():
+        lo = np.where(rel.have, rel.recv.sum(1), 0)
+        rest = np.flatnonzero(~rel.have)
+        lo[rest] = _reference_at_least(ref[rest], old[rest], ep)
+        bound = max(int(rel.recv[rel.have].sum(0).max(initial=0)), -(-int(lo.sum()) // ep))
+        if tot.max() <= bound:
+            return
+        rel.need(np.arange(recv.shape[0]))
+    limit = rel.recv.sum(0).max()
+    switchable = ~is_ref & ref_ok
     while tot.max() > limit:
         r = int(np.argmax(tot))
-        excess = np.where(switchable, recv[:, r] - recv_rel[:, r], 0)
+        excess = np.where(switchable, recv[:, r] - rel.recv[:, r], 0)
         layer = int(np.argmax(excess))
         if excess[layer] <= 0:
             break
-        tot += recv_rel[layer] - recv[layer]
-        recv[layer], inter[layer] = recv_rel[layer], inter_rel[layer]
-        imb[layer] = ref_imb[layer]
-        cost[layer] = ref_cost[layer]
+        tot += rel.recv[layer] - recv[layer]
+        recv[layer], inter[layer] = rel.recv[layer], rel.inter[layer]
         source[layer] = "reference"
         switchable[layer] = False
-    layers = np.flatnonzero(source == "reference")
-    if layers.size:
-        new[layers] = _relabel_maps(ref, old, gpu_of_pack, layers)
-    return new, imb, cost, source.tolist(), rounds, recv, inter
+
+
+# ---------------------------------------------------------------------------------------
+# the repair
+# ---------------------------------------------------------------------------------------
+
+
+class _RepairState:
+    """What the repair of a set of layers carries from round to round: the current map, the
+    replica counts per expert and per (GPU, expert), and the cost of each slot's content
+    (see the module docstring: 0 for its old expert, else what writing it there costs)."""
+
+    def __init__(self, old, lam, ep, nodes, start=None):
+        L, N = old.shape
+        E = lam.shape[1]
+        self.old, self.lam, self.ep, self.nodes = old, lam, ep, nodes
+        self.P = N // ep
+        self.gpn = ep // nodes
+        self.cur = (old if start is None else start).copy()
+        self.cnt = _expert_counts(self.cur, E).astype(_I64)
+        _fill_empty(self.cur, lam, self.cnt)
+        self.H = np.zeros((L, ep, E), dtype=np.int32)  # replicas per (layer, GPU, expert)
+        np.add.at(self.H, (np.arange(L)[:, None], np.arange(N) // self.P, self.cur), 1)
+        self.held = np.ascontiguousarray(_gpu_presence(old, ep, E))  # GPU held it in old
+        if nodes > 1:
+            self.node_held = np.ascontiguousarray(self.held.reshape(L, nodes, self.gpn, E).any(2))
+        rows = np.broadcast_to(np.arange(L)[:, None], (L, N))
+        self.ccur = np.zeros((L, N))
+        self.set_cost(rows, np.broadcast_to(np.arange(N), (L, N)))
+
+    def recv_cost(self, li, g, e):
+        """Cost of writing expert ``e`` to a slot of GPU ``g`` of layer ``li`` (that did not
+        hold it before): a local copy, a transfer, or a transfer across nodes."""
+        c = np.where(self.held[li, g, e], _LOCAL_COST, 1.0)
+        if self.nodes > 1:
+            c += np.where(self.node_held[li, g // self.gpn, e], 0.0, _NODE_COST)
+        return c
+
+    def flat_write_cost(self, fs, e):
+        """:meth:`write_cost` of flat slot indices ``layer * N + slot`` (``fs // P`` is the
+        flat (layer, GPU), ``fs // (P * gpn)`` the flat (layer, node))."""
+        E = self.held.shape[2]
+        c = np.where(np.take(self.held, fs // self.P * E + e), _LOCAL_COST, 1.0)
+        if self.nodes > 1:
+            on = np.take(self.node_held, fs // (self.P * self.gpn) * E + e)
+            c += np.where(on, 0.0, _NODE_COST)
+        c[np.take(self.old, fs) == e] = 0.0
+        return c
+
+    def write_cost(self, li, s, e):
+        """Cost of slot ``s`` holding ``e``: 0 when it is its old expert."""
+        return np.where(self.old[li, s] == e, 0.0, self.recv_cost(li, s // self.P, e))
+
+    def set_cost(self, li, s) -> None:
+        self.ccur[li, s] = self.write_cost(li, s, self.cur[li, s])
+
+    def swap(self, li, sa, sb) -> None:
+        xa, xb = self.cur[li, sa], self.cur[li, sb]
+        self.cur[li, sa], self.cur[li, sb] = xb, xa
+        ga, gb = sa // self.P, sb // self.P
+        self.H[li, ga, xa] -= 1
+        self.H[li, ga, xb] += 1
+        self.H[li, gb, xb] -= 1
+        self.H[li, gb, xa] += 1
+        self.set_cost(li, sa)
+        self.set_cost(li, sb)
+
+    def replace(self, li, s, y) -> None:
+        x = self.cur[li, s]
+        self.cur[li, s] = y
+        self.cnt[li, x] -= 1
+        self.cnt[li, y] += 1
+        self.H[li, s // self.P, x] -= 1
+        self.H[li, s // self.P, y] += 1
+        self.set_cost(li, s)
+
+
+class _Round:
+    """The active layers' loads at the start of a round (every candidate is scored on them)."""
+
+    def __init__(self, st: _RepairState, idx, w, g, limit):
+        self.idx, self.w, self.g, self.limit = idx, w, g, limit
+        self.c = st.cur[idx]
+        self.r_ = np.arange(idx.size)[:, None]
+
+
+def _repair(old, lam, target, ep, nodes, start=None):
+    """Incremental repair of ``old`` (see the module docstring), all layers at once. Each
+    round, per layer still above its target: for each of its GPUs above the target (up to
+    ``_HEAVY_MAX``, heaviest first) the best swap with one of its own light partners (the
+    partner sets are disjoint, so these swaps do not interact), and for the heaviest GPU
+    the best replica move instead when that scores higher. ``start``: the maps to repair
+    (default ``old``; costs are always counted from ``old``). Returns the maps and the
+    rounds."""
+    L, N = old.shape
+    st = _RepairState(old, lam, ep, nodes, start)
+    if ep == 1:
+        return st.cur, 0
+    idx = np.arange(L)
+    rounds = 0
+    for _ in range(4 * N):
+        w = (lam[idx] / st.cnt[idx])[np.arange(idx.size)[:, None], st.cur[idx]]
+        g = w.reshape(idx.size, ep, st.P).sum(2)
+        limit = target[idx] * g.mean(1) * (1 + _TOL)
+        go = g.max(1) > limit
+        idx, w, g, limit = idx[go], w[go], g[go], limit[go]
+        if idx.size == 0:
+            break
+        rounds += 1
+        rd = _Round(st, idx, w, g, limit)
+        first, more = _partners(g, limit, ep)
+        swaps = _best_swaps(st, rd, *first)
+        if more is not None:
+            swaps.add(_best_swaps(st, rd, *more))
+        moved = _apply(st, rd, swaps, _best_move(st, rd))
+        idx = idx[moved]  # nothing helps the heaviest GPU: stuck
+    return st.cur, rounds
+
+
+class _Ops:
+    """Best candidates of a round (fields as named by whoever fills it)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def add(self, more: _Ops) -> None:
+        """Appends another set of heavy GPUs' swaps (fields [La, H])."""
+        for k, v in more.__dict__.items():
+            self.__dict__[k] = np.concatenate([self.__dict__[k], v], axis=1)
+
+
+def _partners(g, limit, ep):
+    """Heavy GPUs and their swap partners, disjoint. The most loaded GPU: the
+    ``_SWAP_GPUS`` least loaded. The next GPUs above the target (up to ``_HEAVY_MAX`` in
+    all): ``_SWAP_MORE`` each among the next least loaded, heavy GPU ``i`` the light GPUs
+    ``K0 + (i - 1) + (h - 1) * k`` (0 = the lightest, ``h`` heavy GPUs in the layer).
+    Returns two (heavy [La, H], partners [La, H, K], valid [La, H, K]), the second None
+    when no layer has a second GPU above the target."""
+    La = g.shape[0]
+    order = np.argsort(-g, axis=1, kind="stable")
+    K0 = min(_SWAP_GPUS, ep - 1)
+    first = (order[:, :1], order[:, ::-1][:, None, :K0], np.ones((La, 1, K0), dtype=bool))
+    h = np.minimum((g > limit[:, None]).sum(1), _HEAVY_MAX if ep >= _MORE_FROM_EP else 1)
+    h = np.minimum(h, 1 + np.maximum(ep - 1 - K0, 0) // (_SWAP_MORE + 1))
+    Hm = int(h.max())
+    if Hm < 2:
+        return first, None
+    hl = h[:, None, None]
+    i = np.arange(1, Hm)[None, :, None]
+    pos = K0 + (i - 1) + (hl - 1) * np.arange(_SWAP_MORE)
+    valid = (i < hl) & (pos < ep - hl)
+    light = ep - 1 - np.minimum(pos, ep - 1)
+    partners = np.take_along_axis(order, light.reshape(La, -1), 1).reshape(La, Hm - 1, -1)
+    return first, (order[:, 1:Hm], partners, valid)
+
+
+def _best_swaps(st: _RepairState, rd: _Round, heavy, partners, valid) -> _Ops:
+    """Per heavy GPU ``A`` (see :func:`_partners`): the best swap of one of its slots with
+    a slot of one of its partners ``B``, among every pair of slots (``P <= _ALL_PAIRS``,
+    :func:`_all_pair_scores`) or among those of :func:`_some_pairs`."""
+    if st.P <= _ALL_PAIRS:
+        score, sa, sb = _all_pair_scores(st, rd, heavy, partners, valid)
+    else:
+        sa, sb, k = _some_pairs(st, rd, heavy, partners)
+        score = _swap_scores(st, rd, heavy, sa, sb, np.take_along_axis(valid, k, 2))
+    best = np.argmax(score, axis=2)[..., None]
+    return _Ops(
+        heavy=heavy,
+        score=np.take_along_axis(score, best, 2)[..., 0],
+        sa=np.take_along_axis(sa, best, 2)[..., 0],
+        sb=np.take_along_axis(sb, best, 2)[..., 0],
+    )
+
+
+def _all_pair_scores(st: _RepairState, rd: _Round, heavy, partners, valid):
+    """:func:`_swap_scores` of every (slot of ``A``, slot of a partner) pair, by
+    broadcasting over ``[La, H, P, K * P]`` (cheaper per pair than gathering them).
+    Returns (score, sa, sb) [La, H, P * K * P]."""
+    g, w, c, r_, P = rd.g, rd.w, rd.c, rd.r_, st.P
+    La, Hm, K = partners.shape
+    r3 = r_[:, :, None]
+    li = rd.idx[:, None, None]
+    sA = heavy[:, :, None] * P + np.arange(P)  # [La, H, P]
+    sB = (partners[..., None] * P + np.arange(P)).reshape(La, Hm, K * P)
+    gA = g[r_, heavy]
+    gb = np.repeat(g[r3, partners], P, axis=2)  # [La, H, K * P]
+    d = w[r3, sA][..., None] - w[r3, sB][:, :, None, :]
+    gain = (gA[:, :, None] - gb)[:, :, None, :] - d
+    np.minimum(gain, d, out=gain)
+    b4 = (gb - rd.limit[:, None, None])[:, :, None, :]
+    red = np.minimum(d, (gA - rd.limit[:, None])[:, :, None, None])
+    red += np.maximum(b4, 0.0)
+    d += b4
+    np.maximum(d, 0.0, out=d)
+    red -= d
+    del d
+    ea, eb = c[r3, sA], c[r3, sB]
+    # A writes eb over ea, B writes ea over eb; a slot's current cost is refunded
+    cost = np.where(
+        st.old[li, sA][..., None] == eb[:, :, None, :],
+        0.0,
+        st.recv_cost(li, heavy[:, :, None], eb)[:, :, None, :],
+    )
+    cost -= st.ccur[li, sA][..., None]
+    rcB = st.recv_cost(li[..., None], partners[:, :, None, :], ea[..., None])  # [La, H, P, K]
+    cost += np.where(st.old[li, sB][:, :, None, :] == ea[..., None], 0.0, np.repeat(rcB, P, 3))
+    cost -= st.ccur[li, sB][:, :, None, :]
+    gain[~np.broadcast_to(np.repeat(valid, P, axis=2)[:, :, None, :], gain.shape)] = -np.inf
+    lim = rd.limit[:, None, None, None]
+    score = _score(gain, red, cost, lim * _TOL).reshape(La, Hm, -1)
+    n = P * K * P
+    sa = np.broadcast_to(np.repeat(sA, K * P, axis=2), (La, Hm, n))
+    sb = np.broadcast_to(np.tile(sB, (1, 1, P)), (La, Hm, n))
+    return score, sa, sb
+
+
+def _some_pairs(st: _RepairState, rd: _Round, heavy, partners):
+    """The pairs worth scoring when GPUs have many slots (``6 P K`` of the ``P^2 K``):
+    for each slot of ``A`` and each partner ``B``, the two slots of ``B`` whose weights
+    bracket the one that would split the gap between them (``wb = wa - (gA - gB) / 2``,
+    the most balancing swap); each slot of ``A`` with the two changed slots of each
+    partner that cost the most (moving them back is cheap); and the two such slots of
+    ``A`` with every slot of the partners. Returns (sa, sb, partner index) [La, H, C]."""
+    g, w, P = rd.g, rd.w, st.P
+    La, Hm, K = partners.shape
+    r4 = rd.r_[:, :, None, None]
+    li4 = rd.idx[:, None, None, None]
+    sa = heavy[..., None] * P + np.arange(P)  # [La, H, P]
+    sbk = partners[..., None] * P + np.arange(P)  # [La, H, K, P]
+    wbk = w[r4, sbk]
+    o = np.argsort(wbk, axis=3)
+    sbs, wbs = np.take_along_axis(sbk, o, 3), np.take_along_axis(wbk, o, 3)
+    half = (g[rd.r_, heavy][..., None] - g[rd.r_[:, :, None], partners]) / 2  # [La, H, K]
+    t = np.clip(w[rd.r_[:, :, None], sa][..., None] - half[:, :, None, :], -1.0, 2.0)
+    off = 4.0 * np.arange(La * Hm * K).reshape(La, Hm, 1, K)  # weights are in [0, 1]
+    pos = np.searchsorted((wbs + off[:, :, 0, :, None]).ravel(), (t + off).ravel())
+    pos = pos.reshape(La, Hm, P, K) - (off / 4.0).astype(_I64) * P
+    near = np.stack([np.clip(pos - 1, 0, P - 1), np.clip(pos, 0, P - 1)], axis=-1)
+    k_near = np.broadcast_to(np.arange(K)[:, None], near.shape)
+    sb_near = sbs[r4[..., None], np.arange(Hm)[:, None, None, None], k_near, near]
+    # changed slots, most costly first
+    cb = np.argpartition(-st.ccur[li4, sbk], 1, axis=3)[..., :2]  # [La, H, K, 2]
+    sb_chg = np.take_along_axis(sbk, cb, 3)
+    ca = np.argpartition(-st.ccur[rd.idx[:, None, None], sa], 1, axis=2)[..., :2]  # [La, H, 2]
+    sa_chg = np.take_along_axis(sa, ca, 2)
+    C1 = P * K * 2
+    sa_all = np.concatenate(
+        [
+            np.repeat(sa, 2 * K, axis=2),
+            np.repeat(sa, 2 * K, axis=2),
+            np.repeat(sa_chg, K * P, axis=2),
+        ],
+        axis=2,
+    )
+    sb_all = np.concatenate(
+        [
+            sb_near.reshape(La, Hm, C1),
+            np.tile(sb_chg.reshape(La, Hm, 2 * K), (1, 1, P)),
+            np.tile(sbk.reshape(La, Hm, K * P), (1, 1, 2)),
+        ],
+        axis=2,
+    )
+    k_all = np.concatenate(
+        [
+            np.tile(np.repeat(np.arange(K), 2), P),
+            np.tile(np.repeat(np.arange(K), 2), P),
+            np.tile(np.repeat(np.arange(K), P), 2),
+        ]
+    )
+    return sa_all, sb_all, np.broadcast_to(k_all, sa_all.shape)
+
+
+def _swap_scores(st: _RepairState, rd: _Round, heavy, sa, sb, ok) -> np.ndarray:
+    """Scores [La, H, C] of swapping slot ``sa`` (of heavy GPU ``A``) with ``sb`` (of
+    ``B``), -inf where not ``ok``. ``A`` gives ``d = wa - wb`` to ``B``; the peak gain is
+    ``min(d, gA - gB - d)``, the excess reduction (``a = gA - limit``, ``b = gB - limit``)
+    ``min(d, a) + max(b, 0) - max(b + d, 0)``. Cost: ``A`` writes ``eb`` over ``ea``,
+    ``B`` writes ``ea`` over ``eb``, and each slot's current cost is refunded. (Flat
+    indices and ``take``: these are the repair's largest gathers.)"""
+    g, P, N = rd.g, st.P, st.cur.shape[1]
+    row = rd.r_[:, :, None] * N  # into the round's arrays
+    lay = rd.idx[:, None, None] * N  # into the state's
+    gA = g[rd.r_, heavy][..., None]
+    gb = np.take(g, rd.r_[:, :, None] * st.ep + sb // P)
+    lim = rd.limit[:, None, None]
+    d = np.take(rd.w, row + sa) - np.take(rd.w, row + sb)
+    gain = np.minimum(d, gA - gb - d)
+    b = gb - lim
+    red = np.minimum(d, gA - lim) + np.maximum(b, 0.0) - np.maximum(b + d, 0.0)
+    ea, eb = np.take(rd.c, row + sa), np.take(rd.c, row + sb)
+    cost = st.flat_write_cost(lay + sa, eb) + st.flat_write_cost(lay + sb, ea)
+    cost -= np.take(st.ccur, lay + sa) + np.take(st.ccur, lay + sb)
+    gain[~ok] = -np.inf
+    return _score(gain, red, cost, lim * _TOL)
+
+
+def _best_move(st: _RepairState, rd: _Round) -> _Ops:
+    """For the heaviest GPU ``A``: the best replica move, a donor slot (its expert ``x``
+    has >= 2 replicas) becoming a replica of ``y``, one of the heaviest experts on ``A``.
+    ``A`` loses; the donor's GPU and ``x``'s other holders may gain; ``y``'s other holders
+    only lose (left out of the peak)."""
+    g, w, c, r_, P, ep = rd.g, rd.w, rd.c, rd.r_, st.P, st.ep
+    La, N = w.shape
+    idx, limit = rd.idx, rd.limit
+    li = idx[:, None]
+    cn, lm = st.cnt[idx], st.lam[idx]
+    A = np.argmax(g, axis=1)
+    gA = g[r_[:, 0], A]
+    sA = A[:, None] * P + np.arange(P)
+    Ky, Kd = min(P, _RECEIVERS), min(_DONORS, N)
+    ys = sA[r_, np.argsort(-w[r_, sA], axis=1, kind="stable")[:, :Ky]]
+    y = c[r_, ys]  # [La, Ky]
+    cnt_slot = cn[r_, c]
+    dx_slot = np.where(cnt_slot > 1, lm[r_, c] / np.maximum(cnt_slot - 1, 1) - w, np.inf)
+    key = g[:, np.arange(N) // P] - w + dx_slot  # donor GPU's load without it, plus x's rise
+    ds = np.argpartition(key, Kd - 1, axis=1)[:, :Kd] if Kd < N else np.tile(np.arange(N), (La, 1))
+    ds.sort(axis=1)
+    dok = np.isfinite(key[r_, ds])
+    x = c[r_, ds]
+    rs = ds // P
+    cx, lx = cn[r_, x], lm[r_, x]
+    wx_new = lx / np.maximum(cx - 1, 1)
+    dx = np.where(dok, wx_new - lx / cx, 0.0)
+    cy, ly = cn[r_, y], lm[r_, y]
+    wy_new = ly / (cy + 1)
+    dy = ly / cy - wy_new
+    Hx = st.H[li, :, x]  # [La, Kd, ep]
+    gpus = np.arange(ep)
+    others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
+    gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
+    xpeak = np.where(others, gxn, -np.inf).max(2)
+    lim3 = limit[:, None, None]
+    x_over = np.where(
+        others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
+    ).sum(2)  # [La, Kd]: excess they gain
+    hxA = st.H[li, A[:, None], x]  # [La, Kd]
+    hyA = st.H[li, A[:, None], y]  # [La, Ky]
+    hx_rs = st.H[li, rs, x]  # [La, Kd]
+    hy_rs = st.H[li[:, :, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
+    delta = wy_new[:, :, None] - wx_new[:, None, :]  # at the donor's GPU
+    at_A = (rs == A[:, None])[:, None, :]
+    newA = (gA[:, None] - hyA * dy)[:, :, None] + (hxA * dx)[:, None, :]
+    newA = newA + np.where(at_A, delta, 0.0)
+    g_rs = g[r_, rs]
+    new_rs = (g_rs + hx_rs * dx)[:, None, :] - hy_rs * dy[:, :, None] + delta
+    peak = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
+    gain = gA[:, None, None] - peak
+    red = (gA - limit)[:, None, None] - np.maximum(newA - lim3, 0) - x_over[:, None, :]
+    red += np.where(
+        at_A, 0.0, np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0)
+    )
+    gain = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain, -np.inf)
+    cost = st.write_cost(li[:, :, None], ds[:, None, :], y[:, :, None])  # [La, Ky, Kd]
+    cost -= st.ccur[li, ds][:, None, :]
+    score = _score(gain, red, cost, lim3 * _TOL).reshape(La, -1)
+    best = np.argmax(score, axis=1)
+    mi, mj = np.divmod(best, Kd)
+    ar = np.arange(La)
+    xm, ym = x[ar, mj], y[ar, mi]
+    touched = (Hx[ar, mj] > 0) | (st.H[idx, :, ym] > 0)
+    touched[ar, rs[ar, mj]] = True
+    return _Ops(score=score[ar, best], s=ds[ar, mj], x=xm, y=ym, touched=touched)
+
+
+def _apply(st: _RepairState, rd: _Round, sw: _Ops, mv: _Ops) -> np.ndarray:
+    """Applies the round's operations; returns, per active layer, whether the heaviest GPU
+    had one. The heaviest takes its replica move or its swap, whichever scores higher
+    (scores above -1 only); the other heavy GPUs their swaps that reduce the excess at
+    least ``_AS_GOOD`` as well per cost and touch none of the GPUs or experts of a move
+    (a move changes the weights of its experts and so the loads of their holders)."""
+    r_ = rd.r_
+    use_m = (mv.score > -1) & (mv.score > sw.score[:, 0])
+    use_s = ~use_m & (sw.score[:, 0] > -1)
+    moved = use_m | use_s
+    # the other heavy GPUs' swaps: only those nearly as good as the heaviest one's operation
+    # (any swap that reduces the excess moved 1.4x the bytes at Qwen3 EP16; half as good:
+    # 1.03x the bytes of one operation per round, in 0.4x the time at EP128)
+    first = np.where(use_m, mv.score, sw.score[:, 0])
+    ok = (sw.score > 0) & moved[:, None] & (sw.score >= _AS_GOOD * first[:, None])
+    ok[:, 0] = use_s
+    if use_m.any():
+        ea, eb = rd.c[r_, sw.sa], rd.c[r_, sw.sb]
+        xy = mv.x[:, None], mv.y[:, None]
+        clash = mv.touched[r_, sw.heavy] | mv.touched[r_, sw.sb // st.P]
+        clash |= (ea == xy[0]) | (ea == xy[1]) | (eb == xy[0]) | (eb == xy[1])
+        ok &= ~(use_m[:, None] & clash)
+    lay, k = np.nonzero(ok)
+    if lay.size:
+        st.swap(rd.idx[lay], sw.sa[lay, k], sw.sb[lay, k])
+    if use_m.any():
+        st.replace(rd.idx[use_m], mv.s[use_m], mv.y[use_m])
+    return moved
 
 
 def _fill_empty(cur: np.ndarray, lam: np.ndarray, cnt: np.ndarray) -> None:
@@ -967,238 +1477,17 @@ def _fill_empty(cur: np.ndarray, lam: np.ndarray, cnt: np.ndarray) -> None:
             cnt[layer, e] += 1
 
 
-def _repair(old, lam, target, max_changed, ep, nodes) -> np.ndarray:
-    """Incremental repair of ``old`` (see the module docstring), all layers at once: each
-    round applies at most one operation per layer still above its target."""
-    L, N = old.shape
-    E = lam.shape[1]
-    P = N // ep
-    cur = old.copy()
-    cnt = _expert_counts(cur, E).astype(_I64)
-    _fill_empty(cur, lam, cnt)
-    if ep == 1:
-        return cur, 0
-    H = _gpu_counts(cur, ep, E).astype(np.int32)  # replicas per (layer, GPU, expert)
-    po = _gpu_presence(old, ep, E)
-    rc = np.where(po, np.float32(_LOCAL_COST), np.float32(1.0))  # GPU g receiving expert e
-    if nodes > 1:
-        gpn = ep // nodes
-        on_node = np.repeat(po.reshape(L, nodes, gpn, E).any(2), gpn, axis=1)
-        rc += np.where(on_node, np.float32(0.0), np.float32(_NODE_COST))
-    gpu = np.arange(N) // P
-    ccur = np.where(cur == old, np.float32(0), rc[np.arange(L)[:, None], gpu[None, :], cur])
-    active = np.ones(L, dtype=bool)
-    rounds = 0
-    K = min(ep - 1, _SWAP_GPUS)
-    Ky = min(P, _RECEIVERS)
-    Kd = min(_DONORS, N)
-    gpus = np.arange(ep)
-    for _ in range(4 * N):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        rounds += 1
-        c, cn, lm = cur[idx], cnt[idx], lam[idx]
-        r0 = np.arange(idx.size)[:, None]
-        w = (lm / cn)[r0, c]
-        g = w.reshape(idx.size, ep, P).sum(2)
-        limit = target[idx] * g.mean(1) * (1 + _TOL)
-        done = (g.max(1) <= limit) | ((c != old[idx]).sum(1) >= max_changed[idx])
-        if done.any():
-            active[idx[done]] = False
-            keep = ~done
-            idx, c, cn, lm, w, g, limit = (
-                idx[keep],
-                c[keep],
-                cn[keep],
-                lm[keep],
-                w[keep],
-                g[keep],
-                limit[keep],
-            )
-            if idx.size == 0:
-                break
-        La = idx.size
-        ar = np.arange(La)
-        r_ = ar[:, None]
-        li = idx[:, None]
-        M = min(_HEAVY_GPUS if P <= 12 else 1, ep - 1)
-        heavy = np.argsort(-g, axis=1, kind="stable")[:, :M]  # [La, M], heaviest first
-        gH = g[r_, heavy]
-        needH = gH - limit[:, None]  # > 0: above the target
-        A = heavy[:, 0]
-        gA = gH[:, 0]
-        oi = old[idx]
-        cc = ccur[idx]
-
-        # -- swaps: a slot of each of the M heaviest GPUs with a slot of one of the K least
-        #    loaded GPUs (evaluated from the same loads; disjoint ones are applied together)
-        Bs = np.argsort(g, axis=1, kind="stable")[:, :K]
-        sH = heavy[:, :, None] * P + np.arange(P)  # [La, M, P]
-        sB = (Bs[:, :, None] * P + np.arange(P)).reshape(La, K * P)
-        gpuB = sB // P
-        wa = w[r_[:, :, None], sH]
-        wb = w[r_, sB]
-        gb = g[r_, gpuB]
-        # A gives d = wa - wb to B. Heaviest-GPU gain: min(d, gA - gB - d) (<= 0 when B is
-        # as loaded as A, itself included); excess reduction with a = gA - limit,
-        # b = gB - limit: min(d, a) + max(b, 0) - max(b + d, 0). In place: these are the
-        # largest arrays of the repair, [La, M, P, K * P].
-        d = wa[..., None] - wb[:, None, None, :]
-        gap = (gH[:, :, None] - gb[:, None, :])[:, :, None, :]
-        gain_s = gap - d
-        np.minimum(gain_s, d, out=gain_s)
-        a4 = needH[:, :, None, None]
-        b4 = (gb - limit[:, None])[:, None, None, :]
-        red_s = np.minimum(d, a4)
-        red_s += np.maximum(b4, 0.0)
-        d += b4
-        np.maximum(d, 0.0, out=d)
-        red_s -= d
-        del d
-        ea = c[r_[:, :, None], sH]
-        eb = c[r_, sB]
-        oa = oi[r_[:, :, None], sH]
-        ob = oi[r_, sB]
-        rcA = rc[idx[:, None, None], heavy[:, :, None], eb[:, None, :]]  # [La, M, KP]
-        cost_s = np.where(oa[..., None] == eb[:, None, None, :], np.float32(0), rcA[:, :, None, :])
-        cost_s -= cc[r_[:, :, None], sH][..., None]
-        # B receiving a's expert costs the same for every slot of B: gather per GPU
-        rcB = rc[idx[:, None, None], Bs[:, None, :], ea.reshape(La, M * P, 1)]  # [La, MP, K]
-        rcB = np.repeat(rcB.reshape(La, M, P, K), P, axis=3)
-        cost_s += np.where(ob[:, None, None, :] == ea[..., None], np.float32(0), rcB)
-        cost_s -= cc[r_, sB][:, None, None, :]
-        score_s = _score(gain_s, red_s, cost_s).reshape(La, M, -1)
-        best_s = np.argmax(score_s, axis=2)  # [La, M]
-        sc_sM = np.take_along_axis(score_s, best_s[:, :, None], 2)[:, :, 0]
-        sc_sM = np.where(needH > 0, sc_sM, -np.inf)
-        sc_s = sc_sM[:, 0]
-        wa = wa[:, 0]
-        sA = sH[:, 0]
-
-        # -- replica moves: a donor slot (its expert x has >= 2 replicas) becomes a replica
-        #    of y, one of the Ky heaviest experts on A. A loses, the donor's GPU and x's other
-        #    holders may gain; y's other holders only lose (left out of the peak).
-        ys = sA[r_, np.argsort(-wa, axis=1, kind="stable")[:, :Ky]]
-        y = c[r_, ys]  # [La, Ky]
-        cnt_slot = cn[r_, c]
-        lam_slot = lm[r_, c]
-        dx_slot = np.where(cnt_slot > 1, lam_slot / np.maximum(cnt_slot - 1, 1) - w, np.inf)
-        key = g[:, gpu] - w + dx_slot  # donor GPU's load without it, plus x's increase
-        ds = (
-            np.argpartition(key, Kd - 1, axis=1)[:, :Kd]
-            if Kd < N
-            else np.tile(np.arange(N), (La, 1))
-        )
-        ds.sort(axis=1)
-        dok = np.isfinite(key[r_, ds])
-        x = c[r_, ds]
-        rs = ds // P
-        cx = cn[r_, x]
-        lx = lm[r_, x]
-        wx_new = lx / np.maximum(cx - 1, 1)
-        dx = np.where(dok, wx_new - lx / cx, 0.0)
-        cy = cn[r_, y]
-        ly = lm[r_, y]
-        wy_new = ly / (cy + 1)
-        dy = ly / cy - wy_new
-        Hx = H[li, :, x]  # [La, Kd, ep]
-        others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
-        gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
-        xpeak = np.where(others, gxn, -np.inf).max(2)
-        lim3 = limit[:, None, None]
-        x_over = np.where(
-            others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
-        ).sum(2)  # [La, Kd]: excess they gain
-        hxA = H[li, A[:, None], x]  # [La, Kd]
-        hyA = H[li, A[:, None], y]  # [La, Ky]
-        hx_rs = H[li, rs, x]  # [La, Kd]
-        hy_rs = H[li[:, :, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
-        delta = wy_new[:, :, None] - wx_new[:, None, :]  # at the donor's GPU
-        at_A = rs == A[:, None]
-        newA = (gA[:, None] - hyA * dy)[:, :, None] + (hxA * dx)[:, None, :]
-        newA = newA + np.where(at_A[:, None, :], delta, 0.0)
-        g_rs = g[r_, rs]
-        new_rs = (g_rs + hx_rs * dx)[:, None, :] - hy_rs * dy[:, :, None] + delta
-        peak_m = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
-        gain_m = gA[:, None, None] - peak_m
-        red_m = (gA - limit)[:, None, None] - np.maximum(newA - lim3, 0) - x_over[:, None, :]
-        red_m += np.where(
-            at_A[:, None, :],
-            0.0,
-            np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0),
-        )
-        gain_m = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain_m, -np.inf)
-        os_ = oi[r_, ds]
-        rcm = rc[idx[:, None, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
-        cost_m = np.where(os_[:, None, :] == y[:, :, None], 0.0, rcm)
-        cost_m -= cc[r_, ds][:, None, :]
-        score_m = _score(gain_m, red_m, cost_m).reshape(La, -1)
-        best_m = np.argmax(score_m, axis=1)
-        sc_m = score_m[ar, best_m]
-
-        use_s = (sc_s >= sc_m) & (sc_s > -1)
-        use_m = ~use_s & (sc_m > -1)
-        active[idx[~(use_s | use_m)]] = False  # nothing helps: stuck
-
-        # A layer applies its move for A (which changes the weights of its experts x and y
-        # and so the loads of their holders) or its swap for A, plus swaps for the next
-        # heavy GPUs that touch none of the GPUs or experts already involved: those were
-        # evaluated on loads that the earlier operations of the round do not change.
-        used = np.zeros((La, ep), dtype=bool)
-        mi, mj = np.divmod(best_m, Kd)
-        xm = x[ar, mj]
-        ym = y[ar, mi]
-        if use_m.any():
-            touched = (Hx[ar, mj] > 0) | (H[idx, :, ym] > 0)
-            touched[ar, rs[ar, mj]] = True
-            used[use_m] = touched[use_m]
-        for k in range(M):
-            ok = (use_s if k == 0 else use_s | use_m) & (sc_sM[:, k] > 0)  # no side steps
-            i, j = np.divmod(best_s[:, k], K * P)
-            ga, gb_ = heavy[:, k], gpuB[ar, j]
-            ok &= ~used[ar, ga] & ~used[ar, gb_]
-            if k:
-                ea_k, eb_k = c[ar, sH[ar, k, i]], c[ar, sB[ar, j]]
-                ok &= ~use_m | ((ea_k != xm) & (ea_k != ym) & (eb_k != xm) & (eb_k != ym))
-            if not ok.any():
-                continue
-            used[ar[ok], ga[ok]] = True
-            used[ar[ok], gb_[ok]] = True
-            lu = idx[ok]
-            sa = sH[ok, k, i[ok]]
-            sb = sB[ok, j[ok]]
-            xa, xb = cur[lu, sa], cur[lu, sb]
-            cur[lu, sa], cur[lu, sb] = xb, xa
-            H[lu, sa // P, xa] -= 1
-            H[lu, sa // P, xb] += 1
-            H[lu, sb // P, xb] -= 1
-            H[lu, sb // P, xa] += 1
-            _update_cost(ccur, cur, old, rc, lu, sa, P)
-            _update_cost(ccur, cur, old, rc, lu, sb, P)
-        if use_m.any():
-            lu = idx[use_m]
-            s = ds[use_m, mj[use_m]]
-            xe = cur[lu, s]
-            ye = ym[use_m]
-            cur[lu, s] = ye
-            cnt[lu, xe] -= 1
-            cnt[lu, ye] += 1
-            H[lu, s // P, xe] -= 1
-            H[lu, s // P, ye] += 1
-            _update_cost(ccur, cur, old, rc, lu, s, P)
-    return cur, rounds
-
-
-def _score(gain, reduction, cost):
+def _score(gain, reduction, cost, tol):
     """How much an operation reduces the layer's excess over the target (sum over GPUs of
     load above it) per unit of movement cost, plus a tie-break on the load it removes from
     the heaviest GPU. An operation must lower that GPU and leave every GPU it raises below
-    that GPU's load (``gain > 0``; -inf otherwise). One that does not reduce the excess
-    (a step out of a dead end: it lowers the peak, the next one may reduce the excess)
-    scores in (-1, 0), by peak lowered per cost: below every operation that reduces it.
+    that GPU's load (``gain > tol``, a relative ``_TOL`` of the limit; -inf otherwise: a
+    swap of two equal weights gains a rounding error, and repeating it never ended). One
+    that does not reduce the excess (a step out of a dead end: it lowers the peak, the next
+    one may reduce the excess) scores in (-1, 0), by peak lowered per cost: below every
+    operation that reduces it.
     Overwrites ``reduction``."""
-    bad = gain <= 0
+    bad = gain <= tol
     flat = reduction <= 0
     np.maximum(cost, _MIN_COST, out=cost)
     reduction /= cost
@@ -1210,8 +1499,3 @@ def _score(gain, reduction, cost):
     reduction[flat] = side[flat]
     reduction[bad] = -np.inf
     return reduction
-
-
-def _update_cost(ccur, cur, old, rc, li, s, P) -> None:
-    e = cur[li, s]
-    ccur[li, s] = np.where(e == old[li, s], np.float32(0), rc[li, s // P, e])

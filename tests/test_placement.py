@@ -23,7 +23,7 @@ from eplb_pynccl.placement import (
 )
 from eplb_pynccl.planner import plan_rearrangement
 from eplb_pynccl.simulate import simulate_plan
-from tests import deepseek_plain
+from tests import deepseek_plain, placement_milp
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -680,3 +680,47 @@ def test_rows_kept_are_the_most_possible(case, policy):
             n = res.new_map[layer, g * P : (g + 1) * P]
             best = sum((Counter(n.tolist()) & Counter(o[o >= 0].tolist())).values())
             assert int((n == o).sum()) == best
+
+
+# ---------------------------------------------------------------------------------------
+# the exact reference (tests/placement_milp.py): a MILP of one layer, checked by brute force
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_layer(seed):
+    rng = np.random.default_rng(seed)
+    ep, P = [(2, 2), (2, 3), (3, 2)][seed % 3]
+    N = ep * P
+    E = int(rng.integers(max(2, N - 3), N + 1))
+    loads = rng.integers(0, 60, E).astype(np.float64)
+    loads[0] += 1  # some load
+    old = make_old(rng, 1, E, N)[0]
+    return loads, old, ep, N
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1.0, 1.05, 1.2, 1.5]))
+def test_milp_oracle_is_the_brute_force_optimum(seed, target_factor):
+    """The program's optimum equals the best of every map (tiny shapes), at a target between
+    DeepSeek's imbalance and a looser one; the map it returns has the figures it claims."""
+    loads, old, ep, N = _tiny_layer(seed)
+    ds = rebalance(loads[None], N, ep, policy="deepseek")
+    target = float(ds.imbalance[0]) * target_factor
+    opt = placement_milp.min_received(loads, old, ep, target)
+    assert opt.proven
+    assert opt.received == placement_milp.brute_force(loads, old, ep, target)
+    imb, recv = placement_milp.layer_figures(opt.new_map, loads, old, ep)
+    assert recv == opt.received and imb <= target * (1 + 1e-9)
+    assert set(opt.new_map.tolist()) == set(range(loads.size))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_migration_aware_is_never_below_the_optimum(seed):
+    """The optimum at migration_aware's own imbalance bounds what it receives (and the
+    cut-off at its figure keeps the program feasible)."""
+    loads, old, ep, N = _tiny_layer(seed)
+    ma = rebalance(loads[None], N, ep, old_map=old[None])
+    ours = int(ma.experts_received.sum())
+    opt = placement_milp.min_received(loads, old, ep, float(ma.imbalance[0]), at_most=ours)
+    assert opt.proven and opt.received <= ours
