@@ -9,7 +9,8 @@ module itself imports without SGLang.
 * ``_update_expert_weights_raw`` (every layer of an update; called by
   ``ExpertLocationUpdater.update`` and by its canary variant): all the layers go through one
   :class:`~eplb_pynccl.ExpertShuffler` rearrangement, in rounds of several whole layers
-  within a bounded staging buffer (default a quarter of one layer, see :func:`install`),
+  within a bounded staging buffer (default a quarter of one layer, or the least a layer
+  needs where that is more; see :func:`install`),
   instead of SGLang's one-layer-at-a-time P2P with a whole layer of temp buffers. Returns
   SGLang's ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
 * ``update_expert_weights_single_layer`` (one layer; SGLang's own updater test calls it
@@ -47,6 +48,7 @@ the dead ranks' transfers and reports what is missing); eplb_pynccl needs every 
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -76,6 +78,9 @@ POLICIES = (None, "migration_aware")
 ENV = "EPLB_PYNCCL_SGLANG"  # plugin(): a transport name (or "1" for auto); unset: do nothing
 POLICY_ENV = "EPLB_PYNCCL_SGLANG_POLICY"
 _ORIGINAL = "_eplb_pynccl_original"
+# policy="migration_aware": each layer's imbalance target is DeepSeek's on the same loads
+# times this (the issue's bound: <= 1.01x DeepSeek's imbalance)
+POLICY_SLACK = 1.01
 _CACHE_SIZE = 8  # shufflers kept per process (one per weight set: all-layer, per-layer, canary)
 _UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 _log = logging.getLogger(__name__)
@@ -252,8 +257,12 @@ def install(
             600); past it the transport is aborted and the update raises
             :class:`~eplb_pynccl.RearrangeError`.
         staging_bytes: bound on the extra memory of an update (default: a quarter of the
-            largest layer's local experts; an update with a layer that needs more gets the
-            shuffler's default, one layer). Rounds pack as many whole layers as fit.
+            largest layer's local experts; an update where some layer needs more gets the
+            least that layer needs: rounds hold whole layers, so a rank staging k of its
+            rows for one layer needs k rows). Rounds pack as many whole layers as fit. CPU
+            weights move with torch's intra-op threads set to 1 during the update (restored
+            after): the copies are memory bound, and threads on cores that the other ranks
+            share made each one wait for the scheduler.
 
     Call it in every SGLang process that holds expert weights (the scheduler processes),
     before the first update; or let SGLang's plugin loader call :func:`plugin`. Raises
@@ -525,19 +534,20 @@ def _transport(device, ranks_per_node: int) -> Transport:
 # ---- the update --------------------------------------------------------------------------------
 
 
-def _shuffler(transport, weights, ranks_per_node: int, staging_bytes):
+def _shuffler(transport, weights, ranks_per_node: int):
+    """The shuffler of this weight set (made once, then reused: on IPC its construction is
+    collective). Its staging bound is set per update (:func:`_bound`)."""
     from ..shuffler import ExpertShuffler
 
     key = (
         id(transport),
         ranks_per_node,
-        staging_bytes,
         tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws),
     )
     sh = _shufflers.get(key)
     if sh is None:
         sh = ExpertShuffler(
-            transport, weights, staging_bytes=staging_bytes, ranks_per_node=ranks_per_node
+            transport, weights, staging_bytes=_quarter(weights), ranks_per_node=ranks_per_node
         )
         _shufflers[key] = sh
         while len(_shufflers) > _CACHE_SIZE:
@@ -547,9 +557,154 @@ def _shuffler(transport, weights, ranks_per_node: int, staging_bytes):
     return sh
 
 
-def _staging_bound(weights) -> int:
-    """A quarter of the largest layer's local experts (all its tensors)."""
+def _quarter(weights) -> int:
+    """A quarter of the largest layer's local experts (all its tensors): a quarter of
+    SGLang's temp buffers."""
     return max(sum(t.nbytes for t in ws) for ws in weights) // 4
+
+
+def _need(sh, old, new, bound: int) -> int | None:
+    """None when the update's schedule fits ``bound``; otherwise the staging it needs (the
+    schedule's ``required``; the same on every rank: the schedule is pure). Bad maps: None
+    (``rearrange()`` then refuses them, naming the argument)."""
+    sh.staging_bytes = bound
+    try:
+        sh.schedule(sh.plan(old, new))
+    except ValueError as e:
+        return getattr(e, "required", None)
+    return None
+
+
+def split_maps(old, new, per_rank: int, quota: int) -> list:
+    """Maps from ``old`` to ``new`` (``[layers, physical]``) in steps that each change at most
+    ``quota`` slots of every rank in every layer: the maps after each step, the last one
+    ``new``. Every map holds every expert that ``new`` holds in the layer and ``old`` does
+    (a step never takes the last copy of one away), so every step's rows have a source; where each
+    remaining change of a layer would take a last copy away (a cycle of single copies),
+    that cycle moves whole in one step, over the quota if it must. Pure: the same steps on
+    every rank."""
+    cur = np.array(old, dtype=np.int64, copy=True)
+    new = np.asarray(new, dtype=np.int64)
+    size = int(max(cur.max(initial=0), new.max(initial=0))) + 1
+    out = []
+    while True:
+        todo = [np.flatnonzero(cur[layer] != new[layer]) for layer in range(len(cur))]
+        if not any(d.size for d in todo):
+            return out
+        nxt = cur.copy()
+        for layer, d in enumerate(todo):
+            if d.size:
+                for slot in _step_slots(cur[layer], new[layer], d, per_rank, quota, size):
+                    nxt[layer, slot] = new[layer, slot]
+        cur = nxt
+        out.append(cur.copy())
+
+
+def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
+    """One layer's slots that change in this step (see :func:`split_maps`)."""
+    count = np.bincount(cur, minlength=size)
+    needed = np.bincount(new, minlength=size) > 0  # experts the end placement holds
+    used = collections.Counter()
+    picked: list = []
+    left = [int(x) for x in todo]
+    grew = True
+    while grew and left:
+        grew = False
+        keep = []
+        for slot in left:
+            r = slot // per_rank
+            if used[r] < quota and (count[cur[slot]] > 1 or not needed[cur[slot]]):
+                count[cur[slot]] -= 1
+                count[new[slot]] += 1
+                used[r] += 1
+                picked.append(slot)
+                grew = True
+            else:
+                keep.append(slot)
+        left = keep
+    if picked:
+        return picked
+    # every change left takes a last copy away: follow one cycle (slot -> the slot that
+    # receives the expert it gives up) and move it whole
+    gives = {int(new[t]): t for t in left}
+    cycle = [left[0]]
+    while True:
+        nxt = gives[int(cur[cycle[-1]])]
+        if nxt == cycle[0]:
+            return cycle
+        cycle.append(nxt)
+
+
+def _plan_steps(sh, weights, old, new, bound: int) -> list:
+    """The maps of this update's steps: ``[new]`` when it fits ``bound``, else those of
+    :func:`split_maps`, as many changed rows per rank and layer as fit ``bound`` (one fewer
+    when the first step does not fit: row indices and alignment take a little)."""
+    if _need(sh, old, new, bound) is None:
+        return [new]
+    per = weights[0][0].shape[0]
+    row = max(sum(t[0].nbytes for t in ws) for ws in weights) if per else 1
+    quota = max(1, bound // max(row, 1))
+    maps = split_maps(old, new, per, quota)
+    if quota > 1 and _need(sh, old, maps[0], bound) is not None:
+        maps = split_maps(old, new, per, quota - 1)
+    return maps
+
+
+def _step(sh, a, b, bound: int, first: bool):
+    """One step's rearrangement within ``bound``, or where it needs more, the least it
+    needs (the schedule refuses before anything moves, on every rank alike: pure). Steps
+    after the first are not verified again: they are a pure function of the verified maps."""
+    sh.staging_bytes = bound
+    verify = None if first else False
+    try:
+        return sh.rearrange(a, b, verify=verify)
+    except ValueError as e:
+        need = getattr(e, "required", None)
+        if need is None:
+            raise
+    sh.staging_bytes = need
+    return sh.rearrange(a, b, verify=False)
+
+
+def _combined(stats: list):
+    """One RearrangeStats for the steps of an update: sums, and the peak of the largest."""
+    from dataclasses import fields
+
+    from ..shuffler import RearrangeStats
+
+    total = RearrangeStats()
+    for f in fields(RearrangeStats):
+        vals = [getattr(st, f.name) for st in stats]
+        if f.name in ("peak_extra_bytes", "staging_bound", "table_bytes"):
+            setattr(total, f.name, max(vals))
+        elif isinstance(vals[0], (int, float)) and not isinstance(vals[0], bool):
+            setattr(total, f.name, sum(vals))
+        elif isinstance(vals[0], list):
+            setattr(total, f.name, [x for v in vals for x in v])
+        elif isinstance(vals[0], str):
+            setattr(total, f.name, vals[-1])
+    total.layers_changed = sorted(set(total.layers_changed))
+    return total
+
+
+@contextlib.contextmanager
+def _one_thread(device):
+    """CPU weights: torch's intra-op threads off during the update. Its copies are memory
+    bound; split over threads on cores the other ranks already use, each copy of a run of
+    rows waits for descheduled threads (measured: 4 gloo ranks on 2 cores, ~11 ms per
+    200 KB copy instead of ~30 us; updates 10x slower than SGLang's)."""
+    if device.type != "cpu":
+        yield
+        return
+    torch = _torch()
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def _elastic_inactive() -> bool:
@@ -596,28 +751,37 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
             f"process's WORLD rank {dist.get_rank()}"
         )
     t = _transport(device, ranks_per_node)
+    sh = _shuffler(t, weights, ranks_per_node)
     bound = cfg["staging_bytes"]
-    if bound is None:
-        bound = _staging_bound(weights)
-        sh = _shuffler(t, weights, ranks_per_node, bound)
-        try:
-            sh.schedule(sh.plan(old, new))
-        except ValueError:
-            # a layer needs more than the quarter (same answer on every rank: pure)
-            sh = _shuffler(t, weights, ranks_per_node, None)
-    else:
-        sh = _shuffler(t, weights, ranks_per_node, bound)
+    bound = _quarter(weights) if bound is None else bound
     t0 = time.monotonic()
+    steps = _plan_steps(sh, weights, old, new, bound)
+    stats = []
+    at = old  # the placement the weights hold (every step that completed)
     try:
-        return sh.rearrange(old, new)
+        with _one_thread(device):
+            for b in steps:
+                stats.append(_step(sh, at, b, bound, first=not stats))
+                at = b
     except (ValueError, TypeError):
         raise
     except Exception as e:  # noqa: BLE001 - every failure of an update: one RearrangeError
-        done = getattr(e, "completed_layers", [])
-        pending = getattr(e, "pending_layers", list(range(len(weights))))
+        # the step that failed leaves each layer at its start or its end (transactional)
+        b = steps[len(stats)]
+        at = np.array(at, copy=True)
+        for i in getattr(e, "completed_layers", []):
+            at[i] = b[i]
+        done = [i for i in range(len(weights)) if (at[i] == new[i]).all()]
+        pending = [i for i in range(len(weights)) if (at[i] == old[i]).all()]
+        between = sorted(set(range(len(weights))) - set(done) - set(pending))
         peers = list(getattr(e, "peers", []) or range(world))
         dead = _dead_peers(sorted(set(range(world)) - {rank}))
         what = f"; rank(s) {dead} exited" if dead else ""
+        if between:
+            what += (
+                f"; layers {[layer_ids[i] for i in between]} are between the old and the new "
+                f"placement (step {len(stats) + 1} of {len(steps)}: every expert still held)"
+            )
         raise RearrangeError(
             f"SGLang expert update on WORLD rank {rank} failed after "
             f"{time.monotonic() - t0:.1f} s{what}: {type(e).__name__}: {e}",
@@ -626,6 +790,7 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
             sorted(set(peers) | set(dead)),
             e,
         ) from e
+    return stats[0] if len(stats) == 1 else _combined(stats)
 
 
 def _as_map(m) -> np.ndarray:
@@ -785,7 +950,16 @@ def rebalance_experts(
     groups = int(num_groups) if (hierarchical and num_groups) else None
     if groups is not None and (E % groups or groups % nodes):
         groups = None
-    res = rebalance(loads, N, ep, old_map=_current_map(L, N, E), num_nodes=nodes, num_groups=groups)
+    old = _current_map(L, N, E)
+    target = None
+    if old is not None:
+        # DeepSeek's balance per layer, within POLICY_SLACK: what the slack buys is fewer
+        # slots changed (the repair stops as soon as a layer is within its target)
+        ref = rebalance(loads, N, ep, num_nodes=nodes, num_groups=groups, policy="deepseek")
+        target = np.maximum(1.0, np.asarray(ref.imbalance, dtype=np.float64) * POLICY_SLACK)
+    res = rebalance(
+        loads, N, ep, old_map=old, num_nodes=nodes, num_groups=groups, max_imbalance=target
+    )
     phy = np.array(res.new_map, dtype=np.int64, copy=True)
     count = np.zeros((L, E), dtype=np.int64)
     np.add.at(count, (np.repeat(np.arange(L), N), phy.ravel()), 1)
