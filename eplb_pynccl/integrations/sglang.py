@@ -61,6 +61,7 @@ import numpy as np
 
 from ..errors import RearrangeError
 from ..transport import Transport
+from ._world import ORIGINAL, share_unique_id, signature_problems
 
 __all__ = [
     "POLICIES",
@@ -77,12 +78,10 @@ TRANSPORTS = ("auto", "nccl", "ipc", "torch")
 POLICIES = (None, "migration_aware")
 ENV = "EPLB_PYNCCL_SGLANG"  # plugin(): a transport name (or "1" for auto); unset: do nothing
 POLICY_ENV = "EPLB_PYNCCL_SGLANG_POLICY"
-_ORIGINAL = "_eplb_pynccl_original"
 # policy="migration_aware": each layer's imbalance target is DeepSeek's on the same loads
 # times this (the issue's bound: <= 1.01x DeepSeek's imbalance)
 POLICY_SLACK = 1.01
 _CACHE_SIZE = 8  # shufflers kept per process (one per weight set: all-layer, per-layer, canary)
-_UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 _log = logging.getLogger(__name__)
 
 # What SGLang's functions take (their parameters, in order): install() refuses a SGLang whose
@@ -164,26 +163,9 @@ def _version(sglang) -> str:
     return str(v)
 
 
-def _unwrapped(fn):
-    return getattr(fn, _ORIGINAL, fn)
-
-
 def _interface_problems(upd, algos, loc) -> list[str]:
     mods = {"expert_location_updater": upd, "eplb_algorithms": algos}
-    problems = []
-    for path, want in _EXPECTED_PARAMS.items():
-        mod, *names = path.split(".")
-        obj = mods[mod]
-        for n in names:
-            obj = getattr(obj, n, None)
-        if obj is None:
-            problems.append(f"sglang.srt.eplb.{path} is missing")
-            continue
-        got = list(inspect.signature(_unwrapped(obj)).parameters)
-        if got != want:
-            problems.append(
-                f"sglang.srt.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})"
-            )
+    problems = signature_problems("sglang.srt.eplb", mods, _EXPECTED_PARAMS)
     fields = getattr(getattr(loc, "ExpertLocationMetadata", None), "__dataclass_fields__", {})
     for f in _METADATA_FIELDS:
         if f not in fields:
@@ -304,13 +286,18 @@ def install(
             }
         orig = _state["originals"]
         _state["config"] = cfg
+        # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
+        # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
+        # own elasticity-aware algorithms
         upd.update_expert_weights_single_layer = _wrap(
-            update_expert_weights_single_layer, orig["single"]
+            update_expert_weights_single_layer, orig["single"], _elastic_inactive
         )
-        upd._update_expert_weights_raw = _wrap(update_expert_weights_raw, orig["raw"])
+        upd._update_expert_weights_raw = _wrap(
+            update_expert_weights_raw, orig["raw"], _elastic_inactive
+        )
         upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
         algos.rebalance_experts = (
-            _wrap(rebalance_experts, orig["rebalance"])
+            _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
             if cfg["policy"] == "migration_aware"
             else orig["rebalance"]
         )
@@ -356,14 +343,20 @@ def plugin() -> None:
         _log.warning("eplb_pynccl SGLang plugin: not installed: %s", e)
 
 
-def _wrap(ours, original):
+def _wrap(ours, original, use_original=None):
+    """``ours`` in place of SGLang's ``original`` (same signature); SGLang's own where
+    ``use_original(arguments by name)`` says so."""
+    sig = inspect.signature(original)
+
     def call(*args, **kwargs):
+        if use_original is not None and use_original(sig.bind(*args, **kwargs).arguments):
+            return original(*args, **kwargs)
         return ours(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = original.__name__
     call.__doc__ = f"eplb_pynccl's {original.__name__} (eplb_pynccl.integrations.sglang)."
-    call.__signature__ = inspect.signature(original)
-    setattr(call, _ORIGINAL, original)
+    call.__signature__ = sig
+    setattr(call, ORIGINAL, original)
     return call
 
 
@@ -379,7 +372,7 @@ def _update_wrapper(original):
     update.__name__ = update.__qualname__ = "update"
     update.__doc__ = original.__doc__
     update.__signature__ = inspect.signature(original)
-    setattr(update, _ORIGINAL, original)
+    setattr(update, ORIGINAL, original)
     return update
 
 
@@ -465,24 +458,12 @@ def _peer_table(timeout) -> list[tuple[str, int]]:
 def _nccl_comm(device, timeout):
     comm = _world.get("comm")
     if comm is None:
-        from ..communicator import Communicator, UniqueId
+        from ..communicator import Communicator
 
         setup = _setup_transport(timeout)
-        raw = b"\0" * _UID_BYTES
-        err = None
-        if setup.rank == 0:
-            try:
-                raw = bytes(UniqueId.generate())
-            except Exception as e:  # still share, so that the others learn it failed
-                err = e
-        flag = b"\1" if err is None else b"\0"
-        first = setup.all_gather_bytes(flag + raw)[0]
-        if err is not None:
-            raise err
-        if first[:1] != b"\1":
-            raise RuntimeError("WORLD rank 0 could not make a NCCL unique id; no communicator")
+        uid = share_unique_id(setup, "WORLD rank 0")
         comm = _world["comm"] = Communicator(
-            UniqueId.from_bytes(first[1:]),
+            uid,
             setup.rank,
             setup.world_size,
             device,
@@ -707,7 +688,13 @@ def _one_thread(device):
             torch.set_num_threads(n)
 
 
-def _elastic_inactive() -> bool:
+def _elasticity_algorithm(args) -> bool:
+    """``rebalance_experts`` was asked for one of SGLang's elasticity-aware algorithms."""
+    algorithm = args.get("algorithm")
+    return "elasticity" in getattr(algorithm, "name", str(algorithm))
+
+
+def _elastic_inactive(args=None) -> bool:
     """SGLang's elastic EP is on and some rank is marked inactive."""
     try:
         from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
@@ -810,15 +797,6 @@ def update_expert_weights_raw(
 ):
     """SGLang's ``_update_expert_weights_raw`` (same arguments and return value) through one
     :class:`~eplb_pynccl.ExpertShuffler` rearrangement of every layer in ``update_layer_ids``."""
-    if _elastic_inactive():
-        return _state["originals"]["raw"](
-            routed_experts_weights_of_layer,
-            old_expert_location_metadata,
-            new_expert_location_metadata,
-            update_layer_ids,
-            nnodes,
-            rank,
-        )
     layer_ids = list(dict.fromkeys(int(x) for x in update_layer_ids))
     if not layer_ids:
         return {}
@@ -851,20 +829,6 @@ def update_expert_weights_single_layer(
     """SGLang's ``update_expert_weights_single_layer`` (same arguments and return value: None,
     or with ``debug`` a list of log lines) through :class:`~eplb_pynccl.ExpertShuffler`.
     ``temp_buffers`` is not used."""
-    if _elastic_inactive():
-        return _state["originals"]["single"](
-            routed_experts_weights,
-            temp_buffers,
-            old_physical_to_logical_map,
-            new_physical_to_logical_map,
-            num_local_physical_experts,
-            num_gpu_per_node,
-            rank,
-            world_size,
-            missing_logical_experts_info,
-            debug,
-            log_metrics,
-        )
     weights = list(routed_experts_weights)
     bad = [tuple(t.shape) for t in weights if t.shape[0] != num_local_physical_experts]
     if bad:
@@ -926,15 +890,6 @@ def rebalance_experts(
     """SGLang's ``rebalance_experts`` (same arguments; the same three int64 CPU tensors) from
     :func:`eplb_pynccl.rebalance`, fed with the current map. SGLang's elasticity-aware
     algorithms stay SGLang's."""
-    if "elasticity" in getattr(algorithm, "name", str(algorithm)):
-        return _state["originals"]["rebalance"](
-            tokens_per_expert,
-            num_physical_experts,
-            num_local_physical_experts,
-            num_groups,
-            num_nodes,
-            algorithm,
-        )
     from ..placement import rebalance
 
     torch = _torch()
