@@ -560,59 +560,94 @@ def split_maps(old, new, per_rank: int, quota: int) -> list:
     """Maps from ``old`` to ``new`` (``[layers, physical]``) in steps that each change at most
     ``quota`` slots of every rank in every layer: the maps after each step, the last one
     ``new``. Every map holds every expert that ``new`` holds in the layer and ``old`` does
-    (a step never takes the last copy of one away), so every step's rows have a source; where each
-    remaining change of a layer would take a last copy away (a cycle of single copies),
-    that cycle moves whole in one step, over the quota if it must. Pure: the same steps on
-    every rank."""
+    (a step never takes the last copy of one away), so every step's rows have a source.
+    Where every change left in a layer would take a last copy away (cycles of single
+    copies), a helper slot whose expert is held twice takes a copy of one of them for a
+    while (two rows more to move) and gives it back later; without a helper, the cycle
+    moves whole in one step, over the quota if it must. Pure: the same steps on every
+    rank."""
     cur = np.array(old, dtype=np.int64, copy=True)
     new = np.asarray(new, dtype=np.int64)
     size = int(max(cur.max(initial=0), new.max(initial=0))) + 1
+    changed = int((cur != new).reshape(len(cur), -1, per_rank).sum(-1).max(initial=0))
+    cap = 4 * (changed + 2) + 16  # steps; past it the rest goes in one (never reached in tests)
     out = []
     while True:
         todo = [np.flatnonzero(cur[layer] != new[layer]) for layer in range(len(cur))]
         if not any(d.size for d in todo):
             return out
+        if len(out) >= cap:
+            out.append(new.copy())
+            return out
         nxt = cur.copy()
         for layer, d in enumerate(todo):
             if d.size:
-                for slot in _step_slots(cur[layer], new[layer], d, per_rank, quota, size):
-                    nxt[layer, slot] = new[layer, slot]
+                for slot, expert in _step_slots(cur[layer], new[layer], d, per_rank, quota, size):
+                    nxt[layer, slot] = expert
         cur = nxt
         out.append(cur.copy())
 
 
 def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
-    """One layer's slots that change in this step (see :func:`split_maps`)."""
+    """One layer's (slot, expert) changes in this step (see :func:`split_maps`)."""
     count = np.bincount(cur, minlength=size)
     needed = np.bincount(new, minlength=size) > 0  # experts the end placement holds
     used = collections.Counter()
     picked: list = []
+    taken = set(int(x) for x in todo)  # slots that may not serve as helpers
     left = [int(x) for x in todo]
-    grew = True
-    while grew and left:
-        grew = False
-        keep = []
-        for slot in left:
-            r = slot // per_rank
-            if used[r] < quota and (count[cur[slot]] > 1 or not needed[cur[slot]]):
-                count[cur[slot]] -= 1
-                count[new[slot]] += 1
-                used[r] += 1
-                picked.append(slot)
-                grew = True
-            else:
-                keep.append(slot)
-        left = keep
+
+    def take(slot: int, expert: int) -> None:
+        count[cur[slot]] -= 1
+        count[expert] += 1
+        used[slot // per_rank] += 1
+        picked.append((slot, expert))
+
+    while left:
+        grew = True
+        while grew and left:
+            grew = False
+            keep = []
+            for slot in left:
+                if used[slot // per_rank] < quota and (
+                    count[cur[slot]] > 1 or not needed[cur[slot]]
+                ):
+                    take(slot, int(new[slot]))
+                    grew = True
+                else:
+                    keep.append(slot)
+            left = keep
+        # what is left takes last copies away (or waits for its rank's quota): break a
+        # cycle through a helper where a slot of it has its rank's quota left
+        s0 = next((x for x in left if used[x // per_rank] < quota), None)
+        if s0 is None or any(count[cur[x]] > 1 or not needed[cur[x]] for x in left):
+            break
+        r0 = s0 // per_rank
+
+        def room(h: int) -> bool:  # the helper's rank has quota left (two if it is s0's)
+            r = h // per_rank
+            return used[r] + (2 if r == r0 else 1) <= quota
+
+        helper = next(
+            (h for h in range(len(cur)) if h not in taken and count[cur[h]] > 1 and room(h)),
+            None,
+        )
+        if helper is None:
+            break
+        taken.add(helper)
+        take(helper, int(cur[s0]))  # a second copy of s0's expert, for a while
+        take(s0, int(new[s0]))
+        left.remove(s0)
     if picked:
         return picked
-    # every change left takes a last copy away: follow one cycle (slot -> the slot that
-    # receives the expert it gives up) and move it whole
+    # no helper: follow one cycle (slot -> the slot that receives the expert it gives up)
+    # and move it whole
     gives = {int(new[t]): t for t in left}
     cycle = [left[0]]
     while True:
         nxt = gives[int(cur[cycle[-1]])]
         if nxt == cycle[0]:
-            return cycle
+            return [(t, int(new[t])) for t in cycle]
         cycle.append(nxt)
 
 
