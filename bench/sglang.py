@@ -7,7 +7,8 @@ says why.
 
 ``sglang`` rows (4 gloo CPU processes, the same processes and the same maps for both):
 SGLang's own ``_update_expert_weights_raw`` and eplb_pynccl's (``install()`` once, as in a
-server), alternating per update, medians over the repeats, after a pass that checks both
+server), alternating per update, medians over the repeats, beside the gloo floor (the bytes
+each pair of ranks exchanges in the update, one message per pair, no copies), after a pass that checks both
 give the same bytes (weights placed by the first map: replicas hold the same bytes). Each
 rank runs torch with the cores it has to itself (cores // 4, at least 1: the fair setting,
 the one the targets are judged on), and one more row with torch's default (a thread per
@@ -18,8 +19,10 @@ changed per step), ``deepseek`` (SGLang's ``deepseek`` algorithm on drifting loa
 Memory: the process's peak resident memory during the update above its resident memory
 before it (``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``;
 glibc's mmap threshold pinned so that freed buffers leave the resident set), per layer of
-expert weights; SGLang's is its temp buffers (``empty_like`` of one layer). ``staging`` is
-what eplb_pynccl's schedule allocated (staging plus row indices), the exact figure.
+expert weights, the largest over ranks and updates. ``ours_staging_layers`` is what
+eplb_pynccl's schedule allocated (staging plus row indices: exact). ``peak_ratio`` is the
+larger of ours over SGLang's temp buffers, one full layer (``empty_like``: on a GPU all of
+it is allocated; on a CPU only the rows it receives become resident, its measured peak).
 
 ``sglang-policy`` row (this process): SGLang's ``rebalance_experts`` with its ``deepseek``
 algorithm vs ours on a drifting load sequence, each fed its own previous placement
@@ -156,6 +159,34 @@ def _weights(torch, phy, rank: int):
     return out
 
 
+def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int):
+    """The gloo floor of an update: the bytes each pair of ranks exchanges in it (the rows
+    the plan sends, as SGLang's update sends them too: one copy per receiving rank), as one
+    message per pair in one batch, no copy before or after. Returns a function timing one
+    such exchange (between barriers, like the updates)."""
+    from eplb_pynccl.planner import plan_rearrangement
+
+    plan = plan_rearrangement(old, new, ws, ranks_per_node=ws)
+    pair = np.zeros((ws, ws), dtype=np.int64)
+    np.add.at(pair, (plan.t_src_rank, plan.t_dst_rank), row_bytes)
+    dist = torch.distributed
+    sends = {p: torch.empty(int(pair[rank, p]), dtype=torch.uint8) for p in range(ws)}
+    recvs = {p: torch.empty(int(pair[p, rank]), dtype=torch.uint8) for p in range(ws)}
+    ops = [dist.P2POp(dist.isend, t, p) for p, t in sends.items() if p != rank and t.numel()]
+    ops += [dist.P2POp(dist.irecv, t, p) for p, t in recvs.items() if p != rank and t.numel()]
+
+    def run() -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    return run
+
+
 def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> dict:
     """On every rank: the case's updates, SGLang's and ours alternating, timed (rank 0's
     clock, between barriers), with this rank's peak extra resident memory. ``threads``:
@@ -232,8 +263,11 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
         same = all(torch.equal(x, y) for lx, ly in zip(ref, ours) for x, y in zip(lx, ly))
         del ref, ours
         per_update.clear()
-        times = {"sglang": [], "ours": []}
+        times = {"sglang": [], "ours": [], "floor": []}
         peaks = {"sglang": [], "ours": []}
+        floor = [
+            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS) for x, y in zip(maps, maps[1:])
+        ]
         for rep in range(reps):
             order = ("sglang", "ours") if rep % 2 == 0 else ("ours", "sglang")
             for a, b in zip(metas, metas[1:]):
@@ -241,6 +275,8 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
                     dt, peak = update(mode, w, a, b)
                     times[mode].append(dt)
                     peaks[mode].append(peak)
+            for job in floor:
+                times["floor"].append(job())
     finally:
         S.uninstall()
         SH.ExpertShuffler.rearrange = original_rearrange
@@ -275,9 +311,12 @@ def update_rows() -> list[dict]:
             r0 = res[0]
             lb = r0["layer_bytes"]
             t_s, t_o = np.median(r0["times"]["sglang"]), np.median(r0["times"]["ours"])
+            t_f = np.median(r0["times"]["floor"])
             # memory: the largest over ranks of each rank's median peak
-            p_s = max(np.median(r["peaks"]["sglang"]) for r in res) / lb
-            p_o = max(np.median(r["peaks"]["ours"]) for r in res) / lb
+            # the largest over ranks and updates; ours also what its schedule allocated
+            p_s = max(max(r["peaks"]["sglang"]) for r in res) / lb
+            p_o = max(max(r["peaks"]["ours"]) for r in res) / lb
+            alloc = max(r["staging"] for r in res) / lb
             rows.append(
                 {
                     "part": "sglang",
@@ -289,10 +328,14 @@ def update_rows() -> list[dict]:
                     "sglang_ms": round(1e3 * t_s, 2),
                     "ours_ms": round(1e3 * t_o, 2),
                     "time_ratio": round(t_o / t_s, 3),
+                    "gloo_floor_ms": round(1e3 * t_f, 2),
+                    "floor_over_sglang": round(t_f / t_s, 3),
                     "sglang_peak_layers": round(p_s, 3),
                     "ours_peak_layers": round(p_o, 3),
-                    "peak_ratio": round(p_o / p_s, 3) if p_s > 0 else None,
-                    "ours_staging_layers": round(max(r["staging"] for r in res) / lb, 3),
+                    "ours_staging_layers": round(alloc, 3),
+                    # SGLang's temp buffers are one full layer (empty_like; on a GPU all of it
+                    # is allocated, on a CPU only the rows it receives become resident)
+                    "peak_ratio": round(max(p_o, alloc), 3),
                     "ours_steps": r0["steps"],
                     "ours_rounds": r0["rounds"],
                     "ours_messages": r0["messages"],
