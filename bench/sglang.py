@@ -144,7 +144,7 @@ def _pin_mmap_threshold() -> None:
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
-def _weights(torch, phy, rank: int):
+def _weights(torch, phy, rank: int, device="cpu"):
     """This rank's expert rows as placed by ``phy`` [layers, physical]: every replica of a
     logical expert holds the same bytes (seeded by layer and expert), as in a server."""
     out = []
@@ -155,11 +155,11 @@ def _weights(torch, phy, rank: int):
             gen = torch.Generator().manual_seed(layer * 100_003 + e)
             for t, s in zip(ts, SHAPES):
                 t[row] = torch.randn(*s, generator=gen)
-        out.append(ts)
+        out.append([t.to(device) for t in ts])
     return out
 
 
-def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int):
+def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int, device, sync):
     """The gloo floor of an update: the bytes each pair of ranks exchanges in it (the rows
     the plan sends, as SGLang's update sends them too: one copy per receiving rank), as one
     message per pair in one batch, no copy before or after. Returns a function timing one
@@ -170,29 +170,54 @@ def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int):
     pair = np.zeros((ws, ws), dtype=np.int64)
     np.add.at(pair, (plan.t_src_rank, plan.t_dst_rank), row_bytes)
     dist = torch.distributed
-    sends = {p: torch.empty(int(pair[rank, p]), dtype=torch.uint8) for p in range(ws)}
-    recvs = {p: torch.empty(int(pair[p, rank]), dtype=torch.uint8) for p in range(ws)}
+    sends = {
+        p: torch.empty(int(pair[rank, p]), dtype=torch.uint8, device=device) for p in range(ws)
+    }
+    recvs = {
+        p: torch.empty(int(pair[p, rank]), dtype=torch.uint8, device=device) for p in range(ws)
+    }
     ops = [dist.P2POp(dist.isend, t, p) for p, t in sends.items() if p != rank and t.numel()]
     ops += [dist.P2POp(dist.irecv, t, p) for p, t in recvs.items() if p != rank and t.numel()]
 
     def run() -> float:
-        dist.barrier()
+        sync()
         t0 = time.perf_counter()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        dist.barrier()
+        sync()
         return time.perf_counter() - t0
 
     return run
 
 
-def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> dict:
+def _gpu_world(torch, ctx):
+    """GPU rows: WORLD with gloo for CPU tensors and NCCL for CUDA ones (SGLang's own update
+    moves CUDA weights over it), and a gloo group for the bench's barriers."""
+    dist = torch.distributed
+    torch.cuda.set_device(ctx.device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl",
+            init_method=f"tcp://{ctx.host}:{ctx.port}",
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+    group = ctx.cache.get("gloo")
+    if group is None:
+        group = ctx.cache["gloo"] = dist.new_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), group
+
+
+def rank_job(
+    ctx, source: str, threads: int | None, reps: int, staging: str, transport: str | None = None
+) -> dict:
     """On every rank: the case's updates, SGLang's and ours alternating, timed (rank 0's
-    clock, between barriers), with this rank's peak extra resident memory. ``threads``:
-    torch's intra-op threads for the job (None: torch's default, one per core).
-    ``staging``: ``"quarter"`` (install()'s default bound) or ``"layer"`` (one layer, the
-    memory SGLang's temp buffers take)."""
+    clock, between barriers), with this rank's peak extra memory. ``threads``: torch's
+    intra-op threads for the job (None: torch's default, one per core). ``staging``:
+    ``"quarter"`` (install()'s default bound) or ``"layer"`` (one layer, the memory
+    SGLang's temp buffers take). ``transport``: None for CPU weights over gloo; ``"nccl"``
+    or ``"ipc"`` for CUDA weights (one GPU per rank; peak memory from torch's allocator)."""
     import torch
     from sglang.srt.eplb import expert_location_updater as U
 
@@ -200,14 +225,37 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
     from eplb_pynccl.integrations import sglang as S
     from tests_sglang.util import metadata, world
 
-    rank, ws = world(ctx)
     dist = torch.distributed
-    _pin_mmap_threshold()
+    gpu = transport is not None
+    if gpu:
+        rank, ws, group = _gpu_world(torch, ctx)
+        device = torch.device("cuda", ctx.device)
+
+        def sync():
+            torch.cuda.synchronize(device)
+            dist.barrier(group=group)
+
+        def reset_peak():
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return torch.cuda.memory_allocated(device)
+
+        def peak_now():
+            return torch.cuda.max_memory_allocated(device)
+    else:
+        rank, ws = world(ctx)
+        device = torch.device("cpu")
+        _pin_mmap_threshold()
+        sync, reset_peak = dist.barrier, _reset_peak
+
+        def peak_now():
+            return _rss()[1]
+
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     maps = _maps(torch, source, ws)
     metas = [metadata(torch, m, ROWS * ws - ws, ws) for m in maps]
-    w = _weights(torch, maps[0], rank)
+    w = _weights(torch, maps[0], rank, device)
     layer_bytes = sum(t.nbytes for t in w[0])
     layers = list(range(LAYERS))
     stats, per_update = [], []
@@ -229,14 +277,14 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
         if mode == "sglang":
             U.update_expert_weights_single_layer = sg_single
         try:
-            dist.barrier()
+            sync()
             first = len(stats)
-            base = _reset_peak()
+            base = reset_peak()
             t0 = time.perf_counter()
             fn({i: ws_[i] for i in layers}, a, b, layers, 1, rank)
-            dist.barrier()
+            sync()
             dt = time.perf_counter() - t0
-            peak = _rss()[1] - base
+            peak = peak_now() - base
             mine = stats[first:]
             if mine:  # this update's steps (one rearrangement each)
                 per_update.append(
@@ -252,7 +300,9 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
             U.update_expert_weights_single_layer = ours_single
 
     SH.ExpertShuffler.rearrange = recorded
-    S.install(staging_bytes=layer_bytes if staging == "layer" else None)
+    S.install(
+        transport=transport or "auto", staging_bytes=layer_bytes if staging == "layer" else None
+    )
     try:
         # byte check: both from the same start over the whole sequence
         ref = [[t.clone() for t in lw] for lw in w]
@@ -266,7 +316,8 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
         times = {"sglang": [], "ours": [], "floor": []}
         peaks = {"sglang": [], "ours": []}
         floor = [
-            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS) for x, y in zip(maps, maps[1:])
+            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, sync)
+            for x, y in zip(maps, maps[1:])
         ]
         for rep in range(reps):
             order = ("sglang", "ours") if rep % 2 == 0 else ("ours", "sglang")
@@ -297,6 +348,45 @@ def rank_job(ctx, source: str, threads: int | None, reps: int, staging: str) -> 
     }
 
 
+def _row(res, source, staging, threads, where, cores) -> dict:
+    r0 = res[0]
+    lb = r0["layer_bytes"]
+    t_s, t_o = np.median(r0["times"]["sglang"]), np.median(r0["times"]["ours"])
+    t_f = np.median(r0["times"]["floor"])
+    # the largest over ranks and updates; ours also what its schedule allocated
+    p_s = max(max(r["peaks"]["sglang"]) for r in res) / lb
+    p_o = max(max(r["peaks"]["ours"]) for r in res) / lb
+    alloc = max(r["staging"] for r in res) / lb
+    return {
+        "part": "sglang",
+        "where": where,
+        "maps": source,
+        "ours_staging_bytes": staging,
+        "torch_threads": "default" if threads is None else str(threads),
+        "slots_changed": round(r0["changed"], 3),
+        "byte_exact": all(r["same"] for r in res),
+        "sglang_ms": round(1e3 * t_s, 2),
+        "ours_ms": round(1e3 * t_o, 2),
+        "time_ratio": round(t_o / t_s, 3),
+        "floor_ms": round(1e3 * t_f, 2),
+        "floor_over_sglang": round(t_f / t_s, 3),
+        "sglang_peak_layers": round(p_s, 3),
+        "ours_peak_layers": round(p_o, 3),
+        "ours_staging_layers": round(alloc, 3),
+        # SGLang's temp buffers are one full layer (empty_like; on a GPU all of it is
+        # allocated, on a CPU only the rows it receives become resident)
+        "peak_ratio": round(max(p_o, alloc), 3),
+        "ours_steps": r0["steps"],
+        "ours_rounds": r0["rounds"],
+        "ours_messages": r0["messages"],
+        "ranks": len(res),
+        "layers": LAYERS,
+        "layer_mib": round(lb / 2**20, 2),
+        "threads": r0["threads"],
+        "cores": cores,
+    }
+
+
 def update_rows() -> list[dict]:
     from tests.gpu_util import RankPool
 
@@ -308,44 +398,30 @@ def update_rows() -> list[dict]:
     with RankPool(WORLD, env=RANK_ENV) as pool:
         for source, threads, reps, staging in runs:
             res = pool.run(rank_job, source, threads, reps, staging, timeout=600)
-            r0 = res[0]
-            lb = r0["layer_bytes"]
-            t_s, t_o = np.median(r0["times"]["sglang"]), np.median(r0["times"]["ours"])
-            t_f = np.median(r0["times"]["floor"])
-            # memory: the largest over ranks of each rank's median peak
-            # the largest over ranks and updates; ours also what its schedule allocated
-            p_s = max(max(r["peaks"]["sglang"]) for r in res) / lb
-            p_o = max(max(r["peaks"]["ours"]) for r in res) / lb
-            alloc = max(r["staging"] for r in res) / lb
-            rows.append(
-                {
-                    "part": "sglang",
-                    "maps": source,
-                    "ours_staging_bytes": staging,
-                    "torch_threads": "default" if threads is None else str(threads),
-                    "slots_changed": round(r0["changed"], 3),
-                    "byte_exact": all(r["same"] for r in res),
-                    "sglang_ms": round(1e3 * t_s, 2),
-                    "ours_ms": round(1e3 * t_o, 2),
-                    "time_ratio": round(t_o / t_s, 3),
-                    "gloo_floor_ms": round(1e3 * t_f, 2),
-                    "floor_over_sglang": round(t_f / t_s, 3),
-                    "sglang_peak_layers": round(p_s, 3),
-                    "ours_peak_layers": round(p_o, 3),
-                    "ours_staging_layers": round(alloc, 3),
-                    # SGLang's temp buffers are one full layer (empty_like; on a GPU all of it
-                    # is allocated, on a CPU only the rows it receives become resident)
-                    "peak_ratio": round(max(p_o, alloc), 3),
-                    "ours_steps": r0["steps"],
-                    "ours_rounds": r0["rounds"],
-                    "ours_messages": r0["messages"],
-                    "ranks": WORLD,
-                    "layers": LAYERS,
-                    "layer_mib": round(lb / 2**20, 2),
-                    "threads": r0["threads"],
-                    "cores": cores,
-                }
-            )
+            rows.append(_row(res, source, staging, threads, "cpu, gloo", cores))
+    return rows + gpu_rows(cores)
+
+
+def gpu_rows(cores: int) -> list[dict]:
+    """Where 2+ GPUs are visible: the same cases on one GPU per rank (up to 4), SGLang's
+    own update over NCCL (its WORLD's CUDA backend) vs ours over ``nccl`` and ``ipc``;
+    peak memory from torch's CUDA allocator (its peak during the update above what was
+    allocated before). Not run on a machine without GPUs."""
+    import torch
+
+    n = min(WORLD, torch.cuda.device_count())
+    if n < 2:
+        return []
+    from tests.gpu_util import RankPool
+
+    rows = []
+    with RankPool(n, devices=list(range(n))) as pool:
+        for transport in ("nccl", "ipc"):
+            for staging in ("quarter", "layer"):
+                for source in CASES:
+                    res = pool.run(rank_job, source, None, REPS, staging, transport, timeout=600)
+                    where = f"{n} GPUs, ours over {transport}"
+                    rows.append(_row(res, source, staging, None, where, cores))
     return rows
 
 
@@ -399,7 +475,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
                 continue  # informational: the environment's effect, not a fair comparison
             v = r[key]
             ok = v is not None and v <= TARGETS[key]
-            label = f"{what}, {r['maps']} maps, staging_bytes={r['ours_staging_bytes']}"
+            label = f"{what}, {r['where']}, {r['maps']} maps, {r['ours_staging_bytes']} staging"
             out.append(_verdict(label, v, TARGETS[key], ok))
     for r in pol:
         for key, what in (("imbalance_ratio", "imbalance"), ("changed_ratio", "slots changed")):
