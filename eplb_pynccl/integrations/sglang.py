@@ -8,11 +8,11 @@ module itself imports without SGLang.
 
 * ``_update_expert_weights_raw`` (every layer of an update; called by
   ``ExpertLocationUpdater.update`` and by its canary variant): all the layers go through one
-  :class:`~eplb_pynccl.ExpertShuffler` rearrangement, in rounds of several whole layers
-  within a bounded staging buffer (default a quarter of one layer, or the least a layer
-  needs where that is more; see :func:`install`),
-  instead of SGLang's one-layer-at-a-time P2P with a whole layer of temp buffers. Returns
-  SGLang's ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
+  :class:`~eplb_pynccl.ExpertShuffler`, in rounds of whole layers within a bounded staging
+  buffer (default a quarter of one layer; an update where a layer needs more is split into
+  steps that each fit, see :func:`split_maps` and :func:`install`), instead of SGLang's
+  one-layer-at-a-time P2P with a whole layer of temp buffers. Returns SGLang's
+  ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
 * ``update_expert_weights_single_layer`` (one layer; SGLang's own updater test calls it
   directly): the same for one layer. Returns SGLang's value: ``None``, or with
   ``debug=True`` a list of log lines (ours, describing what moved). ``temp_buffers`` is not
@@ -23,7 +23,8 @@ module itself imports without SGLang.
 
 and, with ``policy="migration_aware"``, ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``:
 :func:`eplb_pynccl.rebalance` fed with the current map (SGLang's global expert location
-metadata), which keeps most experts where they are at DeepSeek's balance; the same three
+metadata), which keeps most experts where they are within :data:`POLICY_SLACK` of DeepSeek's
+balance per layer; the same three
 outputs as SGLang's (``physical_to_logical_map`` ``[layers, physical]``,
 ``logical_to_all_physical_map`` ``[layers, logical, max replicas]`` padded with -1,
 ``expert_count`` ``[layers, logical]``; int64 CPU tensors).
@@ -239,12 +240,18 @@ def install(
             600); past it the transport is aborted and the update raises
             :class:`~eplb_pynccl.RearrangeError`.
         staging_bytes: bound on the extra memory of an update (default: a quarter of the
-            largest layer's local experts; an update where some layer needs more gets the
-            least that layer needs: rounds hold whole layers, so a rank staging k of its
-            rows for one layer needs k rows). Rounds pack as many whole layers as fit. CPU
-            weights move with torch's intra-op threads set to 1 during the update (restored
-            after): the copies are memory bound, and threads on cores that the other ranks
-            share made each one wait for the scheduler.
+            largest layer's local experts). Rounds pack as many whole layers as fit. Rounds
+            hold whole layers, so a rank that receives k changed rows of one layer stages k
+            rows: where that exceeds the bound, the update is split into steps (each a
+            transactional rearrangement of at most bound // row changed rows per rank and
+            layer, every expert still held between steps; :func:`split_maps`), so a
+            failure may leave a layer between the old and the new placement (the
+            RearrangeError names such layers). A step that still needs more (rare: row
+            indices, a cycle with no helper slot) gets the least it needs. Fewer, larger
+            rounds are faster over gloo: a larger bound trades memory for time. CPU weights
+            move with torch's intra-op threads set to 1 during the update (restored after):
+            the copies are memory bound, and threads on cores that the other ranks share
+            made each one wait for the scheduler.
 
     Call it in every SGLang process that holds expert weights (the scheduler processes),
     before the first update; or let SGLang's plugin loader call :func:`plugin`. Raises
