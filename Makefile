@@ -89,9 +89,12 @@ test-vllm: $(VLLM_VENV)/.installed
 test-sglang: $(SGLANG_VENV)/.installed
 	$(SGLANG_VENV)/bin/python -m pytest tests_sglang $(PYTEST_ARGS)
 
-## make test-gpu: only the GPU suite, with the Python already there (no install).
+## make test-gpu: only the GPU suite, with the Python already there (no install). It fails when
+## no test passed and EPLB_PYNCCL_REQUIRE_GPU=1, the default where nvidia-smi lists a GPU
+## (tests/require_gpu.py), so a GPU runner that cannot run the suite does not pass green.
 test-gpu:
-	$(PYTHON) -m pytest tests -m gpu $(PYTEST_ARGS)
+	EPLB_PYNCCL_REQUIRE_GPU=$${EPLB_PYNCCL_REQUIRE_GPU:-$(if $(GPU),1,0)} \
+	  $(PYTHON) -m pytest tests -m gpu -p tests.require_gpu $(PYTEST_ARGS)
 
 ## make bench: every part the machine can run (see bench/README.md or `python -m bench.run -h`).
 bench: $(SETUP)
@@ -101,15 +104,21 @@ bench: $(SETUP)
 example: $(SETUP)
 	$(PY) examples/shuffle_gloo.py
 
-## make lint: ruff check and ruff format --check over the package, tests, bench, tools and examples.
+## make lint: ruff (check and format --check) over the package, tests, bench, tools and examples,
+## then mypy over the package (its configuration is in pyproject.toml), at the versions of
+## pyproject.toml's `lint` extra (installed first where another version or none is there).
+LINT_PINS := $(shell sed -n 's/^lint = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
+LINT_PATHS := eplb_pynccl tests tests_vllm tests_sglang bench tools examples
 lint: $(SETUP)
-	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
-	$(PY) -m ruff format --check eplb_pynccl tests tests_vllm tests_sglang bench tools examples
+	@$(PY) -c 'import sys, importlib.metadata as m; sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))' $(LINT_PINS) 2>/dev/null || $(PY) -m pip install -q $(LINT_PINS)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 ## make test-abi: load one nvidia-nccl-cu12 wheel per NCCL minor (2.19 .. newest); downloads GBs.
 test-abi: $(SETUP)
 	$(PY) tools/abi_matrix.py
 
+## make clean: the environments make built, bench output, the tools' caches and build output.
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) bench_out .pytest_cache .hypothesis .mypy_cache .ruff_cache build *.egg-info dist

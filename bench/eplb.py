@@ -507,7 +507,11 @@ def run_eplb(ctx: BenchContext):
             rows.append({"case": f"{case[0]} ep{n}", "skipped": why})
             continue
         rows += _run_case(ctx, *case)
-    return rows + run_sequence_cases(ctx, wanted_cases(ctx))
+    seq = run_sequence_cases(ctx, wanted_cases(ctx))
+    for row in seq:
+        if "time_ms" in row:
+            _model_na(row, "the sequence rows keep no per-rebalance maps to model")
+    return rows + seq
 
 
 class _Case:
@@ -524,7 +528,8 @@ class _Case:
         self.seed = ctx.args.seed
         self.old, self.new = make_maps(self.seed, layers, num_logical, num_physical, n)
         self.weights = make_weights(torch, spec, layers, P, ctx.device)
-        self.row_bytes = sum(t[0].nbytes for t in self.weights[0])
+        self.tensor_row_bytes = [int(t[0].nbytes) for t in self.weights[0]]
+        self.row_bytes = sum(self.tensor_row_bytes)
         t0 = time.perf_counter()
         self.plan = ep.plan_rearrangement(self.old, self.new, n)
         self.plan_ms = (time.perf_counter() - t0) * 1e3
@@ -563,6 +568,11 @@ def _run_case(ctx: BenchContext, *case) -> list[dict]:
         results[name] = row["time_ms"]
         rows.append(row)
     _add_speedups(rows, results.get("vllm-style"))
+    name = torch.cuda.get_device_name(ctx.device) if ctx.is_gpu else None
+    cluster, why = model_cluster(name, ctx.world_size)
+    add_model_columns(
+        rows, c.old, c.new, ctx.world_size, c.tensor_row_bytes, c.row_bytes * c.P, cluster, why
+    )
     rows += _floor_rows(ctx, c, rows)
     del c.weights
     if ctx.is_gpu:
@@ -675,6 +685,70 @@ def _host_columns(every) -> dict:
             f"{k} {max(e[2][7][k] for e in every):.1f}" for k in every[0][2][7]
         )
     return out
+
+
+def model_cluster(device_name: str | None, n: int):
+    """The described cluster a run of ``n`` ranks is on, for the time model's columns:
+    ``(cluster, None)``, or ``(None, why not)``. ``device_name``: the GPU's name (None: CPU
+    mode, gloo). One host's GPUs are one NVLink domain of ``n`` GPUs (``h200x1`` for one
+    H200); H100 and H200 are described (eplb_pynccl/cluster.py), with the host costs of the
+    executor as it is now."""
+    from dataclasses import replace
+
+    from eplb_pynccl.cluster import Cluster
+
+    if device_name is None:
+        return None, (
+            "gloo on the CPU: no cluster description (gloo's per-op cost and loopback rate "
+            "are not measured; the model's rates are NVLink, copy engines and InfiniBand)"
+        )
+    kind = "h200" if "H200" in device_name else "h100" if "H100" in device_name else None
+    if kind is None:
+        return None, f"no cluster description for {device_name!r} (H100 and H200 are described)"
+    if kind == "h200" and n == 1:
+        return Cluster.preset("h200x1"), None
+    base = Cluster.preset("h100x4-nv18" if kind == "h100" else "h200-ib400")
+    return replace(base, name=f"{kind}x{n}", gpus_per_node=n, nics_per_node=1, nic_gpus=None), None
+
+
+def _model_na(row: dict, why: str) -> None:
+    row["model_ms"] = "n/a"
+    row["model_err"] = "n/a"
+    row["model_note"] = why
+
+
+def add_model_columns(
+    rows: list[dict], old, new, n: int, tensor_row_bytes, layer_bytes: int, cluster, why
+) -> None:
+    """``model_ms`` (the time model's prediction for each measured row, on ``cluster``) and
+    ``model_err`` ((model - measured) / measured, percent, as bench/scale.py) beside every
+    row's ``time_ms``; ``n/a`` with ``model_note`` saying why where the model has nothing to
+    say (``cluster`` None: ``why``)."""
+    from eplb_pynccl.estimate import predict_eplb_row
+
+    for row in rows:
+        if cluster is None:
+            _model_na(row, why)
+            continue
+        try:
+            ms = predict_eplb_row(
+                old,
+                new,
+                n,
+                tensor_row_bytes,
+                row["method"],
+                cluster=cluster,
+                layer_bytes=layer_bytes,
+            )
+        except ValueError as e:  # e.g. more ranks than the cluster holds
+            _model_na(row, f"the model refused: {e}")
+            continue
+        if ms is None:
+            _model_na(row, f"the model has no {row['method']!r} executor")
+            continue
+        row["model_ms"] = ms
+        row["model_err"] = 100.0 * (ms - row["time_ms"]) / row["time_ms"]
+        row["model_cluster"] = cluster.name
 
 
 def _add_speedups(rows: list[dict], base) -> None:

@@ -103,23 +103,28 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
         hm, gm = _timed(torch, s, torch_copy, reps)
         torch.cuda.synchronize()
         row("torch index_select + index_copy_", hm, gm, torch.equal(dst, want))
-        t = ct.split(
-            ct.CopyTable(
-                np.zeros(n, np.int64),
-                perm.astype(np.int64) * rb,
-                np.ones(n, np.int64),
-                np.arange(n, dtype=np.int64) * rb,
-                np.full(n, rb, np.int64),
-            )
+        whole = ct.CopyTable(
+            np.zeros(n, np.int64),
+            perm.astype(np.int64) * rb,
+            np.ones(n, np.int64),
+            np.arange(n, dtype=np.int64) * rb,
+            np.full(n, rb, np.int64),
         )
-        host = ct.resolve(t, np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64), 0)
-        table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
-        for ctas in (8, 16, 32, 64, 132):
-            launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
-            dst.zero_()
-            hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
-            torch.cuda.synchronize()
-            row(f"row-copy kernel, {ctas} CTAs", hm, gm, torch.equal(dst, want))
+        bases = np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64)
+        # pieces of 1 MiB (the executor's) at every CTA bound; 256 KiB at 132 CTAs (tail)
+        for chunk, ctas_list in ((ct.DEFAULT_CHUNK, (8, 16, 32, 64, 132)), (256 << 10, (132,))):
+            t = ct.split(whole, chunk)
+            host = ct.resolve(t, bases, 0)
+            table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
+            for ctas in ctas_list:
+                launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
+                dst.zero_()
+                hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
+                torch.cuda.synchronize()
+                label = f"row-copy kernel, {ctas} CTAs"
+                if chunk != ct.DEFAULT_CHUNK:
+                    label += f", {chunk >> 10} KiB pieces"
+                row(label, hm, gm, torch.equal(dst, want))
         src = dst = want = tmp = table = None
     torch.cuda.empty_cache()
     return rows
@@ -177,9 +182,12 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
             "floor_fraction": floor_ms / tm,
         }
     )
-    variants = [("kernel", c) for c in (16, 32, 64, 132)] + [("copy_engine", 16)]
-    for method, ctas in variants:
-        sh = ep.ExpertShuffler(ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas)
+    variants = [("kernel", 16, 8), ("kernel", 32, 8), ("kernel", 132, 8), ("kernel", 132, 4)]
+    variants += [("kernel", 132, 16), ("copy_engine", 16, 8), ("copy_engine", 16, 16)]
+    for method, ctas, waves in variants:
+        sh = ep.ExpertShuffler(
+            ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas, copy_waves=waves
+        )
         cur = old
         ms, gpu, okall = [], [], True
         for k in range(reps + 1):
@@ -210,7 +218,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
         rows.append(
             {
                 **base,
-                "method": f"ExpertShuffler {method}, {ctas} CTAs",
+                "method": f"ExpertShuffler {method}, {ctas} CTAs, {waves} waves",
                 "time_ms": tm,
                 "gpu_ms": float(np.median(gpu[1:])),
                 "floor_fraction": floor_ms / tm,
@@ -219,6 +227,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
                 "setup_ms": st.setup_seconds * 1e3,
                 "planner_ms": st.planner_seconds * 1e3,
                 "host_calls": sum(st.round_host_calls),
+                "extra_bytes": st.peak_extra_bytes,
                 "check": "ok" if okall else "FAIL",
             }
         )

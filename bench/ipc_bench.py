@@ -52,6 +52,19 @@ def _sync_time(torch, fn, reps):
     return float(np.median(ts)), out
 
 
+def _per_round(st, count) -> tuple:
+    """Host seconds per round (launch, poll, apply), rounds, ``count``, set-up seconds."""
+    r = st.rounds
+    return (
+        st.launch_seconds / r,
+        st.poll_seconds / r,
+        st.apply_seconds / r,
+        r,
+        count,
+        st.setup_seconds,
+    )
+
+
 def _worker(rank, n, port, device, opts, q):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
@@ -80,8 +93,16 @@ def _worker(rank, n, port, device, opts, q):
         dev = torch.device("cuda", device)
         reps = int(opts["reps"])
 
-        def shuffler(tag, spec, P, layers, **kw):
-            t = ep.IpcTransport(rank, n, store, device=device, key=f"ipc/{tag}", timeout=120)
+        def shuffler(tag, spec, P, layers, pull_graphs=True, **kw):
+            t = ep.IpcTransport(
+                rank,
+                n,
+                store,
+                device=device,
+                key=f"ipc/{tag}",
+                timeout=120,
+                pull_graphs=pull_graphs,
+            )
             w = [
                 [
                     torch.empty((P, *shape), dtype=getattr(torch, dt), device=dev)
@@ -167,47 +188,40 @@ def _worker(rank, n, port, device, opts, q):
             ((1024,), "float32"),
             ((1024,), "float32"),
         ]
-        t, w, sh = shuffler("host", small, P, L, pack_threshold=0)
-        old, new = make_maps(opts["seed"], L, 256, num_physical, n)
-        per = []
-        ok = True
-        for k in range(reps + 1):
-            _fill(torch, w, old, rank, P)
-            torch.cuda.synchronize()
-            barrier(f"host/{k}")
-            st = sh.rearrange(old, new)
-            torch.cuda.synchronize()
-            ok = ok and _check(torch, w, new, rank, P)
-            if k:
-                per.append(
-                    (
-                        st.launch_seconds / st.rounds,
-                        st.poll_seconds / st.rounds,
-                        st.apply_seconds / st.rounds,
-                        st.rounds,
-                        st.messages,
-                        st.setup_seconds,
-                    )
-                )
-        a = np.median(np.asarray(per), axis=0)
-        rows.append(
-            {
-                "case": "host",
-                "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows",
-                "procs": n,
-                "rank": rank,
-                "launch_ms_per_round": round(a[0] * 1e3, 3),
-                "poll_ms_per_round": round(a[1] * 1e3, 3),
-                "apply_ms_per_round": round(a[2] * 1e3, 3),
-                "rounds": int(a[3]),
-                "messages": int(a[4]),
-                "setup_ms": round(a[5] * 1e3, 3),
-                "check": "ok" if ok else "FAIL",
-            }
-        )
-        t.close()
-        del w, sh
-        torch.cuda.empty_cache()
+        for graphs in (True, False):
+            t, w, sh = shuffler(f"host{graphs}", small, P, L, pull_graphs=graphs, pack_threshold=0)
+            old, new = make_maps(opts["seed"], L, 256, num_physical, n)
+            per = []
+            ok = True
+            for k in range(reps + 1):
+                _fill(torch, w, old, rank, P)
+                torch.cuda.synchronize()
+                barrier(f"host{graphs}/{k}")
+                st = sh.rearrange(old, new)
+                torch.cuda.synchronize()
+                ok = ok and _check(torch, w, new, rank, P)
+                if k:
+                    per.append(_per_round(st, st.messages))
+            a = np.median(np.asarray(per), axis=0)
+            rows.append(
+                {
+                    "case": "host",
+                    "what": f"dsv3 ep{n} {L}L plans, 4 KiB rows, pulls: {t.pull_method}",
+                    "procs": n,
+                    "rank": rank,
+                    "launch_ms_per_round": round(a[0] * 1e3, 3),
+                    "poll_ms_per_round": round(a[1] * 1e3, 3),
+                    "apply_ms_per_round": round(a[2] * 1e3, 3),
+                    "rounds": int(a[3]),
+                    "messages": int(a[4]),
+                    "host_calls_per_round": float(np.mean(st.round_host_calls)),
+                    "setup_ms": round(a[5] * 1e3, 3),
+                    "check": "ok" if ok else "FAIL",
+                }
+            )
+            t.close()
+            del w, sh
+            torch.cuda.empty_cache()
         if rank == 0:  # the same plans' local moves at EP1 over NCCL (a 1-rank communicator)
             comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device)
             w = [
@@ -227,16 +241,7 @@ def _worker(rank, n, port, device, opts, q):
                 torch.cuda.synchronize()
                 ok1 = ok1 and _check(torch, w, n1, 0, 288)
                 if k:
-                    per1.append(
-                        (
-                            st.launch_seconds / st.rounds,
-                            st.poll_seconds / st.rounds,
-                            st.apply_seconds / st.rounds,
-                            st.rounds,
-                            st.local_copies,
-                            st.setup_seconds,
-                        )
-                    )
+                    per1.append(_per_round(st, st.local_copies))
             a = np.median(np.asarray(per1), axis=0)
             rows.append(
                 {
@@ -357,10 +362,13 @@ def run_ipc(args) -> list[dict]:
         " (copies inside one GPU, no link)" if ngpu == 1 else ""
     )
     merged = []
-    for case in ("probe", "host", "host-ep1", "copies", "local-permutation", "step", "eplb"):
-        group = [r for r in rows if r["case"] == case]
-        if not group:
-            continue
+    keys = [
+        (c, w)
+        for c in ("probe", "host", "host-ep1", "copies", "local-permutation", "step", "eplb")
+        for w in dict.fromkeys(r["what"] for r in rows if r["case"] == c)
+    ]
+    for case, what in keys:
+        group = [r for r in rows if r["case"] == case and r["what"] == what]
         if case in ("host", "host-ep1", "eplb", "step"):
             # the slowest rank per column
             first = dict(group[0])

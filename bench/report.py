@@ -86,6 +86,8 @@ EPLB_COLUMNS = (
     "case",
     "method",
     "time_ms",
+    "model_ms",
+    "model_err",
     "gbps_per_gpu",
     "speedup",
     "check",
@@ -278,6 +280,9 @@ def note_lines(part: str, rows: list[dict], cpu: bool = False) -> list[str]:
     if part != "eplb":
         return []
     notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
+    notes += list(
+        dict.fromkeys(f"model n/a: {r['model_note']}" for r in rows if r.get("model_note"))
+    )
     if cpu and any("time_ms" in r for r in rows):
         notes.append(CPU_NOTE)
     return notes

@@ -3,22 +3,31 @@
 Two things, both from the time model (``eplb_pynccl/estimate.py``) on described clusters
 (``eplb_pynccl/cluster.py``):
 
-1. **Calibration** (rows with ``kind = "calibration"``): the model's prediction for every
+1. **Calibration** (part ``scale-calibration``): the model's prediction for every
    measured EPLB row of bench/RESULTS.md that it can model (run F on 4x H100: DeepSeek-V3
-   and Qwen3-30B-A3B at EP4 and EP2, ours in its variants and the vLLM-style baseline; one
-   H200: a local permutation at EP1), the same placements as the bench (``make_maps``,
-   seed 0), and the error per row.
-2. **Scale** (``kind = "scale"``): DeepSeek-V3 fp8 (256 experts, 58 MoE layers), Kimi-K2
+   and Qwen3-30B-A3B at EP4 and EP2, ours in its variants and the vLLM-style baseline, with
+   run F's executor host costs; one H200: a local permutation at EP1, before and after
+   Session 6's row-copy kernel), the same placements as the bench (``make_maps``, seed 0),
+   the error per row and, for a miss, its measured cause (:data:`MISS_CAUSES`).
+2. **Scale** (part ``scale``): DeepSeek-V3 fp8 (256 experts, 58 MoE layers), Kimi-K2
    (384, 60) and Qwen3-235B-A22B bf16 (128, 94) at EP 8-256 over 8-GPU nodes with
    8x 400 Gb/s per node (``h100-ib400``) and on GB200 NVL72 (EP up to 72); a drifting
    load sequence (``bench/loadgen.py``, "moderate"), every policy rebalancing from its own
    previous placement; each rebalance timed for the vLLM-style exchange, ours over NCCL,
    ours with copy engines inside a node (IPC) + NCCL between nodes, and ours with node-level
-   dedupe. Per (model, cluster, EP, policy, executor): predicted seconds per rebalance
-   (mean over the sequence), network bytes received per node (the busiest node, mean), the
-   share of rounds bound by each resource; the host time to plan and build the schedule
-   (and one rank's ops) on this machine; the reported figures of others beside the
-   comparable rows. ``targets`` rows check issue 25's ratios.
+   dedupe, with the current executor's host costs. Per (model, cluster, EP, policy,
+   executor): predicted seconds per rebalance (mean over the sequence; ``setup_s`` of it is
+   ours' set-up and planning, ``exchange_s`` the rounds), network bytes received per node
+   (the busiest node, mean), the share of rounds bound by each resource; the host time to
+   plan and build the schedule (and one rank's ops) on this machine; the reported figures
+   of others beside the comparable rows.
+3. **Options** (part ``scale-options``): the targets' two cases under every staging bound
+   of :data:`STAGING_LAYERS` and both transports.
+4. **Targets** (part ``scale-targets``): issue 25's ratios with the default options, the
+   best options and the exchange alone, each with what it rests on and, when missed, where
+   the time goes; the dedupe byte ratio; the host time to plan + build the schedule + one
+   rank's schedule and of ``estimate_rearrangement`` at DeepSeek-V3 EP256, 58 layers,
+   measured here.
 
 Options (attributes of the bench's args when present): ``scale_steps`` (rebalances per
 sequence, default 2), ``scale_models`` (comma-separated keys of :data:`MODELS`), ``out`` and
@@ -74,8 +83,13 @@ MODELS = {
     "qwen3-235b": Model("Qwen3-235B-A22B bf16", 128, 94, QWEN235_ROW, None, (16, 64, 256), (72,)),
 }
 POLICIES = ("deepseek", "migration_aware")
-EXECUTORS = ("vllm-style", "ours nccl", "ours ipc+nccl", "ours dedupe", "ours host-free (what-if)")
-HOSTFREE_ROUND = 0.2e-3  # assumed host seconds per round of host-free rounds (not measured)
+EXECUTORS = ("vllm-style", "ours nccl", "ours ipc+nccl", "ours dedupe")
+# the schedule options scanned for the targets' cases (rows of part 'scale-options'): the
+# staging bound in layers of local experts (ExpertShuffler(staging_bytes=...); None: the
+# default, one layer; 0: unbounded, every layer in one round) x transport; the other options
+# (max_messages_per_round 1024, packing rows < 1 MiB, transactional) stay at their defaults:
+# no round of these cases reaches 1024 messages
+STAGING_LAYERS = (None, 2, 4, 8, 0)
 
 # what others reported, printed beside the comparable rows (ANCHORS.md)
 ANCHORS = {
@@ -89,7 +103,7 @@ ANCHORS = {
     ),
 }
 
-# measured rows of bench/RESULTS.md: (case, ep, layers, method, ms, where)
+# measured rows of bench/RESULTS.md: (case, ep, layers, method, ms, where[, copy rate B/s])
 MEASURED = [
     ("dsv3", 4, 4, "eplb_pynccl", 72.5, "run F, 4x H100"),
     ("dsv3", 4, 4, "eplb_pynccl direct", 69.0, "run F, 4x H100"),
@@ -109,6 +123,13 @@ MEASURED = [
     ("qwen3", 2, 8, "vllm-style", 61.0, "run F, H100 x2"),
     ("dsv3-perm", 1, 2, "eplb_pynccl", 6.9, "one H200, 2026-12-01 (ANCHORS)"),
     ("dsv3-perm", 1, 2, "eplb_pynccl", 10.5, "one H200, 2026-12-02 (8.5-12.5)"),
+    # the executor as it is now (Session 7, run D7: one launch per phase, at most 8 waves):
+    # the row-copy kernel at its default 16 CTAs and at 132, and the copy engines; the
+    # cluster's copy rate is what that method measured on 24 rows of 28 MiB in the same run
+    # (765, 1,879 and 1,687 GB/s)
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 12.18, "one H200, Session 7 D7, kernel 16 CTAs", 765e9),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 6.09, "one H200, Session 7 D7, kernel 132 CTAs", 1879e9),
+    ("dsv3-perm", 1, 2, "eplb_pynccl", 7.70, "one H200, Session 7 D7, copy engines", 1687e9),
 ]
 
 
@@ -128,29 +149,69 @@ def _bench_maps(case: str, ep: int, layers: int):
     return old, new, QWEN30_ROW
 
 
+# the measured cause of each row the model misses by more than 25% (bench/RESULTS.md, run F's
+# eplb table in bench/results/2026-11-27-s3-h100x4-bench.md, Session 6's D3 rows)
+MISS_CAUSES = {
+    # run F's three repeats took 23.0 / 35.0 / 35.5 ms and the model is within 2% of the
+    # fastest; the profiled run's exchange took 26.6 ms of GPU for 96 messages (73 GB/s to the
+    # busiest GPU), slower than the unpacked variant's 22.4 ms for 634 messages, while an
+    # alltoall of that size per rank ran at ~300 GB/s in the same run: the exchange time there
+    # follows neither bytes nor message count, and the model has no term that does
+    ("qwen3", "eplb_pynccl packed-2L", 34.9): (
+        "repeats 23.0/35.0/35.5 ms, model -2% of the fastest; exchange 73 GB/s whatever the "
+        "message count (alltoall ~300)"
+    ),
+    # the same permutation and executor family measured 6.9 ms on 2026-12-01 (model -0.4%);
+    # this row's range 8.5-12.5 ms is Session 6's 'before' column (23-34% of the 2.98 ms
+    # floor); no phase profile of it is kept, so the 1.5x between sessions is not attributed;
+    # the current code's rows (Session 6 D3: kernel, copy engines) are within
+    ("dsv3-perm", "eplb_pynccl", 10.5): (
+        "1.5x the 2026-12-01 run of the same case (6.9 ms, model -0.4%); no profile kept: "
+        "not attributed"
+    ),
+}
+
+
+def _calibration_cluster(ep: int, where: str) -> Cluster:
+    """The machine of a measured row, with the host costs of the executor that ran it."""
+    if ep == 1:
+        # run F's host costs: the "current" profile's fixed 5.2 ms set-up was measured on
+        # host-ep1's 1,148 copies and overstates a 142-row permutation's (1.8-1.9 ms in
+        # Session 7 D7): the model has no per-copy set-up term yet
+        return Cluster.preset("h200x1", host="run-f")
+    return Cluster.preset("h100x4-nv18", host="run-f")
+
+
 def calibration_rows() -> list[dict]:
     """The model against every measured row of :data:`MEASURED`: prediction and error."""
     rows = []
-    for case, ep, layers, method, ms, where in MEASURED:
+    for case, ep, layers, method, ms, where, *local in MEASURED:
         old, new, row = _bench_maps(case, ep, layers)
-        cluster = Cluster.preset("h200x1") if ep == 1 else Cluster.preset("h100x4-nv18")
+        cluster = _calibration_cluster(ep, where)
+        if local:
+            cluster = replace(cluster, local_bw=local[0])
         P = old.shape[1] // ep
         pred = predict_eplb_row(
             old, new, ep, row, method, cluster=cluster, layer_bytes=sum(row) * P
         )
+        ok = abs(pred - ms) <= 0.25 * ms
         rows.append(
             {
                 "kind": "calibration",
+                "part": "scale-calibration",
                 "case": f"{case} ep{ep} {layers}L",
                 "method": method,
                 "measured_ms": ms,
                 "predicted_ms": round(pred, 1),
                 "error_pct": round(100 * (pred - ms) / ms, 1),
-                "within_25pct": abs(pred - ms) <= 0.25 * ms,
+                "within_25pct": ok,
                 "where": where,
                 "cluster": cluster.name,
+                "host_costs": "current" if "Session 6" in where else "run-f",
             }
         )
+        if not ok:
+            rows[-1]["cause"] = MISS_CAUSES.get((case, method, ms), "not attributed")
     return rows
 
 
@@ -200,13 +261,6 @@ def _estimates(old, new, ep, row, cluster) -> dict:
             old, new, ep, row, cluster=cluster, transport="ipc"
         ),
     }
-    # what-if, not measured: the host-free rounds of issue 21 (local ops as one table launch,
-    # the round driven from the device): 0.2 ms of host per round, nothing per copy
-    host = dict(cluster.host)
-    host["nccl"] = replace(host["nccl"], per_round=HOSTFREE_ROUND, per_copy=0.0)
-    out["ours host-free (what-if)"] = estimate_rearrangement(
-        old, new, ep, row, cluster=replace(cluster, host=host)
-    )
     if cluster.nodes > 1 and ep > cluster.gpus_per_node:
         out["ours dedupe"] = estimate_rearrangement(
             old, new, ep, row, cluster=cluster, node_dedupe=True
@@ -239,6 +293,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                         r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()
                     }
                     secs = float(np.mean([e.seconds for e in ests]))
+                    setup = float(np.mean([e.setup_seconds for e in ests]))
                     if ex == "ours dedupe":  # 'auto': two stages only where the model says faster
                         auto = float(
                             np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)])
@@ -253,6 +308,8 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                         "policy": policy,
                         "executor": ex,
                         "seconds_per_rebalance": round(secs, 4),
+                        "setup_s": round(setup, 4),
+                        "exchange_s": round(secs - setup, 4),
                         "network_gb_per_node": round(
                             float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
                         ),
@@ -267,6 +324,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
                     if ex == "ours dedupe":
                         row["seconds_auto"] = round(auto, 4)
                         base = np.mean([p.max_network_bytes_per_node for p in plain])
+                        row["plain_network_gb"] = round(float(base) / GB, 3)
                         row["net_vs_plain"] = round(
                             float(np.mean([e.max_network_bytes_per_node for e in ests]))
                             / max(base, 1),
@@ -279,12 +337,96 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
     return rows
 
 
-def targets(rows: list[dict]) -> list[dict]:
+def _mean(ests, f) -> float:
+    return float(np.mean([f(e) for e in ests]))
+
+
+def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
+    """The targets' cases (DeepSeek-V3 migration_aware, EP64 on 8 nodes and EP72 on NVL72)
+    under every schedule option of :data:`STAGING_LAYERS` x transport: what the model says
+    our executor could do with its best options. Rows of part 'scale-options'."""
+    from bench.loadgen import load_sequence
+
+    m = MODELS["dsv3"]
+    loads = load_sequence(m.layers, m.experts, steps + 1, "moderate", seed=seed)
+    out = []
+    for topo, ep, cluster, nodes in (
+        ("h100-ib400", 64, Cluster.preset("h100-ib400", nodes=8), 8),
+        ("gb200-nvl72", 72, Cluster.preset("gb200-nvl72"), 1),
+    ):
+        maps = _sequence(m, ep, nodes, loads, "migration_aware")
+        layer = sum(m.row) * (maps[0].shape[1] // ep)
+        for tr in ("nccl", "ipc"):
+            for k in STAGING_LAYERS:
+                kw = {} if k is None else {"staging_bytes": (k or 1 << 20) * layer}
+                ests = [
+                    estimate_rearrangement(
+                        maps[t - 1], maps[t], ep, m.row, cluster=cluster, transport=tr, **kw
+                    )
+                    for t in range(1, len(maps))
+                ]
+                secs = _mean(ests, lambda e: e.seconds)
+                setup = _mean(ests, lambda e: e.setup_seconds)
+                share = {r: _mean(ests, lambda e, r=r: e.share()[r]) for r in ests[0].share()}
+                staging = (
+                    "1 layer (default)" if k is None else "unbounded" if k == 0 else f"{k} layers"
+                )
+                out.append(
+                    {
+                        "kind": "option",
+                        "part": "scale-options",
+                        "model": "dsv3",
+                        "cluster": topo,
+                        "ep": ep,
+                        "policy": "migration_aware",
+                        "executor": f"ours {'nccl' if tr == 'nccl' else 'ipc+nccl'}",
+                        "staging": staging,
+                        "staging_gb": round((k or 1) * layer / GB, 2) if k != 0 else "",
+                        "seconds_per_rebalance": round(secs, 4),
+                        "setup_s": round(setup, 4),
+                        "exchange_s": round(secs - setup, 4),
+                        "rounds": round(_mean(ests, lambda e: e.rounds), 1),
+                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+                        "busiest_gpu_gb": round(_mean(ests, lambda e: e.busiest_gpu_bytes) / GB, 3),
+                    }
+                )
+    return out
+
+
+def _target(what: str, value, target: str, met: bool, rests_on: str, cause: str = "") -> dict:
+    row = {
+        "kind": "target",
+        "part": "scale-targets",
+        "what": what,
+        "value": value,
+        "target": target,
+        "met": met,
+        "rests_on": rests_on,
+    }
+    if cause and not met:
+        row["cause"] = cause
+    return row
+
+
+def _host_figures() -> str:
+    """What the ratios rest on, in short (the sources: Cluster.preset's docstring)."""
+    c = Cluster.preset("h100-ib400")
+    h, t = c.host["nccl"], c.host["torch"]
+    return (
+        f"ours {h.per_round * 1e3:.2f} ms/round, set-up {h.setup * 1e3:.1f} ms + "
+        f"{h.plan_per_message * 1e6:.0f} us/msg (Session 6); NIC {c.nic_bw / 1e9:.0f} GB/s "
+        f"assumed; vLLM-style {t.per_op * 1e6:.1f} us/op (run F)"
+    )
+
+
+def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
     """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
-    8 nodes and EP72 on NVL72; network bytes per node with dedupe vs without."""
+    8 nodes and EP72 on NVL72, with the default options, with the best options of
+    :func:`option_rows`, and the exchange alone; network bytes per node with dedupe vs
+    without."""
     out = []
 
-    def sec(model, topo, ep, policy, ex):
+    def pick(model, topo, ep, policy, ex):
         for r in rows:
             if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
                 model,
@@ -293,52 +435,119 @@ def targets(rows: list[dict]) -> list[dict]:
                 policy,
                 ex,
             ):
-                return r["seconds_per_rebalance"]
+                return r
         return None
 
     for topo, ep in (("h100-ib400", 64), ("gb200-nvl72", 72)):
-        base = sec("dsv3", topo, ep, "deepseek", "vllm-style")
-        ours = [
-            (ex, sec("dsv3", topo, ep, "migration_aware", ex))
-            for ex in ("ours nccl", "ours ipc+nccl", "ours dedupe")
-        ]
-        ours = [(ex, s) for ex, s in ours if s]
-        if base and ours:
-            ex, best = min(ours, key=lambda x: x[1])
-            ratio = base / best
-            out.append(
-                {
-                    "kind": "target",
-                    "what": f"dsv3 {topo} EP{ep}: migration_aware + {ex} vs deepseek + vLLM-style",
-                    "value": round(ratio, 1),
-                    "target": ">= 20x",
-                    "met": ratio >= 20,
-                }
+        b = pick("dsv3", topo, ep, "deepseek", "vllm-style")
+        if b is None:
+            continue
+        base = b["seconds_per_rebalance"]
+        head = f"dsv3 {topo} EP{ep}: migration_aware + ours vs deepseek + vLLM-style"
+        default = [
+            r
+            for r in (
+                pick("dsv3", topo, ep, "migration_aware", e)
+                for e in ("ours nccl", "ours ipc+nccl", "ours dedupe")
             )
-            hf = sec("dsv3", topo, ep, "migration_aware", "ours host-free (what-if)")
-            if hf:
-                out.append(
-                    {
-                        "kind": "target",
-                        "what": f"dsv3 {topo} EP{ep}: the same with host-free rounds (what-if: "
-                        f"{HOSTFREE_ROUND * 1e3:.1f} ms host per round, assumed)",
-                        "value": round(base / hf, 1),
-                        "target": ">= 20x",
-                        "met": base / hf >= 20,
-                    }
+            if r
+        ]
+        scanned = [r for r in options if (r["cluster"], r["ep"]) == (topo, ep)]
+        for label, cands, key in (
+            ("default options", default, "seconds_per_rebalance"),
+            ("best options", default + scanned, "seconds_per_rebalance"),
+            (
+                "exchange only (ours' set-up left out: the baseline has none)",
+                default + scanned,
+                "exchange_s",
+            ),
+        ):
+            if not cands:
+                continue
+            r = min(cands, key=lambda x: x[key])
+            ratio = base / r[key] if r[key] > 0 else float("inf")
+            opt = f", staging {r['staging']}" if "staging" in r else ""
+            cause = (
+                f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
+                f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
+                f"{r['exchange_s'] * 1e3:.1f} ms (bound: {r['bound']}; busiest GPU "
+                f"{r['busiest_gpu_gb']:.2f} GB, the baseline's {b['busiest_gpu_gb']:.2f} GB); "
+                f"baseline {base * 1e3:.1f} ms ({b['bound']})"
+            )
+            out.append(
+                _target(
+                    f"{head}, {label}: {r['executor']}{opt}",
+                    round(ratio, 1),
+                    ">= 20x",
+                    ratio >= 20,
+                    _host_figures(),
+                    cause,
                 )
-    ded = [r for r in rows if r.get("executor") == "ours dedupe" and r["policy"] == "deepseek"]
+            )
+    ded = [
+        r
+        for r in rows
+        if r.get("executor") == "ours dedupe"
+        and r["policy"] == "deepseek"
+        and r.get("plain_network_gb", 0) > 0
+    ]
     if ded:
         best = min(ded, key=lambda r: r["net_vs_plain"])
         out.append(
-            {
-                "kind": "target",
-                "what": "network bytes per node with dedupe / without (best sequence: "
+            _target(
+                "network bytes per node with dedupe / without (best sequence: "
                 f"{best['model']} EP{best['ep']} {best['policy']})",
-                "value": best["net_vs_plain"],
-                "target": "<= 0.6",
-                "met": best["net_vs_plain"] <= 0.6,
-            }
+                best["net_vs_plain"],
+                "<= 0.6",
+                best["net_vs_plain"] <= 0.6,
+                "the planner's relay_map; bytes counted from the schedules, exact",
+            )
+        )
+    return out
+
+
+def host_targets(seed: int = 0, reps: int = 5) -> list[dict]:
+    """Issue 25's host targets, measured on this machine: planning + building the schedule +
+    one rank's schedule (what ``rearrange()`` does before the first round) and
+    ``estimate_rearrangement``, DeepSeek-V3 EP256 (32 nodes of 8), 58 layers, on deepseek's
+    placements (the most moves) and migration_aware's; medians of ``reps``."""
+    from bench.loadgen import load_sequence
+
+    m = MODELS["dsv3"]
+    loads = load_sequence(m.layers, m.experts, 2, "moderate", seed=seed)
+    c = Cluster.preset("h100-ib400", nodes=32)
+    where = f"this machine ({os.cpu_count()} cores), median of {reps}"
+    out = []
+    for policy in POLICIES:
+        maps = _sequence(m, 256, 32, loads, policy)
+        build = []
+        for _ in range(reps):
+            build.append(_host_build_ms(maps[0], maps[1], 256, 8, m.row, reps=1))
+        est = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            e = estimate_rearrangement(maps[0], maps[1], 256, m.row, cluster=c)
+            est.append(time.perf_counter() - t0)
+        bm, em = float(np.median(build)), float(np.median(est))
+        what = f"dsv3 EP256 58L ({policy} placements, {e.messages} messages, {e.rounds} rounds)"
+        out.append(
+            _target(
+                f"{what}: plan + schedule + one rank's schedule, ms",
+                round(bm, 1),
+                "<= 100",
+                bm <= 100,
+                f"{where}; min {min(build):.1f}, max {max(build):.1f}",
+                "the planner's greedy sender choice (Python, one request at a time) is most of it",
+            )
+        )
+        out.append(
+            _target(
+                f"{what}: estimate_rearrangement, s",
+                round(em, 3),
+                "<= 1",
+                em <= 1,
+                f"{where}; min {min(est):.3f}, max {max(est):.3f}",
+            )
         )
     return out
 
@@ -423,7 +632,8 @@ def bench_scale(args: argparse.Namespace) -> list[dict]:
         p = plot(os.path.join(out, "scale.png"), srows)
         if p:
             srows[0]["plot"] = os.path.basename(p)
-    return rows + srows + targets(srows)
+    opts = option_rows(steps, seed)
+    return rows + srows + opts + targets(srows, opts) + host_targets(seed)
 
 
 def main() -> None:

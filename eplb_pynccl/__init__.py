@@ -25,6 +25,8 @@ libnccl; libnccl loads on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .communicator import (
     DEFAULT_TIMEOUT,
     CapturedP2P,
@@ -51,6 +53,26 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# The names below load on first use (``__getattr__``): importing the package stays cheap and
+# needs neither scipy nor torch. Type checkers and readers see them here; tests/test_types.py
+# checks that this block and _LAZY name the same things.
+if TYPE_CHECKING:
+    from . import executor as executor
+    from . import ipc as ipc
+    from . import placement as placement
+    from . import planner as planner
+    from . import schedule as schedule
+    from . import shuffler as shuffler
+    from . import simulate as simulate
+    from . import transport as transport
+    from .cluster import Cluster
+    from .estimate import RearrangementEstimate, estimate_rearrangement
+    from .ipc import IpcTransport
+    from .placement import RebalanceResult, placement_imbalance, rebalance, should_rebalance
+    from .planner import RankPlan, RearrangementPlan, plan_rearrangement
+    from .shuffler import ExpertShuffler, RearrangeHandle, RearrangeStats
+    from .transport import NcclTransport, TorchTransport, Transport, TransportRound
 
 _LAZY = {
     "plan_rearrangement": ".planner",
@@ -94,7 +116,25 @@ __all__ = [
     "library_path",
     "load_library",
     "nccl_version",
-    *_LAZY,
+    # loaded on first use (_LAZY)
+    "plan_rearrangement",
+    "RearrangementPlan",
+    "RankPlan",
+    "Transport",
+    "NcclTransport",
+    "TorchTransport",
+    "TransportRound",
+    "IpcTransport",
+    "ExpertShuffler",
+    "RearrangeStats",
+    "RearrangeHandle",
+    "rebalance",
+    "RebalanceResult",
+    "should_rebalance",
+    "placement_imbalance",
+    "Cluster",
+    "estimate_rearrangement",
+    "RearrangementEstimate",
 ]
 
 
@@ -111,7 +151,12 @@ _SUBMODULES = (
 )
 
 
-def __getattr__(name: str):
+def __dir__() -> list[str]:
+    """The loaded names and those that load on first use (tab completion sees them all)."""
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
+
+def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _SUBMODULES:

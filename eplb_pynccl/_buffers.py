@@ -12,19 +12,26 @@ and cached, so the per-op cost is a dict lookup plus the adapter's few attribute
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._nccl import cuda as _cuda
 from ._nccl.dlpack import KDL_CUDA, KDL_CUDA_MANAGED, read_capsule
 from ._nccl.table import Dtype
+
+if TYPE_CHECKING:
+    from ._types import Buffer, StreamSpec
 
 # Stream hints: what stream=None means for a buffer.
 HINT_DEFAULT = 0  # the legacy default stream (raw pointers, CAI, DLPack)
 HINT_TORCH = 1  # torch's current stream on the buffer's device
 HINT_CUPY = 2  # cupy's current stream
 
+Resolved = tuple[int, int, int, int]
+"""A buffer as :func:`resolve` gives it: ``(pointer, nbytes, device, stream hint)``."""
 
-def _torch_buffer(t, name):
+
+def _torch_buffer(t: Any, name: str) -> Resolved:
     dev = t.get_device()
     if dev < 0:
         raise ValueError(
@@ -37,13 +44,13 @@ def _torch_buffer(t, name):
     return t.data_ptr(), t.nbytes, dev, HINT_TORCH
 
 
-def _cupy_buffer(a, name):
+def _cupy_buffer(a: Any, name: str) -> Resolved:
     if not (a.flags.c_contiguous or a.flags.f_contiguous):
         raise ValueError(f"{name} is not contiguous (shape {a.shape}, strides {a.strides})")
     return a.data.ptr, a.nbytes, a.device.id, HINT_CUPY
 
 
-def _pointer_device(ptr):
+def _pointer_device(ptr: int) -> int:
     drv = _cuda.driver()
     if drv is None or not ptr:
         return -1
@@ -51,7 +58,7 @@ def _pointer_device(ptr):
     return -1 if d is None else d
 
 
-def _contiguous(shape, strides_bytes, itemsize) -> bool:
+def _contiguous(shape: Sequence[int], strides_bytes: Sequence[int], itemsize: int) -> bool:
     expected = itemsize
     for dim, st in zip(reversed(shape), reversed(strides_bytes)):
         if dim != 1 and st != expected:
@@ -73,7 +80,7 @@ _TYPESTR_NAMES = {
 }
 
 
-def _cai_buffer(obj, name):
+def _cai_buffer(obj: Any, name: str) -> Resolved:
     cai = obj.__cuda_array_interface__
     ptr = cai["data"][0]
     shape = tuple(cai["shape"])
@@ -92,7 +99,7 @@ def _cai_buffer(obj, name):
     return ptr, n * itemsize, _pointer_device(ptr), HINT_DEFAULT
 
 
-def _dlpack_buffer(obj, name):
+def _dlpack_buffer(obj: Any, name: str) -> Resolved:
     dev_type, dev_id = obj.__dlpack_device__()
     if dev_type not in (KDL_CUDA, KDL_CUDA_MANAGED):
         raise ValueError(
@@ -108,7 +115,7 @@ def _dlpack_buffer(obj, name):
     return info.ptr, n * info.itemsize, info.device_id, HINT_DEFAULT
 
 
-def _raw_buffer(t, name):
+def _raw_buffer(t: tuple[Any, ...], name: str) -> Resolved:
     if len(t) != 2:
         raise TypeError(
             f"{name}: a raw buffer is a (pointer, nbytes) tuple, got a tuple of {len(t)}"
@@ -123,10 +130,11 @@ def _raw_buffer(t, name):
     return ptr, nbytes, -2, HINT_DEFAULT  # -2: device not checked (see Communicator)
 
 
-_ADAPTERS: dict[type, Any] = {tuple: _raw_buffer}
+_Adapter = Callable[[Any, str], Resolved]
+_ADAPTERS: dict[type, _Adapter] = {tuple: _raw_buffer}
 
 
-def _find_adapter(cls):
+def _find_adapter(cls: type) -> _Adapter | None:
     torch = sys.modules.get("torch")
     if torch is not None and issubclass(cls, torch.Tensor):
         return _torch_buffer
@@ -140,7 +148,7 @@ def _find_adapter(cls):
     return None
 
 
-def resolve(buf, name: str = "buf"):
+def resolve(buf: Buffer, name: str = "buf") -> Resolved:
     """(ptr, nbytes, device, hint). device -1: unknown; -2: raw pointer (checked lazily)."""
     cls = type(buf)
     adapter = _ADAPTERS.get(cls)
@@ -157,7 +165,7 @@ def resolve(buf, name: str = "buf"):
     return adapter(buf, name)
 
 
-def dtype_name(buf) -> str | None:
+def dtype_name(buf: Any) -> str | None:  # a Buffer, or anything (then None)
     """The element type of a buffer by name (torch/numpy spelling), None for raw bytes."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(buf, torch.Tensor):
@@ -180,7 +188,7 @@ def dtype_name(buf) -> str | None:
     return None
 
 
-def nccl_dtype(buf, name: str) -> tuple[int, int]:
+def nccl_dtype(buf: Buffer, name: str) -> tuple[int, int]:
     """(ncclDataType_t, element size) for a typed buffer; raw tuples count as uint8 bytes."""
     dn = dtype_name(buf)
     if dn is None:
@@ -210,7 +218,7 @@ def cupy_current_stream() -> int:
     return sys.modules["cupy"].cuda.get_current_stream().ptr
 
 
-def stream_handle(stream, hint: int, device: int) -> int:
+def stream_handle(stream: StreamSpec, hint: int, device: int) -> int:
     """An int cudaStream_t for ``stream`` (None -> by the buffer's hint)."""
     if stream is None:
         if hint == HINT_TORCH:
@@ -238,7 +246,7 @@ def stream_handle(stream, hint: int, device: int) -> int:
     )
 
 
-def copy_async(copies, stream: int) -> None:
+def copy_async(copies: Sequence[tuple[int, int, int]], stream: int) -> None:
     """Device-to-device copies ``[(dst_ptr, src_ptr, nbytes)]`` enqueued in order on the raw
     stream handle ``stream`` (the caller guarantees the pointers: no checks here)."""
     drv = _cuda.driver()

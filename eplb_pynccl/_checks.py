@@ -12,10 +12,20 @@ import math
 import numbers
 import operator
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: numpy is imported by the array checks when they run
+    import numpy as np
+    import numpy.typing as npt
+
+    from ._types import DeviceSpec, ExpertMapLike
 
 __all__ = [
     "check_timeout",
     "check_count",
+    "check_bool",
+    "check_row_bytes",
     "check_real",
     "check_index",
     "check_rank_world",
@@ -27,20 +37,20 @@ __all__ = [
 ]
 
 
-def _is_bool(value) -> bool:
+def _is_bool(value: object) -> bool:
     if isinstance(value, bool):
         return True
     np = sys.modules.get("numpy")
     return np is not None and isinstance(value, np.bool_)
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     """repr for a message, numpy scalars as their Python value (``True``, not ``np.True_``)."""
     np = sys.modules.get("numpy")
     return repr(value.item() if np is not None and isinstance(value, np.generic) else value)
 
 
-def check_timeout(value, name: str = "timeout", *, env: str | None = None) -> float:
+def check_timeout(value: Any, name: str = "timeout", *, env: str | None = None) -> float:
     """Seconds: a real number (not a bool), finite and > 0.
 
     ``env`` names the environment variable the value was read from (then ``value`` may be its
@@ -62,7 +72,7 @@ def check_timeout(value, name: str = "timeout", *, env: str | None = None) -> fl
     return t
 
 
-def _integer(value, name: str) -> int:
+def _integer(value: Any, name: str) -> int:
     if _is_bool(value):
         raise TypeError(f"{name} must be an int, got bool")
     try:
@@ -71,7 +81,7 @@ def _integer(value, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
-def check_count(value, name: str, *, minimum: int | None = 1) -> int:
+def check_count(value: Any, name: str, *, minimum: int | None = 1) -> int:
     """An integer (numpy integers too, never a bool) ``>= minimum`` (no bound when None)."""
     v = _integer(value, name)
     if minimum is not None and v < minimum:
@@ -79,7 +89,40 @@ def check_count(value, name: str, *, minimum: int | None = 1) -> int:
     return v
 
 
-def check_index(value, name: str, size: int) -> int:
+def check_bool(value: Any, name: str) -> bool:
+    """True or False (a numpy bool too); anything else, truthy strings included, is refused."""
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_row_bytes(
+    value: Iterable[Iterable[int]], name: str = "row_bytes"
+) -> tuple[tuple[int, ...], ...]:
+    """Per layer, the byte size of one row of each of its tensors: a non-empty list of
+    non-empty lists of ints ``>= 1``, as tuples."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"{name} must list, per layer, the bytes of one row of each tensor (a list of "
+            f"lists of ints), got {type(value).__name__}"
+        )
+    layers = []
+    for li, layer in enumerate(value):
+        if isinstance(layer, (str, bytes)) or not hasattr(layer, "__iter__"):
+            raise TypeError(
+                f"{name}[{li}] must list the bytes of one row of each tensor of layer {li}, "
+                f"got {type(layer).__name__}"
+            )
+        sizes = tuple(check_count(b, f"{name}[{li}][{ti}]") for ti, b in enumerate(layer))
+        if not sizes:
+            raise ValueError(f"{name}[{li}] is empty: every layer has at least one tensor")
+        layers.append(sizes)
+    if not layers:
+        raise ValueError(f"{name} is empty: give at least one layer")
+    return tuple(layers)
+
+
+def check_index(value: Any, name: str, size: int) -> int:
     """An integer in ``[0, size)``."""
     v = _integer(value, name)
     if not 0 <= v < size:
@@ -88,7 +131,7 @@ def check_index(value, name: str, size: int) -> int:
 
 
 def check_real(
-    value,
+    value: Any,
     name: str,
     *,
     low: float | None = None,
@@ -108,7 +151,7 @@ def check_real(
     return v
 
 
-def check_rank_world(rank, world_size) -> tuple[int, int]:
+def check_rank_world(rank: Any, world_size: Any) -> tuple[int, int]:
     """``(rank, world_size)``: integers with ``world_size >= 1`` and ``0 <= rank < world_size``."""
     r = _integer(rank, "rank")
     n = check_count(world_size, "world_size")
@@ -134,11 +177,15 @@ def current_device() -> int:
 _DEVICE_KINDS = "an int, 'cuda:N' or a torch.device"
 
 
-def device_index(device) -> int:
+def device_index(device: DeviceSpec) -> int:
     """A CUDA device index from an int, ``"cuda"``, ``"cuda:N"``, ``"N"`` or a torch.device.
 
     None, a bare ``"cuda"`` and ``torch.device("cuda")`` mean the current device.
     """
+    return _device_index(device)
+
+
+def _device_index(device: Any) -> int:  # any value: it is being checked
     if device is None:
         return current_device()
     if _is_bool(device):
@@ -171,7 +218,7 @@ def device_index(device) -> int:
     return idx
 
 
-def _host_array(x):
+def _host_array(x: Any) -> Any:
     """A torch tensor (on any device, bfloat16 included) as numpy; anything else unchanged."""
     if type(x).__module__ == "numpy" or not hasattr(x, "numpy"):
         return x
@@ -184,7 +231,14 @@ def _host_array(x):
     return x.numpy()
 
 
-def to_numpy(x, name: str, *, dtype=None, ndim: int | None = None, dims: str | None = None):
+def to_numpy(
+    x: npt.ArrayLike,
+    name: str,
+    *,
+    dtype: npt.DTypeLike | None = None,
+    ndim: int | None = None,
+    dims: str | None = None,
+) -> np.ndarray:
     """``x`` (a torch tensor on any device, a numpy array or nested lists) as a numpy array.
 
     ``dtype``: a concrete integer or float dtype (the values must be integers, or numbers, and
@@ -218,13 +272,13 @@ def to_numpy(x, name: str, *, dtype=None, ndim: int | None = None, dims: str | N
     return arr
 
 
-def _is_concrete(dtype) -> bool:
+def _is_concrete(dtype: npt.DTypeLike) -> bool:
     import numpy as np
 
     return not (isinstance(dtype, type) and dtype in (np.integer, np.floating, np.number))
 
 
-def expert_map(x, name: str):
+def expert_map(x: ExpertMapLike, name: str) -> np.ndarray:
     """An expert map: int64 ``[num_layers, num_physical]``, contiguous, from numpy, torch or
     lists; unsigned ids past int64 are refused by position."""
     import numpy as np
@@ -240,7 +294,7 @@ def expert_map(x, name: str):
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def check_ids(arr, name: str, num_logical: int | None) -> None:
+def check_ids(arr: np.ndarray, name: str, num_logical: int | None) -> None:
     """Every id of an expert map (from :func:`expert_map`) is -1 (empty) or in
     ``[0, num_logical)``; the first one that is not is named by layer and slot."""
     import numpy as np

@@ -17,7 +17,7 @@ def torch(what: str = "this feature"):
         if e.name != "torch":
             raise
         raise ModuleNotFoundError(
-            f"{what} needs PyTorch, which is not installed: pip install 'eplb-pynccl[torch]' "
-            "(or a torch build for your CUDA version)",
+            f"{what} needs PyTorch, which is not installed: pip install torch (a build for your "
+            "CUDA version; README 'Install': the package's torch extra, or a CPU build)",
             name="torch",
         ) from None

@@ -13,13 +13,13 @@ the field); the object is frozen. Nothing here imports torch or talks to a GPU.
 
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["TRANSPORTS", "Cluster", "HostCost"]
+from ._checks import check_count, check_real
+
+__all__ = ["HOST_PROFILES", "TRANSPORTS", "Cluster", "HostCost"]
 
 GB = 1e9
 US = 1e-6
@@ -32,28 +32,9 @@ MS = 1e-3
 TRANSPORTS = ("nccl", "ipc", "torch")
 
 
-def _num(value, name: str, *, low: float = 0.0, low_open: bool = True) -> float:
-    """A finite real number (not bool) above ``low`` (or at least ``low``)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if v < low or (low_open and v == low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-    return v
-
-
-def _count(value, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return int(v)
+def _num(value, name: str, *, low_open: bool = True) -> float:
+    """A finite real number (not bool) above 0 (or at least 0): :func:`_checks.check_real`."""
+    return check_real(value, name, low=0.0, low_open=low_open)
 
 
 @dataclass(frozen=True)
@@ -115,11 +96,11 @@ class Cluster:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {type(self.name).__name__}")
-        gpn = _count(self.gpus_per_node, "gpus_per_node")
+        gpn = check_count(self.gpus_per_node, "gpus_per_node")
         object.__setattr__(self, "gpus_per_node", gpn)
-        object.__setattr__(self, "nodes", _count(self.nodes, "nodes"))
-        object.__setattr__(self, "copy_engines", _count(self.copy_engines, "copy_engines"))
-        nics = _count(self.nics_per_node, "nics_per_node")
+        object.__setattr__(self, "nodes", check_count(self.nodes, "nodes"))
+        object.__setattr__(self, "copy_engines", check_count(self.copy_engines, "copy_engines"))
+        nics = check_count(self.nics_per_node, "nics_per_node")
         object.__setattr__(self, "nics_per_node", nics)
         for f in ("nvlink_bw", "ce_bw", "nic_bw", "local_bw"):
             object.__setattr__(self, f, _num(getattr(self, f), f))
@@ -156,7 +137,7 @@ class Cluster:
         else:
             try:
                 groups = tuple(
-                    tuple(_count(g, "nic_gpus entry", minimum=0) for g in grp)
+                    tuple(check_count(g, "nic_gpus entry", minimum=0) for g in grp)
                     for grp in self.nic_gpus
                 )
             except TypeError as e:
@@ -200,10 +181,13 @@ class Cluster:
 
     # ---- presets -----------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, *, nodes: int = 1) -> Cluster:
+    def preset(cls, name: str, *, nodes: int = 1, host: str = "current") -> Cluster:
         """A described cluster: ``"h100-ib400"``, ``"h200-ib400"``, ``"gb200-nvl72"``,
         ``"h100x4-nv18"`` (this project's 4-GPU device machine, run F) or ``"h200x1"`` (its
-        one-GPU machine). ``nodes``: nodes (NVLink domains) of it.
+        one-GPU machine). ``nodes``: nodes (NVLink domains) of it. ``host``: which measured
+        host costs (:data:`HOST_PROFILES`): ``"current"`` (the executor as it is now,
+        Session 6) or ``"run-f"`` (the executor of run F, 2026-11-27, for the calibration
+        against run F's rows).
 
         Sources (facts and figures, in our words):
 
@@ -227,25 +211,68 @@ class Cluster:
         * GB200 NVL72: 72 Blackwell GPUs in one NVLink 5 domain, 900 GB/s per direction per GPU
           (1.8 TB/s both ways), modelled at H100's measured efficiency (0.74: 664 GB/s); one
           400 Gb/s NIC per GPU (4 per compute tray); HBM3e at 8 TB/s, copies at 3.5 TB/s
-          (H200's measured share of its peak). Its figures are not measured here.
-        * Host costs: this project's executor on the 4x H100 host (run F) took 1.27 ms of
-          set-up per rearrangement and ~1.5 ms per round (launch + apply), 1.65 us per
-          prepared NCCL op; torch's batch_isend_irecv cost 17.1 us per op there and a torch
-          copy ~4-5 us (one H200, session 4/5), ~0.5 ms per layer for the group and its wait
-          (fitted to run F's vLLM-style rows); the IPC transport ~2.2 ms per round
-          (launch 0.41 + poll 0.91 + apply 0.92 ms, one H200). Planning and building the
-          schedule inside ``rearrange()``: ~14 us per message of the busiest rank (run F's
+          (H200's measured share of its peak). Its figures are not measured here; its host
+          costs are the Hopper hosts' (Grace's are not measured).
+        * Host costs, ``"current"`` (bench/RESULTS.md Session 6, one H200, D1-D3, unless
+          said): NCCL: 1.04 us per prepared op (Session 5, H3, in-process A/B on the H200);
+          per round 0.31 ms = the non-blocking group's hand-over to the stream (~90 us after
+          ``ncclGroupEnd``, two back-to-back launches, D1) + the apply (0.20 ms per round,
+          D3) + three copy phases of one row-copy kernel launch each (~7 us, D2/D3); nothing
+          per row copied (the kernel's host cost is one launch whatever the rows); set-up
+          5.2 ms per rearrangement (D3 ``setup_ms`` of the local permutation with the kernel,
+          5.1-5.3 ms: schedule, copy tables, upload). IPC: 0.32 ms launch + 0.76 ms poll +
+          0.20 ms apply per round (D3, DeepSeek-V3 EP4 plans, 289 messages per rank and
+          round; the poll issues the copy-engine pulls, ~4.5 us of driver time per pulled
+          run), modelled as 0.52 ms per round + 2.6 us per message end; set-up 6.4 ms (D3).
+          Planning inside ``rearrange()``: ~14 us per message of the busiest rank (run F's
           wall time less its set-up, launch, wait and apply: 11.6 ms for 660 messages on
-          DeepSeek-V3 EP4, 6.5 ms for 634 on Qwen3 EP4).
+          DeepSeek-V3 EP4, 6.5 ms for 634 on Qwen3 EP4). torch's ``batch_isend_irecv`` (the
+          vLLM-style baseline): 17.1 us per op (run F, overhead part), a torch copy
+          ~4.5 us (one H200, sessions 4/5), ~0.5 ms per layer for the group and its wait
+          (fitted to run F's vLLM-style rows).
+        * Host costs, ``"run-f"`` (the executor before the row-copy kernel): 1.65 us per
+          prepared NCCL op, ~1.3 ms per round (launch + apply of per-row copies), 1.0 us per
+          local copy, 1.3 ms set-up (run F, 4x H100); IPC ~2.2 ms per round (launch 0.41 +
+          poll 0.91 + apply 0.92 ms, one H200, before Session 6); planning and torch as above.
         """
-        nodes = _count(nodes, "nodes")
+        nodes = check_count(nodes, "nodes")
         key = name.lower() if isinstance(name, str) else name
         if key not in _PRESETS:
             raise ValueError(f"unknown cluster preset {name!r} (known: {', '.join(_PRESETS)})")
-        return replace(_PRESETS[key], nodes=nodes)
+        if host not in HOST_PROFILES:
+            raise ValueError(
+                f"host must be one of {', '.join(map(repr, HOST_PROFILES))}, got {host!r}"
+            )
+        return replace(_PRESETS[key], nodes=nodes, host=HOST_PROFILES[host]())
 
 
-def _hopper_host() -> dict:
+def _torch_host() -> HostCost:
+    return HostCost(per_op=17.1 * US, per_copy=4.5 * US, per_round=0.5 * MS)
+
+
+def _host_current() -> dict:
+    """The executor as it is now (Session 6): see :meth:`Cluster.preset`."""
+    return {
+        "nccl": HostCost(
+            per_op=1.04 * US,
+            per_copy=0.0,
+            per_round=0.09 * MS + 0.20 * MS + 3 * 7 * US,
+            setup=5.2 * MS,
+            plan_per_message=14 * US,
+        ),
+        "ipc": HostCost(
+            per_op=2.6 * US,
+            per_copy=0.0,
+            per_round=0.32 * MS + 0.20 * MS,
+            setup=6.4 * MS,
+            plan_per_message=14 * US,
+        ),
+        "torch": _torch_host(),
+    }
+
+
+def _host_run_f() -> dict:
+    """The executor of run F (2026-11-27): see :meth:`Cluster.preset`."""
     return {
         "nccl": HostCost(
             per_op=1.65 * US,
@@ -261,8 +288,12 @@ def _hopper_host() -> dict:
             setup=1.3 * MS,
             plan_per_message=14 * US,
         ),
-        "torch": HostCost(per_op=17.1 * US, per_copy=4.5 * US, per_round=0.5 * MS),
+        "torch": _torch_host(),
     }
+
+
+# measured host costs by executor version (Cluster.preset's ``host``)
+HOST_PROFILES = {"current": _host_current, "run-f": _host_run_f}
 
 
 _H100 = Cluster(
@@ -279,7 +310,7 @@ _H100 = Cluster(
     nic_latency=25 * US,
     local_bw=1400 * GB,
     local_op=8 * US,
-    host=_hopper_host(),
+    host=_host_current(),
     source="8x H100 SXM (NVLink 4) + 8x 400 Gb/s InfiniBand per node",
 )
 

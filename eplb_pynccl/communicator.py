@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _buffers
 from ._checks import check_count, check_rank_world, check_timeout, current_device, device_index
-from ._deadline import DEFAULT_TIMEOUT, default_timeout
+from ._deadline import DEFAULT_TIMEOUT, Deadline, default_timeout, poll_until
 from ._nccl import cuda as _cuda
 from ._nccl import library as _library
 from ._nccl.library import INT_ARG_MAX as _INT_ARG_MAX
@@ -850,25 +850,28 @@ class Communicator:
         ev = drv.event_create()
         try:
             drv.event_record(ev, s)
-            deadline = time.monotonic() + t
-            delay = 1e-5
-            while not drv.event_done(ev):
+
+            def finished() -> bool:
+                if drv.event_done(ev):
+                    return True
                 code = self._lib.async_error(self._comm)
                 if code not in (0, NCCL_IN_PROGRESS):
                     err = self._lib.error(code, "wait", self._comm, "the communicator was aborted")
                     self.abort()
                     raise err
-                if time.monotonic() > deadline:
-                    self.abort()
-                    raise NcclTimeoutError(
-                        Result.ncclTimeout,
-                        "operation timed out",
-                        "",
-                        "wait",
-                        f"stream work not done after {t:g} s; the communicator was aborted",
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
+                return False
+
+            def expired() -> None:
+                self.abort()
+                raise NcclTimeoutError(
+                    Result.ncclTimeout,
+                    "operation timed out",
+                    "",
+                    "wait",
+                    f"stream work not done after {t:g} s; the communicator was aborted",
+                )
+
+            poll_until(finished, Deadline(t), expired)
         finally:
             drv.event_destroy(ev)
             if prev is not None and prev != self._device:

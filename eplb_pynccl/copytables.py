@@ -8,9 +8,14 @@ an op into that table; :func:`split` cuts long copies into pieces of at most ``c
 (so that one launch spreads a few large rows over many thread blocks); :func:`resolve` turns a
 table into the ``(src, dst, nbytes)`` device-pointer triples the row-copy kernel reads.
 
-The executor builds these tables once, when a rearrangement starts, and the virtual cluster
-(:func:`~eplb_pynccl.schedule.simulate`) runs the same tables, so what it checks is what the
-GPU executes.
+A phase of a round (its ``pre`` or ``post`` ops) is a :class:`Phase`: the ops' tables one
+after the other, each op a *wave* of independent copies that runs after the waves before it.
+The row-copy kernel runs a whole phase in one launch (a grid-wide barrier between waves).
+
+:func:`rank_phases` is what the executor uploads, once, when a rearrangement starts, and what
+the virtual cluster (:func:`~eplb_pynccl.simulate.simulate_schedule`) runs wave by wave, so
+what it checks is what the GPU executes (the executor only cuts the same entries into pieces
+of at most 1 MiB with :func:`split_phase`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CopyTable", "op_table", "split", "resolve", "concat", "DEFAULT_CHUNK"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "CopyTable",
+    "Phase",
+    "concat",
+    "op_table",
+    "phase",
+    "rank_phases",
+    "resolve",
+    "split",
+    "split_phase",
+]
 
 _I64 = np.int64
 DEFAULT_CHUNK = 1 << 20  # bytes per table entry at most (a multiple of 16: alignment kept)
@@ -68,11 +84,14 @@ def op_table(op, index: np.ndarray, staging: int = -1) -> CopyTable:
     total = int(count.sum())
     if total == 0:
         return _empty()
+    idx = np.asarray(op.idx, dtype=_I64)
+    if count.min() < 0 or idx.min() < 0 or int((idx + count).max()) > len(index):
+        raise ValueError(f"{kind} op: index ranges outside the rank's index of {len(index)} rows")
     k = np.repeat(np.arange(count.size, dtype=_I64), count)  # kernel of each row
     first = np.cumsum(count) - count
     j = np.arange(total, dtype=_I64) - first[k]  # row number inside its kernel
     rb = np.asarray(op.row_bytes, dtype=_I64)[k]
-    rows = np.asarray(index, dtype=_I64)[np.asarray(op.idx, dtype=_I64)[k] + j]
+    rows = np.asarray(index, dtype=_I64)[idx[k] + j]
     wbuf = np.asarray(op.buf, dtype=_I64)[k]
     woff = rows * rb
     sbuf = np.full(total, staging, dtype=_I64)
@@ -123,3 +142,57 @@ def resolve(t: CopyTable, bases: np.ndarray, staging_base: int) -> np.ndarray:
     out[:, 1] = b[t.dst_buf] + t.dst_off.astype(np.uint64)
     out[:, 2] = t.nbytes.astype(np.uint64)
     return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Waves of independent copies run in order: wave ``w`` is entries ``[starts[w],
+    starts[w + 1])`` of ``table``, from the op named ``what[w]``; ``reads_new[w]``: the wave
+    reads rows written earlier in the round (the duplicates of new rows)."""
+
+    table: CopyTable
+    starts: np.ndarray
+    what: tuple
+    reads_new: tuple
+
+    @property
+    def waves(self) -> int:
+        return len(self.what)
+
+    def wave(self, w: int) -> CopyTable:
+        a, b = int(self.starts[w]), int(self.starts[w + 1])
+        t = self.table
+        return CopyTable(*(getattr(t, f)[a:b] for f in CopyTable.__dataclass_fields__))
+
+
+def _op_name(op) -> str:
+    kind = getattr(op, "kind", None)
+    return "copies" if kind is None else f"{kind} ({op.what})"
+
+
+def phase(ops: list, index: np.ndarray, staging: int = -1) -> Phase:
+    """The ops of one phase as a :class:`Phase`, one wave per op that copies anything."""
+    tabs, what, new = [], [], []
+    for op in ops:
+        t = op_table(op, index, staging)
+        if len(t):
+            tabs.append(t)
+            what.append(_op_name(op))
+            new.append(bool(getattr(op, "reads_new", False)))
+    starts = np.cumsum([0] + [len(t) for t in tabs]).astype(_I64)
+    return Phase(concat(tabs), starts, tuple(what), tuple(new))
+
+
+def rank_phases(rs, staging: int = -1) -> list:
+    """Every round of a rank schedule as ``(pre, post)`` :class:`Phase` pairs."""
+    return [
+        (phase(ro.pre, rs.index, staging), phase(ro.post, rs.index, staging)) for ro in rs.rounds
+    ]
+
+
+def split_phase(ph: Phase, chunk: int = DEFAULT_CHUNK) -> Phase:
+    """``ph`` with its entries cut by :func:`split` (waves keep their entries, in order)."""
+    t = split(ph.table, chunk)  # checks chunk
+    pieces = np.where(ph.table.nbytes > 0, (ph.table.nbytes + chunk - 1) // chunk, 0)
+    ends = np.concatenate([[0], np.cumsum(pieces)]).astype(_I64)
+    return Phase(t, ends[ph.starts], ph.what, ph.reads_new)

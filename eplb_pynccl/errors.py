@@ -12,6 +12,9 @@ Two families:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from ._nccl.table import Result
 
 __all__ = [
@@ -76,7 +79,7 @@ class NcclError(EplbPyncclError):
             parts.append(f"; {detail}")
         super().__init__("".join(parts))
 
-    def __reduce__(self):  # keep the attributes through pickling (multiprocessing)
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the attributes through pickling
         return (
             type(self),
             (self.code, self.error_string, self.last_error, self.function, self.detail),
@@ -116,7 +119,7 @@ class CudaError(EplbPyncclError, RuntimeError):
         super().__init__(msg)
         self.code = code
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.code))
 
 
@@ -137,9 +140,9 @@ class RearrangeError(EplbPyncclError, RuntimeError):
     def __init__(
         self,
         message: str,
-        completed_layers=(),
-        pending_layers=(),
-        peers=(),
+        completed_layers: Iterable[int] = (),
+        pending_layers: Iterable[int] = (),
+        peers: Iterable[int] = (),
         cause: BaseException | None = None,
     ) -> None:
         self.completed_layers = sorted(int(x) for x in completed_layers)
@@ -152,7 +155,7 @@ class RearrangeError(EplbPyncclError, RuntimeError):
             f"{self.pending_layers}; peers involved: {self.peers})"
         )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (
             type(self),
             (self.message, self.completed_layers, self.pending_layers, self.peers, None),

@@ -70,6 +70,11 @@ _SCHEDULE_OPTS = {
     "ranks_per_node",
 }
 _TRANSPORTS = ("nccl", "ipc")
+# host seconds per message (send or receive) of the shuffler's launch over TorchTransport:
+# run F's host_launch_ms / messages_max of its eplb_pynccl/torch-nccl rows, 24.85 ms / 660
+# (DeepSeek-V3 EP4) and 23.79 ms / 634 (Qwen3 EP4): 37.6 us, against 17.1 us per op that
+# torch's batch_isend_irecv costs alone (4 KiB ops, the overhead part)
+TORCH_TRANSPORT_PER_MESSAGE = 37.6e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,7 +262,7 @@ def _local_work(sched: Schedule):
         old_c = ~cn & ~into_free
         lr_c = np.unique((cl * n + cr)[old_c])
         add(post_o, lr_c // n, lr_c % n, 2.0 * (ntens - nlarge)[lr_c // n])
-    cycles, _ = _phase_c_copies(plan, sched.transactional)
+    cycles, _ = _phase_c_copies(plan, sched.transactional, sched.copy_waves)
     cyc = cycles.reshape(-1)
     if cyc.any():
         lr = np.flatnonzero(cyc)
@@ -612,7 +617,8 @@ def predict_eplb_row(
     a method it does not model (gloo on the CPU). ``method`` is the bench's method name;
     ``cluster`` defaults to this project's device machine of that size (``h100x4-nv18``
     for up to 4 ranks on one node, else ``h100-ib400``); ``layer_bytes`` (one layer of local
-    experts) is the staging of the ``packed-2L`` probe."""
+    experts) is the staging of the ``packed-2L`` probe. ``eplb_pynccl/torch-nccl`` is our
+    schedule with :data:`TORCH_TRANSPORT_PER_MESSAGE` of host per message."""
     if cluster is None:
         cluster = (
             Cluster.preset("h100x4-nv18")
@@ -624,9 +630,9 @@ def predict_eplb_row(
     elif method == "eplb_pynccl":
         est = estimate_rearrangement(old_map, new_map, ep_size, row_bytes, cluster=cluster)
     elif method == "eplb_pynccl/torch-nccl":
-        # the same schedule over torch.distributed: torch's host cost per op
+        # the same schedule over TorchTransport: its launch's measured host cost per message
         host = dict(cluster.host)
-        host["nccl"] = replace(host["nccl"], per_op=host["torch"].per_op)
+        host["nccl"] = replace(host["nccl"], per_op=TORCH_TRANSPORT_PER_MESSAGE)
         est = estimate_rearrangement(
             old_map, new_map, ep_size, row_bytes, cluster=replace(cluster, host=host)
         )

@@ -7,13 +7,16 @@ gathers into staging, the scatters out of it and the row copies, cut into pieces
 1 MiB). ``launch_pre(k)`` runs round k's phase A and ``launch_messages(k)`` hands its messages
 to the transport; ``apply(k, stream)`` runs its phase C.
 
-On CUDA each op of a phase is then one host call, whatever its number of rows, tensors and
-layers (``copy_method``):
+A phase's ops run one after the other, each a wave of independent copies
+(:func:`eplb_pynccl.copytables.rank_phases`, the table the virtual cluster checks). On CUDA
+(``copy_method``):
 
-* ``"kernel"`` (default): one launch of the row-copy kernel (:mod:`eplb_pynccl._nccl.rowcopy`)
-  over the op's slice of the table, with at most ``copy_ctas`` thread blocks;
-* ``"copy_engine"``: one ``cuMemcpyBatchAsync`` of the op's copies with the hint that prefers
-  copy engines: no SM touched, but the driver costs ~4.5 us of host time per copy.
+* ``"kernel"`` (default): the whole phase is one launch of the row-copy kernel
+  (:mod:`eplb_pynccl._nccl.rowcopy`) over its slice of the table, waves separated by a
+  grid-wide barrier, with at most ``copy_ctas`` thread blocks: one host call per phase,
+  whatever its number of rows, tensors, layers and waves;
+* ``"copy_engine"``: one ``cuMemcpyBatchAsync`` per wave with the hint that prefers copy
+  engines: no SM touched, but the driver costs ~4.5 us of host time per copy.
 
 On the CPU (gloo), copies are tensor copies of byte views and gathers/scatters index kernels
 over word views.
@@ -92,17 +95,21 @@ class Executor:
         self.host_calls = []  # per round: (phase A calls, phase C calls)
         self._table_host = None
         if cuda:
-            ops = self._cuda_ops(device, stream, sbase, host_int64, copy_method, copy_ctas)
+            phases = self._cuda_phases(device, stream, sbase, host_int64, copy_method, copy_ctas)
         else:
             self.index = host_int64(rs.index) if rs.index.size else None
-            ops = {id(op): self._cpu_op(op) for ro in rs.rounds for op in (*ro.pre, *ro.post)}
+            phases = [
+                tuple(
+                    [x for x in map(self._cpu_op, ops) if x is not None]
+                    for ops in (ro.pre, ro.post)
+                )
+                for ro in rs.rounds
+            ]
         self._uploaded = self._table_host is None
         raw = bool(getattr(transport, "accepts_raw", False)) and cuda
         self._bases = np.append(bufs.ptrs, sbase)  # index -1 = STAGING
         self.rounds = []
-        for ro in rs.rounds:
-            pre = [x for x in map(ops.get, map(id, ro.pre)) if x is not None]
-            post = [x for x in map(ops.get, map(id, ro.post)) if x is not None]
+        for ro, (pre, post) in zip(rs.rounds, phases):
             sends = self._messages(ro.sends, raw)
             recvs = self._messages(ro.recvs, raw)
             tround = transport.prepare_round(sends, recvs, remote=(ro.sends, ro.recvs))
@@ -110,45 +117,71 @@ class Executor:
             self.host_calls.append((len(pre), len(post)))
 
     # ---- building ---------------------------------------------------------------------
-    def _cuda_ops(self, device, stream, sbase, host_int64, method, ctas) -> dict:
-        """Every local op of the schedule as one prepared host call (see the docstring);
-        ``method`` is one of COPY_METHODS (ExpertShuffler checked it)."""
+    def _cuda_phases(self, device, stream, sbase, host_int64, method, ctas) -> list:
+        """Every round's two phases as prepared host calls, ``[(pre, post)]``: with the
+        kernel one ``("kernel", Launch)`` per phase (all its waves), with copy engines one
+        ``("batch", arrays)`` per wave. ``method`` is one of COPY_METHODS (ExpertShuffler
+        checked it)."""
         torch, rs = self.torch, self.rs
-        opl = [op for ro in rs.rounds for op in (*ro.pre, *ro.post)]
-        for op in opl:
-            if isinstance(op, Copies) and op.ordered:
-                raise ValueError("ordered Copies ops are not supported on CUDA (none is built)")
-        kernel = method == "kernel"
-        tabs = [_tables.op_table(op, rs.index, STAGING) for op in opl]
-        if kernel:
-            tabs = [_tables.split(t) for t in tabs]
-        whole = _tables.concat(tabs)
-        host = _tables.resolve(whole, self.bufs.ptrs, sbase)
-        out: dict = {}
-        if not kernel:
-            at = 0
-            for op, t in zip(opl, tabs):
-                rows = host[at : at + len(t)]
-                at += len(t)
-                if len(t):
-                    dst, src, n = (rows[:, c].tolist() for c in (1, 0, 2))
-                    out[id(op)] = ("batch", _cuda.copy_arrays(list(zip(dst, src, n))))
-            return out
-        k = _rowcopy.kernel(device_index(device))
-        if len(whole):
+        for ro in rs.rounds:
+            for op in (*ro.pre, *ro.post):
+                if isinstance(op, Copies) and op.ordered:
+                    raise ValueError("ordered Copies ops are not supported on CUDA (none is built)")
+        phases = _tables.rank_phases(rs, STAGING)
+        if method != "kernel":
+            return [tuple(self._batches(ph, sbase) for ph in pair) for pair in phases]
+        flat = [_tables.split_phase(ph) for pair in phases for ph in pair]
+        entries = _tables.resolve(
+            _tables.concat([ph.table for ph in flat]), self.bufs.ptrs, sbase
+        ).view(np.int64)
+        words = [entries.reshape(-1)]
+        at = entries.size  # words: the entries, then each multi-wave phase's starts and sync
+        waves_at = []
+        for ph in flat:
+            waves_at.append(at if ph.waves > 1 else -1)
+            if ph.waves > 1:
+                words.append(ph.starts.astype(np.int64))
+                words.append(np.zeros(_rowcopy.SYNC_WORDS, dtype=np.int64))
+                at += ph.waves + 1 + _rowcopy.SYNC_WORDS
+        host = np.concatenate(words)
+        calls: list = []
+        if len(entries):
+            k = _rowcopy.kernel(device_index(device))
             with torch.cuda.stream(stream):
                 self.table = torch.empty(host.size, dtype=torch.int64, device=device)
-            self._table_host = host_int64(host.view(np.int64).reshape(-1))
+            self._table_host = host_int64(host)
             base = self.table.data_ptr()
-        at = 0
-        for op, t in zip(opl, tabs):
-            n = len(t)
-            if n:
-                launch = k.prepare(
-                    base + 8 * _rowcopy.ENTRY_WORDS * at, n, ctas, int(t.nbytes.max())
+        first = 0
+        for ph, wat in zip(flat, waves_at):
+            n = len(ph.table)
+            if not n:
+                calls.append([])
+                continue
+            opts = {}
+            if wat >= 0:
+                starts = base + 8 * wat
+                opts = dict(
+                    starts_ptr=starts,
+                    waves=ph.waves,
+                    sync_ptr=starts + 8 * (ph.waves + 1),
+                    max_wave=int(np.diff(ph.starts).max()),
                 )
-                out[id(op)] = ("kernel", launch)
-            at += n
+            launch = k.prepare(
+                base + 8 * _rowcopy.ENTRY_WORDS * first, n, ctas, int(ph.table.nbytes.max()), **opts
+            )
+            calls.append([("kernel", launch)])
+            first += n
+        return [(calls[2 * r], calls[2 * r + 1]) for r in range(len(phases))]
+
+    def _batches(self, ph, sbase) -> list:
+        """One phase on copy engines: a cuMemcpyBatchAsync per wave."""
+        host = _tables.resolve(ph.table, self.bufs.ptrs, sbase)
+        out = []
+        for w in range(ph.waves):
+            rows = host[int(ph.starts[w]) : int(ph.starts[w + 1])]
+            if len(rows):
+                dst, src, n = (rows[:, c].tolist() for c in (1, 0, 2))
+                out.append(("batch", _cuda.copy_arrays(list(zip(dst, src, n)))))
         return out
 
     def _ptrs(self, buf: np.ndarray, off: np.ndarray) -> list:
@@ -276,6 +309,8 @@ class Executor:
         self.staging = None
         self.table = None
         self.index = None
+        for _, tround, _ in self.rounds:
+            tround.release()
         self.rounds = []
         if self._side is not None:  # work queued on it completes first; the handles go now
             drv = _cuda.driver()

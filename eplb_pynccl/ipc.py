@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._checks import check_count, check_rank_world, check_timeout, device_index
-from ._deadline import default_timeout
+from ._deadline import default_timeout, poll_until
 from ._nccl import cuda as _cuda
 from .communicator import Communicator
 from .errors import CommunicatorStateError
@@ -89,6 +89,11 @@ class IpcTransport(Transport):
             these ranks (``rank``/``world_size`` default to its own).
         timeout: seconds any wait may take (default ``$EPLB_PYNCCL_TIMEOUT`` or 600).
         key: store key prefix (different for each transport made through the same store).
+        pull_graphs: capture each round's pulls from a peer as one CUDA graph when the round
+            is prepared (at ``rearrange_async()``), so that launching them is one
+            ``cuGraphLaunch`` instead of the driver's ~4.5 us of host time per copy; still
+            copy engines. False (or a driver that cannot capture them): one
+            ``cuMemcpyBatchAsync`` per peer and round. ``pull_method`` says which is used.
 
     Rounds are launched by :class:`~eplb_pynccl.ExpertShuffler` (which calls
     :meth:`register_buffers` at construction: collective). ``close()`` releases every
@@ -110,6 +115,7 @@ class IpcTransport(Transport):
         timeout: float | None = None,
         key: str = "eplb_pynccl/ipc",
         setup=None,
+        pull_graphs: bool = True,
     ) -> None:
         if communicator is not None:
             if not isinstance(communicator, Communicator):
@@ -175,6 +181,10 @@ class IpcTransport(Transport):
         self._seq = 0  # rounds launched (the same sequence on every rank)
         self._next_alive_check = 0.0
         self._registered = False
+        if not isinstance(pull_graphs, bool):
+            raise TypeError(f"pull_graphs must be True or False, got {pull_graphs!r}")
+        self.pull_method = "graph" if pull_graphs else "batch"
+        self._graphs: set = set()  # CopyGraphs of live rounds, freed by close()
         self.node = [0] * world_size
         drv.set_device(self._device)
         self._copy_stream = drv.stream_create()
@@ -449,6 +459,9 @@ class IpcTransport(Transport):
         self._state = "closed"
         drv = self._drv
         drv.set_device(self._device)
+        for g in self._graphs:  # before the mappings they copy from are closed
+            g.close()
+        self._graphs = set()
         self._release_peers()
         for e in self._events:
             drv.event_destroy(e)
@@ -553,13 +566,11 @@ class _Page:
 
 
 def _poll(cond, deadline: float, what: str, t: IpcTransport) -> None:
-    delay = 1e-5
-    while not cond():
-        if time.monotonic() > deadline:
-            t.abort(what)
-            raise TimeoutError(f"rank {t.rank}: {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
+    def expired() -> None:
+        t.abort(what)
+        raise TimeoutError(f"rank {t.rank}: {what}")
+
+    poll_until(cond, deadline, expired)
 
 
 class RoundProtocol:
@@ -583,13 +594,19 @@ class RoundProtocol:
         self.q = 0
         self.pulled: set = set()
         self.finished = False
+        self.landed = False
+        self.waiting: list = []
 
     def start(self, q: int) -> None:
         self.q = q
         self.pulled = set()
         self.finished = False
+        self.landed = False
+        self.waiting = list(self.readers)  # readers not seen done yet
 
     def poll(self) -> bool:
+        """One look at what the round waits for; every answer that can no longer change
+        (a pull posted, the local pulls landed, a reader done) is kept, not asked again."""
         if not self.finished:
             for p in self.sources:
                 if p not in self.pulled and self._ready(p, self.q):
@@ -599,9 +616,15 @@ class RoundProtocol:
                 return False
             self._finish()
             self.finished = True
-        if not self._local():
-            return False
-        return all(self._done(p, self.q) for p in self.readers)
+        if not self.landed:
+            if not self._local():
+                return False
+            self.landed = True
+        while self.waiting:
+            if not self._done(self.waiting[-1], self.q):
+                return False
+            self.waiting.pop()
+        return True
 
     def waiting_on(self) -> tuple[list, list]:
         """(sources not ready yet, readers not done yet) of the current round: who holds it."""
@@ -631,11 +654,13 @@ class _IpcRound(TransportRound):
                 )
             src = int(t._peers[peer].bases[rb]) + int(rmsg.roff[q])
             pulls.setdefault(peer, []).append((dst, src, n))
-        self.pulls = {p: _cuda.copy_arrays(c) for p, c in pulls.items()}
+        self.graphs: list = []
+        self.pulls = {p: self._pull_call(c) for p, c in pulls.items()}
         readers = sorted({p for p, _ in sends if t.node[p] == me})
         far_s = [(b, p) for p, b in sends if t.node[p] != me]
         far_r = [(b, p) for p, b in recvs if t.node[p] != me]
         self.nccl = t.comm.prepare_p2p(far_s, far_r) if (far_s or far_r) else None
+        self._far = len(far_s) + len(far_r)
         self._stream = None
         self._nccl_end = None
         drv = t._drv
@@ -649,8 +674,7 @@ class _IpcRound(TransportRound):
             return peer.counters[_DONE] >= q and drv.event_done(peer.done)
 
         def pull(p):
-            dsts, srcs, sizes = self.pulls[p]
-            drv.memcpy_batch(dsts, srcs, sizes, t._copy_stream)
+            self.pulls[p](t._copy_stream)
 
         def finish():
             drv.event_record(t._done, t._copy_stream)
@@ -660,6 +684,37 @@ class _IpcRound(TransportRound):
         self.proto = RoundProtocol(
             sorted(pulls), readers, ready, done, pull, finish, lambda: drv.event_done(t._done)
         )
+
+    def _pull_call(self, copies: list):
+        """``f(stream)`` enqueueing the copies from one peer: a captured graph (one host call)
+        or one batch (see IpcTransport's ``pull_graphs``)."""
+        t = self.t
+        if t.pull_method == "graph":
+            t.make_current()  # the graph's capture stream is on this rank's device
+            try:
+                g = _cuda.CopyGraph(t._drv, copies)
+            except _cuda.CudaError:
+                t.pull_method = "batch"  # this driver cannot capture them: batches from now on
+            else:
+                self.graphs.append(g)
+                t._graphs.add(g)
+                return g.launch
+        dsts, srcs, sizes = _cuda.copy_arrays(copies)
+        drv = t._drv
+        return lambda s: drv.memcpy_batch(dsts, srcs, sizes, s)
+
+    @property
+    def host_calls(self) -> int:
+        """Host calls into CUDA/NCCL a launch of this round makes (one per peer's pulls)."""
+        n = len(self.pulls) + 4  # pulls, ready event + wait, done event + wait
+        return n + (self._far + 3 if self.nccl is not None else 0)  # group, ops, end event
+
+    def release(self) -> None:
+        """Free the round's graphs (their launches in flight complete first)."""
+        for g in self.graphs:
+            g.close()
+            self.t._graphs.discard(g)
+        self.graphs = []
 
     def launch(self, stream, deadline: float) -> None:
         t = self.t

@@ -76,6 +76,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,10 @@ class RebalanceResult:
       over layers: the bytes of the busiest receiver for the whole rearrangement.
     * ``internode_bytes_max``, ``internode_bytes_total``: bytes crossing nodes, busiest
       receiver and all ranks together.
+    * ``gain``: fraction of MoE time saved, if each layer's time follows its most loaded
+      GPU: ``1 - sum_l imbalance[l] * mean_l / sum_l old_imbalance[l] * mean_l`` with the
+      mean GPU load ``mean_l`` of each layer (layers with more tokens weigh more). ``None``
+      without ``old_map``; 0.0 when nothing carries load.
     * ``seconds``: time spent in :func:`rebalance`; ``repair_rounds``: rounds of the
       repair (each applies at most one set of operations per layer; a diagnostic).
     """
@@ -152,6 +157,7 @@ class RebalanceResult:
     slots_changed: np.ndarray | None
     experts_received: np.ndarray | None
     internode_received: np.ndarray | None
+    gain: float | None
     seconds: float
     repair_rounds: int = 0
 
@@ -177,18 +183,6 @@ class RebalanceResult:
         if self.internode_received is None or self.row_bytes is None:
             return None
         return int(self.internode_received.sum()) * self.row_bytes
-
-    @property
-    def gain(self) -> float | None:
-        """Fraction of MoE time saved, if each layer's time follows its most loaded GPU:
-        ``1 - sum_l imbalance[l] * mean_l / sum_l old_imbalance[l] * mean_l`` with the mean
-        GPU load ``mean_l`` of each layer (layers with more tokens weigh more). ``None``
-        without ``old_map``; 0.0 when nothing carries load."""
-        return None if self._old_cost is None else _gain(self._new_cost, self._old_cost)
-
-    # set by rebalance(): sum over layers of max GPU load (unscaled), new and old
-    _new_cost: float = 0.0
-    _old_cost: float | None = None
 
     def __repr__(self) -> str:
         parts = [
@@ -288,21 +282,23 @@ def _as_loads(x) -> np.ndarray:
     return arr
 
 
-def _check_old_map(old_map, num_layers: int, num_physical: int, num_logical: int) -> np.ndarray:
-    old = _as_map(old_map, "old_map")
+def _check_old_map(
+    old_map, num_layers: int, num_physical: int, num_logical: int, name: str = "old_map"
+) -> np.ndarray:
+    old = _as_map(old_map, name)
     if old.shape != (num_layers, num_physical):
         raise ValueError(
-            f"old_map must have shape ({num_layers}, {num_physical}) "
+            f"{name} must have shape ({num_layers}, {num_physical}) "
             f"(loads' layers x num_physical), got {tuple(old.shape)}"
         )
-    _check_ids(old, "old_map", num_logical)
+    _check_ids(old, name, num_logical)
     held = np.zeros((num_layers, num_logical + 1), dtype=bool)
     held[np.arange(num_layers)[:, None], old] = True  # -1 lands in the last column
     missing = ~held[:, :num_logical]
     if missing.any():
         layer, e = divmod(int(np.argmax(missing.ravel())), num_logical)
         raise ValueError(
-            f"old_map: layer {layer} holds no replica of expert {e}; a placement must hold "
+            f"{name}: layer {layer} holds no replica of expert {e}; a placement must hold "
             "every logical expert"
         )
     return old
@@ -402,6 +398,13 @@ def rebalance(
             f"the number of logical experts ({E}, loads.shape[1]) is not divisible by "
             f"num_groups ({groups})"
         )
+    if groups is not None and groups > 1 and not _hierarchical(groups, nodes):
+        warnings.warn(
+            f"num_groups ({groups}) is not divisible by num_nodes ({nodes}): DeepSeek's "
+            "hierarchical variant does not apply, the global one is used (num_groups ignored; "
+            "num_groups=None asks for it without this warning)",
+            stacklevel=2,
+        )
     if policy is not None and not isinstance(policy, str):
         raise TypeError(f"policy must be a str or None, got {type(policy).__name__}")
     if policy is not None and policy not in POLICIES:
@@ -462,8 +465,10 @@ def rebalance(
         experts_received=None if recv is None else _frozen(recv),
         internode_received=None if inter is None else _frozen(inter),
         repair_rounds=rounds,
-        _new_cost=float((cost * scale).sum()),
-        _old_cost=None if old_cost is None else float((old_cost * scale).sum()),
+        # from the sums over layers of the max GPU load (unscaled), new and old
+        gain=None
+        if old_cost is None
+        else _gain(float((cost * scale).sum()), float((old_cost * scale).sum())),
         seconds=time.perf_counter() - t0,
     )
     return res
@@ -483,7 +488,7 @@ def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
     N = amap.shape[1]
     if N == 0 or N % ep:
         raise ValueError(f"num_physical ({N}) is not divisible by ep_size ({ep})")
-    _check_old_map(amap, L, N, E)  # same rule as old_map (messages name old_map's checks)
+    _check_old_map(amap, L, N, E, "placement")  # the same rule as old_map's
     scale = lam.max(1)
     scale[scale == 0] = 1.0
     return _imbalance(amap, lam / scale[:, None], ep)[0]

@@ -4,8 +4,8 @@ A rearrangement moves whole layers in *rounds*, the same on every rank, sized so
 rank's staging fits the bound. A round of one rank is three phases of plain ops:
 
 * ``pre`` (phase A, on the exchange stream, before the messages): :class:`Copies` into rows
-  nobody reads (non-transactional mode only), then :class:`Kernels` gathers: the stash (one
-  saved row per cycle of local copies) and the packed sends (rows of small tensors gathered
+  nobody reads (non-transactional mode only), then :class:`Kernels` gathers: the stash (rows
+  whose readers must not wait for them, see :class:`CopyOrder`) and the packed sends (rows of small tensors gathered
   into one staging block per tensor).
 * ``sends`` and ``recvs``: :class:`Messages`, one per tensor and run of consecutive source
   rows (or per peer and small tensor, packed). Each names its bytes on *both* ends: here
@@ -13,8 +13,8 @@ rank's staging fits the bound. A round of one rank is three phases of plain ops:
   (``layout.buf(layer, i)``) or :data:`STAGING`. Between two ranks the i-th send of one is the
   i-th receive of the other (what an NCCL group needs not to hang).
 * ``post`` (phase C, on the caller's stream, once the messages have completed): the old-content
-  local copies in read-before-write order, as waves of copies that may run at once (small
-  tensors through a staging block), the staged receives scattered into the live rows, then
+  local copies in read-before-write order, as at most ``copy_waves`` waves of copies that
+  may run at once (small tensors through a staging block), the staged receives scattered into the live rows, then
   the duplicates of rows new in this layer.
 
 Every rank can compute every rank's schedule from the same inputs, so a one-sided transport
@@ -34,13 +34,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._checks import check_count
 from .planner import RearrangementPlan
 
 __all__ = [
     "ALIGN",
+    "DEFAULT_COPY_WAVES",
     "DEFAULT_MAX_MESSAGES",
     "DEFAULT_PACK_THRESHOLD",
     "STAGING",
+    "CopyOrder",
     "Copies",
     "Kernels",
     "Layout",
@@ -50,11 +53,13 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "build_schedule",
+    "copy_order",
 ]
 
 ALIGN = 16  # staging blocks start 16-byte aligned (any dtype view, vector copies)
 DEFAULT_PACK_THRESHOLD = 1 << 20  # rows below 1 MiB are packed per peer
 DEFAULT_MAX_MESSAGES = 1024
+DEFAULT_COPY_WAVES = 8  # waves of ordered local copies per phase at most (stash: ~1/8 more)
 STAGING = -1  # the buffer id of a rank's staging buffer
 _I64 = np.int64
 
@@ -246,6 +251,8 @@ class Schedule:
     pack_threshold: int
     max_messages: int
     one_sided: bool
+    copy_waves: int = 0
+    order: CopyOrder | None = field(default=None, repr=False)
     _ranks: dict = field(default_factory=dict, repr=False)
     _linked: bool = False
 
@@ -311,6 +318,7 @@ def build_schedule(
     transactional: bool = True,
     max_messages_per_round: int = DEFAULT_MAX_MESSAGES,
     one_sided: bool = False,
+    copy_waves: int = DEFAULT_COPY_WAVES,
 ) -> Schedule:
     """The rounds of whole layers, identical on every rank (computed from the global plan).
 
@@ -318,10 +326,12 @@ def build_schedule(
     rank's staging for it fits the bound; otherwise all its tensors travel as their own
     messages (staging then only holds rows that cannot be written in place, at most one
     layer). ``one_sided``: the receiver reads the sender's rows itself, so nothing is packed
-    (a sender has no staging its peers read). Raises ValueError when a single layer cannot
-    fit an explicit ``staging_bytes``; its ``required`` attribute is a ``staging_bytes``
-    that fits (the largest layer's need).
+    (a sender has no staging its peers read). ``copy_waves``: waves of ordered local copies
+    per phase at most (see :class:`CopyOrder`: fewer waves stash more rows). Raises ValueError
+    when a single layer cannot fit an explicit ``staging_bytes``; its ``required`` attribute
+    is a ``staging_bytes`` that fits (the largest layer's need).
     """
+    copy_waves = check_count(copy_waves, "copy_waves")
     if plan.num_layers != layout.num_layers:
         raise ValueError(
             f"the plan has {plan.num_layers} layers but the layout {layout.num_layers}"
@@ -347,8 +357,9 @@ def build_schedule(
     unsafe = changed if transactional else needed  # rows that may not be written before C
     tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
     full = _sizes(layout, False, thr)[0]  # aligned bytes of a whole row (every tensor on its own)
-    cycles, tcount = _phase_c_copies(plan, transactional)
-    stash = cycles * full[:, None]
+    order = copy_order(plan, transactional, copy_waves)
+    tcount = order.count
+    stash = order.stash_rows * full[:, None]
     staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
     key = _distinct((tl * n + ts) * n + td)  # (layer, src, dst) with transfers
     pairs = np.stack([key // (n * n), key // n % n, key % n])
@@ -424,16 +435,38 @@ def build_schedule(
         pack_threshold=thr,
         max_messages=int(max_messages_per_round),
         one_sided=bool(one_sided),
+        copy_waves=copy_waves,
+        order=order,
     )
 
 
-def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
-    """Per (layer, rank), from the global plan: (cycles among the old-content copies that
-    phase C applies, i.e. stash rows; number of those copies). The rank schedules execute
-    exactly these."""
+@dataclass(frozen=True)
+class CopyOrder:
+    """How phase C runs the old-content copies of a rearrangement (global, the same on every
+    rank), aligned with the plan's ``c_*`` arrays.
+
+    Rows read by a copy of phase C and written by another form chains and cycles (a row is
+    written by at most one copy). Walking up from a row to the row its content comes from gives
+    each row a depth: 0 at the start of a chain, or at the smallest row of a cycle (which is
+    cut there). A row that is written, read, and at a depth that is a multiple of ``waves``
+    is *stashed*: phase A saves it to staging and its readers read the saved copy. A copy
+    writing a row of depth ``d`` runs in wave ``0`` if ``d % waves == 0``, else
+    ``waves - d % waves``: every copy runs after the copies that read the row it overwrites,
+    a phase has at most ``waves`` waves, and about one row in ``waves`` of a long chain or
+    cycle is copied once more (into the stash)."""
+
+    ordered: np.ndarray  # per c copy: old content into a row read or live (phase C, ordered)
+    wave: np.ndarray  # per c copy: its wave (-1: not ordered)
+    from_stash: np.ndarray  # per c copy: reads its source from the stash
+    stashed: np.ndarray  # per node (layer, rank, row) flattened: saved in phase A
+    stash_rows: np.ndarray  # (layers, ranks): rows stashed
+    count: np.ndarray  # (layers, ranks): ordered copies
+
+
+def copy_order(plan: RearrangementPlan, transactional: bool, waves: int = DEFAULT_COPY_WAVES):
+    """The :class:`CopyOrder` of ``plan`` (vectorised: pointer doubling over every row)."""
     L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
-    cycles = np.zeros((L, n), dtype=_I64)
-    count = np.zeros((L, n), dtype=_I64)
+    N = L * n * P
     cl, cr, cs, cd, cn = (
         plan.c_layer,
         plan.c_rank,
@@ -441,16 +474,56 @@ def _phase_c_copies(plan: RearrangementPlan, transactional: bool):
         plan.c_dst_row,
         plan.c_src_is_new,
     )
+    stash_rows = np.zeros((L, n), dtype=_I64)
+    count = np.zeros((L, n), dtype=_I64)
+    wave = np.full(cl.size, -1, dtype=_I64)
+    from_stash = np.zeros(cl.size, dtype=bool)
+    stashed = np.zeros(N, dtype=bool)
     if cl.size:
         unsafe = (plan.changed if transactional else plan.source_needed).reshape(L, n, P)
         tc = ~cn & unsafe[cl, cr, cd]
-        parent = np.full(L * n * P, -1, dtype=_I64)
         node = (cl * n + cr) * P
-        parent[node[tc] + cd[tc]] = node[tc] + cs[tc]
-        heads = _cycle_heads(parent)
-        np.add.at(cycles, (heads // (n * P), heads // P % n), 1)
+        src, dst = node[tc] + cs[tc], node[tc] + cd[tc]
+        wave[tc], from_stash[tc], stashed = order_copies(src, dst, N, waves)
         np.add.at(count, (cl[tc], cr[tc]), 1)
-    return cycles, count
+        hit = np.flatnonzero(stashed)
+        np.add.at(stash_rows, (hit // (n * P), hit // P % n), 1)
+    else:
+        tc = np.zeros(0, dtype=bool)
+    return CopyOrder(tc, wave, from_stash, stashed, stash_rows, count)
+
+
+def order_copies(src: np.ndarray, dst: np.ndarray, nodes: int, waves: int):
+    """The rule of :class:`CopyOrder` for copies ``src[k] -> dst[k]`` among ``nodes`` rows
+    (every ``dst`` distinct): (wave per copy, reads the stash per copy, stashed per row)."""
+    parent = np.full(nodes, -1, dtype=_I64)
+    parent[dst] = src
+    depth = _depths(parent)
+    read = np.zeros(nodes, dtype=bool)
+    read[src] = True
+    stashed = (parent >= 0) & read & (depth % waves == 0)
+    r = depth[dst] % waves
+    return np.where(r == 0, 0, waves - r), stashed[src], stashed
+
+
+def _phase_c_copies(plan: RearrangementPlan, transactional: bool, waves: int = DEFAULT_COPY_WAVES):
+    """Per (layer, rank): (rows stashed, ordered copies) of phase C (see :class:`CopyOrder`)."""
+    o = copy_order(plan, transactional, waves)
+    return o.stash_rows, o.count
+
+
+def _depths(parent: np.ndarray) -> np.ndarray:
+    """Steps from every node up ``parent`` (node -> node, -1: none) to the start of its chain,
+    or to the smallest node of its cycle (each cycle cut there)."""
+    n = len(parent)
+    p = np.where(parent >= 0, parent, np.arange(n, dtype=_I64))
+    heads = _cycle_heads(parent)
+    p[heads] = heads
+    d = (p != np.arange(n)).astype(_I64)
+    for _ in range(max(1, int(n).bit_length()) + 1):
+        d = d + d[p]
+        p = p[p]
+    return d
 
 
 def _cycle_heads(parent: np.ndarray) -> np.ndarray:
@@ -478,50 +551,6 @@ def _distinct(a: np.ndarray) -> np.ndarray:
     if a.size:
         a = a[np.append(True, a[1:] != a[:-1])]
     return a
-
-
-def _order_copies(copies: list):
-    """Order old-content copies (src, dst) so every row is read before it is written.
-
-    Rows form chains and cycles (a row is written by at most one copy); the smallest row of
-    each cycle is saved first (the stash) and its readers read the saved copy. Returns
-    (stash rows, [(src, j, dst)]) with j the stash index of src, or -1 to read row src.
-    """
-    if not copies:
-        return [], []
-    # cycles of dst -> src (a few rows: plain Python beats numpy calls here)
-    parent = {dst: src for src, dst in copies}
-    seen: dict = {}
-    heads = []
-    for start in parent:
-        path = []
-        x = start
-        while x in parent and x not in seen:
-            seen[x] = start
-            path.append(x)
-            x = parent[x]
-        if seen.get(x) == start and x in parent:  # this walk closed a cycle at x
-            heads.append(min(path[path.index(x) :]))
-    stash = sorted(heads)
-    slot = {r: j for j, r in enumerate(stash)}
-    writer = {dst: k for k, (_, dst) in enumerate(copies)}
-    readers: dict = {}
-    for src, _ in copies:
-        if src not in slot:
-            readers[src] = readers.get(src, 0) + 1
-    ready = [k for k, (_, dst) in enumerate(copies) if not readers.get(dst)]
-    order = []
-    while ready:
-        k = ready.pop()
-        src, dst = copies[k]
-        order.append((src, slot.get(src, -1), dst))
-        if src not in slot:
-            readers[src] -= 1
-            if readers[src] == 0 and src in writer:
-                ready.append(writer[src])
-    if len(order) != len(copies):  # cannot happen: one stash row per cycle breaks them all
-        raise AssertionError(f"local copies could not be ordered: {copies}")
-    return stash, order
 
 
 def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarray):
@@ -554,7 +583,7 @@ class _LayerWork:
     recv_rows: list  # dst rows of the staged receives, by j
     copies_a: list  # (src, dst): phase A, into rows nobody reads (non-transactional)
     stash_src: list  # phase A: old rows saved into the stash blocks (one per copy cycle)
-    copies_c: list  # (src, j, dst): phase C first, old content, read before written
+    copies_c: list  # (src, j, dst, wave): phase C first, old content, by wave (CopyOrder)
     copies_new: list  # (src, dst): phase C last, duplicates of rows new in this layer
     send_msgs: list  # (peer, first src row, rows)
     recv_msgs: list  # (peer, first src row, first dst row, first j or -1, rows)
@@ -591,9 +620,14 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     r_starts, r_len = _runs(rp, rs, staged_r, rl)
     o = np.argsort(rv.c_layer, kind="stable")
     cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
+    order = sched.order
+    mine = np.flatnonzero(plan.c_rank == rank)[o]  # the same copies in the plan's order
+    cwave, cstash = order.wave[mine], order.from_stash[mine]
     # 0: duplicate of a new row (phase C last), 1: into a row nobody reads (phase A),
     # 2: old content into a row that is read or live (phase C first, ordered)
-    ckind = np.where(cn, 0, np.where(unsafe_all[cl * nP + rank * P + cd], 2, 1))
+    ckind = np.where(cn, 0, np.where(order.ordered[mine], 2, 1))
+    node0 = np.asarray(layers, dtype=_I64) * nP + rank * P
+    stashed = order.stashed
     lay = np.asarray(layers, dtype=_I64)
     # per layer: [start, end) of its transfers/copies, and of its runs
     sb, rb_, cb = (
@@ -606,6 +640,7 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     sp_l, ss_l = sp.tolist(), ss.tolist()
     rp_l, rs_l, rd_l, stg_l = rp.tolist(), rs.tolist(), rd.tolist(), staged_r.tolist()
     cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
+    cw_l, cf_l = cwave.tolist(), cstash.tolist()
     s_starts, s_len, r_starts, r_len = (
         s_starts.tolist(),
         s_len.tolist(),
@@ -630,11 +665,18 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
         i0, i1 = rrb[k]
         recv_msgs = [recvs[x - a] + (m,) for x, m in zip(r_starts[i0:i1], r_len[i0:i1])]
         a, b = cb[k]
-        lists: tuple = ([], [], [])  # new, copies_a, to order
-        for src, dst, kind in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b]):
-            lists[kind].append((src, dst))
-        new, copies_a, tc = lists
-        stash_src, copies_c = _order_copies(tc)
+        new, copies_a, tc = [], [], []
+        for src, dst, kind, wv, fs in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b], cw_l[a:b], cf_l[a:b]):
+            if kind == 2:
+                tc.append((wv, src, fs, dst))
+            elif kind == 1:
+                copies_a.append((src, dst))
+            else:
+                new.append((src, dst))
+        base = int(node0[k])
+        stash_src = np.flatnonzero(stashed[base : base + P]).tolist() if tc else []
+        slot = {r: j for j, r in enumerate(stash_src)}
+        copies_c = [(src, slot[src] if fs else -1, dst, wv) for wv, src, fs, dst in sorted(tc)]
         out[layer] = _LayerWork(
             layer,
             big,
@@ -661,7 +703,7 @@ class _RoundBuilder:
         self.parts = index_parts
         self.pos = index_pos
         self.kern: dict = {}  # (phase, kind, what) -> list of rows
-        self.copies: dict = {}  # phase name -> list of rows
+        self.copies: dict = {}  # phase name -> list of [k, 5] row arrays
         self.msgs = {"s": [], "r": []}
 
     def take(self, n: int) -> int:
@@ -678,8 +720,13 @@ class _RoundBuilder:
     def kernel(self, key, buf, idx, count, stage, rb) -> None:
         self.kern.setdefault(key, []).append((buf, idx, count, stage, rb))
 
-    def copy(self, key, dst_buf, dst_off, src_buf, src_off, n) -> None:
-        self.copies.setdefault(key, []).append((dst_buf, dst_off, src_buf, src_off, n))
+    def copies_of(self, key, dst_buf, dst_off, src_buf, src_off, n) -> None:
+        """Copies ``n`` bytes ``(src_buf, src_off) -> (dst_buf, dst_off)``, element by element
+        of arrays of one shape (or scalars broadcast against them)."""
+        cols = np.broadcast_arrays(
+            *(np.asarray(x, dtype=_I64) for x in (dst_buf, dst_off, src_buf, src_off, n))
+        )
+        self.copies.setdefault(key, []).append(np.stack([c.reshape(-1) for c in cols], axis=1))
 
     def kernels_op(self, key) -> Kernels | None:
         rows = self.kern.get(key)
@@ -692,7 +739,9 @@ class _RoundBuilder:
         rows = self.copies.get(key)
         if not rows:
             return None
-        a = np.asarray(rows, dtype=_I64).reshape(-1, 5)
+        a = np.concatenate(rows) if len(rows) > 1 else rows[0]
+        if not len(a):
+            return None
         return Copies(
             a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], reads_new=reads_new, ordered=ordered
         )
@@ -789,8 +838,8 @@ def _stage_layer(b: _RoundBuilder, w: _LayerWork, rb) -> _LayerStaging:
     copy_block, c_src_ix, c_dst_ix = {}, -1, -1
     if w.copies_c and w.small and not w.stash_src:
         copy_block = {i: b.take(len(w.copies_c) * rb[i]) for i in w.small}
-        c_src_ix = b.index([src for src, _, _ in w.copies_c])
-        c_dst_ix = b.index([dst for _, _, dst in w.copies_c])
+        c_src_ix = b.index([c[0] for c in w.copies_c])
+        c_dst_ix = b.index([c[2] for c in w.copies_c])
     packs = {}
     for tag, pairs in (("s", w.sends), ("r", [(p, d) for p, _, d, _ in w.recvs])):
         if w.small and pairs:
@@ -816,9 +865,8 @@ def _pack(b: _RoundBuilder, w: _LayerWork, rb, pairs) -> tuple:
 
 def _lay_out_pre(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
     """Phase A: local copies into rows nobody reads; the stash; packed sends."""
-    for src, dst in w.copies_a:
-        for i in range(len(rb)):
-            b.copy("a", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+    if w.copies_a:
+        _row_copies(b, "a", np.asarray(w.copies_a, dtype=_I64), rb, fb, range(len(rb)))
     for i, off in st.stash_block.items():
         b.kernel(("pre", "gather", "stash"), fb + i, st.stash_ix, len(w.stash_src), off, rb[i])
     if "s" in st.packs:
@@ -872,29 +920,34 @@ def _lay_out_post(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStagin
         _, blocks, ix, cnt = st.packs["r"]
         for i in w.small:
             b.kernel(("post", "scatter", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
-    for src, dst in w.copies_new:
-        for i in range(len(rb)):
-            b.copy("new", fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
+    if w.copies_new:
+        _row_copies(b, "new", np.asarray(w.copies_new, dtype=_I64), rb, fb, range(len(rb)))
+
+
+def _row_copies(b: _RoundBuilder, key, pairs: np.ndarray, rb, fb: int, tensors) -> None:
+    """Whole-row copies ``pairs[:, 0] -> pairs[:, 1]`` (rows of this rank) of ``tensors``."""
+    t = np.asarray(list(tensors), dtype=_I64)
+    r = np.asarray(rb, dtype=_I64)[t]
+    src, dst = pairs[:, :1], pairs[:, 1:2]
+    b.copies_of(key, fb + t, dst * r, fb + t, src * r, r)
 
 
 def _copy_waves(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
-    """The row-by-row old-content copies as waves that may run at once (one batch each): a
-    copy that overwrites a row a copy of the current wave reads starts the next wave (the
-    order reads every row before it is written, so nothing else can conflict)."""
-    rows = [i for i in range(len(rb)) if i not in st.copy_block]
-    wave, reads = 0, set()
-    for src, j, dst in w.copies_c:
-        if dst in reads:
-            wave, reads = wave + 1, set()
-        if j < 0:
-            reads.add(src)
-        for i in rows:
-            if j < 0:
-                b.copy(("c", wave), fb + i, dst * rb[i], fb + i, src * rb[i], rb[i])
-            else:
-                b.copy(
-                    ("c", wave), fb + i, dst * rb[i], STAGING, st.stash_block[i] + j * rb[i], rb[i]
-                )
+    """The row-by-row old-content copies, one op per wave of :class:`CopyOrder` (the copies
+    of a wave are independent; the waves of every layer of the round run together)."""
+    t = np.asarray([i for i in range(len(rb)) if i not in st.copy_block], dtype=_I64)
+    if not t.size:
+        return
+    c = np.asarray(w.copies_c, dtype=_I64)  # (src, j, dst, wave)
+    r = np.asarray(rb, dtype=_I64)[t]
+    stash = np.asarray([st.stash_block.get(int(i), 0) for i in t], dtype=_I64)
+    src, j, dst = c[:, :1], c[:, 1:2], c[:, 2:3]
+    from_row = j < 0
+    src_buf = np.where(from_row, fb + t, STAGING)
+    src_off = np.where(from_row, src * r, stash + j * r)
+    for wave in _distinct(c[:, 3]).tolist():
+        m = c[:, 3] == wave
+        b.copies_of(("c", wave), fb + t, dst[m] * r, src_buf[m], src_off[m], r)
 
 
 def _link(ranks: list, nrounds: int) -> None:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import expert_map
+from ._checks import check_bool, check_count, check_row_bytes, expert_map
+from .copytables import Phase, rank_phases
 from .planner import RearrangementPlan, plan_rearrangement
 from .schedule import (
-    ALIGN,
     STAGING,
-    Copies,
-    Kernels,
     Layout,
     RankSchedule,
     Schedule,
@@ -217,90 +215,53 @@ def _write(m: _Rank, c, vals: list, what: str, live_ok: bool) -> None:
     m.over[buf][rows] = True
 
 
-def _run_copies(sched, m: _Rank, op: Copies, where: str, live_ok: bool) -> None:
+def _run_wave(sched, m: _Rank, t, reads_new: bool, where: str, live_ok: bool) -> None:
+    """One wave of a phase's copy table: independent copies (none reads or writes what
+    another writes), each whole rows of the tensor it reads or writes."""
     rbytes = sched.layout.buf_row_bytes()
     cells = []
-    for q in range(len(op)):
+    for q in range(len(t)):
         what = f"{where} copy {q}"
-        sb, db = int(op.src_buf[q]), int(op.dst_buf[q])
+        sb, db = int(t.src_buf[q]), int(t.dst_buf[q])
         wb = db if db != STAGING else sb
         if wb == STAGING:
             raise ScheduleError(f"{what}: a copy from staging to staging")
+        if not 0 <= wb < rbytes.size:
+            raise ScheduleError(f"{what}: no buffer {wb}")
         rb = int(rbytes[wb])
         cells.append(
             (
-                _rows_of(sched, m.rs, sb, int(op.src_off[q]), int(op.nbytes[q]), rb, what),
-                _rows_of(sched, m.rs, db, int(op.dst_off[q]), int(op.nbytes[q]), rb, what),
+                _rows_of(sched, m.rs, sb, int(t.src_off[q]), int(t.nbytes[q]), rb, what),
+                _rows_of(sched, m.rs, db, int(t.dst_off[q]), int(t.nbytes[q]), rb, what),
                 what,
             )
         )
-    if not op.ordered:  # independent copies: no copy may read or write what another writes
-        wr: set = set()
-        for src, dst, what in cells:
-            d = _keys(dst)
-            if d & wr or _keys(src) & wr:
-                raise ScheduleError(f"{what}: depends on another copy of an unordered batch")
-            wr |= d
-        for src, _, what in cells:
-            if _keys(src) & wr:
-                raise ScheduleError(
-                    f"{what}: reads a row another copy of the unordered batch writes"
-                )
+    wr: set = set()
+    for src, dst, what in cells:
+        d = _keys(dst)
+        if d & wr or _keys(src) & wr:
+            raise ScheduleError(f"{what}: depends on another copy of its wave")
+        wr |= d
+    for src, _, what in cells:
+        if _keys(src) & wr:
+            raise ScheduleError(f"{what}: reads a row another copy of its wave writes")
     for src, dst, what in cells:
         _write(
             m,
             dst,
-            _read(m, src, op.reads_new and src[0] == "w", what),
+            _read(m, src, reads_new and src[0] == "w", what),
             what,
             live_ok or dst[0] == "s",
         )
 
 
-def _run_kernels(sched, m: _Rank, op: Kernels, where: str, live_ok: bool) -> None:
-    rbytes = sched.layout.buf_row_bytes()
-    wbytes = sched.layout.buf_word_bytes()
-    rs = m.rs
-    for q in range(len(op)):
-        what = f"{where} {op.kind} kernel {q} ({op.what})"
-        buf, rb = int(op.buf[q]), int(op.row_bytes[q])
-        a, cnt, stg = int(op.idx[q]), int(op.count[q]), int(op.stage[q])
-        if not 0 <= buf < rbytes.size:
-            raise ScheduleError(f"{what}: no buffer {buf}")
-        word = int(wbytes[buf])
-        if stg % ALIGN or rb % word:
-            raise ScheduleError(
-                f"{what}: staging offset {stg} not {ALIGN}-byte aligned or rows of {rb} B not whole words of {word} B"
-            )
-        if a < 0 or a + cnt > rs.index.size:
-            raise ScheduleError(
-                f"{what}: index range [{a}, {a + cnt}) outside the index of {rs.index.size}"
-            )
-        rows = rs.index[a : a + cnt]
-        if op.kind == "scatter" and np.unique(rows).size != cnt:  # a gather may read a row twice
-            raise ScheduleError(f"{what}: rows {rows.tolist()} written twice within one kernel")
-        if cnt and (rows.min() < 0 or rows.max() >= sched.layout.rows):
-            raise ScheduleError(f"{what}: rows {rows.tolist()} out of range")
-        _rows_of(sched, rs, buf, 0, rb, rb, what)  # the buffer's row size
-        wcells = ("w", buf, rows.astype(_I64))
-        scells = _rows_of(sched, rs, STAGING, stg, cnt * rb, rb, what)
-        if op.kind == "gather":
-            _write(m, scells, _read(m, wcells, False, what), what, True)
-        elif op.kind == "scatter":
-            _write(m, wcells, _read(m, scells, False, what), what, live_ok)
-        else:
-            raise ScheduleError(f"{what}: unknown kernel kind {op.kind!r}")
-
-
-def _run_phase(sched, m: _Rank, ops: list, k: int, phase: str) -> None:
+def _run_phase(sched, m: _Rank, ph: Phase, k: int, phase: str) -> None:
+    """A phase as the executor runs it: the same copy table (copytables.rank_phases), wave by
+    wave."""
     live_ok = phase == "post" or not sched.transactional
-    for j, op in enumerate(ops):
-        where = f"round {k} rank {m.rs.rank} {phase} op {j}"
-        if isinstance(op, Copies):
-            _run_copies(sched, m, op, where, live_ok)
-        elif isinstance(op, Kernels):
-            _run_kernels(sched, m, op, where, live_ok)
-        else:
-            raise ScheduleError(f"{where}: unknown op {type(op).__name__}")
+    for w in range(ph.waves):
+        where = f"round {k} rank {m.rs.rank} {phase} wave {w} ({ph.what[w]})"
+        _run_wave(sched, m, ph.wave(w), ph.reads_new[w], where, live_ok)
 
 
 def _exchange(sched: Schedule, mems: list, k: int) -> None:
@@ -376,12 +337,14 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
     :class:`ScheduleError` when: a pair's send and receive sequences differ (count, sizes,
     order) or a message's two ends disagree; an op reads a row's old content after it was
     overwritten, or a duplicate reads a row not yet written; concurrent ops touch the same
-    bytes (the messages of a round, the rows of one kernel, an unordered batch of copies);
+    bytes (the messages of a round, the copies of one wave of a phase's copy table: the
+    tables the executor uploads, from :func:`~eplb_pynccl.copytables.rank_phases`);
     staging is used beyond its size, read where nothing (or something else) was written, or
     the rank's staging and index exceed the bound; in transactional mode a live row is written
     before its round's exchange completed; a range is not whole rows of one buffer; or the
     final rows are not exactly those of ``new_map``. Returns per-rank figures.
     """
+    cell = check_count(cell, "cell")
     plan, layout = sched.plan, sched.layout
     old = np.asarray(old_map)
     new = np.asarray(new_map)
@@ -395,12 +358,18 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
                 f"the bound of {sched.staging_bound} B"
             )
         mems.append(_Rank(sched, rs, old, cell))
+    phases = []
+    for rs in ranks:
+        try:
+            phases.append(rank_phases(rs, STAGING))
+        except ValueError as e:
+            raise ScheduleError(f"rank {rs.rank}: {e}") from None
     for k in range(len(sched.rounds)):
-        for m in mems:
-            _run_phase(sched, m, m.rs.rounds[k].pre, k, "pre")
+        for m, ph in zip(mems, phases):
+            _run_phase(sched, m, ph[k][0], k, "pre")
         _exchange(sched, mems, k)
-        for m in mems:
-            _run_phase(sched, m, m.rs.rounds[k].post, k, "post")
+        for m, ph in zip(mems, phases):
+            _run_phase(sched, m, ph[k][1], k, "post")
     first = layout.first_buf
     for m in mems:
         r = m.rs.rank
@@ -464,8 +433,22 @@ def simulate_rearrangement(
     bad = set(opts) - _SHUFFLER_OPTS
     if bad:
         raise TypeError(f"unknown option(s) {sorted(bad)}; known: {sorted(_SHUFFLER_OPTS)}")
+    row_bytes = check_row_bytes(row_bytes)
+    cell = check_count(cell, "cell")
+    if opts.get("staging_bytes") is not None:  # None: one layer (the shuffler's default)
+        opts["staging_bytes"] = check_count(opts["staging_bytes"], "staging_bytes", minimum=0)
+    for key, minimum in (("pack_threshold", 0), ("max_messages_per_round", 1)):
+        if key in opts:
+            opts[key] = check_count(opts[key], key, minimum=minimum)
+    for key in ("transactional", "one_sided"):
+        if key in opts:
+            opts[key] = check_bool(opts[key], key)
     rpn = opts.pop("ranks_per_node", None)
     plan = plan_rearrangement(old_map, new_map, ep_size, ranks_per_node=rpn)
+    if len(row_bytes) != plan.num_layers:
+        raise ValueError(
+            f"row_bytes has {len(row_bytes)} layers but old_map/new_map have {plan.num_layers}"
+        )
     layout = Layout.of(row_bytes, plan.slots_per_rank)
     sched = build_schedule(plan, layout, **opts)
     return simulate_schedule(sched, old_map, new_map, cell=cell)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _optional
 from ._checks import check_timeout
-from ._deadline import DEFAULT_TIMEOUT, default_timeout
+from ._deadline import DEFAULT_TIMEOUT, Deadline, default_timeout, poll_until
 from .communicator import Communicator
 
 if TYPE_CHECKING:
@@ -62,6 +62,11 @@ class TransportRound(abc.ABC):
 
     def end_event(self):
         """A CUDA event recorded when the round's work on this rank completed (profiling), or None."""
+        return None
+
+    def release(self) -> None:
+        """Free what the round holds beyond memory (captured graphs), once it is not needed
+        again; work of it still in flight completes first. The default holds nothing."""
         return None
 
 
@@ -146,25 +151,34 @@ def _record(stream):
     return ev
 
 
-class _ExchangeRound(TransportRound):
-    """A round through ``transport.exchange``; CUDA rounds complete with an event."""
+class _EventRound(TransportRound):
+    """A round enqueued on a CUDA stream (or run on the host) that is complete once one event
+    recorded after it has: ``done()`` is one event query. ``_issue`` enqueues the round;
+    ``_settled()`` is False while the transport is still handing it to the stream (a
+    non-blocking NCCL group): the event is then recorded at the first ``done()`` after."""
 
-    def __init__(self, transport: Transport, sends, recvs) -> None:
-        self.t = transport
-        self.sends, self.recvs = sends, recvs
-        self.peers = round_peers(sends, recvs)
-        self._event = None
+    t: Transport
+    _stream = None
+    _event = None
+
+    def _issue(self, stream, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _settled(self) -> bool:
+        return True
 
     def launch(self, stream, deadline: float) -> None:
-        self.t.exchange(
-            self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic())
-        )
-        if stream is not None:
-            self._event = _record(stream)
+        self._issue(stream, deadline)
+        self._stream = stream
+        self._event = _record(stream) if stream is not None and self._settled() else None
 
     def done(self) -> bool:
-        if self._event is None:
+        if self._stream is None:  # not launched, or a host round: complete when launch returned
             return True
+        if self._event is None:
+            if not self._settled():
+                return False
+            self._event = _record(self._stream)
         if self._event.query():
             return True
         self.t.poll_error()
@@ -172,6 +186,20 @@ class _ExchangeRound(TransportRound):
 
     def end_event(self):
         return self._event
+
+
+class _ExchangeRound(_EventRound):
+    """A round through ``transport.exchange``."""
+
+    def __init__(self, transport: Transport, sends, recvs) -> None:
+        self.t = transport
+        self.sends, self.recvs = sends, recvs
+        self.peers = round_peers(sends, recvs)
+
+    def _issue(self, stream, deadline: float) -> None:
+        self.t.exchange(
+            self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic())
+        )
 
 
 class NcclTransport(Transport):
@@ -247,35 +275,21 @@ class NcclTransport(Transport):
         return [host[i * n : (i + 1) * n] for i in range(self.world_size)]
 
 
-class _NcclRound(TransportRound):
+class _NcclRound(_EventRound):
+    """One prepared NCCL group; a non-blocking communicator's launch settles lazily."""
+
     def __init__(self, t: NcclTransport, sends, recvs) -> None:
         self.t = t
         self.peers = round_peers(sends, recvs)
         self.batch = t.comm.prepare_p2p([(b, p) for p, b in sends], [(b, p) for p, b in recvs])
-        self._event = None
-        self._stream = None
         # NCCL calls per launch: group start/end + one per message, and the end event
         self.host_calls = (2 + len(sends) + len(recvs) if (sends or recvs) else 0) + 1
 
-    def launch(self, stream, deadline: float) -> None:
+    def _issue(self, stream, deadline: float) -> None:
         self.batch.launch(stream.cuda_stream)
-        self._stream = stream
-        # a non-blocking communicator may still be handing the launch to the stream: the
-        # round's end event is recorded once it has (in done()), never before
-        self._event = _record(stream) if self.t.comm.launch_settled() else None
 
-    def done(self) -> bool:
-        if self._event is None:
-            if not self.t.comm.launch_settled():
-                return False
-            self._event = _record(self._stream)
-        if self._event.query():
-            return True
-        self.t.poll_error()
-        return False
-
-    def end_event(self):
-        return self._event
+    def _settled(self) -> bool:
+        return self.t.comm.launch_settled()
 
 
 class TorchTransport(Transport):
@@ -406,17 +420,15 @@ class TorchTransport(Transport):
         s = stream or torch.cuda.current_stream()
         ev = torch.cuda.Event()
         ev.record(s)
-        t = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + t
-        delay = 1e-5
-        while not ev.query():
-            if time.monotonic() > deadline:
-                self.abort(f"stream work not done after {t:.3g} s")
-                raise TimeoutError(
-                    f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+        t = self.timeout if timeout is None else check_timeout(timeout)
+
+        def expired() -> None:
+            self.abort(f"stream work not done after {t:.3g} s")
+            raise TimeoutError(
+                f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted"
+            )
+
+        poll_until(ev.query, Deadline(t), expired)
 
     def abort(self, why: str = "aborted by the caller") -> None:
         if self._failed is not None:

@@ -219,6 +219,22 @@ def test_bad_weights_are_refused_by_the_constructor():
             ValueError,
             "pack_threshold must be >= 0, got -1",
         ),
+        (
+            lambda: ExpertShuffler(t, [[torch.zeros(0, 8)]]),
+            ValueError,
+            r"^expert_weights\[0\]\[0\] is empty \(shape \(0, 8\)\): every weight tensor holds "
+            r"at least one expert row of at least one element$",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good, torch.zeros(4, 0)]]),
+            ValueError,
+            r"^expert_weights\[0\]\[1\] is empty \(shape \(4, 0\)\)",
+        ),
+        (
+            lambda: ExpertShuffler(t, [[good]], transactional="no"),
+            TypeError,
+            r"^transactional must be a bool, got str$",
+        ),
     ]
     for make, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -439,3 +455,55 @@ def test_torch_transport_refuses_timeouts_like_every_other_entry_point():
         "'5'": f"timeout {positive}, got '5'",
         "env nan": f"EPLB_PYNCCL_TIMEOUT {finite}, got nan",
     }
+
+
+# ---- simulate_rearrangement's arguments (issue 22 item 9) ------------------------------
+
+_OLD = np.array([[0, 1, 2, 3]])
+_NEW = np.array([[3, 2, 1, 0]])
+
+
+@pytest.mark.parametrize(
+    "row_bytes, opts, exc, message",
+    [
+        ([[1.5]], {}, TypeError, "row_bytes[0][0] must be an int, got float"),
+        (
+            1.5,
+            {},
+            TypeError,
+            "row_bytes must list, per layer, the bytes of one row of each tensor (a list of "
+            "lists of ints), got float",
+        ),
+        ([[0]], {}, ValueError, "row_bytes[0][0] must be >= 1, got 0"),
+        ([], {}, ValueError, "row_bytes is empty: give at least one layer"),
+        ([[]], {}, ValueError, "row_bytes[0] is empty: every layer has at least one tensor"),
+        ([[8], [8]], {}, ValueError, "row_bytes has 2 layers but old_map/new_map have 1"),
+        ([[8]], {"cell": 0}, ValueError, "cell must be >= 1, got 0"),
+        (
+            [[8]],
+            {"max_messages_per_round": 0},
+            ValueError,
+            "max_messages_per_round must be >= 1, got 0",
+        ),
+        ([[8]], {"pack_threshold": -1}, ValueError, "pack_threshold must be >= 0, got -1"),
+        ([[8]], {"staging_bytes": -3}, ValueError, "staging_bytes must be >= 0, got -3"),
+        ([[8]], {"transactional": "no"}, TypeError, "transactional must be a bool, got str"),
+        ([[8]], {"one_sided": 1}, TypeError, "one_sided must be a bool, got int"),
+    ],
+)
+def test_simulate_rearrangement_refuses_bad_arguments(row_bytes, opts, exc, message):
+    import re
+
+    from eplb_pynccl.simulate import simulate_rearrangement
+
+    with pytest.raises(exc, match=f"^{re.escape(message)}$"):
+        simulate_rearrangement(_OLD, _NEW, 2, row_bytes, **opts)
+
+
+def test_simulate_rearrangement_takes_numpy_ints_and_bools():
+    from eplb_pynccl.simulate import simulate_rearrangement
+
+    out = simulate_rearrangement(
+        _OLD, _NEW, 2, [[np.int64(8)]], transactional=np.bool_(False), staging_bytes=None
+    )
+    assert [r["experts_received"] for r in out] == [2, 2]

@@ -1,5 +1,6 @@
-"""The executor's ordering of local copies (pure, CPU): every row read before it is written,
-one saved row per cycle, and the global stash estimate equal to what each rank executes."""
+"""The ordering of local copies (pure, CPU): every row read before it is written, at most
+``waves`` waves, a saved row in every cycle and about one per ``waves`` rows of a chain, and
+the global stash estimate equal to what each rank executes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb_pynccl.schedule import _cycle_heads, _order_copies
+from eplb_pynccl.schedule import _cycle_heads, order_copies
 
 
 def _cycles_naive(parent):
@@ -37,23 +38,55 @@ def copy_sets(draw):
     return rows, copies
 
 
-@settings(max_examples=400, deadline=None)
-@given(copy_sets())
-def test_order_applies_every_copy_from_old_content(case):
-    rows, copies = case
-    stash, order = _order_copies(copies)
+def _run_waves(rows, copies, waves):
+    """Apply copies by the CopyOrder rule the way the GPU does: the stash first, then wave by
+    wave, every copy of a wave reading before any of that wave writes. Returns the rows and
+    the rule's output."""
+    src = np.array([s for s, _ in copies], dtype=np.int64)
+    dst = np.array([d for _, d in copies], dtype=np.int64)
+    wave, from_stash, stashed = order_copies(src, dst, rows, waves)
     old = np.arange(100, 100 + rows)
     cur = old.copy()
-    saved = [cur[r] for r in stash]  # phase A: the stash
-    for src, j, dst in order:
-        cur[dst] = saved[j] if j >= 0 else cur[src]
+    saved = {int(r): cur[r] for r in np.flatnonzero(stashed)}  # phase A
+    for w in sorted(set(wave.tolist())):
+        k = np.flatnonzero(wave == w)
+        vals = [saved[int(src[q])] if from_stash[q] else cur[src[q]] for q in k]
+        wrote = dst[k]
+        # independent within the wave: nothing it writes is read (from the row) in it
+        direct = src[k][~from_stash[k]]
+        assert not set(wrote.tolist()) & set(direct.tolist()), (copies, w)
+        cur[wrote] = vals
+    return old, cur, wave, stashed
+
+
+@settings(max_examples=400, deadline=None)
+@given(copy_sets(), st.integers(1, 9))
+def test_waves_apply_every_copy_from_old_content(case, waves):
+    rows, copies = case
+    old, cur, wave, stashed = _run_waves(rows, copies, waves)
     for src, dst in copies:
-        assert cur[dst] == old[src], (copies, stash, order)
-    assert sorted(d for _, _, d in order) == sorted(d for _, d in copies)
+        assert cur[dst] == old[src], copies
+    assert wave.size == 0 or (0 <= wave.min() and wave.max() < waves)
     parent = np.full(rows, -1)
     for src, dst in copies:
         parent[dst] = src
-    assert stash == _cycles_naive(parent)  # one saved row per cycle, no more
+    # every cycle keeps a saved row; no row is saved that nobody reads or nobody writes
+    heads = _cycles_naive(parent.tolist())
+    assert all(stashed[h] for h in heads)
+    read = {s for s, _ in copies}
+    assert all(r in read and parent[r] >= 0 for r in np.flatnonzero(stashed))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 12))
+def test_one_long_cycle_takes_ceil_len_over_waves_stashed_rows(length, waves):
+    rows = length + 1  # a cycle through rows 0..length-1 (row length unused)
+    copies = [(i, (i + 1) % length) for i in range(length)] if length > 1 else []
+    old, cur, wave, stashed = _run_waves(rows, copies, waves)
+    if length > 1:
+        assert int(stashed.sum()) == -(-length // waves)
+        assert len(set(wave.tolist())) == min(waves, length)
+        assert cur[:length].tolist() == np.roll(old[:length], 1).tolist()
 
 
 @settings(max_examples=200, deadline=None)
@@ -67,14 +100,9 @@ def test_cycle_heads_match_a_naive_walk(raw):
 def test_a_swap_and_a_three_cycle_with_a_tail():
     # rows 0<->1 swap; 2 -> 3 -> 4 -> 2; row 5 copies row 3 (a reader hanging off the cycle)
     copies = [(1, 0), (0, 1), (2, 3), (3, 4), (4, 2), (3, 5)]
-    stash, order = _order_copies(copies)
-    assert stash == [0, 2]
-    old = np.arange(6) * 10
-    cur = old.copy()
-    saved = [cur[r] for r in stash]
-    for src, j, dst in order:
-        cur[dst] = saved[j] if j >= 0 else cur[src]
-    assert cur.tolist() == [10, 0, 40, 20, 30, 30]
+    old, cur, wave, stashed = _run_waves(6, copies, 8)
+    assert np.flatnonzero(stashed).tolist() == [0, 2]
+    assert (cur - 100).tolist() == [1, 0, 4, 2, 3, 3]
 
 
 @settings(max_examples=60, deadline=None)
@@ -83,26 +111,23 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
     # the staging bound is computed from the global plan on every rank; each rank then orders
     # its own copies: the stash rows and copy counts must be the same numbers
     from eplb_pynccl import plan_rearrangement
-    from eplb_pynccl.schedule import _phase_c_copies
+    from eplb_pynccl.schedule import Layout, _layer_works, _phase_c_copies, build_schedule
     from tests.shuffle_util import random_maps
 
     rng = np.random.default_rng(seed)
     layers = 3
     old, new = random_maps(rng, layers, max(1, ep_size * slots - 1), ep_size, slots, empty_frac=0.1)
     plan = plan_rearrangement(old, new, ep_size)
-    cycles, count = _phase_c_copies(plan, transactional)
-    unsafe = (plan.changed if transactional else plan.source_needed).reshape(layers, ep_size, slots)
+    stash_rows, count = _phase_c_copies(plan, transactional)
+    sched = build_schedule(plan, Layout.of([[8]] * layers, slots), transactional=transactional)
     for rank in range(ep_size):
-        rv = plan.rank_view(rank)
+        works = _layer_works(sched, rank, list(range(layers)))
         for layer in range(layers):
-            m = rv.c_layer == layer
-            tc = [
-                (s, d)
-                for s, d, is_new in zip(rv.c_src_row[m], rv.c_dst_row[m], rv.c_src_is_new[m])
-                if not is_new and unsafe[layer, rank, d]
-            ]
-            stash, order = _order_copies([(int(s), int(d)) for s, d in tc])
-            assert (len(stash), len(order)) == (cycles[layer, rank], count[layer, rank])
+            w = works[layer]
+            assert (len(w.stash_src), len(w.copies_c)) == (
+                stash_rows[layer, rank],
+                count[layer, rank],
+            )
 
 
 def test_runs_break_at_layer_peer_gap_and_unstaged_rows():

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb_pynccl.cluster import Cluster
-from eplb_pynccl.estimate import estimate_rearrangement
+from eplb_pynccl.estimate import estimate_rearrangement, estimate_stages
 from eplb_pynccl.planner import plan_rearrangement, plan_stages, relay_map
 from eplb_pynccl.simulate import simulate_rearrangement
 
@@ -65,6 +65,39 @@ def coinciding_maps(rng, layers, ep, per_rank, hot):
     return out
 
 
+def follower_keys(old, mid, new, ep):
+    """(layer, rank, expert) of the rows the relays serve: where mid keeps the old row."""
+    L, N = old.shape
+    P = N // ep
+    lay, slot = np.nonzero(mid != new)
+    return np.unique((lay * ep + slot // P) * (int(new.max()) + 1) + new[lay, slot])
+
+
+def check_relays_written_first(old, mid, new, stages, ep, rpn):
+    """Stage 2 reads a relayed expert only from a row that stage 1 wrote with it over the
+    network (the relay's write): the followers' node held it nowhere before, so every row
+    stage 2 reads is one that stage 1 produced, and stage 2 runs after stage 1 ends."""
+    (_, _, p1), (_, _, p2) = stages
+    N = old.shape[1]
+    P = N // ep
+    net1 = p1.t_src_rank // rpn != p1.t_dst_rank // rpn
+    relayed = set(
+        zip(
+            p1.t_layer[net1].tolist(),
+            (p1.t_dst_rank[net1] * P + p1.t_dst_row[net1]).tolist(),
+        )
+    )
+    for layer, src, row, e in zip(
+        p2.t_layer.tolist(), p2.t_src_rank.tolist(), p2.t_src_row.tolist(), p2.t_expert.tolist()
+    ):
+        slot = src * P + row
+        assert mid[layer, slot] == e  # stage 2 reads the intermediate placement
+        assert old[layer, slot] != e  # a row stage 1 wrote ...
+        assert (layer, slot) in relayed  # ... over the network: the relay's row
+    # every stage-2 transfer stays inside a node: the relays' rows travel over NVLink
+    assert not np.any(p2.t_src_rank // rpn != p2.t_dst_rank // rpn)
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([16, 32, 64, 128, 256]), st.booleans())
 def test_stages_exact_on_the_virtual_cluster(seed, ep, transactional):
@@ -79,13 +112,31 @@ def test_stages_exact_on_the_virtual_cluster(seed, ep, transactional):
         simulate_rearrangement(
             a, b, ep, [ROW] * a.shape[0], ranks_per_node=8, transactional=transactional
         )
-    base = network_rows(plan_rearrangement(old, new, ep, ranks_per_node=8), 8)
+    base_plan = plan_rearrangement(old, new, ep, ranks_per_node=8)
+    base = network_rows(base_plan, 8)
     deduped = sum(network_rows(p, 8) for _, _, p in stages)
     assert deduped <= base
-    if len(stages) == 2:
-        assert deduped < base
-        # the relays' rows travel over NVLink only in the second stage
-        assert network_rows(stages[1][2], 8) == 0
+    # bytes, exact: the schedules' network bytes drop by one expert per follower (layer,
+    # rank, expert), on the follower's node, and nothing else changes
+    c = Cluster.preset("h100-ib400", nodes=ep // 8)
+    one = estimate_stages([(old, new, base_plan)], ROW, cluster=c)
+    if len(stages) == 1:
+        return
+    mid = stages[0][1]
+    check_relays_written_first(old, mid, new, stages, ep, 8)
+    keys = follower_keys(old, mid, new, ep)
+    E = int(new.max()) + 1
+    f_node = keys // E % ep // 8  # (layer * ep + rank) * E + e  ->  node of the rank
+    assert deduped == base - keys.size
+    two = estimate_stages(stages, ROW, cluster=c)
+    row = sum(ROW)
+    assert one.network_bytes == base * row
+    assert two.network_bytes == (base - keys.size) * row
+    want = one.network_bytes_per_node - row * np.bincount(f_node, minlength=ep // 8)
+    assert two.network_bytes_per_node.tolist() == want.tolist()
+    assert two.stages == 2 and two.rounds == sum(
+        estimate_stages([s_], ROW, cluster=c).rounds for s_ in stages
+    )
 
 
 def test_auto_picks_the_faster():

@@ -271,11 +271,77 @@ def test_estimate_bad_input():
 
 def test_calibration_against_measured_rows():
     """The model against bench/RESULTS.md's measured rows (bench/scale.py): the errors the
-    README states, so a change to the model or the schedule that moves them shows here."""
+    report states, so a change to the model or the schedule that moves them shows here. The
+    two misses are the rows whose measured cause is outside the model (bench/scale.py)."""
     from bench.scale import MEASURED, calibration_rows
 
     rows = calibration_rows()
-    assert len(rows) == len(MEASURED) == 18
-    errs = [abs(r["error_pct"]) for r in rows]
-    assert sum(e <= 25 for e in errs) >= 14
-    assert max(errs) <= 40
+    assert len(rows) == len(MEASURED) == 21
+    missed = [(r["case"], r["method"], r["measured_ms"]) for r in rows if not r["within_25pct"]]
+    assert missed == [
+        ("qwen3 ep4 8L", "eplb_pynccl packed-2L", 34.9),
+        ("dsv3-perm ep1 2L", "eplb_pynccl", 10.5),
+    ]
+    assert max(abs(r["error_pct"]) for r in rows) <= 40
+    # every row with run F's executor host costs (bench/scale.py says why for the EP1 rows)
+    assert {r["cluster"] for r in rows} == {"h100x4-nv18", "h200x1"}
+
+
+def test_bench_model_columns():
+    """The eplb part's model_ms / model_err columns (bench/eplb.py), on the clusters a run
+    can be on: one host's H100s or H200s, or n/a with the reason."""
+    from bench.common import make_maps
+    from bench.eplb import add_model_columns, model_cluster
+
+    c, why = model_cluster(None, 2)
+    assert c is None and why.startswith("gloo on the CPU: no cluster description")
+    c, why = model_cluster("NVIDIA A100-SXM4-80GB", 2)
+    assert c is None and why == (
+        "no cluster description for 'NVIDIA A100-SXM4-80GB' (H100 and H200 are described)"
+    )
+    assert model_cluster("NVIDIA H200", 1)[0].name == "h200x1"
+    c, why = model_cluster("NVIDIA H100 80GB HBM3", 4)
+    assert why is None and (c.name, c.gpus_per_node, c.nodes) == ("h100x4", 4, 1)
+    assert c.host == Cluster.preset("h100-ib400").host  # the executor as it is now
+    old, new = make_maps(0, 2, 256, 288, 4)
+    layer = sum(DSV3_ROW) * 72
+    rows = [
+        {"method": "eplb_pynccl", "time_ms": 50.0},
+        {"method": "vllm-style", "time_ms": 80.0},
+        {"method": "eplb_pynccl/gloo", "time_ms": 3.0},
+    ]
+    add_model_columns(rows, old, new, 4, DSV3_ROW, layer, c, None)
+    for row in rows[:2]:
+        want = predict_eplb_row(old, new, 4, DSV3_ROW, row["method"], cluster=c, layer_bytes=layer)
+        assert row["model_ms"] == want and row["model_cluster"] == "h100x4"
+        assert row["model_err"] == pytest.approx(100 * (want - row["time_ms"]) / row["time_ms"])
+    assert (rows[2]["model_ms"], rows[2]["model_err"]) == ("n/a", "n/a")
+    assert rows[2]["model_note"] == "the model has no 'eplb_pynccl/gloo' executor"
+    # more ranks than the cluster holds: n/a with the model's own message
+    two, _ = model_cluster("NVIDIA H200", 2)
+    r = [{"method": "eplb_pynccl", "time_ms": 1.0}]
+    add_model_columns(r, old, new, 4, DSV3_ROW, layer, two, None)
+    assert r[0]["model_note"].startswith("the model refused: ep_size (4) is larger than")
+    r = [{"method": "eplb_pynccl", "time_ms": 1.0}]
+    add_model_columns(r, old, new, 4, DSV3_ROW, layer, None, "gloo on the CPU")
+    assert (r[0]["model_ms"], r[0]["model_note"]) == ("n/a", "gloo on the CPU")
+
+
+def test_host_profiles():
+    """The presets carry the measured host costs of the executor as it is now (Session 6);
+    run F's executor's are kept for the calibration against run F's rows."""
+    from eplb_pynccl.cluster import HOST_PROFILES
+
+    cur = Cluster.preset("h200-ib400").host
+    assert cur["nccl"].per_round == pytest.approx(0.09e-3 + 0.20e-3 + 3 * 7e-6)
+    nccl = cur["nccl"]
+    assert (nccl.per_op, nccl.per_copy, nccl.setup) == pytest.approx((1.04e-6, 0.0, 5.2e-3))
+    assert cur["ipc"].per_round == pytest.approx(0.52e-3)
+    old = Cluster.preset("h100x4-nv18", host="run-f").host
+    assert (old["nccl"].per_round, old["ipc"].per_round) == pytest.approx((1.3e-3, 2.2e-3))
+    assert cur["torch"] == old["torch"]  # the vLLM-style baseline: unchanged
+    assert set(HOST_PROFILES) == {"current", "run-f"}
+    for name in ("h100-ib400", "gb200-nvl72", "h100x4-nv18", "h200x1"):
+        assert Cluster.preset(name).host == cur
+    with pytest.raises(ValueError, match="host must be one of 'current', 'run-f', got 'new'"):
+        Cluster.preset("h200x1", host="new")

@@ -25,14 +25,20 @@ def _devices(procs):
     return [r % n for r in range(procs)]
 
 
-def _transport(ctx, timeout=30.0):
+def _transport(ctx, timeout=30.0, pull_graphs=True):
     import torch
 
     import eplb_pynccl as ep
 
     torch.cuda.set_device(ctx.device)
     return ep.IpcTransport(
-        ctx.rank, ctx.world_size, ctx.store, device=ctx.device, key=ctx.key("ipc"), timeout=timeout
+        ctx.rank,
+        ctx.world_size,
+        ctx.store,
+        device=ctx.device,
+        key=ctx.key("ipc"),
+        timeout=timeout,
+        pull_graphs=pull_graphs,
     )
 
 
@@ -89,8 +95,14 @@ def _ipc_job(ctx, seed, rearrangements):
         cur = nxt
     kept = ptrs == [[w.data_ptr() for w in ws] for ws in weights]
     opened = len(t._opened)
+    method = t.pull_method
     t.close()
-    after = {"opened": len(t._opened), "events": len(t._events), "peers": len(t._peers)}
+    after = {
+        "opened": len(t._opened),
+        "events": len(t._events),
+        "peers": len(t._peers),
+        "graphs": len(t._graphs),
+    }
     swapped = cur.copy()  # rank 0's and rank 1's first rows trade experts: work in every layer
     swapped[:, [0, P]] = cur[:, [P, 0]]
     try:  # use after close: refused before anything moves
@@ -99,7 +111,7 @@ def _ipc_job(ctx, seed, rearrangements):
     except Exception as e:  # noqa: BLE001 - the exact type is asserted by the test
         refused = f"{type(e).__name__}: {e}"
     torch.cuda.synchronize()
-    return out, kept, opened, after, refused
+    return out, kept, opened, after, refused, method
 
 
 @pytest.mark.parametrize("procs", [2, 4])
@@ -107,13 +119,15 @@ def test_ipc_random_rearrangements_exact(procs):
     results = run_ranks(_ipc_job, procs, 21 + procs, 8, timeout=240, devices=_devices(procs))
     for i in range(8):
         assert sum(r[0][i]["sent"] for r in results) == sum(r[0][i]["recv"] for r in results)
-    for out, kept, opened, after, refused in results:
+    for out, kept, opened, after, refused, method in results:
+        assert method == "graph"  # the pulls were captured (not the batch fallback)
         assert kept, "weight tensors lost their storage"
         for r in out:
             assert r["bad"] == [], r["bad"][:5]
             assert r["peak"] <= r["bound"]
         assert opened >= procs - 1  # at least one allocation of every peer mapped
-        assert after == {"opened": 0, "events": 0, "peers": 0}  # close() released everything
+        # close() released everything
+        assert after == {"opened": 0, "events": 0, "peers": 0, "graphs": 0}
         assert refused == "CommunicatorStateError: this IpcTransport is closed; make a new one", (
             refused
         )
@@ -125,7 +139,7 @@ def _ipc_nontransactional_job(ctx, seed):
     import eplb_pynccl as ep
     from tests.shuffle_util import check_weights, make_weights, random_maps
 
-    t = _transport(ctx)
+    t = _transport(ctx, pull_graphs=False)  # the batch path
     n, rank = ctx.world_size, ctx.rank
     dev = torch.device("cuda", ctx.device)
     specs = torch_specs(torch, GPU_SPECS)

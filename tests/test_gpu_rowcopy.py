@@ -166,3 +166,87 @@ def test_host_calls_do_not_grow_with_tensors_or_layers():
     finally:
         comm.close()
     assert calls[0] == calls[1], calls
+
+
+@pytest.mark.parametrize("ctas", [1, 3, 16, 1000])
+def test_one_launch_runs_dependent_waves_in_order(ctas):
+    """Wave w copies region w into region w + 1 in many small pieces: region W ends equal to
+    region 0 only if every wave saw all of the one before (the grid-wide barrier, loads that
+    bypass L1). Launched again and again: the counters are zero after every launch."""
+    torch = _torch()
+    from eplb_pynccl import copytables as ct
+    from eplb_pynccl._nccl import rowcopy
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    k = rowcopy.kernel(dev.index)
+    waves, region = 7, (3 << 20) + 13  # odd: byte heads and tails in every piece
+    buf = torch.zeros(waves + 1, region, dtype=torch.uint8, device=dev)
+    tabs = [
+        ct.split(
+            ct.CopyTable(
+                *(np.array([v], np.int64) for v in (0, w * region, 0, (w + 1) * region, region))
+            ),
+            4096,
+        )
+        for w in range(waves)
+    ]
+    starts = np.cumsum([0] + [len(t) for t in tabs]).astype(np.int64)
+    entries = ct.resolve(ct.concat(tabs), np.array([buf.data_ptr()], np.int64), 0)
+    words = np.concatenate(
+        [entries.view(np.int64).reshape(-1), starts, np.zeros(rowcopy.SYNC_WORDS, np.int64)]
+    )
+    table = torch.from_numpy(words).to(dev)
+    at = table.data_ptr() + 8 * entries.size
+    launch = k.prepare(
+        table.data_ptr(),
+        int(starts[-1]),
+        ctas,
+        4096,
+        starts_ptr=at,
+        waves=waves,
+        sync_ptr=at + 8 * (waves + 1),
+        max_wave=int(np.diff(starts).max()),
+    )
+    assert launch.grid <= k.multiprocessors and launch.waves == waves
+    s = torch.cuda.Stream(dev)
+    for it in range(20):
+        buf[1:].zero_()
+        buf[0].random_(0, 256)
+        torch.cuda.synchronize()
+        launch.launch(s.cuda_stream)
+        s.synchronize()
+        assert torch.equal(buf[waves], buf[0]), f"launch {it}"
+    sync = table[-rowcopy.SYNC_WORDS :].cpu().tolist()
+    assert sync == [0, 0]
+
+
+def test_host_calls_do_not_grow_with_cycle_length():
+    """One cycle of 4, 16 or 64 rows: with the kernel a round is one launch per phase, and
+    its waves stay within copy_waves (the rows come out exact)."""
+    torch = _torch()
+    import eplb_pynccl as ep
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    comm = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=dev.index)
+    P = 64
+    calls = []
+    try:
+        for length in (4, 16, 64):
+            w = [[torch.arange(P * 96, dtype=torch.float32, device=dev).view(P, 96)]]
+            want = w[0][0].clone()
+            sh = ep.ExpertShuffler(
+                ep.NcclTransport(comm), w, pack_threshold=0, copy_method="kernel"
+            )
+            old = np.arange(P, dtype=np.int64)[None]
+            new = old.copy()
+            new[0, :length] = np.roll(old[0, :length], 1)
+            st = sh.rearrange(old, new)
+            torch.cuda.synchronize()
+            assert torch.equal(w[0][0], want[new[0]]), length
+            assert st.rounds == 1
+            calls.append(st.round_host_calls)
+    finally:
+        comm.close()
+    # one launch for phase A (the stash), one for phase C, the round's end event (nothing to
+    # send at EP1)
+    assert calls == [[3]] * 3, calls

@@ -258,7 +258,7 @@ def test_planted_read_after_overwrite():
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + cs[::-1]
     with pytest.raises(
         ScheduleError,
-        match=r"^round 0 rank 0 post op 1 copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
+        match=r"^round 0 rank 0 post wave 1 \(copies\) copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
     ):
         simulate_schedule(sched, old, new)
     # the three merged into one batch of independent copies depend on each other
@@ -272,7 +272,7 @@ def test_planted_read_after_overwrite():
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + [merged]
     with pytest.raises(
         ScheduleError,
-        match=r"depends on another copy of an unordered batch|reads a row another copy of the unordered batch writes",
+        match=r"depends on another copy of its wave|reads a row another copy of its wave writes",
     ):
         simulate_schedule(sched, old, new)
 
@@ -316,7 +316,7 @@ def test_planted_live_write_before_the_exchange_in_transactional_mode():
     ro.pre.append(copies)
     with pytest.raises(
         ScheduleError,
-        match=r"^round 0 rank 0 pre op \d copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
+        match=r"^round 0 rank 0 pre wave \d \(copies\) copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
     ):
         simulate_schedule(sched, old, new)
 

@@ -86,7 +86,8 @@ _STRUCT_CACHE: dict[tuple[int, int, int], type] = {}
 
 def struct_for(version: tuple[int, int, int]) -> type:
     """A ctypes Structure laid out as the given NCCL version's ncclConfig_t."""
-    key = tuple(version)
+    x, y, z = version  # a list from a caller is fine too
+    key = (x, y, z)
     cls = _STRUCT_CACHE.get(key)
     if cls is None:
         fields = [(f.c_name, _C_TO_CTYPES[f.c_type]) for f in fields_for(key)]
@@ -105,7 +106,7 @@ def available_options(version: tuple[int, int, int]) -> frozenset[str]:
     return frozenset(f.py_name for f in fields_for(version) if f.py_name)
 
 
-def build_config(version: tuple[int, int, int], **options):
+def build_config(version: tuple[int, int, int], **options: int | str | None) -> ctypes.Structure:
     """An ncclConfig_t for ``version`` with the given options set and every other field unset.
 
     ``options`` keys are the exposed names (blocking, cga_cluster_size, min_ctas, max_ctas,
@@ -121,7 +122,7 @@ def build_config(version: tuple[int, int, int], **options):
             setattr(cfg, f.c_name, UNDEF_INT)
     cfg.size = ctypes.sizeof(cls)
     cfg.magic = NCCL_API_MAGIC
-    cfg.version = version_code(tuple(version))
+    cfg.version = version_code(version)
     have = {f.py_name: f for f in fields_for(version) if f.py_name}
     for key, value in options.items():
         if value is None:

@@ -49,7 +49,7 @@ class DLInfo(NamedTuple):
     dtype_lanes: int = 1
 
 
-def read_capsule(capsule) -> DLInfo:
+def read_capsule(capsule: object) -> DLInfo:
     """Describe the tensor in a "dltensor" capsule (DLManagedTensor starts with its DLTensor)."""
     if not _is_valid(capsule, b"dltensor"):
         raise TypeError("__dlpack__() did not return an unconsumed 'dltensor' capsule")

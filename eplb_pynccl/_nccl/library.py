@@ -21,11 +21,13 @@ import importlib.util
 import math
 import os
 import threading
+from collections.abc import Iterable
 from itertools import starmap as _starmap
 from pathlib import Path
+from typing import Any, NoReturn
 
 from .._deadline import poll_until
-from ..errors import NcclLibraryError, NcclTimeoutError, error_class
+from ..errors import NcclError, NcclLibraryError, NcclTimeoutError, error_class
 from . import config as _config
 from .table import (
     FUNCTIONS,
@@ -35,6 +37,9 @@ from .table import (
     NcclUniqueIdStruct,
     Result,
 )
+
+P2POp = tuple[bool, int, int, int]
+"""One point-to-point op: ``(is_send, device pointer, nbytes, peer)``."""
 
 ENV_VAR = "EPLB_PYNCCL_NCCL_SO"
 MIN_VERSION = (2, 19, 0)
@@ -84,7 +89,7 @@ word = _null_offset if WORDS_BY_REF else ctypes.c_void_p
 """``word(v)``: the call argument for a 64-bit value (pointer, size, handle), made in C."""
 
 
-def size_arg(nbytes: int):
+def size_arg(nbytes: int) -> Any:
     """The call argument for a byte count: a plain int when it fits a C int, else a word."""
     if nbytes <= INT_ARG_MAX:
         return nbytes
@@ -135,8 +140,7 @@ def candidate_paths() -> list[tuple[str, str]]:
     for p in _loaded_nccl_paths():
         out.append(("already loaded in this process", p))
     for d in _spec_dirs("nvidia"):
-        p = d / "nccl" / "lib" / SONAME
-        out.append(("nvidia.nccl wheel", str(p)))
+        out.append(("nvidia.nccl wheel", str(d / "nccl" / "lib" / SONAME)))
     for d in _spec_dirs("torch"):
         for name in (SONAME, "libnccl.so"):
             out.append(("torch lib directory", str(d / "lib" / name)))
@@ -151,7 +155,7 @@ class NcclLibrary:
         self.path = path
         self.source = source
         self._cdll = ctypes.CDLL(path)
-        self._fns: dict[str, object] = {}
+        self._fns: dict[str, Any] = {}  # ctypes function pointers
         self.missing: list[str] = []
         for f in FUNCTIONS:
             try:
@@ -175,13 +179,13 @@ class NcclLibrary:
         # enqueue (they never block), and releasing and re-taking the GIL per call costs more
         # than the call. ncclGroupEnd, which may block, still releases it.
         hot = ctypes.PyDLL(path)
-        self._raw_send = hot["ncclSend"] if "ncclSend" not in self.missing else None
-        self._raw_recv = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
+        self._raw_send: Any = hot["ncclSend"] if "ncclSend" not in self.missing else None
+        self._raw_recv: Any = hot["ncclRecv"] if "ncclRecv" not in self.missing else None
         # ncclGroupStart only opens a group (keeps the GIL); ncclGroupEnd may block (it
         # releases it). Both without argtypes: no conversion work per call.
         self._gstart = hot["ncclGroupStart"]
         self._gend = self._cdll["ncclGroupEnd"]
-        self._stream_objs: dict[int, ctypes.c_void_p] = {}
+        self._stream_objs: dict[int, Any] = {}  # word(handle): a C-made c_void_p or a byref
 
     # -- basics -------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -194,7 +198,7 @@ class NcclLibrary:
         except AttributeError:
             return False
 
-    def fn(self, name: str):
+    def fn(self, name: str) -> Any:
         try:
             return self._fns[name]
         except KeyError:
@@ -212,7 +216,9 @@ class NcclLibrary:
         s = self._fns["ncclGetLastError"](comm)
         return s.decode(errors="replace") if s else ""
 
-    def error(self, code: int, function: str, comm: int | None = None, detail: str = ""):
+    def error(
+        self, code: int, function: str, comm: int | None = None, detail: str = ""
+    ) -> NcclError:
         """The NcclError (subclass) for a return code; does not raise."""
         return error_class(code)(
             code, self.error_string(code), self.last_error(comm), function, detail
@@ -281,7 +287,7 @@ class NcclLibrary:
                 raise self.error(r, what, comm)
             return r == NCCL_SUCCESS
 
-        def timed_out():
+        def timed_out() -> NoReturn:
             self.comm_abort(comm)
             raise NcclTimeoutError(
                 Result.ncclTimeout, "operation timed out", "", what, "the communicator was aborted"
@@ -316,7 +322,7 @@ class NcclLibrary:
             raise self.error(rc, "ncclGroupEnd")
         return rc
 
-    def stream_obj(self, stream: int):
+    def stream_obj(self, stream: int) -> Any:
         """The prebuilt call argument for a cudaStream_t handle (cached per handle)."""
         s = self._stream_objs.get(stream)
         if s is None:
@@ -325,18 +331,18 @@ class NcclLibrary:
             s = self._stream_objs[stream] = word(stream)
         return s
 
-    def comm_obj(self, comm: int):
+    def comm_obj(self, comm: int) -> Any:
         """The prebuilt call argument for an ncclComm_t handle."""
         return word(comm)
 
-    def p2p_fn(self, is_send: bool):
+    def p2p_fn(self, is_send: bool) -> Any:
         """The raw ncclSend or ncclRecv (no argtypes: fed prebuilt arguments)."""
         return self._raw_send if is_send else self._raw_recv
 
-    def p2p_error(self, rc: int, fn, comm: int):
+    def p2p_error(self, rc: int, fn: Any, comm: int | None) -> NcclError:
         return self.error(rc, "ncclSend" if fn is self._raw_send else "ncclRecv", comm)
 
-    def issue_calls(self, calls) -> None:
+    def issue_calls(self, calls: Iterable[tuple[Any, Any, int | None]]) -> None:
         """Issue queued calls ``(fn, args, comm)``: a p2p function with its prebuilt arguments
         (see :meth:`p2p_fn`), or ``(None, callable, None)`` for deferred work (a collective, a
         prepared batch). The caller brackets them with group_start/group_end. The hot path:
@@ -349,24 +355,30 @@ class NcclLibrary:
             if rc and rc != NCCL_IN_PROGRESS:
                 raise self.p2p_error(rc, fn, comm)
 
-    def prepare_p2p(self, ops, comm: int) -> PreparedCalls:
+    def prepare_p2p(self, ops: Iterable[P2POp], comm: int) -> PreparedCalls:
         """Prebuilt calls for ops ``(is_send, ptr, nbytes, peer)`` of communicator ``comm``
         (the stream is given per issue)."""
         return PreparedCalls(self, ops, comm)
 
-    def all_reduce(self, sptr, rptr, count, dtype, op, comm, stream) -> int:
+    def all_reduce(
+        self, sptr: int, rptr: int, count: int, dtype: int, op: int, comm: int, stream: int
+    ) -> int:
         return self.check(
             self.fn("ncclAllReduce")(sptr, rptr, count, dtype, op, comm, stream),
             "ncclAllReduce",
             comm,
         )
 
-    def all_gather(self, sptr, rptr, count, dtype, comm, stream) -> int:
+    def all_gather(
+        self, sptr: int, rptr: int, count: int, dtype: int, comm: int, stream: int
+    ) -> int:
         return self.check(
             self.fn("ncclAllGather")(sptr, rptr, count, dtype, comm, stream), "ncclAllGather", comm
         )
 
-    def broadcast(self, sptr, rptr, count, dtype, root, comm, stream) -> int:
+    def broadcast(
+        self, sptr: int, rptr: int, count: int, dtype: int, root: int, comm: int, stream: int
+    ) -> int:
         return self.check(
             self.fn("ncclBroadcast")(sptr, rptr, count, dtype, root, comm, stream),
             "ncclBroadcast",
@@ -400,18 +412,18 @@ class PreparedCalls:
 
     __slots__ = ("_lib", "_comm", "_sends", "_recvs", "_by_stream")
 
-    def __init__(self, lib: NcclLibrary, ops, comm: int) -> None:
+    def __init__(self, lib: NcclLibrary, ops: Iterable[P2POp], comm: int) -> None:
         self._lib = lib
         self._comm = comm
         cw = lib.comm_obj(comm)
         self._sends = [(word(p), size_arg(n), 0, peer, cw) for s, p, n, peer in ops if s]
         self._recvs = [(word(p), size_arg(n), 0, peer, cw) for s, p, n, peer in ops if not s]
-        self._by_stream: dict = {}
+        self._by_stream: dict[int, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {}
 
     def __len__(self) -> int:
         return len(self._sends) + len(self._recvs)
 
-    def _args(self, stream: int):
+    def _args(self, stream: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         a = self._by_stream.get(stream)
         if a is None:
             s = self._lib.stream_obj(stream)

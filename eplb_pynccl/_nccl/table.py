@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class NcclUniqueIdStruct(ctypes.Structure):
@@ -22,7 +22,7 @@ class NcclUniqueIdStruct(ctypes.Structure):
 UNIQUE_ID_BYTES = 128
 
 # C type name (as written in csrc_headers/eplb_nccl.h, without parameter names) -> ctypes type.
-CTYPES: dict[str, object] = {
+CTYPES: dict[str, Any] = {  # C type name -> ctypes type (None for void)
     "ncclResult_t": ctypes.c_int,
     "ncclDataType_t": ctypes.c_int,
     "ncclRedOp_t": ctypes.c_int,
@@ -50,11 +50,11 @@ class Function(NamedTuple):
     args: tuple[tuple[str, str], ...]  # (C type, parameter name)
 
     @property
-    def ctypes_restype(self):
+    def ctypes_restype(self) -> Any:
         return CTYPES[self.restype]
 
     @property
-    def ctypes_argtypes(self):
+    def ctypes_argtypes(self) -> list[Any]:
         return [CTYPES[t] for t, _ in self.args]
 
 
@@ -172,7 +172,7 @@ class Result(enum.IntEnum):
 
     exception_name: str
 
-    def __new__(cls, code: int, exception_name: str):
+    def __new__(cls, code: int, exception_name: str) -> Result:
         member = int.__new__(cls, code)
         member._value_ = code
         member.exception_name = exception_name
@@ -211,7 +211,14 @@ class Dtype(enum.IntEnum):
     dlpack: tuple[int, int] | None
     since: tuple[int, int, int] | None
 
-    def __new__(cls, code: int, size: int, array_name: str, dlpack, since):
+    def __new__(
+        cls,
+        code: int,
+        size: int,
+        array_name: str,
+        dlpack: tuple[int, int] | None,
+        since: tuple[int, int, int] | None,
+    ) -> Dtype:
         member = int.__new__(cls, code)
         member._value_ = code
         member.size = size
@@ -253,7 +260,7 @@ class RedOp(enum.IntEnum):
 
     short: str
 
-    def __new__(cls, code: int, short: str):
+    def __new__(cls, code: int, short: str) -> RedOp:
         member = int.__new__(cls, code)
         member._value_ = code
         member.short = short

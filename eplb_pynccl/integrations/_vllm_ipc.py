@@ -237,7 +237,10 @@ class IpcPath:
             if op.peer != me:
                 b = rows.buffer(layer, 0)
                 out.append((op.peer, (rows.row_ptr(b, op.row), rows.nbytes[b])))
-        pulls, local = [], []
+        # (peer, sender row, destinations) per receive; then plan_pulls' copies
+        asked: list[tuple[int, int, list[tuple[int, int]]]] = []
+        pulls: list[tuple[int, int, int, int, int]] = []
+        local = []
         if recvs:
             bufs = [rows.buffer(layer, i) for i in range(rows.counts[layer])]
             for op in recvs:
@@ -245,9 +248,9 @@ class IpcPath:
                     local.append(op)
                 else:
                     dsts = [(x.untyped_storage().data_ptr(), x.data_ptr()) for x in op.tensors]
-                    pulls.append((op.peer, op.row, dsts))
+                    asked.append((op.peer, op.row, dsts))
             pulls = plan_pulls(
-                pulls, bufs, [rows.stride[b] for b in bufs], [rows.nbytes[b] for b in bufs]
+                asked, bufs, [rows.stride[b] for b in bufs], [rows.nbytes[b] for b in bufs]
             )
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:

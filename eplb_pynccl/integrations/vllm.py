@@ -30,7 +30,8 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -38,6 +39,16 @@ from .._checks import device_index, to_numpy
 from ..communicator import Communicator, UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
 from ._world import ORIGINAL, share_unique_id, signature_problems, unwrapped
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from .._types import ExpertMapLike, ExpertWeights
+    from ..ipc import IpcTransport
+    from ..shuffler import RearrangeStats
+    from ._vllm_ipc import IpcPath
+
+    Tensors = Sequence[torch_types.Tensor]
 
 __all__ = [
     "BACKEND",
@@ -66,13 +77,13 @@ LAYER_LOOP_ENV = "EPLB_PYNCCL_VLLM_LAYER_LOOP"
 _log = logging.getLogger(__name__)
 
 
-def _torch():
+def _torch() -> Any:  # the torch module
     import torch
 
     return torch
 
 
-def _vllm_modules():
+def _vllm_modules() -> tuple[Any, Any, Any, Any, Any, Any]:
     try:
         import vllm
         import vllm.config.parallel as cp
@@ -94,14 +105,18 @@ def _vllm_modules():
 class _Op:
     __slots__ = ("peer", "tensors", "row", "key")
 
-    def __init__(self, peer, tensors, row, key):
+    def __init__(self, peer: int, tensors: list[Any], row: int | None, key: tuple[Any, ...]):
         self.peer = peer
         self.tensors = tensors
         self.row = row  # the sender's row of this expert as both sides derive it, or None
         self.key = key
 
 
-def _runs(rows: list, keys: list) -> list[tuple[int, int]]:
+def _follows(prev: int | None, row: int | None) -> bool:
+    return prev is not None and row is not None and row == prev + 1
+
+
+def _runs(rows: list[int | None], keys: list[Any]) -> list[tuple[int, int]]:
     """Split one peer's ops (in call order) into runs ``[a, b)`` that travel as one message per
     tensor: consecutive ops whose sender rows are r, r+1, ... with equal tensor shapes. A row
     of None (no transfer context) never joins a run. Both ranks of a pair call this on the
@@ -110,26 +125,20 @@ def _runs(rows: list, keys: list) -> list[tuple[int, int]]:
     a = 0
     n = len(rows)
     for j in range(1, n + 1):
-        if (
-            j == n
-            or rows[j] is None
-            or rows[j - 1] is None
-            or rows[j] != rows[j - 1] + 1
-            or keys[j] != keys[j - 1]
-        ):
+        if j == n or not _follows(rows[j - 1], rows[j]) or keys[j] != keys[j - 1]:
             out.append((a, j))
             a = j
     return out
 
 
-def _by_peer(ops: list) -> list[tuple[int, list]]:
-    groups: dict[int, list] = {}
+def _by_peer(ops: list[_Op]) -> list[tuple[int, list[_Op]]]:
+    groups: dict[int, list[_Op]] = {}
     for op in ops:
         groups.setdefault(op.peer, []).append(op)
     return list(groups.items())
 
 
-def _span(torch, ts: list):
+def _span(torch: Any, ts: list[Any]) -> Any:
     """One tensor over the memory of ``ts`` if they are contiguous rows laid end to end in one
     storage (a view, no copy), else None."""
     t0 = ts[0]
@@ -153,7 +162,7 @@ def _span(torch, ts: list):
     return torch.as_strided(t0, shape, tuple(reversed(strides)), t0.storage_offset())
 
 
-def _as_cuda_stream(torch, stream):
+def _as_cuda_stream(torch: Any, stream: Any) -> Any:
     """torch.cuda.Stream for vLLM's generic ``torch.Stream`` (async worker), as is otherwise."""
     if stream is None or isinstance(stream, torch.cuda.Stream):
         return stream
@@ -176,7 +185,12 @@ class _CommunicatorImpl:
     between threads."""
 
     def __init__(
-        self, transport: Transport, expert_weights=(), expert_buffer=(), *, ipc=None
+        self,
+        transport: Transport,
+        expert_weights: ExpertWeights = (),
+        expert_buffer: Tensors = (),
+        *,
+        ipc: IpcPath | None = None,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(
@@ -191,11 +205,12 @@ class _CommunicatorImpl:
         self.expert_buffer = expert_buffer
         self._nccl = isinstance(transport, NcclTransport)
         self._ipc = ipc
-        self._layer = None  # layer_idx of the transfer context
-        self._stream = None
+        self._layer: int | None = None  # layer_idx of the transfer context
+        self._stream: Any = None  # a torch.cuda.Stream or None
         self._sends: list[_Op] = []
         self._recvs: list[_Op] = []
-        self._context = None  # (old layer map, slots per rank, {sender: {expert: first row}})
+        # (old layer map, slots per rank, {sender: {expert: first row}})
+        self._context: tuple[np.ndarray, int, dict[int, dict[int, int]]] | None = None
         self._thread = threading.get_ident()
         self._shufflers: dict = {}
 
@@ -207,10 +222,10 @@ class _CommunicatorImpl:
         # layer's worth of memory for nothing
         return False
 
-    def set_stream(self, stream) -> None:
+    def set_stream(self, stream: Any) -> None:  # a CUDA torch.Stream or None
         self._stream = _as_cuda_stream(self._torch, stream)
 
-    def set_transfer_context(self, old_indices, layer_idx: int) -> None:
+    def set_transfer_context(self, old_indices: ExpertMapLike, layer_idx: int) -> None:
         """Remember the layer's old map: each side of a pair derives from it the sender's row of
         every expert (its first slot on the sender, where vLLM reads it), and merges the
         experts whose rows follow each other into one message per tensor."""
@@ -221,7 +236,7 @@ class _CommunicatorImpl:
         self._context = (old.astype(np.int64), old.size // self.world_size, {})
         self._layer = int(layer_idx)
 
-    def add_send(self, tensors, dst_rank: int, expert_id: int) -> None:
+    def add_send(self, tensors: Tensors, dst_rank: int, expert_id: int) -> None:
         if self._ipc is None:
             self._sends.append(self._op("add_send", tensors, dst_rank, expert_id, self.rank))
             return
@@ -231,7 +246,7 @@ class _CommunicatorImpl:
             self._ipc.check_send(layer, op.row, int(expert_id), op.tensors)
         self._sends.append(op)
 
-    def add_recv(self, tensors, src_rank: int, expert_id: int) -> None:
+    def add_recv(self, tensors: Tensors, src_rank: int, expert_id: int) -> None:
         if self._ipc is None:
             self._recvs.append(self._op("add_recv", tensors, src_rank, expert_id, src_rank))
             return
@@ -242,14 +257,15 @@ class _CommunicatorImpl:
         self._recvs.append(op)
 
     @contextlib.contextmanager
-    def _refusal_aborts(self):
+    def _refusal_aborts(self) -> Iterator[None]:
         """IPC: a refused add_send/add_recv aborts the transport (this rank's round will not
         run as its peers expect, and they should hear it now rather than at their timeout)."""
         try:
             yield
         except (TypeError, ValueError) as e:
             self._sends, self._recvs = [], []
-            self.transport.abort(str(e))  # a second abort (IpcPath.fail's) changes nothing
+            ipc = cast("IpcTransport", self.transport)  # IPC mode: an IpcTransport
+            ipc.abort(str(e))  # a second abort (IpcPath.fail's) changes nothing
             raise
 
     def execute(self) -> None:
@@ -298,7 +314,7 @@ class _CommunicatorImpl:
                 dst.copy_(src, non_blocking=True)
 
     # internals -------------------------------------------------------------------------
-    def _op(self, what: str, tensors, peer, expert_id, sender) -> _Op:
+    def _op(self, what: str, tensors: Any, peer: Any, expert_id: Any, sender: int) -> _Op:
         torch = self._torch
         if type(peer) is not int or not 0 <= peer < self.world_size:
             raise ValueError(f"{what}: rank {peer!r} is not an EP rank in [0, {self.world_size})")
@@ -318,7 +334,7 @@ class _CommunicatorImpl:
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         return _Op(peer, tensors, self._row_of(sender, int(expert_id)), key)
 
-    def _row_of(self, sender: int, expert: int):
+    def _row_of(self, sender: int, expert: int) -> int | None:
         ctx = self._context
         if ctx is None:
             return None
@@ -332,9 +348,15 @@ class _CommunicatorImpl:
             cache[sender] = rows
         return rows.get(expert)
 
-    def _messages(self, sends, recvs):
+    def _messages(
+        self, sends: list[_Op], recvs: list[_Op]
+    ) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]], list[tuple[Any, Any]]]:
+        """(sends, receives) as the transport's (peer, tensor) messages, and the (destination,
+        received row) copies to make after the exchange."""
         torch = self._torch
-        out, inn, after = [], [], []
+        out: list[tuple[int, Any]] = []
+        inn: list[tuple[int, Any]] = []
+        after: list[tuple[Any, Any]] = []
         for peer, ops in _by_peer(sends):
             for a, b in _runs([op.row for op in ops], [op.key for op in ops]):
                 for i in range(len(ops[a].tensors)):
@@ -357,7 +379,9 @@ class _CommunicatorImpl:
 _classes: dict[str, type] = {}
 
 
-def _with_vllm_base(name: str, impl: type, base, doc: str) -> type:
+def _with_vllm_base(
+    name: str, impl: type, base: Callable[[tuple[Any, ...]], type], doc: str
+) -> type:
     """``impl`` with vLLM's class ``base(modules)`` as second base, made once (vLLM is imported
     on first use only)."""
     cls = _classes.get(name)
@@ -378,7 +402,9 @@ def _communicator_class() -> type:
     )
 
 
-def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
+def _setup_ipc(
+    torch: Any, cpu_group: Any, expert_weights: ExpertWeights, timeout: float | None = None
+) -> tuple[IpcTransport, IpcPath]:
     """The IPC communicator's transport (weights registered) and path (see
     :func:`create_communicator`, ``transport="ipc"``); collective over ``cpu_group``. Every
     rank learns every rank's problem, so they all refuse together, before anything moves."""
@@ -427,21 +453,21 @@ def _setup_ipc(torch, cpu_group, expert_weights, timeout=None):
     return t, IpcPath(t, rows)
 
 
-def _share_unique_id(torch, cpu_group) -> UniqueId:
+def _share_unique_id(torch: Any, cpu_group: Any) -> UniqueId:
     """EP rank 0 makes a NCCL unique id and every rank gets it over the gloo group; a failure
     there reaches every rank as an error instead of a wait."""
     return share_unique_id(TorchTransport(cpu_group), "EP rank 0")
 
 
 def create_communicator(
-    group_coordinator,
-    expert_weights,
-    expert_buffer,
+    group_coordinator: Any,
+    expert_weights: ExpertWeights,
+    expert_buffer: Tensors,
     *,
     timeout: float | None = None,
     max_ctas: int | None = None,
     transport: str = "nccl",
-):
+) -> Any:  # an EplbPyncclCommunicator (its class is made when vLLM is imported)
     """vLLM's ``create_eplb_communicator`` less ``backend``: an :class:`EplbPyncclCommunicator`.
 
     Collective over the EP group (every EP rank calls it, as vLLM does in ``add_model``).
@@ -463,11 +489,11 @@ def create_communicator(
         raise ValueError(f"transport must be 'nccl' or 'ipc', got {transport!r}")
     name = BACKEND_IPC if transport == "ipc" else BACKEND
     torch = _torch()
-    vllm_stateless = None
+    vllm_stateless: Any = None
     with contextlib.suppress(ImportError):
-        from vllm.distributed.stateless_coordinator import (
-            StatelessGroupCoordinator as vllm_stateless,
-        )
+        from vllm.distributed.stateless_coordinator import StatelessGroupCoordinator
+
+        vllm_stateless = StatelessGroupCoordinator
     if vllm_stateless is not None and isinstance(group_coordinator, vllm_stateless):
         raise ValueError(
             f"EPLB communicator {name!r} does not support elastic EP (stateless groups); use "
@@ -486,7 +512,7 @@ def create_communicator(
         t, path = _setup_ipc(torch, cpu_group, expert_weights, timeout)
         return cls(t, expert_weights, expert_buffer, ipc=path)
     if first is None or first.device.type == "cpu":
-        transport: Transport = TorchTransport(cpu_group)
+        mover: Transport = TorchTransport(cpu_group)
     elif first.device.type == "cuda":
         cfg = None
         with contextlib.suppress(ImportError):
@@ -508,19 +534,21 @@ def create_communicator(
         )
         if world > 1:
             comm.connect_peers()
-        transport = NcclTransport(comm)
+        mover = NcclTransport(comm)
     else:
         raise ValueError(
             f"EPLB communicator {BACKEND!r} moves CUDA or CPU tensors; the expert weights are on "
             f"{first.device}"
         )
-    return _communicator_class()(transport, expert_weights, expert_buffer)
+    return _communicator_class()(mover, expert_weights, expert_buffer)
 
 
 # ---- the layer loop ------------------------------------------------------------------------
 
 
-def _apply_rank_mapping(old: np.ndarray, new: np.ndarray, rank_mapping: dict, ep_size: int):
+def _apply_rank_mapping(
+    old: np.ndarray, new: np.ndarray, rank_mapping: dict[int, int], ep_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """vLLM's elastic-EP convention: ``rank_mapping`` maps old ranks to new ones (-1: removed).
     Scaling down (as many entries as the EP group, the old one): the new map is laid out on
     the old ranks, -1 on removed ones. Scaling up (the EP group is the new, larger one): the
@@ -538,13 +566,13 @@ def _apply_rank_mapping(old: np.ndarray, new: np.ndarray, rank_mapping: dict, ep
     per = old.shape[1] // old_ep
     mapped = np.full((old.shape[0], ep_size * per), -1, dtype=np.int64)
     for r in range(old_ep):
-        n = rank_mapping.get(r)
-        if n is not None and 0 <= n < ep_size:
-            mapped[:, n * per : (n + 1) * per] = old[:, r * per : (r + 1) * per]
+        to = rank_mapping.get(r)
+        if to is not None and 0 <= to < ep_size:
+            mapped[:, to * per : (to + 1) * per] = old[:, r * per : (r + 1) * per]
     return mapped, new
 
 
-def _sync_allowed():
+def _sync_allowed() -> contextlib.AbstractContextManager[Any]:
     """vLLM's gpu_sync_allowed() (its opt-in VLLM_GPU_SYNC_CHECK mode turns host syncs outside
     it into errors); a rearrangement reads the maps on the host and waits for its rounds, as
     vLLM's own loop does inside the same context."""
@@ -555,7 +583,7 @@ def _sync_allowed():
     return gpu_sync_allowed()
 
 
-def _shuffler(transport, weights, owner):
+def _shuffler(transport: Transport, weights: ExpertWeights, owner: Any) -> Any:
     from ..shuffler import ExpertShuffler
 
     key = tuple(
@@ -569,15 +597,15 @@ def _shuffler(transport, weights, owner):
 
 
 def rearrange_expert_weights_inplace(
-    old_global_expert_indices,
-    new_global_expert_indices,
-    expert_weights,
-    expert_buffer,
-    ep_group,
-    communicator,
+    old_global_expert_indices: ExpertMapLike,
+    new_global_expert_indices: ExpertMapLike,
+    expert_weights: ExpertWeights,
+    expert_buffer: Tensors,
+    ep_group: Any,
+    communicator: Any,
     is_profile: bool = False,
     rank_mapping: dict[int, int] | None = None,
-):
+) -> RearrangeStats | None:
     """vLLM's ``rearrange_expert_weights_inplace`` (same arguments), done by
     :class:`~eplb_pynccl.ExpertShuffler` for all layers at once.
 
@@ -632,13 +660,13 @@ class _PolicyImpl:
     @classmethod
     def rebalance_experts(
         cls,
-        weight,
+        weight: ExpertMapLike,
         num_replicas: int,
         num_groups: int,
         num_nodes: int,
         num_ranks: int,
-        old_global_expert_indices=None,
-    ):
+        old_global_expert_indices: ExpertMapLike | None = None,
+    ) -> Any:  # an int64 CPU torch.Tensor
         torch = _torch()
         try:
             from ..placement import rebalance
@@ -680,7 +708,7 @@ def _policy_class() -> type:
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "EplbPyncclCommunicator":
         return _communicator_class()
     if name == "MigrationAwareEplbPolicy":
@@ -726,7 +754,7 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"layer_loop": True}
 
 
-def _interface_problems(ec, es, pol, rx, cp) -> list[str]:
+def _interface_problems(ec: Any, es: Any, pol: Any, rx: Any, cp: Any) -> list[str]:
     """What of vLLM differs from the interfaces this module was written against (empty: none)."""
     mods = {"eplb_communicator": ec, "rebalance_execute": rx, "policy": pol}
     problems = signature_problems("vllm.distributed.eplb", mods, _EXPECTED_PARAMS)
@@ -753,7 +781,7 @@ def _interface_problems(ec, es, pol, rx, cp) -> list[str]:
     return problems
 
 
-def _literal_values(tp):
+def _literal_values(tp: Any) -> tuple[tuple[Any, ...], bool] | None:
     """(values, optional) of ``Literal[...]`` or ``Literal[...] | None``; None otherwise."""
     import typing
 
@@ -766,15 +794,18 @@ def _literal_values(tp):
     return None
 
 
-def _accept_name(cp, field: str, name: str) -> bool:
+def _accept_name(cp: Any, field: str, name: str) -> bool:
     """Let EPLBConfig.<field> (and ParallelConfig, which nests it) accept ``name``."""
     import typing
 
     cls = cp.EPLBConfig
-    values, optional = _literal_values(cls.__dataclass_fields__[field].type)
+    lit = _literal_values(cls.__dataclass_fields__[field].type)
+    if lit is None:  # _interface_problems refuses such a vLLM before this runs
+        raise RuntimeError(f"vllm.config.parallel.EPLBConfig.{field} is not a Literal field")
+    values, optional = lit
     if name in values:
         return False
-    tp = typing.Literal[(*values, name)]
+    tp: Any = typing.Literal.__getitem__((*values, name))  # Literal[*values, name], at runtime
     if optional:
         tp = tp | None
     cls.__dataclass_fields__[field].type = tp
@@ -782,15 +813,17 @@ def _accept_name(cp, field: str, name: str) -> bool:
     return True
 
 
-def _rebuild(cp) -> None:
+def _rebuild(cp: Any) -> None:
     import pydantic
 
     pydantic.dataclasses.rebuild_dataclass(cp.EPLBConfig, force=True)
     pydantic.dataclasses.rebuild_dataclass(cp.ParallelConfig, force=True)
 
 
-def _factory_wrapper(original):
-    def create_eplb_communicator(group_coordinator, backend, expert_weights, expert_buffer):
+def _factory_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_eplb_communicator(
+        group_coordinator: Any, backend: str, expert_weights: Any, expert_buffer: Any
+    ) -> Any:
         if backend == BACKEND:
             return create_communicator(group_coordinator, expert_weights, expert_buffer)
         if backend == BACKEND_IPC:
@@ -807,17 +840,17 @@ def _factory_wrapper(original):
     return create_eplb_communicator
 
 
-def _loop_wrapper(original):
+def _loop_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     def rearrange(
-        old_global_expert_indices,
-        new_global_expert_indices,
-        expert_weights,
-        expert_buffer,
-        ep_group,
-        communicator,
-        is_profile=False,
-        rank_mapping=None,
-    ):
+        old_global_expert_indices: Any,
+        new_global_expert_indices: Any,
+        expert_weights: Any,
+        expert_buffer: Any,
+        ep_group: Any,
+        communicator: Any,
+        is_profile: bool = False,
+        rank_mapping: dict[int, int] | None = None,
+    ) -> Any:
         fn = original
         if (
             _state["layer_loop"]
