@@ -111,6 +111,13 @@ part(
     "time model: calibration against measured rows, EP8-256 / NVL72 rebalances (bench/scale.py)",
 )
 part(
+    "sglang",
+    "bench.sglang:bench_sglang",
+    "parent",
+    False,
+    "SGLang's EPLB update and policy vs eplb_pynccl's inside SGLang (bench/sglang.py)",
+)
+part(
     "selftest",
     "bench.micro:run_selftest",
     "child",

@@ -328,7 +328,8 @@ def build_schedule(
     layer). ``one_sided``: the receiver reads the sender's rows itself, so nothing is packed
     (a sender has no staging its peers read). ``copy_waves``: waves of ordered local copies
     per phase at most (see :class:`CopyOrder`: fewer waves stash more rows). Raises ValueError
-    when a single layer cannot fit an explicit ``staging_bytes``.
+    when a single layer cannot fit an explicit ``staging_bytes``; its ``required`` attribute
+    is a ``staging_bytes`` that fits (the largest layer's need).
     """
     copy_waves = check_count(copy_waves, "copy_waves")
     if plan.num_layers != layout.num_layers:
@@ -398,12 +399,16 @@ def build_schedule(
     for layer in active:
         if worst[layer] > budget:
             r = int(need[layer].argmax())
-            raise ValueError(
+            err = ValueError(
                 f"staging_bytes={bound} is too small: layer {layer} needs "
                 f"{int(worst[layer]) + bound - budget} bytes of staging on rank {r}"
                 + (" (transactional)" if transactional else "")
                 + "; raise staging_bytes (default: one layer of local experts)"
             )
+            # a staging_bytes every layer fits in (the largest need as laid out at this
+            # bound): a caller bounding memory can retry with it rather than the default
+            err.required = int(worst[active].max()) + reserve
+            raise err
     rounds = []
     cur: list = []
     acc = np.zeros(n, dtype=_I64)

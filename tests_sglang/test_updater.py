@@ -1,5 +1,7 @@
 """ExpertLocationUpdater.update end to end (SGLang's own method and global metadata; its
-canary variant needs SGLang's published device config, which only a server sets up), and a peer that dies mid-update named within the timeout."""
+canary variant needs SGLang's published device config, which only a server sets up), a peer that
+dies mid-update named within the timeout, and one that dies between the steps of a split
+update: every layer whole at one step's placement, the layers between old and new named."""
 
 from __future__ import annotations
 
@@ -170,4 +172,138 @@ def test_dead_peer_named_within_timeout(world_size):
         assert named and str(dead) in named.group(1).split(", "), msg
         assert dead in peers
         assert pending == list(range(NUM_LAYERS))  # transactional: nothing half-written
+        assert secs < timeout + 5.0, (rank, secs)
+
+
+def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
+    """An update split into steps (small rows, a quarter of a layer of staging); rank
+    ``dead`` exits as its second step starts. The survivors report the RearrangeError's
+    layer lists and which placement each of their layers holds (the first step's map, the
+    second's, or neither)."""
+    try:
+        os.environ.update(RANK_ENV)
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        from sglang.srt.eplb import expert_location_updater as U
+
+        from eplb_pynccl.errors import RearrangeError
+        from eplb_pynccl.integrations import sglang as S
+        from tests.shuffle_util import check_weights
+
+        dist.init_process_group(
+            "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
+        )
+        num_physical = PER_RANK * world_size
+        old, new = sequence(9, 1, NUM_LAYERS, num_physical - 1, num_physical)
+        w = weights(torch, old, rank, world_size, NUM_LAYERS)
+        planned = []
+        plan_steps = S._plan_steps
+
+        def recorded(*a, **k):  # the steps the update takes (pure: the same on every rank)
+            planned.append(plan_steps(*a, **k))
+            return planned[-1]
+
+        S._plan_steps = recorded
+        S.install(timeout=timeout)
+        if rank == dead:
+            step = S._step
+            calls = []
+
+            def dying(*a, **k):
+                calls.append(1)
+                if len(calls) == 2:
+                    os._exit(3)
+                return step(*a, **k)
+
+            S._step = dying
+        layers = list(range(NUM_LAYERS))
+        t0 = time.monotonic()
+        try:
+            U._update_expert_weights_raw(
+                {i: w[i] for i in layers},
+                metadata(torch, old, num_physical - 1, world_size),
+                metadata(torch, new, num_physical - 1, world_size),
+                layers,
+                1,
+                rank,
+            )
+            q.put((rank, "no error", time.monotonic() - t0))
+        except RearrangeError as e:
+            steps = planned[0]
+            names = ("old", "1", "2", "new")
+            bad = {
+                name: {int(x.split()[3]) for x in check_weights(torch, w, m, rank, world_size)}
+                for name, m in zip(names, (old, steps[0], steps[1], new))
+            }
+            held = [[name for name in names if i not in bad[name]] for i in layers]
+            between = re.search(r"layers (\[[0-9, ]*\]) are between", str(e))
+            q.put(
+                (
+                    rank,
+                    (
+                        "RearrangeError",
+                        e.completed_layers,
+                        e.pending_layers,
+                        None if between is None else between.group(1),
+                        held,
+                        len(steps),
+                        [bool((steps[0][i] != old[i]).any()) for i in layers],
+                        [bool(np.array_equal(steps[0][i], new[i])) for i in layers],
+                    ),
+                    time.monotonic() - t0,
+                )
+            )
+        q.close()
+        q.join_thread()
+        time.sleep(3.0)
+        os._exit(0)
+    except BaseException:
+        q.put((rank, "crash", traceback.format_exc()))
+        q.close()
+        q.join_thread()
+        os._exit(1)
+
+
+def test_a_peer_dead_between_steps_leaves_layers_named():
+    world_size, dead, timeout = 3, 2, 6.0
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="eplb_sglang_"), "rendezvous")
+    procs = [
+        ctx.Process(target=_dying_between_steps, args=(r, world_size, rendezvous, dead, timeout, q))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(world_size - 1):
+            try:
+                rank, what, secs = q.get(timeout=TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"survivors did not report within {TIMEOUT} s: {got}")
+            got[rank] = (what, secs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert procs[dead].exitcode == 3
+    for rank, (what, secs) in got.items():
+        assert what[0] == "RearrangeError", (rank, what)
+        _, done, pending, between, held, nsteps, moved1, done1 = what
+        assert nsteps > 2  # the update was split: the death falls between its steps
+        named = [] if between is None else [int(x) for x in between.strip("[]").split(", ")]
+        for i in range(NUM_LAYERS):
+            # every layer holds the first step's placement or the second's, whole
+            assert "1" in held[i] or "2" in held[i], (rank, i, held[i])
+            if i in done:
+                assert "new" in held[i]
+            elif i in pending:
+                assert "old" in held[i]
+            else:
+                assert i in named, (rank, i, named)
+        assert sorted(done + pending + named) == list(range(NUM_LAYERS))
+        assert any(moved1) and named  # the first step moved rows and left layers between
         assert secs < timeout + 5.0, (rank, secs)

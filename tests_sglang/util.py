@@ -4,26 +4,14 @@ logical expert held in every layer, duplicates, no empty slot)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import numpy as np
 
+from tests.engine_suite import clone as clone  # re-exported for the suite's tests
+from tests.engine_suite import gloo_world
+
+world = gloo_world  # the WORLD gloo group of a job's ranks (made once per rank process)
+
 TIMEOUT = 150  # seconds for a job of a few updates on 2 shared cores (they take well under 10)
-
-
-def world(ctx) -> tuple[int, int]:
-    """The WORLD gloo group of this job's ranks (made once per rank process)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://{ctx.host}:{ctx.port}",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            timeout=timedelta(seconds=60),
-        )
-    return dist.get_rank(), dist.get_world_size()
 
 
 def metadata(torch, phy_map, num_logical: int, ep_size: int):
@@ -88,10 +76,6 @@ def weights(torch, maps0, rank: int, world_size: int, num_layers: int):
     from tests.shuffle_util import make_weights
 
     return make_weights(torch, [specs(torch)] * num_layers, maps0, rank, world_size, "cpu")
-
-
-def clone(ws):
-    return [[t.clone() for t in layer] for layer in ws]
 
 
 def raw_bytes(torch, ws) -> list:

@@ -5,51 +5,21 @@ is skipped with that reason. ``VLLM_TARGET_DEVICE=cpu`` is set for this process 
 processes it spawns (vLLM otherwise pins host memory, which a CPU torch cannot).
 
 ``pools``: one :class:`tests.gpu_util.RankPool` per world size for the whole session (each
-rank process imports vLLM once, ~7 s, and keeps its gloo process group between jobs); a pool
-that a failure killed is replaced by a fresh one for the next test.
+rank process imports vLLM once, ~7 s, and keeps its gloo process group between jobs); see
+:mod:`tests.engine_suite`.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
+from tests.engine_suite import pools_fixture, skip_unless_importable
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # ImportError, or an install that breaks on import
-        skip = pytest.mark.skip(
-            reason=f"vLLM suite: vLLM is not importable ({type(e).__name__}: {e})"
-        )
-        for item in items:
-            item.add_marker(skip)
+    skip_unless_importable(items, "vllm", "vLLM suite: vLLM is not importable")
 
 
-class _Pools:
-    def __init__(self) -> None:
-        self._pools: dict = {}
-
-    def __call__(self, world_size: int):
-        from tests.gpu_util import RankPool
-
-        pool = self._pools.get(world_size)
-        if pool is None or pool.broken:
-            pool = self._pools[world_size] = RankPool(
-                world_size, env={"VLLM_TARGET_DEVICE": os.environ["VLLM_TARGET_DEVICE"]}
-            )
-        return pool
-
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-
-
-@pytest.fixture(scope="session")
-def pools():
-    p = _Pools()
-    yield p
-    p.close()
+pools = pools_fixture({"VLLM_TARGET_DEVICE": os.environ["VLLM_TARGET_DEVICE"]})

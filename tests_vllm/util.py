@@ -3,11 +3,11 @@ expert weights with known bytes, and sequences of random vLLM-style maps."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import numpy as np
 
 from eplb_pynccl.transport import Transport
+from tests.engine_suite import clone as clone  # re-exported for the suite's tests
+from tests.engine_suite import gloo_world
 
 TIMEOUT = 120  # seconds for a job of a few rearrangements on 2 cores (they take well under 10)
 
@@ -15,17 +15,9 @@ TIMEOUT = 120  # seconds for a job of a few rearrangements on 2 cores (they take
 def coordinator(ctx, groups=None):
     """vLLM's GroupCoordinator (gloo device and cpu groups) over ``groups`` of this job's ranks
     (default: one group of all), made once per rank process and kept in ``ctx.cache``."""
-    import torch.distributed as dist
     from vllm.distributed.parallel_state import GroupCoordinator
 
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://{ctx.host}:{ctx.port}",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            timeout=timedelta(seconds=60),
-        )
+    gloo_world(ctx)
     groups = groups or [list(range(ctx.world_size))]
     key = ("coordinator", repr(groups))
     gc = ctx.cache.get(key)
@@ -53,10 +45,6 @@ def weights(torch, layer_spec, num_layers, old, ep_rank, ep_size):
     from tests.shuffle_util import make_weights
 
     return make_weights(torch, [layer_spec] * num_layers, old, ep_rank, ep_size, "cpu")
-
-
-def clone(ws):
-    return [[t.clone() for t in layer] for layer in ws]
 
 
 def buffer(torch, ws):

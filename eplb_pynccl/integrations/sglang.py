@@ -8,10 +8,11 @@ module itself imports without SGLang.
 
 * ``_update_expert_weights_raw`` (every layer of an update; called by
   ``ExpertLocationUpdater.update`` and by its canary variant): all the layers go through one
-  :class:`~eplb_pynccl.ExpertShuffler` rearrangement, in rounds of several whole layers
-  within a bounded staging buffer (default a quarter of one layer, see :func:`install`),
-  instead of SGLang's one-layer-at-a-time P2P with a whole layer of temp buffers. Returns
-  SGLang's ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
+  :class:`~eplb_pynccl.ExpertShuffler`, in rounds of whole layers within a bounded staging
+  buffer (default a quarter of one layer; an update where a layer needs more is split into
+  steps that each fit, see :func:`split_maps` and :func:`install`), instead of SGLang's
+  one-layer-at-a-time P2P with a whole layer of temp buffers. Returns SGLang's
+  ``{layer_id: [missing logical ids]}`` (empty: no rank is missing).
 * ``update_expert_weights_single_layer`` (one layer; SGLang's own updater test calls it
   directly): the same for one layer. Returns SGLang's value: ``None``, or with
   ``debug=True`` a list of log lines (ours, describing what moved). ``temp_buffers`` is not
@@ -22,7 +23,8 @@ module itself imports without SGLang.
 
 and, with ``policy="migration_aware"``, ``sglang.srt.eplb.eplb_algorithms.rebalance_experts``:
 :func:`eplb_pynccl.rebalance` fed with the current map (SGLang's global expert location
-metadata), which keeps most experts where they are at DeepSeek's balance; the same three
+metadata), which keeps most experts where they are within :data:`POLICY_SLACK` of DeepSeek's
+balance per layer; the same three
 outputs as SGLang's (``physical_to_logical_map`` ``[layers, physical]``,
 ``logical_to_all_physical_map`` ``[layers, logical, max replicas]`` padded with -1,
 ``expert_count`` ``[layers, logical]``; int64 CPU tensors).
@@ -47,6 +49,7 @@ the dead ranks' transfers and reports what is missing); eplb_pynccl needs every 
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -59,6 +62,7 @@ import numpy as np
 
 from ..errors import RearrangeError
 from ..transport import Transport
+from ._world import ORIGINAL, share_unique_id, signature_problems
 
 __all__ = [
     "POLICIES",
@@ -75,9 +79,10 @@ TRANSPORTS = ("auto", "nccl", "ipc", "torch")
 POLICIES = (None, "migration_aware")
 ENV = "EPLB_PYNCCL_SGLANG"  # plugin(): a transport name (or "1" for auto); unset: do nothing
 POLICY_ENV = "EPLB_PYNCCL_SGLANG_POLICY"
-_ORIGINAL = "_eplb_pynccl_original"
+# policy="migration_aware": each layer's imbalance target is DeepSeek's on the same loads
+# times this (the issue's bound: <= 1.01x DeepSeek's imbalance)
+POLICY_SLACK = 1.01
 _CACHE_SIZE = 8  # shufflers kept per process (one per weight set: all-layer, per-layer, canary)
-_UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 _log = logging.getLogger(__name__)
 
 # What SGLang's functions take (their parameters, in order): install() refuses a SGLang whose
@@ -159,26 +164,9 @@ def _version(sglang) -> str:
     return str(v)
 
 
-def _unwrapped(fn):
-    return getattr(fn, _ORIGINAL, fn)
-
-
 def _interface_problems(upd, algos, loc) -> list[str]:
     mods = {"expert_location_updater": upd, "eplb_algorithms": algos}
-    problems = []
-    for path, want in _EXPECTED_PARAMS.items():
-        mod, *names = path.split(".")
-        obj = mods[mod]
-        for n in names:
-            obj = getattr(obj, n, None)
-        if obj is None:
-            problems.append(f"sglang.srt.eplb.{path} is missing")
-            continue
-        got = list(inspect.signature(_unwrapped(obj)).parameters)
-        if got != want:
-            problems.append(
-                f"sglang.srt.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})"
-            )
+    problems = signature_problems("sglang.srt.eplb", mods, _EXPECTED_PARAMS)
     fields = getattr(getattr(loc, "ExpertLocationMetadata", None), "__dataclass_fields__", {})
     for f in _METADATA_FIELDS:
         if f not in fields:
@@ -252,8 +240,18 @@ def install(
             600); past it the transport is aborted and the update raises
             :class:`~eplb_pynccl.RearrangeError`.
         staging_bytes: bound on the extra memory of an update (default: a quarter of the
-            largest layer's local experts; an update with a layer that needs more gets the
-            shuffler's default, one layer). Rounds pack as many whole layers as fit.
+            largest layer's local experts). Rounds pack as many whole layers as fit. Rounds
+            hold whole layers, so a rank that receives k changed rows of one layer stages k
+            rows: where that exceeds the bound, the update is split into steps (each a
+            transactional rearrangement of at most bound // row changed rows per rank and
+            layer, every expert still held between steps; :func:`split_maps`), so a
+            failure may leave a layer between the old and the new placement (the
+            RearrangeError names such layers). A step that still needs more (rare: row
+            indices, a cycle with no helper slot) gets the least it needs. Fewer, larger
+            rounds are faster over gloo: a larger bound trades memory for time. CPU weights
+            move with torch's intra-op threads set to 1 during the update (restored after):
+            the copies are memory bound, and threads on cores that the other ranks share
+            made each one wait for the scheduler.
 
     Call it in every SGLang process that holds expert weights (the scheduler processes),
     before the first update; or let SGLang's plugin loader call :func:`plugin`. Raises
@@ -295,13 +293,18 @@ def install(
             }
         orig = _state["originals"]
         _state["config"] = cfg
+        # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
+        # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
+        # own elasticity-aware algorithms
         upd.update_expert_weights_single_layer = _wrap(
-            update_expert_weights_single_layer, orig["single"]
+            update_expert_weights_single_layer, orig["single"], _elastic_inactive
         )
-        upd._update_expert_weights_raw = _wrap(update_expert_weights_raw, orig["raw"])
+        upd._update_expert_weights_raw = _wrap(
+            update_expert_weights_raw, orig["raw"], _elastic_inactive
+        )
         upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
         algos.rebalance_experts = (
-            _wrap(rebalance_experts, orig["rebalance"])
+            _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
             if cfg["policy"] == "migration_aware"
             else orig["rebalance"]
         )
@@ -347,14 +350,20 @@ def plugin() -> None:
         _log.warning("eplb_pynccl SGLang plugin: not installed: %s", e)
 
 
-def _wrap(ours, original):
+def _wrap(ours, original, use_original=None):
+    """``ours`` in place of SGLang's ``original`` (same signature); SGLang's own where
+    ``use_original(arguments by name)`` says so."""
+    sig = inspect.signature(original)
+
     def call(*args, **kwargs):
+        if use_original is not None and use_original(sig.bind(*args, **kwargs).arguments):
+            return original(*args, **kwargs)
         return ours(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = original.__name__
     call.__doc__ = f"eplb_pynccl's {original.__name__} (eplb_pynccl.integrations.sglang)."
-    call.__signature__ = inspect.signature(original)
-    setattr(call, _ORIGINAL, original)
+    call.__signature__ = sig
+    setattr(call, ORIGINAL, original)
     return call
 
 
@@ -370,7 +379,7 @@ def _update_wrapper(original):
     update.__name__ = update.__qualname__ = "update"
     update.__doc__ = original.__doc__
     update.__signature__ = inspect.signature(original)
-    setattr(update, _ORIGINAL, original)
+    setattr(update, ORIGINAL, original)
     return update
 
 
@@ -456,24 +465,12 @@ def _peer_table(timeout) -> list[tuple[str, int]]:
 def _nccl_comm(device, timeout):
     comm = _world.get("comm")
     if comm is None:
-        from ..communicator import Communicator, UniqueId
+        from ..communicator import Communicator
 
         setup = _setup_transport(timeout)
-        raw = b"\0" * _UID_BYTES
-        err = None
-        if setup.rank == 0:
-            try:
-                raw = bytes(UniqueId.generate())
-            except Exception as e:  # still share, so that the others learn it failed
-                err = e
-        flag = b"\1" if err is None else b"\0"
-        first = setup.all_gather_bytes(flag + raw)[0]
-        if err is not None:
-            raise err
-        if first[:1] != b"\1":
-            raise RuntimeError("WORLD rank 0 could not make a NCCL unique id; no communicator")
+        uid = share_unique_id(setup, "WORLD rank 0")
         comm = _world["comm"] = Communicator(
-            UniqueId.from_bytes(first[1:]),
+            uid,
             setup.rank,
             setup.world_size,
             device,
@@ -525,19 +522,20 @@ def _transport(device, ranks_per_node: int) -> Transport:
 # ---- the update --------------------------------------------------------------------------------
 
 
-def _shuffler(transport, weights, ranks_per_node: int, staging_bytes):
+def _shuffler(transport, weights, ranks_per_node: int):
+    """The shuffler of this weight set (made once, then reused: on IPC its construction is
+    collective). Its staging bound is set per update (:func:`_bound`)."""
     from ..shuffler import ExpertShuffler
 
     key = (
         id(transport),
         ranks_per_node,
-        staging_bytes,
         tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws),
     )
     sh = _shufflers.get(key)
     if sh is None:
         sh = ExpertShuffler(
-            transport, weights, staging_bytes=staging_bytes, ranks_per_node=ranks_per_node
+            transport, weights, staging_bytes=_quarter(weights), ranks_per_node=ranks_per_node
         )
         _shufflers[key] = sh
         while len(_shufflers) > _CACHE_SIZE:
@@ -547,12 +545,198 @@ def _shuffler(transport, weights, ranks_per_node: int, staging_bytes):
     return sh
 
 
-def _staging_bound(weights) -> int:
-    """A quarter of the largest layer's local experts (all its tensors)."""
+def _quarter(weights) -> int:
+    """A quarter of the largest layer's local experts (all its tensors): a quarter of
+    SGLang's temp buffers."""
     return max(sum(t.nbytes for t in ws) for ws in weights) // 4
 
 
-def _elastic_inactive() -> bool:
+def _need(sh, old, new, bound: int) -> int | None:
+    """None when the update's schedule fits ``bound``; otherwise the staging it needs (the
+    schedule's ``required``; the same on every rank: the schedule is pure). Bad maps: None
+    (``rearrange()`` then refuses them, naming the argument)."""
+    sh.staging_bytes = bound
+    try:
+        sh.schedule(sh.plan(old, new))
+    except ValueError as e:
+        return getattr(e, "required", None)
+    return None
+
+
+def split_maps(old, new, per_rank: int, quota: int) -> list:
+    """Maps from ``old`` to ``new`` (``[layers, physical]``) in steps that each change at most
+    ``quota`` slots of every rank in every layer: the maps after each step, the last one
+    ``new``. Every map holds every expert that ``new`` holds in the layer and ``old`` does
+    (a step never takes the last copy of one away), so every step's rows have a source.
+    Where every change left in a layer would take a last copy away (cycles of single
+    copies), a helper slot whose expert is held twice takes a copy of one of them for a
+    while (two rows more to move) and gives it back later; without a helper, the cycle
+    moves whole in one step, over the quota if it must. Pure: the same steps on every
+    rank."""
+    cur = np.array(old, dtype=np.int64, copy=True)
+    new = np.asarray(new, dtype=np.int64)
+    size = int(max(cur.max(initial=0), new.max(initial=0))) + 1
+    changed = int((cur != new).reshape(len(cur), -1, per_rank).sum(-1).max(initial=0))
+    cap = 4 * (changed + 2) + 16  # steps; past it the rest goes in one (never reached in tests)
+    out = []
+    while True:
+        todo = [np.flatnonzero(cur[layer] != new[layer]) for layer in range(len(cur))]
+        if not any(d.size for d in todo):
+            return out
+        if len(out) >= cap:
+            out.append(new.copy())
+            return out
+        nxt = cur.copy()
+        for layer, d in enumerate(todo):
+            if d.size:
+                for slot, expert in _step_slots(cur[layer], new[layer], d, per_rank, quota, size):
+                    nxt[layer, slot] = expert
+        cur = nxt
+        out.append(cur.copy())
+
+
+def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
+    """One layer's (slot, expert) changes in this step (see :func:`split_maps`)."""
+    count = np.bincount(cur, minlength=size)
+    needed = np.bincount(new, minlength=size) > 0  # experts the end placement holds
+    used = collections.Counter()
+    picked: list = []
+    taken = set(int(x) for x in todo)  # slots that may not serve as helpers
+    left = [int(x) for x in todo]
+
+    def take(slot: int, expert: int) -> None:
+        count[cur[slot]] -= 1
+        count[expert] += 1
+        used[slot // per_rank] += 1
+        picked.append((slot, expert))
+
+    while left:
+        grew = True
+        while grew and left:
+            grew = False
+            keep = []
+            for slot in left:
+                if used[slot // per_rank] < quota and (
+                    count[cur[slot]] > 1 or not needed[cur[slot]]
+                ):
+                    take(slot, int(new[slot]))
+                    grew = True
+                else:
+                    keep.append(slot)
+            left = keep
+        # what is left takes last copies away (or waits for its rank's quota): break a
+        # cycle through a helper where a slot of it has its rank's quota left
+        s0 = next((x for x in left if used[x // per_rank] < quota), None)
+        if s0 is None or any(count[cur[x]] > 1 or not needed[cur[x]] for x in left):
+            break
+        r0 = s0 // per_rank
+
+        def room(h: int) -> bool:  # the helper's rank has quota left (two if it is s0's)
+            r = h // per_rank
+            return used[r] + (2 if r == r0 else 1) <= quota
+
+        helper = next(
+            (h for h in range(len(cur)) if h not in taken and count[cur[h]] > 1 and room(h)),
+            None,
+        )
+        if helper is None:
+            break
+        taken.add(helper)
+        take(helper, int(cur[s0]))  # a second copy of s0's expert, for a while
+        take(s0, int(new[s0]))
+        left.remove(s0)
+    if picked:
+        return picked
+    # no helper: follow one cycle (slot -> the slot that receives the expert it gives up)
+    # and move it whole
+    gives = {int(new[t]): t for t in left}
+    cycle = [left[0]]
+    while True:
+        nxt = gives[int(cur[cycle[-1]])]
+        if nxt == cycle[0]:
+            return [(t, int(new[t])) for t in cycle]
+        cycle.append(nxt)
+
+
+def _plan_steps(sh, weights, old, new, bound: int) -> list:
+    """The maps of this update's steps: ``[new]`` when it fits ``bound``, else those of
+    :func:`split_maps`, as many changed rows per rank and layer as fit ``bound`` (one fewer
+    when the first step does not fit: row indices and alignment take a little)."""
+    if _need(sh, old, new, bound) is None:
+        return [new]
+    per = weights[0][0].shape[0]
+    row = max(sum(t[0].nbytes for t in ws) for ws in weights) if per else 1
+    quota = max(1, bound // max(row, 1))
+    maps = split_maps(old, new, per, quota)
+    if quota > 1 and _need(sh, old, maps[0], bound) is not None:
+        maps = split_maps(old, new, per, quota - 1)
+    return maps
+
+
+def _step(sh, a, b, bound: int, first: bool):
+    """One step's rearrangement within ``bound``, or where it needs more, the least it
+    needs (the schedule refuses before anything moves, on every rank alike: pure). Steps
+    after the first are not verified again: they are a pure function of the verified maps."""
+    sh.staging_bytes = bound
+    verify = None if first else False
+    try:
+        return sh.rearrange(a, b, verify=verify)
+    except ValueError as e:
+        need = getattr(e, "required", None)
+        if need is None:
+            raise
+    sh.staging_bytes = need
+    return sh.rearrange(a, b, verify=False)
+
+
+def _combined(stats: list):
+    """One RearrangeStats for the steps of an update: sums, and the peak of the largest."""
+    from dataclasses import fields
+
+    from ..shuffler import RearrangeStats
+
+    total = RearrangeStats()
+    for f in fields(RearrangeStats):
+        vals = [getattr(st, f.name) for st in stats]
+        if f.name in ("peak_extra_bytes", "staging_bound", "table_bytes"):
+            setattr(total, f.name, max(vals))
+        elif isinstance(vals[0], (int, float)) and not isinstance(vals[0], bool):
+            setattr(total, f.name, sum(vals))
+        elif isinstance(vals[0], list):
+            setattr(total, f.name, [x for v in vals for x in v])
+        elif isinstance(vals[0], str):
+            setattr(total, f.name, vals[-1])
+    total.layers_changed = sorted(set(total.layers_changed))
+    return total
+
+
+@contextlib.contextmanager
+def _one_thread(device):
+    """CPU weights: torch's intra-op threads off during the update. Its copies are memory
+    bound; split over threads on cores the other ranks already use, each copy of a run of
+    rows waits for descheduled threads (measured: 4 gloo ranks on 2 cores, ~11 ms per
+    200 KB copy instead of ~30 us; updates 10x slower than SGLang's)."""
+    if device.type != "cpu":
+        yield
+        return
+    torch = _torch()
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def _elasticity_algorithm(args) -> bool:
+    """``rebalance_experts`` was asked for one of SGLang's elasticity-aware algorithms."""
+    algorithm = args.get("algorithm")
+    return "elasticity" in getattr(algorithm, "name", str(algorithm))
+
+
+def _elastic_inactive(args=None) -> bool:
     """SGLang's elastic EP is on and some rank is marked inactive."""
     try:
         from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
@@ -596,28 +780,37 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
             f"process's WORLD rank {dist.get_rank()}"
         )
     t = _transport(device, ranks_per_node)
+    sh = _shuffler(t, weights, ranks_per_node)
     bound = cfg["staging_bytes"]
-    if bound is None:
-        bound = _staging_bound(weights)
-        sh = _shuffler(t, weights, ranks_per_node, bound)
-        try:
-            sh.schedule(sh.plan(old, new))
-        except ValueError:
-            # a layer needs more than the quarter (same answer on every rank: pure)
-            sh = _shuffler(t, weights, ranks_per_node, None)
-    else:
-        sh = _shuffler(t, weights, ranks_per_node, bound)
+    bound = _quarter(weights) if bound is None else bound
     t0 = time.monotonic()
+    steps = _plan_steps(sh, weights, old, new, bound)
+    stats = []
+    at = old  # the placement the weights hold (every step that completed)
     try:
-        return sh.rearrange(old, new)
+        with _one_thread(device):
+            for b in steps:
+                stats.append(_step(sh, at, b, bound, first=not stats))
+                at = b
     except (ValueError, TypeError):
         raise
     except Exception as e:  # noqa: BLE001 - every failure of an update: one RearrangeError
-        done = getattr(e, "completed_layers", [])
-        pending = getattr(e, "pending_layers", list(range(len(weights))))
+        # the step that failed leaves each layer at its start or its end (transactional)
+        b = steps[len(stats)]
+        at = np.array(at, copy=True)
+        for i in getattr(e, "completed_layers", []):
+            at[i] = b[i]
+        done = [i for i in range(len(weights)) if (at[i] == new[i]).all()]
+        pending = [i for i in range(len(weights)) if (at[i] == old[i]).all()]
+        between = sorted(set(range(len(weights))) - set(done) - set(pending))
         peers = list(getattr(e, "peers", []) or range(world))
         dead = _dead_peers(sorted(set(range(world)) - {rank}))
         what = f"; rank(s) {dead} exited" if dead else ""
+        if between:
+            what += (
+                f"; layers {[layer_ids[i] for i in between]} are between the old and the new "
+                f"placement (step {len(stats) + 1} of {len(steps)}: every expert still held)"
+            )
         raise RearrangeError(
             f"SGLang expert update on WORLD rank {rank} failed after "
             f"{time.monotonic() - t0:.1f} s{what}: {type(e).__name__}: {e}",
@@ -626,6 +819,7 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
             sorted(set(peers) | set(dead)),
             e,
         ) from e
+    return stats[0] if len(stats) == 1 else _combined(stats)
 
 
 def _as_map(m) -> np.ndarray:
@@ -645,15 +839,6 @@ def update_expert_weights_raw(
 ):
     """SGLang's ``_update_expert_weights_raw`` (same arguments and return value) through one
     :class:`~eplb_pynccl.ExpertShuffler` rearrangement of every layer in ``update_layer_ids``."""
-    if _elastic_inactive():
-        return _state["originals"]["raw"](
-            routed_experts_weights_of_layer,
-            old_expert_location_metadata,
-            new_expert_location_metadata,
-            update_layer_ids,
-            nnodes,
-            rank,
-        )
     layer_ids = list(dict.fromkeys(int(x) for x in update_layer_ids))
     if not layer_ids:
         return {}
@@ -686,20 +871,6 @@ def update_expert_weights_single_layer(
     """SGLang's ``update_expert_weights_single_layer`` (same arguments and return value: None,
     or with ``debug`` a list of log lines) through :class:`~eplb_pynccl.ExpertShuffler`.
     ``temp_buffers`` is not used."""
-    if _elastic_inactive():
-        return _state["originals"]["single"](
-            routed_experts_weights,
-            temp_buffers,
-            old_physical_to_logical_map,
-            new_physical_to_logical_map,
-            num_local_physical_experts,
-            num_gpu_per_node,
-            rank,
-            world_size,
-            missing_logical_experts_info,
-            debug,
-            log_metrics,
-        )
     weights = list(routed_experts_weights)
     bad = [tuple(t.shape) for t in weights if t.shape[0] != num_local_physical_experts]
     if bad:
@@ -761,15 +932,6 @@ def rebalance_experts(
     """SGLang's ``rebalance_experts`` (same arguments; the same three int64 CPU tensors) from
     :func:`eplb_pynccl.rebalance`, fed with the current map. SGLang's elasticity-aware
     algorithms stay SGLang's."""
-    if "elasticity" in getattr(algorithm, "name", str(algorithm)):
-        return _state["originals"]["rebalance"](
-            tokens_per_expert,
-            num_physical_experts,
-            num_local_physical_experts,
-            num_groups,
-            num_nodes,
-            algorithm,
-        )
     from ..placement import rebalance
 
     torch = _torch()
@@ -785,7 +947,16 @@ def rebalance_experts(
     groups = int(num_groups) if (hierarchical and num_groups) else None
     if groups is not None and (E % groups or groups % nodes):
         groups = None
-    res = rebalance(loads, N, ep, old_map=_current_map(L, N, E), num_nodes=nodes, num_groups=groups)
+    old = _current_map(L, N, E)
+    target = None
+    if old is not None:
+        # DeepSeek's balance per layer, within POLICY_SLACK: what the slack buys is fewer
+        # slots changed (the repair stops as soon as a layer is within its target)
+        ref = rebalance(loads, N, ep, num_nodes=nodes, num_groups=groups, policy="deepseek")
+        target = np.maximum(1.0, np.asarray(ref.imbalance, dtype=np.float64) * POLICY_SLACK)
+    res = rebalance(
+        loads, N, ep, old_map=old, num_nodes=nodes, num_groups=groups, max_imbalance=target
+    )
     phy = np.array(res.new_map, dtype=np.int64, copy=True)
     count = np.zeros((L, E), dtype=np.int64)
     np.add.at(count, (np.repeat(np.arange(L), N), phy.ravel()), 1)

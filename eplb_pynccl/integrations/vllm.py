@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .._checks import device_index, to_numpy
-from .._nccl.table import UNIQUE_ID_BYTES
 from ..communicator import Communicator, UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
+from ._world import ORIGINAL, share_unique_id, signature_problems, unwrapped
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -74,7 +74,6 @@ POLICY = "eplb_pynccl"
 TESTED_VLLM_VERSIONS = ("0.33.0",)
 LAYER_LOOP_ENV = "EPLB_PYNCCL_VLLM_LAYER_LOOP"
 
-_ORIGINAL = "_eplb_pynccl_original"  # attribute of our wrappers: the vLLM function wrapped
 _log = logging.getLogger(__name__)
 
 
@@ -455,27 +454,9 @@ def _setup_ipc(
 
 
 def _share_unique_id(torch: Any, cpu_group: Any) -> UniqueId:
-    """EP rank 0 makes a NCCL unique id and broadcasts its 128 bytes over the gloo group; a
-    failure there reaches every rank as an error instead of a wait."""
-    dist = torch.distributed
-    buf = torch.zeros(1 + UNIQUE_ID_BYTES, dtype=torch.uint8)
-    err = None
-    if dist.get_rank(cpu_group) == 0:
-        try:
-            raw = bytes(UniqueId.generate())
-            buf[1:] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            buf[0] = 1
-        except Exception as e:  # still broadcast, so the others learn it
-            err = e
-    dist.broadcast(buf, src=dist.get_global_rank(cpu_group, 0), group=cpu_group)
-    if err is not None:
-        raise err
-    if int(buf[0]) != 1:
-        raise RuntimeError(
-            "EP rank 0 could not make a NCCL unique id (its own error says why); no "
-            "communicator was made"
-        )
-    return UniqueId.from_bytes(buf[1:].numpy().tobytes())
+    """EP rank 0 makes a NCCL unique id and every rank gets it over the gloo group; a failure
+    there reaches every rank as an error instead of a wait."""
+    return share_unique_id(TorchTransport(cpu_group), "EP rank 0")
 
 
 def create_communicator(
@@ -773,27 +754,10 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"layer_loop": True}
 
 
-def _unwrapped(fn: Any) -> Any:
-    return getattr(fn, _ORIGINAL, fn)
-
-
 def _interface_problems(ec: Any, es: Any, pol: Any, rx: Any, cp: Any) -> list[str]:
     """What of vLLM differs from the interfaces this module was written against (empty: none)."""
     mods = {"eplb_communicator": ec, "rebalance_execute": rx, "policy": pol}
-    problems = []
-    for path, want in _EXPECTED_PARAMS.items():
-        mod, *names = path.split(".")
-        obj = mods[mod]
-        for n in names:
-            obj = getattr(obj, n, None)
-        if obj is None:
-            problems.append(f"vllm.distributed.eplb.{path} is missing")
-            continue
-        got = list(inspect.signature(_unwrapped(obj)).parameters)
-        if got != want:
-            problems.append(
-                f"vllm.distributed.eplb.{path} takes ({', '.join(got)}), not ({', '.join(want)})"
-            )
+    problems = signature_problems("vllm.distributed.eplb", mods, _EXPECTED_PARAMS)
     base = getattr(ec, "EplbCommunicator", None)
     if base is not None:
         abstract = set(getattr(base, "__abstractmethods__", ()))
@@ -807,7 +771,7 @@ def _interface_problems(ec: Any, es: Any, pol: Any, rx: Any, cp: Any) -> list[st
         problems.append("vllm.distributed.eplb.policy.EPLB_POLICIES is not a dict")
     for name, mod in (("create_eplb_communicator", ec), ("rearrange_expert_weights_inplace", rx)):
         bound = getattr(es, name, None)
-        if bound is None or _unwrapped(bound) is not _unwrapped(getattr(mod, name, None)):
+        if bound is None or unwrapped(bound) is not unwrapped(getattr(mod, name, None)):
             problems.append(f"vllm.distributed.eplb.eplb_state does not use {mod.__name__}.{name}")
     cfg = getattr(cp, "EPLBConfig", None)
     fields = getattr(cfg, "__dataclass_fields__", {})
@@ -872,7 +836,7 @@ def _factory_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         f"vLLM's factory, plus backends {BACKEND!r} and {BACKEND_IPC!r} "
         "(eplb_pynccl.integrations.vllm.create_communicator)."
     )
-    setattr(create_eplb_communicator, _ORIGINAL, original)
+    setattr(create_eplb_communicator, ORIGINAL, original)
     return create_eplb_communicator
 
 
@@ -910,7 +874,7 @@ def _loop_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         "vLLM's layer loop, or eplb_pynccl's ExpertShuffler when the communicator is "
         "eplb_pynccl's NCCL or CPU one (the IPC one keeps vLLM's loop)."
     )
-    setattr(rearrange, _ORIGINAL, original)
+    setattr(rearrange, ORIGINAL, original)
     return rearrange
 
 
@@ -948,9 +912,9 @@ def register(*, layer_loop: bool | None = None) -> None:
         _state["layer_loop"] = bool(layer_loop)
         vllm, ec, es, pol, rx, cp = _vllm_modules()
         patched = (
-            hasattr(ec.create_eplb_communicator, _ORIGINAL)
-            and hasattr(es.create_eplb_communicator, _ORIGINAL)
-            and hasattr(es.rearrange_expert_weights_inplace, _ORIGINAL)
+            hasattr(ec.create_eplb_communicator, ORIGINAL)
+            and hasattr(es.create_eplb_communicator, ORIGINAL)
+            and hasattr(es.rearrange_expert_weights_inplace, ORIGINAL)
             and pol.EPLB_POLICIES.get(POLICY) is _policy_class()
         )
         if patched:
@@ -977,10 +941,10 @@ def register(*, layer_loop: bool | None = None) -> None:
         if any(changed):
             _rebuild(cp)
         pol.EPLB_POLICIES[POLICY] = _policy_class()
-        if not hasattr(ec.create_eplb_communicator, _ORIGINAL):
+        if not hasattr(ec.create_eplb_communicator, ORIGINAL):
             ec.create_eplb_communicator = _factory_wrapper(ec.create_eplb_communicator)
         es.create_eplb_communicator = ec.create_eplb_communicator
-        if not hasattr(es.rearrange_expert_weights_inplace, _ORIGINAL):
+        if not hasattr(es.rearrange_expert_weights_inplace, ORIGINAL):
             es.rearrange_expert_weights_inplace = _loop_wrapper(es.rearrange_expert_weights_inplace)
 
 
