@@ -52,6 +52,7 @@ __all__ = [
     "RoundOps",
     "Schedule",
     "ScheduleError",
+    "StagingTooSmall",
     "build_schedule",
     "copy_order",
 ]
@@ -66,6 +67,14 @@ _I64 = np.int64
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class StagingTooSmall(ValueError):
+    """``staging_bytes`` below what a layer needs; ``required``: a bound every layer fits."""
+
+    def __init__(self, message: str, required: int) -> None:
+        super().__init__(message)
+        self.required = required
 
 
 class ScheduleError(AssertionError):
@@ -399,16 +408,15 @@ def build_schedule(
     for layer in active:
         if worst[layer] > budget:
             r = int(need[layer].argmax())
-            err = ValueError(
+            # a staging_bytes every layer fits in (the largest need as laid out at this
+            # bound): a caller bounding memory can retry with it rather than the default
+            raise StagingTooSmall(
                 f"staging_bytes={bound} is too small: layer {layer} needs "
                 f"{int(worst[layer]) + bound - budget} bytes of staging on rank {r}"
                 + (" (transactional)" if transactional else "")
-                + "; raise staging_bytes (default: one layer of local experts)"
+                + "; raise staging_bytes (default: one layer of local experts)",
+                int(worst[active].max()) + reserve,
             )
-            # a staging_bytes every layer fits in (the largest need as laid out at this
-            # bound): a caller bounding memory can retry with it rather than the default
-            err.required = int(worst[active].max()) + reserve
-            raise err
     rounds = []
     cur: list = []
     acc = np.zeros(n, dtype=_I64)
