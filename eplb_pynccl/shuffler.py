@@ -532,6 +532,7 @@ class RearrangeHandle:
         self.applied_layers: list[int] = []
         self._error: RearrangeError | None = None
         self._release: torch.cuda.Event | None = None  # after the last consumer of staging
+        self._ends: list = []  # CUDA: the release event of each round
         self._exec: Executor | None = None
         if rs.rounds:
             self._exec = Executor(
@@ -546,11 +547,16 @@ class RearrangeHandle:
                 copy_method=shuffler.copy_method,
                 copy_ctas=shuffler.copy_ctas,
             )
+            n = len(rs.rounds)
             if shuffler._is_cuda:
                 st.peak_extra_bytes = self._exec.extra_bytes
                 st.table_bytes = self._exec.table_bytes
                 st.copy_method = shuffler.copy_method
-            n = len(rs.rounds)
+                # each round's release event, made now rather than on the host thread of a
+                # step that applies a round
+                self._ends = [
+                    shuffler._torch.cuda.Event(enable_timing=shuffler.profile) for _ in range(n)
+                ]
             st.round_launch_us = [0.0] * n
             st.round_poll_us = [0.0] * n
             st.round_apply_us = [0.0] * n
@@ -790,7 +796,7 @@ class RearrangeHandle:
         assert ex is not None  # a round to apply: an executor
         ex.apply(rnd.index, cs)
         if cs is not None:
-            self._release = torch.cuda.Event(enable_timing=s.profile)
+            self._release = self._ends[rnd.index]
             self._release.record(cs)
             rnd.marks["end"] = self._release
             if rnd.index == 0:
