@@ -205,7 +205,7 @@ class RebalanceResult:
             f"policy={self.policy!r}",
             f"imbalance mean {float(self.imbalance.mean()):.4f} max {float(self.imbalance.max()):.4f}",
         ]
-        if self.old_imbalance is not None:
+        if self.old_imbalance is not None and self.slots_changed is not None:
             parts.append(f"old max {float(self.old_imbalance.max()):.4f}")
             parts.append(f"slots_changed={int(self.slots_changed.sum())}")
         if self.bytes_received_max is not None:
@@ -239,11 +239,11 @@ def should_rebalance(
         max_bytes = check_count(max_bytes, "max_bytes", minimum=0)
         if result.row_bytes is None:
             raise ValueError("max_bytes needs a result computed with row_bytes")
-    if result.old_imbalance is None:
+    if result.old_imbalance is None or result.gain is None:
         return True
     if result.gain < mg:
         return False
-    return max_bytes is None or result.bytes_received_max <= max_bytes
+    return max_bytes is None or (result.bytes_received_max or 0) <= max_bytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -1193,7 +1193,17 @@ def _repair(old, lam, target, ep, nodes, start=None):
 
 
 class _Ops:
-    """Best candidates of a round (fields as named by whoever fills it)."""
+    """Best candidates of a round (fields as named by whoever fills it: swaps fill score,
+    sa, sb, heavy; moves score, s, x, y, touched)."""
+
+    score: np.ndarray
+    sa: np.ndarray
+    sb: np.ndarray
+    heavy: np.ndarray
+    s: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    touched: np.ndarray
 
     def __init__(self, **kw):
         self.__dict__.update(kw)

@@ -131,7 +131,7 @@ _METADATA_FIELDS = ("physical_to_logical_map_cpu", "ep_size")
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {"config": None, "originals": None}
-_world: dict[str, Any] = {}  # transports and the set-up group, made once per process
+_world: dict[Any, Any] = {}  # transports and the set-up group, made once per process
 _shufflers: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -578,7 +578,7 @@ def split_maps(old, new, per_rank: int, quota: int) -> list:
     size = int(max(cur.max(initial=0), new.max(initial=0))) + 1
     changed = int((cur != new).reshape(len(cur), -1, per_rank).sum(-1).max(initial=0))
     cap = 4 * (changed + 2) + 16  # steps; past it the rest goes in one (never reached in tests)
-    out = []
+    out: list = []
     while True:
         todo = [np.flatnonzero(cur[layer] != new[layer]) for layer in range(len(cur))]
         if not any(d.size for d in todo):
@@ -599,7 +599,7 @@ def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
     """One layer's (slot, expert) changes in this step (see :func:`split_maps`)."""
     count = np.bincount(cur, minlength=size)
     needed = np.bincount(new, minlength=size) > 0  # experts the end placement holds
-    used = collections.Counter()
+    used: collections.Counter = collections.Counter()
     picked: list = []
     taken = set(int(x) for x in todo)  # slots that may not serve as helpers
     left = [int(x) for x in todo]
@@ -785,7 +785,7 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
     bound = _quarter(weights) if bound is None else bound
     t0 = time.monotonic()
     steps = _plan_steps(sh, weights, old, new, bound)
-    stats = []
+    stats: list = []
     at = old  # the placement the weights hold (every step that completed)
     try:
         with _one_thread(device):
