@@ -102,7 +102,15 @@ part(
     False,
     "EPLB placement policies over load sequences, CPU only (bench/placement_bench.py)",
 )
-part("placement-opt", "bench.placement_opt:bench_placement_opt", "parent", False, "placement vs the exact per-layer optimum (MILP, HiGHS), small shapes, CPU, ~5 min (bench/placement_opt.py)", default=False)  # fmt: skip
+part(
+    "placement-opt",
+    "bench.placement_opt:bench_placement_opt",
+    "parent",
+    False,
+    "placement vs the exact per-layer optimum (MILP, HiGHS), small shapes, CPU, ~5 min "
+    "(bench/placement_opt.py)",
+    default=False,
+)
 part(
     "scale",
     "bench.scale:bench_scale",
