@@ -138,14 +138,14 @@ def _dying_child(rank, world_size, rendezvous, dead, timeout, q):
         os._exit(1)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_dead_peer_named_within_timeout(world_size):
-    timeout, dead = 6.0, world_size - 1
+def _run_with_a_dead_peer(target, world_size: int, dead: int, timeout: float):
+    """``world_size`` spawned ranks running ``target(rank, world_size, rendezvous, dead,
+    timeout, q)``; returns the processes (joined) and each survivor's (what, seconds)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     rendezvous = os.path.join(tempfile.mkdtemp(prefix="eplb_sglang_"), "rendezvous")
     procs = [
-        ctx.Process(target=_dying_child, args=(r, world_size, rendezvous, dead, timeout, q))
+        ctx.Process(target=target, args=(r, world_size, rendezvous, dead, timeout, q))
         for r in range(world_size)
     ]
     for p in procs:
@@ -163,6 +163,13 @@ def test_dead_peer_named_within_timeout(world_size):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+    return procs, got
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_dead_peer_named_within_timeout(world_size):
+    timeout, dead = 6.0, world_size - 1
+    procs, got = _run_with_a_dead_peer(_dying_child, world_size, dead, timeout)
     assert procs[dead].exitcode == 3
     assert sorted(got) == [r for r in range(world_size) if r != dead]
     for rank, (what, secs) in got.items():
@@ -267,28 +274,7 @@ def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
 
 def test_a_peer_dead_between_steps_leaves_layers_named():
     world_size, dead, timeout = 3, 2, 6.0
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    rendezvous = os.path.join(tempfile.mkdtemp(prefix="eplb_sglang_"), "rendezvous")
-    procs = [
-        ctx.Process(target=_dying_between_steps, args=(r, world_size, rendezvous, dead, timeout, q))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(world_size - 1):
-            try:
-                rank, what, secs = q.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"survivors did not report within {TIMEOUT} s: {got}")
-            got[rank] = (what, secs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    procs, got = _run_with_a_dead_peer(_dying_between_steps, world_size, dead, timeout)
     assert procs[dead].exitcode == 3
     for rank, (what, secs) in got.items():
         assert what[0] == "RearrangeError", (rank, what)
