@@ -94,7 +94,7 @@ class _Ranks:
             for _ in range(layers)
         ]
 
-    def shuffler(self, tag, spec, P, layers, pull_graphs=True, **kw):
+    def shuffler(self, tag, spec, P, layers, pull_graphs=True, signals="auto", **kw):
         t = self.ep.IpcTransport(
             self.rank,
             self.n,
@@ -103,6 +103,7 @@ class _Ranks:
             key=f"ipc/{tag}",
             timeout=120,
             pull_graphs=pull_graphs,
+            signals=signals,
         )
         w = self.weights(spec, P, layers)
         return t, w, self.ep.ExpertShuffler(t, w, **kw)
@@ -213,10 +214,17 @@ def _host_rows(r: _Ranks) -> list[dict]:
     num_physical = 288 if 288 % n == 0 else 288 + (-288) % n
     P = num_physical // n
     old, new = make_maps(r.opts["seed"], L, 256, num_physical, n)
-    for graphs in (True, False):
-        t, w, sh = r.shuffler(f"host{graphs}", _SMALL, P, L, pull_graphs=graphs, pack_threshold=0)
-        stats, _, ok = r.repeat(f"host{graphs}", sh, w, old, new, P)
-        what = f"dsv3 ep{n} {L}L plans, 4 KiB rows, pulls: {t.pull_method}"
+    # pulls as graphs or batches; ranks ordered on the GPU (stream signals) or by host polls
+    for graphs, signals in ((True, "auto"), (True, "host"), (False, "host")):
+        tag = f"host{graphs}{signals}"
+        t, w, sh = r.shuffler(
+            tag, _SMALL, P, L, pull_graphs=graphs, signals=signals, pack_threshold=0
+        )
+        stats, _, ok = r.repeat(tag, sh, w, old, new, P)
+        what = (
+            f"dsv3 ep{n} {L}L plans, 4 KiB rows, pulls: {t.pull_method}, "
+            f"signals: {t.signals_method}"
+        )
         row = _host_row("host", what, n, stats, "messages", stats[-1].messages, ok)
         rows.append({**row, "rank": r.rank})
         t.close()

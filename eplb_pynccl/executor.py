@@ -282,12 +282,13 @@ class Executor:
         drv.stream_wait_event(0, after)
 
     def launch_pre(self, k: int):
-        """Round k's phase A (on the current stream: the exchange stream); the first call
-        also copies the copy table to the device. Returns the transport's round."""
+        """Round k's phase A on the exchange stream; the first call also copies the copy
+        table to the device. Returns the transport's round."""
         pre, tround, _ = self.rounds[k]
         if not self._uploaded:
             assert self.table is not None and self._table_host is not None  # made together
-            self.table.copy_(self._table_host, non_blocking=True)
+            with self.torch.cuda.stream(self.stream):  # once per rearrangement
+                self.table.copy_(self._table_host, non_blocking=True)
             self._uploaded = True
         self._run(pre, self.stream)
         return tround

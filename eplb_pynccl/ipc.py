@@ -13,7 +13,22 @@ sender's live weights into its own staging (or, not transactional, into rows nob
 ``cuMemcpyBatchAsync`` (copy engines, the hint that prefers overlap with compute; one
 ``cuMemcpyDtoDAsync`` per run where the driver lacks it) on a stream of the transport's own.
 
-Ordering, with no GPU-side wait on a peer (every wait is a host poll with the timeout):
+Ordering, ``signals="stream"`` (the default where the driver runs stream memory operations on
+registered host memory): the whole round is enqueued at ``launch`` and ``done()`` is one event
+query. Each rank's shared page holds, beside its host counters, an int32 slot per peer and
+direction, written by that peer's streams (``cuStreamWriteValue32``) and waited on by this
+rank's (``cuStreamWaitValue32``, "at least round q"):
+
+1. on the exchange stream, after phase A: write q into ``ready_from[me]`` of each reader's page;
+2. on the copy stream: for each source, wait until my ``ready_from[source]`` reaches q, pull its
+   rows, then write q into ``done_from[me]`` of each source's page;
+3. on the exchange stream, after the pulls: wait until my ``done_from[reader]`` reaches q for
+   every reader, then record the round's end event (the apply waits on it).
+
+A peer's slot only grows while a wait on it is pending, so a wait never misses its value. Every
+wait still ends on the host's timeout: a rank that aborts (timeout, a peer's failed flag, a dead
+peer's process) writes a value past every round into its own slots, so none of its streams stays
+blocked. ``signals="host"`` (or a driver without them), every wait is a host poll:
 
 1. ``launch``: after phase A on the exchange stream, record the *ready* event and publish the
    round's sequence number in this rank's ``ready`` counter: my rows for this round are stable.
@@ -57,6 +72,8 @@ if TYPE_CHECKING:
 __all__ = ["IpcTransport"]
 
 _READY, _DONE, _FAILED = 0, 1, 2  # this rank's counters in its shared page
+_SIGNALS = ("auto", "stream", "host")
+_RELEASED = 1 << 30  # written into this rank's slots on abort: every pending stream wait passes
 
 
 class _Peer:
@@ -96,6 +113,14 @@ class IpcTransport(Transport):
             ``cuGraphLaunch`` instead of the driver's ~4.5 us of host time per copy; still
             copy engines. False (or a driver that cannot capture them): one
             ``cuMemcpyBatchAsync`` per peer and round. ``pull_method`` says which is used.
+        signals: how a round's ranks order each other. ``"stream"``: on the GPU, with stream
+            memory operations on the shared pages (registered host memory): a launch enqueues
+            the whole round (write "ready" to each reader, wait each source's "ready" then
+            pull, write "done" to each source, wait each reader's "done"), and ``done()`` is
+            one event query. ``"host"``: every wait is a host poll of the peers' counters and
+            events (the round's pulls are issued from ``done()``). ``"auto"`` (default):
+            ``"stream"`` where every rank of the node can run it (checked at
+            ``register_buffers``), else ``"host"``; ``signals_method`` says which is used.
 
     Rounds are launched by :class:`~eplb_pynccl.ExpertShuffler` (which calls
     :meth:`register_buffers` at construction: collective). ``close()`` releases every
@@ -118,6 +143,7 @@ class IpcTransport(Transport):
         key: str = "eplb_pynccl/ipc",
         setup=None,
         pull_graphs: bool = True,
+        signals: str = "auto",
     ) -> None:
         if communicator is not None:
             if not isinstance(communicator, Communicator):
@@ -159,6 +185,10 @@ class IpcTransport(Transport):
                 raise ValueError(
                     f"ranks_per_node ({ranks_per_node}) is more than world_size ({world_size})"
                 )
+        if not isinstance(pull_graphs, bool):
+            raise TypeError(f"pull_graphs must be True or False, got {pull_graphs!r}")
+        if signals not in _SIGNALS:
+            raise ValueError(f"signals must be one of {_SIGNALS}, got {signals!r}")
         drv = _cuda.driver()
         if drv is None:
             raise RuntimeError(
@@ -183,9 +213,9 @@ class IpcTransport(Transport):
         self._seq = 0  # rounds launched (the same sequence on every rank)
         self._next_alive_check = 0.0
         self._registered = False
-        if not isinstance(pull_graphs, bool):
-            raise TypeError(f"pull_graphs must be True or False, got {pull_graphs!r}")
         self.pull_method = "graph" if pull_graphs else "batch"
+        self._signals = signals
+        self.signals_method = "host"  # decided by register_buffers
         self._graphs: set = set()  # CopyGraphs of live rounds, freed by close()
         self.node = [0] * world_size
         drv.set_device(self._device)
@@ -193,7 +223,7 @@ class IpcTransport(Transport):
         self._ready = drv.event_create_ipc()
         self._done = drv.event_create_ipc()
         self._events += [self._ready, self._done]
-        self._shm = _Page.create(f"eplb_ipc_{os.getpid()}_{id(self):x}")
+        self._shm = _Page.create(f"eplb_ipc_{os.getpid()}_{id(self):x}", _Page.size(world_size))
         self._counters = self._shm.counters
         self._info = drv.device_info(self._device)
 
@@ -279,6 +309,7 @@ class IpcTransport(Transport):
             self._failed_why = why
             if self._state == "open":
                 self._counters[_FAILED] = 1
+                self._release_waits()
         if self.comm is not None:
             self.comm.abort()
 
@@ -356,7 +387,9 @@ class IpcTransport(Transport):
                 alloc_list.append((base, size, drv.ipc_mem_handle(base)))
             tens.append((allocs[base], ptr - base, t.nbytes))
         host = socket.gethostname()
+        can_signal = self._signals != "host" and self._stream_signals_work()
         mine = {
+            "signals": can_signal,
             "err": err,
             "host": host,
             "info": self._info,
@@ -387,6 +420,11 @@ class IpcTransport(Transport):
                 f"IpcTransport: ranks {far} are on other nodes; give a communicator for them (NCCL)"
             )
         problems = []
+        if self._signals == "stream" and not can_signal:
+            problems.append(
+                "signals='stream' but this rank's driver cannot run stream memory operations "
+                "on registered host memory (use signals='auto' or 'host')"
+            )
         for r, e in enumerate(everyone):
             if r == self.rank or self.node[r] != me:
                 continue
@@ -439,10 +477,54 @@ class IpcTransport(Transport):
                     shm,
                     e["pid"] if e["host"] == host else None,
                 )
+            if all(everyone[r]["signals"] for r in range(self.world_size) if self.node[r] == me):
+                for peer in self._peers.values():
+                    peer.shm.device_address = drv.host_register(peer.shm.address, peer.shm.nbytes)
+                self.signals_method = "stream"
         except BaseException:
             self._release_peers()
             raise
         self._registered = True
+
+    def _stream_signals_work(self) -> bool:
+        """Whether stream waits/writes on this rank's registered page work here: register it,
+        write a slot from the copy stream, wait for it there, and see the host read it back."""
+        drv, page = self._drv, self._shm
+        if not drv.has_stream_memops():
+            return False
+        slot = self.rank  # ready_from[self]: no round uses it
+        ev = None
+        try:
+            if not page.device_address:
+                page.device_address = drv.host_register(page.address, page.nbytes)
+            addr = page.device_address + 64 + 4 * slot
+            drv.write_value(self._copy_stream, addr, 7)
+            drv.wait_value(self._copy_stream, addr, 7)
+            ev = drv.event_create()
+            drv.event_record(ev, self._copy_stream)
+
+            def stuck() -> None:
+                page.slots[slot] = 7  # let the wait pass, then give up on stream signals
+                raise TimeoutError
+
+            poll_until(lambda: drv.event_done(ev), time.monotonic() + 10.0, stuck)
+            ok = int(page.slots[slot]) == 7
+        except (_cuda.CudaError, TimeoutError):
+            ok = False
+        finally:
+            if ev is not None:
+                drv.event_destroy(ev)
+            page.slots[slot] = 0
+        if not ok and page.device_address:
+            drv.host_unregister(page.address)
+            page.device_address = 0
+        return ok
+
+    def _release_waits(self) -> None:
+        """Let every stream wait on this rank's slots pass (abort/close: a peer that never
+        writes must not leave this rank's streams blocked)."""
+        if self.signals_method == "stream" and self._shm.slots is not None:
+            self._shm.slots[:] = _RELEASED
 
     # ---- rounds ------------------------------------------------------------------------------
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
@@ -459,21 +541,33 @@ class IpcTransport(Transport):
         """Release every opened handle, event and page (local). Idempotent."""
         if self._state != "open":
             return
+        self._release_waits()
         self._state = "closed"
         drv = self._drv
         drv.set_device(self._device)
+        drained = True
+        if self.signals_method == "stream":  # no queued stream op may touch an unregistered page
+            ev = drv.event_create()
+            drv.event_record(ev, self._copy_stream)
+            until = time.monotonic() + 5.0
+            while not drv.event_done(ev) and time.monotonic() < until:
+                time.sleep(1e-4)
+            drained = drv.event_done(ev)
+            drv.event_destroy(ev)
         for g in self._graphs:  # before the mappings they copy from are closed
             g.close()
         self._graphs = set()
-        self._release_peers()
+        self._release_peers(unregister=drained)
         for e in self._events:
             drv.event_destroy(e)
         self._events = []
         drv.stream_destroy(self._copy_stream)
         self._counters = None
+        if self._shm.device_address and drained:
+            drv.host_unregister(self._shm.address)
         self._shm.close(unlink=True)
 
-    def _release_peers(self) -> None:
+    def _release_peers(self, unregister: bool = True) -> None:
         drv = self._drv
         for p in self._opened:
             try:
@@ -482,6 +576,8 @@ class IpcTransport(Transport):
                 pass  # a peer that died may have taken its mapping with it
         self._opened = []
         for peer in self._peers.values():
+            if peer.shm.device_address and unregister:
+                drv.host_unregister(peer.shm.address)
             peer.counters = None
             peer.shm.close()
         self._peers = {}
@@ -533,22 +629,35 @@ def _alive(pid: int) -> bool:
 
 
 class _Page:
-    """A page of int64 counters in /dev/shm, shared by the processes of a node: the owner
-    creates and unlinks it, peers attach (no multiprocessing resource tracker, whose shared
-    bookkeeping across spawned processes mixed up owners and attachers)."""
+    """A page of counters in /dev/shm, shared by the processes of a node: 8 int64 host
+    counters (ready, done, failed), then ``2 * world_size`` int32 signal slots that peers'
+    streams write (``ready_from[p]``, then ``done_from[p]``). The owner creates and unlinks
+    it, peers attach (no multiprocessing resource tracker, whose shared bookkeeping across
+    spawned processes mixed up owners and attachers)."""
 
     def __init__(self, name: str, fd: int, owner: bool) -> None:
         self.name, self._owner = name, owner
-        self._map = mmap.mmap(fd, 64)
+        self.nbytes = os.fstat(fd).st_size
+        self._map = mmap.mmap(fd, self.nbytes)
         os.close(fd)
         self.counters = np.ndarray((8,), dtype=np.int64, buffer=self._map)
+        self.slots = np.ndarray(
+            ((self.nbytes - 64) // 4,), dtype=np.int32, buffer=self._map, offset=64
+        )
+        self.address = int(self.counters.__array_interface__["data"][0])
+        self.device_address = 0  # set once registered for the device (stream signals)
+
+    @staticmethod
+    def size(world_size: int) -> int:
+        return 64 + 8 * world_size
 
     @classmethod
-    def create(cls, name: str) -> _Page:
+    def create(cls, name: str, nbytes: int = 64) -> _Page:
         fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, 64)
+        os.ftruncate(fd, nbytes)
         page = cls(name, fd, True)
         page.counters[:] = 0
+        page.slots[:] = 0
         return page
 
     @classmethod
@@ -557,6 +666,7 @@ class _Page:
 
     def close(self, unlink: bool = False) -> None:
         self.counters = None
+        self.slots = None
         try:
             self._map.close()
         except BufferError:  # a view still alive; the mapping goes with the process
@@ -690,6 +800,18 @@ class _IpcRound(TransportRound):
         self.proto = RoundProtocol(
             sorted(pulls), readers, ready, done, pull, finish, lambda: drv.event_done(t._done)
         )
+        self._end: int | None = None
+        if t.signals_method == "stream":
+            # every address a launch writes or waits on (device addresses of the shared pages)
+            w = t.world_size
+            mine = t._shm.device_address + 64
+            self._ready_out = [t._peers[p].shm.device_address + 64 + 4 * t.rank for p in readers]
+            self._wait_ready = [(mine + 4 * p, self.pulls[p]) for p in sorted(pulls)]
+            self._done_out = [
+                t._peers[p].shm.device_address + 64 + 4 * (w + t.rank) for p in sorted(pulls)
+            ]
+            self._wait_done = [mine + 4 * (w + p) for p in readers]
+            self._end = drv.event_create()
 
     def _pull_call(self, copies: list):
         """``f(stream)`` enqueueing the copies from one peer: a captured graph (one host call)
@@ -711,8 +833,11 @@ class _IpcRound(TransportRound):
 
     @property
     def host_calls(self) -> int:
-        """Host calls into CUDA/NCCL a launch of this round makes (one per peer's pulls)."""
+        """Host calls into CUDA/NCCL a launch of this round makes: per source peer its pulls
+        (with stream signals also a wait and a write), per reader a write (and a wait)."""
         n = len(self.pulls) + 4  # pulls, ready event + wait, done event + wait
+        if self._end is not None:
+            n += 2 * len(self.pulls) + 2 * len(self.proto.readers) + 1  # signals, end event
         return n + (self._far + 3 if self.nccl is not None else 0)  # group, ops, end event
 
     def release(self) -> None:
@@ -721,6 +846,9 @@ class _IpcRound(TransportRound):
             g.close()
             self.t._graphs.discard(g)
         self.graphs = []
+        if self._end is not None and self.t._state == "open":  # close() destroys the driver's
+            self.t._drv.event_destroy(self._end)  # events with the context's streams
+        self._end = None
 
     def launch(self, stream, deadline: float) -> None:
         t = self.t
@@ -729,6 +857,9 @@ class _IpcRound(TransportRound):
         s = stream.cuda_stream
         t._seq += 1
         self._stream = s
+        if self._end is not None:
+            self._launch_signalled(s, t._seq)
+            return
         drv.event_record(t._ready, s)  # my rows (and phase A) for this round are stable
         t._counters[_READY] = t._seq
         self.proto.start(t._seq)
@@ -742,14 +873,60 @@ class _IpcRound(TransportRound):
         drv.stream_wait_event(t._copy_stream, t._ready)
         self.proto.poll()
 
+    def _launch_signalled(self, s: int, q: int) -> None:
+        """The whole round on the GPU (stream signals): nothing is left for ``done()`` but
+        one event query."""
+        t, drv = self.t, self.t._drv
+        c = t._copy_stream
+        t._counters[_READY] = q
+        self.proto.start(q)
+        for a in self._ready_out:  # my rows (and phase A) for this round are stable
+            drv.write_value(s, a, q)
+        if self.nccl is not None:
+            self.nccl.launch(s)
+        drv.event_record(t._ready, s)
+        drv.stream_wait_event(c, t._ready)  # pulls after my own phase A (staging free)
+        for a, pull in self._wait_ready:
+            drv.wait_value(c, a, q)
+            pull(c)
+        for a in self._done_out:  # I have read the source's rows
+            drv.write_value(c, a, q)
+        drv.event_record(t._done, c)
+        drv.stream_wait_event(s, t._done)
+        for a in self._wait_done:  # my readers have read my rows: they may change now
+            drv.wait_value(s, a, q)
+        assert self._end is not None  # stream signals: made at prepare
+        drv.event_record(self._end, s)
+
+    def end_event(self) -> int | None:
+        """With stream signals, the event after the whole round; else None (the exchange
+        stream is made to wait for the pulls once they are issued)."""
+        return self._end
+
     def waiting_on(self) -> tuple[list, list]:
         """(peers whose rows are not ready yet, readers not done yet): who holds the round."""
-        return self.proto.waiting_on()
+        t = self.t
+        if self._end is None:
+            return self.proto.waiting_on()
+        q, w, slots = self.proto.q, t.world_size, t._shm.slots
+        unready = [p for p in self.proto.sources if int(slots[p]) - q < 0]
+        undone = [p for p in self.proto.readers if int(slots[w + p]) - q < 0]
+        return unready, undone
 
     def done(self) -> bool:
         t = self.t
         t._check_open()
         t.poll_error()
+        if self._end is not None:
+            if t._drv.event_done(self._end):
+                return True
+            if self.nccl is not None:
+                assert t.comm is not None  # an NCCL part implies the communicator
+                err = t.comm.async_error()
+                if err is not None:
+                    t.abort(str(err))
+                    raise err
+            return False
         if not self.proto.poll():
             return False
         if self._nccl_end is not None and not t._drv.event_done(self._nccl_end):

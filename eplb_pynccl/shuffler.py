@@ -16,7 +16,6 @@ completed, so after any failure each layer is entirely old or entirely new, and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import time
@@ -29,6 +28,7 @@ import numpy as np
 from . import _optional
 from ._checks import check_bool, check_count, check_timeout, to_numpy
 from ._deadline import DEFAULT_TIMEOUT, poll_until
+from ._nccl import cuda as _cuda
 from ._nccl import rowcopy as _rowcopy
 from .errors import RearrangeError
 from .executor import COPY_METHODS, Buffers, Executor
@@ -531,8 +531,9 @@ class RearrangeHandle:
         self._inflight: _Round | None = None
         self.applied_layers: list[int] = []
         self._error: RearrangeError | None = None
-        self._release: torch.cuda.Event | None = None  # after the last consumer of staging
-        self._ends: list = []  # CUDA: the release event of each round
+        self._release: int | None = None  # driver event after the last consumer of staging
+        self._ends: list[int] = []  # CUDA: the release event (driver handle) of each round
+        self._drv = None
         self._exec: Executor | None = None
         if rs.rounds:
             self._exec = Executor(
@@ -552,11 +553,12 @@ class RearrangeHandle:
                 st.peak_extra_bytes = self._exec.extra_bytes
                 st.table_bytes = self._exec.table_bytes
                 st.copy_method = shuffler.copy_method
-                # each round's release event, made now rather than on the host thread of a
-                # step that applies a round
-                self._ends = [
-                    shuffler._torch.cuda.Event(enable_timing=shuffler.profile) for _ in range(n)
-                ]
+                # each round's release event (a driver event: ~1 us a call where torch's cost
+                # ~5), made now rather than on the host thread of a step that applies a round
+                self._drv = drv = _cuda.driver()
+                assert drv is not None  # CUDA weights: the driver loaded
+                drv.set_device(shuffler.device.index)
+                self._ends = [drv.event_create() for _ in range(n)]
             st.round_launch_us = [0.0] * n
             st.round_poll_us = [0.0] * n
             st.round_apply_us = [0.0] * n
@@ -710,6 +712,12 @@ class RearrangeHandle:
         if self._exec is not None:
             self._exec.release()
             self._exec = None
+        if self._ends:  # work recorded on them completes first (cuEventDestroy)
+            assert self._drv is not None  # made with them
+            for e in self._ends:
+                self._drv.event_destroy(e)
+            self._ends = []
+            self._release = None
 
     def _launch(self, rnd: _Round) -> None:
         t_start = time.perf_counter()
@@ -720,27 +728,27 @@ class RearrangeHandle:
         # this round's peers
         self._inflight = rnd
         rnd.launched_at = time.monotonic()
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            if stream is not None:
-                if self._release is not None:
-                    stream.wait_event(self._release)  # staging is free again
-                else:  # first round: after the caller's earlier work on the weights
-                    stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
-            if s.profile:
-                rnd.marks["start"] = _mark(torch, stream)
-            ex = self._exec
-            assert ex is not None  # rounds to launch: an executor
-            first = not ex.uploaded()
-            rnd.tround = ex.launch_pre(rnd.index)
-            if first and stream is not None:
-                s._pinned_free = torch.cuda.Event()
-                s._pinned_free.record(stream)
-            if s.profile:
-                rnd.marks["packed"] = _mark(torch, stream)
-            ex.launch_messages(rnd.index, rnd.launched_at + s.timeout)
-            if s.profile:
-                rnd.marks["exchanged"] = _mark(torch, stream)
+        # every call takes its stream explicitly (no torch stream context: ~10 us each way)
+        if stream is not None:
+            if self._release is not None:  # staging is free again
+                assert self._drv is not None  # CUDA rounds: made with the release events
+                self._drv.stream_wait_event(stream.cuda_stream, self._release)
+            else:  # first round: after the caller's earlier work on the weights
+                stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
+        if s.profile:
+            rnd.marks["start"] = _mark(torch, stream)
+        ex = self._exec
+        assert ex is not None  # rounds to launch: an executor
+        first = not ex.uploaded()
+        rnd.tround = ex.launch_pre(rnd.index)
+        if first and stream is not None:
+            s._pinned_free = torch.cuda.Event()
+            s._pinned_free.record(stream)
+        if s.profile:
+            rnd.marks["packed"] = _mark(torch, stream)
+        ex.launch_messages(rnd.index, rnd.launched_at + s.timeout)
+        if s.profile:
+            rnd.marks["exchanged"] = _mark(torch, stream)
         dt = time.perf_counter() - t_start
         self.stats.launch_seconds += dt
         self.stats.round_launch_us[rnd.index] += dt * 1e6
@@ -778,15 +786,18 @@ class RearrangeHandle:
     def _apply(self, rnd: _Round) -> None:
         s = self.s
         torch = s._torch
+        drv = self._drv
         if s._is_cuda:
+            assert drv is not None and s._stream is not None  # CUDA rounds: both made
             cs = self._user_stream or torch.cuda.current_stream(s.device)
+            h = cs.cuda_stream
             ev = rnd.tround.end_event()
-            if ev is not None:
-                cs.wait_event(ev)
-            else:  # the transport made its stream wait for the round's end (one-sided copies)
+            if ev is None:  # the transport made its stream wait for the round's end
                 if s.profile:
                     rnd.marks["exchanged"] = _mark(torch, s._stream)
-                cs.wait_stream(s._stream)
+                ev = self._ends[rnd.index]  # re-recorded below, after this wait is enqueued
+                drv.event_record(ev, s._stream.cuda_stream)
+            drv.stream_wait_event(h, ev)
             if s.profile:
                 rnd.marks["apply"] = _mark(torch, cs)
         else:
@@ -796,9 +807,11 @@ class RearrangeHandle:
         assert ex is not None  # a round to apply: an executor
         ex.apply(rnd.index, cs)
         if cs is not None:
+            assert drv is not None  # CUDA: set above
             self._release = self._ends[rnd.index]
-            self._release.record(cs)
-            rnd.marks["end"] = self._release
+            drv.event_record(self._release, h)
+            if s.profile:
+                rnd.marks["end"] = _mark(torch, cs)
             if rnd.index == 0:
                 for t in ex.device_tensors:
                     t.record_stream(cs)

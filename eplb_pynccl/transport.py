@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import _optional
 from ._checks import check_timeout
 from ._deadline import DEFAULT_TIMEOUT, Deadline, default_timeout, poll_until
+from ._nccl import cuda as _cuda
 from .communicator import Communicator
 
 if TYPE_CHECKING:
@@ -60,8 +61,9 @@ class TransportRound(abc.ABC):
     @abc.abstractmethod
     def done(self) -> bool: ...
 
-    def end_event(self):
-        """A CUDA event recorded when the round's work on this rank completed (profiling), or None."""
+    def end_event(self) -> int | None:
+        """A CUDA driver event (handle) recorded after the round's work on this rank, or None:
+        the shuffler orders the round's apply after it (one ``cuStreamWaitEvent``)."""
         return None
 
     def release(self) -> None:
@@ -144,13 +146,6 @@ def round_peers(sends, recvs) -> list:
     return sorted({p for p, _ in sends} | {p for p, _ in recvs})
 
 
-def _record(stream):
-    torch = _optional.torch()
-    ev = torch.cuda.Event()
-    ev.record(stream)
-    return ev
-
-
 class _EventRound(TransportRound):
     """A round enqueued on a CUDA stream (or run on the host) that is complete once one event
     recorded after it has: ``done()`` is one event query. ``_issue`` enqueues the round;
@@ -158,8 +153,10 @@ class _EventRound(TransportRound):
     non-blocking NCCL group): the event is then recorded at the first ``done()`` after."""
 
     t: Transport
-    _stream = None
-    _event = None
+    _stream = None  # the raw stream handle once launched on one
+    _event: int | None = None  # the driver event, made at the first launch on a stream
+    _recorded = False
+    _drv: Any = None
 
     def _issue(self, stream, deadline: float) -> None:
         raise NotImplementedError
@@ -169,23 +166,40 @@ class _EventRound(TransportRound):
 
     def launch(self, stream, deadline: float) -> None:
         self._issue(stream, deadline)
-        self._stream = stream
-        self._event = _record(stream) if stream is not None and self._settled() else None
+        self._recorded = False
+        if stream is None:
+            self._stream = None
+            return
+        drv = _cuda.driver()
+        assert drv is not None  # a CUDA stream: the driver loaded
+        if self._event is None:
+            drv.set_device(stream.device.index)
+            self._event = drv.event_create()
+        self._drv, self._stream = drv, stream.cuda_stream
+        if self._settled():
+            drv.event_record(self._event, self._stream)
+            self._recorded = True
 
     def done(self) -> bool:
         if self._stream is None:  # not launched, or a host round: complete when launch returned
             return True
-        if self._event is None:
+        if not self._recorded:
             if not self._settled():
                 return False
-            self._event = _record(self._stream)
-        if self._event.query():
+            self._drv.event_record(self._event, self._stream)
+            self._recorded = True
+        if self._drv.event_done(self._event):
             return True
         self.t.poll_error()
         return False
 
-    def end_event(self):
-        return self._event
+    def end_event(self) -> int | None:
+        return self._event if self._recorded else None
+
+    def release(self) -> None:
+        if self._event is not None:  # recorded work completes first (cuEventDestroy)
+            self._drv.event_destroy(self._event)
+            self._event = None
 
 
 class _ExchangeRound(_EventRound):

@@ -25,7 +25,7 @@ def _devices(procs):
     return [r % n for r in range(procs)]
 
 
-def _transport(ctx, timeout=30.0, pull_graphs=True):
+def _transport(ctx, timeout=30.0, pull_graphs=True, signals="auto"):
     import torch
 
     import eplb_pynccl as ep
@@ -39,16 +39,17 @@ def _transport(ctx, timeout=30.0, pull_graphs=True):
         key=ctx.key("ipc"),
         timeout=timeout,
         pull_graphs=pull_graphs,
+        signals=signals,
     )
 
 
-def _ipc_job(ctx, seed, rearrangements):
+def _ipc_job(ctx, seed, rearrangements, signals="auto"):
     import torch
 
     import eplb_pynccl as ep
     from tests.shuffle_util import check_weights, make_weights, random_maps
 
-    t = _transport(ctx)
+    t = _transport(ctx, signals=signals)
     n, rank = ctx.world_size, ctx.rank
     dev = torch.device("cuda", ctx.device)
     specs = torch_specs(torch, GPU_SPECS)
@@ -95,7 +96,7 @@ def _ipc_job(ctx, seed, rearrangements):
         cur = nxt
     kept = ptrs == [[w.data_ptr() for w in ws] for ws in weights]
     opened = len(t._opened)
-    method = t.pull_method
+    method = (t.pull_method, t.signals_method)
     t.close()
     after = {
         "opened": len(t._opened),
@@ -114,13 +115,16 @@ def _ipc_job(ctx, seed, rearrangements):
     return out, kept, opened, after, refused, method
 
 
-@pytest.mark.parametrize("procs", [2, 4])
-def test_ipc_random_rearrangements_exact(procs):
-    results = run_ranks(_ipc_job, procs, 21 + procs, 8, timeout=240, devices=_devices(procs))
+@pytest.mark.parametrize(("procs", "signals"), [(2, "stream"), (4, "stream"), (3, "host")])
+def test_ipc_random_rearrangements_exact(procs, signals):
+    results = run_ranks(
+        _ipc_job, procs, 21 + procs, 8, signals, timeout=240, devices=_devices(procs)
+    )
     for i in range(8):
         assert sum(r[0][i]["sent"] for r in results) == sum(r[0][i]["recv"] for r in results)
     for out, kept, opened, after, refused, method in results:
-        assert method == "graph"  # the pulls were captured (not the batch fallback)
+        # the pulls were captured (not the batch fallback); the ordering asked for ran
+        assert method == ("graph", signals)
         assert kept, "weight tensors lost their storage"
         for r in out:
             assert r["bad"] == [], r["bad"][:5]
@@ -150,14 +154,17 @@ def _ipc_nontransactional_job(ctx, seed):
     sh = ep.ExpertShuffler(t, weights, transactional=False, max_messages_per_round=6)
     stats = sh.rearrange(old, new)
     bad = check_weights(torch, weights, new, rank, n)
+    method = t.signals_method
     t.close()
-    return bad, stats.rounds
+    return bad, stats.rounds, method
 
 
 def test_ipc_direct_receives_and_many_rounds():
     results = run_ranks(_ipc_nontransactional_job, 3, 5, timeout=180, devices=_devices(3))
-    assert all(bad == [] for bad, _ in results)
-    assert max(r for _, r in results) >= 2
+    assert all(bad == [] for bad, _, _ in results)
+    assert max(r for _, r, _ in results) >= 2
+    # "auto" chose GPU-side signals where the driver runs stream memory operations
+    assert {m for _, _, m in results} == {"stream"}
 
 
 def _ipc_for_peer_death(ctx, timeout):

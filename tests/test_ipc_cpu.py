@@ -140,6 +140,16 @@ class _Setup(Transport):
             TypeError,
             "communicator must be an eplb_pynccl.Communicator, got str",
         ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "signals": "gpu"},
+            ValueError,
+            "signals must be one of ('auto', 'stream', 'host'), got 'gpu'",
+        ),
+        (
+            {"rank": 0, "world_size": 2, "store": _Store(), "pull_graphs": 1},
+            TypeError,
+            "pull_graphs must be True or False, got 1",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_any_cuda_call(kwargs, exc, msg):

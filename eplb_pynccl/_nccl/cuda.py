@@ -47,6 +47,8 @@ _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 _CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP = 0x01 | 0x02
+_CU_STREAM_WAIT_VALUE_GEQ = 0
 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
 
 
@@ -119,6 +121,15 @@ class Driver:
         optional = {
             "cuMemcpyBatchAsync_v2": [V, V, V, S, V, V, S, V],
             "cuMemcpyBatchAsync": [V, V, V, S, V, V, S, V, V],
+            # stream memory operations and registered host memory (the IPC transport's
+            # GPU-side signals); the _v2 names are CUDA 11.7+'s, the plain ones older drivers'
+            "cuStreamWaitValue32_v2": [V, ctypes.c_uint64, U, U],
+            "cuStreamWriteValue32_v2": [V, ctypes.c_uint64, U, U],
+            "cuStreamWaitValue32": [V, ctypes.c_uint64, U, U],
+            "cuStreamWriteValue32": [V, ctypes.c_uint64, U, U],
+            "cuMemHostRegister_v2": [V, S, U],
+            "cuMemHostUnregister": [V],
+            "cuMemHostGetDevicePointer_v2": [V, V, U],
         }
         for name, args in sig.items():
             f = getattr(L, name)
@@ -130,6 +141,10 @@ class Driver:
             if f is not None:
                 f.restype = ctypes.c_int
                 f.argtypes = args
+                self._fn[name] = f
+        for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
+            f = self._fn.get(name + "_v2") or self._fn.get(name)
+            if f is not None:
                 self._fn[name] = f
         # hot path: the kernel launch without argtypes (prebuilt ctypes values, no conversion
         # checks)
@@ -286,6 +301,43 @@ class Driver:
 
     def stream_wait_event(self, stream: int, event: int) -> None:
         self._check(self._fn["cuStreamWaitEvent"](stream, event, 0), "cuStreamWaitEvent")
+
+    # ---- stream memory operations on registered host memory ----------------------------
+    def has_stream_memops(self) -> bool:
+        """Whether this driver exports 32-bit stream waits/writes and host registration."""
+        need = ("cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemHostRegister_v2")
+        return all(n in self._fn for n in (*need, "cuMemHostUnregister"))
+
+    def host_register(self, ptr: int, nbytes: int) -> int:
+        """Page-lock ``nbytes`` of host memory at ``ptr`` for every context and map it for
+        the device; returns its device address."""
+        self._check(
+            self._fn["cuMemHostRegister_v2"](ptr, nbytes, _CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP),
+            "cuMemHostRegister",
+        )
+        d = ctypes.c_uint64()
+        rc = self._fn["cuMemHostGetDevicePointer_v2"](ctypes.byref(d), ptr, 0)
+        if rc != _CUDA_SUCCESS:
+            self._fn["cuMemHostUnregister"](ptr)
+            self._check(rc, "cuMemHostGetDevicePointer")
+        return d.value
+
+    def host_unregister(self, ptr: int) -> None:
+        self._fn["cuMemHostUnregister"](ptr)
+
+    def write_value(self, stream: int, addr: int, value: int) -> None:
+        """Enqueue a 32-bit write of ``value`` at device address ``addr`` on ``stream``
+        (after the stream's earlier work, with a memory barrier)."""
+        rc = self._fn["cuStreamWriteValue32"](stream, addr, value, 0)
+        if rc != _CUDA_SUCCESS:
+            self._check(rc, "cuStreamWriteValue32")
+
+    def wait_value(self, stream: int, addr: int, value: int) -> None:
+        """Enqueue a wait on ``stream`` until the 32-bit word at ``addr`` reaches ``value``
+        (``(int32)(*addr - value) >= 0``, so sequence numbers may wrap)."""
+        rc = self._fn["cuStreamWaitValue32"](stream, addr, value, _CU_STREAM_WAIT_VALUE_GEQ)
+        if rc != _CUDA_SUCCESS:
+            self._check(rc, "cuStreamWaitValue32")
 
     def event_create_ipc(self) -> int:
         """An event other processes can open (interprocess, no timing)."""
