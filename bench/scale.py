@@ -6,8 +6,9 @@ Two things, both from the time model (``eplb_pynccl/estimate.py``) on described 
 1. **Calibration** (part ``scale-calibration``): the model's prediction for every
    measured EPLB row of bench/RESULTS.md that it can model (run F on 4x H100: DeepSeek-V3
    and Qwen3-30B-A3B at EP4 and EP2, ours in its variants and the vLLM-style baseline, with
-   run F's executor host costs; one H200: a local permutation at EP1, before and after
-   Session 6's row-copy kernel), the same placements as the bench (``make_maps``, seed 0),
+   run F's executor host costs; one H200: a local permutation at EP1 with earlier executors
+   and with Session 7's, the latter with the current host profile and, beside it, what
+   Session 6's profile predicted), the same placements as the bench (``make_maps``, seed 0),
    the error per row and, for a miss, its measured cause (:data:`MISS_CAUSES`).
 2. **Scale** (part ``scale``): DeepSeek-V3 fp8 (256 experts, 58 MoE layers), Kimi-K2
    (384, 60) and Qwen3-235B-A22B bf16 (128, 94) at EP 8-256 over 8-GPU nodes with
@@ -164,7 +165,7 @@ MISS_CAUSES = {
     # the same permutation and executor family measured 6.9 ms on 2026-12-01 (model -0.4%);
     # this row's range 8.5-12.5 ms is Session 6's 'before' column (23-34% of the 2.98 ms
     # floor); no phase profile of it is kept, so the 1.5x between sessions is not attributed;
-    # the current code's rows (Session 6 D3: kernel, copy engines) are within
+    # the current code's rows (Session 7 D7: kernel, copy engines) are within
     ("dsv3-perm", "eplb_pynccl", 10.5): (
         "1.5x the 2026-12-01 run of the same case (6.9 ms, model -0.4%); no profile kept: "
         "not attributed"
@@ -172,14 +173,17 @@ MISS_CAUSES = {
 }
 
 
-def _calibration_cluster(ep: int, where: str) -> Cluster:
+def _host_profile(where: str) -> str:
+    """The host costs of the executor that ran a measured row: Session 7's rows ran the
+    current executor (its profile is fitted to Session 7's D9 rows of the same code), the
+    others ran run F's or an earlier one (run F's profile)."""
+    return "current" if "Session 7" in where else "run-f"
+
+
+def _calibration_cluster(ep: int, where: str, host: str | None = None) -> Cluster:
     """The machine of a measured row, with the host costs of the executor that ran it."""
-    if ep == 1:
-        # run F's host costs: the "current" profile's fixed 5.2 ms set-up was measured on
-        # host-ep1's 1,148 copies and overstates a 142-row permutation's (1.8-1.9 ms in
-        # Session 7 D7): the model has no per-copy set-up term yet
-        return Cluster.preset("h200x1", host="run-f")
-    return Cluster.preset("h100x4-nv18", host="run-f")
+    host = host or _host_profile(where)
+    return Cluster.preset("h200x1" if ep == 1 else "h100x4-nv18", host=host)
 
 
 def calibration_rows() -> list[dict]:
@@ -187,13 +191,17 @@ def calibration_rows() -> list[dict]:
     rows = []
     for case, ep, layers, method, ms, where, *local in MEASURED:
         old, new, row = _bench_maps(case, ep, layers)
-        cluster = _calibration_cluster(ep, where)
-        if local:
-            cluster = replace(cluster, local_bw=local[0])
         P = old.shape[1] // ep
-        pred = predict_eplb_row(
-            old, new, ep, row, method, cluster=cluster, layer_bytes=sum(row) * P
-        )
+
+        def predict(host=None):
+            c = _calibration_cluster(ep, where, host)
+            if local:
+                c = replace(c, local_bw=local[0])
+            return c, predict_eplb_row(
+                old, new, ep, row, method, cluster=c, layer_bytes=sum(row) * P
+            )
+
+        cluster, pred = predict()
         ok = abs(pred - ms) <= 0.25 * ms
         rows.append(
             {
@@ -207,9 +215,13 @@ def calibration_rows() -> list[dict]:
                 "within_25pct": ok,
                 "where": where,
                 "cluster": cluster.name,
-                "host_costs": "current" if "Session 6" in where else "run-f",
+                "host_costs": _host_profile(where),
             }
         )
+        if _host_profile(where) == "current":  # what the profile's update moved
+            before = predict("session-6")[1]
+            rows[-1]["session6_profile_ms"] = round(before, 1)
+            rows[-1]["session6_error_pct"] = round(100 * (before - ms) / ms, 1)
         if not ok:
             rows[-1]["cause"] = MISS_CAUSES.get((case, method, ms), "not attributed")
     return rows
@@ -413,8 +425,9 @@ def _host_figures() -> str:
     c = Cluster.preset("h100-ib400")
     h, t = c.host["nccl"], c.host["torch"]
     return (
-        f"ours {h.per_round * 1e3:.2f} ms/round, set-up {h.setup * 1e3:.1f} ms + "
-        f"{h.plan_per_message * 1e6:.0f} us/msg (Session 6); NIC {c.nic_bw / 1e9:.0f} GB/s "
+        f"ours {h.per_round * 1e3:.3f} ms/round, set-up {h.setup * 1e3:.2f} ms + "
+        f"{(h.setup_per_message + h.plan_per_message) * 1e6:.1f} us/message end + "
+        f"{h.setup_per_copy * 1e6:.2f} us/copy (Session 7, D9); NIC {c.nic_bw / 1e9:.0f} GB/s "
         f"assumed; vLLM-style {t.per_op * 1e6:.1f} us/op (run F)"
     )
 
