@@ -19,7 +19,7 @@ import numpy as np
 
 from ._checks import check_count, check_real
 
-__all__ = ["COPY_OP_COST", "HOST_PROFILES", "TRANSPORTS", "Cluster", "HostCost"]
+__all__ = ["HOST_PROFILES", "TRANSPORTS", "Cluster", "HostCost"]
 
 GB = 1e9
 US = 1e-6
@@ -48,7 +48,9 @@ class HostCost:
     tables); ``setup_per_message`` and ``setup_per_copy``: the set-up's part that grows with
     the busiest rank's message ends (sends + receives: prepared ops, captured pulls) and its
     local row copies (copy tables); ``plan_per_message``: planning on the engine's host, per
-    message end of the busiest rank."""
+    message end of the busiest rank. ``gpu_per_copy`` is GPU time, not host: what one local
+    copy or kernel costs the GPU beside its bytes under this executor (None: the cluster's
+    ``local_op``; the current executor copies a phase's rows in one kernel launch)."""
 
     per_op: float
     per_copy: float
@@ -57,8 +59,15 @@ class HostCost:
     plan_per_message: float = 0.0
     setup_per_message: float = 0.0
     setup_per_copy: float = 0.0
+    gpu_per_copy: float | None = None
 
     def __post_init__(self) -> None:
+        if self.gpu_per_copy is not None:
+            object.__setattr__(
+                self,
+                "gpu_per_copy",
+                _num(self.gpu_per_copy, "HostCost.gpu_per_copy", low_open=False),
+            )
         for f in (
             "per_op",
             "per_copy",
@@ -221,8 +230,10 @@ class Cluster:
         * Copies inside a GPU: index kernels over 8-byte words moved 1,376-1,452 GB/s on H100
           (run A), a device copy on one H200 2,128 GB/s (session 4); ~8 us of GPU time per
           copy or kernel (fitted to run F's apply phase, 10.9 ms for 4 layers) for run F's and
-          Session 6's executors; ~45 ns per row copy for the current one, whose row-copy kernel
-          copies a whole phase in one launch (:data:`COPY_OP_COST`).
+          Session 6's executors and torch's copies (the vLLM-style baseline); the current
+          executor copies a whole phase in one row-copy kernel launch: ~45 ns of GPU per row
+          copy at its default 16 CTAs (Session 7 D9, 1,148 x 4 KiB in 0.052 ms), its
+          profile's ``HostCost.gpu_per_copy``.
         * GB200 NVL72: 72 Blackwell GPUs in one NVLink 5 domain, 900 GB/s per direction per GPU
           (1.8 TB/s both ways), modelled at H100's measured efficiency (0.74: 664 GB/s); one
           400 Gb/s NIC per GPU (4 per compute tray); HBM3e at 8 TB/s, copies at 3.5 TB/s
@@ -268,9 +279,7 @@ class Cluster:
             raise ValueError(
                 f"host must be one of {', '.join(map(repr, HOST_PROFILES))}, got {host!r}"
             )
-        return replace(
-            _PRESETS[key], nodes=nodes, host=HOST_PROFILES[host](), local_op=COPY_OP_COST[host]
-        )
+        return replace(_PRESETS[key], nodes=nodes, host=HOST_PROFILES[host]())
 
 
 def _torch_host() -> HostCost:
@@ -286,6 +295,8 @@ _S7_SETUP = 1.912 * MS - 142 * _S7_SETUP_PER_COPY
 _S7_RANK0_COPIES = 90 * _S7_SETUP_PER_COPY
 _S7_SETUP_PER_MESSAGE_BATCH = (4.629 * MS - _S7_SETUP - _S7_RANK0_COPIES) / 1156
 _S7_SETUP_PER_MESSAGE_GRAPH = (9.189 * MS - _S7_SETUP - _S7_RANK0_COPIES) / 1156
+# GPU per row copy under one row-copy kernel launch per phase (D9: 1,148 x 4 KiB, 16 CTAs, 0.052 ms)
+_S7_GPU_PER_COPY = 0.052 * MS / 1148
 
 
 def _host_current() -> dict:
@@ -299,6 +310,7 @@ def _host_current() -> dict:
             plan_per_message=14 * US,
             setup_per_message=_S7_SETUP_PER_MESSAGE_BATCH,
             setup_per_copy=_S7_SETUP_PER_COPY,
+            gpu_per_copy=_S7_GPU_PER_COPY,
         ),
         "ipc": HostCost(
             per_op=0.0,
@@ -308,6 +320,7 @@ def _host_current() -> dict:
             plan_per_message=14 * US,
             setup_per_message=_S7_SETUP_PER_MESSAGE_GRAPH,
             setup_per_copy=_S7_SETUP_PER_COPY,
+            gpu_per_copy=_S7_GPU_PER_COPY,
         ),
         "torch": _torch_host(),
     }
@@ -356,12 +369,6 @@ def _host_run_f() -> dict:
 
 
 # measured host costs by executor version (Cluster.preset's ``host``)
-# GPU time of one local row copy (``Cluster.local_op``) by executor version, beside its bytes:
-# the current executor copies every row of a phase in one row-copy kernel launch, ~45 ns of
-# GPU per copy at its default 16 CTAs (Session 7 D9, 1,148 x 4 KiB in 0.052 ms); the older
-# ones launched one copy per row and tensor (~8 us each, fitted to run F's apply phase)
-COPY_OP_COST = {"current": 0.045 * US, "session-6": 8 * US, "run-f": 8 * US}
-
 HOST_PROFILES = {
     "current": _host_current,
     "session-6": _host_session_6,

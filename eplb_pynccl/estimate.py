@@ -363,9 +363,10 @@ def estimate_schedule(sched: Schedule, *, cluster: Cluster, transport: str = "nc
     rnd, src, dst, msgs, byts = round_messages(sched)
     nv, ce, nic = _exchange_times(cluster, R, rnd, src, dst, msgs, byts, transport == "ipc")
     pre_b, pre_o, post_b, post_o = _local_work(sched)
-    pre = (pre_b / cluster.local_bw + pre_o * cluster.local_op).max(axis=1, initial=0.0)
-    post = (post_b / cluster.local_bw + post_o * cluster.local_op).max(axis=1, initial=0.0)
     hc = cluster.host[transport]
+    lop = cluster.local_op if hc.gpu_per_copy is None else hc.gpu_per_copy
+    pre = (pre_b / cluster.local_bw + pre_o * lop).max(axis=1, initial=0.0)
+    post = (post_b / cluster.local_bw + post_o * lop).max(axis=1, initial=0.0)
     ops = np.zeros(R * ep)
     np.add.at(ops, rnd * ep + src, msgs.astype(float))
     np.add.at(ops, rnd * ep + dst, msgs.astype(float))

@@ -335,7 +335,7 @@ def test_host_profiles():
     """The presets carry the measured host costs of the executor as it is now (Session 7,
     D9's rows in bench/RESULTS.md); Session 6's and run F's executors' are kept (the
     calibration against run F's rows, and what the update moved)."""
-    from eplb_pynccl.cluster import COPY_OP_COST, HOST_PROFILES
+    from eplb_pynccl.cluster import HOST_PROFILES
 
     cur = Cluster.preset("h200-ib400").host
     nccl, ipc = cur["nccl"], cur["ipc"]
@@ -358,17 +358,22 @@ def test_host_profiles():
     old = Cluster.preset("h100x4-nv18", host="run-f").host
     assert (old["nccl"].per_round, old["ipc"].per_round) == pytest.approx((1.3e-3, 2.2e-3))
     assert cur["torch"] == old["torch"] == s6["torch"]  # the vLLM-style baseline: unchanged
-    assert set(HOST_PROFILES) == set(COPY_OP_COST) == {"current", "session-6", "run-f"}
+    assert set(HOST_PROFILES) == {"current", "session-6", "run-f"}
+    # GPU per row copy: one kernel launch per phase (D9: 1,148 x 4 KiB in 0.052 ms at 16 CTAs);
+    # the older executors and torch's copies (the baseline) keep the cluster's local_op
+    assert nccl.gpu_per_copy == ipc.gpu_per_copy == pytest.approx(0.052e-3 / 1148)
+    assert cur["torch"].gpu_per_copy is None and s6["nccl"].gpu_per_copy is None
     for name in ("h100-ib400", "gb200-nvl72", "h100x4-nv18", "h200x1"):
         assert Cluster.preset(name).host == cur
-        assert Cluster.preset(name).local_op == pytest.approx(0.045e-6)
-        assert Cluster.preset(name, host="run-f").local_op == pytest.approx(8e-6)
+        assert Cluster.preset(name).local_op == pytest.approx(8e-6)
     with pytest.raises(
         ValueError, match="host must be one of 'current', 'session-6', 'run-f', got 'new'"
     ):
         Cluster.preset("h200x1", host="new")
     with pytest.raises(ValueError, match="HostCost.setup_per_copy must be >= 0"):
         HostCost(per_op=0.0, per_copy=0.0, per_round=0.0, setup_per_copy=-1.0)
+    with pytest.raises(TypeError, match="HostCost.gpu_per_copy must be a real number, got str"):
+        HostCost(per_op=0.0, per_copy=0.0, per_round=0.0, gpu_per_copy="1")
 
 
 def test_setup_per_message_and_copy():
@@ -391,3 +396,10 @@ def test_setup_per_message_and_copy():
     assert e.messages == 1
     # the slowest rank sets it: rank 0 with one message end and one copy
     assert e.setup_seconds == pytest.approx(1e-3 + 13e-6 + 100e-6)
+    # GPU per local copy: the cluster's local_op (1e-4 per copy or kernel) unless the
+    # executor's profile says otherwise; rank 0 scatters the staged row and copies its old
+    # row 0 after the exchange (2 B of bytes, two copies)
+    assert e.parts["local"][0] == pytest.approx(2 * B / 10e9 + 2 * 1e-4)
+    free = {t: dataclasses.replace(h, gpu_per_copy=0.0) for t, h in host.items()}
+    e0 = estimate_rearrangement(old, new, 2, [B], cluster=toy(2, host=free))
+    assert e0.parts["local"][0] == pytest.approx(2 * B / 10e9)
