@@ -88,8 +88,7 @@ EXECUTORS = ("vllm-style", "ours nccl", "ours ipc+nccl", "ours dedupe")
 # the schedule options scanned for the targets' cases (rows of part 'scale-options'): the
 # staging bound in layers of local experts (ExpertShuffler(staging_bytes=...); None: the
 # default, one layer; 0: unbounded, every layer in one round) x transport; the other options
-# (max_messages_per_round 1024, packing rows < 1 MiB, transactional) stay at their defaults:
-# no round of these cases reaches 1024 messages
+# are scanned at one and two layers (EXTRA_OPTIONS)
 STAGING_LAYERS = (None, 2, 4, 8, 0)
 
 # what others reported, printed beside the comparable rows (ANCHORS.md)
@@ -353,10 +352,34 @@ def _mean(ests, f) -> float:
     return float(np.mean([f(e) for e in ests]))
 
 
+# the other schedule options scanned at the default staging bound and at two layers (rows of
+# 'scale-options'): no cap on messages per round, no packing, node dedupe (over 8-GPU nodes)
+EXTRA_OPTIONS = (
+    ("max_messages_per_round=2**20", {"max_messages_per_round": 1 << 20}),
+    ("pack_threshold=0", {"pack_threshold": 0}),
+    ("node_dedupe", {"node_dedupe": True}),
+)
+
+
+def _option_cases(layer: int, multi_node: bool):
+    """(staging label, option label, estimate kwargs) of every scanned case."""
+    for k in STAGING_LAYERS:
+        staging = "1 layer (default)" if k is None else "unbounded" if k == 0 else f"{k} layers"
+        kw = {} if k is None else {"staging_bytes": (k or 1 << 20) * layer}
+        yield staging, k, "", kw
+        if k in (None, 2):
+            for label, extra in EXTRA_OPTIONS:
+                if "node_dedupe" in extra and not multi_node:
+                    continue
+                yield staging, k, label, {**kw, **extra}
+
+
 def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
     """The targets' cases (DeepSeek-V3 migration_aware, EP64 on 8 nodes and EP72 on NVL72)
-    under every schedule option of :data:`STAGING_LAYERS` x transport: what the model says
-    our executor could do with its best options. Rows of part 'scale-options'."""
+    under the schedule options (:data:`STAGING_LAYERS` x transport, and
+    :data:`EXTRA_OPTIONS` at one and two layers of staging): what the model says our
+    executor could do with its best options, and per resource the seconds of the rounds it
+    binds (``*_bound_s``). Rows of part 'scale-options'."""
     from bench.loadgen import load_sequence
 
     m = MODELS["dsv3"]
@@ -369,8 +392,7 @@ def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
         maps = _sequence(m, ep, nodes, loads, "migration_aware")
         layer = sum(m.row) * (maps[0].shape[1] // ep)
         for tr in ("nccl", "ipc"):
-            for k in STAGING_LAYERS:
-                kw = {} if k is None else {"staging_bytes": (k or 1 << 20) * layer}
+            for staging, k, label, kw in _option_cases(layer, nodes > 1):
                 ests = [
                     estimate_rearrangement(
                         maps[t - 1], maps[t], ep, m.row, cluster=cluster, transport=tr, **kw
@@ -380,29 +402,33 @@ def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
                 secs = _mean(ests, lambda e: e.seconds)
                 setup = _mean(ests, lambda e: e.setup_seconds)
                 share = {r: _mean(ests, lambda e, r=r: e.share()[r]) for r in ests[0].share()}
-                staging = (
-                    "1 layer (default)" if k is None else "unbounded" if k == 0 else f"{k} layers"
-                )
-                out.append(
-                    {
-                        "kind": "option",
-                        "part": "scale-options",
-                        "model": "dsv3",
-                        "cluster": topo,
-                        "ep": ep,
-                        "policy": "migration_aware",
-                        "executor": f"ours {'nccl' if tr == 'nccl' else 'ipc+nccl'}",
-                        "staging": staging,
-                        "staging_gb": round((k or 1) * layer / GB, 2) if k != 0 else "",
-                        "seconds_per_rebalance": round(secs, 4),
-                        "setup_s": round(setup, 4),
-                        "exchange_s": round(secs - setup, 4),
-                        "rounds": round(_mean(ests, lambda e: e.rounds), 1),
-                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
-                        "busiest_gpu_gb": round(_mean(ests, lambda e: e.busiest_gpu_bytes) / GB, 3),
-                    }
-                )
+                row = {
+                    "kind": "option",
+                    "part": "scale-options",
+                    "model": "dsv3",
+                    "cluster": topo,
+                    "ep": ep,
+                    "policy": "migration_aware",
+                    "executor": f"ours {'nccl' if tr == 'nccl' else 'ipc+nccl'}",
+                    "staging": staging,
+                    "staging_gb": round((k or 1) * layer / GB, 2) if k != 0 else "",
+                    "options": label or "-",
+                    "seconds_per_rebalance": round(secs, 4),
+                    "setup_s": round(setup, 4),
+                    "exchange_s": round(secs - setup, 4),
+                    "rounds": round(_mean(ests, lambda e: e.rounds), 1),
+                    "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+                    "busiest_gpu_gb": round(_mean(ests, lambda e: e.busiest_gpu_bytes) / GB, 3),
+                }
+                for r in share:
+                    row[f"{r}_bound_s"] = round(_mean(ests, lambda e, r=r: _bound_seconds(e, r)), 5)
+                out.append(row)
     return out
+
+
+def _bound_seconds(e, resource: str) -> float:
+    """Seconds of the rounds of ``e`` that ``resource`` binds."""
+    return float(sum(t for t, c in zip(e.round_seconds, e.critical) if c == resource))
 
 
 def _target(what: str, value, target: str, met: bool, rests_on: str, cause: str = "") -> dict:
@@ -480,6 +506,8 @@ def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
             r = min(cands, key=lambda x: x[key])
             ratio = base / r[key] if r[key] > 0 else float("inf")
             opt = f", staging {r['staging']}" if "staging" in r else ""
+            if r.get("options", "-") != "-":
+                opt += f", {r['options']}"
             cause = (
                 f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
                 f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
