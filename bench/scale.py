@@ -6,8 +6,9 @@ Two things, both from the time model (``eplb_pynccl/estimate.py``) on described 
 1. **Calibration** (part ``scale-calibration``): the model's prediction for every
    measured EPLB row of bench/RESULTS.md that it can model (run F on 4x H100: DeepSeek-V3
    and Qwen3-30B-A3B at EP4 and EP2, ours in its variants and the vLLM-style baseline, with
-   run F's executor host costs; one H200: a local permutation at EP1, before and after
-   Session 6's row-copy kernel), the same placements as the bench (``make_maps``, seed 0),
+   run F's executor host costs; one H200: a local permutation at EP1 with earlier executors
+   and with Session 7's, the latter with the current host profile and, beside it, what
+   Session 6's profile predicted), the same placements as the bench (``make_maps``, seed 0),
    the error per row and, for a miss, its measured cause (:data:`MISS_CAUSES`).
 2. **Scale** (part ``scale``): DeepSeek-V3 fp8 (256 experts, 58 MoE layers), Kimi-K2
    (384, 60) and Qwen3-235B-A22B bf16 (128, 94) at EP 8-256 over 8-GPU nodes with
@@ -87,8 +88,7 @@ EXECUTORS = ("vllm-style", "ours nccl", "ours ipc+nccl", "ours dedupe")
 # the schedule options scanned for the targets' cases (rows of part 'scale-options'): the
 # staging bound in layers of local experts (ExpertShuffler(staging_bytes=...); None: the
 # default, one layer; 0: unbounded, every layer in one round) x transport; the other options
-# (max_messages_per_round 1024, packing rows < 1 MiB, transactional) stay at their defaults:
-# no round of these cases reaches 1024 messages
+# are scanned at one and two layers (EXTRA_OPTIONS)
 STAGING_LAYERS = (None, 2, 4, 8, 0)
 
 # what others reported, printed beside the comparable rows (ANCHORS.md)
@@ -164,7 +164,7 @@ MISS_CAUSES = {
     # the same permutation and executor family measured 6.9 ms on 2026-12-01 (model -0.4%);
     # this row's range 8.5-12.5 ms is Session 6's 'before' column (23-34% of the 2.98 ms
     # floor); no phase profile of it is kept, so the 1.5x between sessions is not attributed;
-    # the current code's rows (Session 6 D3: kernel, copy engines) are within
+    # the current code's rows (Session 7 D7: kernel, copy engines) are within
     ("dsv3-perm", "eplb_pynccl", 10.5): (
         "1.5x the 2026-12-01 run of the same case (6.9 ms, model -0.4%); no profile kept: "
         "not attributed"
@@ -172,14 +172,17 @@ MISS_CAUSES = {
 }
 
 
-def _calibration_cluster(ep: int, where: str) -> Cluster:
+def _host_profile(where: str) -> str:
+    """The host costs of the executor that ran a measured row: Session 7's rows ran the
+    current executor (its profile is fitted to Session 7's D9 rows of the same code), the
+    others ran run F's or an earlier one (run F's profile)."""
+    return "current" if "Session 7" in where else "run-f"
+
+
+def _calibration_cluster(ep: int, where: str, host: str | None = None) -> Cluster:
     """The machine of a measured row, with the host costs of the executor that ran it."""
-    if ep == 1:
-        # run F's host costs: the "current" profile's fixed 5.2 ms set-up was measured on
-        # host-ep1's 1,148 copies and overstates a 142-row permutation's (1.8-1.9 ms in
-        # Session 7 D7): the model has no per-copy set-up term yet
-        return Cluster.preset("h200x1", host="run-f")
-    return Cluster.preset("h100x4-nv18", host="run-f")
+    host = host or _host_profile(where)
+    return Cluster.preset("h200x1" if ep == 1 else "h100x4-nv18", host=host)
 
 
 def calibration_rows() -> list[dict]:
@@ -187,13 +190,17 @@ def calibration_rows() -> list[dict]:
     rows = []
     for case, ep, layers, method, ms, where, *local in MEASURED:
         old, new, row = _bench_maps(case, ep, layers)
-        cluster = _calibration_cluster(ep, where)
-        if local:
-            cluster = replace(cluster, local_bw=local[0])
         P = old.shape[1] // ep
-        pred = predict_eplb_row(
-            old, new, ep, row, method, cluster=cluster, layer_bytes=sum(row) * P
-        )
+
+        def predict(host=None):
+            c = _calibration_cluster(ep, where, host)
+            if local:
+                c = replace(c, local_bw=local[0])
+            return c, predict_eplb_row(
+                old, new, ep, row, method, cluster=c, layer_bytes=sum(row) * P
+            )
+
+        cluster, pred = predict()
         ok = abs(pred - ms) <= 0.25 * ms
         rows.append(
             {
@@ -207,9 +214,13 @@ def calibration_rows() -> list[dict]:
                 "within_25pct": ok,
                 "where": where,
                 "cluster": cluster.name,
-                "host_costs": "current" if "Session 6" in where else "run-f",
+                "host_costs": _host_profile(where),
             }
         )
+        if _host_profile(where) == "current":  # what the profile's update moved
+            before = predict("session-6")[1]
+            rows[-1]["session6_profile_ms"] = round(before, 1)
+            rows[-1]["session6_error_pct"] = round(100 * (before - ms) / ms, 1)
         if not ok:
             rows[-1]["cause"] = MISS_CAUSES.get((case, method, ms), "not attributed")
     return rows
@@ -341,10 +352,34 @@ def _mean(ests, f) -> float:
     return float(np.mean([f(e) for e in ests]))
 
 
+# the other schedule options scanned at the default staging bound and at two layers (rows of
+# 'scale-options'): no cap on messages per round, no packing, node dedupe (over 8-GPU nodes)
+EXTRA_OPTIONS = (
+    ("max_messages_per_round=2**20", {"max_messages_per_round": 1 << 20}),
+    ("pack_threshold=0", {"pack_threshold": 0}),
+    ("node_dedupe", {"node_dedupe": True}),
+)
+
+
+def _option_cases(layer: int, multi_node: bool):
+    """(staging label, option label, estimate kwargs) of every scanned case."""
+    for k in STAGING_LAYERS:
+        staging = "1 layer (default)" if k is None else "unbounded" if k == 0 else f"{k} layers"
+        kw = {} if k is None else {"staging_bytes": (k or 1 << 20) * layer}
+        yield staging, k, "", kw
+        if k in (None, 2):
+            for label, extra in EXTRA_OPTIONS:
+                if "node_dedupe" in extra and not multi_node:
+                    continue
+                yield staging, k, label, {**kw, **extra}
+
+
 def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
     """The targets' cases (DeepSeek-V3 migration_aware, EP64 on 8 nodes and EP72 on NVL72)
-    under every schedule option of :data:`STAGING_LAYERS` x transport: what the model says
-    our executor could do with its best options. Rows of part 'scale-options'."""
+    under the schedule options (:data:`STAGING_LAYERS` x transport, and
+    :data:`EXTRA_OPTIONS` at one and two layers of staging): what the model says our
+    executor could do with its best options, and per resource the seconds of the rounds it
+    binds (``*_bound_s``). Rows of part 'scale-options'."""
     from bench.loadgen import load_sequence
 
     m = MODELS["dsv3"]
@@ -357,8 +392,7 @@ def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
         maps = _sequence(m, ep, nodes, loads, "migration_aware")
         layer = sum(m.row) * (maps[0].shape[1] // ep)
         for tr in ("nccl", "ipc"):
-            for k in STAGING_LAYERS:
-                kw = {} if k is None else {"staging_bytes": (k or 1 << 20) * layer}
+            for staging, k, label, kw in _option_cases(layer, nodes > 1):
                 ests = [
                     estimate_rearrangement(
                         maps[t - 1], maps[t], ep, m.row, cluster=cluster, transport=tr, **kw
@@ -368,29 +402,33 @@ def option_rows(steps: int = 2, seed: int = 0) -> list[dict]:
                 secs = _mean(ests, lambda e: e.seconds)
                 setup = _mean(ests, lambda e: e.setup_seconds)
                 share = {r: _mean(ests, lambda e, r=r: e.share()[r]) for r in ests[0].share()}
-                staging = (
-                    "1 layer (default)" if k is None else "unbounded" if k == 0 else f"{k} layers"
-                )
-                out.append(
-                    {
-                        "kind": "option",
-                        "part": "scale-options",
-                        "model": "dsv3",
-                        "cluster": topo,
-                        "ep": ep,
-                        "policy": "migration_aware",
-                        "executor": f"ours {'nccl' if tr == 'nccl' else 'ipc+nccl'}",
-                        "staging": staging,
-                        "staging_gb": round((k or 1) * layer / GB, 2) if k != 0 else "",
-                        "seconds_per_rebalance": round(secs, 4),
-                        "setup_s": round(setup, 4),
-                        "exchange_s": round(secs - setup, 4),
-                        "rounds": round(_mean(ests, lambda e: e.rounds), 1),
-                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
-                        "busiest_gpu_gb": round(_mean(ests, lambda e: e.busiest_gpu_bytes) / GB, 3),
-                    }
-                )
+                row = {
+                    "kind": "option",
+                    "part": "scale-options",
+                    "model": "dsv3",
+                    "cluster": topo,
+                    "ep": ep,
+                    "policy": "migration_aware",
+                    "executor": f"ours {'nccl' if tr == 'nccl' else 'ipc+nccl'}",
+                    "staging": staging,
+                    "staging_gb": round((k or 1) * layer / GB, 2) if k != 0 else "",
+                    "options": label or "-",
+                    "seconds_per_rebalance": round(secs, 4),
+                    "setup_s": round(setup, 4),
+                    "exchange_s": round(secs - setup, 4),
+                    "rounds": round(_mean(ests, lambda e: e.rounds), 1),
+                    "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+                    "busiest_gpu_gb": round(_mean(ests, lambda e: e.busiest_gpu_bytes) / GB, 3),
+                }
+                for r in share:
+                    row[f"{r}_bound_s"] = round(_mean(ests, lambda e, r=r: _bound_seconds(e, r)), 5)
+                out.append(row)
     return out
+
+
+def _bound_seconds(e, resource: str) -> float:
+    """Seconds of the rounds of ``e`` that ``resource`` binds."""
+    return float(sum(t for t, c in zip(e.round_seconds, e.critical) if c == resource))
 
 
 def _target(what: str, value, target: str, met: bool, rests_on: str, cause: str = "") -> dict:
@@ -413,8 +451,9 @@ def _host_figures() -> str:
     c = Cluster.preset("h100-ib400")
     h, t = c.host["nccl"], c.host["torch"]
     return (
-        f"ours {h.per_round * 1e3:.2f} ms/round, set-up {h.setup * 1e3:.1f} ms + "
-        f"{h.plan_per_message * 1e6:.0f} us/msg (Session 6); NIC {c.nic_bw / 1e9:.0f} GB/s "
+        f"ours {h.per_round * 1e3:.3f} ms/round, set-up {h.setup * 1e3:.2f} ms + "
+        f"{(h.setup_per_message + h.plan_per_message) * 1e6:.1f} us/message end + "
+        f"{h.setup_per_copy * 1e6:.2f} us/copy (Session 7, D9); NIC {c.nic_bw / 1e9:.0f} GB/s "
         f"assumed; vLLM-style {t.per_op * 1e6:.1f} us/op (run F)"
     )
 
@@ -467,6 +506,8 @@ def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
             r = min(cands, key=lambda x: x[key])
             ratio = base / r[key] if r[key] > 0 else float("inf")
             opt = f", staging {r['staging']}" if "staging" in r else ""
+            if r.get("options", "-") != "-":
+                opt += f", {r['options']}"
             cause = (
                 f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
                 f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "

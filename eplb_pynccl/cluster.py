@@ -44,18 +44,39 @@ class HostCost:
     ``per_op``: enqueueing one message (one NCCL send/recv call, one P2POp, one copy-engine
     pull); ``per_copy``: enqueueing one local copy or kernel; ``per_round``: the fixed cost of
     one round (group start/end, events, stream switches, the poll that sees it done, the
-    apply's index kernels); ``setup``: once per rearrangement (building the executor);
-    ``plan_per_message``: planning and building the schedule on the engine's host, per
-    message of the busiest rank (it is Python over each rank's ops)."""
+    apply's kernel launches); ``setup``: once per rearrangement (the schedule, the executor's
+    tables); ``setup_per_message`` and ``setup_per_copy``: the set-up's part that grows with
+    the busiest rank's message ends (sends + receives: prepared ops, captured pulls) and its
+    local row copies (copy tables); ``plan_per_message``: planning on the engine's host, per
+    message end of the busiest rank. ``gpu_per_copy`` is GPU time, not host: what one local
+    copy or kernel costs the GPU beside its bytes under this executor (None: the cluster's
+    ``local_op``; the current executor copies a phase's rows in one kernel launch)."""
 
     per_op: float
     per_copy: float
     per_round: float
     setup: float = 0.0
     plan_per_message: float = 0.0
+    setup_per_message: float = 0.0
+    setup_per_copy: float = 0.0
+    gpu_per_copy: float | None = None
 
     def __post_init__(self) -> None:
-        for f in ("per_op", "per_copy", "per_round", "setup", "plan_per_message"):
+        if self.gpu_per_copy is not None:
+            object.__setattr__(
+                self,
+                "gpu_per_copy",
+                _num(self.gpu_per_copy, "HostCost.gpu_per_copy", low_open=False),
+            )
+        for f in (
+            "per_op",
+            "per_copy",
+            "per_round",
+            "setup",
+            "plan_per_message",
+            "setup_per_message",
+            "setup_per_copy",
+        ):
             object.__setattr__(self, f, _num(getattr(self, f), f"HostCost.{f}", low_open=False))
 
 
@@ -186,8 +207,9 @@ class Cluster:
         ``"h100x4-nv18"`` (this project's 4-GPU device machine, run F) or ``"h200x1"`` (its
         one-GPU machine). ``nodes``: nodes (NVLink domains) of it. ``host``: which measured
         host costs (:data:`HOST_PROFILES`): ``"current"`` (the executor as it is now,
-        Session 6) or ``"run-f"`` (the executor of run F, 2026-11-27, for the calibration
-        against run F's rows).
+        Session 7), ``"session-6"`` (the executor of Session 6, kept to show what moved) or
+        ``"run-f"`` (the executor of run F, 2026-11-27, for the calibration against run F's
+        rows).
 
         Sources (facts and figures, in our words):
 
@@ -207,29 +229,43 @@ class Cluster:
           message latency over IB is 15-30 us); not measured here.
         * Copies inside a GPU: index kernels over 8-byte words moved 1,376-1,452 GB/s on H100
           (run A), a device copy on one H200 2,128 GB/s (session 4); ~8 us of GPU time per
-          copy or kernel (fitted to run F's apply phase, 10.9 ms for 4 layers).
+          copy or kernel (fitted to run F's apply phase, 10.9 ms for 4 layers) for run F's and
+          Session 6's executors and torch's copies (the vLLM-style baseline); the current
+          executor copies a whole phase in one row-copy kernel launch: ~45 ns of GPU per row
+          copy at its default 16 CTAs (Session 7 D9, 1,148 x 4 KiB in 0.052 ms), its
+          profile's ``HostCost.gpu_per_copy``.
         * GB200 NVL72: 72 Blackwell GPUs in one NVLink 5 domain, 900 GB/s per direction per GPU
           (1.8 TB/s both ways), modelled at H100's measured efficiency (0.74: 664 GB/s); one
           400 Gb/s NIC per GPU (4 per compute tray); HBM3e at 8 TB/s, copies at 3.5 TB/s
           (H200's measured share of its peak). Its figures are not measured here; its host
           costs are the Hopper hosts' (Grace's are not measured).
-        * Host costs, ``"current"`` (bench/RESULTS.md Session 6, one H200, D1-D3, unless
-          said): NCCL: 1.04 us per prepared op (Session 5, H3, in-process A/B on the H200);
-          per round 0.31 ms = the non-blocking group's hand-over to the stream (~90 us after
-          ``ncclGroupEnd``, two back-to-back launches, D1) + the apply (0.20 ms per round,
-          D3) + three copy phases of one row-copy kernel launch each (~7 us, D2/D3); nothing
-          per row copied (the kernel's host cost is one launch whatever the rows); set-up
-          5.2 ms per rearrangement (D3 ``setup_ms`` of the local permutation with the kernel,
-          5.1-5.3 ms: schedule, copy tables, upload). IPC: 0.32 ms launch + 0.76 ms poll +
-          0.20 ms apply per round (D3, DeepSeek-V3 EP4 plans, 289 messages per rank and
-          round; the poll issues the copy-engine pulls, ~4.5 us of driver time per pulled
-          run), modelled as 0.52 ms per round + 2.6 us per message end; set-up 6.4 ms (D3).
-          Planning inside ``rearrange()``: ~14 us per message of the busiest rank (run F's
-          wall time less its set-up, launch, wait and apply: 11.6 ms for 660 messages on
-          DeepSeek-V3 EP4, 6.5 ms for 634 on Qwen3 EP4). torch's ``batch_isend_irecv`` (the
-          vLLM-style baseline): 17.1 us per op (run F, overhead part), a torch copy
-          ~4.5 us (one H200, sessions 4/5), ~0.5 ms per layer for the group and its wait
-          (fitted to run F's vLLM-style rows).
+        * Host costs, ``"current"`` (the executor of Session 7: one kernel launch per copy
+          phase, at most 8 waves, IPC pulls captured as CUDA graphs; bench/RESULTS.md
+          "Session 7", run D9 on one H200, rows of
+          ``bench/results/2026-12-02-s7-D9-ipc-results.json``): NCCL: 1.04 us per prepared
+          op (Session 5, H3; not re-measured); per round 0.215 ms = the ``host-ep1`` row's
+          launch 0.151 + poll 0.007 + apply 0.057 ms (one rank's 1,148 local moves: three
+          phase launches, their events; no peer, so no NCCL group in it: the non-blocking
+          group's ~90 us hand-over of D10's pair probe is spent before the next round's
+          launch, which waits for the apply); nothing per row copied. Set-up 1.50 ms +
+          2.91 us per local row copy of the busiest rank, the line through ``host-ep1``'s
+          set-up (4.84 ms, 1,148 copies) and the local permutation's at 132 CTAs (1.91 ms,
+          142 copies), + 2.48 us per message end (send or receive) of the busiest rank:
+          the IPC row with batched pulls (4.63 ms for rank 0's 1,156 message ends and 90
+          copies, less the fixed and copy parts), taken for NCCL's prepared messages too
+          (no multi-rank NCCL set-up was measured in Session 7: an assumption). IPC: per
+          round 0.512 ms = the ``host`` row with graphs, launch 0.143 + poll 0.289 + apply
+          0.080 ms (DeepSeek-V3 EP4 plans, 4 processes on the GPU, 289 message ends per rank
+          and round); nothing per message in a round (one graph launch per peer); set-up
+          as NCCL's but 6.43 us per message end (9.19 ms with graphs: the captures move the
+          pulls' driver work into the set-up). Planning inside ``rearrange()``: ~14 us per
+          message end of the busiest rank (run F's wall time less its set-up, launch, wait
+          and apply: 11.6 ms for 660 messages on DeepSeek-V3 EP4, 6.5 ms for 634 on Qwen3
+          EP4; not re-measured). torch's ``batch_isend_irecv`` (the vLLM-style baseline):
+          17.1 us per op (run F, overhead part), a torch copy ~4.5 us (one H200, sessions
+          4/5), ~0.5 ms per layer for the group and its wait (fitted to run F's vLLM-style
+          rows). Session 6's profile (5.2 ms fixed set-up, 0.31 ms NCCL and 0.52 ms + 2.6 us
+          per message IPC rounds) is ``"session-6"``.
         * Host costs, ``"run-f"`` (the executor before the row-copy kernel): 1.65 us per
           prepared NCCL op, ~1.3 ms per round (launch + apply of per-row copies), 1.0 us per
           local copy, 1.3 ms set-up (run F, 4x H100); IPC ~2.2 ms per round (launch 0.41 +
@@ -250,8 +286,48 @@ def _torch_host() -> HostCost:
     return HostCost(per_op=17.1 * US, per_copy=4.5 * US, per_round=0.5 * MS)
 
 
+# Session 7's set-up line (bench/RESULTS.md "Session 7", D9): fixed + per local row copy, through
+# host-ep1 (4.84 ms, 1,148 copies) and the local permutation at 132 CTAs (1.912 ms, 142 copies)
+_S7_SETUP_PER_COPY = (4.840 - 1.912) * MS / (1148 - 142)
+_S7_SETUP = 1.912 * MS - 142 * _S7_SETUP_PER_COPY
+# the IPC host row (rank 0: 1,156 message ends, 90 copies): set-up per message end, pulls
+# batched (4.629 ms) and captured as graphs (9.189 ms)
+_S7_RANK0_COPIES = 90 * _S7_SETUP_PER_COPY
+_S7_SETUP_PER_MESSAGE_BATCH = (4.629 * MS - _S7_SETUP - _S7_RANK0_COPIES) / 1156
+_S7_SETUP_PER_MESSAGE_GRAPH = (9.189 * MS - _S7_SETUP - _S7_RANK0_COPIES) / 1156
+# GPU per row copy under one row-copy kernel launch per phase (D9: 1,148 x 4 KiB, 16 CTAs, 0.052 ms)
+_S7_GPU_PER_COPY = 0.052 * MS / 1148
+
+
 def _host_current() -> dict:
-    """The executor as it is now (Session 6): see :meth:`Cluster.preset`."""
+    """The executor as it is now (Session 7, D9): see :meth:`Cluster.preset`."""
+    return {
+        "nccl": HostCost(
+            per_op=1.04 * US,
+            per_copy=0.0,
+            per_round=(0.151 + 0.007 + 0.057) * MS,
+            setup=_S7_SETUP,
+            plan_per_message=14 * US,
+            setup_per_message=_S7_SETUP_PER_MESSAGE_BATCH,
+            setup_per_copy=_S7_SETUP_PER_COPY,
+            gpu_per_copy=_S7_GPU_PER_COPY,
+        ),
+        "ipc": HostCost(
+            per_op=0.0,
+            per_copy=0.0,
+            per_round=(0.143 + 0.289 + 0.080) * MS,
+            setup=_S7_SETUP,
+            plan_per_message=14 * US,
+            setup_per_message=_S7_SETUP_PER_MESSAGE_GRAPH,
+            setup_per_copy=_S7_SETUP_PER_COPY,
+            gpu_per_copy=_S7_GPU_PER_COPY,
+        ),
+        "torch": _torch_host(),
+    }
+
+
+def _host_session_6() -> dict:
+    """The executor of Session 6 (one launch per wave, pulls issued in the poll)."""
     return {
         "nccl": HostCost(
             per_op=1.04 * US,
@@ -293,7 +369,11 @@ def _host_run_f() -> dict:
 
 
 # measured host costs by executor version (Cluster.preset's ``host``)
-HOST_PROFILES = {"current": _host_current, "run-f": _host_run_f}
+HOST_PROFILES = {
+    "current": _host_current,
+    "session-6": _host_session_6,
+    "run-f": _host_run_f,
+}
 
 
 _H100 = Cluster(

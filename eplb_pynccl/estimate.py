@@ -17,7 +17,8 @@
   of its host time (``per_round`` + ``per_op`` per message + ``per_copy`` per copy, busiest
   rank) and its GPU time (local before + exchange + local after);
 * rounds run one after another (the executor launches round k+1 once round k's staging is
-  free), plus the transport's set-up once.
+  free), plus the transport's set-up once (fixed, plus a cost per message end and per
+  local row copy of the slowest rank, plus planning per message end).
 
 :func:`estimate_vllm_style` models the baseline the bench compares with (vLLM's exchange):
 one layer at a time, one P2POp per expert per tensor in one ``batch_isend_irecv``, receives
@@ -345,6 +346,13 @@ def _byte_figures(cluster: Cluster, ep: int, src, dst, byts):
     return int(b[intra].sum()), int(b[~intra].sum()), per_node, busiest
 
 
+def _setup_seconds(hc, message_ends: np.ndarray, copies: np.ndarray) -> float:
+    """Set-up and planning of one rearrangement: the ranks prepare in parallel, the slowest
+    (most message ends and local row copies) sets it."""
+    per = (hc.setup_per_message + hc.plan_per_message) * message_ends + hc.setup_per_copy * copies
+    return hc.setup + float(per.max(initial=0.0))
+
+
 def estimate_schedule(sched: Schedule, *, cluster: Cluster, transport: str = "nccl"):
     """Time a built schedule (see the module docstring); ``transport``: ``"nccl"`` (NVLink
     and NICs through NCCL) or ``"ipc"`` (copy engines inside a node, NCCL between nodes)."""
@@ -355,9 +363,10 @@ def estimate_schedule(sched: Schedule, *, cluster: Cluster, transport: str = "nc
     rnd, src, dst, msgs, byts = round_messages(sched)
     nv, ce, nic = _exchange_times(cluster, R, rnd, src, dst, msgs, byts, transport == "ipc")
     pre_b, pre_o, post_b, post_o = _local_work(sched)
-    pre = (pre_b / cluster.local_bw + pre_o * cluster.local_op).max(axis=1, initial=0.0)
-    post = (post_b / cluster.local_bw + post_o * cluster.local_op).max(axis=1, initial=0.0)
     hc = cluster.host[transport]
+    lop = cluster.local_op if hc.gpu_per_copy is None else hc.gpu_per_copy
+    pre = (pre_b / cluster.local_bw + pre_o * lop).max(axis=1, initial=0.0)
+    post = (post_b / cluster.local_bw + post_o * lop).max(axis=1, initial=0.0)
     ops = np.zeros(R * ep)
     np.add.at(ops, rnd * ep + src, msgs.astype(float))
     np.add.at(ops, rnd * ep + dst, msgs.astype(float))
@@ -382,7 +391,7 @@ def estimate_schedule(sched: Schedule, *, cluster: Cluster, transport: str = "nc
     per_rank = np.bincount(src, weights=msgs, minlength=ep) + np.bincount(
         dst, weights=msgs, minlength=ep
     )
-    setup = hc.setup + hc.plan_per_message * float(per_rank.max(initial=0)) if R else 0.0
+    setup = _setup_seconds(hc, per_rank, np.bincount(sched.plan.c_rank, minlength=ep)) if R else 0.0
     total = float(rs.sum()) + setup
     moved = len(sched.layers_changed)
     return RearrangementEstimate(

@@ -41,6 +41,7 @@ __all__ = [
     "plan_rearrangement",
     "plan_stages",
     "relay_map",
+    "stage_maps",
 ]
 
 _I64 = np.int64
@@ -623,6 +624,16 @@ def _distinct(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _dedupe_mode(value):
+    """``node_dedupe``: a bool (numpy's too) or ``"auto"``; 1, 0 or other truthy values are
+    refused rather than taken for a mode."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value == "auto":
+        return value
+    raise ValueError(f"node_dedupe must be False, True or 'auto', got {value!r}")
+
+
 def plan_stages(
     old_map,
     new_map,
@@ -644,8 +655,7 @@ def plan_stages(
     they are faster. Each stage is a complete rearrangement (every layer ends the stage
     entirely in its ``to_map``), so each is executed and checked as one.
     """
-    if node_dedupe not in (False, True, "auto"):
-        raise ValueError(f"node_dedupe must be False, True or 'auto', got {node_dedupe!r}")
+    node_dedupe = _dedupe_mode(node_dedupe)
     one = [
         (
             old_map,
@@ -673,3 +683,48 @@ def plan_stages(
     t1 = estimate_stages(one, row_bytes, cluster=cluster, transport=transport).seconds
     t2 = estimate_stages(two, row_bytes, cluster=cluster, transport=transport).seconds
     return two if t2 < t1 else one
+
+
+def stage_maps(
+    old_map,
+    new_map,
+    ep_size: int,
+    *,
+    ranks_per_node: int,
+    node_dedupe=True,
+    row_bytes=None,
+    cluster=None,
+    transport: str = "nccl",
+) -> list:
+    """The placements a deduplicated rearrangement passes through: ``[old_map, mid, new_map]``
+    (two stages, ``mid`` from :func:`relay_map`) or ``[old_map, new_map]`` (one: nothing to
+    dedupe, or ``node_dedupe="auto"`` found one stage faster). Arguments as
+    :func:`plan_stages`, whose stages these are (``ranks_per_node`` is required here).
+
+    Run them as successive rearrangements on every rank, with a shuffler made with the same
+    ``ranks_per_node`` (its planner then takes each relayed expert from the relay on the
+    receiver's node, over NVLink)::
+
+        maps = stage_maps(old, new, ep, ranks_per_node=8)
+        for a, b in zip(maps, maps[1:]):
+            shuffler.rearrange(a, b)          # or rearrange_async(a, b) ... wait()
+
+    Each stage is a whole rearrangement with the shuffler's guarantees; every intermediate
+    map holds every expert of ``new_map``, so an engine may serve from it between stages
+    (its expert-to-slot table must follow each stage's ``to`` map)."""
+    rpn = _positive(ranks_per_node, "ranks_per_node")
+    node_dedupe = _dedupe_mode(node_dedupe)
+    if node_dedupe is True:  # the maps only: the shuffler plans each stage itself
+        mid = relay_map(old_map, new_map, ep_size, rpn)
+        return [old_map, new_map] if mid is None else [old_map, mid, new_map]
+    stages = plan_stages(
+        old_map,
+        new_map,
+        ep_size,
+        ranks_per_node=rpn,
+        node_dedupe=node_dedupe,
+        row_bytes=row_bytes,
+        cluster=cluster,
+        transport=transport,
+    )
+    return [stages[0][0]] + [b for _, b, _ in stages]

@@ -283,8 +283,12 @@ def test_calibration_against_measured_rows():
         ("dsv3-perm ep1 2L", "eplb_pynccl", 10.5),
     ]
     assert max(abs(r["error_pct"]) for r in rows) <= 40
-    # every row with run F's executor host costs (bench/scale.py says why for the EP1 rows)
     assert {r["cluster"] for r in rows} == {"h100x4-nv18", "h200x1"}
+    # Session 7's rows with the current executor's host costs (fitted to Session 7's D9 rows),
+    # the others with run F's; the current profile moved Session 7's rows into +-25%
+    cur = [r for r in rows if r["host_costs"] == "current"]
+    assert [r["where"] for r in cur] == [m[5] for m in MEASURED if "Session 7" in m[5]]
+    assert all(abs(r["session6_error_pct"]) > 25 for r in cur)
 
 
 def test_bench_model_columns():
@@ -328,20 +332,74 @@ def test_bench_model_columns():
 
 
 def test_host_profiles():
-    """The presets carry the measured host costs of the executor as it is now (Session 6);
-    run F's executor's are kept for the calibration against run F's rows."""
+    """The presets carry the measured host costs of the executor as it is now (Session 7,
+    D9's rows in bench/RESULTS.md); Session 6's and run F's executors' are kept (the
+    calibration against run F's rows, and what the update moved)."""
     from eplb_pynccl.cluster import HOST_PROFILES
 
     cur = Cluster.preset("h200-ib400").host
-    assert cur["nccl"].per_round == pytest.approx(0.09e-3 + 0.20e-3 + 3 * 7e-6)
-    nccl = cur["nccl"]
-    assert (nccl.per_op, nccl.per_copy, nccl.setup) == pytest.approx((1.04e-6, 0.0, 5.2e-3))
-    assert cur["ipc"].per_round == pytest.approx(0.52e-3)
+    nccl, ipc = cur["nccl"], cur["ipc"]
+    # host-ep1: launch 0.151 + poll 0.007 + apply 0.057 ms; IPC with graphs 0.143 + 0.289 + 0.080
+    assert nccl.per_round == pytest.approx(0.215e-3)
+    assert ipc.per_round == pytest.approx(0.512e-3)
+    assert (nccl.per_op, nccl.per_copy, ipc.per_op) == pytest.approx((1.04e-6, 0.0, 0.0))
+    # the set-up line through host-ep1 (4.84 ms, 1,148 copies) and the local permutation
+    # (1.912 ms, 142 copies) ...
+    assert nccl.setup + 1148 * nccl.setup_per_copy == pytest.approx(4.84e-3)
+    assert nccl.setup + 142 * nccl.setup_per_copy == pytest.approx(1.912e-3)
+    assert ipc.setup == nccl.setup and ipc.setup_per_copy == nccl.setup_per_copy
+    # ... and the IPC host row's 1,156 message ends + 90 copies: 4.629 ms batched, 9.189 graphs
+    both = nccl.setup + 90 * nccl.setup_per_copy
+    assert both + 1156 * nccl.setup_per_message == pytest.approx(4.629e-3)
+    assert both + 1156 * ipc.setup_per_message == pytest.approx(9.189e-3)
+    s6 = Cluster.preset("h200-ib400", host="session-6").host
+    assert s6["nccl"].per_round == pytest.approx(0.09e-3 + 0.20e-3 + 3 * 7e-6)
+    assert (s6["nccl"].setup, s6["ipc"].per_round) == pytest.approx((5.2e-3, 0.52e-3))
     old = Cluster.preset("h100x4-nv18", host="run-f").host
     assert (old["nccl"].per_round, old["ipc"].per_round) == pytest.approx((1.3e-3, 2.2e-3))
-    assert cur["torch"] == old["torch"]  # the vLLM-style baseline: unchanged
-    assert set(HOST_PROFILES) == {"current", "run-f"}
+    assert cur["torch"] == old["torch"] == s6["torch"]  # the vLLM-style baseline: unchanged
+    assert set(HOST_PROFILES) == {"current", "session-6", "run-f"}
+    # GPU per row copy: one kernel launch per phase (D9: 1,148 x 4 KiB in 0.052 ms at 16 CTAs);
+    # the older executors and torch's copies (the baseline) keep the cluster's local_op
+    assert nccl.gpu_per_copy == ipc.gpu_per_copy == pytest.approx(0.052e-3 / 1148)
+    assert cur["torch"].gpu_per_copy is None and s6["nccl"].gpu_per_copy is None
     for name in ("h100-ib400", "gb200-nvl72", "h100x4-nv18", "h200x1"):
         assert Cluster.preset(name).host == cur
-    with pytest.raises(ValueError, match="host must be one of 'current', 'run-f', got 'new'"):
+        assert Cluster.preset(name).local_op == pytest.approx(8e-6)
+    with pytest.raises(
+        ValueError, match="host must be one of 'current', 'session-6', 'run-f', got 'new'"
+    ):
         Cluster.preset("h200x1", host="new")
+    with pytest.raises(ValueError, match="HostCost.setup_per_copy must be >= 0"):
+        HostCost(per_op=0.0, per_copy=0.0, per_round=0.0, setup_per_copy=-1.0)
+    with pytest.raises(TypeError, match="HostCost.gpu_per_copy must be a real number, got str"):
+        HostCost(per_op=0.0, per_copy=0.0, per_round=0.0, gpu_per_copy="1")
+
+
+def test_setup_per_message_and_copy():
+    # rank 0 takes expert 1 from rank 1 (one message end each) and copies its own row 0 into
+    # its second slot (one local row copy); rank 1 only sends
+    old, new = [[0, 2, 1, 3]], [[1, 0, 1, 3]]
+    host = {
+        t: HostCost(
+            per_op=0.0,
+            per_copy=0.0,
+            per_round=0.0,
+            setup=1e-3,
+            plan_per_message=3e-6,
+            setup_per_message=10e-6,
+            setup_per_copy=100e-6,
+        )
+        for t in ("nccl", "ipc", "torch")
+    }
+    e = estimate_rearrangement(old, new, 2, [B], cluster=toy(2, host=host))
+    assert e.messages == 1
+    # the slowest rank sets it: rank 0 with one message end and one copy
+    assert e.setup_seconds == pytest.approx(1e-3 + 13e-6 + 100e-6)
+    # GPU per local copy: the cluster's local_op (1e-4 per copy or kernel) unless the
+    # executor's profile says otherwise; rank 0 scatters the staged row and copies its old
+    # row 0 after the exchange (2 B of bytes, two copies)
+    assert e.parts["local"][0] == pytest.approx(2 * B / 10e9 + 2 * 1e-4)
+    free = {t: dataclasses.replace(h, gpu_per_copy=0.0) for t, h in host.items()}
+    e0 = estimate_rearrangement(old, new, 2, [B], cluster=toy(2, host=free))
+    assert e0.parts["local"][0] == pytest.approx(2 * B / 10e9)
