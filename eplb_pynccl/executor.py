@@ -4,8 +4,9 @@ Everything a round needs is built once, when the rearrangement starts (``Executo
 the staging buffer, every round's messages prepared by the transport and, on CUDA, one device
 table of every local copy of the whole rearrangement (:mod:`eplb_pynccl.copytables`: the
 gathers into staging, the scatters out of it and the row copies, cut into pieces of at most
-1 MiB). ``launch_pre(k)`` runs round k's phase A and ``launch_messages(k)`` hands its messages
-to the transport; ``apply(k, stream)`` runs its phase C.
+1 MiB). The table is copied to the device on the exchange stream at set-up. ``launch_pre(k)`` runs
+round k's phase A and ``launch_messages(k)`` hands its messages to the transport;
+``apply(k, stream)`` runs its phase C.
 
 A phase's ops run one after the other, each a wave of independent copies
 (:func:`eplb_pynccl.copytables.rank_phases`, the table the virtual cluster checks). On CUDA
@@ -115,7 +116,6 @@ class Executor:
                 )
                 for ro in rs.rounds
             ]
-        self._uploaded = self._table_host is None
         raw = bool(getattr(transport, "accepts_raw", False)) and cuda
         self._bases = np.append(bufs.ptrs, sbase)  # index -1 = STAGING
         self.rounds = []
@@ -125,6 +125,10 @@ class Executor:
             tround = transport.prepare_round(sends, recvs, remote=(ro.sends, ro.recvs))
             self.rounds.append((pre, tround, post))
             self.host_calls.append((len(pre), len(post)))
+        if self._table_host is not None:  # the table goes up now, not in a round's launch
+            assert self.table is not None  # made together
+            with torch.cuda.stream(stream):
+                self.table.copy_(self._table_host, non_blocking=True)
 
     # ---- building ---------------------------------------------------------------------
     def _cuda_phases(self, device, stream, sbase, host_int64, method, ctas) -> list:
@@ -282,14 +286,8 @@ class Executor:
         drv.stream_wait_event(0, after)
 
     def launch_pre(self, k: int):
-        """Round k's phase A on the exchange stream; the first call also copies the copy
-        table to the device. Returns the transport's round."""
+        """Round k's phase A on the exchange stream. Returns the transport's round."""
         pre, tround, _ = self.rounds[k]
-        if not self._uploaded:
-            assert self.table is not None and self._table_host is not None  # made together
-            with self.torch.cuda.stream(self.stream):  # once per rearrangement
-                self.table.copy_(self._table_host, non_blocking=True)
-            self._uploaded = True
         self._run(pre, self.stream)
         return tround
 
@@ -297,16 +295,11 @@ class Executor:
         """Round k's messages, handed to the transport (poll the round's ``done()``)."""
         self.rounds[k][1].launch(self.stream, deadline)
 
-    def uploaded(self) -> bool:
-        """Whether the host tables have been copied to the device (their host buffer may be
-        reused once that copy has completed)."""
-        return self._uploaded
-
     @property
-    def device_tensors(self) -> tuple:
-        """The device tensors the rounds use (staging, table): the caller keeps them alive on
-        its stream until the work queued there completes."""
-        return tuple(t for t in (self.staging, self.table) if t is not None)
+    def uses_pinned(self) -> bool:
+        """Whether the set-up copied a pinned host table on the exchange stream (the host
+        buffer may be reused once the stream has passed that copy)."""
+        return self._table_host is not None
 
     @property
     def table_bytes(self) -> int:

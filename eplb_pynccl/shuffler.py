@@ -549,6 +549,9 @@ class RearrangeHandle:
                 copy_ctas=shuffler.copy_ctas,
             )
             n = len(rs.rounds)
+            if self._exec.uses_pinned:  # its pinned host buffer is free once this has run
+                shuffler._pinned_free = shuffler._torch.cuda.Event()
+                shuffler._pinned_free.record(shuffler._stream)
             if shuffler._is_cuda:
                 st.peak_extra_bytes = self._exec.extra_bytes
                 st.table_bytes = self._exec.table_bytes
@@ -710,6 +713,12 @@ class RearrangeHandle:
 
     def _release_exec(self) -> None:
         if self._exec is not None:
+            if self._release is not None:
+                # staging and the table were allocated on the exchange stream: once it has
+                # waited for the last apply (on the caller's streams), the allocator may hand
+                # their memory to that stream's later work (no record_stream per round)
+                assert self._drv is not None and self.s._stream is not None  # CUDA rounds
+                self._drv.stream_wait_event(self.s._stream.cuda_stream, self._release)
             self._exec.release()
             self._exec = None
         if self._ends:  # work recorded on them completes first (cuEventDestroy)
@@ -730,20 +739,21 @@ class RearrangeHandle:
         rnd.launched_at = time.monotonic()
         # every call takes its stream explicitly (no torch stream context: ~10 us each way)
         if stream is not None:
+            drv = self._drv
+            assert drv is not None  # CUDA rounds: made with the release events
+            h = stream.cuda_stream
             if self._release is not None:  # staging is free again
-                assert self._drv is not None  # CUDA rounds: made with the release events
-                self._drv.stream_wait_event(stream.cuda_stream, self._release)
-            else:  # first round: after the caller's earlier work on the weights
-                stream.wait_stream(self._user_stream or torch.cuda.current_stream(s.device))
+                drv.stream_wait_event(h, self._release)
+            else:  # first round: after the caller's earlier work on the weights (round 0's
+                # release event, recorded again when round 0 is applied)
+                user = self._user_stream or torch.cuda.current_stream(s.device)
+                drv.event_record(self._ends[0], user.cuda_stream)
+                drv.stream_wait_event(h, self._ends[0])
         if s.profile:
             rnd.marks["start"] = _mark(torch, stream)
         ex = self._exec
         assert ex is not None  # rounds to launch: an executor
-        first = not ex.uploaded()
         rnd.tround = ex.launch_pre(rnd.index)
-        if first and stream is not None:
-            s._pinned_free = torch.cuda.Event()
-            s._pinned_free.record(stream)
         if s.profile:
             rnd.marks["packed"] = _mark(torch, stream)
         ex.launch_messages(rnd.index, rnd.launched_at + s.timeout)
@@ -812,8 +822,5 @@ class RearrangeHandle:
             drv.event_record(self._release, h)
             if s.profile:
                 rnd.marks["end"] = _mark(torch, cs)
-            if rnd.index == 0:
-                for t in ex.device_tensors:
-                    t.record_stream(cs)
         rnd.done = True
         self.applied_layers.extend(rnd.layers)

@@ -1,5 +1,6 @@
 """Probe (one GPU): where the host time of a rearrangement goes (cProfile), at EP1 over a
-1-rank communicator: the bench's host-ep1 case (4 layers x 288 rows of 4 x 4 KiB)."""
+1-rank communicator: the bench's host-ep1 case (4 layers x 288 rows of 4 x 4 KiB).
+``--steps``: profile the rounds (launch, poll, apply) only, not the set-up."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import eplb_pynccl as ep
 from bench.common import make_maps
 
 
-def main() -> None:
+def main(steps_only: bool = False) -> None:
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     L, P = 4, 288
@@ -31,8 +32,12 @@ def main() -> None:
     pr = cProfile.Profile()
     stats = []
     for _ in range(10):
-        pr.enable()
-        h = sh.rearrange_async(old, new)
+        if steps_only:
+            h = sh.rearrange_async(old, new)
+            pr.enable()
+        else:
+            pr.enable()
+            h = sh.rearrange_async(old, new)
         while not h.done:
             h.step()
         pr.disable()
@@ -55,9 +60,11 @@ def main() -> None:
         "host calls",
         st.round_host_calls,
     )
-    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+    pstats.Stats(pr).sort_stats("tottime").print_stats(35)
     comm.close()
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(steps_only="--steps" in sys.argv)  # --steps: the rounds only, not the set-up
