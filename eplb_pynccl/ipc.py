@@ -498,8 +498,9 @@ class IpcTransport(Transport):
             if not page.device_address:
                 page.device_address = drv.host_register(page.address, page.nbytes)
             addr = page.device_address + 64 + 4 * slot
-            drv.write_value(self._copy_stream, addr, 7)
-            drv.wait_value(self._copy_stream, addr, 7)
+            # the calls rounds make: batched writes and waits
+            _cuda.MemOps(drv, "write", [addr]).run(self._copy_stream, 7)
+            _cuda.MemOps(drv, "wait", [addr]).run(self._copy_stream, 7)
             ev = drv.event_create()
             drv.event_record(ev, self._copy_stream)
 
@@ -803,14 +804,16 @@ class _IpcRound(TransportRound):
         self._end: int | None = None
         if t.signals_method == "stream":
             # every address a launch writes or waits on (device addresses of the shared pages)
-            w = t.world_size
+            w, sources = t.world_size, sorted(pulls)
             mine = t._shm.device_address + 64
-            self._ready_out = [t._peers[p].shm.device_address + 64 + 4 * t.rank for p in readers]
-            self._wait_ready = [(mine + 4 * p, self.pulls[p]) for p in sorted(pulls)]
-            self._done_out = [
-                t._peers[p].shm.device_address + 64 + 4 * (w + t.rank) for p in sorted(pulls)
-            ]
-            self._wait_done = [mine + 4 * (w + p) for p in readers]
+            peer = {p: t._peers[p].shm.device_address + 64 for p in (*sources, *readers)}
+            self._ready_out = _cuda.MemOps(drv, "write", [peer[p] + 4 * t.rank for p in readers])
+            self._wait_ready = _cuda.MemOps(drv, "wait", [mine + 4 * p for p in sources])
+            self._pull_list = [self.pulls[p] for p in sources]
+            self._done_out = _cuda.MemOps(
+                drv, "write", [peer[p] + 4 * (w + t.rank) for p in sources]
+            )
+            self._wait_done = _cuda.MemOps(drv, "wait", [mine + 4 * (w + p) for p in readers])
             self._end = drv.event_create()
 
     def _pull_call(self, copies: list):
@@ -836,8 +839,9 @@ class _IpcRound(TransportRound):
         """Host calls into CUDA/NCCL a launch of this round makes: per source peer its pulls
         (with stream signals also a wait and a write), per reader a write (and a wait)."""
         n = len(self.pulls) + 4  # pulls, ready event + wait, done event + wait
-        if self._end is not None:
-            n += 2 * len(self.pulls) + 2 * len(self.proto.readers) + 1  # signals, end event
+        if self._end is not None:  # one batch of signal ops per direction, the end event
+            n += sum(1 for b in (self._ready_out, self._wait_ready, self._done_out) if len(b))
+            n += int(bool(len(self._wait_done))) + 1
         return n + (self._far + 3 if self.nccl is not None else 0)  # group, ops, end event
 
     def release(self) -> None:
@@ -880,21 +884,18 @@ class _IpcRound(TransportRound):
         c = t._copy_stream
         t._counters[_READY] = q
         self.proto.start(q)
-        for a in self._ready_out:  # my rows (and phase A) for this round are stable
-            drv.write_value(s, a, q)
+        self._ready_out.run(s, q)  # my rows (and phase A) for this round are stable
         if self.nccl is not None:
             self.nccl.launch(s)
         drv.event_record(t._ready, s)
         drv.stream_wait_event(c, t._ready)  # pulls after my own phase A (staging free)
-        for a, pull in self._wait_ready:
-            drv.wait_value(c, a, q)
+        self._wait_ready.run(c, q)  # every source's rows are stable
+        for pull in self._pull_list:
             pull(c)
-        for a in self._done_out:  # I have read the source's rows
-            drv.write_value(c, a, q)
+        self._done_out.run(c, q)  # I have read the sources' rows
         drv.event_record(t._done, c)
         drv.stream_wait_event(s, t._done)
-        for a in self._wait_done:  # my readers have read my rows: they may change now
-            drv.wait_value(s, a, q)
+        self._wait_done.run(s, q)  # my readers have read my rows: they may change now
         assert self._end is not None  # stream signals: made at prepare
         drv.event_record(self._end, s)
 

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import CudaError
 
 _CUDA_SUCCESS = 0
@@ -131,6 +133,8 @@ class Driver:
             "cuMemHostRegister_v2": [V, S, U],
             "cuMemHostUnregister": [V],
             "cuMemHostGetDevicePointer_v2": [V, V, U],
+            "cuStreamBatchMemOp_v2": [V, U, V, U],
+            "cuStreamBatchMemOp": [V, U, V, U],
         }
         for name, args in sig.items():
             f = getattr(L, name)
@@ -143,7 +147,7 @@ class Driver:
                 f.restype = ctypes.c_int
                 f.argtypes = args
                 self._fn[name] = f
-        for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
+        for name in ("cuStreamWaitValue32", "cuStreamWriteValue32", "cuStreamBatchMemOp"):
             f = self._fn.get(name + "_v2") or self._fn.get(name)
             if f is not None:
                 self._fn[name] = f
@@ -342,6 +346,13 @@ class Driver:
         rc = self._fn["cuStreamWaitValue32"](stream, addr, value, _CU_STREAM_WAIT_VALUE_GEQ)
         if rc != _CUDA_SUCCESS:
             self._check(rc, "cuStreamWaitValue32")
+
+    def batch_memops(self, stream: int, params: int, count: int) -> None:
+        """Enqueue ``count`` stream memory operations (CUstreamBatchMemOpParams at host
+        address ``params``, read during the call) on ``stream`` in one driver call."""
+        rc = self._fn["cuStreamBatchMemOp"](stream, count, params, 0)
+        if rc != _CUDA_SUCCESS:
+            self._check(rc, "cuStreamBatchMemOp")
 
     def event_create_ipc(self) -> int:
         """An event other processes can open (interprocess, no timing)."""
@@ -579,6 +590,52 @@ class CopyGraph:
         self._exec = self._graph = None
         if ex or g:
             self._drv.graph_destroy(ex, g)
+
+
+# CUstreamBatchMemOpParams (cuda.h): a 48-byte union; the wait/write members are operation
+# (u32), address (u64 at 8), value (u32 at 16), flags (u32 at 24), alias (u64 at 32)
+_MEMOP = np.dtype(
+    {
+        "names": ["operation", "address", "value", "flags"],
+        "formats": [np.uint32, np.uint64, np.uint32, np.uint32],
+        "offsets": [0, 8, 16, 24],
+        "itemsize": 48,
+    }
+)
+_MEM_OP_WAIT_VALUE_32, _MEM_OP_WRITE_VALUE_32 = 1, 2
+
+
+class MemOps:
+    """32-bit stream waits ("at least value", ``CU_STREAM_WAIT_VALUE_GEQ``) or writes at
+    fixed addresses with one value per run: ``run(stream, value)`` is one
+    ``cuStreamBatchMemOp`` (one call per address where the driver lacks it)."""
+
+    __slots__ = ("_drv", "_ops", "_ptr", "_single", "addresses")
+
+    def __init__(self, drv: Driver, kind: str, addresses: Sequence[int]) -> None:
+        self._drv = drv
+        self.addresses = [int(a) for a in addresses]
+        self._ops = np.zeros(len(self.addresses), dtype=_MEMOP)
+        self._ops["operation"] = _MEM_OP_WAIT_VALUE_32 if kind == "wait" else _MEM_OP_WRITE_VALUE_32
+        self._ops["address"] = self.addresses
+        self._ops["flags"] = _CU_STREAM_WAIT_VALUE_GEQ  # 0: also the writes' default
+        self._ptr = self._ops.ctypes.data
+        self._single = None
+        if "cuStreamBatchMemOp" not in drv._fn:
+            self._single = drv.wait_value if kind == "wait" else drv.write_value
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def run(self, stream: int, value: int) -> None:
+        if not self.addresses:
+            return
+        if self._single is not None:
+            for a in self.addresses:
+                self._single(stream, a, value)
+            return
+        self._ops["value"] = value
+        self._drv.batch_memops(stream, self._ptr, len(self.addresses))
 
 
 def copy_arrays(copies: Sequence[tuple[int, int, int]]) -> tuple[Any, Any, Any]:
