@@ -955,9 +955,17 @@ def _copy_waves(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging)
     from_row = j < 0
     src_buf = np.where(from_row, fb + t, STAGING)
     src_off = np.where(from_row, src * r, stash + j * r)
-    for wave in _distinct(c[:, 3]).tolist():
-        m = c[:, 3] == wave
-        b.copies_of(("c", wave), fb + t, dst[m] * r, src_buf[m], src_off[m], r)
+    # every copy x tensor row at once, then cut by wave (copy-major within a wave, as one
+    # copies_of call per wave would lay them out)
+    shape = (len(c), len(t))
+    cols = (fb + t, dst * r, src_buf, src_off, r)
+    rows = np.stack([np.broadcast_to(x, shape) for x in cols], axis=2)
+    order = np.argsort(c[:, 3], kind="stable")
+    waves = c[order, 3]
+    rows = rows[order]
+    cut = np.flatnonzero(waves[1:] != waves[:-1]) + 1
+    for chunk, wave in zip(np.split(rows, cut), waves[np.append(0, cut)].tolist()):
+        b.copies.setdefault(("c", wave), []).append(chunk.reshape(-1, 5))
 
 
 def _link(ranks: list, nrounds: int) -> None:
