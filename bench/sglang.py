@@ -69,53 +69,16 @@ def _skip_reason() -> str | None:
     return None
 
 
-def drifting_maps(torch, source: str, loads, N: int, per_rank: int):
-    """The maps SGLang's ``rebalance_experts`` makes of ``loads`` (``[steps, layers,
-    experts]``), one per step, each fed the previous map as SGLang's current metadata: its
-    ``deepseek`` algorithm (``source="deepseek"``) or ours through it (``"ours"``). Returns
-    ``steps + 1`` maps, the first one the identity placement."""
-    from sglang.srt.eplb import eplb_algorithms as A
-    from sglang.srt.eplb import expert_location as el
-
-    from eplb_pynccl.integrations import sglang as S
-    from tests_sglang.util import metadata
-
-    _, L, E = loads.shape
-    cur = np.stack([np.arange(N) % E] * L)
-    maps = [cur]
-    if source == "ours":
-        S.install(policy="migration_aware")
-    try:
-        for tokens in loads:
-            el.set_global_expert_location_metadata(
-                metadata(torch, cur, E, N // per_rank), allow_overwrite=True
-            )
-            out = A.rebalance_experts(
-                torch.from_numpy(tokens.astype(np.int64))[None],
-                N,
-                per_rank,
-                None,
-                1,
-                A.EplbAlgorithm.deepseek,
-            )
-            cur = out[0].numpy().astype(np.int64)
-            maps.append(cur)
-    finally:
-        el.set_global_expert_location_metadata(None, allow_overwrite=True)
-        if source == "ours":
-            S.uninstall()
-    return maps
-
-
 def _maps(torch, source: str, ws: int):
+    from tests_sglang.util import rebalanced_maps, sequence
+
     N = ROWS * ws
     if source == "random":
-        from tests_sglang.util import sequence
-
         return sequence(1, STEPS, LAYERS, N - ws, N)
     from .loadgen import load_sequence
 
-    return drifting_maps(torch, source, load_sequence(LAYERS, N - ws, STEPS, "bursty"), N, ROWS)
+    loads = load_sequence(LAYERS, N - ws, STEPS, "bursty")
+    return rebalanced_maps(torch, loads, N - ws, N, ROWS, source)
 
 
 def _rss() -> tuple[int, int]:
@@ -194,19 +157,14 @@ def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int, device, sync
 def _gpu_world(torch, ctx):
     """GPU rows: WORLD with gloo for CPU tensors and NCCL for CUDA ones (SGLang's own update
     moves CUDA weights over it), and a gloo group for the bench's barriers."""
-    dist = torch.distributed
+    from tests.engine_suite import tcp_world
+
     torch.cuda.set_device(ctx.device)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "cpu:gloo,cuda:nccl",
-            init_method=f"tcp://{ctx.host}:{ctx.port}",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
+    rank, ws = tcp_world(ctx, "cpu:gloo,cuda:nccl")
     group = ctx.cache.get("gloo")
     if group is None:
-        group = ctx.cache["gloo"] = dist.new_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size(), group
+        group = ctx.cache["gloo"] = torch.distributed.new_group(backend="gloo")
+    return rank, ws, group
 
 
 def rank_job(
@@ -431,6 +389,7 @@ def policy_rows() -> list[dict]:
     import torch
 
     from eplb_pynccl.placement import placement_imbalance
+    from tests_sglang.util import rebalanced_maps
 
     from .loadgen import load_sequence
 
@@ -442,7 +401,7 @@ def policy_rows() -> list[dict]:
         loads = load_sequence(L, E, p["steps"], drift, seed=1)
         out = {}
         for source in ("deepseek", "ours"):
-            maps = drifting_maps(torch, source, loads, N, per)
+            maps = rebalanced_maps(torch, loads, E, N, per, source)
             # after the first step (from the identity placement): the steady state
             imb = [placement_imbalance(m, lo, ep).mean() for m, lo in zip(maps[2:], loads[1:])]
             moved = [(x != y).mean() for x, y in zip(maps[1:], maps[2:])]
