@@ -62,7 +62,7 @@ import numpy as np
 
 from ..errors import RearrangeError
 from ..transport import Transport
-from ._world import ORIGINAL, share_unique_id, signature_problems
+from ._world import ORIGINAL, nccl_communicator, signature_problems
 
 __all__ = [
     "POLICIES",
@@ -400,19 +400,15 @@ def _config() -> dict:
 
 
 def _drop_world() -> None:
-    for t in list(_world.values()):
+    for t in list(_world.values()):  # dropping: best effort, whatever each one raises
         close = getattr(t, "close", None)
         if close is not None and type(t).__name__ == "IpcTransport":
-            try:
+            with contextlib.suppress(Exception):
                 close()
-            except Exception:  # noqa: BLE001 - dropping: best effort
-                pass
         comm = getattr(t, "comm", None)
         if comm is not None and hasattr(comm, "abort"):
-            try:
+            with contextlib.suppress(Exception):
                 comm.abort()
-            except Exception:  # noqa: BLE001
-                pass
     _world.clear()
     _shufflers.clear()
 
@@ -465,17 +461,8 @@ def _peer_table(timeout) -> list[tuple[str, int]]:
 def _nccl_comm(device, timeout):
     comm = _world.get("comm")
     if comm is None:
-        from ..communicator import Communicator
-
         setup = _setup_transport(timeout)
-        uid = share_unique_id(setup, "WORLD rank 0")
-        comm = _world["comm"] = Communicator(
-            uid,
-            setup.rank,
-            setup.world_size,
-            device,
-            timeout=timeout,
-        )
+        comm = _world["comm"] = nccl_communicator(setup, "WORLD rank 0", device, timeout=timeout)
     return comm
 
 

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .._checks import device_index, to_numpy
-from ..communicator import Communicator, UniqueId
+from ..communicator import UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
-from ._world import ORIGINAL, share_unique_id, signature_problems, unwrapped
+from ._world import ORIGINAL, nccl_communicator, share_unique_id, signature_problems, unwrapped
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -136,6 +136,15 @@ def _by_peer(ops: list[_Op]) -> list[tuple[int, list[_Op]]]:
     for op in ops:
         groups.setdefault(op.peer, []).append(op)
     return list(groups.items())
+
+
+def _messages_of(ops: list[_Op]) -> Iterator[tuple[int, list[Any]]]:
+    """(peer, tensors) of each message of ``ops``: per peer, per run (:func:`_runs`), per
+    tensor index, the run's tensors of that index in call order."""
+    for peer, group in _by_peer(ops):
+        for a, b in _runs([op.row for op in group], [op.key for op in group]):
+            for i in range(len(group[a].tensors)):
+                yield peer, [op.tensors[i] for op in group[a:b]]
 
 
 def _span(torch: Any, ts: list[Any]) -> Any:
@@ -357,22 +366,16 @@ class _CommunicatorImpl:
         out: list[tuple[int, Any]] = []
         inn: list[tuple[int, Any]] = []
         after: list[tuple[Any, Any]] = []
-        for peer, ops in _by_peer(sends):
-            for a, b in _runs([op.row for op in ops], [op.key for op in ops]):
-                for i in range(len(ops[a].tensors)):
-                    ts = [op.tensors[i] for op in ops[a:b]]
-                    v = _span(torch, ts)
-                    out.append((peer, v if v is not None else torch.stack(ts)))
-        for peer, ops in _by_peer(recvs):
-            for a, b in _runs([op.row for op in ops], [op.key for op in ops]):
-                for i in range(len(ops[a].tensors)):
-                    ts = [op.tensors[i] for op in ops[a:b]]
-                    v = _span(torch, ts)
-                    if v is None:
-                        t0 = ts[0]
-                        v = torch.empty((len(ts), *t0.shape), dtype=t0.dtype, device=t0.device)
-                        after.extend((t, v[j]) for j, t in enumerate(ts))
-                    inn.append((peer, v))
+        for peer, ts in _messages_of(sends):
+            v = _span(torch, ts)
+            out.append((peer, v if v is not None else torch.stack(ts)))
+        for peer, ts in _messages_of(recvs):
+            v = _span(torch, ts)
+            if v is None:
+                t0 = ts[0]
+                v = torch.empty((len(ts), *t0.shape), dtype=t0.dtype, device=t0.device)
+                after.extend((t, v[j]) for j, t in enumerate(ts))
+            inn.append((peer, v))
         return out, inn, after
 
 
@@ -525,14 +528,15 @@ def create_communicator(
                 "from vLLM's async EPLB thread (its kernels can deadlock against the forward "
                 "pass's NCCL kernels); set eplb_config.use_async=false"
             )
-        dist = torch.distributed
-        device = device_index(first.device)
-        uid = _share_unique_id(torch, cpu_group)
-        rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
-        comm = Communicator(
-            uid, rank, world, device, blocking=False, timeout=timeout, max_ctas=max_ctas
+        comm = nccl_communicator(
+            TorchTransport(cpu_group),
+            "EP rank 0",
+            device_index(first.device),
+            blocking=False,
+            timeout=timeout,
+            max_ctas=max_ctas,
         )
-        if world > 1:
+        if comm.world_size > 1:
             comm.connect_peers()
         mover = NcclTransport(comm)
     else:
