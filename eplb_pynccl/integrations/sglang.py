@@ -263,21 +263,7 @@ def install(
     cfg = _check_args(transport, policy, timeout, staging_bytes)
     with _lock:
         sglang, upd, algos, loc = _sglang_modules()
-        version = _version(sglang)
-        if version not in TESTED_SGLANG_VERSIONS:
-            raise RuntimeError(
-                "eplb_pynccl.integrations.sglang supports SGLang "
-                f"{', '.join(TESTED_SGLANG_VERSIONS)}; this is SGLang {version}, whose EPLB "
-                "updater it has not been checked against. Nothing was patched."
-            )
-        problems = _interface_problems(upd, algos, loc)
-        if problems:
-            raise RuntimeError(
-                f"eplb_pynccl.integrations.sglang: SGLang {version}'s EPLB functions differ from "
-                "the ones this module was written for: "
-                + "; ".join(problems)
-                + ". Nothing was patched."
-            )
+        _check_sglang(sglang, upd, algos, loc)
         old = _state["config"]
         if old is not None and (old["transport"], old["timeout"]) != (
             cfg["transport"],
@@ -291,23 +277,48 @@ def install(
                 "update": upd.ExpertLocationUpdater.update,
                 "rebalance": algos.rebalance_experts,
             }
-        orig = _state["originals"]
         _state["config"] = cfg
-        # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
-        # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
-        # own elasticity-aware algorithms
-        upd.update_expert_weights_single_layer = _wrap(
-            update_expert_weights_single_layer, orig["single"], _elastic_inactive
+        _patch(upd, algos, _state["originals"], cfg["policy"])
+
+
+def _check_sglang(sglang, upd, algos, loc) -> None:
+    """RuntimeError (nothing patched) on a SGLang version this module was not tested with,
+    or one whose EPLB functions take other parameters."""
+    version = _version(sglang)
+    if version not in TESTED_SGLANG_VERSIONS:
+        raise RuntimeError(
+            "eplb_pynccl.integrations.sglang supports SGLang "
+            f"{', '.join(TESTED_SGLANG_VERSIONS)}; this is SGLang {version}, whose EPLB "
+            "updater it has not been checked against. Nothing was patched."
         )
-        upd._update_expert_weights_raw = _wrap(
-            update_expert_weights_raw, orig["raw"], _elastic_inactive
+    problems = _interface_problems(upd, algos, loc)
+    if problems:
+        raise RuntimeError(
+            f"eplb_pynccl.integrations.sglang: SGLang {version}'s EPLB functions differ from "
+            "the ones this module was written for: "
+            + "; ".join(problems)
+            + ". Nothing was patched."
         )
-        upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
-        algos.rebalance_experts = (
-            _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
-            if cfg["policy"] == "migration_aware"
-            else orig["rebalance"]
-        )
+
+
+def _patch(upd, algos, orig: dict, policy: str | None) -> None:
+    """SGLang's update functions (and with ``policy``, its rebalance) replaced by ours;
+    ``orig``: SGLang's own."""
+    # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
+    # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
+    # own elasticity-aware algorithms
+    upd.update_expert_weights_single_layer = _wrap(
+        update_expert_weights_single_layer, orig["single"], _elastic_inactive
+    )
+    upd._update_expert_weights_raw = _wrap(
+        update_expert_weights_raw, orig["raw"], _elastic_inactive
+    )
+    upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
+    algos.rebalance_experts = (
+        _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
+        if policy == "migration_aware"
+        else orig["rebalance"]
+    )
 
 
 def installed() -> dict | None:
