@@ -643,10 +643,12 @@ def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
         take(helper, int(cur[s0]))  # a second copy of s0's expert, for a while
         take(s0, int(new[s0]))
         left.remove(s0)
-    if picked:
-        return picked
-    # no helper: follow one cycle (slot -> the slot that receives the expert it gives up)
-    # and move it whole
+    return picked if picked else _whole_cycle(cur, new, left)
+
+
+def _whole_cycle(cur, new, left: list) -> list:
+    """No helper: one cycle of ``left`` (slot -> the slot that receives the expert it gives
+    up), followed from its first slot, as (slot, expert) changes that move it whole."""
     gives = {int(new[t]): t for t in left}
     cycle = [left[0]]
     while True:
