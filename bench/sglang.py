@@ -184,15 +184,13 @@ def rank_job(
     from tests_sglang.util import metadata
 
     rank, ws, device, meters = _meters(torch, ctx, transport)
-    sync = meters[0]
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     maps = _maps(torch, source, ws)
     metas = [metadata(torch, m, ROWS * ws - ws, ws) for m in maps]
     w = _weights(torch, maps[0], rank, device)
     layer_bytes = sum(t.nbytes for t in w[0])
-    stats: list = []
-    per_update: list = []
+    stats, per_update = [], []  # the shuffler's RearrangeStats; per update of ours: figures
     original_rearrange = SH.ExpertShuffler.rearrange
 
     def recorded(self, *a, **k):
@@ -211,7 +209,7 @@ def rank_job(
         same = _same_bytes(torch, update, w, metas)
         per_update.clear()
         floor = [
-            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, sync)
+            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, meters[0])
             for x, y in zip(maps, maps[1:])
         ]
         times, peaks = _timed_updates(update, floor, w, metas, reps)
@@ -220,18 +218,25 @@ def rank_job(
         SH.ExpertShuffler.rearrange = original_rearrange
         threads_used = torch.get_num_threads()
         torch.set_num_threads(default_threads)
-    changed = float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])]))
     return {
         "same": same,
         "times": times,
         "peaks": peaks,
+        **_update_figures(per_update),
+        "layer_bytes": layer_bytes,
+        "changed": float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])])),
+        "threads": threads_used,
+    }
+
+
+def _update_figures(per_update: list) -> dict:
+    """Our updates' figures from their (rounds, messages, peak staging, steps): the largest
+    staging, the medians of the others."""
+    return {
         "staging": max(u[2] for u in per_update),
         "rounds": float(np.median([u[0] for u in per_update])),
         "messages": float(np.median([u[1] for u in per_update])),
         "steps": float(np.median([u[3] for u in per_update])),
-        "layer_bytes": layer_bytes,
-        "changed": changed,
-        "threads": threads_used,
     }
 
 
