@@ -554,134 +554,23 @@ def _close_bindings(ctx: BenchContext) -> None:
 
 def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> None:
     """Entry point of a spawned rank. Always ends in os._exit after flushing the queue."""
-    code = 0
-    ctx: BenchContext | None = None
     try:
-        _die_with_parent()
-        for k, v in CHILD_ENV_DEFAULTS.items():
-            os.environ.setdefault(k, v)
-        args: argparse.Namespace = spec["args"]
-        is_gpu: bool = spec["is_gpu"]
-        stall = float(spec["stall_timeout"])
-        import torch
-        import torch.distributed as dist
-
-        torch.manual_seed(int(getattr(args, "seed", 0)) + rank)
-        if is_gpu:
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
-            device = torch.device("cpu")
-        td = _dt.timedelta(seconds=stall)
-        store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=td)
-        kw: dict[str, Any] = {"device_id": device} if is_gpu else {}
-        dist.init_process_group(
-            "nccl" if is_gpu else "gloo",
-            store=dist.PrefixStore("torch_pg", store),
-            rank=rank,
-            world_size=world_size,
-            timeout=td,
-            **kw,
-        )
-        ctx = BenchContext(
-            rank=rank,
-            world_size=world_size,
-            device=device,
-            is_gpu=is_gpu,
-            store=store,
-            pg=dist.group.WORLD,
-            comm=None,
-            cupy_comm=None,
-            args=args,
-            stall_timeout=stall,
-        )
-        _init_bindings(ctx)
-        # A binding must be usable on every rank, or a part using it would wait forever.
-        everyone = ctx.allgather(ctx.bindings)
-        for name in list(ctx.bindings):
-            bad = [
-                (r, b.get(name, "missing")) for r, b in enumerate(everyone) if b.get(name) != "ok"
-            ]
-            if bad and ctx.bindings[name] == "ok":
-                ctx.bindings[name] = f"unavailable on rank {bad[0][0]}: {bad[0][1]}"
-        meta = collect_child_meta(ctx)
-        if any(b != everyone[0] for b in everyone):
-            meta["bindings_by_rank"] = {str(r): b for r, b in enumerate(everyone)}
-        if rank == 0:
-            _send(q, "meta", rank, meta)
+        ctx = _child_setup(rank, world_size, spec, q)
     except BaseException:  # noqa: BLE001
         _send(q, "init_error", rank, traceback.format_exc())
         _finish(q, rank, 2)
         return
-
+    code = 0
     for idx, pspec in enumerate(spec["parts"]):
         name = pspec.name
-        ctx._enter(f"p{idx}")
-        _send(q, "part_start", rank, name)
-        t0 = time.perf_counter()
-        status, reason, rows = "ok", "", None
-        try:
-            _maybe_inject_fault(args, rank, name)
-            fn = resolve_part(pspec)
-            rows = normalize_rows(fn(ctx), name)
-        except (PartSkipped, PartUnavailable) as e:
-            status, reason = "skipped", str(e)
-            _abort_part(ctx, f"rank {rank} skipped {name}: {reason}")  # in case a peer did not
-        except PeerFailed as e:  # not the cause: the failing rank reports that
-            status, reason = "error", f"abandoned ({e})"
-        except BaseException as e:  # noqa: BLE001
-            status, reason = "error", f"{type(e).__name__}: {e}"
-            _send(q, "part_error", rank, name, traceback.format_exc())
-            _abort_part(ctx, f"rank {rank} failed in {name}: {reason}")
+        status, reason, rows, secs = _run_part(ctx, q, idx, pspec)
         if status == "error":
             code = 1
-        secs = time.perf_counter() - t0
-        # Agree on the outcome (own keys, so it pairs up whatever the part left unpaired);
-        # rank 0's rows become the part's result on every rank.
-        try:
-            keys = [f"bench/status/{idx}/{r}" for r in range(world_size)]
-            ctx.store.set(keys[rank], pickle.dumps((status, reason, rows if rank == 0 else None)))
-            ctx._wait(keys, abort_keys=(ABORT_ALL,))
-            everyone = [pickle.loads(ctx.store.get(k)) for k in keys]
-        except PeerFailed as e:
-            _send(q, "fatal", rank, f"rank {rank}: run aborted after part {name!r}: {e}")
+        everyone = _share_outcome(ctx, q, idx, name, status, reason, rows)
+        if everyone is None:
             _finish(q, rank, 3)
             return
-        except BaseException:  # noqa: BLE001
-            _send(
-                q,
-                "fatal",
-                rank,
-                f"rank {rank} waited more than {stall:.0f} s for its peers after part {name!r} "
-                f"(its own status: {status}); the peers are probably stuck.\n"
-                + traceback.format_exc(),
-            )
-            _finish(q, rank, 3)
-            return
-        statuses = [e[0] for e in everyone]
-        real = [
-            r
-            for r, e in enumerate(everyone)
-            if e[0] == "error" and not e[1].startswith("abandoned")
-        ]
-        skipped = [r for r, st in enumerate(statuses) if st == "skipped"]
-        if real:
-            agreed = "error"
-            reason = f"failed on rank(s) {real}: " + "; ".join(
-                dict.fromkeys(everyone[r][1] for r in real)
-            )
-        elif skipped and len(skipped) < world_size:
-            agreed = "error"
-            reason = f"skipped on rank(s) {skipped} only: " + "; ".join(
-                dict.fromkeys(everyone[r][1] for r in skipped)
-            )
-        elif skipped:
-            agreed, reason = "skipped", everyone[0][1]
-        elif "error" in statuses:
-            agreed, reason = "error", everyone[statuses.index("error")][1]
-        else:
-            agreed = "ok"
+        agreed, reason = _agreed_outcome(everyone, world_size)
         if agreed == "ok":
             ctx.results[name] = everyone[0][2] or []
         if rank == 0:
@@ -700,6 +589,135 @@ def _child_entry(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> No
     except BaseException:  # noqa: BLE001
         pass
     _finish(q, rank, code)
+
+
+def _child_setup(rank: int, world_size: int, spec: dict[str, Any], q: Any) -> BenchContext:
+    """A spawned rank's context: environment, torch's seed, threads and device, the store, the
+    process group, the bindings (one usable on every rank, or marked unavailable where a peer
+    lacks it); rank 0 sends the run's meta."""
+    _die_with_parent()
+    for k, v in CHILD_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    args: argparse.Namespace = spec["args"]
+    is_gpu: bool = spec["is_gpu"]
+    stall = float(spec["stall_timeout"])
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(int(getattr(args, "seed", 0)) + rank)
+    if is_gpu:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+        device = torch.device("cpu")
+    td = _dt.timedelta(seconds=stall)
+    store = dist.TCPStore(spec["host"], spec["port"], is_master=False, timeout=td)
+    kw: dict[str, Any] = {"device_id": device} if is_gpu else {}
+    dist.init_process_group(
+        "nccl" if is_gpu else "gloo",
+        store=dist.PrefixStore("torch_pg", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=td,
+        **kw,
+    )
+    ctx = BenchContext(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        is_gpu=is_gpu,
+        store=store,
+        pg=dist.group.WORLD,
+        comm=None,
+        cupy_comm=None,
+        args=args,
+        stall_timeout=stall,
+    )
+    _init_bindings(ctx)
+    # A binding must be usable on every rank, or a part using it would wait forever.
+    everyone = ctx.allgather(ctx.bindings)
+    for name in list(ctx.bindings):
+        bad = [(r, b.get(name, "missing")) for r, b in enumerate(everyone) if b.get(name) != "ok"]
+        if bad and ctx.bindings[name] == "ok":
+            ctx.bindings[name] = f"unavailable on rank {bad[0][0]}: {bad[0][1]}"
+    meta = collect_child_meta(ctx)
+    if any(b != everyone[0] for b in everyone):
+        meta["bindings_by_rank"] = {str(r): b for r, b in enumerate(everyone)}
+    if rank == 0:
+        _send(q, "meta", rank, meta)
+    return ctx
+
+
+def _run_part(ctx: BenchContext, q: Any, idx: int, pspec: Any) -> tuple[str, str, Any, float]:
+    """Part ``idx`` on this rank: (status, reason, rows, seconds); a failure is reported to
+    the parent and its peers are told to give up waiting for this rank."""
+    rank, name = ctx.rank, pspec.name
+    ctx._enter(f"p{idx}")
+    _send(q, "part_start", rank, name)
+    t0 = time.perf_counter()
+    status, reason, rows = "ok", "", None
+    try:
+        _maybe_inject_fault(ctx.args, rank, name)
+        fn = resolve_part(pspec)
+        rows = normalize_rows(fn(ctx), name)
+    except (PartSkipped, PartUnavailable) as e:
+        status, reason = "skipped", str(e)
+        _abort_part(ctx, f"rank {rank} skipped {name}: {reason}")  # in case a peer did not
+    except PeerFailed as e:  # not the cause: the failing rank reports that
+        status, reason = "error", f"abandoned ({e})"
+    except BaseException as e:  # noqa: BLE001
+        status, reason = "error", f"{type(e).__name__}: {e}"
+        _send(q, "part_error", rank, name, traceback.format_exc())
+        _abort_part(ctx, f"rank {rank} failed in {name}: {reason}")
+    return status, reason, rows, time.perf_counter() - t0
+
+
+def _share_outcome(ctx: BenchContext, q: Any, idx: int, name: str, status, reason, rows):
+    """Every rank's (status, reason, rows: rank 0's only) of part ``idx``, exchanged under
+    its own keys (so it pairs up whatever the part left unpaired); None after reporting a
+    fatal error (a peer failed, or did not answer within the stall timeout)."""
+    rank = ctx.rank
+    try:
+        keys = [f"bench/status/{idx}/{r}" for r in range(ctx.world_size)]
+        ctx.store.set(keys[rank], pickle.dumps((status, reason, rows if rank == 0 else None)))
+        ctx._wait(keys, abort_keys=(ABORT_ALL,))
+        return [pickle.loads(ctx.store.get(k)) for k in keys]
+    except PeerFailed as e:
+        _send(q, "fatal", rank, f"rank {rank}: run aborted after part {name!r}: {e}")
+    except BaseException:  # noqa: BLE001
+        _send(
+            q,
+            "fatal",
+            rank,
+            f"rank {rank} waited more than {ctx.stall_timeout:.0f} s for its peers after part "
+            f"{name!r} (its own status: {status}); the peers are probably stuck.\n"
+            + traceback.format_exc(),
+        )
+    return None
+
+
+def _agreed_outcome(everyone: list, world_size: int) -> tuple[str, str]:
+    """The part's status and reason from every rank's (status, reason, rows): an error where
+    a rank failed (not merely abandoned) or only some ranks skipped, skipped where all did."""
+    statuses = [e[0] for e in everyone]
+    real = [
+        r for r, e in enumerate(everyone) if e[0] == "error" and not e[1].startswith("abandoned")
+    ]
+    skipped = [r for r, st in enumerate(statuses) if st == "skipped"]
+    if real:
+        return "error", f"failed on rank(s) {real}: " + "; ".join(
+            dict.fromkeys(everyone[r][1] for r in real)
+        )
+    if skipped and len(skipped) < world_size:
+        return "error", f"skipped on rank(s) {skipped} only: " + "; ".join(
+            dict.fromkeys(everyone[r][1] for r in skipped)
+        )
+    if skipped:
+        return "skipped", everyone[0][1]
+    if "error" in statuses:
+        return "error", everyone[statuses.index("error")][1]
+    return "ok", ""
 
 
 def _abort_part(ctx: BenchContext, why: str) -> None:

@@ -434,13 +434,29 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
     a = ctx.args
     k, nb = int(a.overhead_ops), int(a.overhead_bytes)
     reps, warm = int(a.overhead_repeats), max(1, int(a.warmup))
-    n, me = ctx.world_size, ctx.rank
-    nxt, prv = (me + 1) % n, (me - 1) % n
     names, left_out = _selected(ctx, OVERHEAD_BINDINGS)
     if left_out:
         ctx.log("overhead: left out: " + "; ".join(f"{b} ({v})" for b, v in left_out.items()))
     if not names:
         raise PartSkipped(f"overhead: no binding available ({left_out})")
+    mine = _overhead_samples(ctx, names, k, nb, reps, warm)
+    torch.cuda.synchronize(ctx.device)
+    torch.cuda.empty_cache()
+    per_rank = ctx.allgather(mine)
+    rows = _overhead_rows(per_rank, names, ctx.world_size, k, nb, reps)
+    _ratios_vs_cupy(rows, per_rank)
+    return rows
+
+
+def _overhead_samples(
+    ctx: BenchContext, names: list[str], k: int, nb: int, reps: int, warm: int
+) -> dict[str, Any]:
+    """This rank's figures per binding (or its error): every binding set up, warmed and
+    checked first, then the repeats interleaved (repeat j times every binding once)."""
+    import torch
+
+    n, me = ctx.world_size, ctx.rank
+    nxt, prv = (me + 1) % n, (me - 1) % n
     stream = torch.cuda.Stream(ctx.device)
     mine: dict[str, Any] = {}
     with torch.cuda.stream(stream):
@@ -487,9 +503,14 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
                 "host_samples": host[b],
             }
         del send, recv, ops, issues
-    torch.cuda.synchronize(ctx.device)
-    torch.cuda.empty_cache()
-    per_rank = ctx.allgather(mine)
+    return mine
+
+
+def _overhead_rows(
+    per_rank: list[dict], names: list[str], n: int, k: int, nb: int, reps: int
+) -> list[dict]:
+    """One row per binding from every rank's figures: host time of the slowest rank, end to
+    end of the fastest; an error row where a rank has an error."""
     rows = []
     for b in names:
         res = [pr[b] for pr in per_rank]
@@ -518,6 +539,12 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
                 **({"note": ONE_GPU_NOTE} if n == 1 else {}),
             }
         )
+    return rows
+
+
+def _ratios_vs_cupy(rows: list[dict], per_rank: list[dict]) -> None:
+    """Where cupy has a row: each measured row's host time over cupy's, as the ratio of the
+    medians and as the median of the per-repeat ratios (in place)."""
     cupy_host = next(
         (r["host_us_per_op"] for r in rows if r["binding"] == "cupy" and "host_us_per_op" in r),
         None,
@@ -539,7 +566,6 @@ def run_overhead(ctx: BenchContext) -> list[dict]:
                 for pr in per_rank
             ]
             r["host_ratio_vs_cupy_paired"] = round(max(paired), 3)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,53 +69,16 @@ def _skip_reason() -> str | None:
     return None
 
 
-def drifting_maps(torch, source: str, loads, N: int, per_rank: int):
-    """The maps SGLang's ``rebalance_experts`` makes of ``loads`` (``[steps, layers,
-    experts]``), one per step, each fed the previous map as SGLang's current metadata: its
-    ``deepseek`` algorithm (``source="deepseek"``) or ours through it (``"ours"``). Returns
-    ``steps + 1`` maps, the first one the identity placement."""
-    from sglang.srt.eplb import eplb_algorithms as A
-    from sglang.srt.eplb import expert_location as el
-
-    from eplb_pynccl.integrations import sglang as S
-    from tests_sglang.util import metadata
-
-    _, L, E = loads.shape
-    cur = np.stack([np.arange(N) % E] * L)
-    maps = [cur]
-    if source == "ours":
-        S.install(policy="migration_aware")
-    try:
-        for tokens in loads:
-            el.set_global_expert_location_metadata(
-                metadata(torch, cur, E, N // per_rank), allow_overwrite=True
-            )
-            out = A.rebalance_experts(
-                torch.from_numpy(tokens.astype(np.int64))[None],
-                N,
-                per_rank,
-                None,
-                1,
-                A.EplbAlgorithm.deepseek,
-            )
-            cur = out[0].numpy().astype(np.int64)
-            maps.append(cur)
-    finally:
-        el.set_global_expert_location_metadata(None, allow_overwrite=True)
-        if source == "ours":
-            S.uninstall()
-    return maps
-
-
 def _maps(torch, source: str, ws: int):
+    from tests_sglang.util import rebalanced_maps, sequence
+
     N = ROWS * ws
     if source == "random":
-        from tests_sglang.util import sequence
-
         return sequence(1, STEPS, LAYERS, N - ws, N)
     from .loadgen import load_sequence
 
-    return drifting_maps(torch, source, load_sequence(LAYERS, N - ws, STEPS, "bursty"), N, ROWS)
+    loads = load_sequence(LAYERS, N - ws, STEPS, "bursty")
+    return rebalanced_maps(torch, loads, N - ws, N, ROWS, source)
 
 
 def _rss() -> tuple[int, int]:
@@ -194,19 +157,14 @@ def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int, device, sync
 def _gpu_world(torch, ctx):
     """GPU rows: WORLD with gloo for CPU tensors and NCCL for CUDA ones (SGLang's own update
     moves CUDA weights over it), and a gloo group for the bench's barriers."""
-    dist = torch.distributed
+    from tests.engine_suite import tcp_world
+
     torch.cuda.set_device(ctx.device)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "cpu:gloo,cuda:nccl",
-            init_method=f"tcp://{ctx.host}:{ctx.port}",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
+    rank, ws = tcp_world(ctx, "cpu:gloo,cuda:nccl")
     group = ctx.cache.get("gloo")
     if group is None:
-        group = ctx.cache["gloo"] = dist.new_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size(), group
+        group = ctx.cache["gloo"] = torch.distributed.new_group(backend="gloo")
+    return rank, ws, group
 
 
 def rank_job(
@@ -223,42 +181,16 @@ def rank_job(
 
     from eplb_pynccl import shuffler as SH
     from eplb_pynccl.integrations import sglang as S
-    from tests_sglang.util import metadata, world
+    from tests_sglang.util import metadata
 
-    dist = torch.distributed
-    gpu = transport is not None
-    if gpu:
-        rank, ws, group = _gpu_world(torch, ctx)
-        device = torch.device("cuda", ctx.device)
-
-        def sync():
-            torch.cuda.synchronize(device)
-            dist.barrier(group=group)
-
-        def reset_peak():
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            return torch.cuda.memory_allocated(device)
-
-        def peak_now():
-            return torch.cuda.max_memory_allocated(device)
-    else:
-        rank, ws = world(ctx)
-        device = torch.device("cpu")
-        _pin_mmap_threshold()
-        sync, reset_peak = dist.barrier, _reset_peak
-
-        def peak_now():
-            return _rss()[1]
-
+    rank, ws, device, meters = _meters(torch, ctx, transport)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     maps = _maps(torch, source, ws)
     metas = [metadata(torch, m, ROWS * ws - ws, ws) for m in maps]
     w = _weights(torch, maps[0], rank, device)
     layer_bytes = sum(t.nbytes for t in w[0])
-    layers = list(range(LAYERS))
-    stats, per_update = [], []
+    stats, per_update = [], []  # the shuffler's RearrangeStats; per update of ours: figures
     original_rearrange = SH.ExpertShuffler.rearrange
 
     def recorded(self, *a, **k):
@@ -267,9 +199,87 @@ def rank_job(
         return st
 
     # SGLang's own functions, taken before install(); ours installed once (as in a server:
-    # its transport and shufflers are made on the first update and kept). SGLang's turn puts
-    # its per-layer function back for the call, since its all-layer one looks it up.
+    # its transport and shufflers are made on the first update and kept)
+    update = _updater(U, rank, meters, stats, per_update)
+    SH.ExpertShuffler.rearrange = recorded
+    S.install(
+        transport=transport or "auto", staging_bytes=layer_bytes if staging == "layer" else None
+    )
+    try:
+        same = _same_bytes(torch, update, w, metas)
+        per_update.clear()
+        floor = [
+            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, meters[0])
+            for x, y in zip(maps, maps[1:])
+        ]
+        times, peaks = _timed_updates(update, floor, w, metas, reps)
+    finally:
+        S.uninstall()
+        SH.ExpertShuffler.rearrange = original_rearrange
+        threads_used = torch.get_num_threads()
+        torch.set_num_threads(default_threads)
+    return {
+        "same": same,
+        "times": times,
+        "peaks": peaks,
+        **_update_figures(per_update),
+        "layer_bytes": layer_bytes,
+        "changed": float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])])),
+        "threads": threads_used,
+    }
+
+
+def _update_figures(per_update: list) -> dict:
+    """Our updates' figures from their (rounds, messages, peak staging, steps): the largest
+    staging, the medians of the others."""
+    return {
+        "staging": max(u[2] for u in per_update),
+        "rounds": float(np.median([u[0] for u in per_update])),
+        "messages": float(np.median([u[1] for u in per_update])),
+        "steps": float(np.median([u[3] for u in per_update])),
+    }
+
+
+def _meters(torch, ctx, transport: str | None):
+    """(rank, world size, device, (sync, reset_peak, peak_now)) of a job: CPU weights over
+    gloo (peak: the process's resident memory) or, with a ``transport``, CUDA weights (peak:
+    torch's allocator). ``sync`` waits for the device and the other ranks; ``reset_peak``
+    returns the memory now, ``peak_now`` the peak since."""
+    from tests_sglang.util import world
+
+    dist = torch.distributed
+    if transport is None:
+        rank, ws = world(ctx)
+        _pin_mmap_threshold()
+        return rank, ws, torch.device("cpu"), (dist.barrier, _reset_peak, lambda: _rss()[1])
+    rank, ws, group = _gpu_world(torch, ctx)
+    device = torch.device("cuda", ctx.device)
+
+    def sync():
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)
+
+    def reset_peak():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+
+    def peak_now():
+        return torch.cuda.max_memory_allocated(device)
+
+    return rank, ws, device, (sync, reset_peak, peak_now)
+
+
+def _updater(U, rank: int, meters, stats: list, per_update: list):
+    """``update(mode, weights, a, b) -> (seconds, peak extra bytes)``: SGLang's own
+    all-layer update (``mode="sglang"``, SGLang's functions as they are now: call it before
+    install()) or the installed one, between ``sync``s; ours appends the (rounds, messages,
+    peak staging, steps) of its rearrangements (``stats``, recorded) to ``per_update``.
+    SGLang's turn puts its per-layer function back for the call, since its all-layer one
+    looks it up."""
+    sync, reset_peak, peak_now = meters
     sg_raw, sg_single = U._update_expert_weights_raw, U.update_expert_weights_single_layer
+    layers = list(range(LAYERS))
 
     def update(mode, ws_, a, b):
         fn = sg_raw if mode == "sglang" else U._update_expert_weights_raw
@@ -299,53 +309,35 @@ def rank_job(
         finally:
             U.update_expert_weights_single_layer = ours_single
 
-    SH.ExpertShuffler.rearrange = recorded
-    S.install(
-        transport=transport or "auto", staging_bytes=layer_bytes if staging == "layer" else None
-    )
-    try:
-        # byte check: both from the same start over the whole sequence
-        ref = [[t.clone() for t in lw] for lw in w]
-        ours = [[t.clone() for t in lw] for lw in w]
+    return update
+
+
+def _same_bytes(torch, update, w, metas) -> bool:
+    """The byte check: SGLang's updates and ours, each from a copy of ``w`` over the whole
+    sequence, end with the same bytes."""
+    ref = [[t.clone() for t in lw] for lw in w]
+    ours = [[t.clone() for t in lw] for lw in w]
+    for a, b in zip(metas, metas[1:]):
+        update("sglang", ref, a, b)
+        update("ours", ours, a, b)
+    return all(torch.equal(x, y) for lx, ly in zip(ref, ours) for x, y in zip(lx, ly))
+
+
+def _timed_updates(update, floor, w, metas, reps: int):
+    """(times, peaks) per mode over ``reps`` passes of the sequence on ``w``: SGLang's and
+    ours alternating per update (their order swapped every pass), then the floor's jobs."""
+    times: dict = {"sglang": [], "ours": [], "floor": []}
+    peaks: dict = {"sglang": [], "ours": []}
+    for rep in range(reps):
+        order = ("sglang", "ours") if rep % 2 == 0 else ("ours", "sglang")
         for a, b in zip(metas, metas[1:]):
-            update("sglang", ref, a, b)
-            update("ours", ours, a, b)
-        same = all(torch.equal(x, y) for lx, ly in zip(ref, ours) for x, y in zip(lx, ly))
-        del ref, ours
-        per_update.clear()
-        times = {"sglang": [], "ours": [], "floor": []}
-        peaks = {"sglang": [], "ours": []}
-        floor = [
-            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, sync)
-            for x, y in zip(maps, maps[1:])
-        ]
-        for rep in range(reps):
-            order = ("sglang", "ours") if rep % 2 == 0 else ("ours", "sglang")
-            for a, b in zip(metas, metas[1:]):
-                for mode in order:
-                    dt, peak = update(mode, w, a, b)
-                    times[mode].append(dt)
-                    peaks[mode].append(peak)
-            for job in floor:
-                times["floor"].append(job())
-    finally:
-        S.uninstall()
-        SH.ExpertShuffler.rearrange = original_rearrange
-        threads_used = torch.get_num_threads()
-        torch.set_num_threads(default_threads)
-    changed = float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])]))
-    return {
-        "same": same,
-        "times": times,
-        "peaks": peaks,
-        "staging": max(u[2] for u in per_update),
-        "rounds": float(np.median([u[0] for u in per_update])),
-        "messages": float(np.median([u[1] for u in per_update])),
-        "steps": float(np.median([u[3] for u in per_update])),
-        "layer_bytes": layer_bytes,
-        "changed": changed,
-        "threads": threads_used,
-    }
+            for mode in order:
+                dt, peak = update(mode, w, a, b)
+                times[mode].append(dt)
+                peaks[mode].append(peak)
+        for job in floor:
+            times["floor"].append(job())
+    return times, peaks
 
 
 def _row(res, source, staging, threads, where, cores) -> dict:
@@ -431,6 +423,7 @@ def policy_rows() -> list[dict]:
     import torch
 
     from eplb_pynccl.placement import placement_imbalance
+    from tests_sglang.util import rebalanced_maps
 
     from .loadgen import load_sequence
 
@@ -442,7 +435,7 @@ def policy_rows() -> list[dict]:
         loads = load_sequence(L, E, p["steps"], drift, seed=1)
         out = {}
         for source in ("deepseek", "ours"):
-            maps = drifting_maps(torch, source, loads, N, per)
+            maps = rebalanced_maps(torch, loads, E, N, per, source)
             # after the first step (from the identity placement): the steady state
             imb = [placement_imbalance(m, lo, ep).mean() for m, lo in zip(maps[2:], loads[1:])]
             moved = [(x != y).mean() for x, y in zip(maps[1:], maps[2:])]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,47 +99,45 @@ def _layer_state(torch, weights, old, new, rank, P, applied):
     return bad
 
 
+@dataclass(frozen=True)
+class Workload:
+    """One rank's workload: expert weights (``layers`` layers of ``num_logical`` experts plus
+    ``redundant_per_rank`` slots per rank, bf16 rows of ``row_shape`` and an fp32 scale row),
+    the forward step (``matmul``² bf16 matmuls, ``a2a_bytes`` of all-to-all and all-reduce,
+    the host reading its result where ``host_sync``), a random sleep of up to
+    ``max_delay_ms`` per step, maps seeded by ``seed``, and the rearrangement's transport
+    (``"nccl"`` or ``"ipc"``)."""
+
+    seed: int = 0
+    layers: int = 4
+    num_logical: int = 24
+    redundant_per_rank: int = 2
+    row_shape: tuple = (1024, 1024)
+    matmul: int = 8192
+    a2a_bytes: int = 16 << 20
+    max_delay_ms: float = 2.0
+    host_sync: bool = True
+    transport: str = "nccl"
+
+
 def stress_rank(
     rank: int,
     world: int,
     comm,
     *,
     steps: int = 500,
-    seed: int = 0,
-    layers: int = 4,
-    num_logical: int = 24,
-    redundant_per_rank: int = 2,
-    row_shape=(1024, 1024),
-    matmul: int = 8192,
-    a2a_bytes: int = 16 << 20,
-    max_delay_ms: float = 2.0,
     check_every: int = 25,
     lockstep: bool = False,
-    host_sync: bool = True,
     step_before_read: bool = True,
     sync_repeats: int = 3,
-    transport: str = "nccl",
     log=None,
+    **workload,
 ) -> dict:
-    """The workload on this rank (see the module docstring); this rank's figures."""
+    """The workload on this rank (see the module docstring); this rank's figures.
+    ``workload``: fields of :class:`Workload` (its defaults for the others)."""
     import torch
 
-    run = _StressRun(
-        torch,
-        rank,
-        world,
-        comm,
-        seed,
-        layers,
-        num_logical,
-        redundant_per_rank,
-        row_shape,
-        matmul,
-        a2a_bytes,
-        max_delay_ms,
-        transport,
-        host_sync,
-    )
+    run = _StressRun(torch, rank, world, comm, Workload(**workload))
     say = log or (lambda m: None)
     run.loop_time(10)  # warm-up
     base_step = run.loop_time(min(steps, 200))
@@ -148,7 +147,7 @@ def stress_rank(
     loop_s = run.busy_loop(steps, check_every, lockstep, step_before_read, say)
     run.catch_up()
     after_step = run.loop_time(min(steps, 200))
-    if transport == "ipc":
+    if run.w.transport == "ipc":
         run.transport.close()
     return {
         "rank": rank,
@@ -171,54 +170,39 @@ def stress_rank(
 class _StressRun:
     """One rank's state: weights, shuffler, forward tensors and what the loop counted."""
 
-    def __init__(
-        self,
-        torch,
-        rank,
-        world,
-        comm,
-        seed,
-        layers,
-        num_logical,
-        redundant_per_rank,
-        row_shape,
-        matmul,
-        a2a_bytes,
-        max_delay_ms,
-        transport,
-        host_sync,
-    ):
+    def __init__(self, torch, rank, world, comm, w: Workload):
         import eplb_pynccl as ep
 
-        self.torch, self.rank, self.world = torch, rank, world
-        self.seed, self.layers, self.num_logical = seed, layers, num_logical
-        self.max_delay_ms = max_delay_ms
-        self.host_sync = host_sync
+        self.torch, self.rank, self.world, self.w = torch, rank, world, w
+        self.seed, self.layers, self.num_logical = w.seed, w.layers, w.num_logical
+        self.max_delay_ms = w.max_delay_ms
+        self.host_sync = w.host_sync
         dev = self.dev = torch.device("cuda", torch.cuda.current_device())
-        num_physical = num_logical + redundant_per_rank * world
+        num_physical = w.num_logical + w.redundant_per_rank * world
         self.num_physical = num_physical + (-num_physical) % world
         P = self.P = self.num_physical // world
         self.weights = [
             [
-                torch.empty((P, *row_shape), dtype=torch.bfloat16, device=dev),
+                torch.empty((P, *w.row_shape), dtype=torch.bfloat16, device=dev),
                 torch.empty((P, 8), dtype=torch.float32, device=dev),
             ]
-            for _ in range(layers)
+            for _ in range(w.layers)
         ]
         self.transport = (
-            ep.IpcTransport(communicator=comm) if transport == "ipc" else ep.NcclTransport(comm)
+            ep.IpcTransport(communicator=comm) if w.transport == "ipc" else ep.NcclTransport(comm)
         )
         self.shuffler = ep.ExpertShuffler(self.transport, self.weights)
-        n = matmul
+        n = w.matmul
+        a2a = w.a2a_bytes // 4
         self.fwd = (
             torch.randn(n, n, device=dev, dtype=torch.bfloat16),
             torch.randn(n, n, device=dev, dtype=torch.bfloat16) * (1.0 / n),
             torch.empty(n, n, device=dev, dtype=torch.bfloat16),
-            torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
-            torch.empty(a2a_bytes // 4, device=dev, dtype=torch.float32),
-            torch.randn(a2a_bytes // 4, device=dev, dtype=torch.float32),
+            torch.randn(a2a, device=dev, dtype=torch.float32),
+            torch.empty(a2a, device=dev, dtype=torch.float32),
+            torch.randn(a2a, device=dev, dtype=torch.float32),
         )
-        self.delays = np.random.default_rng([seed, rank, 99])
+        self.delays = np.random.default_rng([w.seed, rank, 99])
         self.cur = self.maps(0)[0]
         fill(torch, self.weights, self.cur, rank, P)
         torch.cuda.synchronize()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -341,6 +342,33 @@ def build_schedule(
     is a ``staging_bytes`` that fits (the largest layer's need).
     """
     copy_waves = check_count(copy_waves, "copy_waves")
+    _check_fits(plan, layout)
+    bound = layout.layer_bytes() if staging_bytes is None else int(staging_bytes)
+    thr = 0 if one_sided else int(pack_threshold)
+    reserve = _index_reserve(plan)
+    order = copy_order(plan, transactional, copy_waves)
+    packed, need, msgs = _choose_packing(
+        plan, layout, thr, transactional, order, budget=bound - reserve
+    )
+    active = np.flatnonzero(plan.changed.reshape(plan.num_layers, -1).any(axis=1))
+    budget = _layer_budget(need, active, bound, reserve, staging_bytes is None, transactional)
+    return Schedule(
+        plan=plan,
+        layout=layout,
+        rounds=_group_rounds(active, need, msgs, budget, max_messages_per_round),
+        packed=packed,
+        staging_bound=budget + reserve,
+        transactional=bool(transactional),
+        pack_threshold=thr,
+        max_messages=int(max_messages_per_round),
+        one_sided=bool(one_sided),
+        copy_waves=copy_waves,
+        order=order,
+    )
+
+
+def _check_fits(plan: RearrangementPlan, layout: Layout) -> None:
+    """The plan's layers and slots per rank are the layout's."""
     if plan.num_layers != layout.num_layers:
         raise ValueError(
             f"the plan has {plan.num_layers} layers but the layout {layout.num_layers}"
@@ -349,58 +377,92 @@ def build_schedule(
         raise ValueError(
             f"the plan has {plan.slots_per_rank} slots per rank but the layout {layout.rows} rows"
         )
-    auto = staging_bytes is None
-    bound = layout.layer_bytes() if staging_bytes is None else int(staging_bytes)
-    thr = 0 if one_sided else int(pack_threshold)
-    P = plan.slots_per_rank
-    L, n = plan.num_layers, plan.ep_size
-    # The device index tensor (rows to gather/scatter) counts against the bound too: reserve
-    # an upper bound that is the same on every rank (8 bytes per index, at most two indices
-    # per transfer end and per local copy).
+
+
+def _index_reserve(plan: RearrangementPlan) -> int:
+    """Staging bytes reserved for the device index tensor (rows to gather/scatter): an upper
+    bound that is the same on every rank (8 bytes per index, at most two indices per transfer
+    end and per local copy)."""
+    n = plan.ep_size
     ends = np.bincount(plan.t_src_rank, minlength=n) + np.bincount(plan.t_dst_rank, minlength=n)
     ends = ends + np.bincount(plan.c_rank, minlength=n)
-    reserve = int(16 * ends.max()) if ends.size else 0
-    budget = bound - reserve
+    return int(16 * ends.max()) if ends.size else 0
+
+
+def _choose_packing(plan, layout: Layout, thr: int, transactional: bool, order, budget: int):
+    """(packed [layers], staging need [layers, ranks], messages [layers, ranks]): a layer is
+    packed when it has tensors under ``thr`` and every rank's packed need fits ``budget``;
+    its need and messages are those of the way it travels."""
+    L, n, P = plan.num_layers, plan.ep_size, plan.slots_per_rank
     changed = plan.changed.reshape(L, n, P)
     needed = plan.source_needed.reshape(L, n, P)
     unsafe = changed if transactional else needed  # rows that may not be written before C
     tl, ts, td, tr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.t_dst_row
     full = _sizes(layout, False, thr)[0]  # aligned bytes of a whole row (every tensor on its own)
-    order = copy_order(plan, transactional, copy_waves)
-    tcount = order.count
-    stash = order.stash_rows * full[:, None]
-    staged = unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool)
     key = _distinct((tl * n + ts) * n + td)  # (layer, src, dst) with transfers
-    pairs = np.stack([key // (n * n), key // n % n, key % n])
-
-    def needs(packed: bool):
-        big, small, small_al, nbig, nsmall = _sizes(layout, packed, thr)
-        # stash rows, and the old content of small tensors' rows copied in phase C
-        need = stash + tcount * small_al[:, None]
-        msgs = np.zeros((L, n), dtype=_I64)
-        if tl.size:
-            np.add.at(need, (tl[staged], td[staged]), big[tl[staged]])
-            np.add.at(need, (tl, td), small[tl])  # packed receives
-            np.add.at(need, (tl, ts), small[tl])  # packed sends
-            np.add.at(msgs, (tl, ts), nbig[tl])
-            np.add.at(msgs, (tl, td), nbig[tl])
-            # packed parts: one message per (peer, small tensor) each way
-            k = nsmall[pairs[0]]
-            np.add.at(msgs, (pairs[0], pairs[1]), k)
-            np.add.at(msgs, (pairs[0], pairs[2]), k)
-            # alignment slack of packed blocks: one per (small tensor, direction) (the bound
-            # counts one per peer too: it only over-reserves)
-            need += np.where(need > 0, ALIGN * 2 * n * nsmall[:, None], 0)
-        return need, msgs
-
-    need_p, msgs_p = needs(True)
-    need_u, msgs_u = needs(False)
+    traffic = _Traffic(
+        tl,
+        ts,
+        td,
+        staged=unsafe[tl, td, tr] if tl.size else np.zeros(0, dtype=bool),
+        pairs=np.stack([key // (n * n), key // n % n, key % n]),
+        stash=order.stash_rows * full[:, None],
+        tcount=order.count,
+    )
+    need_p, msgs_p = _layer_needs(traffic, _sizes(layout, True, thr), L, n)
+    need_u, msgs_u = _layer_needs(traffic, _sizes(layout, False, thr), L, n)
     has_small = _sizes(layout, True, thr)[4] > 0
     packed = has_small & (need_p.max(axis=1) <= budget)
     need = np.where(packed[:, None], need_p, need_u)
     msgs = np.where(packed[:, None], msgs_p, msgs_u)
+    return packed, need, msgs
+
+
+class _Traffic(NamedTuple):
+    """What a layer's staging need and messages are counted from: the transfers' layer,
+    source and destination rank, whether each is staged, the (layer, src, dst) pairs with
+    transfers (as rows of ``pairs``), the stashed rows' bytes and the copy counts [layers,
+    ranks] of the copy order."""
+
+    tl: np.ndarray
+    ts: np.ndarray
+    td: np.ndarray
+    staged: np.ndarray
+    pairs: np.ndarray
+    stash: np.ndarray
+    tcount: np.ndarray
+
+
+def _layer_needs(t: _Traffic, sizes, L: int, n: int):
+    """(staging need, messages), each [layers, ranks], with the tensors sent as :func:`_sizes`
+    splits them."""
+    big, small, small_al, nbig, nsmall = sizes
+    tl, ts, td, staged, pairs = t.tl, t.ts, t.td, t.staged, t.pairs
+    # stash rows, and the old content of small tensors' rows copied in phase C
+    need = t.stash + t.tcount * small_al[:, None]
+    msgs = np.zeros((L, n), dtype=_I64)
+    if tl.size:
+        np.add.at(need, (tl[staged], td[staged]), big[tl[staged]])
+        np.add.at(need, (tl, td), small[tl])  # packed receives
+        np.add.at(need, (tl, ts), small[tl])  # packed sends
+        np.add.at(msgs, (tl, ts), nbig[tl])
+        np.add.at(msgs, (tl, td), nbig[tl])
+        # packed parts: one message per (peer, small tensor) each way
+        k = nsmall[pairs[0]]
+        np.add.at(msgs, (pairs[0], pairs[1]), k)
+        np.add.at(msgs, (pairs[0], pairs[2]), k)
+        # alignment slack of packed blocks: one per (small tensor, direction) (the bound
+        # counts one per peer too: it only over-reserves)
+        need += np.where(need > 0, ALIGN * 2 * n * nsmall[:, None], 0)
+    return need, msgs
+
+
+def _layer_budget(need, active, bound: int, reserve: int, auto: bool, transactional: bool) -> int:
+    """The staging a round may use (``bound`` less ``reserve``); with the default bound
+    (``auto``) raised to the largest layer's need where that is more. Raises
+    :class:`StagingTooSmall` when a changed layer does not fit an explicit bound."""
+    budget = bound - reserve
     worst = need.max(axis=1)
-    active = np.flatnonzero(changed.reshape(L, -1).any(axis=1))
     if auto and active.size and worst[active].max() > budget:
         # default bound (one layer of local experts) below this rearrangement's minimum:
         # only with tiny rows, where alignment and row indices dominate; use the minimum
@@ -417,14 +479,20 @@ def build_schedule(
                 + "; raise staging_bytes (default: one layer of local experts)",
                 int(worst[active].max()) + reserve,
             )
+    return budget
+
+
+def _group_rounds(active, need, msgs, budget: int, max_messages: int) -> list:
+    """The changed layers, in order, grouped into rounds: a round closes before the layer
+    that would take a rank's staging over ``budget`` or its messages over ``max_messages``."""
+    n = need.shape[1]
     rounds = []
     cur: list = []
     acc = np.zeros(n, dtype=_I64)
     macc = np.zeros(n, dtype=_I64)
     for layer in active:
         if cur and (
-            (acc + need[layer]).max() > budget
-            or (macc + msgs[layer]).max() > max_messages_per_round
+            (acc + need[layer]).max() > budget or (macc + msgs[layer]).max() > max_messages
         ):
             rounds.append(cur)
             cur, acc, macc = [], np.zeros(n, dtype=_I64), np.zeros(n, dtype=_I64)
@@ -433,19 +501,7 @@ def build_schedule(
         macc += msgs[layer]
     if cur:
         rounds.append(cur)
-    return Schedule(
-        plan=plan,
-        layout=layout,
-        rounds=rounds,
-        packed=packed,
-        staging_bound=budget + reserve,
-        transactional=bool(transactional),
-        pack_threshold=thr,
-        max_messages=int(max_messages_per_round),
-        one_sided=bool(one_sided),
-        copy_waves=copy_waves,
-        order=order,
-    )
+    return rounds
 
 
 @dataclass(frozen=True)

@@ -57,19 +57,25 @@ def pools_fixture(env: dict):
     return pools
 
 
-def gloo_world(ctx) -> tuple[int, int]:
-    """The WORLD gloo group of this job's ranks (made once per rank process): (rank, size)."""
+def tcp_world(ctx, backend: str = "gloo", timeout: timedelta | None = None) -> tuple[int, int]:
+    """The WORLD group of this job's ranks over ``backend`` (made once per rank process, at
+    the pool's TCP rendezvous; ``timeout`` None: torch's default): (rank, size)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://{ctx.host}:{ctx.port}",
             rank=ctx.rank,
             world_size=ctx.world_size,
-            timeout=timedelta(seconds=60),
+            timeout=timeout,
         )
     return dist.get_rank(), dist.get_world_size()
+
+
+def gloo_world(ctx) -> tuple[int, int]:
+    """The WORLD gloo group of this job's ranks (made once per rank process): (rank, size)."""
+    return tcp_world(ctx, "gloo", timedelta(seconds=60))
 
 
 def clone(ws):

@@ -69,7 +69,7 @@ def _job(ctx, rendezvous, seed):
 
     from eplb_pynccl.integrations import sglang as S
     from tests.shuffle_util import check_weights, make_weights
-    from tests_sglang.util import metadata, sequence, specs
+    from tests_sglang.util import metadata, sequence, single_layer_update, specs
 
     rank, n = ctx.rank, ctx.world_size
     dev = torch.device("cuda", ctx.device)
@@ -96,15 +96,8 @@ def _job(ctx, rendezvous, seed):
         one = sequence(seed + 1, STEPS, 1, num_logical, num_physical)
         w1 = make_weights(torch, [specs(torch)], one[0], rank, n, dev)
         for a, b in zip(one, one[1:]):
-            logs = U.update_expert_weights_single_layer(
-                routed_experts_weights=w1[0],
-                temp_buffers=[torch.empty_like(t) for t in w1[0]],
-                old_physical_to_logical_map=a[0].tolist(),
-                new_physical_to_logical_map=b[0].tolist(),
-                num_local_physical_experts=PER_RANK,
-                num_gpu_per_node=n,
-                rank=rank,
-                world_size=n,
+            logs = single_layer_update(
+                torch, w1[0], a[0], b[0], PER_RANK, n, rank=rank, world_size=n
             )
             torch.cuda.synchronize(dev)
             out["single"].append((logs, check_weights(torch, w1, b, rank, n)))

@@ -11,7 +11,9 @@ from tests_sglang.util import (
     clone,
     metadata,
     raw_bytes,
+    rebalanced_maps,
     sequence,
+    single_layer_update,
     weights,
     world,
 )
@@ -27,40 +29,20 @@ ALGORITHMS = (
 )
 
 
-def _maps(torch, source, seed, num_logical, num_physical, world_size, nnodes):
+def _maps(torch, source, seed, num_logical, num_physical, nnodes):
     """The map sequence: random placements, or what an SGLang algorithm (or ours, fed with
     the current map through SGLang's global metadata) makes of drifting loads."""
     if source == "random":
         return sequence(seed, STEPS, NUM_LAYERS, num_logical, num_physical)
-    from sglang.srt.eplb import eplb_algorithms as A
-    from sglang.srt.eplb import expert_location as el
-
-    from eplb_pynccl.integrations import sglang as S
-
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.7, size=(NUM_LAYERS, num_logical))
-    cur = np.stack([np.arange(num_physical) % num_logical] * NUM_LAYERS)
-    maps = [cur]
-    if source == "ours":
-        S.install(policy="migration_aware")
-        algo = A.EplbAlgorithm.deepseek
-    else:
-        algo = A.EplbAlgorithm[source]
-    try:
-        for _ in range(STEPS):
-            el.set_global_expert_location_metadata(
-                metadata(torch, cur, num_logical, world_size), allow_overwrite=True
-            )
-            base = base * rng.lognormal(0, 0.3, size=base.shape)
-            tokens = torch.from_numpy((base * 1000).astype(np.int64))[None]
-            phy, _, _ = A.rebalance_experts(tokens, num_physical, PER_RANK, 2, nnodes, algo)
-            cur = phy.numpy().astype(np.int64)
-            maps.append(cur)
-    finally:
-        el.set_global_expert_location_metadata(None, allow_overwrite=True)
-        if source == "ours":
-            S.uninstall()
-    return maps
+    loads = []
+    for _ in range(STEPS):
+        base = base * rng.lognormal(0, 0.3, size=base.shape)
+        loads.append((base * 1000).astype(np.int64))
+    return rebalanced_maps(
+        torch, loads, num_logical, num_physical, PER_RANK, source, num_groups=2, num_nodes=nnodes
+    )
 
 
 def raw_job(ctx, seed, nnodes, source):
@@ -75,7 +57,7 @@ def raw_job(ctx, seed, nnodes, source):
     rank, ws = world(ctx)
     num_physical = PER_RANK * ws
     num_logical = num_physical - 2
-    maps = _maps(torch, source, seed, num_logical, num_physical, ws, nnodes)
+    maps = _maps(torch, source, seed, num_logical, num_physical, nnodes)
     metas = [metadata(torch, m, num_logical, ws) for m in maps]
     start = weights(torch, maps[0], rank, ws, NUM_LAYERS)
     layers = list(range(NUM_LAYERS))
@@ -146,7 +128,6 @@ def single_job(ctx, seed, num_gpu_per_node):
     """update_expert_weights_single_layer called directly (as SGLang's own updater test
     does), SGLang's vs eplb_pynccl's, with temp buffers and debug output."""
     import torch
-    from sglang.srt.eplb import expert_location_updater as U
 
     from eplb_pynccl.integrations import sglang as S
 
@@ -158,13 +139,13 @@ def single_job(ctx, seed, num_gpu_per_node):
     def run(w, debug):
         out = []
         for a, b in zip(maps, maps[1:]):
-            logs = U.update_expert_weights_single_layer(
-                routed_experts_weights=w,
-                temp_buffers=[torch.empty_like(t) for t in w],
-                old_physical_to_logical_map=a[0].tolist(),
-                new_physical_to_logical_map=b[0].tolist(),
-                num_local_physical_experts=PER_RANK,
-                num_gpu_per_node=num_gpu_per_node,
+            logs = single_layer_update(
+                torch,
+                w,
+                a[0],
+                b[0],
+                PER_RANK,
+                num_gpu_per_node,
                 rank=rank,
                 world_size=ws,
                 debug=debug,

@@ -42,6 +42,68 @@ def metadata(torch, phy_map, num_logical: int, ep_size: int):
     )
 
 
+def rebalanced_maps(
+    torch,
+    loads,
+    num_logical: int,
+    num_physical: int,
+    per_rank: int,
+    algorithm: str,
+    *,
+    num_groups: int | None = None,
+    num_nodes: int = 1,
+):
+    """The maps SGLang's ``rebalance_experts`` makes of ``loads`` (per step an int64 array of
+    token counts ``[layers, experts]``), one per step, each fed the previous map as SGLang's
+    global metadata: SGLang's ``algorithm``, or ours through it (``"ours"``: its ``deepseek``
+    entry with ``install(policy="migration_aware")``). Returns ``steps + 1`` maps, the first one the identity placement."""
+    from sglang.srt.eplb import eplb_algorithms as A
+    from sglang.srt.eplb import expert_location as el
+
+    from eplb_pynccl.integrations import sglang as S
+
+    cur = np.stack([np.arange(num_physical) % num_logical] * len(loads[0]))
+    maps = [cur]
+    ours = algorithm == "ours"
+    algo = A.EplbAlgorithm["deepseek" if ours else algorithm]
+    if ours:
+        S.install(policy="migration_aware")
+    try:
+        for tokens in loads:
+            el.set_global_expert_location_metadata(
+                metadata(torch, cur, num_logical, num_physical // per_rank), allow_overwrite=True
+            )
+            tokens = torch.from_numpy(tokens.astype(np.int64))[None]
+            phy, _, _ = A.rebalance_experts(
+                tokens, num_physical, per_rank, num_groups, num_nodes, algo
+            )
+            cur = phy.numpy().astype(np.int64)
+            maps.append(cur)
+    finally:
+        el.set_global_expert_location_metadata(None, allow_overwrite=True)
+        if ours:
+            S.uninstall()
+    return maps
+
+
+def single_layer_update(torch, w, old_row, new_row, per_rank: int, gpus_per_node: int, **kw):
+    """SGLang's ``update_expert_weights_single_layer`` (whichever is installed) on one layer's
+    weights ``w``, from map row ``old_row`` to ``new_row`` [physical], with fresh temp buffers,
+    as SGLang's own updater test calls it; ``kw``: ``rank``, ``world_size`` and optionally
+    ``debug``. Returns what it returns."""
+    from sglang.srt.eplb import expert_location_updater as U
+
+    return U.update_expert_weights_single_layer(
+        routed_experts_weights=w,
+        temp_buffers=[torch.empty_like(t) for t in w],
+        old_physical_to_logical_map=old_row.tolist(),
+        new_physical_to_logical_map=new_row.tolist(),
+        num_local_physical_experts=per_rank,
+        num_gpu_per_node=gpus_per_node,
+        **kw,
+    )
+
+
 def placement(rng, num_layers: int, num_logical: int, num_physical: int) -> np.ndarray:
     """A random map: every logical expert once, the other slots random duplicates."""
     out = np.empty((num_layers, num_physical), dtype=np.int64)

@@ -166,17 +166,26 @@ FUNCTIONS: tuple[Function, ...] = (
 # tests): every code, name, size and version is written here once.
 
 
-class Result(enum.IntEnum):
+class _Coded(enum.IntEnum):
+    """An NCCL enum whose members are written ``code, *attributes``: the member is the code,
+    the attributes are the class's annotated names, in the order they are annotated."""
+
+    def __new__(cls, code: int, *attributes: object) -> _Coded:
+        names = list(cls.__annotations__)
+        if len(names) != len(attributes):
+            raise TypeError(f"{cls.__name__}: {len(attributes)} attributes for {names}")
+        member = int.__new__(cls, code)
+        member._value_ = code
+        for name, value in zip(names, attributes):
+            setattr(member, name, value)
+        return member
+
+
+class Result(_Coded):
     """``ncclResult_t``; ``exception`` is the :class:`~eplb_pynccl.errors.NcclError` subclass
     an error code raises as."""
 
     exception_name: str
-
-    def __new__(cls, code: int, exception_name: str) -> Result:
-        member = int.__new__(cls, code)
-        member._value_ = code
-        member.exception_name = exception_name
-        return member
 
     ncclSuccess = 0, ""
     ncclUnhandledCudaError = 1, "NcclSystemError"
@@ -200,7 +209,7 @@ class Result(enum.IntEnum):
         return getattr(errors, self.exception_name or "NcclError")
 
 
-class Dtype(enum.IntEnum):
+class Dtype(_Coded):
     """``ncclDataType_t`` with its element size, its name in torch / numpy / cupy spelling,
     its DLPack ``(type code, bits)`` where DLPack has it, and the NCCL version that first had
     it (None: every supported version). Older libraries lack a newer type: such data moves
@@ -210,22 +219,6 @@ class Dtype(enum.IntEnum):
     array_name: str
     dlpack: tuple[int, int] | None
     since: tuple[int, int, int] | None
-
-    def __new__(
-        cls,
-        code: int,
-        size: int,
-        array_name: str,
-        dlpack: tuple[int, int] | None,
-        since: tuple[int, int, int] | None,
-    ) -> Dtype:
-        member = int.__new__(cls, code)
-        member._value_ = code
-        member.size = size
-        member.array_name = array_name
-        member.dlpack = dlpack
-        member.since = since
-        return member
 
     ncclInt8 = 0, 1, "int8", (0, 8), None
     ncclUint8 = 1, 1, "uint8", (1, 8), None
@@ -255,16 +248,10 @@ _DTYPE_BY_ARRAY_NAME = {d.array_name: d for d in Dtype}
 _DTYPE_BY_DLPACK = {d.dlpack: d for d in Dtype if d.dlpack is not None}
 
 
-class RedOp(enum.IntEnum):
+class RedOp(_Coded):
     """``ncclRedOp_t``; ``short`` is the name :meth:`Communicator.all_reduce` takes."""
 
     short: str
-
-    def __new__(cls, code: int, short: str) -> RedOp:
-        member = int.__new__(cls, code)
-        member._value_ = code
-        member.short = short
-        return member
 
     ncclSum = 0, "sum"
     ncclProd = 1, "prod"

@@ -1,5 +1,6 @@
 """What the engine integrations (``vllm.py``, ``sglang.py``) share: a NCCL unique id made on
-rank 0 of the engine's gloo group and shared over it, and the check that the engine's
+rank 0 of the engine's gloo group and shared over it, the communicator made from it, and the
+check that the engine's
 functions take the parameters this package was written against."""
 
 from __future__ import annotations
@@ -58,3 +59,14 @@ def share_unique_id(setup, who: str):
             "communicator was made"
         )
     return UniqueId.from_bytes(first[1:])
+
+
+def nccl_communicator(setup, who: str, device, **options):
+    """A :class:`~eplb_pynccl.Communicator` of ``setup``'s ranks (a
+    :class:`~eplb_pynccl.TorchTransport` over the engine's gloo group) on ``device``, its
+    unique id from :func:`share_unique_id` (``who`` as there); ``options``: the
+    communicator's keyword arguments. Collective."""
+    from ..communicator import Communicator
+
+    uid = share_unique_id(setup, who)
+    return Communicator(uid, setup.rank, setup.world_size, device, **options)

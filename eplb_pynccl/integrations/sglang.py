@@ -62,7 +62,7 @@ import numpy as np
 
 from ..errors import RearrangeError
 from ..transport import Transport
-from ._world import ORIGINAL, share_unique_id, signature_problems
+from ._world import ORIGINAL, nccl_communicator, signature_problems
 
 __all__ = [
     "POLICIES",
@@ -263,21 +263,7 @@ def install(
     cfg = _check_args(transport, policy, timeout, staging_bytes)
     with _lock:
         sglang, upd, algos, loc = _sglang_modules()
-        version = _version(sglang)
-        if version not in TESTED_SGLANG_VERSIONS:
-            raise RuntimeError(
-                "eplb_pynccl.integrations.sglang supports SGLang "
-                f"{', '.join(TESTED_SGLANG_VERSIONS)}; this is SGLang {version}, whose EPLB "
-                "updater it has not been checked against. Nothing was patched."
-            )
-        problems = _interface_problems(upd, algos, loc)
-        if problems:
-            raise RuntimeError(
-                f"eplb_pynccl.integrations.sglang: SGLang {version}'s EPLB functions differ from "
-                "the ones this module was written for: "
-                + "; ".join(problems)
-                + ". Nothing was patched."
-            )
+        _check_sglang(sglang, upd, algos, loc)
         old = _state["config"]
         if old is not None and (old["transport"], old["timeout"]) != (
             cfg["transport"],
@@ -291,23 +277,48 @@ def install(
                 "update": upd.ExpertLocationUpdater.update,
                 "rebalance": algos.rebalance_experts,
             }
-        orig = _state["originals"]
         _state["config"] = cfg
-        # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
-        # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
-        # own elasticity-aware algorithms
-        upd.update_expert_weights_single_layer = _wrap(
-            update_expert_weights_single_layer, orig["single"], _elastic_inactive
+        _patch(upd, algos, _state["originals"], cfg["policy"])
+
+
+def _check_sglang(sglang, upd, algos, loc) -> None:
+    """RuntimeError (nothing patched) on a SGLang version this module was not tested with,
+    or one whose EPLB functions take other parameters."""
+    version = _version(sglang)
+    if version not in TESTED_SGLANG_VERSIONS:
+        raise RuntimeError(
+            "eplb_pynccl.integrations.sglang supports SGLang "
+            f"{', '.join(TESTED_SGLANG_VERSIONS)}; this is SGLang {version}, whose EPLB "
+            "updater it has not been checked against. Nothing was patched."
         )
-        upd._update_expert_weights_raw = _wrap(
-            update_expert_weights_raw, orig["raw"], _elastic_inactive
+    problems = _interface_problems(upd, algos, loc)
+    if problems:
+        raise RuntimeError(
+            f"eplb_pynccl.integrations.sglang: SGLang {version}'s EPLB functions differ from "
+            "the ones this module was written for: "
+            + "; ".join(problems)
+            + ". Nothing was patched."
         )
-        upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
-        algos.rebalance_experts = (
-            _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
-            if cfg["policy"] == "migration_aware"
-            else orig["rebalance"]
-        )
+
+
+def _patch(upd, algos, orig: dict, policy: str | None) -> None:
+    """SGLang's update functions (and with ``policy``, its rebalance) replaced by ours;
+    ``orig``: SGLang's own."""
+    # SGLang's own update where elastic EP marks a rank inactive (it drops the dead
+    # ranks' transfers and reports what is missing; eplb_pynccl needs every rank), and its
+    # own elasticity-aware algorithms
+    upd.update_expert_weights_single_layer = _wrap(
+        update_expert_weights_single_layer, orig["single"], _elastic_inactive
+    )
+    upd._update_expert_weights_raw = _wrap(
+        update_expert_weights_raw, orig["raw"], _elastic_inactive
+    )
+    upd.ExpertLocationUpdater.update = _update_wrapper(orig["update"])
+    algos.rebalance_experts = (
+        _wrap(rebalance_experts, orig["rebalance"], _elasticity_algorithm)
+        if policy == "migration_aware"
+        else orig["rebalance"]
+    )
 
 
 def installed() -> dict | None:
@@ -400,19 +411,15 @@ def _config() -> dict:
 
 
 def _drop_world() -> None:
-    for t in list(_world.values()):
+    for t in list(_world.values()):  # dropping: best effort, whatever each one raises
         close = getattr(t, "close", None)
         if close is not None and type(t).__name__ == "IpcTransport":
-            try:
+            with contextlib.suppress(Exception):
                 close()
-            except Exception:  # noqa: BLE001 - dropping: best effort
-                pass
         comm = getattr(t, "comm", None)
         if comm is not None and hasattr(comm, "abort"):
-            try:
+            with contextlib.suppress(Exception):
                 comm.abort()
-            except Exception:  # noqa: BLE001
-                pass
     _world.clear()
     _shufflers.clear()
 
@@ -465,17 +472,8 @@ def _peer_table(timeout) -> list[tuple[str, int]]:
 def _nccl_comm(device, timeout):
     comm = _world.get("comm")
     if comm is None:
-        from ..communicator import Communicator
-
         setup = _setup_transport(timeout)
-        uid = share_unique_id(setup, "WORLD rank 0")
-        comm = _world["comm"] = Communicator(
-            uid,
-            setup.rank,
-            setup.world_size,
-            device,
-            timeout=timeout,
-        )
+        comm = _world["comm"] = nccl_communicator(setup, "WORLD rank 0", device, timeout=timeout)
     return comm
 
 
@@ -645,10 +643,12 @@ def _step_slots(cur, new, todo, per_rank: int, quota: int, size: int) -> list:
         take(helper, int(cur[s0]))  # a second copy of s0's expert, for a while
         take(s0, int(new[s0]))
         left.remove(s0)
-    if picked:
-        return picked
-    # no helper: follow one cycle (slot -> the slot that receives the expert it gives up)
-    # and move it whole
+    return picked if picked else _whole_cycle(cur, new, left)
+
+
+def _whole_cycle(cur, new, left: list) -> list:
+    """No helper: one cycle of ``left`` (slot -> the slot that receives the expert it gives
+    up), followed from its first slot, as (slot, expert) changes that move it whole."""
     gives = {int(new[t]): t for t in left}
     cycle = [left[0]]
     while True:

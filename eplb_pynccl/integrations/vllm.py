@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .._checks import device_index, to_numpy
-from ..communicator import Communicator, UniqueId
+from ..communicator import UniqueId
 from ..transport import NcclTransport, TorchTransport, Transport
-from ._world import ORIGINAL, share_unique_id, signature_problems, unwrapped
+from ._world import ORIGINAL, nccl_communicator, share_unique_id, signature_problems, unwrapped
 
 if TYPE_CHECKING:
     import torch as torch_types
@@ -136,6 +136,15 @@ def _by_peer(ops: list[_Op]) -> list[tuple[int, list[_Op]]]:
     for op in ops:
         groups.setdefault(op.peer, []).append(op)
     return list(groups.items())
+
+
+def _messages_of(ops: list[_Op]) -> Iterator[tuple[int, list[Any]]]:
+    """(peer, tensors) of each message of ``ops``: per peer, per run (:func:`_runs`), per
+    tensor index, the run's tensors of that index in call order."""
+    for peer, group in _by_peer(ops):
+        for a, b in _runs([op.row for op in group], [op.key for op in group]):
+            for i in range(len(group[a].tensors)):
+                yield peer, [op.tensors[i] for op in group[a:b]]
 
 
 def _span(torch: Any, ts: list[Any]) -> Any:
@@ -357,22 +366,16 @@ class _CommunicatorImpl:
         out: list[tuple[int, Any]] = []
         inn: list[tuple[int, Any]] = []
         after: list[tuple[Any, Any]] = []
-        for peer, ops in _by_peer(sends):
-            for a, b in _runs([op.row for op in ops], [op.key for op in ops]):
-                for i in range(len(ops[a].tensors)):
-                    ts = [op.tensors[i] for op in ops[a:b]]
-                    v = _span(torch, ts)
-                    out.append((peer, v if v is not None else torch.stack(ts)))
-        for peer, ops in _by_peer(recvs):
-            for a, b in _runs([op.row for op in ops], [op.key for op in ops]):
-                for i in range(len(ops[a].tensors)):
-                    ts = [op.tensors[i] for op in ops[a:b]]
-                    v = _span(torch, ts)
-                    if v is None:
-                        t0 = ts[0]
-                        v = torch.empty((len(ts), *t0.shape), dtype=t0.dtype, device=t0.device)
-                        after.extend((t, v[j]) for j, t in enumerate(ts))
-                    inn.append((peer, v))
+        for peer, ts in _messages_of(sends):
+            v = _span(torch, ts)
+            out.append((peer, v if v is not None else torch.stack(ts)))
+        for peer, ts in _messages_of(recvs):
+            v = _span(torch, ts)
+            if v is None:
+                t0 = ts[0]
+                v = torch.empty((len(ts), *t0.shape), dtype=t0.dtype, device=t0.device)
+                after.extend((t, v[j]) for j, t in enumerate(ts))
+            inn.append((peer, v))
         return out, inn, after
 
 
@@ -487,18 +490,8 @@ def create_communicator(
     """
     if transport not in ("nccl", "ipc"):
         raise ValueError(f"transport must be 'nccl' or 'ipc', got {transport!r}")
-    name = BACKEND_IPC if transport == "ipc" else BACKEND
     torch = _torch()
-    vllm_stateless: Any = None
-    with contextlib.suppress(ImportError):
-        from vllm.distributed.stateless_coordinator import StatelessGroupCoordinator
-
-        vllm_stateless = StatelessGroupCoordinator
-    if vllm_stateless is not None and isinstance(group_coordinator, vllm_stateless):
-        raise ValueError(
-            f"EPLB communicator {name!r} does not support elastic EP (stateless groups); use "
-            "'pynccl' or 'nixl' there"
-        )
+    _refuse_stateless(group_coordinator, BACKEND_IPC if transport == "ipc" else BACKEND)
     cpu_group = group_coordinator.cpu_group
     first = next((t for ws in expert_weights for t in ws), None)
     if transport == "ipc":
@@ -514,33 +507,56 @@ def create_communicator(
     if first is None or first.device.type == "cpu":
         mover: Transport = TorchTransport(cpu_group)
     elif first.device.type == "cuda":
-        cfg = None
-        with contextlib.suppress(ImportError):
-            from vllm.config import get_current_vllm_config_or_none
-
-            cfg = get_current_vllm_config_or_none()
-        if cfg is not None and cfg.parallel_config.eplb_config.use_async:
-            raise ValueError(
-                f"EPLB communicator {BACKEND!r} moves CUDA weights with NCCL, which must not run "
-                "from vLLM's async EPLB thread (its kernels can deadlock against the forward "
-                "pass's NCCL kernels); set eplb_config.use_async=false"
-            )
-        dist = torch.distributed
-        device = device_index(first.device)
-        uid = _share_unique_id(torch, cpu_group)
-        rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
-        comm = Communicator(
-            uid, rank, world, device, blocking=False, timeout=timeout, max_ctas=max_ctas
-        )
-        if world > 1:
-            comm.connect_peers()
-        mover = NcclTransport(comm)
+        mover = _nccl_mover(cpu_group, first.device, timeout, max_ctas)
     else:
         raise ValueError(
             f"EPLB communicator {BACKEND!r} moves CUDA or CPU tensors; the expert weights are on "
             f"{first.device}"
         )
     return _communicator_class()(mover, expert_weights, expert_buffer)
+
+
+def _refuse_stateless(group_coordinator: Any, name: str) -> None:
+    """ValueError for vLLM's elastic-EP (stateless) group coordinators."""
+    vllm_stateless: Any = None
+    with contextlib.suppress(ImportError):
+        from vllm.distributed.stateless_coordinator import StatelessGroupCoordinator
+
+        vllm_stateless = StatelessGroupCoordinator
+    if vllm_stateless is not None and isinstance(group_coordinator, vllm_stateless):
+        raise ValueError(
+            f"EPLB communicator {name!r} does not support elastic EP (stateless groups); use "
+            "'pynccl' or 'nixl' there"
+        )
+
+
+def _nccl_mover(
+    cpu_group: Any, device: Any, timeout: float | None, max_ctas: int | None
+) -> NcclTransport:
+    """The NCCL transport of CUDA weights on ``device``: a non-blocking communicator of the
+    ``cpu_group``'s ranks, peers connected; refused under vLLM's async EPLB."""
+    cfg = None
+    with contextlib.suppress(ImportError):
+        from vllm.config import get_current_vllm_config_or_none
+
+        cfg = get_current_vllm_config_or_none()
+    if cfg is not None and cfg.parallel_config.eplb_config.use_async:
+        raise ValueError(
+            f"EPLB communicator {BACKEND!r} moves CUDA weights with NCCL, which must not run "
+            "from vLLM's async EPLB thread (its kernels can deadlock against the forward "
+            "pass's NCCL kernels); set eplb_config.use_async=false"
+        )
+    comm = nccl_communicator(
+        TorchTransport(cpu_group),
+        "EP rank 0",
+        device_index(device),
+        blocking=False,
+        timeout=timeout,
+        max_ctas=max_ctas,
+    )
+    if comm.world_size > 1:
+        comm.connect_peers()
+    return NcclTransport(comm)
 
 
 # ---- the layer loop ------------------------------------------------------------------------
@@ -919,33 +935,45 @@ def register(*, layer_loop: bool | None = None) -> None:
         )
         if patched:
             return
-        version = getattr(vllm, "__version__", "unknown")
-        problems = _interface_problems(ec, es, pol, rx, cp)
-        if problems:
-            raise RuntimeError(
-                f"eplb_pynccl.integrations.vllm was written for vLLM {', '.join(TESTED_VLLM_VERSIONS)}; "
-                f"vLLM {version} differs: " + "; ".join(problems) + ". Nothing was patched."
-            )
-        if version not in TESTED_VLLM_VERSIONS:
-            warnings.warn(
-                f"eplb_pynccl.integrations.vllm is tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}; "
-                f"vLLM {version} has the same interfaces, patching it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        changed = [
-            _accept_name(cp, "policy", POLICY),
-            _accept_name(cp, "communicator", BACKEND),
-            _accept_name(cp, "communicator", BACKEND_IPC),
-        ]
-        if any(changed):
-            _rebuild(cp)
-        pol.EPLB_POLICIES[POLICY] = _policy_class()
-        if not hasattr(ec.create_eplb_communicator, ORIGINAL):
-            ec.create_eplb_communicator = _factory_wrapper(ec.create_eplb_communicator)
-        es.create_eplb_communicator = ec.create_eplb_communicator
-        if not hasattr(es.rearrange_expert_weights_inplace, ORIGINAL):
-            es.rearrange_expert_weights_inplace = _loop_wrapper(es.rearrange_expert_weights_inplace)
+        _check_vllm(vllm, ec, es, pol, rx, cp)
+        _patch(ec, es, pol, cp)
+
+
+def _check_vllm(vllm: Any, ec: Any, es: Any, pol: Any, rx: Any, cp: Any) -> None:
+    """RuntimeError (nothing patched) where vLLM's interfaces differ from the ones this module
+    was written for; a RuntimeWarning, for :func:`register`'s caller, where only the version
+    does."""
+    version = getattr(vllm, "__version__", "unknown")
+    problems = _interface_problems(ec, es, pol, rx, cp)
+    if problems:
+        raise RuntimeError(
+            f"eplb_pynccl.integrations.vllm was written for vLLM {', '.join(TESTED_VLLM_VERSIONS)}; "
+            f"vLLM {version} differs: " + "; ".join(problems) + ". Nothing was patched."
+        )
+    if version not in TESTED_VLLM_VERSIONS:
+        warnings.warn(
+            f"eplb_pynccl.integrations.vllm is tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}; "
+            f"vLLM {version} has the same interfaces, patching it",
+            RuntimeWarning,
+            stacklevel=3,  # register()'s caller
+        )
+
+
+def _patch(ec: Any, es: Any, pol: Any, cp: Any) -> None:
+    """register()'s patches 1-4, each made once."""
+    changed = [
+        _accept_name(cp, "policy", POLICY),
+        _accept_name(cp, "communicator", BACKEND),
+        _accept_name(cp, "communicator", BACKEND_IPC),
+    ]
+    if any(changed):
+        _rebuild(cp)
+    pol.EPLB_POLICIES[POLICY] = _policy_class()
+    if not hasattr(ec.create_eplb_communicator, ORIGINAL):
+        ec.create_eplb_communicator = _factory_wrapper(ec.create_eplb_communicator)
+    es.create_eplb_communicator = ec.create_eplb_communicator
+    if not hasattr(es.rearrange_expert_weights_inplace, ORIGINAL):
+        es.rearrange_expert_weights_inplace = _loop_wrapper(es.rearrange_expert_weights_inplace)
 
 
 def plugin() -> None:
