@@ -15,8 +15,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ..errors import CudaError
 
 _CUDA_SUCCESS = 0
@@ -594,14 +592,12 @@ class CopyGraph:
 
 # CUstreamBatchMemOpParams (cuda.h): a 48-byte union; the wait/write members are operation
 # (u32), address (u64 at 8), value (u32 at 16), flags (u32 at 24), alias (u64 at 32)
-_MEMOP = np.dtype(
-    {
-        "names": ["operation", "address", "value", "flags"],
-        "formats": [np.uint32, np.uint64, np.uint32, np.uint32],
-        "offsets": [0, 8, 16, 24],
-        "itemsize": 48,
-    }
-)
+_MEMOP_LAYOUT: Any = {
+    "names": ["operation", "address", "value", "flags"],
+    "formats": ["<u4", "<u8", "<u4", "<u4"],
+    "offsets": [0, 8, 16, 24],
+    "itemsize": 48,
+}
 _MEM_OP_WAIT_VALUE_32, _MEM_OP_WRITE_VALUE_32 = 1, 2
 
 
@@ -613,9 +609,11 @@ class MemOps:
     __slots__ = ("_drv", "_ops", "_ptr", "_single", "addresses")
 
     def __init__(self, drv: Driver, kind: str, addresses: Sequence[int]) -> None:
+        import numpy as np  # here: the binding's discovery must import without numpy
+
         self._drv = drv
         self.addresses = [int(a) for a in addresses]
-        self._ops = np.zeros(len(self.addresses), dtype=_MEMOP)
+        self._ops = np.zeros(len(self.addresses), dtype=np.dtype(_MEMOP_LAYOUT))
         self._ops["operation"] = _MEM_OP_WAIT_VALUE_32 if kind == "wait" else _MEM_OP_WRITE_VALUE_32
         self._ops["address"] = self.addresses
         self._ops["flags"] = _CU_STREAM_WAIT_VALUE_GEQ  # 0: also the writes' default
