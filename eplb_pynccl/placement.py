@@ -905,6 +905,14 @@ class _Relabelling:
         self.changed = np.zeros(L, dtype=_I64)
         self.recv = np.zeros((L, ep), dtype=_I64)
         self.inter = np.zeros((L, ep), dtype=_I64)
+        self._at_least: np.ndarray | None = None
+
+    def at_least(self) -> np.ndarray:
+        """[L]: :func:`_reference_at_least` of every layer (computed once)."""
+        if self._at_least is None:
+            ref, old, ep = self.args[:3]
+            self._at_least = _reference_at_least(ref, old, ep)
+        return self._at_least
 
     def need(self, layers) -> None:
         layers = np.asarray(layers, dtype=_I64)
@@ -930,14 +938,23 @@ def _reference_at_least(ref, old, ep) -> np.ndarray:
     lr, sr = np.nonzero(old >= 0)
     hold = _distinct((lr * E1 + old[lr, sr]) * ep + sr // P)
     hold_le, hold_g = np.divmod(hold, ep)
+    start = np.zeros(L * E1 + 1, dtype=_I64)
+    np.cumsum(np.bincount(hold_le, minlength=L * E1), out=start[1:])
     # distinct (layer, pack, expert) of the reference, and the old holders of each
     lp, e = np.divmod(_distinct(np.arange(L * ep).repeat(P) * E1 + ref.ravel()), E1)
     le = (lp // ep) * E1 + e
-    lo = np.searchsorted(hold_le, le)
-    n = np.searchsorted(hold_le, le, side="right") - lo
+    lo = start[le]
+    n = start[le + 1] - lo
     at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
-    shared = np.bincount(np.repeat(lp, n) * ep + hold_g[at], minlength=L * ep * ep)
-    best = shared.reshape(L * ep, ep).max(1)
+    # the most experts a pack shares with one GPU: runs of equal (pack, GPU) keys, sorted
+    key = np.sort(np.repeat(lp, n) * ep + hold_g[at])
+    best = np.zeros(L * ep, dtype=_I64)
+    if key.size:
+        first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        run = np.diff(first, append=key.size)
+        pack = key[first] // ep  # sorted: the runs of each pack are consecutive
+        head = np.flatnonzero(np.concatenate(([True], pack[1:] != pack[:-1])))
+        best[pack[head]] = np.maximum.reduceat(run, head)
     distinct = np.bincount(lp, minlength=L * ep)
     return (distinct - best).reshape(L, ep).sum(1)
 
@@ -977,7 +994,7 @@ def _migration_aware(
             rep_met = rep_imb <= t[todo]
         rep_changed = (rep != old[todo]).sum(1)
         # the reference is needed where the repair missed, or may have changed more rows
-        unsure = ~rep_met | (rep_changed > _reference_at_least(ref[todo], old[todo], ep))
+        unsure = ~rep_met | (rep_changed > rel.at_least()[todo])
         rel.need(todo[unsure])
         ok = ~unsure | (rep_changed <= rel.changed[todo])
         ref_met = ref_imb[todo] <= t[todo]
@@ -1049,14 +1066,14 @@ def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
     reference's figure is bounded from below first (its exact layers, and per layer
     :func:`_reference_at_least` spread over the ranks); the rest of it is computed only when
     the bound does not settle the question."""
-    ref, old, ep = rel.args[:3]
+    ep = rel.args[2]
     is_ref = source == "reference"
     recv[is_ref], inter[is_ref] = rel.recv[is_ref], rel.inter[is_ref]
     tot = recv.sum(0)
     if not rel.have.all():
         lo = np.where(rel.have, rel.recv.sum(1), 0)
         rest = np.flatnonzero(~rel.have)
-        lo[rest] = _reference_at_least(ref[rest], old[rest], ep)
+        lo[rest] = rel.at_least()[rest]
         bound = max(int(rel.recv[rel.have].sum(0).max(initial=0)), -(-int(lo.sum()) // ep))
         if tot.max() <= bound:
             return
