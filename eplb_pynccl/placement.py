@@ -1099,7 +1099,7 @@ def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
 
 class _RepairState:
     """What the repair of a set of layers carries from round to round: the current map, the
-    replica counts per expert and per (GPU, expert), and the cost of each slot's content
+    replica counts per expert and per (expert, GPU), and the cost of each slot's content
     (see the module docstring: 0 for its old expert, else what writing it there costs)."""
 
     def __init__(self, old, lam, ep, nodes, start=None):
@@ -1111,8 +1111,9 @@ class _RepairState:
         self.cur = (old if start is None else start).copy()
         self.cnt = _expert_counts(self.cur, E).astype(_I64)
         _fill_empty(self.cur, lam, self.cnt)
-        self.H = np.zeros((L, ep, E), dtype=np.int32)  # replicas per (layer, GPU, expert)
-        np.add.at(self.H, (np.arange(L)[:, None], np.arange(N) // self.P, self.cur), 1)
+        # replicas per (layer, expert, GPU): expert-major, so an expert's holders are one row
+        key = (np.arange(L)[:, None] * E + self.cur) * ep + np.arange(N) // self.P
+        self.H = np.bincount(key.ravel(), minlength=L * E * ep).astype(np.int32).reshape(L, E, ep)
         self.held = np.ascontiguousarray(_gpu_presence(old, ep, E))  # GPU held it in old
         if nodes > 1:
             self.node_held = np.ascontiguousarray(self.held.reshape(L, nodes, self.gpn, E).any(2))
@@ -1150,10 +1151,10 @@ class _RepairState:
         xa, xb = self.cur[li, sa], self.cur[li, sb]
         self.cur[li, sa], self.cur[li, sb] = xb, xa
         ga, gb = sa // self.P, sb // self.P
-        self.H[li, ga, xa] -= 1
-        self.H[li, ga, xb] += 1
-        self.H[li, gb, xb] -= 1
-        self.H[li, gb, xa] += 1
+        self.H[li, xa, ga] -= 1
+        self.H[li, xb, ga] += 1
+        self.H[li, xb, gb] -= 1
+        self.H[li, xa, gb] += 1
         self.set_cost(li, sa)
         self.set_cost(li, sb)
 
@@ -1162,8 +1163,8 @@ class _RepairState:
         self.cur[li, s] = y
         self.cnt[li, x] -= 1
         self.cnt[li, y] += 1
-        self.H[li, s // self.P, x] -= 1
-        self.H[li, s // self.P, y] += 1
+        self.H[li, x, s // self.P] -= 1
+        self.H[li, y, s // self.P] += 1
         self.set_cost(li, s)
 
 
@@ -1426,7 +1427,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     cy, ly = cn[r_, y], lm[r_, y]
     wy_new = ly / (cy + 1)
     dy = ly / cy - wy_new
-    Hx = st.H[li, :, x]  # [La, Kd, ep]
+    Hx = st.H[li, x]  # [La, Kd, ep]
     gpus = np.arange(ep)
     others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
     gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
@@ -1435,10 +1436,10 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     x_over = np.where(
         others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
     ).sum(2)  # [La, Kd]: excess they gain
-    hxA = st.H[li, A[:, None], x]  # [La, Kd]
-    hyA = st.H[li, A[:, None], y]  # [La, Ky]
-    hx_rs = st.H[li, rs, x]  # [La, Kd]
-    hy_rs = st.H[li[:, :, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
+    hxA = st.H[li, x, A[:, None]]  # [La, Kd]
+    hyA = st.H[li, y, A[:, None]]  # [La, Ky]
+    hx_rs = st.H[li, x, rs]  # [La, Kd]
+    hy_rs = st.H[li[:, :, None], y[:, :, None], rs[:, None, :]]  # [La, Ky, Kd]
     delta = wy_new[:, :, None] - wx_new[:, None, :]  # at the donor's GPU
     at_A = (rs == A[:, None])[:, None, :]
     newA = (gA[:, None] - hyA * dy)[:, :, None] + (hxA * dx)[:, None, :]
@@ -1459,7 +1460,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     mi, mj = np.divmod(best, Kd)
     ar = np.arange(La)
     xm, ym = x[ar, mj], y[ar, mi]
-    touched = (Hx[ar, mj] > 0) | (st.H[idx, :, ym] > 0)
+    touched = (Hx[ar, mj] > 0) | (st.H[idx, ym] > 0)
     touched[ar, rs[ar, mj]] = True
     return _Ops(score=score[ar, best], s=ds[ar, mj], x=xm, y=ym, touched=touched)
 
