@@ -1039,7 +1039,7 @@ def _restart_maps(old, lam, ref, ep) -> np.ndarray:
     items = np.take_along_axis(
         items, np.argsort(-w[np.arange(L)[:, None], items], axis=1, kind="stable"), 1
     )
-    have = _gpu_counts(old, ep, E).astype(_I64)
+    have = np.ascontiguousarray(_gpu_counts(old, ep, E).transpose(0, 2, 1))  # [L, E, ep]
     load = np.zeros((L, ep))
     fill = np.zeros((L, ep), dtype=_I64)
     slots = np.empty((L, ep, P), dtype=_I64)
@@ -1049,9 +1049,9 @@ def _restart_maps(old, lam, ref, ep) -> np.ndarray:
         we = w[rows, e]
         free = np.where(fill < P, load, np.inf)
         low = free.min(1)
-        near = np.where((have[rows, :, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
+        near = np.where((have[rows, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
         q = np.where(np.isfinite(near.min(1)), np.argmin(near, 1), np.argmin(free, 1))
-        have[rows, q, e] = np.maximum(have[rows, q, e] - 1, 0)
+        have[rows, e, q] = np.maximum(have[rows, e, q] - 1, 0)
         slots[rows, q, fill[rows, q]] = e
         load[rows, q] += we
         fill[rows, q] += 1
