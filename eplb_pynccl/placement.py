@@ -1308,7 +1308,7 @@ def _all_pair_scores(st: _RepairState, rd: _Round, heavy, partners, valid):
     rcB = st.recv_cost(li[..., None], partners[:, :, None, :], ea[..., None])  # [La, H, P, K]
     cost += np.where(st.old[li, sB][:, :, None, :] == ea[..., None], 0.0, np.repeat(rcB, P, 3))
     cost -= st.ccur[li, sB][:, :, None, :]
-    gain[~np.broadcast_to(np.repeat(valid, P, axis=2)[:, :, None, :], gain.shape)] = -np.inf
+    np.copyto(gain, -np.inf, where=~np.repeat(valid, P, axis=2)[:, :, None, :])
     lim = rd.limit[:, None, None, None]
     score = _score(gain, red, cost, lim * _TOL).reshape(La, Hm, -1)
     n = P * K * P
@@ -1393,7 +1393,7 @@ def _swap_scores(st: _RepairState, rd: _Round, heavy, sa, sb, ok) -> np.ndarray:
     ea, eb = np.take(rd.c, row + sa), np.take(rd.c, row + sb)
     cost = st.flat_write_cost(lay + sa, eb) + st.flat_write_cost(lay + sb, ea)
     cost -= np.take(st.ccur, lay + sa) + np.take(st.ccur, lay + sb)
-    gain[~ok] = -np.inf
+    np.copyto(gain, -np.inf, where=~ok)
     return _score(gain, red, cost, lim * _TOL)
 
 
@@ -1520,10 +1520,13 @@ def _score(gain, reduction, cost, tol):
     np.maximum(cost, _MIN_COST, out=cost)
     reduction /= cost
     gain /= cost
-    pos = np.maximum(gain, 0.0)
-    side = pos / (1.0 + pos) - 1.0
+    side = np.maximum(gain, 0.0)
+    den = side + 1.0
+    np.divide(side, den, out=side)
+    side -= 1.0
     gain *= 1e-6
     reduction += gain
-    reduction[flat] = side[flat]
-    reduction[bad] = -np.inf
+    # masked copies, not boolean indexing (these are the repair's largest arrays)
+    np.copyto(reduction, side, where=flat)
+    np.copyto(reduction, -np.inf, where=bad)
     return reduction
