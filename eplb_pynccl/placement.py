@@ -52,8 +52,8 @@ Policies
     for an expert its GPU already held (a local copy), ``1 + 3 R / (R_mean + 1)`` for a
     network transfer to a GPU that receives ``R`` slots so far over all the layers being
     repaired (updated every round; ``R_mean`` over the GPUs: the busiest receiver sets the
-    transfer time, so the layers' receives are spread over the GPUs), 1 more when no
-    GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
+    transfer time, so the layers' receives are spread over the GPUs; 1 below 8 GPUs), 1
+    more when no GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
     ``old_map`` are first given the expert with the largest load per replica. The repair
     stops at the target or when nothing helps ``A``. A layer that missed the target is
     repaired again from a map built from ``old_map`` with the reference's replica counts
@@ -121,8 +121,10 @@ _ALL_PAIRS = 24  # swaps: every pair of slots scored up to this many slots per G
 _MORE_FROM_EP = 128
 # transfers to a GPU cost 1 + _SPREAD * (slots it receives, all layers) / (mean over GPUs + 1):
 # the busiest receiver sets the transfer time. Measured on 32 bench sequences (4 rebalances
-# each): its bytes -9.9% on average at 3, none worse (1: -8.7%, 2 worse; 10: -0.4%, 14 worse)
+# each): its bytes -9.9% on average at 3, none worse (1: -8.7%, 2 worse; 10: -0.4%, 14 worse);
+# from 8 GPUs (bench part placement, 10 rebalances: EP8-32 -2..-21%; at EP4 +0.7..+4.2%)
 _SPREAD = 3.0
+_SPREAD_FROM_EP = 8
 _DONORS = 16  # replica moves: candidate donor slots per step
 _RECEIVERS = 6  # replica moves: heaviest slots of the most loaded GPU to replicate
 
@@ -904,6 +906,8 @@ class _Relabelling:
     its assignment costs one assignment problem of ``ep x ep`` per layer, the largest part
     of the policy's time at EP 128-256, and most layers never need it."""
 
+    _at_least: np.ndarray | None
+
     def __init__(self, ref, old, ep, nodes, nodes_h, E):
         L = ref.shape[0]
         self.args = (ref, old, ep, nodes, nodes_h, E)
@@ -912,7 +916,7 @@ class _Relabelling:
         self.changed = np.zeros(L, dtype=_I64)
         self.recv = np.zeros((L, ep), dtype=_I64)
         self.inter = np.zeros((L, ep), dtype=_I64)
-        self._at_least: np.ndarray | None = None
+        self._at_least = None
 
     def at_least(self) -> np.ndarray:
         """[L]: :func:`_reference_at_least` of every layer (computed once)."""
@@ -1152,7 +1156,10 @@ class _RepairState:
     def spread(self) -> None:
         """Transfer costs from what each GPU receives so far, summed over the layers (slots
         written by a transfer): ``1 + _SPREAD * R_g / (mean_g R + 1)``, so that layers
-        repaired together send their experts to different GPUs."""
+        repaired together send their experts to different GPUs. From ``_SPREAD_FROM_EP``
+        GPUs (with fewer, every repair reaches most of them anyway)."""
+        if self.ep < _SPREAD_FROM_EP:
+            return
         L, N = self.cur.shape
         recv = (self.ccur >= 0.5).reshape(L, self.ep, self.P).sum((0, 2))
         self.transfer = 1.0 + _SPREAD * recv / (recv.mean() + 1.0)
