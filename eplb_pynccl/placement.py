@@ -49,8 +49,11 @@ Policies
     every GPU it raises ends below that GPU's current load, so the sorted load vector
     decreases at every step and the repair terminates. Movement cost per slot written: 0
     when a slot gets its old expert back (reverting an earlier step counts negative), 0.05
-    for an expert its GPU already held (a local copy), 1 for a network transfer, 2 when no
-    GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
+    for an expert its GPU already held (a local copy), ``1 + 3 R / (R_mean + 1)`` for a
+    network transfer to a GPU that receives ``R`` slots so far over all the layers being
+    repaired (updated every round; ``R_mean`` over the GPUs: the busiest receiver sets the
+    transfer time, so the layers' receives are spread over the GPUs; 1 below 8 GPUs), 1
+    more when no GPU of the receiver's node held the expert (``num_nodes > 1``). Empty slots of
     ``old_map`` are first given the expert with the largest load per replica. The repair
     stops at the target or when nothing helps ``A``. A layer that missed the target is
     repaired again from a map built from ``old_map`` with the reference's replica counts
@@ -116,6 +119,12 @@ _ALL_PAIRS = 24  # swaps: every pair of slots scored up to this many slots per G
 # swaps: further heavy GPUs beside the heaviest from this EP size (measured: EP64 slower and
 # +20% bytes; EP128-256 2-4x faster for +5-10% bytes)
 _MORE_FROM_EP = 128
+# transfers to a GPU cost 1 + _SPREAD * (slots it receives, all layers) / (mean over GPUs + 1):
+# the busiest receiver sets the transfer time. Measured on 32 bench sequences (4 rebalances
+# each): its bytes -9.9% on average at 3, none worse (1: -8.7%, 2 worse; 10: -0.4%, 14 worse);
+# from 8 GPUs (bench part placement, 10 rebalances: EP8-32 -2..-21%; at EP4 +0.7..+4.2%)
+_SPREAD = 3.0
+_SPREAD_FROM_EP = 8
 _DONORS = 16  # replica moves: candidate donor slots per step
 _RECEIVERS = 6  # replica moves: heaviest slots of the most loaded GPU to replicate
 
@@ -897,6 +906,8 @@ class _Relabelling:
     its assignment costs one assignment problem of ``ep x ep`` per layer, the largest part
     of the policy's time at EP 128-256, and most layers never need it."""
 
+    _at_least: np.ndarray | None
+
     def __init__(self, ref, old, ep, nodes, nodes_h, E):
         L = ref.shape[0]
         self.args = (ref, old, ep, nodes, nodes_h, E)
@@ -905,6 +916,14 @@ class _Relabelling:
         self.changed = np.zeros(L, dtype=_I64)
         self.recv = np.zeros((L, ep), dtype=_I64)
         self.inter = np.zeros((L, ep), dtype=_I64)
+        self._at_least = None
+
+    def at_least(self) -> np.ndarray:
+        """[L]: :func:`_reference_at_least` of every layer (computed once)."""
+        if self._at_least is None:
+            ref, old, ep = self.args[:3]
+            self._at_least = _reference_at_least(ref, old, ep)
+        return self._at_least
 
     def need(self, layers) -> None:
         layers = np.asarray(layers, dtype=_I64)
@@ -930,14 +949,23 @@ def _reference_at_least(ref, old, ep) -> np.ndarray:
     lr, sr = np.nonzero(old >= 0)
     hold = _distinct((lr * E1 + old[lr, sr]) * ep + sr // P)
     hold_le, hold_g = np.divmod(hold, ep)
+    start = np.zeros(L * E1 + 1, dtype=_I64)
+    np.cumsum(np.bincount(hold_le, minlength=L * E1), out=start[1:])
     # distinct (layer, pack, expert) of the reference, and the old holders of each
     lp, e = np.divmod(_distinct(np.arange(L * ep).repeat(P) * E1 + ref.ravel()), E1)
     le = (lp // ep) * E1 + e
-    lo = np.searchsorted(hold_le, le)
-    n = np.searchsorted(hold_le, le, side="right") - lo
+    lo = start[le]
+    n = start[le + 1] - lo
     at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
-    shared = np.bincount(np.repeat(lp, n) * ep + hold_g[at], minlength=L * ep * ep)
-    best = shared.reshape(L * ep, ep).max(1)
+    # the most experts a pack shares with one GPU: runs of equal (pack, GPU) keys, sorted
+    key = np.sort(np.repeat(lp, n) * ep + hold_g[at])
+    best = np.zeros(L * ep, dtype=_I64)
+    if key.size:
+        first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        run = np.diff(first, append=key.size)
+        pack = key[first] // ep  # sorted: the runs of each pack are consecutive
+        head = np.flatnonzero(np.concatenate(([True], pack[1:] != pack[:-1])))
+        best[pack[head]] = np.maximum.reduceat(run, head)
     distinct = np.bincount(lp, minlength=L * ep)
     return (distinct - best).reshape(L, ep).sum(1)
 
@@ -977,7 +1005,7 @@ def _migration_aware(
             rep_met = rep_imb <= t[todo]
         rep_changed = (rep != old[todo]).sum(1)
         # the reference is needed where the repair missed, or may have changed more rows
-        unsure = ~rep_met | (rep_changed > _reference_at_least(ref[todo], old[todo], ep))
+        unsure = ~rep_met | (rep_changed > rel.at_least()[todo])
         rel.need(todo[unsure])
         ok = ~unsure | (rep_changed <= rel.changed[todo])
         ref_met = ref_imb[todo] <= t[todo]
@@ -1022,7 +1050,7 @@ def _restart_maps(old, lam, ref, ep) -> np.ndarray:
     items = np.take_along_axis(
         items, np.argsort(-w[np.arange(L)[:, None], items], axis=1, kind="stable"), 1
     )
-    have = _gpu_counts(old, ep, E).astype(_I64)
+    have = np.ascontiguousarray(_gpu_counts(old, ep, E).transpose(0, 2, 1))  # [L, E, ep]
     load = np.zeros((L, ep))
     fill = np.zeros((L, ep), dtype=_I64)
     slots = np.empty((L, ep, P), dtype=_I64)
@@ -1032,9 +1060,9 @@ def _restart_maps(old, lam, ref, ep) -> np.ndarray:
         we = w[rows, e]
         free = np.where(fill < P, load, np.inf)
         low = free.min(1)
-        near = np.where((have[rows, :, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
+        near = np.where((have[rows, e] > 0) & (free <= (low + we / 2)[:, None]), free, np.inf)
         q = np.where(np.isfinite(near.min(1)), np.argmin(near, 1), np.argmin(free, 1))
-        have[rows, q, e] = np.maximum(have[rows, q, e] - 1, 0)
+        have[rows, e, q] = np.maximum(have[rows, e, q] - 1, 0)
         slots[rows, q, fill[rows, q]] = e
         load[rows, q] += we
         fill[rows, q] += 1
@@ -1049,14 +1077,14 @@ def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
     reference's figure is bounded from below first (its exact layers, and per layer
     :func:`_reference_at_least` spread over the ranks); the rest of it is computed only when
     the bound does not settle the question."""
-    ref, old, ep = rel.args[:3]
+    ep = rel.args[2]
     is_ref = source == "reference"
     recv[is_ref], inter[is_ref] = rel.recv[is_ref], rel.inter[is_ref]
     tot = recv.sum(0)
     if not rel.have.all():
         lo = np.where(rel.have, rel.recv.sum(1), 0)
         rest = np.flatnonzero(~rel.have)
-        lo[rest] = _reference_at_least(ref[rest], old[rest], ep)
+        lo[rest] = rel.at_least()[rest]
         bound = max(int(rel.recv[rel.have].sum(0).max(initial=0)), -(-int(lo.sum()) // ep))
         if tot.max() <= bound:
             return
@@ -1082,7 +1110,7 @@ def _limit_to_reference(recv, inter, rel, source, ref_ok) -> None:
 
 class _RepairState:
     """What the repair of a set of layers carries from round to round: the current map, the
-    replica counts per expert and per (GPU, expert), and the cost of each slot's content
+    replica counts per expert and per (expert, GPU), and the cost of each slot's content
     (see the module docstring: 0 for its old expert, else what writing it there costs)."""
 
     def __init__(self, old, lam, ep, nodes, start=None):
@@ -1094,19 +1122,21 @@ class _RepairState:
         self.cur = (old if start is None else start).copy()
         self.cnt = _expert_counts(self.cur, E).astype(_I64)
         _fill_empty(self.cur, lam, self.cnt)
-        self.H = np.zeros((L, ep, E), dtype=np.int32)  # replicas per (layer, GPU, expert)
-        np.add.at(self.H, (np.arange(L)[:, None], np.arange(N) // self.P, self.cur), 1)
+        # replicas per (layer, expert, GPU): expert-major, so an expert's holders are one row
+        key = (np.arange(L)[:, None] * E + self.cur) * ep + np.arange(N) // self.P
+        self.H = np.bincount(key.ravel(), minlength=L * E * ep).astype(np.int32).reshape(L, E, ep)
         self.held = np.ascontiguousarray(_gpu_presence(old, ep, E))  # GPU held it in old
         if nodes > 1:
             self.node_held = np.ascontiguousarray(self.held.reshape(L, nodes, self.gpn, E).any(2))
         rows = np.broadcast_to(np.arange(L)[:, None], (L, N))
+        self.transfer = np.ones(ep)  # cost of a transfer to each GPU (see spread())
         self.ccur = np.zeros((L, N))
         self.set_cost(rows, np.broadcast_to(np.arange(N), (L, N)))
 
     def recv_cost(self, li, g, e):
         """Cost of writing expert ``e`` to a slot of GPU ``g`` of layer ``li`` (that did not
         hold it before): a local copy, a transfer, or a transfer across nodes."""
-        c = np.where(self.held[li, g, e], _LOCAL_COST, 1.0)
+        c = np.where(self.held[li, g, e], _LOCAL_COST, self.transfer[g])
         if self.nodes > 1:
             c += np.where(self.node_held[li, g // self.gpn, e], 0.0, _NODE_COST)
         return c
@@ -1115,12 +1145,24 @@ class _RepairState:
         """:meth:`write_cost` of flat slot indices ``layer * N + slot`` (``fs // P`` is the
         flat (layer, GPU), ``fs // (P * gpn)`` the flat (layer, node))."""
         E = self.held.shape[2]
-        c = np.where(np.take(self.held, fs // self.P * E + e), _LOCAL_COST, 1.0)
+        t = self.transfer[(fs // self.P) % self.ep]
+        c = np.where(np.take(self.held, fs // self.P * E + e), _LOCAL_COST, t)
         if self.nodes > 1:
             on = np.take(self.node_held, fs // (self.P * self.gpn) * E + e)
             c += np.where(on, 0.0, _NODE_COST)
         c[np.take(self.old, fs) == e] = 0.0
         return c
+
+    def spread(self) -> None:
+        """Transfer costs from what each GPU receives so far, summed over the layers (slots
+        written by a transfer): ``1 + _SPREAD * R_g / (mean_g R + 1)``, so that layers
+        repaired together send their experts to different GPUs. From ``_SPREAD_FROM_EP``
+        GPUs (with fewer, every repair reaches most of them anyway)."""
+        if self.ep < _SPREAD_FROM_EP:
+            return
+        L, N = self.cur.shape
+        recv = (self.ccur >= 0.5).reshape(L, self.ep, self.P).sum((0, 2))
+        self.transfer = 1.0 + _SPREAD * recv / (recv.mean() + 1.0)
 
     def write_cost(self, li, s, e):
         """Cost of slot ``s`` holding ``e``: 0 when it is its old expert."""
@@ -1133,10 +1175,10 @@ class _RepairState:
         xa, xb = self.cur[li, sa], self.cur[li, sb]
         self.cur[li, sa], self.cur[li, sb] = xb, xa
         ga, gb = sa // self.P, sb // self.P
-        self.H[li, ga, xa] -= 1
-        self.H[li, ga, xb] += 1
-        self.H[li, gb, xb] -= 1
-        self.H[li, gb, xa] += 1
+        self.H[li, xa, ga] -= 1
+        self.H[li, xb, ga] += 1
+        self.H[li, xb, gb] -= 1
+        self.H[li, xa, gb] += 1
         self.set_cost(li, sa)
         self.set_cost(li, sb)
 
@@ -1145,8 +1187,8 @@ class _RepairState:
         self.cur[li, s] = y
         self.cnt[li, x] -= 1
         self.cnt[li, y] += 1
-        self.H[li, s // self.P, x] -= 1
-        self.H[li, s // self.P, y] += 1
+        self.H[li, x, s // self.P] -= 1
+        self.H[li, y, s // self.P] += 1
         self.set_cost(li, s)
 
 
@@ -1182,6 +1224,7 @@ def _repair(old, lam, target, ep, nodes, start=None):
         if idx.size == 0:
             break
         rounds += 1
+        st.spread()
         rd = _Round(st, idx, w, g, limit)
         first, more = _partners(g, limit, ep)
         swaps = _best_swaps(st, rd, *first)
@@ -1290,7 +1333,7 @@ def _all_pair_scores(st: _RepairState, rd: _Round, heavy, partners, valid):
     rcB = st.recv_cost(li[..., None], partners[:, :, None, :], ea[..., None])  # [La, H, P, K]
     cost += np.where(st.old[li, sB][:, :, None, :] == ea[..., None], 0.0, np.repeat(rcB, P, 3))
     cost -= st.ccur[li, sB][:, :, None, :]
-    gain[~np.broadcast_to(np.repeat(valid, P, axis=2)[:, :, None, :], gain.shape)] = -np.inf
+    np.copyto(gain, -np.inf, where=~np.repeat(valid, P, axis=2)[:, :, None, :])
     lim = rd.limit[:, None, None, None]
     score = _score(gain, red, cost, lim * _TOL).reshape(La, Hm, -1)
     n = P * K * P
@@ -1375,7 +1418,7 @@ def _swap_scores(st: _RepairState, rd: _Round, heavy, sa, sb, ok) -> np.ndarray:
     ea, eb = np.take(rd.c, row + sa), np.take(rd.c, row + sb)
     cost = st.flat_write_cost(lay + sa, eb) + st.flat_write_cost(lay + sb, ea)
     cost -= np.take(st.ccur, lay + sa) + np.take(st.ccur, lay + sb)
-    gain[~ok] = -np.inf
+    np.copyto(gain, -np.inf, where=~ok)
     return _score(gain, red, cost, lim * _TOL)
 
 
@@ -1409,7 +1452,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     cy, ly = cn[r_, y], lm[r_, y]
     wy_new = ly / (cy + 1)
     dy = ly / cy - wy_new
-    Hx = st.H[li, :, x]  # [La, Kd, ep]
+    Hx = st.H[li, x]  # [La, Kd, ep]
     gpus = np.arange(ep)
     others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
     gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
@@ -1418,10 +1461,10 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     x_over = np.where(
         others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
     ).sum(2)  # [La, Kd]: excess they gain
-    hxA = st.H[li, A[:, None], x]  # [La, Kd]
-    hyA = st.H[li, A[:, None], y]  # [La, Ky]
-    hx_rs = st.H[li, rs, x]  # [La, Kd]
-    hy_rs = st.H[li[:, :, None], rs[:, None, :], y[:, :, None]]  # [La, Ky, Kd]
+    hxA = st.H[li, x, A[:, None]]  # [La, Kd]
+    hyA = st.H[li, y, A[:, None]]  # [La, Ky]
+    hx_rs = st.H[li, x, rs]  # [La, Kd]
+    hy_rs = st.H[li[:, :, None], y[:, :, None], rs[:, None, :]]  # [La, Ky, Kd]
     delta = wy_new[:, :, None] - wx_new[:, None, :]  # at the donor's GPU
     at_A = (rs == A[:, None])[:, None, :]
     newA = (gA[:, None] - hyA * dy)[:, :, None] + (hxA * dx)[:, None, :]
@@ -1442,7 +1485,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     mi, mj = np.divmod(best, Kd)
     ar = np.arange(La)
     xm, ym = x[ar, mj], y[ar, mi]
-    touched = (Hx[ar, mj] > 0) | (st.H[idx, :, ym] > 0)
+    touched = (Hx[ar, mj] > 0) | (st.H[idx, ym] > 0)
     touched[ar, rs[ar, mj]] = True
     return _Ops(score=score[ar, best], s=ds[ar, mj], x=xm, y=ym, touched=touched)
 
@@ -1502,10 +1545,13 @@ def _score(gain, reduction, cost, tol):
     np.maximum(cost, _MIN_COST, out=cost)
     reduction /= cost
     gain /= cost
-    pos = np.maximum(gain, 0.0)
-    side = pos / (1.0 + pos) - 1.0
+    side = np.maximum(gain, 0.0)
+    den = side + 1.0
+    np.divide(side, den, out=side)
+    side -= 1.0
     gain *= 1e-6
     reduction += gain
-    reduction[flat] = side[flat]
-    reduction[bad] = -np.inf
+    # masked copies, not boolean indexing (these are the repair's largest arrays)
+    np.copyto(reduction, side, where=flat)
+    np.copyto(reduction, -np.inf, where=bad)
     return reduction
