@@ -42,10 +42,10 @@ from .schedule import (
     DEFAULT_PACK_THRESHOLD,
     Layout,
     Schedule,
-    _phase_c_copies,
-    _runs,
-    _split,
     build_schedule,
+    message_runs,
+    phase_c_copies,
+    split_row_tensors,
 )
 
 __all__ = [
@@ -155,7 +155,7 @@ def _layer_tensor_sizes(sched: Schedule):
     thr = sched.pack_threshold
     out = [np.zeros(L, dtype=_I64) for _ in range(6)]
     for layer, rb in enumerate(sched.layout.row_bytes):
-        b_ids, s_ids = _split(rb, bool(sched.packed[layer]), thr)
+        b_ids, s_ids = split_row_tensors(rb, bool(sched.packed[layer]), thr)
         out[0][layer] = sum(rb[i] for i in b_ids)
         out[1][layer] = len(b_ids)
         out[2][layer] = sum(rb[i] for i in s_ids)
@@ -189,7 +189,7 @@ def round_messages(sched: Schedule):
     tl, ts, td, tsr, tdr = tl[o], ts[o], td[o], tsr[o], tdr[o]
     unsafe = (plan.changed if sched.transactional else plan.source_needed).reshape(-1)
     staged = unsafe[tl * (n * P) + td * P + tdr] & (nbig[tl] > 0)
-    starts, lens = _runs(ts * n + td, tsr, staged, tl)
+    starts, lens = message_runs(ts * n + td, tsr, staged, tl)
     rl = tl[starts]
     # runs of whole rows: one message per unpacked tensor, run length rows each
     k_run = (rof[rl] * n + ts[starts]) * n + td[starts]
@@ -263,7 +263,7 @@ def _local_work(sched: Schedule):
         old_c = ~cn & ~into_free
         lr_c = np.unique((cl * n + cr)[old_c])
         add(post_o, lr_c // n, lr_c % n, 2.0 * (ntens - nlarge)[lr_c // n])
-    cycles, _ = _phase_c_copies(plan, sched.transactional, sched.copy_waves)
+    cycles, _ = phase_c_copies(plan, sched.transactional, sched.copy_waves)
     cyc = cycles.reshape(-1)
     if cyc.any():
         lr = np.flatnonzero(cyc)

@@ -293,7 +293,7 @@ class Schedule:
 # ---- building ------------------------------------------------------------------------------
 
 
-def _split(rb, packed: bool, thr: int):
+def split_row_tensors(rb, packed: bool, thr: int):
     """(tensors sent as their own messages, tensors packed per peer) of a layer."""
     if not packed:
         return list(range(len(rb))), []
@@ -309,7 +309,7 @@ def _sizes(layout: Layout, packed: bool, thr: int):
     out = tuple(np.zeros(L, dtype=_I64) for _ in range(5))
     big, small, small_al, nbig, nsmall = out
     for layer, rb in enumerate(layout.row_bytes):
-        b_ids, s_ids = _split(rb, packed, thr)
+        b_ids, s_ids = split_row_tensors(rb, packed, thr)
         big[layer] = sum(_align(rb[i]) for i in b_ids)
         small[layer] = sum(rb[i] for i in s_ids)
         small_al[layer] = sum(_align(rb[i]) for i in s_ids)
@@ -570,7 +570,7 @@ def order_copies(src: np.ndarray, dst: np.ndarray, nodes: int, waves: int):
     return np.where(r == 0, 0, waves - r), stashed[src], stashed
 
 
-def _phase_c_copies(plan: RearrangementPlan, transactional: bool, waves: int = DEFAULT_COPY_WAVES):
+def phase_c_copies(plan: RearrangementPlan, transactional: bool, waves: int = DEFAULT_COPY_WAVES):
     """Per (layer, rank): (rows stashed, ordered copies) of phase C (see :class:`CopyOrder`)."""
     o = copy_order(plan, transactional, waves)
     return o.stash_rows, o.count
@@ -617,7 +617,7 @@ def _distinct(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarray):
+def message_runs(peer: np.ndarray, src: np.ndarray, staged: np.ndarray, layer: np.ndarray):
     """(starts, lengths) of the runs of a sorted transfer list: same layer and peer,
     consecutive source rows, every one staged; an unstaged transfer is a run of its own."""
     n = len(peer)
@@ -676,12 +676,12 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     o = np.lexsort((sd, ss, sp, sl))
     sl, sp, ss, sd = sl[o], sp[o], ss[o], sd[o]
     staged_s = unsafe_all[sl * nP + sp * P + sd] & has_big[sl]
-    s_starts, s_len = _runs(sp, ss, staged_s, sl)
+    s_starts, s_len = message_runs(sp, ss, staged_s, sl)
     rl, rp, rs, rd = rv.r_layer, rv.r_peer, rv.r_src_row, rv.r_dst_row
     o = np.lexsort((rd, rs, rp, rl))
     rl, rp, rs, rd = rl[o], rp[o], rs[o], rd[o]
     staged_r = unsafe_all[rl * nP + rank * P + rd] & has_big[rl]
-    r_starts, r_len = _runs(rp, rs, staged_r, rl)
+    r_starts, r_len = message_runs(rp, rs, staged_r, rl)
     o = np.argsort(rv.c_layer, kind="stable")
     cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
     order = sched.order
@@ -714,7 +714,7 @@ def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     )
     out = {}
     for k, layer in enumerate(layers):
-        big, small = _split(layout.row_bytes[layer], bool(sched.packed[layer]), thr)
+        big, small = split_row_tensors(layout.row_bytes[layer], bool(sched.packed[layer]), thr)
         a, b = sb[k]
         sends = list(zip(sp_l[a:b], ss_l[a:b]))
         i0, i1 = srb[k]

@@ -111,14 +111,14 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
     # the staging bound is computed from the global plan on every rank; each rank then orders
     # its own copies: the stash rows and copy counts must be the same numbers
     from eplb_pynccl import plan_rearrangement
-    from eplb_pynccl.schedule import Layout, _layer_works, _phase_c_copies, build_schedule
+    from eplb_pynccl.schedule import Layout, _layer_works, build_schedule, phase_c_copies
     from tests.shuffle_util import random_maps
 
     rng = np.random.default_rng(seed)
     layers = 3
     old, new = random_maps(rng, layers, max(1, ep_size * slots - 1), ep_size, slots, empty_frac=0.1)
     plan = plan_rearrangement(old, new, ep_size)
-    stash_rows, count = _phase_c_copies(plan, transactional)
+    stash_rows, count = phase_c_copies(plan, transactional)
     sched = build_schedule(plan, Layout.of([[8]] * layers, slots), transactional=transactional)
     for rank in range(ep_size):
         works = _layer_works(sched, rank, list(range(layers)))
@@ -131,18 +131,18 @@ def test_global_stash_estimate_equals_what_each_rank_executes(seed, ep_size, slo
 
 
 def test_runs_break_at_layer_peer_gap_and_unstaged_rows():
-    from eplb_pynccl.schedule import _runs
+    from eplb_pynccl.schedule import message_runs
 
     layer = np.array([0, 0, 1, 1, 1, 1, 1])
     peer = np.array([2, 2, 2, 2, 3, 3, 3])
     src = np.array([3, 4, 5, 6, 7, 9, 10])
     staged = np.array([True, True, True, True, True, False, True])
-    starts, lengths = _runs(peer, src, staged, layer)
+    starts, lengths = message_runs(peer, src, staged, layer)
     # rows 3,4 (layer 0) | 5,6 (layer 1: consecutive with 4, but another layer) | 7 (peer 3)
     # | 9 (unstaged: alone) | 10
     assert starts.tolist() == [0, 2, 4, 5, 6]
     assert lengths.tolist() == [2, 2, 1, 1, 1]
-    e = _runs(peer[:0], src[:0], staged[:0], layer[:0])
+    e = message_runs(peer[:0], src[:0], staged[:0], layer[:0])
     assert e[0].tolist() == [] and e[1].tolist() == []
 
 
