@@ -2,7 +2,8 @@
 on one device), or one process per GPU where there are more.
 
 Exact bytes over many random rearrangements (fp8 + fp32 + bf16, duplicates, -1 slots), sync
-and async, transactional and not; a peer that dies mid-round; handles released by close().
+and async, transactional and not; a peer that dies mid-round and one that never launches (no
+stream left waiting on it); stream and host signals; handles released by close().
 """
 
 from __future__ import annotations
@@ -194,3 +195,77 @@ def test_ipc_peer_dies_mid_round(procs, tmp_path):
             devices=_devices(procs),
         )
     check_peer_death(info, str(tmp_path), procs, timeout)
+
+
+def _peer_never_launches_job(ctx, outdir, signals):
+    """The last rank sets up and then never launches a round (alive, idle); the others run
+    one rearrangement with a 3 s timeout."""
+    import json
+    import os
+
+    import torch
+
+    import eplb_pynccl as ep
+    from bench.eplb import make_maps
+    from tests.shuffle_util import make_weights
+
+    t = _transport(ctx, timeout=3.0, signals=signals)
+    n, rank = ctx.world_size, ctx.rank
+    layers = 4
+    old, new = make_maps(3, layers, 8 * n - n, 8 * n, n)
+    dev = torch.device("cuda", ctx.device)
+    weights = make_weights(torch, [[((256, 1024), torch.bfloat16)]] * layers, old, rank, n, dev)
+    torch.cuda.synchronize()
+    sh = ep.ExpertShuffler(t, weights)
+    if rank == n - 1:  # idle until every other rank has reported
+        until = time.monotonic() + 90
+        while len(os.listdir(outdir)) < n - 1 and time.monotonic() < until:
+            time.sleep(0.05)
+        t.close()
+        return None
+    h = sh.rearrange_async(old, new)
+    t0 = time.monotonic()
+    err = None
+    try:
+        h.wait()
+    except ep.RearrangeError as e:
+        err = e
+    elapsed = time.monotonic() - t0
+    t1 = time.monotonic()
+    torch.cuda.synchronize()  # no stream of this rank may be left waiting on the idle peer
+    synced = time.monotonic() - t1
+    out = {
+        "cause": None if err is None else type(err.__cause__).__name__,
+        "message": None if err is None else str(err),
+        "elapsed": elapsed,
+        "synced": synced,
+        "signals": t.signals_method,
+    }
+    t.close()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    return out
+
+
+@pytest.mark.parametrize(("procs", "signals"), [(2, "stream"), (3, "stream"), (2, "host")])
+def test_ipc_peer_that_never_launches_times_out_and_leaves_no_stream_blocked(
+    procs, signals, tmp_path
+):
+    results = run_ranks(
+        _peer_never_launches_job,
+        procs,
+        str(tmp_path),
+        signals,
+        timeout=150,
+        devices=_devices(procs),
+    )
+    survivors = [r for r in results if r is not None]
+    assert len(survivors) == procs - 1
+    for r in survivors:
+        assert r["signals"] == signals
+        assert r["cause"] in ("TimeoutError", "RuntimeError"), r
+        assert r["elapsed"] < 3.0 + 5.0, r
+        assert r["synced"] < 5.0, r  # the abort released this rank's stream waits
+    # the rank whose own round timed out says so; the others may hear of it first
+    assert any(r["cause"] == "TimeoutError" for r in survivors), survivors
+    assert any("did not complete within 3.0 s" in r["message"] for r in survivors), survivors
