@@ -446,3 +446,62 @@ def test_our_header_compiles_and_matches_ctypes_layout(tmp_path, lang):
     assert int(sizes[0]) == ctypes.sizeof(cls) == config.config_size(newest)
     assert int(sizes[1]) == table.UNIQUE_ID_BYTES == ctypes.sizeof(table.NcclUniqueIdStruct)
     assert offsets == [getattr(cls, name).offset for name, _ in cls._fields_]
+
+
+# -- the CUDA driver table against csrc_headers/eplb_cuda.h -----------------------------------
+
+CUDA_HEADER = REPO / "csrc_headers" / "eplb_cuda.h"
+
+
+def _cuda_table() -> dict:
+    return {
+        f.name: hp.Prototype(f.restype, tuple(t for t, _ in f.args), tuple(n for _, n in f.args))
+        for f in table.CUDA_FUNCTIONS
+    }
+
+
+def cuda_disagreements(header_text: str) -> list[str]:
+    ours = hp.parse_prototypes(header_text, prefix="cu")
+    tab = _cuda_table()
+    return hp.compare_prototypes(tab, ours, "table.py", "eplb_cuda.h") + hp.compare_prototypes(
+        ours, tab, "eplb_cuda.h", "table.py"
+    )
+
+
+def test_cuda_table_agrees_with_our_cuda_header():
+    assert cuda_disagreements(CUDA_HEADER.read_text()) == []
+
+
+def test_cuda_optional_and_raw_names_are_declared():
+    names = {f.name for f in table.CUDA_FUNCTIONS}
+    assert table.CUDA_OPTIONAL <= names and table.CUDA_RAW <= names
+    # the optional ones are exactly those the header lists under "optional"
+    text = CUDA_HEADER.read_text()
+    optional = hp.parse_prototypes(text[text.index("/* optional: CUDA 12.8+") :], prefix="cu")
+    assert set(optional) == set(table.CUDA_OPTIONAL)
+
+
+def test_changed_cuda_argument_type_is_reported():
+    text = mutate(
+        CUDA_HEADER.read_text(),
+        "CUresult cuEventRecord(CUevent hEvent, CUstream hStream);",
+        "CUresult cuEventRecord(CUevent hEvent, int hStream);",
+    )
+    assert cuda_disagreements(text) == [
+        "function cuEventRecord: argument 2 type 'CUstream' in table.py, 'int' in eplb_cuda.h",
+        "function cuEventRecord: argument 2 type 'int' in eplb_cuda.h, 'CUstream' in table.py",
+    ]
+
+
+def test_cuda_function_missing_from_header_is_reported():
+    text = mutate(CUDA_HEADER.read_text(), "CUresult cuGraphUpload(", "CUresult xxGraphUpload(")
+    assert cuda_disagreements(text) == [
+        "function cuGraphUpload: in table.py but not in eplb_cuda.h"
+    ]
+
+
+def test_every_cuda_type_has_a_ctypes_type():
+    for f in table.CUDA_FUNCTIONS:
+        assert f.restype in table.CTYPES, f.name
+        for t, _ in f.args:
+            assert t in table.CTYPES, (f.name, t)

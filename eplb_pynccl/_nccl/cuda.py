@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CudaError
+from .table import CUDA_FUNCTIONS, CUDA_OPTIONAL, CUDA_RAW, CudaIpcHandle
 
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_NOT_READY = 600
@@ -30,10 +31,7 @@ def _handle(out: ctypes.c_void_p) -> int:
     return out.value or 0
 
 
-class IpcHandle(ctypes.Structure):
-    """CUipcMemHandle / CUipcEventHandle: 64 opaque bytes, passed by value."""
-
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+IpcHandle = CudaIpcHandle  # CUipcMemHandle / CUipcEventHandle: 64 bytes by value
 
 
 _CU_EVENT_INTERPROCESS = 4
@@ -72,87 +70,24 @@ class Driver:
         self._lib = ctypes.CDLL("libcuda.so.1")
         L = self._lib
         self._fn = {}
-        V, I, U, S, ULL = (
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_size_t,
-            ctypes.c_ulonglong,
-        )
-        sig = {
-            "cuInit": [U],
-            "cuDeviceGetCount": [V],
-            "cuDeviceGet": [V, I],
-            "cuDeviceGetAttribute": [V, I, I],
-            "cuDeviceGetName": [ctypes.c_char_p, I, I],
-            "cuDeviceGetUuid_v2": [V, I],
-            "cuDeviceCanAccessPeer": [V, I, I],
-            "cuDevicePrimaryCtxRetain": [V, I],
-            "cuCtxSetCurrent": [V],
-            "cuCtxGetCurrent": [V],
-            "cuCtxGetDevice": [V],
-            "cuPointerGetAttribute": [V, I, V],
-            "cuEventCreate": [V, U],
-            "cuEventRecord": [V, V],
-            "cuEventQuery": [V],
-            "cuEventDestroy_v2": [V],
-            "cuStreamCreate": [V, U],
-            "cuStreamDestroy_v2": [V],
-            "cuStreamQuery": [V],
-            "cuStreamWaitEvent": [V, V, U],
-            "cuStreamBeginCapture_v2": [V, I],
-            "cuStreamEndCapture": [V, V],
-            "cuGraphInstantiateWithFlags": [V, V, ULL],
-            "cuGraphLaunch": [V, V],
-            "cuGraphUpload": [V, V],
-            "cuGraphExecDestroy": [V],
-            "cuGraphDestroy": [V],
-            "cuIpcGetMemHandle": [V, ctypes.c_uint64],
-            "cuIpcOpenMemHandle_v2": [V, IpcHandle, U],
-            "cuIpcCloseMemHandle": [ctypes.c_uint64],
-            "cuIpcGetEventHandle": [V, V],
-            "cuIpcOpenEventHandle": [V, IpcHandle],
-            "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, S, V],
-            "cuGetErrorString": [I, V],
-            "cuModuleLoadData": [V, ctypes.c_char_p],
-            "cuModuleGetFunction": [V, V, ctypes.c_char_p],
-            "cuModuleUnload": [V],
-        }
-        # optional: CUDA 12.8+ (the _v2 signature, without failIdx, is CUDA 13's)
-        optional = {
-            "cuMemcpyBatchAsync_v2": [V, V, V, S, V, V, S, V],
-            "cuMemcpyBatchAsync": [V, V, V, S, V, V, S, V, V],
-            # stream memory operations and registered host memory (the IPC transport's
-            # GPU-side signals); the _v2 names are CUDA 11.7+'s, the plain ones older drivers'
-            "cuStreamWaitValue32_v2": [V, ctypes.c_uint64, U, U],
-            "cuStreamWriteValue32_v2": [V, ctypes.c_uint64, U, U],
-            "cuStreamWaitValue32": [V, ctypes.c_uint64, U, U],
-            "cuStreamWriteValue32": [V, ctypes.c_uint64, U, U],
-            "cuMemHostRegister_v2": [V, S, U],
-            "cuMemHostUnregister": [V],
-            "cuMemHostGetDevicePointer_v2": [V, V, U],
-            "cuStreamBatchMemOp_v2": [V, U, V, U],
-            "cuStreamBatchMemOp": [V, U, V, U],
-        }
-        for name, args in sig.items():
-            f = getattr(L, name)
-            f.restype = ctypes.c_int
-            f.argtypes = args
-            self._fn[name] = f
-        for name, args in optional.items():
-            f = getattr(L, name, None)
-            if f is not None:
-                f.restype = ctypes.c_int
-                f.argtypes = args
-                self._fn[name] = f
+        # one declarative table (table.CUDA_FUNCTIONS, checked against csrc_headers/eplb_cuda.h)
+        for f in CUDA_FUNCTIONS:
+            fn = getattr(L, f.name, None)
+            if fn is None:
+                if f.name in CUDA_OPTIONAL:
+                    continue
+                raise AttributeError(f"libcuda.so.1 has no {f.name}")
+            fn.restype = f.ctypes_restype
+            if f.name not in CUDA_RAW:
+                fn.argtypes = f.ctypes_argtypes
+            self._fn[f.name] = fn
         for name in ("cuStreamWaitValue32", "cuStreamWriteValue32", "cuStreamBatchMemOp"):
-            f = self._fn.get(name + "_v2") or self._fn.get(name)
-            if f is not None:
-                self._fn[name] = f
+            chosen = self._fn.get(name + "_v2") or self._fn.get(name)
+            if chosen is not None:
+                self._fn[name] = chosen
         # hot path: the kernel launch without argtypes (prebuilt ctypes values, no conversion
         # checks)
-        self._launch = L["cuLaunchKernel"]
-        self._launch.restype = ctypes.c_int
+        self._launch = self._fn["cuLaunchKernel"]
         self._check(self._fn["cuInit"](0), "cuInit")
         self._ctx: dict[int, int] = {}
         # set once a capture of cuMemcpyBatchAsync was refused (CUDA 13.0: error 900), so

@@ -1,9 +1,12 @@
-"""The one table of NCCL functions this package binds.
+"""The tables of the C functions this package binds: NCCL's (:data:`FUNCTIONS`) and the CUDA
+driver's (:data:`CUDA_FUNCTIONS`), one declarative style for both.
 
 Each entry is written with the C types of ``csrc_headers/eplb_nccl.h`` (this project's own
 declaration of the subset it uses); ``tests/test_header.py`` checks every entry against that
 header and the header against the ``nccl.h`` shipped with the installed nvidia-nccl wheel.
-The ctypes argtypes/restype are derived from the C type names by :data:`CTYPES`.
+The CUDA entries are written with the C types of ``csrc_headers/eplb_cuda.h``, which
+``tests/test_header.py`` checks them against. The ctypes argtypes/restype of both are derived
+from the C type names by :data:`CTYPES`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ class NcclUniqueIdStruct(ctypes.Structure):
 
 
 UNIQUE_ID_BYTES = 128
+
+
+class CudaIpcHandle(ctypes.Structure):
+    """CUipcMemHandle / CUipcEventHandle: 64 opaque bytes, passed by value."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
 
 # C type name (as written in csrc_headers/eplb_nccl.h, without parameter names) -> ctypes type.
 CTYPES: dict[str, Any] = {  # C type name -> ctypes type (None for void)
@@ -41,6 +51,42 @@ CTYPES: dict[str, Any] = {  # C type name -> ctypes type (None for void)
     "ncclUniqueId*": ctypes.c_void_p,
     "ncclConfig_t*": ctypes.c_void_p,
     "ncclUniqueId": NcclUniqueIdStruct,
+    # CUDA driver types (csrc_headers/eplb_cuda.h)
+    "CUresult": ctypes.c_int,
+    "CUdevice": ctypes.c_int,
+    "CUdevice_attribute": ctypes.c_int,
+    "CUpointer_attribute": ctypes.c_int,
+    "CUstreamCaptureMode": ctypes.c_int,
+    "unsigned int": ctypes.c_uint,
+    "cuuint32_t": ctypes.c_uint,
+    "unsigned long long": ctypes.c_ulonglong,
+    "CUdeviceptr": ctypes.c_uint64,
+    "CUcontext": ctypes.c_void_p,
+    "CUstream": ctypes.c_void_p,
+    "CUevent": ctypes.c_void_p,
+    "CUmodule": ctypes.c_void_p,
+    "CUfunction": ctypes.c_void_p,
+    "CUgraph": ctypes.c_void_p,
+    "CUgraphExec": ctypes.c_void_p,
+    "CUipcMemHandle": CudaIpcHandle,
+    "CUipcEventHandle": CudaIpcHandle,
+    "char*": ctypes.c_char_p,
+    "const char**": ctypes.c_void_p,
+    "size_t*": ctypes.c_void_p,
+    "CUdevice*": ctypes.c_void_p,
+    "CUdeviceptr*": ctypes.c_void_p,
+    "CUcontext*": ctypes.c_void_p,
+    "CUstream*": ctypes.c_void_p,
+    "CUevent*": ctypes.c_void_p,
+    "CUmodule*": ctypes.c_void_p,
+    "CUfunction*": ctypes.c_void_p,
+    "CUgraph*": ctypes.c_void_p,
+    "CUgraphExec*": ctypes.c_void_p,
+    "CUuuid*": ctypes.c_void_p,
+    "CUipcMemHandle*": ctypes.c_void_p,
+    "CUipcEventHandle*": ctypes.c_void_p,
+    "CUmemcpyAttributes*": ctypes.c_void_p,
+    "CUstreamBatchMemOpParams*": ctypes.c_void_p,
 }
 
 
@@ -270,3 +316,192 @@ _REDOP_BY_SHORT = {r.short: r for r in RedOp}
 # plain ints for the hot paths' comparisons
 NCCL_SUCCESS = int(Result.ncclSuccess)
 NCCL_IN_PROGRESS = int(Result.ncclInProgress)
+
+
+# ---- the CUDA driver calls (libcuda.so.1), declared in csrc_headers/eplb_cuda.h -------------
+
+CUDA_FUNCTIONS: tuple[Function, ...] = (
+    _f("cuInit", "CUresult", "unsigned int Flags"),
+    _f("cuDeviceGetCount", "CUresult", "int* count"),
+    _f("cuDeviceGet", "CUresult", "CUdevice* device", "int ordinal"),
+    _f("cuDeviceGetAttribute", "CUresult", "int* pi", "CUdevice_attribute attrib", "CUdevice dev"),
+    _f("cuDeviceGetName", "CUresult", "char* name", "int len", "CUdevice dev"),
+    _f("cuDeviceGetUuid_v2", "CUresult", "CUuuid* uuid", "CUdevice dev"),
+    _f(
+        "cuDeviceCanAccessPeer",
+        "CUresult",
+        "int* canAccessPeer",
+        "CUdevice dev",
+        "CUdevice peerDev",
+    ),
+    _f("cuDevicePrimaryCtxRetain", "CUresult", "CUcontext* pctx", "CUdevice dev"),
+    _f("cuCtxSetCurrent", "CUresult", "CUcontext ctx"),
+    _f("cuCtxGetCurrent", "CUresult", "CUcontext* pctx"),
+    _f("cuCtxGetDevice", "CUresult", "CUdevice* device"),
+    _f(
+        "cuPointerGetAttribute",
+        "CUresult",
+        "void* data",
+        "CUpointer_attribute attribute",
+        "CUdeviceptr ptr",
+    ),
+    _f("cuGetErrorString", "CUresult", "CUresult error", "const char** pStr"),
+    _f("cuEventCreate", "CUresult", "CUevent* phEvent", "unsigned int Flags"),
+    _f("cuEventRecord", "CUresult", "CUevent hEvent", "CUstream hStream"),
+    _f("cuEventQuery", "CUresult", "CUevent hEvent"),
+    _f("cuEventDestroy_v2", "CUresult", "CUevent hEvent"),
+    _f("cuStreamCreate", "CUresult", "CUstream* phStream", "unsigned int Flags"),
+    _f("cuStreamDestroy_v2", "CUresult", "CUstream hStream"),
+    _f("cuStreamQuery", "CUresult", "CUstream hStream"),
+    _f("cuStreamWaitEvent", "CUresult", "CUstream hStream", "CUevent hEvent", "unsigned int Flags"),
+    _f("cuStreamBeginCapture_v2", "CUresult", "CUstream hStream", "CUstreamCaptureMode mode"),
+    _f("cuStreamEndCapture", "CUresult", "CUstream hStream", "CUgraph* phGraph"),
+    _f(
+        "cuGraphInstantiateWithFlags",
+        "CUresult",
+        "CUgraphExec* phGraphExec",
+        "CUgraph hGraph",
+        "unsigned long long flags",
+    ),
+    _f("cuGraphUpload", "CUresult", "CUgraphExec hGraphExec", "CUstream hStream"),
+    _f("cuGraphLaunch", "CUresult", "CUgraphExec hGraphExec", "CUstream hStream"),
+    _f("cuGraphExecDestroy", "CUresult", "CUgraphExec hGraphExec"),
+    _f("cuGraphDestroy", "CUresult", "CUgraph hGraph"),
+    _f("cuIpcGetMemHandle", "CUresult", "CUipcMemHandle* pHandle", "CUdeviceptr dptr"),
+    _f(
+        "cuIpcOpenMemHandle_v2",
+        "CUresult",
+        "CUdeviceptr* pdptr",
+        "CUipcMemHandle handle",
+        "unsigned int Flags",
+    ),
+    _f("cuIpcCloseMemHandle", "CUresult", "CUdeviceptr dptr"),
+    _f("cuIpcGetEventHandle", "CUresult", "CUipcEventHandle* pHandle", "CUevent event"),
+    _f("cuIpcOpenEventHandle", "CUresult", "CUevent* phEvent", "CUipcEventHandle handle"),
+    _f(
+        "cuMemcpyDtoDAsync_v2",
+        "CUresult",
+        "CUdeviceptr dstDevice",
+        "CUdeviceptr srcDevice",
+        "size_t ByteCount",
+        "CUstream hStream",
+    ),
+    _f("cuModuleLoadData", "CUresult", "CUmodule* module", "const void* image"),
+    _f("cuModuleGetFunction", "CUresult", "CUfunction* hfunc", "CUmodule hmod", "const char* name"),
+    _f("cuModuleUnload", "CUresult", "CUmodule hmod"),
+    _f(
+        "cuLaunchKernel",
+        "CUresult",
+        "CUfunction f",
+        "unsigned int gridDimX",
+        "unsigned int gridDimY",
+        "unsigned int gridDimZ",
+        "unsigned int blockDimX",
+        "unsigned int blockDimY",
+        "unsigned int blockDimZ",
+        "unsigned int sharedMemBytes",
+        "CUstream hStream",
+        "void** kernelParams",
+        "void** extra",
+    ),
+    _f(
+        "cuMemcpyBatchAsync_v2",
+        "CUresult",
+        "CUdeviceptr* dsts",
+        "CUdeviceptr* srcs",
+        "size_t* sizes",
+        "size_t count",
+        "CUmemcpyAttributes* attrs",
+        "size_t* attrsIdxs",
+        "size_t numAttrs",
+        "CUstream hStream",
+    ),
+    _f(
+        "cuMemcpyBatchAsync",
+        "CUresult",
+        "CUdeviceptr* dsts",
+        "CUdeviceptr* srcs",
+        "size_t* sizes",
+        "size_t count",
+        "CUmemcpyAttributes* attrs",
+        "size_t* attrsIdxs",
+        "size_t numAttrs",
+        "size_t* failIdx",
+        "CUstream hStream",
+    ),
+    _f(
+        "cuStreamWaitValue32_v2",
+        "CUresult",
+        "CUstream stream",
+        "CUdeviceptr addr",
+        "cuuint32_t value",
+        "unsigned int flags",
+    ),
+    _f(
+        "cuStreamWriteValue32_v2",
+        "CUresult",
+        "CUstream stream",
+        "CUdeviceptr addr",
+        "cuuint32_t value",
+        "unsigned int flags",
+    ),
+    _f(
+        "cuStreamWaitValue32",
+        "CUresult",
+        "CUstream stream",
+        "CUdeviceptr addr",
+        "cuuint32_t value",
+        "unsigned int flags",
+    ),
+    _f(
+        "cuStreamWriteValue32",
+        "CUresult",
+        "CUstream stream",
+        "CUdeviceptr addr",
+        "cuuint32_t value",
+        "unsigned int flags",
+    ),
+    _f(
+        "cuStreamBatchMemOp_v2",
+        "CUresult",
+        "CUstream stream",
+        "unsigned int count",
+        "CUstreamBatchMemOpParams* paramArray",
+        "unsigned int flags",
+    ),
+    _f(
+        "cuStreamBatchMemOp",
+        "CUresult",
+        "CUstream stream",
+        "unsigned int count",
+        "CUstreamBatchMemOpParams* paramArray",
+        "unsigned int flags",
+    ),
+    _f("cuMemHostRegister_v2", "CUresult", "void* p", "size_t bytesize", "unsigned int Flags"),
+    _f("cuMemHostUnregister", "CUresult", "void* p"),
+    _f(
+        "cuMemHostGetDevicePointer_v2",
+        "CUresult",
+        "CUdeviceptr* pdptr",
+        "void* p",
+        "unsigned int Flags",
+    ),
+)
+# bound when the driver exports them (newer drivers)
+CUDA_OPTIONAL = frozenset(
+    {
+        "cuMemcpyBatchAsync_v2",
+        "cuMemcpyBatchAsync",
+        "cuStreamWaitValue32_v2",
+        "cuStreamWriteValue32_v2",
+        "cuStreamWaitValue32",
+        "cuStreamWriteValue32",
+        "cuStreamBatchMemOp_v2",
+        "cuStreamBatchMemOp",
+        "cuMemHostRegister_v2",
+        "cuMemHostUnregister",
+        "cuMemHostGetDevicePointer_v2",
+    }
+)
+# bound without argtypes: the hot path passes prebuilt ctypes values
+CUDA_RAW = frozenset({"cuLaunchKernel"})
