@@ -4,8 +4,9 @@ The house: two pillars that move bytes, a pure pillar beside them that decides w
 then the execution that joins them and the engines' entry points.
 
 * Moving bytes:
-  - the binding, ``eplb_pynccl._nccl``: finding libnccl, the one ctypes table and NCCL's
-    vocabulary (results, dtypes, reductions), ncclConfig_t, the CUDA driver calls;
+  - the binding, ``eplb_pynccl._nccl``: finding libnccl, the declarative ctypes tables of
+    NCCL's and the CUDA driver's calls (``table``, checked against ``csrc_headers/``), NCCL's
+    vocabulary (results, dtypes, reductions), ncclConfig_t, the row-copy kernel;
   - :class:`Communicator` (:class:`UniqueId`, :func:`group`, :class:`PreparedP2P`): NCCL
     outside torch.distributed;
   - the transports: :class:`Transport` with :class:`NcclTransport`, :class:`TorchTransport`
@@ -13,10 +14,11 @@ then the execution that joins them and the engines' entry points.
 * Deciding what moves (pure numpy, the same on every rank, no I/O): :func:`rebalance`
   (``placement``: DeepSeek's EPLB and a migration-aware repair), :func:`plan_rearrangement`
   (``planner``), ``schedule`` (every rank's rounds of ops), ``simulate`` (a plan or a
-  schedule run on a model of the ranks, for the tests and the bench).
+  schedule run on a model of the ranks, for the tests and the bench), :class:`Cluster` and
+  :func:`estimate_rearrangement` (a schedule timed on a described cluster).
 * Execution: :class:`ExpertShuffler` (``executor.py`` walks one rank's schedule on streams
   through a transport; the async handle).
-* ``eplb_pynccl.integrations``: engines (vLLM).
+* ``eplb_pynccl.integrations``: engines (vLLM, SGLang).
 
 The argument rules (``_checks``) and the timeouts and wait loop (``_deadline``) are written
 once and used by all of them. Importing the package needs neither torch, cupy, a GPU nor
