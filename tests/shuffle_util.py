@@ -168,13 +168,25 @@ def layer_states(torch, weights, old_map, new_map, rank, ep_size) -> dict:
 # ---- a peer that dies mid-rearrangement (GPU; one job for every transport) -----------------
 
 
+def wait_for_error(ep, h):
+    """``h.wait()``: (the RearrangeError it raised or None, seconds it took)."""
+    import time
+
+    t0 = time.monotonic()
+    err = None
+    try:
+        h.wait()
+    except ep.RearrangeError as e:
+        err = e
+    return err, time.monotonic() - t0
+
+
 def peer_death_job(ctx, outdir, timeout, make_transport, row_shape, staging_rows):
     """Every rank starts one async rearrangement over ``make_transport(ctx, timeout)`` (which
     returns the transport, a no-argument ``closed()`` saying whether it was torn down, and
     whether to synchronise the device after the failure); the last rank launches round 0 and
     exits with code 3. The others record what they saw in ``outdir/rank{r}.json``."""
     import json
-    import time
 
     import torch
 
@@ -196,13 +208,7 @@ def peer_death_job(ctx, outdir, timeout, make_transport, row_shape, staging_rows
     if rank == victim:
         h.step()  # launches round 0, then the process dies mid-rearrangement
         os._exit(3)
-    t0 = time.monotonic()
-    err = None
-    try:
-        h.wait()
-    except ep.RearrangeError as e:
-        err = e
-    elapsed = time.monotonic() - t0
+    err, elapsed = wait_for_error(ep, h)
     if sync_after:
         torch.cuda.synchronize()
     state = layer_states(torch, weights, old, new, rank, n)

@@ -207,7 +207,7 @@ def _peer_never_launches_job(ctx, outdir, signals):
 
     import eplb_pynccl as ep
     from bench.eplb import make_maps
-    from tests.shuffle_util import make_weights
+    from tests.shuffle_util import make_weights, wait_for_error
 
     t = _transport(ctx, timeout=3.0, signals=signals)
     n, rank = ctx.world_size, ctx.rank
@@ -223,14 +223,7 @@ def _peer_never_launches_job(ctx, outdir, signals):
             time.sleep(0.05)
         t.close()
         return None
-    h = sh.rearrange_async(old, new)
-    t0 = time.monotonic()
-    err = None
-    try:
-        h.wait()
-    except ep.RearrangeError as e:
-        err = e
-    elapsed = time.monotonic() - t0
+    err, elapsed = wait_for_error(ep, sh.rearrange_async(old, new))
     t1 = time.monotonic()
     torch.cuda.synchronize()  # no stream of this rank may be left waiting on the idle peer
     synced = time.monotonic() - t1

@@ -15,6 +15,15 @@ import torch
 from eplb_pynccl._nccl import cuda
 
 
+def _driver_and_page():
+    """The driver on device 0, a 4 KiB page of int32 slots and its registered device address."""
+    drv = cuda.driver()
+    assert drv is not None
+    drv.set_device(0)
+    page = np.ndarray((1024,), dtype=np.int32, buffer=mmap.mmap(-1, 4096))
+    return drv, page, drv.host_register(int(page.__array_interface__["data"][0]), 4096)
+
+
 def per_call(fn, n=2000) -> float:
     for _ in range(50):
         fn()
@@ -26,15 +35,9 @@ def per_call(fn, n=2000) -> float:
 
 def main() -> None:
     torch.cuda.set_device(0)
-    drv = cuda.driver()
-    assert drv is not None
-    drv.set_device(0)
+    drv, page, dp = _driver_and_page()
     s = drv.stream_create()
     ev = drv.event_create()
-    m = mmap.mmap(-1, 4096)
-    page = np.ndarray((1024,), dtype=np.int32, buffer=m)
-    hp = int(page.__array_interface__["data"][0])
-    dp = drv.host_register(hp, 4096)
     dev = torch.zeros(1024, dtype=torch.int32, device="cuda")
     page[:] = 1 << 30
     dev.fill_(1 << 30)
@@ -68,14 +71,9 @@ if __name__ == "__main__" and len(sys.argv) == 1:
 def blocked() -> None:
     """Host us of each call of a signalled launch while the stream waits on a slot no one
     has written yet (a round whose sources are not ready), then released by the host."""
-    drv = cuda.driver()
-    assert drv is not None
-    drv.set_device(0)
+    drv, page, dp = _driver_and_page()
     s, c = drv.stream_create(), drv.stream_create()
     ev = drv.event_create()
-    m = mmap.mmap(-1, 4096)
-    page = np.ndarray((1024,), dtype=np.int32, buffer=m)
-    dp = drv.host_register(int(page.__array_interface__["data"][0]), 4096)
     a = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     g = cuda.CopyGraph(
@@ -120,14 +118,9 @@ def latency() -> None:
     spin kernel-free delay: a wait on an event the host records late), for a slot in
     registered host memory and in device memory; host us from the write's enqueue to c's
     event completing."""
-    drv = cuda.driver()
-    assert drv is not None
-    drv.set_device(0)
+    drv, page, hp = _driver_and_page()
     s, c = drv.stream_create(), drv.stream_create()
     ev = drv.event_create()
-    m = mmap.mmap(-1, 4096)
-    page = np.ndarray((1024,), dtype=np.int32, buffer=m)
-    hp = drv.host_register(int(page.__array_interface__["data"][0]), 4096)
     dev = torch.zeros(1024, dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
     out = {}
