@@ -354,7 +354,8 @@ class TorchTransport(Transport):
         self.host_exchange = not self._cuda_capable
         self._failed: str | None = None
         # gloo: the group's own send/recv (torch.distributed's isend/irecv and
-        # batch_isend_irecv call the same methods after ~20 us of Python checks per message)
+        # batch_isend_irecv call the same methods after Python checks: 13 vs 9 us of CPU per
+        # message posted, measured on 2 gloo ranks)
         self._pg = (
             None if self._cuda_capable else (group if group is not None else dist.group.WORLD)
         )
