@@ -427,9 +427,10 @@ class TorchTransport(Transport):
                 r.wait()
 
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
-        """gloo with CPU buffers: the messages tagged once (:class:`_HostRound`); otherwise
-        rounds through :meth:`exchange`."""
-        if self._cuda_capable or any(t.is_cuda for _, t in (*sends, *recvs)):
+        """gloo with CPU buffers: the messages tagged once (:class:`_HostRound`); otherwise,
+        and in a subclass that overrides :meth:`exchange`, rounds through ``exchange``."""
+        direct = type(self).exchange is TorchTransport.exchange
+        if self._cuda_capable or not direct or any(t.is_cuda for _, t in (*sends, *recvs)):
             return _ExchangeRound(self, sends, recvs)
         return _HostRound(self, sends, recvs)
 
