@@ -9,7 +9,12 @@ says why.
 SGLang's own ``_update_expert_weights_raw`` and eplb_pynccl's (``install()`` once, as in a
 server), alternating per update, medians over the repeats, beside the gloo floor (the bytes
 each pair of ranks exchanges in the update, one message per pair, no copies), after a pass that checks both
-give the same bytes (weights placed by the first map: replicas hold the same bytes). Each
+give the same bytes (weights placed by the first map: replicas hold the same bytes).
+``sglang_batches`` (its ``batch_isend_irecv`` calls) and ``ours_rounds`` are the update's
+host-synchronous gloo rounds; ``round_ms`` is what one round of a 64-byte message per pair
+costs in the same run (16 back to back); ``*_cpu_ms`` the CPU time of rank 0's process,
+every thread, per update (with more ranks than cores each rank's CPU time is time another
+waits for a core). Each
 rank runs torch with the cores it has to itself (cores // 4, at least 1: the fair setting,
 the one the targets are judged on), and one more row with torch's default (a thread per
 core, oversubscribed where the ranks share the cores: SGLang's per-row copies of rows over
@@ -154,6 +159,29 @@ def _floor_job(torch, rank: int, ws: int, old, new, row_bytes: int, device, sync
     return run
 
 
+def _round_job(torch, rank: int, ws: int, device, sync, rounds: int = 16):
+    """What one gloo round costs whatever its bytes: ``rounds`` rounds of one 64-byte
+    message each way per pair, back to back between barriers. Returns a function timing
+    one such round (the mean of the ``rounds``)."""
+    dist = torch.distributed
+    peers = [p for p in range(ws) if p != rank]
+    sends = torch.zeros(64, dtype=torch.uint8, device=device)
+    recvs = {p: torch.empty(64, dtype=torch.uint8, device=device) for p in peers}
+
+    def run() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            ops = [dist.P2POp(dist.irecv, recvs[p], p) for p in peers]
+            ops += [dist.P2POp(dist.isend, sends, p) for p in peers]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        sync()
+        return (time.perf_counter() - t0) / rounds
+
+    return run
+
+
 def _gpu_world(torch, ctx):
     """GPU rows: WORLD with gloo for CPU tensors and NCCL for CUDA ones (SGLang's own update
     moves CUDA weights over it), and a gloo group for the bench's barriers."""
@@ -191,6 +219,8 @@ def rank_job(
     w = _weights(torch, maps[0], rank, device)
     layer_bytes = sum(t.nbytes for t in w[0])
     stats, per_update = [], []  # the shuffler's RearrangeStats; per update of ours: figures
+    sg_batches: list = []  # per SGLang update: its batch_isend_irecv calls
+    cpus: dict = {"sglang": [], "ours": []}  # per update: this process's CPU seconds
     original_rearrange = SH.ExpertShuffler.rearrange
 
     def recorded(self, *a, **k):
@@ -200,7 +230,7 @@ def rank_job(
 
     # SGLang's own functions, taken before install(); ours installed once (as in a server:
     # its transport and shufflers are made on the first update and kept)
-    update = _updater(U, rank, meters, stats, per_update)
+    update = _updater(U, torch.distributed, rank, meters, stats, per_update, sg_batches, cpus)
     SH.ExpertShuffler.rearrange = recorded
     S.install(
         transport=transport or "auto", staging_bytes=layer_bytes if staging == "layer" else None
@@ -208,11 +238,15 @@ def rank_job(
     try:
         same = _same_bytes(torch, update, w, metas)
         per_update.clear()
+        sg_batches.clear()
+        for v in cpus.values():
+            v.clear()
         floor = [
             _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, meters[0])
             for x, y in zip(maps, maps[1:])
         ]
-        times, peaks = _timed_updates(update, floor, w, metas, reps)
+        one_round = _round_job(torch, rank, ws, device, meters[0])
+        times, peaks = _timed_updates(update, floor, w, metas, reps, one_round)
     finally:
         S.uninstall()
         SH.ExpertShuffler.rearrange = original_rearrange
@@ -223,6 +257,8 @@ def rank_job(
         "times": times,
         "peaks": peaks,
         **_update_figures(per_update),
+        "sglang_batches": float(np.median(sg_batches)),
+        "cpu": {k: float(np.median(v)) for k, v in cpus.items()},
         "layer_bytes": layer_bytes,
         "changed": float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])])),
         "threads": threads_used,
@@ -270,31 +306,43 @@ def _meters(torch, ctx, transport: str | None):
     return rank, ws, device, (sync, reset_peak, peak_now)
 
 
-def _updater(U, rank: int, meters, stats: list, per_update: list):
+def _updater(U, dist, rank: int, meters, stats: list, per_update: list, sg_batches, cpus):
     """``update(mode, weights, a, b) -> (seconds, peak extra bytes)``: SGLang's own
     all-layer update (``mode="sglang"``, SGLang's functions as they are now: call it before
     install()) or the installed one, between ``sync``s; ours appends the (rounds, messages,
-    peak staging, steps) of its rearrangements (``stats``, recorded) to ``per_update``.
-    SGLang's turn puts its per-layer function back for the call, since its all-layer one
+    peak staging, steps) of its rearrangements (``stats``, recorded) to ``per_update``,
+    SGLang's its ``batch_isend_irecv`` calls to ``sg_batches``, each this process's CPU
+    seconds to ``cpus[mode]``. SGLang's turn puts its per-layer function back for the call, since its all-layer one
     looks it up."""
     sync, reset_peak, peak_now = meters
     sg_raw, sg_single = U._update_expert_weights_raw, U.update_expert_weights_single_layer
     layers = list(range(LAYERS))
+
+    batches = [0]
+    sg_batch = dist.batch_isend_irecv
+
+    def counted(ops):  # SGLang's update: its batch_isend_irecv calls (one batch each)
+        batches[0] += 1
+        return sg_batch(ops)
 
     def update(mode, ws_, a, b):
         fn = sg_raw if mode == "sglang" else U._update_expert_weights_raw
         ours_single = U.update_expert_weights_single_layer
         if mode == "sglang":
             U.update_expert_weights_single_layer = sg_single
+            dist.batch_isend_irecv = counted
         try:
             sync()
-            first = len(stats)
+            first, b0 = len(stats), batches[0]
             base = reset_peak()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn({i: ws_[i] for i in layers}, a, b, layers, 1, rank)
+            cpu = time.process_time() - c0
             sync()
             dt = time.perf_counter() - t0
             peak = peak_now() - base
+            if mode == "sglang":
+                sg_batches.append(batches[0] - b0)
             mine = stats[first:]
             if mine:  # this update's steps (one rearrangement each)
                 per_update.append(
@@ -305,9 +353,11 @@ def _updater(U, rank: int, meters, stats: list, per_update: list):
                         len(mine),
                     )
                 )
+            cpus[mode].append(cpu)
             return dt, peak
         finally:
             U.update_expert_weights_single_layer = ours_single
+            dist.batch_isend_irecv = sg_batch
 
     return update
 
@@ -323,10 +373,11 @@ def _same_bytes(torch, update, w, metas) -> bool:
     return all(torch.equal(x, y) for lx, ly in zip(ref, ours) for x, y in zip(lx, ly))
 
 
-def _timed_updates(update, floor, w, metas, reps: int):
+def _timed_updates(update, floor, w, metas, reps: int, one_round):
     """(times, peaks) per mode over ``reps`` passes of the sequence on ``w``: SGLang's and
-    ours alternating per update (their order swapped every pass), then the floor's jobs."""
-    times: dict = {"sglang": [], "ours": [], "floor": []}
+    ours alternating per update (their order swapped every pass), then the floor's jobs and
+    one gloo round (``one_round``)."""
+    times: dict = {"sglang": [], "ours": [], "floor": [], "round": []}
     peaks: dict = {"sglang": [], "ours": []}
     for rep in range(reps):
         order = ("sglang", "ours") if rep % 2 == 0 else ("ours", "sglang")
@@ -337,6 +388,7 @@ def _timed_updates(update, floor, w, metas, reps: int):
                 peaks[mode].append(peak)
         for job in floor:
             times["floor"].append(job())
+        times["round"].append(one_round())
     return times, peaks
 
 
@@ -362,6 +414,12 @@ def _row(res, source, staging, threads, where, cores) -> dict:
         "time_ratio": round(t_o / t_s, 3),
         "floor_ms": round(1e3 * t_f, 2),
         "floor_over_sglang": round(t_f / t_s, 3),
+        # CPU time of rank 0's process (every thread) per update: with more ranks than
+        # cores, each rank's CPU time is time the others wait for a core
+        "sglang_cpu_ms": round(1e3 * r0["cpu"]["sglang"], 1),
+        "ours_cpu_ms": round(1e3 * r0["cpu"]["ours"], 1),
+        "sglang_batches": r0["sglang_batches"],
+        "round_ms": round(1e3 * float(np.median(r0["times"]["round"])), 2),
         "sglang_peak_layers": round(p_s, 3),
         "ours_peak_layers": round(p_o, 3),
         "ours_staging_layers": round(alloc, 3),

@@ -216,6 +216,33 @@ class _ExchangeRound(_EventRound):
         )
 
 
+def _tagged(msgs) -> list:
+    """``(peer, buffer)`` messages as ``(peer, buffer, tag)``: the i-th message to (or from)
+    a peer has tag i, so both ends agree on the order for backends that match by tag."""
+    count: dict[int, int] = {}
+    out = []
+    for peer, t in msgs:
+        k = count[peer] = count.get(peer, -1) + 1
+        out.append((peer, t, k))
+    return out
+
+
+class _HostRound(TransportRound):
+    """A gloo round of CPU tensors: tagged once when prepared; ``launch`` posts the receives
+    then the sends straight on the group and returns when every one has completed."""
+
+    def __init__(self, t: TorchTransport, sends, recvs) -> None:
+        self.t = t
+        self.peers = round_peers(sends, recvs)
+        self.sends, self.recvs = _tagged(sends), _tagged(recvs)
+
+    def launch(self, stream, deadline: float) -> None:
+        self.t._run_host(self.sends, self.recvs, deadline, self.peers)
+
+    def done(self) -> bool:
+        return True
+
+
 class NcclTransport(Transport):
     """Rounds through an eplb_pynccl :class:`Communicator` (one NCCL group per round).
 
@@ -340,6 +367,12 @@ class TorchTransport(Transport):
         self._cuda_capable = "nccl" in self.backend
         self.host_exchange = not self._cuda_capable
         self._failed: str | None = None
+        # gloo: the group's own send/recv (torch.distributed's isend/irecv and
+        # batch_isend_irecv call the same methods after Python checks: 13 vs 9 us of CPU per
+        # message posted, measured on 2 gloo ranks)
+        self._pg = (
+            None if self._cuda_capable else (group if group is not None else dist.group.WORLD)
+        )
 
     @property
     def device(self):
@@ -386,7 +419,11 @@ class TorchTransport(Transport):
                     hr.append((peer, h))
                 else:
                     hr.append((peer, t))
-            sends, recvs = hs, hr
+            limit = self.timeout if timeout is None else timeout
+            self._run_host(_tagged(hs), _tagged(hr), time.monotonic() + limit, round_peers(hs, hr))
+            for h, dst in staged_back:
+                dst.copy_(h)
+            return
         # Tags keep the per-pair order explicit for backends that match by tag.
         ops = []
         count: dict[tuple[int, int], int] = {}
@@ -398,17 +435,36 @@ class TorchTransport(Transport):
             ops.append(dist.P2POp(dist.irecv, t, g[peer], self.group, tag=k))
         if not ops:
             return
-        if self._cuda_capable:
-            # enqueued on the stream: completion is the stream's (wait(), or an event)
-            with torch.cuda.stream(stream or torch.cuda.current_stream()):
-                for r in dist.batch_isend_irecv(ops):
-                    r.wait()
-            return
-        reqs = dist.batch_isend_irecv(ops)
-        t = self.timeout if timeout is None else timeout
-        self._wait_all(reqs, time.monotonic() + t, round_peers(sends, recvs), t)
-        for h, dst in staged_back:
-            dst.copy_(h)
+        # nccl: enqueued on the stream, completion is the stream's (wait(), or an event)
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            for r in dist.batch_isend_irecv(ops):
+                r.wait()
+
+    def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
+        """gloo with CPU buffers: the messages tagged once (:class:`_HostRound`); otherwise,
+        and in a subclass that overrides :meth:`exchange`, rounds through ``exchange``."""
+        direct = type(self).exchange is TorchTransport.exchange
+        if self._cuda_capable or not direct or any(t.is_cuda for _, t in (*sends, *recvs)):
+            return _ExchangeRound(self, sends, recvs)
+        return _HostRound(self, sends, recvs)
+
+    def _post(self, sends, recvs) -> list:
+        """gloo: post tagged ``(peer, tensor, tag)`` receives, then sends, on the group; the
+        requests in that order."""
+        self._check_usable()
+        pg = self._pg
+        assert pg is not None  # gloo: the group, set at construction
+        reqs = [pg.recv([t], p, k) for p, t, k in recvs]
+        reqs += [pg.send([t], p, k) for p, t, k in sends]
+        return reqs
+
+    def _run_host(self, sends, recvs, deadline: float, peers) -> None:
+        """One gloo round of tagged CPU messages, to completion (TimeoutError past
+        ``deadline``, a ``time.monotonic()`` value, with the group aborted)."""
+        limit = max(0.0, deadline - time.monotonic())
+        reqs = self._post(sends, recvs)
+        if reqs:
+            self._wait_all(reqs, deadline, peers, limit)
 
     def _wait_all(self, reqs, deadline: float, peers, t: float) -> None:
         """Wait for the requests, each with what is left until the deadline (gloo's work

@@ -251,7 +251,9 @@ def install(
             rounds are faster over gloo: a larger bound trades memory for time. CPU weights
             move with torch's intra-op threads set to 1 during the update (restored after):
             the copies are memory bound, and threads on cores that the other ranks share
-            made each one wait for the scheduler.
+            made each one wait for the scheduler. Over gloo they are sent straight from the
+            rows (``pack_threshold=0``: no staging on the sending side, so the bound holds
+            received rows only).
 
     Call it in every SGLang process that holds expert weights (the scheduler processes),
     before the first update; or let SGLang's plugin loader call :func:`plugin`. Raises
@@ -533,7 +535,11 @@ def _shuffler(transport, weights, ranks_per_node: int):
     sh = _shufflers.get(key)
     if sh is None:
         sh = ExpertShuffler(
-            transport, weights, staging_bytes=_quarter(weights), ranks_per_node=ranks_per_node
+            transport,
+            weights,
+            staging_bytes=_quarter(weights),
+            ranks_per_node=ranks_per_node,
+            **_host_options(transport, weights),
         )
         _shufflers[key] = sh
         while len(_shufflers) > _CACHE_SIZE:
@@ -541,6 +547,16 @@ def _shuffler(transport, weights, ranks_per_node: int):
     else:
         _shufflers.move_to_end(key)
     return sh
+
+
+def _host_options(transport, weights) -> dict:
+    """CPU weights over a host exchange (gloo): nothing packed. gloo sends a run of rows
+    straight from the weights; packing would stage the sent rows too, inside the same bound,
+    so a round would carry fewer rows and the update take more rounds (each a few ms of
+    host latency on busy cores, whatever its size; bench ``sglang``)."""
+    if getattr(transport, "host_exchange", False) and weights[0][0].device.type == "cpu":
+        return {"pack_threshold": 0}
+    return {}
 
 
 def _quarter(weights) -> int:
