@@ -118,6 +118,10 @@ class _Round:
         self.rbuf, self.roff = rmsg.rbuf.tolist(), rmsg.roff.tolist()
         self.peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
         self.seq = None
+        self.released = 0
+
+    def release(self):
+        self.released += 1
 
     def launch(self, stream, deadline):
         self.t._seq += 1
@@ -210,6 +214,7 @@ def test_receives_pull_the_senders_first_rows_and_every_execute_is_a_round():
         c.execute()
     c.execute()  # not even a transfer context
     assert [r.seq for r in t.launched] == [1, 2, 3, 4]
+    assert [r.released for r in t.launched] == [1, 1, 1, 1]  # each round's resources freed
     r0 = t.launched[0]
     row32, step16, row16 = 3 * 2 * 4, 8 * 2, 5 * 2
     assert list(zip([p for p, _ in r0.recvs], r0.rbuf, r0.roff, [m for _, m in r0.recvs])) == [

@@ -280,4 +280,7 @@ class IpcPath:
             t.abort(msg)
             raise TimeoutError(msg + "; the communicator was aborted")
 
-        poll_until(rnd.done, deadline, timed_out)
+        try:
+            poll_until(rnd.done, deadline, timed_out)
+        finally:  # the round's graphs and end event (a launch in flight completes first)
+            rnd.release()
