@@ -91,6 +91,7 @@ import numbers
 import time
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -373,6 +374,40 @@ def rebalance(
         TypeError, ValueError: bad input, with a message naming the argument.
     """
     t0 = time.perf_counter()
+    args = _rebalance_args(
+        loads,
+        num_physical,
+        ep_size,
+        old_map,
+        num_nodes,
+        num_groups,
+        policy,
+        max_imbalance,
+        row_bytes,
+    )
+    return _result(args, _decide(args), t0)
+
+
+class _Args(NamedTuple):
+    """:func:`rebalance`'s arguments, checked: loads as float64, counts as ints, old_map as
+    an int64 map (or None), the policy resolved, the target as given (None: DeepSeek's)."""
+
+    lam_raw: np.ndarray
+    N: int
+    ep: int
+    nodes: int
+    groups: int | None
+    policy: str
+    old: np.ndarray | None
+    target: np.ndarray | None
+    row_bytes: int | None
+
+
+def _rebalance_args(
+    loads, num_physical, ep_size, old_map, num_nodes, num_groups, policy, max_imbalance, row_bytes
+) -> _Args:
+    """Checks :func:`rebalance`'s arguments (its messages name each one), warns when the
+    hierarchical variant does not apply (pointing at rebalance's caller), resolves the policy."""
     lam_raw = _as_loads(loads)
     L, E = lam_raw.shape
     N = check_count(num_physical, "num_physical")
@@ -398,7 +433,7 @@ def rebalance(
             f"num_groups ({groups}) is not divisible by num_nodes ({nodes}): DeepSeek's "
             "hierarchical variant does not apply, the global one is used (num_groups ignored; "
             "num_groups=None asks for it without this warning)",
-            stacklevel=2,
+            stacklevel=3,  # rebalance's caller
         )
     if policy is not None and not isinstance(policy, str):
         raise TypeError(f"policy must be a str or None, got {type(policy).__name__}")
@@ -409,64 +444,93 @@ def rebalance(
         policy = "deepseek" if old is None else "migration_aware"
     if old is None and policy != "deepseek":
         raise ValueError(f"policy {policy!r} needs old_map (the current placement)")
-    target_arg = _targets(max_imbalance, L)
+    target = _targets(max_imbalance, L)
     rb = None if row_bytes is None else check_count(row_bytes, "row_bytes")
+    return _Args(lam_raw, N, ep, nodes, groups, policy, old, target, rb)
 
-    scale = lam_raw.max(1)
+
+class _Decision(NamedTuple):
+    """What a policy decided, with the figures :func:`_result` reports: loads scaled per
+    layer (``scale``: each layer's max load), costs in those scaled units."""
+
+    new: np.ndarray
+    imb: np.ndarray
+    cost: np.ndarray
+    source: list[str]
+    rounds: int
+    recv: np.ndarray | None
+    inter: np.ndarray | None
+    target: np.ndarray
+    old_imb: np.ndarray | None
+    old_cost: np.ndarray | None
+    scale: np.ndarray
+
+
+def _decide(a: _Args) -> _Decision:
+    """DeepSeek's placement (the reference and the default target), then the policy's:
+    the reference itself, its packs relabelled onto the old GPUs, or the migration-aware
+    choice per layer (the module docstring says how)."""
+    L, E = a.lam_raw.shape
+    scale = a.lam_raw.max(1)
     scale[scale == 0] = 1.0
-    lam = lam_raw / scale[:, None]
+    lam = a.lam_raw / scale[:, None]
 
-    ref, nodes_h = _deepseek(_ds_weights(lam_raw), N, ep, nodes, groups)
-    ref_imb, ref_cost = _imbalance(ref, lam, ep)
-    target = ref_imb if target_arg is None else target_arg
-    old_imb = old_cost = None
+    ref, nodes_h = _deepseek(_ds_weights(a.lam_raw), a.N, a.ep, a.nodes, a.groups)
+    ref_imb, ref_cost = _imbalance(ref, lam, a.ep)
+    target = ref_imb if a.target is None else a.target
+    old, old_imb, old_cost = a.old, None, None
     if old is not None:
-        old_imb, old_cost = _imbalance(old, lam, ep)
+        old_imb, old_cost = _imbalance(old, lam, a.ep)
 
     rounds = 0
     recv = inter = None
-    if policy == "deepseek":
+    if a.policy == "deepseek":
         new, imb, cost = ref, ref_imb, ref_cost
         source = ["deepseek"] * L
+    elif a.policy == "deepseek_relabelled":
+        gpu_of_pack = _relabel(ref, old, a.ep, a.nodes, nodes_h, E)[0]
+        new, imb, cost = _relabel_maps(ref, old, gpu_of_pack, np.arange(L)), ref_imb, ref_cost
+        source = ["reference"] * L
     else:
-        if policy == "deepseek_relabelled":
-            gpu_of_pack = _relabel(ref, old, ep, nodes, nodes_h, E)[0]
-            new, imb, cost = _relabel_maps(ref, old, gpu_of_pack, np.arange(L)), ref_imb, ref_cost
-            source = ["reference"] * L
-        else:
-            new, imb, cost, source, rounds, recv, inter = _migration_aware(
-                old, ref, lam, target, ref_imb, old_imb, old_cost, ref_cost, ep, nodes, nodes_h
-            )
+        new, imb, cost, source, rounds, recv, inter = _migration_aware(
+            old, ref, lam, target, ref_imb, old_imb, old_cost, ref_cost, a.ep, a.nodes, nodes_h
+        )
+    return _Decision(new, imb, cost, source, rounds, recv, inter, target, old_imb, old_cost, scale)
 
-    replicas = _expert_counts(new, E)
+
+def _result(a: _Args, d: _Decision, t0: float) -> RebalanceResult:
+    """The frozen :class:`RebalanceResult` of decision ``d``: replica counts, the figures
+    against ``old_map`` (slots changed, experts received, gain), ``seconds`` since ``t0``."""
+    E = a.lam_raw.shape[1]
+    old, recv, inter = a.old, d.recv, d.inter
+    replicas = _expert_counts(d.new, E)
     sc = None
     if old is not None:
-        sc = ((new != old) & (new != -1)).sum(1).astype(_I64)
+        sc = ((d.new != old) & (d.new != -1)).sum(1).astype(_I64)
         if recv is None:
-            recv, inter = _received(old, new, ep, nodes, E)
-    res = RebalanceResult(
-        policy=policy,
-        new_map=_frozen(new),
+            recv, inter = _received(old, d.new, a.ep, a.nodes, E)
+    return RebalanceResult(
+        policy=a.policy,
+        new_map=_frozen(d.new),
         replicas=_frozen(replicas),
-        imbalance=_frozen(imb.copy()),
-        target=_frozen(np.asarray(target, dtype=np.float64).copy()),
-        target_met=_frozen(imb <= target * (1 + _TOL)),
-        layer_source=tuple(source),
-        ep_size=ep,
-        num_nodes=nodes,
-        row_bytes=rb,
-        old_imbalance=None if old_imb is None else _frozen(old_imb.copy()),
+        imbalance=_frozen(d.imb.copy()),
+        target=_frozen(np.asarray(d.target, dtype=np.float64).copy()),
+        target_met=_frozen(d.imb <= d.target * (1 + _TOL)),
+        layer_source=tuple(d.source),
+        ep_size=a.ep,
+        num_nodes=a.nodes,
+        row_bytes=a.row_bytes,
+        old_imbalance=None if d.old_imb is None else _frozen(d.old_imb.copy()),
         slots_changed=None if sc is None else _frozen(sc),
         experts_received=None if recv is None else _frozen(recv),
         internode_received=None if inter is None else _frozen(inter),
-        repair_rounds=rounds,
+        repair_rounds=d.rounds,
         # from the sums over layers of the max GPU load (unscaled), new and old
         gain=None
-        if old_cost is None
-        else _gain(float((cost * scale).sum()), float((old_cost * scale).sum())),
+        if d.old_cost is None
+        else _gain(float((d.cost * d.scale).sum()), float((d.old_cost * d.scale).sum())),
         seconds=time.perf_counter() - t0,
     )
-    return res
 
 
 def placement_imbalance(placement, loads, ep_size: int) -> np.ndarray:
