@@ -30,6 +30,7 @@ expert id per slot) and is what the tests use to check that a plan produces the 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -317,125 +318,34 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def _plan(old: np.ndarray, new: np.ndarray, ep: int, rpn: int | None) -> RearrangementPlan:
+    """The plan of ``old -> new`` (checked int64 maps ``[L, N]``, ``N`` divisible by ``ep``).
+
+    Steps: the best old row holding each (layer, rank, expert) (:func:`_holders`); each
+    changed row's source, a local copy or the network (:func:`_changed_rows`); a sender for
+    every row received over the network (:func:`_senders`); then the plan's arrays.
+    """
     L, N = old.shape
     P = N // ep
     oldf = old.ravel()
     newf = new.ravel()
     changed = (newf != oldf) & (newf != -1)
+    oldc, newc, E = _expert_codes(oldf, newf, L, ep, P)
+    h_key, h_row = _holders(oldc, oldf, newf, P, E)
+    ch = _changed_rows(changed, newc, P, E, h_key, h_row)
 
-    # Expert codes for the composite keys: the ids themselves when the keys fit in int64,
-    # else dense codes (only for absurdly sparse ids).
-    max_id = int(max(oldf.max(), newf.max())) if oldf.size else -1
-    E = max_id + 1 if max_id >= 0 else 1
-    if (L + 1) * (ep + 1) * (E + 1) * 2 * (P + 1) >= _KEY_LIMIT:
-        uniq, inv = np.unique(np.concatenate([oldf, newf]), return_inverse=True)
-        inv = inv.astype(_I64)
-        if uniq[0] == -1:
-            inv -= 1
-        oldc, newc = inv[: oldf.size], inv[oldf.size :]
-        E = max(int(uniq.size), 1)
-    else:
-        oldc, newc = oldf, newf
-
-    # -- holders per (layer, rank, expert): the best old row ---------------------------
-    # flat slot index f = layer*N + rank*P + row, so f // P = layer*ep + rank ("lr").
-    fo = np.flatnonzero(oldc != -1)
-    lr_o = fo // P
-    prio = (newf[fo] != oldf[fo]).astype(_I64)  # 0: the row keeps its expert (preferred)
-    sv = ((lr_o * E + oldc[fo]) * 2 + prio) * P + (fo - lr_o * P)
-    sv.sort()
-    k = sv // (2 * P)
-    first = _group_starts(k)
-    h_key = k[first]  # sorted unique lr*E + e
-    h_row = sv[first] % P
-
-    # -- changed rows: local copy or network -------------------------------------------
-    fc = np.flatnonzero(changed)
-    lr_c = fc // P
-    row_c = fc - lr_c * P
-    key_c = lr_c * E + newc[fc]
-    if h_key.size:
-        pos = np.searchsorted(h_key, key_c)
-        np.minimum(pos, h_key.size - 1, out=pos)
-        local = h_key[pos] == key_c
-    else:
-        pos = np.zeros(fc.size, dtype=_I64)
-        local = np.zeros(fc.size, dtype=bool)
-
-    copy_src = np.empty(fc.size, dtype=_I64)
-    copy_src[local] = h_row[pos[local]]
-    is_copy = local.copy()
-    is_new = np.zeros(fc.size, dtype=bool)
-
-    # Network-bound rows: group by (layer, rank, expert); the lowest row receives.
-    net = np.flatnonzero(~local)  # positions in fc (slot order)
-    kn = key_c[net]
-    order = np.argsort(kn, kind="stable")
-    starts = _group_starts(kn[order])
-    lead = order[np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))]
-    dup = ~starts
-    dup_pos = net[order[dup]]
-    copy_src[dup_pos] = row_c[net[lead[dup]]]
-    is_copy[dup_pos] = True
-    is_new[dup_pos] = True
-    recv = net[np.sort(order[starts])]  # receiving rows, in slot order
-
-    # -- candidate senders: holders of (layer, expert) sorted by rank ------------------
-    lr_h = h_key // E
-    e_h = h_key - lr_h * E
-    l_h = lr_h // ep
-    r_h = lr_h - l_h * ep
-    sv2 = ((l_h * E + e_h) * ep + r_h) * P + h_row
-    sv2.sort()
-    g2 = sv2 // (ep * P)  # layer*E + expert
-    hs_rank = (sv2 // P) % ep
-    hs_row = sv2 % P
-
-    q_f = fc[recv]
-    q_lr = lr_c[recv]
+    q_f = ch.fc[ch.recv]  # the receiving rows, in slot order
+    q_lr = ch.lr[ch.recv]
     q_l = q_lr // ep
     q_dst = q_lr - q_l * ep
-    q_row = row_c[recv]
-    gq = q_l * E + newc[q_f]
-    lo = np.searchsorted(g2, gq, side="left")
-    hi = np.searchsorted(g2, gq, side="right")
-    cnt = hi - lo
-    if cnt.size and int(cnt.min()) == 0:
-        i = int(np.argmax(cnt == 0))
-        raise ValueError(
-            f"layer {int(q_l[i])}: new_map needs expert {int(newf[q_f[i]])}, "
-            "which old_map holds nowhere"
-        )
-    sel = lo.copy()
-    multi = np.flatnonzero(cnt > 1)
-    if multi.size:
-        sel[multi] = _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank)
-    t_src = hs_rank[sel]
-    t_srow = hs_row[sel]
+    q_row = ch.row[ch.recv]
+    q_expert = newf[q_f]
+    t_src, t_srow = _senders(h_key, h_row, L, ep, P, E, rpn, q_l, q_dst, q_row, newc[q_f], q_expert)
 
-    # -- assemble ------------------------------------------------------------------------
-    torder = np.argsort(((q_l * ep + t_src) * ep + q_dst) * P + q_row, kind="stable")
-    t_layer = q_l[torder]
-    t_src_rank = t_src[torder]
-    t_src_row = t_srow[torder]
-    t_dst_rank = q_dst[torder]
-    t_dst_row = q_row[torder]
-    t_expert = newf[q_f][torder]
-
-    cp = np.flatnonzero(is_copy)  # slot order = (layer, rank, dst_row)
-    c_lr = lr_c[cp]
-    c_layer = c_lr // ep
-    c_rank = c_lr - c_layer * ep
-    c_dst_row = row_c[cp]
-    c_src_row = copy_src[cp]
-    c_src_is_new = is_new[cp]
-    c_expert = newf[fc[cp]]
-
-    needed = np.zeros(L * N, dtype=bool)
-    needed[t_layer * N + t_src_rank * P + t_src_row] = True
-    lp = np.flatnonzero(local)
-    needed[lr_c[lp] * P + copy_src[lp]] = True
-
+    t_layer, t_src_rank, t_src_row, t_dst_rank, t_dst_row, t_expert = _transfers(
+        ep, P, q_l, t_src, t_srow, q_dst, q_row, q_expert
+    )
+    c_layer, c_rank, c_src_row, c_dst_row, c_expert, c_src_is_new = _copies(ch, newf, ep)
+    needed = _source_needed(L, N, P, t_layer, t_src_rank, t_src_row, ch)
     return RearrangementPlan(
         num_layers=int(L),
         num_physical=int(N),
@@ -453,9 +363,159 @@ def _plan(old: np.ndarray, new: np.ndarray, ep: int, rpn: int | None) -> Rearran
         c_dst_row=_frozen(c_dst_row),
         c_expert=_frozen(c_expert),
         c_src_is_new=_frozen(c_src_is_new),
-        source_needed=_frozen(needed.reshape(L, N)),
+        source_needed=_frozen(needed),
         changed=_frozen(changed.reshape(L, N)),
     )
+
+
+def _expert_codes(oldf: np.ndarray, newf: np.ndarray, L: int, ep: int, P: int):
+    """(old codes, new codes, E): the expert ids of the flat maps as codes in ``[0, E)`` (-1
+    stays -1) for the composite sort keys: the ids themselves when the keys fit in int64,
+    else dense codes (only for absurdly sparse ids)."""
+    max_id = int(max(oldf.max(), newf.max())) if oldf.size else -1
+    E = max_id + 1 if max_id >= 0 else 1
+    if (L + 1) * (ep + 1) * (E + 1) * 2 * (P + 1) < _KEY_LIMIT:
+        return oldf, newf, E
+    uniq, inv = np.unique(np.concatenate([oldf, newf]), return_inverse=True)
+    inv = inv.astype(_I64)
+    if uniq[0] == -1:
+        inv -= 1
+    return inv[: oldf.size], inv[oldf.size :], max(int(uniq.size), 1)
+
+
+def _holders(oldc: np.ndarray, oldf: np.ndarray, newf: np.ndarray, P: int, E: int):
+    """(keys, rows): every (layer, rank, expert) that the old map holds, as the sorted unique
+    keys ``lr * E + e`` (``lr = layer * ep + rank``, the flat slot index ``// P``), and the
+    best row holding it: the lowest row that keeps its expert, else the lowest row."""
+    fo = np.flatnonzero(oldc != -1)
+    lr_o = fo // P
+    prio = (newf[fo] != oldf[fo]).astype(_I64)  # 0: the row keeps its expert (preferred)
+    sv = ((lr_o * E + oldc[fo]) * 2 + prio) * P + (fo - lr_o * P)
+    sv.sort()
+    k = sv // (2 * P)
+    first = _group_starts(k)
+    return k[first], sv[first] % P
+
+
+class _ChangedRows(NamedTuple):
+    """The changed rows of a plan (new expert not -1 and not the old one), in slot order."""
+
+    fc: np.ndarray  # flat slot index, layer * N + rank * P + row
+    lr: np.ndarray  # layer * ep + rank
+    row: np.ndarray  # row on its rank
+    local: np.ndarray  # its rank holds the expert in old content: a copy from the holder row
+    copy_src: np.ndarray  # source row of the copies (local and is_new); unset elsewhere
+    is_copy: np.ndarray  # filled by a copy on its rank (local, or a duplicate of a received row)
+    is_new: np.ndarray  # a copy of a row received over the network in this rearrangement
+    recv: np.ndarray  # positions of the rows received over the network, in slot order
+
+
+def _changed_rows(changed, newc, P: int, E: int, h_key, h_row) -> _ChangedRows:
+    """Each changed row's source: a local copy from the holder row (:func:`_holders`) when its
+    rank holds the expert in old content; otherwise the network (:func:`_network_rows`)."""
+    fc = np.flatnonzero(changed)
+    lr_c = fc // P
+    row_c = fc - lr_c * P
+    key_c = lr_c * E + newc[fc]
+    if h_key.size:
+        pos = np.searchsorted(h_key, key_c)
+        np.minimum(pos, h_key.size - 1, out=pos)
+        local = h_key[pos] == key_c
+    else:
+        pos = np.zeros(fc.size, dtype=_I64)
+        local = np.zeros(fc.size, dtype=bool)
+
+    copy_src = np.empty(fc.size, dtype=_I64)
+    copy_src[local] = h_row[pos[local]]
+    is_copy = local.copy()
+    is_new = np.zeros(fc.size, dtype=bool)
+    dup_pos, dup_src, recv = _network_rows(key_c, local, row_c)
+    copy_src[dup_pos] = dup_src
+    is_copy[dup_pos] = True
+    is_new[dup_pos] = True
+    return _ChangedRows(fc, lr_c, row_c, local, copy_src, is_copy, is_new, recv)
+
+
+def _network_rows(key_c: np.ndarray, local: np.ndarray, row_c: np.ndarray):
+    """The changed rows that are not local copies, grouped by (layer, rank, expert)
+    (``key_c``): the lowest row of a group receives over the network, the others copy it.
+    Returns (positions of those copies, their source rows, positions of the receiving rows
+    in slot order), positions into the changed rows."""
+    net = np.flatnonzero(~local)  # positions in fc (slot order)
+    kn = key_c[net]
+    order = np.argsort(kn, kind="stable")
+    starts = _group_starts(kn[order])
+    lead = order[np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))]
+    dup = ~starts
+    return net[order[dup]], row_c[net[lead[dup]]], net[np.sort(order[starts])]
+
+
+def _candidates(h_key: np.ndarray, h_row: np.ndarray, ep: int, P: int, E: int):
+    """The holders of :func:`_holders` sorted by (layer, expert, rank): (``layer * E +
+    expert``, rank, row) of each, the candidate senders of that (layer, expert)."""
+    lr_h = h_key // E
+    e_h = h_key - lr_h * E
+    l_h = lr_h // ep
+    r_h = lr_h - l_h * ep
+    sv2 = ((l_h * E + e_h) * ep + r_h) * P + h_row
+    sv2.sort()
+    return sv2 // (ep * P), (sv2 // P) % ep, sv2 % P
+
+
+def _senders(h_key, h_row, L, ep, P, E, rpn, q_l, q_dst, q_row, q_code, q_expert):
+    """(rank, row) sending each network receive (layer ``q_l``, rank ``q_dst``, row
+    ``q_row``, expert code ``q_code``): its only candidate (:func:`_candidates`), or the
+    choice of :func:`_choose_senders` among several. Raises ValueError for an expert that
+    the old map holds nowhere in the layer (``q_expert``: the ids, for the message)."""
+    g2, hs_rank, hs_row = _candidates(h_key, h_row, ep, P, E)
+    gq = q_l * E + q_code
+    lo = np.searchsorted(g2, gq, side="left")
+    hi = np.searchsorted(g2, gq, side="right")
+    cnt = hi - lo
+    if cnt.size and int(cnt.min()) == 0:
+        i = int(np.argmax(cnt == 0))
+        raise ValueError(
+            f"layer {int(q_l[i])}: new_map needs expert {int(q_expert[i])}, "
+            "which old_map holds nowhere"
+        )
+    sel = lo.copy()
+    multi = np.flatnonzero(cnt > 1)
+    if multi.size:
+        sel[multi] = _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank)
+    return hs_rank[sel], hs_row[sel]
+
+
+def _transfers(ep: int, P: int, q_l, t_src, t_srow, q_dst, q_row, q_expert):
+    """The network transfers in the plan's order, (layer, src rank, dst rank, dst row):
+    (layer, src rank, src row, dst rank, dst row, expert)."""
+    torder = np.argsort(((q_l * ep + t_src) * ep + q_dst) * P + q_row, kind="stable")
+    return (
+        q_l[torder],
+        t_src[torder],
+        t_srow[torder],
+        q_dst[torder],
+        q_row[torder],
+        q_expert[torder],
+    )
+
+
+def _copies(ch: _ChangedRows, newf: np.ndarray, ep: int):
+    """The local copies in slot order, (layer, rank, dst row): (layer, rank, src row, dst row,
+    expert, source is new)."""
+    cp = np.flatnonzero(ch.is_copy)
+    c_lr = ch.lr[cp]
+    c_layer = c_lr // ep
+    c_rank = c_lr - c_layer * ep
+    return c_layer, c_rank, ch.copy_src[cp], ch.row[cp], newf[ch.fc[cp]], ch.is_new[cp]
+
+
+def _source_needed(L: int, N: int, P: int, t_layer, t_src_rank, t_src_row, ch: _ChangedRows):
+    """``[L, N]`` bool: the slots whose old content is read, by a transfer or a local copy."""
+    needed = np.zeros(L * N, dtype=bool)
+    needed[t_layer * N + t_src_rank * P + t_src_row] = True
+    lp = np.flatnonzero(ch.local)
+    needed[ch.lr[lp] * P + ch.copy_src[lp]] = True
+    return needed.reshape(L, N)
 
 
 def _choose_senders(L, ep, rpn, q_l, q_dst, q_row, lo, hi, multi, hs_rank) -> np.ndarray:

@@ -656,107 +656,140 @@ class _LayerWork:
 def _layer_works(sched: Schedule, rank: int, layers: list) -> dict:
     """This rank's transfers and copies for each of ``layers``: layer -> _LayerWork.
 
-    Sorting and run detection are done once over all layers (numpy); only the per-layer
-    lists are built in Python.
+    Sorting and run detection are done once over all layers (numpy: :func:`_sorted_side`,
+    :func:`_rank_copies`); only the per-layer lists are built in Python
+    (:func:`_sends_by_layer`, :func:`_recvs_by_layer`, :func:`_copies_by_layer`).
     """
     plan, layout = sched.plan, sched.layout
     rv = plan.rank_view(rank)
+    sl, sp, ss, _, _, s_starts, s_len = _sorted_side(
+        sched, rv.s_layer, rv.s_peer, rv.s_src_row, rv.s_dst_row, None
+    )
+    rl, rp, rs, rd, staged_r, r_starts, r_len = _sorted_side(
+        sched, rv.r_layer, rv.r_peer, rv.r_src_row, rv.r_dst_row, rank
+    )
+    order = sched.order
+    assert order is not None  # build_schedule sets it
+    cl, cs, cd, ckind, cwave, cstash = _rank_copies(plan, order, rank, rv)
+    lay = np.asarray(layers, dtype=_I64)
+    stashed = order.stashed.reshape(plan.num_layers, plan.ep_size, -1)[lay, rank]
+    sends = _sends_by_layer(lay, sl, sp, ss, s_starts, s_len)
+    recvs = _recvs_by_layer(lay, rl, rp, rs, rd, staged_r, r_starts, r_len)
+    copies = _copies_by_layer(lay, cl, cs, cd, ckind, cwave, cstash, stashed)
+    out = {}
+    for layer, (s, s_msgs), (r, r_rows, r_msgs), (c_a, c_stash, c_c, c_new) in zip(
+        layers, sends, recvs, copies, strict=True
+    ):
+        packed = bool(sched.packed[layer])
+        big, small = split_row_tensors(layout.row_bytes[layer], packed, sched.pack_threshold)
+        out[layer] = _LayerWork(
+            layer, big, small, s, r, r_rows, c_a, c_stash, c_c, c_new, s_msgs, r_msgs
+        )
+    return out
+
+
+def _sorted_side(sched: Schedule, layer, peer, src, dst, rank: int | None) -> tuple:
+    """One side of a rank's transfers (``rank``: the receiving rank, None for the send side,
+    where the peer receives), sorted by (layer, peer, source row, destination row): (layer,
+    peer, src row, dst row, staged, starts, lengths), where ``staged`` says the transfer is
+    received into staging and (starts, lengths) are its :func:`message_runs`.
+
+    Per pair of ranks both sides list the transfers by (source row, destination row), and a
+    run of transfers from consecutive source rows, all received into staging, travels as one
+    message per tensor (k rows of the source tensor -> k staged rows). The receiver's staging
+    decision comes from the global plan, so the sender breaks runs where the receiver does:
+    a row is staged when it may not be written before phase C and its layer has tensors
+    sent as their own messages."""
+    plan, layout, thr = sched.plan, sched.layout, sched.pack_threshold
     P = plan.slots_per_rank
     nP = plan.ep_size * P
-    thr = sched.pack_threshold
     # rows (of every rank) that may not be written before phase C, flat per layer
     unsafe_all = (plan.changed if sched.transactional else plan.source_needed).reshape(-1)
     nbig = np.where(sched.packed, _sizes(layout, True, thr)[3], _sizes(layout, False, thr)[3])
-    has_big = nbig > 0
-    # Per pair of ranks both sides list the transfers by (source row, destination row), and a
-    # run of transfers from consecutive source rows, all received into staging, travels as one
-    # message per tensor (k rows of the source tensor -> k staged rows). The receiver's staging
-    # decision comes from the global plan, so the sender breaks runs where the receiver does.
-    sl, sp, ss, sd = rv.s_layer, rv.s_peer, rv.s_src_row, rv.s_dst_row
-    o = np.lexsort((sd, ss, sp, sl))
-    sl, sp, ss, sd = sl[o], sp[o], ss[o], sd[o]
-    staged_s = unsafe_all[sl * nP + sp * P + sd] & has_big[sl]
-    s_starts, s_len = message_runs(sp, ss, staged_s, sl)
-    rl, rp, rs, rd = rv.r_layer, rv.r_peer, rv.r_src_row, rv.r_dst_row
-    o = np.lexsort((rd, rs, rp, rl))
-    rl, rp, rs, rd = rl[o], rp[o], rs[o], rd[o]
-    staged_r = unsafe_all[rl * nP + rank * P + rd] & has_big[rl]
-    r_starts, r_len = message_runs(rp, rs, staged_r, rl)
+    o = np.lexsort((dst, src, peer, layer))
+    layer, peer, src, dst = layer[o], peer[o], src[o], dst[o]
+    to = peer if rank is None else rank
+    staged = unsafe_all[layer * nP + to * P + dst] & (nbig > 0)[layer]
+    starts, lengths = message_runs(peer, src, staged, layer)
+    return layer, peer, src, dst, staged, starts, lengths
+
+
+def _rank_copies(plan: RearrangementPlan, order: CopyOrder, rank: int, rv) -> tuple:
+    """Rank ``rank``'s local copies (``rv``: its :meth:`~RearrangementPlan.rank_view`)
+    sorted by layer (stable: the plan's order within a layer): (layer, src row, dst row, kind,
+    wave, reads the stash), the last two from ``order``. Kind 0: duplicate of a new row
+    (phase C last), 1: into a row nobody reads (phase A), 2: old content into a row that is
+    read or live (phase C first, ordered)."""
     o = np.argsort(rv.c_layer, kind="stable")
     cl, cs, cd, cn = rv.c_layer[o], rv.c_src_row[o], rv.c_dst_row[o], rv.c_src_is_new[o]
-    order = sched.order
-    assert order is not None  # build_schedule sets it
     mine = np.flatnonzero(plan.c_rank == rank)[o]  # the same copies in the plan's order
-    cwave, cstash = order.wave[mine], order.from_stash[mine]
-    # 0: duplicate of a new row (phase C last), 1: into a row nobody reads (phase A),
-    # 2: old content into a row that is read or live (phase C first, ordered)
     ckind = np.where(cn, 0, np.where(order.ordered[mine], 2, 1))
-    node0 = np.asarray(layers, dtype=_I64) * nP + rank * P
-    stashed = order.stashed
-    lay = np.asarray(layers, dtype=_I64)
-    # per layer: [start, end) of its transfers/copies, and of its runs
-    sb, rb_, cb = (
-        np.stack([np.searchsorted(x, lay), np.searchsorted(x, lay, side="right")], axis=1)
-        for x in (sl, rl, cl)
-    )
-    srb = np.searchsorted(s_starts, sb).tolist()
-    rrb = np.searchsorted(r_starts, rb_).tolist()
-    sb, rb_, cb = sb.tolist(), rb_.tolist(), cb.tolist()
-    sp_l, ss_l = sp.tolist(), ss.tolist()
-    rp_l, rs_l, rd_l, stg_l = rp.tolist(), rs.tolist(), rd.tolist(), staged_r.tolist()
-    cs_l, cd_l, ck_l = cs.tolist(), cd.tolist(), ckind.tolist()
-    cw_l, cf_l = cwave.tolist(), cstash.tolist()
-    s_starts, s_len, r_starts, r_len = (
-        s_starts.tolist(),
-        s_len.tolist(),
-        r_starts.tolist(),
-        r_len.tolist(),
-    )
-    out = {}
-    for k, layer in enumerate(layers):
-        big, small = split_row_tensors(layout.row_bytes[layer], bool(sched.packed[layer]), thr)
-        a, b = sb[k]
-        sends = list(zip(sp_l[a:b], ss_l[a:b]))
-        i0, i1 = srb[k]
-        send_msgs = [(sp_l[x], ss_l[x], m) for x, m in zip(s_starts[i0:i1], s_len[i0:i1])]
-        a, b = rb_[k]
+    return cl, cs, cd, ckind, order.wave[mine], order.from_stash[mine]
+
+
+def _spans(keys: np.ndarray, lay: np.ndarray) -> np.ndarray:
+    """``[len(lay), 2]``: the [start, end) of each layer of ``lay`` in the sorted ``keys``."""
+    return np.stack([np.searchsorted(keys, lay), np.searchsorted(keys, lay, side="right")], 1)
+
+
+def _sends_by_layer(lay, layer, peer, src, starts, lengths) -> list:
+    """Per layer of ``lay``, from the send side of :func:`_sorted_side`: ((peer, src row) per
+    transfer, (peer, first src row, rows) per message)."""
+    spans = _spans(layer, lay)
+    runs = np.searchsorted(starts, spans).tolist()
+    peer, src, starts, lengths = peer.tolist(), src.tolist(), starts.tolist(), lengths.tolist()
+    out = []
+    for (a, b), (i0, i1) in zip(spans.tolist(), runs):
+        sends = list(zip(peer[a:b], src[a:b]))
+        msgs = [(peer[x], src[x], m) for x, m in zip(starts[i0:i1], lengths[i0:i1])]
+        out.append((sends, msgs))
+    return out
+
+
+def _recvs_by_layer(lay, layer, peer, src, dst, staged, starts, lengths) -> list:
+    """Per layer of ``lay``, from the receive side of :func:`_sorted_side`: ((peer, src row,
+    dst row, j) per transfer, with j the row of the staged-receive blocks or -1 in place;
+    the dst rows of the staged ones, by j; (peer, first src row, first dst row, first j,
+    rows) per message)."""
+    spans = _spans(layer, lay)
+    runs = np.searchsorted(starts, spans).tolist()
+    peer, src, dst, staged = peer.tolist(), src.tolist(), dst.tolist(), staged.tolist()
+    starts, lengths = starts.tolist(), lengths.tolist()
+    out = []
+    for (a, b), (i0, i1) in zip(spans.tolist(), runs):
         recvs: list[tuple[int, int, int, int]] = []  # (peer, src row, dst row, staged index)
         recv_rows: list[int] = []
-        for peer, src, row, staged in zip(rp_l[a:b], rs_l[a:b], rd_l[a:b], stg_l[a:b]):
-            if staged:
-                recvs.append((peer, src, row, len(recv_rows)))
+        for p, s, row, stg in zip(peer[a:b], src[a:b], dst[a:b], staged[a:b]):
+            if stg:
+                recvs.append((p, s, row, len(recv_rows)))
                 recv_rows.append(row)
             else:
-                recvs.append((peer, src, row, -1))
-        i0, i1 = rrb[k]
-        recv_msgs = [recvs[x - a] + (m,) for x, m in zip(r_starts[i0:i1], r_len[i0:i1])]
-        a, b = cb[k]
+                recvs.append((p, s, row, -1))
+        msgs = [recvs[x - a] + (m,) for x, m in zip(starts[i0:i1], lengths[i0:i1])]
+        out.append((recvs, recv_rows, msgs))
+    return out
+
+
+def _copies_by_layer(lay, layer, src, dst, kind, wave, from_stash, stashed) -> list:
+    """Per layer of ``lay``, from :func:`_rank_copies` (``stashed``: ``[len(lay), rows]``, the
+    stash flags of this rank's rows): (phase A copies (src, dst); the rows saved into the
+    stash blocks; phase C's ordered copies (src, stash block or -1, dst, wave) by (wave, src,
+    from stash, dst); the copies of new rows (src, dst))."""
+    cols = tuple(x.tolist() for x in (src, dst, kind, wave, from_stash))
+    out = []
+    for k, (a, b) in enumerate(_spans(layer, lay).tolist()):
         new, copies_a, tc = [], [], []
-        for src, dst, kind, wv, fs in zip(cs_l[a:b], cd_l[a:b], ck_l[a:b], cw_l[a:b], cf_l[a:b]):
-            if kind == 2:
-                tc.append((wv, src, fs, dst))
-            elif kind == 1:
-                copies_a.append((src, dst))
+        for s, d, kd, wv, fs in zip(*(c[a:b] for c in cols)):
+            if kd == 2:
+                tc.append((wv, s, fs, d))
+            elif kd == 1:
+                copies_a.append((s, d))
             else:
-                new.append((src, dst))
-        base = int(node0[k])
-        stash_src = np.flatnonzero(stashed[base : base + P]).tolist() if tc else []
+                new.append((s, d))
+        stash_src = np.flatnonzero(stashed[k]).tolist() if tc else []
         slot = {r: j for j, r in enumerate(stash_src)}
-        copies_c = [(src, slot[src] if fs else -1, dst, wv) for wv, src, fs, dst in sorted(tc)]
-        out[layer] = _LayerWork(
-            layer,
-            big,
-            small,
-            sends,
-            recvs,
-            recv_rows,
-            copies_a,
-            stash_src,
-            copies_c,
-            new,
-            send_msgs,
-            recv_msgs,
-        )
+        copies_c = [(s, slot[s] if fs else -1, d, wv) for wv, s, fs, d in sorted(tc)]
+        out.append((copies_a, stash_src, copies_c, new))
     return out
 
 
