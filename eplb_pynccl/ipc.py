@@ -61,7 +61,7 @@ from ._deadline import default_timeout, poll_until
 from ._nccl import cuda as _cuda
 from .communicator import Communicator
 from .errors import CommunicatorStateError
-from .transport import Transport, TransportRound, round_peers
+from .transport import Transport, TransportRound, round_peers, wait_for_stream
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,57 @@ class _Peer:
         self.ready, self.done = ready, done
         self.counters, self.shm = counters, shm
         self.pid = pid
+
+
+class _Local:
+    """This rank's side of the node, owned by :class:`IpcTransport` and used by its rounds:
+    the driver and device, the copy stream, the ready/done events peers open, the shared page
+    (host counters and stream-signal slots), the opened peers, and what close() must free.
+    ``seq`` counts rounds launched (the same sequence on every rank)."""
+
+    def __init__(self, drv, device: int, world_size: int, pull_method: str) -> None:
+        self.drv, self.device = drv, device
+        self.state = "open"
+        self.failed_why: str | None = None
+        self.peers: dict[int, _Peer] = {}
+        self.opened: list[int] = []  # mapped peer allocations
+        self.events: list[int] = []  # every event created or opened here
+        self.graphs: set = set()  # CopyGraphs of live rounds
+        self.seq = 0
+        self.pull_method = pull_method
+        self.signals_method = "host"  # decided by register_buffers
+        drv.set_device(device)
+        self.copy_stream = drv.stream_create()
+        self.ready = drv.event_create_ipc()
+        self.done = drv.event_create_ipc()
+        self.events += [self.ready, self.done]
+        self.page = _Page.create(f"eplb_ipc_{os.getpid()}_{id(self):x}", _Page.size(world_size))
+
+    def check_open(self) -> None:
+        if self.state != "open":
+            raise CommunicatorStateError(f"this IpcTransport is {self.state}; make a new one")
+        if self.failed_why is not None:
+            raise CommunicatorStateError(
+                f"this IpcTransport failed ({self.failed_why}); make a new one"
+            )
+
+    def make_current(self) -> None:
+        self.drv.set_device(self.device)
+
+    def add_event(self) -> int:
+        """A driver event freed by close()."""
+        e = self.drv.event_create()
+        self.events.append(e)
+        return e
+
+    def held(self) -> dict[str, int]:
+        """How many mappings, events, peers and graphs are held (close() leaves none)."""
+        return {
+            "opened": len(self.opened),
+            "events": len(self.events),
+            "peers": len(self.peers),
+            "graphs": len(self.graphs),
+        }
 
 
 class IpcTransport(Transport):
@@ -199,61 +250,50 @@ class IpcTransport(Transport):
         self.comm = communicator
         self.store = store
         self._setup = setup
-        self._device = device
         self.timeout = float(timeout)
         self._key = key
         self._gen = 0
         self._rpn = ranks_per_node
-        self._drv = drv
-        self._state = "open"
-        self._failed_why: str | None = None
-        self._peers: dict[int, _Peer] = {}
-        self._opened: list[int] = []  # mapped peer allocations, closed by close()
-        self._events: list[int] = []  # every event created or opened here
-        self._seq = 0  # rounds launched (the same sequence on every rank)
         self._next_alive_check = 0.0
         self._registered = False
-        self.pull_method = "graph" if pull_graphs else "batch"
         self._signals = signals
-        self.signals_method = "host"  # decided by register_buffers
-        self._graphs: set = set()  # CopyGraphs of live rounds, freed by close()
         self.node = [0] * world_size
-        drv.set_device(self._device)
-        self._copy_stream = drv.stream_create()
-        self._ready = drv.event_create_ipc()
-        self._done = drv.event_create_ipc()
-        self._events += [self._ready, self._done]
-        self._shm = _Page.create(f"eplb_ipc_{os.getpid()}_{id(self):x}", _Page.size(world_size))
-        self._counters = self._shm.counters
-        self._info = drv.device_info(self._device)
+        self._local = _Local(drv, device, world_size, "graph" if pull_graphs else "batch")
+        self._info = drv.device_info(device)
+
+    @property
+    def pull_method(self) -> str:
+        """How a round's pulls from a peer are enqueued: ``"graph"`` or ``"batch"``."""
+        return self._local.pull_method
+
+    @property
+    def signals_method(self) -> str:
+        """How a round's ranks order each other: ``"stream"`` or ``"host"``."""
+        return self._local.signals_method
+
+    @property
+    def rounds(self) -> int:
+        """Rounds launched so far (the same count on every rank)."""
+        return self._local.seq
 
     # ---- Transport members ---------------------------------------------------------------
     @property
     def device(self):
         import torch
 
-        return torch.device("cuda", self._device)
+        return torch.device("cuda", self._local.device)
 
     def check_tensor(self, t, name: str) -> None:
-        if t.device.type != "cuda" or t.device.index != self._device:
-            raise ValueError(
-                f"{name} is on {t.device}, but this IpcTransport is on cuda:{self._device}"
-            )
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise CommunicatorStateError(f"this IpcTransport is {self._state}; make a new one")
-        if self._failed_why is not None:
-            raise CommunicatorStateError(
-                f"this IpcTransport failed ({self._failed_why}); make a new one"
-            )
+        d = self._local.device
+        if t.device.type != "cuda" or t.device.index != d:
+            raise ValueError(f"{name} is on {t.device}, but this IpcTransport is on cuda:{d}")
 
     def exchange(
         self, sends, recvs, stream: torch.cuda.Stream | None = None, timeout: float | None = None
     ) -> None:
         """Tensors of a round: only between ranks of different nodes (through the
         communicator); a one-sided round of the same node needs the schedule (prepare_round)."""
-        self._check_open()
+        self._local.check_open()
         near = [p for p in round_peers(sends, recvs) if self.node[p] == self.node[self.rank]]
         if near or self.comm is None:
             raise NotImplementedError(
@@ -262,27 +302,24 @@ class IpcTransport(Transport):
             )
         import torch
 
-        s = torch.cuda.current_stream(self._device) if stream is None else stream
+        s = torch.cuda.current_stream(self._local.device) if stream is None else stream
         self.comm.p2p([(t, p) for p, t in sends], [(t, p) for p, t in recvs], s.cuda_stream)
 
     def wait(self, stream: torch.cuda.Stream | None = None, timeout: float | None = None) -> None:
         import torch
 
-        s = torch.cuda.current_stream(self._device) if stream is None else stream
-        ev = torch.cuda.Event()
-        ev.record(s)
-        t = self.timeout if timeout is None else timeout
-        _poll(ev.query, time.monotonic() + t, f"stream work not done after {t:.3g} s", self)
+        s = torch.cuda.current_stream(self._local.device) if stream is None else stream
+        wait_for_stream(self, s, self.timeout if timeout is None else timeout)
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
-        self._check_open()
+        self._local.check_open()
         return self._all_gather(data)
 
     def poll_error(self) -> None:
         """Raise at once when a peer on the node failed (its flag) or its process is gone
         (checked every 50 ms), rather than at the timeout. A peer's flag set because a
         process died is reported as that death (the root cause), where it is seen."""
-        for p in self._peers.values():
+        for p in self._local.peers.values():
             if p.counters[_FAILED]:
                 self._raise_if_a_peer_died()
                 self.abort(f"peer rank {p.rank} failed")
@@ -296,19 +333,20 @@ class IpcTransport(Transport):
         self._raise_if_a_peer_died()
 
     def _raise_if_a_peer_died(self) -> None:
-        for p in self._peers.values():
+        for p in self._local.peers.values():
             if p.pid is not None and not _alive(p.pid):
                 self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
                 raise RuntimeError(
                     f"rank {self.rank}: peer rank {p.rank} (pid {p.pid}) exited mid-round"
                 )
 
-    def abort(self, why: str = "aborted") -> None:
+    def abort(self, why: str = "aborted by the caller") -> None:
         """Local: mark this transport failed (peers see it at once) and abort the communicator."""
-        if self._failed_why is None:
-            self._failed_why = why
-            if self._state == "open":
-                self._counters[_FAILED] = 1
+        own = self._local
+        if own.failed_why is None:
+            own.failed_why = why
+            if own.state == "open":
+                own.page.counters[_FAILED] = 1
                 self._release_waits()
         if self.comm is not None:
             self.comm.abort()
@@ -317,7 +355,7 @@ class IpcTransport(Transport):
     def make_current(self) -> None:
         """Make this transport's device current on the calling thread (driver calls of a
         thread other than the one that made the transport need it first)."""
-        self._drv.set_device(self._device)
+        self._local.make_current()
 
     def _all_gather(self, data: bytes) -> list[bytes]:
         """Every rank's ``data`` (any lengths), through the store, the setup transport or
@@ -357,35 +395,14 @@ class IpcTransport(Transport):
         """Collective: export this rank's weight allocations and events, open the peers' on
         this node. Raises before anything moves when a tensor's memory cannot be exported
         (expandable segments) or a peer's GPU cannot be reached or is another model."""
-        self._check_open()
+        own = self._local
+        own.check_open()
         if self._registered:
             raise RuntimeError(
                 "IpcTransport.register_buffers: this transport already has buffers (one shuffler per transport)"
             )
-        drv = self._drv
-        drv.set_device(self._device)
-        allocs: dict[int, int] = {}  # base -> index
-        alloc_list: list[tuple[int, int, bytes]] = []  # (base, size, IPC handle)
-        tens = []
-        err = None
-        for i, t in enumerate(tensors):
-            ptr = t.data_ptr()
-            rng = drv.pointer_range(ptr)
-            if rng is None:
-                err = f"tensors[{i}]: CUDA does not know its pointer {ptr:#x}"
-                break
-            base, size, _ = rng
-            if not drv.ipc_capable(base):
-                err = (
-                    f"tensors[{i}] lives in memory CUDA IPC cannot export (a cuMem/VMM allocation, "
-                    "e.g. torch's expandable segments): unset PYTORCH_CUDA_ALLOC_CONF="
-                    "expandable_segments:True for the expert weights, or use NcclTransport"
-                )
-                break
-            if base not in allocs:
-                allocs[base] = len(alloc_list)
-                alloc_list.append((base, size, drv.ipc_mem_handle(base)))
-            tens.append((allocs[base], ptr - base, t.nbytes))
+        own.make_current()
+        allocs, tens, err = self._exports(tensors)
         host = socket.gethostname()
         can_signal = self._signals != "host" and self._stream_signals_work()
         mine = {
@@ -393,11 +410,11 @@ class IpcTransport(Transport):
             "err": err,
             "host": host,
             "info": self._info,
-            "allocs": alloc_list,
+            "allocs": allocs,
             "tensors": tens,
-            "ready": drv.ipc_event_handle(self._ready),
-            "done": drv.ipc_event_handle(self._done),
-            "shm": self._shm.name,
+            "ready": own.drv.ipc_event_handle(own.ready),
+            "done": own.drv.ipc_event_handle(own.done),
+            "shm": own.page.name,
             "pid": os.getpid(),
         }
         everyone = [pickle.loads(b) for b in self._all_gather(pickle.dumps(mine))]
@@ -408,6 +425,49 @@ class IpcTransport(Transport):
                 + "; ".join(f"rank {r}: {m}" for r, m in bad)
                 + "; nothing was moved"
             )
+        self._place_nodes(everyone)
+        problems = self._problems(everyone, can_signal)
+        # every rank learns about every rank's problems, so they all refuse together
+        verdict = [pickle.loads(b) for b in self._all_gather(pickle.dumps(problems))]
+        allp = [f"rank {r}: {m}" for r, ps in enumerate(verdict) for m in ps]
+        if allp:
+            raise ValueError("IpcTransport: " + "; ".join(allp) + "; nothing was moved")
+        try:
+            self._open_peers(everyone, host)
+        except BaseException:
+            self._release_peers()
+            raise
+        self._registered = True
+
+    def _exports(self, tensors: list) -> tuple[list, list, str | None]:
+        """This rank's allocations ``(base, size, IPC handle)``, its tensors as ``(allocation,
+        offset, nbytes)``, and what stops a tensor from being exported (or None)."""
+        drv = self._local.drv
+        index: dict[int, int] = {}  # allocation base -> its place in allocs
+        allocs: list[tuple[int, int, bytes]] = []
+        tens: list[tuple[int, int, int]] = []
+        for i, t in enumerate(tensors):
+            ptr = t.data_ptr()
+            rng = drv.pointer_range(ptr)
+            if rng is None:
+                return allocs, tens, f"tensors[{i}]: CUDA does not know its pointer {ptr:#x}"
+            base, size, _ = rng
+            if not drv.ipc_capable(base):
+                return (
+                    allocs,
+                    tens,
+                    f"tensors[{i}] lives in memory CUDA IPC cannot export (a cuMem/VMM allocation, "
+                    "e.g. torch's expandable segments): unset PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True for the expert weights, or use NcclTransport",
+                )
+            if base not in index:
+                index[base] = len(allocs)
+                allocs.append((base, size, drv.ipc_mem_handle(base)))
+            tens.append((index[base], ptr - base, t.nbytes))
+        return allocs, tens, None
+
+    def _place_nodes(self, everyone: list) -> None:
+        """Each rank's node (by ``ranks_per_node`` or host name); far ranks need NCCL."""
         if self._rpn is not None:
             self.node = [r // self._rpn for r in range(self.world_size)]
         else:
@@ -419,24 +479,32 @@ class IpcTransport(Transport):
             raise ValueError(
                 f"IpcTransport: ranks {far} are on other nodes; give a communicator for them (NCCL)"
             )
+
+    def _near(self) -> list[int]:
+        """The other ranks on this rank's node."""
+        me = self.node[self.rank]
+        return [r for r in range(self.world_size) if r != self.rank and self.node[r] == me]
+
+    def _problems(self, everyone: list, can_signal: bool) -> list[str]:
+        """What this rank finds wrong with the set-up: forced stream signals it cannot run,
+        peers on the node with another GPU model, invisible or without peer access."""
+        drv, mine = self._local.drv, self._info
         problems = []
         if self._signals == "stream" and not can_signal:
             problems.append(
                 "signals='stream' but this rank's driver cannot run stream memory operations "
                 "on registered host memory (use signals='auto' or 'host')"
             )
-        for r, e in enumerate(everyone):
-            if r == self.rank or self.node[r] != me:
-                continue
-            info = e["info"]
+        for r in self._near():
+            info = everyone[r]["info"]
             if (info["name"], info["cc_major"], info["cc_minor"]) != (
-                self._info["name"],
-                self._info["cc_major"],
-                self._info["cc_minor"],
+                mine["name"],
+                mine["cc_major"],
+                mine["cc_minor"],
             ):
                 problems.append(
                     f"rank {r} is on a {info['name']} (sm_{info['cc_major']}{info['cc_minor']}), "
-                    f"this rank on a {self._info['name']}"
+                    f"this rank on a {mine['name']}"
                 )
                 continue
             dev = drv.device_by_uuid(info["uuid"])
@@ -445,51 +513,41 @@ class IpcTransport(Transport):
                     f"rank {r}'s GPU ({info['name']}, uuid {info['uuid'][:8]}) is not visible to this "
                     "process (CUDA_VISIBLE_DEVICES)"
                 )
-            elif not drv.can_access_peer(self._device, dev):
+            elif not drv.can_access_peer(self._local.device, dev):
                 problems.append(
-                    f"rank {r}'s GPU (cuda:{dev}) has no peer access from cuda:{self._device}"
+                    f"rank {r}'s GPU (cuda:{dev}) has no peer access from cuda:{self._local.device}"
                 )
-        # every rank learns about every rank's problems, so they all refuse together
-        verdict = [pickle.loads(b) for b in self._all_gather(pickle.dumps(problems))]
-        allp = [f"rank {r}: {m}" for r, ps in enumerate(verdict) for m in ps]
-        if allp:
-            raise ValueError("IpcTransport: " + "; ".join(allp) + "; nothing was moved")
-        try:
-            for r, e in enumerate(everyone):
-                if r == self.rank or self.node[r] != me:
-                    continue
-                mapped = []
-                for _base, _size, handle in e["allocs"]:
-                    p = drv.ipc_open_mem(handle)
-                    self._opened.append(p)
-                    mapped.append(p)
-                bases = np.asarray([mapped[a] + off for a, off, _ in e["tensors"]], dtype=np.int64)
-                ready = drv.ipc_open_event(e["ready"])
-                done = drv.ipc_open_event(e["done"])
-                self._events += [ready, done]
-                shm = _Page.attach(e["shm"])
-                self._peers[r] = _Peer(
-                    r,
-                    bases,
-                    ready,
-                    done,
-                    shm.counters,
-                    shm,
-                    e["pid"] if e["host"] == host else None,
-                )
-            if all(everyone[r]["signals"] for r in range(self.world_size) if self.node[r] == me):
-                for peer in self._peers.values():
-                    peer.shm.device_address = drv.host_register(peer.shm.address, peer.shm.nbytes)
-                self.signals_method = "stream"
-        except BaseException:
-            self._release_peers()
-            raise
-        self._registered = True
+        return problems
+
+    def _open_peers(self, everyone: list, host: str) -> None:
+        """Open every near peer's allocations, events and page; stream signals where every
+        rank of the node can run them (their pages registered for the device)."""
+        own = self._local
+        drv = own.drv
+        for r in self._near():
+            e = everyone[r]
+            mapped = []
+            for _base, _size, handle in e["allocs"]:
+                p = drv.ipc_open_mem(handle)
+                own.opened.append(p)
+                mapped.append(p)
+            bases = np.asarray([mapped[a] + off for a, off, _ in e["tensors"]], dtype=np.int64)
+            ready = drv.ipc_open_event(e["ready"])
+            done = drv.ipc_open_event(e["done"])
+            own.events += [ready, done]
+            shm = _Page.attach(e["shm"])
+            pid = e["pid"] if e["host"] == host else None
+            own.peers[r] = _Peer(r, bases, ready, done, shm.counters, shm, pid)
+        if all(everyone[r]["signals"] for r in (self.rank, *self._near())):
+            for peer in own.peers.values():
+                peer.shm.device_address = drv.host_register(peer.shm.address, peer.shm.nbytes)
+            own.signals_method = "stream"
 
     def _stream_signals_work(self) -> bool:
         """Whether stream waits/writes on this rank's registered page work here: register it,
         write a slot from the copy stream, wait for it there, and see the host read it back."""
-        drv, page = self._drv, self._shm
+        own = self._local
+        drv, page = own.drv, own.page
         if not drv.has_stream_memops():
             return False
         slot = self.rank  # ready_from[self]: no round uses it
@@ -499,10 +557,10 @@ class IpcTransport(Transport):
                 page.device_address = drv.host_register(page.address, page.nbytes)
             addr = page.device_address + 64 + 4 * slot
             # the calls rounds make: batched writes and waits
-            _cuda.MemOps(drv, "write", [addr]).run(self._copy_stream, 7)
-            _cuda.MemOps(drv, "wait", [addr]).run(self._copy_stream, 7)
+            _cuda.MemOps(drv, "write", [addr]).run(own.copy_stream, 7)
+            _cuda.MemOps(drv, "wait", [addr]).run(own.copy_stream, 7)
             ev = drv.event_create()
-            drv.event_record(ev, self._copy_stream)
+            drv.event_record(ev, own.copy_stream)
 
             def stuck() -> None:
                 page.slots[slot] = 7  # let the wait pass, then give up on stream signals
@@ -524,64 +582,66 @@ class IpcTransport(Transport):
     def _release_waits(self) -> None:
         """Let every stream wait on this rank's slots pass (abort/close: a peer that never
         writes must not leave this rank's streams blocked)."""
-        if self.signals_method == "stream" and self._shm.slots is not None:
-            self._shm.slots[:] = _RELEASED
+        own = self._local
+        if own.signals_method == "stream" and own.page.slots is not None:
+            own.page.slots[:] = _RELEASED
 
     # ---- rounds ------------------------------------------------------------------------------
     def prepare_round(self, sends, recvs, remote=None) -> TransportRound:
-        self._check_open()
+        self._local.check_open()
         if not self._registered:
             raise RuntimeError(
                 "IpcTransport: register_buffers() first (ExpertShuffler does it at construction)"
             )
         if remote is None:
             raise ValueError("IpcTransport rounds need the schedule's messages (remote=)")
-        return _IpcRound(self, sends, recvs, remote)
+        return _IpcRound(self, self._local, sends, recvs, remote)
 
     def close(self) -> None:
         """Release every opened handle, event and page (local). Idempotent."""
-        if self._state != "open":
+        own = self._local
+        if own.state != "open":
             return
         self._release_waits()
-        self._state = "closed"
-        drv = self._drv
-        drv.set_device(self._device)
+        own.state = "closed"
+        drv = own.drv
+        own.make_current()
         drained = True
-        if self.signals_method == "stream":  # no queued stream op may touch an unregistered page
+        if own.signals_method == "stream":  # no queued stream op may touch an unregistered page
             ev = drv.event_create()
-            drv.event_record(ev, self._copy_stream)
-            until = time.monotonic() + 5.0
-            while not drv.event_done(ev) and time.monotonic() < until:
-                time.sleep(1e-4)
-            drained = drv.event_done(ev)
+            drv.event_record(ev, own.copy_stream)
+            try:
+                poll_until(lambda: drv.event_done(ev), time.monotonic() + 5.0, lambda: None)
+            except TimeoutError:
+                drained = False  # a stuck stream: leave the pages registered
             drv.event_destroy(ev)
-        for g in self._graphs:  # before the mappings they copy from are closed
+        for g in own.graphs:  # before the mappings they copy from are closed
             g.close()
-        self._graphs = set()
+        own.graphs = set()
         self._release_peers(unregister=drained)
-        for e in self._events:
+        for e in own.events:
             drv.event_destroy(e)
-        self._events = []
-        drv.stream_destroy(self._copy_stream)
-        self._counters = None
-        if self._shm.device_address and drained:
-            drv.host_unregister(self._shm.address)
-        self._shm.close(unlink=True)
+        own.events = []
+        drv.stream_destroy(own.copy_stream)
+        if own.page.device_address and drained:
+            drv.host_unregister(own.page.address)
+        own.page.close(unlink=True)
 
     def _release_peers(self, unregister: bool = True) -> None:
-        drv = self._drv
-        for p in self._opened:
+        own = self._local
+        drv = own.drv
+        for p in own.opened:
             try:
                 drv.ipc_close_mem(p)
             except _cuda.CudaError:
                 pass  # a peer that died may have taken its mapping with it
-        self._opened = []
-        for peer in self._peers.values():
+        own.opened = []
+        for peer in own.peers.values():
             if peer.shm.device_address and unregister:
                 drv.host_unregister(peer.shm.address)
             peer.counters = None
             peer.shm.close()
-        self._peers = {}
+        own.peers = {}
 
     def __del__(self) -> None:
         try:
@@ -679,14 +739,6 @@ class _Page:
                 pass
 
 
-def _poll(cond, deadline: float, what: str, t: IpcTransport) -> None:
-    def expired() -> None:
-        t.abort(what)
-        raise TimeoutError(f"rank {t.rank}: {what}")
-
-    poll_until(cond, deadline, expired)
-
-
 class RoundProtocol:
     """The ordering of one one-sided round on one rank, independent of CUDA (tested on the CPU
     as a state machine). ``q``: the round's sequence number. Callbacks:
@@ -748,10 +800,12 @@ class RoundProtocol:
 
 
 class _IpcRound(TransportRound):
-    """One round: pulls from peers on the node (copy engines), NCCL for the others."""
+    """One round: pulls from peers on the node (copy engines), NCCL for the others. It uses
+    the transport's public side (node map, communicator, poll_error, abort) and this rank's
+    :class:`_Local` resources."""
 
-    def __init__(self, t: IpcTransport, sends, recvs, remote) -> None:
-        self.t = t
+    def __init__(self, t: IpcTransport, own: _Local, sends, recvs, remote) -> None:
+        self.t, self.own = t, own
         _, rmsg = remote
         me = t.node[t.rank]
         self.peers = round_peers(sends, recvs)
@@ -766,7 +820,7 @@ class _IpcRound(TransportRound):
                     "IpcTransport: a receive whose source is not a weight row (packed); "
                     "the schedule must be one-sided"
                 )
-            src = int(t._peers[peer].bases[rb]) + int(rmsg.roff[q])
+            src = int(own.peers[peer].bases[rb]) + int(rmsg.roff[q])
             pulls.setdefault(peer, []).append((dst, src, n))
         self.graphs: list = []
         self.pulls = {p: self._pull_call(c) for p, c in pulls.items()}
@@ -780,58 +834,64 @@ class _IpcRound(TransportRound):
         self._far = len(far_s) + len(far_r)
         self._stream = None
         self._nccl_end: int | None = None
-        drv = t._drv
+        self._end: int | None = None
+        self.proto = self._host_protocol(sorted(pulls), readers)
+        if own.signals_method == "stream":
+            self._signal_ops(sorted(pulls), readers)
+            self._end = own.drv.event_create()
+
+    def _host_protocol(self, sources: list, readers: list) -> RoundProtocol:
+        """The host-poll ordering (``signals="host"``) over the peers' counters and events."""
+        own = self.own
+        drv, peers = own.drv, own.peers
 
         def ready(p, q):
-            peer = t._peers[p]
-            return peer.counters[_READY] >= q and drv.event_done(peer.ready)
+            return peers[p].counters[_READY] >= q and drv.event_done(peers[p].ready)
 
         def done(p, q):
-            peer = t._peers[p]
-            return peer.counters[_DONE] >= q and drv.event_done(peer.done)
+            return peers[p].counters[_DONE] >= q and drv.event_done(peers[p].done)
 
         def pull(p):
-            self.pulls[p](t._copy_stream)
+            self.pulls[p](own.copy_stream)
 
         def finish():
-            drv.event_record(t._done, t._copy_stream)
-            t._counters[_DONE] = self.proto.q
-            drv.stream_wait_event(self._stream, t._done)  # the round ends after the pulls
+            drv.event_record(own.done, own.copy_stream)
+            own.page.counters[_DONE] = self.proto.q
+            drv.stream_wait_event(self._stream, own.done)  # the round ends after the pulls
 
-        self.proto = RoundProtocol(
-            sorted(pulls), readers, ready, done, pull, finish, lambda: drv.event_done(t._done)
+        return RoundProtocol(
+            sources, readers, ready, done, pull, finish, lambda: drv.event_done(own.done)
         )
-        self._end: int | None = None
-        if t.signals_method == "stream":
-            # every address a launch writes or waits on (device addresses of the shared pages)
-            w, sources = t.world_size, sorted(pulls)
-            mine = t._shm.device_address + 64
-            peer = {p: t._peers[p].shm.device_address + 64 for p in (*sources, *readers)}
-            self._ready_out = _cuda.MemOps(drv, "write", [peer[p] + 4 * t.rank for p in readers])
-            self._wait_ready = _cuda.MemOps(drv, "wait", [mine + 4 * p for p in sources])
-            self._pull_list = [self.pulls[p] for p in sources]
-            self._done_out = _cuda.MemOps(
-                drv, "write", [peer[p] + 4 * (w + t.rank) for p in sources]
-            )
-            self._wait_done = _cuda.MemOps(drv, "wait", [mine + 4 * (w + p) for p in readers])
-            self._end = drv.event_create()
+
+    def _signal_ops(self, sources: list, readers: list) -> None:
+        """Every address a stream-signalled launch writes or waits on (device addresses of
+        the shared pages), as one batch of memory operations per direction."""
+        own, rank, w = self.own, self.t.rank, self.t.world_size
+        drv = own.drv
+        mine = own.page.device_address + 64
+        peer = {p: own.peers[p].shm.device_address + 64 for p in (*sources, *readers)}
+        self._ready_out = _cuda.MemOps(drv, "write", [peer[p] + 4 * rank for p in readers])
+        self._wait_ready = _cuda.MemOps(drv, "wait", [mine + 4 * p for p in sources])
+        self._pull_list = [self.pulls[p] for p in sources]
+        self._done_out = _cuda.MemOps(drv, "write", [peer[p] + 4 * (w + rank) for p in sources])
+        self._wait_done = _cuda.MemOps(drv, "wait", [mine + 4 * (w + p) for p in readers])
 
     def _pull_call(self, copies: list):
         """``f(stream)`` enqueueing the copies from one peer: a captured graph (one host call)
         or one batch (see IpcTransport's ``pull_graphs``)."""
-        t = self.t
-        if t.pull_method == "graph":
-            t.make_current()  # the graph's capture stream is on this rank's device
+        own = self.own
+        if own.pull_method == "graph":
+            own.make_current()  # the graph's capture stream is on this rank's device
             try:
-                g = _cuda.CopyGraph(t._drv, copies)
+                g = _cuda.CopyGraph(own.drv, copies)
             except _cuda.CudaError:
-                t.pull_method = "batch"  # this driver cannot capture them: batches from now on
+                own.pull_method = "batch"  # this driver cannot capture them: batches from now on
             else:
                 self.graphs.append(g)
-                t._graphs.add(g)
+                own.graphs.add(g)
                 return g.launch
         dsts, srcs, sizes = _cuda.copy_arrays(copies)
-        drv = t._drv
+        drv = own.drv
         return lambda s: drv.memcpy_batch(dsts, srcs, sizes, s)
 
     @property
@@ -846,55 +906,54 @@ class _IpcRound(TransportRound):
 
     def release(self) -> None:
         """Free the round's graphs (their launches in flight complete first)."""
+        own = self.own
         for g in self.graphs:
             g.close()
-            self.t._graphs.discard(g)
+            own.graphs.discard(g)
         self.graphs = []
-        if self._end is not None and self.t._state == "open":  # close() destroys the driver's
-            self.t._drv.event_destroy(self._end)  # events with the context's streams
+        if self._end is not None and own.state == "open":  # close() destroys the driver's
+            own.drv.event_destroy(self._end)  # events with the context's streams
         self._end = None
 
     def launch(self, stream, deadline: float) -> None:
-        t = self.t
-        t._check_open()
-        drv = t._drv
+        own = self.own
+        own.check_open()
+        drv = own.drv
         s = stream.cuda_stream
-        t._seq += 1
+        own.seq += 1
+        q = own.seq
         self._stream = s
+        self.proto.start(q)
         if self._end is not None:
-            self._launch_signalled(s, t._seq)
+            self._launch_signalled(s, q)
             return
-        drv.event_record(t._ready, s)  # my rows (and phase A) for this round are stable
-        t._counters[_READY] = t._seq
-        self.proto.start(t._seq)
+        drv.event_record(own.ready, s)  # my rows (and phase A) for this round are stable
+        own.page.counters[_READY] = q
         if self.nccl is not None:
             self.nccl.launch(s)
             if self._nccl_end is None:
-                self._nccl_end = drv.event_create()
-                t._events.append(self._nccl_end)
+                self._nccl_end = own.add_event()
             drv.event_record(self._nccl_end, s)
         # pulls wait for this rank's own phase A (staging free, rows it overwrote)
-        drv.stream_wait_event(t._copy_stream, t._ready)
+        drv.stream_wait_event(own.copy_stream, own.ready)
         self.proto.poll()
 
     def _launch_signalled(self, s: int, q: int) -> None:
         """The whole round on the GPU (stream signals): nothing is left for ``done()`` but
         one event query."""
-        t, drv = self.t, self.t._drv
-        c = t._copy_stream
-        t._counters[_READY] = q
-        self.proto.start(q)
+        own = self.own
+        drv, c = own.drv, own.copy_stream
         self._ready_out.run(s, q)  # my rows (and phase A) for this round are stable
         if self.nccl is not None:
             self.nccl.launch(s)
-        drv.event_record(t._ready, s)
-        drv.stream_wait_event(c, t._ready)  # pulls after my own phase A (staging free)
+        drv.event_record(own.ready, s)
+        drv.stream_wait_event(c, own.ready)  # pulls after my own phase A (staging free)
         self._wait_ready.run(c, q)  # every source's rows are stable
         for pull in self._pull_list:
             pull(c)
         self._done_out.run(c, q)  # I have read the sources' rows
-        drv.event_record(t._done, c)
-        drv.stream_wait_event(s, t._done)
+        drv.event_record(own.done, c)
+        drv.stream_wait_event(s, own.done)
         self._wait_done.run(s, q)  # my readers have read my rows: they may change now
         assert self._end is not None  # stream signals: made at prepare
         drv.event_record(self._end, s)
@@ -906,35 +965,37 @@ class _IpcRound(TransportRound):
 
     def waiting_on(self) -> tuple[list, list]:
         """(peers whose rows are not ready yet, readers not done yet): who holds the round."""
-        t = self.t
         if self._end is None:
             return self.proto.waiting_on()
-        q, w, slots = self.proto.q, t.world_size, t._shm.slots
+        q, w, slots = self.proto.q, self.t.world_size, self.own.page.slots
         unready = [p for p in self.proto.sources if int(slots[p]) - q < 0]
         undone = [p for p in self.proto.readers if int(slots[w + p]) - q < 0]
         return unready, undone
 
     def done(self) -> bool:
-        t = self.t
-        t._check_open()
-        t.poll_error()
+        own = self.own
+        own.check_open()
+        self.t.poll_error()
         if self._end is not None:
-            if t._drv.event_done(self._end):
+            if own.drv.event_done(self._end):
                 return True
-            if self.nccl is not None:
-                assert t.comm is not None  # an NCCL part implies the communicator
-                err = t.comm.async_error()
-                if err is not None:
-                    t.abort(str(err))
-                    raise err
+            self._raise_nccl_error()
             return False
         if not self.proto.poll():
             return False
-        if self._nccl_end is not None and not t._drv.event_done(self._nccl_end):
-            assert t.comm is not None  # an NCCL part (_nccl_end) implies the communicator
-            err = t.comm.async_error()
-            if err is not None:
-                t.abort(str(err))
-                raise err
+        if self._nccl_end is not None and not own.drv.event_done(self._nccl_end):
+            self._raise_nccl_error()
             return False
         return True
+
+    def _raise_nccl_error(self) -> None:
+        """While the round's NCCL part is pending: abort and raise NCCL's asynchronous
+        error, if it has one."""
+        if self.nccl is None:
+            return
+        comm = self.t.comm
+        assert comm is not None  # an NCCL part implies the communicator
+        err = comm.async_error()
+        if err is not None:
+            self.t.abort(str(err))
+            raise err

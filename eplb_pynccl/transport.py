@@ -136,8 +136,9 @@ class Transport(abc.ABC):
         """Raise (after aborting) if the transport has failed asynchronously."""
         return None
 
-    def abort(self) -> None:
-        """Stop using the transport: pending work is cancelled where that is possible."""
+    def abort(self, why: str = "aborted by the caller") -> None:
+        """Stop using the transport: pending work is cancelled where that is possible.
+        ``why`` is kept where the transport reports it on later use."""
         return None
 
 
@@ -214,6 +215,23 @@ class _ExchangeRound(_EventRound):
         self.t.exchange(
             self.sends, self.recvs, stream, timeout=max(0.0, deadline - time.monotonic())
         )
+
+
+def wait_for_stream(t: Transport, stream, timeout: float, aborted: str = "") -> None:
+    """Return once the work queued so far on ``stream`` (a torch CUDA stream) has completed;
+    past ``timeout`` seconds abort ``t`` and raise TimeoutError naming its rank (``aborted``:
+    what the abort did, appended to the message)."""
+    torch = _optional.torch()
+    limit = check_timeout(timeout)
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    what = f"stream work not done after {limit:.3g} s"
+
+    def expired() -> None:
+        t.abort(what)
+        raise TimeoutError(f"rank {t.rank}: {what}{aborted}")
+
+    poll_until(ev.query, Deadline(limit), expired)
 
 
 def _tagged(msgs) -> list:
@@ -296,7 +314,7 @@ class NcclTransport(Transport):
             self.comm.abort()
             raise err
 
-    def abort(self) -> None:
+    def abort(self, why: str = "aborted by the caller") -> None:
         self.comm.abort()
 
     def all_gather_bytes(self, data: bytes, timeout: float | None = None) -> list[bytes]:
@@ -425,14 +443,8 @@ class TorchTransport(Transport):
                 dst.copy_(h)
             return
         # Tags keep the per-pair order explicit for backends that match by tag.
-        ops = []
-        count: dict[tuple[int, int], int] = {}
-        for peer, t in sends:
-            k = count[(0, peer)] = count.get((0, peer), -1) + 1
-            ops.append(dist.P2POp(dist.isend, t, g[peer], self.group, tag=k))
-        for peer, t in recvs:
-            k = count[(1, peer)] = count.get((1, peer), -1) + 1
-            ops.append(dist.P2POp(dist.irecv, t, g[peer], self.group, tag=k))
+        ops = [dist.P2POp(dist.isend, t, g[p], self.group, tag=k) for p, t, k in _tagged(sends)]
+        ops += [dist.P2POp(dist.irecv, t, g[p], self.group, tag=k) for p, t, k in _tagged(recvs)]
         if not ops:
             return
         # nccl: enqueued on the stream, completion is the stream's (wait(), or an event)
@@ -490,17 +502,8 @@ class TorchTransport(Transport):
         if not (self._cuda_capable or stream is not None):
             return
         s = stream or torch.cuda.current_stream()
-        ev = torch.cuda.Event()
-        ev.record(s)
-        t = self.timeout if timeout is None else check_timeout(timeout)
-
-        def expired() -> None:
-            self.abort(f"stream work not done after {t:.3g} s")
-            raise TimeoutError(
-                f"rank {self.rank}: stream work not done after {t:.3g} s; the process group was aborted"
-            )
-
-        poll_until(ev.query, Deadline(t), expired)
+        t = self.timeout if timeout is None else timeout
+        wait_for_stream(self, s, t, "; the process group was aborted")
 
     def abort(self, why: str = "aborted by the caller") -> None:
         if self._failed is not None:

@@ -96,15 +96,10 @@ def _ipc_job(ctx, seed, rearrangements, signals="auto"):
         )
         cur = nxt
     kept = ptrs == [[w.data_ptr() for w in ws] for ws in weights]
-    opened = len(t._opened)
+    opened = t._local.held()["opened"]
     method = (t.pull_method, t.signals_method)
     t.close()
-    after = {
-        "opened": len(t._opened),
-        "events": len(t._events),
-        "peers": len(t._peers),
-        "graphs": len(t._graphs),
-    }
+    after = t._local.held()
     swapped = cur.copy()  # rank 0's and rank 1's first rows trade experts: work in every layer
     swapped[:, [0, P]] = cur[:, [P, 0]]
     try:  # use after close: refused before anything moves
@@ -173,7 +168,7 @@ def _ipc_for_peer_death(ctx, timeout):
 
     def closed():
         t.close()
-        return len(t._opened) == 0 and len(t._events) == 0
+        return t._local.held()["opened"] == 0 and t._local.held()["events"] == 0
 
     return t, closed, True
 

@@ -166,7 +166,7 @@ def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
         "vllm": rx is not None,
         "bad": bad,
         "steps": step,
-        "rounds": comm.transport._seq,
+        "rounds": comm.transport.rounds,
         "kept": ptrs == [t.data_ptr() for layer in ws for t in layer],
         "error": error,
         "elapsed": failure.get("elapsed"),

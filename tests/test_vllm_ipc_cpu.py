@@ -124,8 +124,8 @@ class _Round:
         self.released += 1
 
     def launch(self, stream, deadline):
-        self.t._seq += 1
-        self.seq = self.t._seq
+        self.t.rounds += 1
+        self.seq = self.t.rounds
         self.t.launched.append(self)
 
     def done(self):
@@ -143,7 +143,7 @@ class _FakeIpc(Transport):
     def __init__(self, rank, world, timeout=30.0, finishes=True):
         self.rank, self.world_size, self.timeout = rank, world, timeout
         self.finishes = finishes
-        self._seq = 0
+        self.rounds = 0
         self.launched = []
         self.aborted = None
         self.current_threads = []
@@ -463,6 +463,6 @@ def test_vllms_calls_over_copying_rounds_move_every_row_exactly(n):
                 calls.move_from(ws[layer], buf, primary, old[layer], new[layer])
         for r, (ws, _, t, _) in enumerate(ranks):
             assert check_weights(torch, ws, new, r, n) == [], (k, r)
-            assert t._seq == (k + 1) * LAYERS
+            assert t.rounds == (k + 1) * LAYERS
             pulled += sum(len(rnd.recvs) for rnd in t.launched)
     assert pulled > 0

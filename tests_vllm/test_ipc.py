@@ -54,7 +54,7 @@ def test_vllms_move_to_buffer_over_ipc_rounds_is_exact(n, batching):
             ]
             for r, ((ws, buf, _, _), md) in enumerate(zip(ranks, mds)):
                 rx.move_from_buffer(ws[layer], buf, md, new[layer], r)
-            assert len({t._seq for _, _, t, _ in ranks}) == 1  # the same rounds everywhere
+            assert len({t.rounds for _, _, t, _ in ranks}) == 1  # the same rounds everywhere
         for r, (ws, _, t, _) in enumerate(ranks):
             assert check_weights(torch, ws, new, r, n) == [], (k, r)
             assert t.aborted is None
