@@ -13,7 +13,7 @@ gzip comes to ~57 MiB for vLLM): one folder ``<engine>-site/`` to put on ``PYTHO
   whole tree less those; ``--sources imported`` (SGLang's default: SGLang 0.5.23 ships 39 MiB
   of .py files and 51 MiB of kernel configs) copies only the engine's modules that the trace
   below imported (158 files for SGLang: a 12.8 MiB archive) and the ``__init__.py`` of every
-  package above them; ``--sources py`` its .py files (SGLang: 21.9 MiB), should a GPU
+  package above them; ``--sources py`` its .py files (SGLang: 21.6 MiB), should a GPU
   machine's run import an engine module that the CPU trace did not;
 * every other distribution those modules import, found by running
   ``tools/engine_bundle_check.py --engine <engine>`` (imports + a one-rank update on CPU)
