@@ -13,9 +13,25 @@ with, and the weight tensors must keep their storage. SGLang's own update is not
 it here: it moves CUDA tensors over the WORLD group, which is gloo in these processes.
 
 SGLang's EPLB modules must import (SGLang 0.5.23 and the pins of
-``tests_sglang/requirements-cpu-sglang-0.5.23.txt``, e.g. a site folder of them carried onto
-the GPU machine and put on ``PYTHONPATH``, as the vLLM bundle is); otherwise every test here
-is skipped with that reason, or fails where ``EPLB_PYNCCL_TEST_REQUIRE_SGLANG`` is set.
+``tests_sglang/requirements-cpu-sglang-0.5.23.txt``); otherwise every test here is skipped
+with that reason, or fails where ``EPLB_PYNCCL_TEST_REQUIRE_SGLANG`` is set. A GPU machine
+without SGLang or network gets them as the archive of ``tools/engine_bundle.py`` (SGLang's
+modules that its EPLB modules import and the cp312 wheels of the rest; torch, numpy and triton
+stay the machine's own). Build it on a machine with network::
+
+    make .venv-sglang/.installed
+    python tools/engine_bundle.py --engine sglang .venv-sglang   # -> build/sglang-py312.tar.xz
+
+then, on the GPU machine, from the repository root with ``build/sglang-py312.tar.xz`` carried
+(an ignored path)::
+
+    d=$(mktemp -d) && python -m tarfile -e build/sglang-py312.tar.xz "$d"
+    EPLB_PYNCCL_TEST_REQUIRE_SGLANG=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.:$d/sglang-site \\
+        python -m pytest tests/test_gpu_sglang_ipc.py -q
+
+(``PYTHONPATH=.:$d/sglang-site python tools/engine_bundle_check.py --engine sglang
+--expect-under $d/sglang-site`` checks the imports and a one-rank update first.)
 """
 
 from __future__ import annotations

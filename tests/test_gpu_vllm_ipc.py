@@ -38,7 +38,7 @@ from tests.vllm_calls import VllmCalls
 pytestmark = pytest.mark.gpu(gpus=1)
 
 P, LAYERS = 4, 3
-# set (e.g. where tools/vllm_bundle.py's archive is on PYTHONPATH) to fail instead of emulating
+# set (e.g. where tools/engine_bundle.py's archive is on PYTHONPATH) to fail instead of emulating
 REQUIRE_VLLM = "EPLB_PYNCCL_TEST_REQUIRE_VLLM"
 SPECS = [((6, 40), "float32"), ((24,), "bfloat16"), ((3, 5, 7), "float32"), ((16, 8), "bfloat16")]
 

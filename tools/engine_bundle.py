@@ -1,37 +1,50 @@
 #!/usr/bin/env python
-"""Pack vLLM's EPLB modules and what they import into one archive for an offline machine.
+"""Pack an engine's EPLB modules (vLLM's or SGLang's) and what they import into one archive.
 
-The GPU machine has Python 3.12, torch, numpy, NCCL and pytest but no vLLM and no network; it
-gets files only inside the repository's ignored paths (``carry``, 64 MiB a call). This script
-makes ``build/vllm-py312.tar.xz`` (``/build/`` is ignored by git; xz because gzip comes to
-~57 MiB): one folder ``vllm-site/`` to put on ``PYTHONPATH``, holding
+The GPU machine has Python 3.12, torch, numpy, NCCL and pytest but no vLLM, no SGLang and no
+network; it gets files only inside the repository's ignored paths (``carry``, 64 MiB a call).
+This script makes ``build/<engine>-py312.tar.xz`` (``/build/`` is ignored by git; xz because
+gzip comes to ~57 MiB for vLLM): one folder ``<engine>-site/`` to put on ``PYTHONPATH``, holding
 
-* vLLM's Python sources and data files, copied from an installed vLLM (``SITE``: the
-  site-packages folder holding it, or the virtual environment), without its compiled
-  extensions, its ``vllm-rs`` binary and the C++/CUDA headers it ships (none of which the EPLB
-  modules load under ``VLLM_TARGET_DEVICE=cpu``; they are built for vLLM's own torch anyway);
+* the engine's Python sources, copied from an installed engine (``SITE``: the site-packages
+  folder holding it, or the virtual environment), without compiled extensions, binaries and
+  the C++/CUDA headers and kernel sources it ships (none of which the EPLB modules load; they
+  are built for the engine's own torch anyway). ``--sources all`` (vLLM's default) copies the
+  whole tree less those; ``--sources imported`` (SGLang's default: SGLang 0.5.23 ships 39 MiB
+  of .py files and 51 MiB of kernel configs) copies only the engine's modules that the trace
+  below imported (158 files for SGLang: a 12.8 MiB archive) and the ``__init__.py`` of every
+  package above them; ``--sources py`` its .py files (SGLang: 21.6 MiB), should a GPU
+  machine's run import an engine module that the CPU trace did not;
 * every other distribution those modules import, found by running
-  ``tools/vllm_bundle_check.py`` (imports + a one-rank transfer on CPU) with SITE's Python and
-  recording ``sys.modules``: each at the version installed in SITE, unpacked from its wheel for
-  the target Python (``--python``, default 3.12: cp312 manylinux x86_64 wheels, fetched with
-  ``pip download`` into ``build/vllm-wheels-py312/`` and reused from there);
+  ``tools/engine_bundle_check.py --engine <engine>`` (imports + a one-rank update on CPU)
+  with SITE's Python and recording ``sys.modules``: each at the version installed in SITE,
+  unpacked from its wheel for the target Python (``--python``, default 3.12: cp312 manylinux
+  x86_64 wheels, fetched with ``pip download`` into ``build/<engine>-wheels-py312/`` and
+  reused from there);
 * ``BUNDLE.json``: what went in, from where, and what was left to the target machine.
 
 Left out, because the target machine's own torch install provides them (and its torch and
 numpy must be the ones it was built with): torch, numpy, sympy, mpmath, networkx, setuptools,
-triton, nvidia-*; also scipy (optional for transformers: imported only where installed), pip
-and this project. ``--exclude DIST`` leaves out more.
+triton, nvidia-*; also scipy (optional for transformers: imported only where installed), pip,
+pytest and its plugins (the target runs its own) and this project. ``--exclude DIST`` leaves
+out more.
 
-Usage, on a machine with network and an installed vLLM (``make`` ``.venv-vllm``)::
+Usage, on a machine with network and an installed engine (``make`` ``.venv-vllm`` or
+``.venv-sglang``)::
 
-    python tools/vllm_bundle.py .venv-vllm                 # -> build/vllm-py312.tar.xz, ~4 min
-    python tools/vllm_bundle.py .venv-vllm --python 3.11   # -> build/vllm-py311.tar.xz
+    python tools/engine_bundle.py .venv-vllm                 # -> build/vllm-py312.tar.xz, ~4 min
+    python tools/engine_bundle.py .venv-vllm --python 3.11   # -> build/vllm-py311.tar.xz
+    python tools/engine_bundle.py --engine sglang .venv-sglang  # -> build/sglang-py312.tar.xz
 
-and on the target machine, from the repository root (``build/vllm-py312.tar.xz`` in ``carry``)::
+and on the target machine, from the repository root (the archive in ``carry``)::
 
     python -m tarfile -e build/vllm-py312.tar.xz build      # -> build/vllm-site (or tar -xJf)
     export VLLM_TARGET_DEVICE=cpu PYTHONPATH=$PWD/build/vllm-site:$PWD
-    python tools/vllm_bundle_check.py --expect-under build/vllm-site
+    python tools/engine_bundle_check.py --expect-under build/vllm-site
+
+    python -m tarfile -e build/sglang-py312.tar.xz build    # -> build/sglang-site
+    export PYTHONPATH=$PWD/build/sglang-site:$PWD
+    python tools/engine_bundle_check.py --engine sglang --expect-under build/sglang-site
 
 The wheels' manylinux tags go up to glibc 2.31 (``--glibc``; llguidance 1.9.1 has no older
 one), so the target needs glibc >= 2.31.
@@ -54,10 +67,15 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHECK = REPO / "tools" / "vllm_bundle_check.py"
-ROOT = "vllm-site"
+CHECK = REPO / "tools" / "engine_bundle_check.py"
+# Per engine: the environment of the trace (on CPU), the one the bundle needs wherever it
+# runs (BUNDLE.json's "env") and the default of --sources.
+ENGINES = {
+    "vllm": {"env": {"VLLM_TARGET_DEVICE": "cpu"}, "target_env": None, "sources": "all"},
+    "sglang": {"env": {"SGLANG_USE_CPU_ENGINE": "1"}, "target_env": {}, "sources": "imported"},
+}
 
-# Distributions the target machine's torch install already has (normalized names).
+# Distributions the target machine already has with its torch and test tools (normalized names).
 PROVIDED = {
     "torch",
     "numpy",
@@ -69,6 +87,11 @@ PROVIDED = {
     "scipy",
     "pip",
     "eplb-pynccl",
+    # the target's test tools (this repository's check and tests import them)
+    "pytest",
+    "pluggy",
+    "iniconfig",
+    "hypothesis",
 }
 PROVIDED_PREFIXES = ("nvidia-",)
 # Never needed from vLLM's own tree: compiled code and the sources of kernels built at run time.
@@ -87,16 +110,17 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def find_site(path: Path) -> Path:
-    """SITE itself when it holds vllm/, else the site-packages of the environment at SITE."""
+def find_site(path: Path, engine: str) -> Path:
+    """SITE itself when it holds the engine's package, else the site-packages of the
+    environment at SITE."""
     path = path.resolve()
-    if (path / "vllm" / "__init__.py").is_file():
+    if (path / engine / "__init__.py").is_file():
         return path
     hits = sorted(path.glob("lib/python3*/site-packages"))
     for h in hits:
-        if (h / "vllm" / "__init__.py").is_file():
+        if (h / engine / "__init__.py").is_file():
             return h
-    sys.exit(f"no installed vllm under {path}")
+    sys.exit(f"no installed {engine} under {path}")
 
 
 def site_python(site: Path) -> Path:
@@ -107,15 +131,24 @@ def site_python(site: Path) -> Path:
     sys.exit(f"no bin/python for {site}")
 
 
-def trace(py: Path, site: Path) -> tuple[dict, dict]:
+def trace(py: Path, site: Path, engine: str) -> tuple[dict, dict]:
     """Run the check script with SITE's python: {top-level name: [files]} of what it imported
     from SITE, and {normalized dist: (name, version, [top-level names])} of SITE."""
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", PYTHONNOUSERSITE="1")
-    env.pop("PYTHONPATH", None)
+    env = dict(os.environ, **ENGINES[engine]["env"], PYTHONNOUSERSITE="1")
+    env["PYTHONPATH"] = str(REPO)  # this project (the sglang check imports it), never bundled
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "modules.json"
         r = subprocess.run(
-            [str(py), str(CHECK), "--device", "cpu", "--dump-modules", str(dump)],
+            [
+                str(py),
+                str(CHECK),
+                "--engine",
+                engine,
+                "--device",
+                "cpu",
+                "--dump-modules",
+                str(dump),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -147,9 +180,9 @@ def trace(py: Path, site: Path) -> tuple[dict, dict]:
     return tops, dists
 
 
-def needed(tops: dict, dists: dict, exclude: set) -> tuple[dict, list, list]:
-    """{normalized dist: (name, version)} to bundle (vllm excluded: copied from SITE), the dists
-    left to the target machine, and imported top-level names that belong to no distribution."""
+def needed(tops: dict, dists: dict, exclude: set, engine: str) -> tuple[dict, list, list]:
+    """{normalized dist: (name, version)} to bundle (the engine excluded: copied from SITE), the
+    dists left to the target machine, and imported top-level names of no distribution."""
     by_top: dict[str, list[str]] = {}
     for nd, (_, _, t) in dists.items():
         for top in t:
@@ -163,7 +196,7 @@ def needed(tops: dict, dists: dict, exclude: set) -> tuple[dict, list, list]:
         for nd in owners:
             if nd in PROVIDED or nd in exclude or nd.startswith(PROVIDED_PREFIXES):
                 left.add(nd)
-            elif nd != "vllm":
+            elif nd != engine:
                 want[nd] = dists[nd][:2]
     return want, sorted(left), orphans
 
@@ -210,8 +243,39 @@ def _wheel_member(name: str) -> str | None:
     return name
 
 
-def build(site: Path, wheel_files: dict, out: Path, manifest: dict) -> dict:
-    """Write the archive; returns {top-level entry: bytes uncompressed}."""
+def engine_files(site: Path, engine: str, sources: str, imported: list[str]) -> list[Path]:
+    """The engine's files to copy from SITE, and its dist-info: with ``sources`` "all" its
+    whole tree, "py" its .py files, "imported" the ``imported`` files (paths relative to SITE)
+    and the ``__init__.py`` of every package above them; less __pycache__, symlinks and
+    SKIP_SUFFIXES."""
+    files: set[Path] = set()
+    roots = sorted(site.glob(f"{engine}-*.dist-info"))
+    for root in roots + ([site / engine] if sources != "imported" else []):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            tree = sources == "all" or root in roots
+            files.update(Path(dirpath) / fn for fn in filenames if tree or fn.endswith(".py"))
+    for rel in imported if sources == "imported" else []:
+        p = site / rel
+        if p.is_file():
+            files.add(p)
+        for parent in (p if p.is_dir() else p.parent, *p.parents):
+            if parent == site:
+                break
+            if (parent / "__init__.py").is_file():
+                files.add(parent / "__init__.py")
+    return sorted(
+        p
+        for p in files
+        if not (p.name.endswith(SKIP_SUFFIXES) or ".so." in p.name or p.is_symlink())
+    )
+
+
+def build(
+    site: Path, engine_paths: list[Path], wheel_files: dict, out: Path, manifest: dict, root: str
+) -> dict:
+    """Write the archive (every entry under ``root/``); returns {top-level entry: bytes
+    uncompressed}."""
     sizes: dict[str, int] = {}
     seen: set[str] = set()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,26 +292,18 @@ def build(site: Path, wheel_files: dict, out: Path, manifest: dict) -> dict:
             if arc in seen:
                 return
             seen.add(arc)
-            info = tarfile.TarInfo(f"{ROOT}/{arc}")
+            info = tarfile.TarInfo(f"{root}/{arc}")
             info.size, info.mode, info.mtime = len(data), mode, 0
             tar.addfile(info, io.BytesIO(data))
             top = arc.split("/")[0]
             sizes[top] = sizes.get(top, 0) + len(data)
 
-        # vLLM from SITE: sources and data files only.
-        for top in ["vllm", *sorted(p.name for p in site.glob("vllm-*.dist-info"))]:
-            for dirpath, dirnames, filenames in os.walk(site / top):
-                dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-                for fn in sorted(filenames):
-                    p = Path(dirpath) / fn
-                    if fn.endswith(SKIP_SUFFIXES) or ".so." in fn or p.is_symlink():
-                        continue
-                    data = p.read_bytes()
-                    if data[:4] == b"\x7fELF":  # vllm-rs and any other binary
-                        continue
-                    add_bytes(
-                        str(p.relative_to(site)), data, 0o755 if os.access(p, os.X_OK) else 0o644
-                    )
+        # The engine from SITE: sources and data files only.
+        for p in engine_paths:
+            data = p.read_bytes()
+            if data[:4] == b"\x7fELF":  # vllm-rs and any other binary
+                continue
+            add_bytes(str(p.relative_to(site)), data, 0o755 if os.access(p, os.X_OK) else 0o644)
         # Every other distribution from its wheel, whole.
         for _nd, whl in sorted(wheel_files.items()):
             with zipfile.ZipFile(whl) as z:
@@ -264,28 +320,41 @@ def build(site: Path, wheel_files: dict, out: Path, manifest: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("site", type=Path, help="site-packages (or virtual environment) with vLLM")
+    ap.add_argument("site", type=Path, help="site-packages (or virtual environment) with it")
+    ap.add_argument("--engine", choices=sorted(ENGINES), default="vllm")
+    ap.add_argument(
+        "--sources",
+        choices=("all", "py", "imported"),
+        help="the engine's files: its whole tree, its .py files, or the modules the trace "
+        "imported (default: vllm all, sglang imported)",
+    )
     ap.add_argument("--python", default="3.12", help="target Python (wheels' tag), e.g. 3.12")
-    ap.add_argument("--out", type=Path, help="default build/vllm-py<XY>.tar.xz (.tar.gz: gzip)")
-    ap.add_argument("--wheels", type=Path, help="wheel cache, default build/vllm-wheels-py<XY>")
+    ap.add_argument("--out", type=Path, help="default build/ENGINE-py<XY>.tar.xz (.tar.gz: gzip)")
+    ap.add_argument("--wheels", type=Path, help="wheel cache, default build/ENGINE-wheels-py<XY>")
     ap.add_argument(
         "--glibc", default="2.31", help="newest glibc of the wheels' manylinux tags (2.31)"
     )
     ap.add_argument("--exclude", action="append", default=[], metavar="DIST")
     ap.add_argument("--max-mib", type=float, default=45.0)
     args = ap.parse_args(argv)
-    xy = args.python.replace(".", "")
-    out = args.out or REPO / "build" / f"vllm-py{xy}.tar.xz"
-    wheels = args.wheels or REPO / "build" / f"vllm-wheels-py{xy}"
+    engine, xy = args.engine, args.python.replace(".", "")
+    spec = ENGINES[engine]
+    out = args.out or REPO / "build" / f"{engine}-py{xy}.tar.xz"
+    wheels = args.wheels or REPO / "build" / f"{engine}-wheels-py{xy}"
+    sources = args.sources or spec["sources"]
 
-    site = find_site(args.site)
+    site = find_site(args.site, engine)
     py = site_python(site)
     print(f"tracing imports with {py} ...", flush=True)
-    tops, dists = trace(py, site)
-    if "vllm" not in tops:
-        sys.exit("the trace imported no vllm from SITE")
-    want, left, orphans = needed(tops, dists, {norm(e) for e in args.exclude})
-    print(f"imported from SITE: {len(tops)} top-level names; bundling vllm + {len(want)} dists")
+    tops, dists = trace(py, site, engine)
+    if engine not in tops:
+        sys.exit(f"the trace imported no {engine} from SITE")
+    want, left, orphans = needed(tops, dists, {norm(e) for e in args.exclude}, engine)
+    paths = engine_files(site, engine, sources, tops[engine])
+    print(
+        f"imported from SITE: {len(tops)} top-level names; bundling {engine} ({sources}: "
+        f"{len(paths)} files) + {len(want)} dists"
+    )
     print("left to the target machine:", ", ".join(left) or "-")
     if orphans:
         print("imported, of no distribution (not bundled):", ", ".join(orphans))
@@ -293,14 +362,15 @@ def main(argv=None) -> int:
     manifest = {
         "python": args.python,
         "glibc_at_least": args.glibc,
-        "vllm": dists["vllm"][1],
-        "vllm_from": str(site),
+        engine: dists[engine][1],
+        f"{engine}_from": str(site),
+        f"{engine}_sources": sources,
         "dists": {name: ver for name, ver in sorted(want.values())},
         "wheels": sorted(w.name for w in wheel_files.values()),
         "left_to_target": left,
-        "env": {"VLLM_TARGET_DEVICE": "cpu"},
+        "env": spec["env"] if spec["target_env"] is None else spec["target_env"],
     }
-    sizes = build(site, wheel_files, out, manifest)
+    sizes = build(site, paths, wheel_files, out, manifest, f"{engine}-site")
     size = out.stat().st_size
     total = sum(sizes.values())
     print(f"largest entries (uncompressed, of {total / 2**20:.0f} MiB):")
