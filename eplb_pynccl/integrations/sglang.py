@@ -412,6 +412,16 @@ def _config() -> dict:
 # ---- transports ------------------------------------------------------------------------------
 
 
+def _drop_ipc(t) -> None:
+    """Close an IpcTransport of a dropped weight set (local; its communicator is shared)."""
+    if type(t).__name__ != "IpcTransport":
+        return
+    for k in [k for k, v in _world.items() if v is t]:
+        del _world[k]
+    with contextlib.suppress(Exception):
+        t.close()
+
+
 def _drop_world() -> None:
     for t in list(_world.values()):  # dropping: best effort, whatever each one raises
         close = getattr(t, "close", None)
@@ -479,13 +489,15 @@ def _nccl_comm(device, timeout):
     return comm
 
 
-def _transport(device, ranks_per_node: int) -> Transport:
-    """This process's transport for weights on ``device`` (made once, then reused)."""
+def _transport(device, ranks_per_node: int, weight_set: tuple = ()) -> Transport:
+    """This process's transport for weights on ``device`` (made once, then reused). An
+    IpcTransport exports one weight set (``register_buffers``), so over IPC each weight set
+    (``weight_set``: the shuffler's key) has its own, closed when its shuffler is dropped."""
     cfg = _config()
     kind = cfg["transport"]
     if kind == "auto":
         kind = "nccl" if device.type == "cuda" else "torch"
-    key = (kind, str(device), ranks_per_node if kind == "ipc" else None)
+    key = (kind, str(device)) + ((ranks_per_node, weight_set) if kind == "ipc" else ())
     t = _world.get(key)
     if t is not None:
         return t
@@ -522,16 +534,16 @@ def _transport(device, ranks_per_node: int) -> Transport:
 # ---- the update --------------------------------------------------------------------------------
 
 
-def _shuffler(transport, weights, ranks_per_node: int):
+def _shuffler(device, weights, ranks_per_node: int):
     """The shuffler of this weight set (made once, then reused: on IPC its construction is
     collective). Its staging bound is set per update (:func:`_bound`)."""
     from ..shuffler import ExpertShuffler
 
-    key = (
-        id(transport),
-        ranks_per_node,
-        tuple((t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws),
+    weight_set = tuple(
+        (t.data_ptr(), tuple(t.shape), t.dtype, str(t.device)) for ws in weights for t in ws
     )
+    transport = _transport(device, ranks_per_node, weight_set)
+    key = (id(transport), ranks_per_node, weight_set)
     sh = _shufflers.get(key)
     if sh is None:
         sh = ExpertShuffler(
@@ -542,8 +554,9 @@ def _shuffler(transport, weights, ranks_per_node: int):
             **_host_options(transport, weights),
         )
         _shufflers[key] = sh
-        while len(_shufflers) > _CACHE_SIZE:
-            _shufflers.popitem(last=False)
+        while len(_shufflers) > _CACHE_SIZE:  # the same calls on every rank: the same drops
+            _, dropped = _shufflers.popitem(last=False)
+            _drop_ipc(dropped.transport)
     else:
         _shufflers.move_to_end(key)
     return sh
@@ -795,8 +808,7 @@ def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
             f"rank {rank} (SGLang's TP rank, used by SGLang as the WORLD peer) is not this "
             f"process's WORLD rank {dist.get_rank()}"
         )
-    t = _transport(device, ranks_per_node)
-    sh = _shuffler(t, weights, ranks_per_node)
+    sh = _shuffler(device, weights, ranks_per_node)
     bound = cfg["staging_bytes"]
     bound = _quarter(weights) if bound is None else bound
     t0 = time.monotonic()
