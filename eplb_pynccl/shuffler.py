@@ -140,6 +140,7 @@ class ExpertShuffler:
     """
 
     _pinned_free: torch.cuda.Event | None
+    copy_method: str
 
     def __init__(
         self,
@@ -166,42 +167,58 @@ class ExpertShuffler:
         self.transport = transport
         self.rank = transport.rank
         self.ep_size = transport.world_size
-        if isinstance(expert_weights, (str, bytes)) or not hasattr(expert_weights, "__len__"):
-            raise TypeError("expert_weights must be a list (per layer) of lists of tensors")
-        if len(expert_weights) == 0:
-            raise ValueError("expert_weights is empty: give at least one layer")
-        layers = []
-        rows = None
-        for li, ws in enumerate(expert_weights):
-            if isinstance(ws, torch.Tensor) or not hasattr(ws, "__len__") or len(ws) == 0:
-                raise TypeError(f"expert_weights[{li}] must be a non-empty list of tensors")
-            lw = []
-            for ti, t in enumerate(ws):
-                name = f"expert_weights[{li}][{ti}]"
-                if not isinstance(t, torch.Tensor):
-                    raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-                if t.dim() < 1:
-                    raise ValueError(
-                        f"{name} must have a leading expert dimension, got a 0-d tensor"
-                    )
-                if t.numel() == 0:
-                    raise ValueError(
-                        f"{name} is empty (shape {tuple(t.shape)}): every weight tensor holds "
-                        "at least one expert row of at least one element"
-                    )
-                if not t.is_contiguous():
-                    raise ValueError(f"{name} is not contiguous")
-                transport.check_tensor(t, name)
-                if rows is None:
-                    rows = t.shape[0]
-                if t.shape[0] != rows:
-                    raise ValueError(
-                        f"{name} has {t.shape[0]} expert rows but expert_weights[0][0] has {rows}: "
-                        "every weight tensor holds the same local experts"
-                    )
-                lw.append(t)
-            layers.append(lw)
-        assert rows is not None  # expert_weights[0][0] exists (checked above)
+        layers, rows = _checked_weights(torch, transport, expert_weights)
+        staging_bytes = self._take_options(
+            staging_bytes,
+            pack_threshold,
+            transactional,
+            max_messages_per_round,
+            ranks_per_node,
+            timeout,
+            copy_method,
+            copy_ctas,
+            copy_waves,
+        )
+        self.weights = layers
+        self.num_local = rows
+        self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
+        self._bufs = Buffers(torch, [t for lw in layers for t in lw])
+        words = iter(self._bufs.words)  # buffer order: layer by layer, tensor by tensor
+        self.layout = Layout.of(
+            self.row_bytes, rows, [[next(words).element_size() for _ in lw] for lw in layers]
+        )
+        self._staging_auto = staging_bytes is None
+        self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
+        self.device = layers[0][0].device
+        self._is_cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._is_cuda else None
+        self.profile = bool(profile) and self._is_cuda
+        self._active: RearrangeHandle | None = None
+        self._failed: BaseException | None = None
+        self._failed_peers: list[int] = []
+        self._gather_takes_timeout = _takes_timeout(transport.all_gather_bytes)
+        self._verified = False  # a verify has passed on this shuffler (shapes are fixed)
+        self._shapes_digest = _shapes_digest(layers)
+        self._pinned = None  # host buffer of the copy table (CUDA), see _host_int64
+        self._pinned_free = None  # event after the last copy out of it
+        if self._is_cuda:
+            self.copy_method = self._copy_method(self.copy_method)
+        transport.register_buffers(self._bufs.tensors)
+
+    def _take_options(
+        self,
+        staging_bytes,
+        pack_threshold,
+        transactional,
+        max_messages_per_round,
+        ranks_per_node,
+        timeout,
+        copy_method,
+        copy_ctas,
+        copy_waves,
+    ) -> int | None:
+        """The constructor's options checked, in the order they are listed, and kept;
+        returns ``staging_bytes`` checked (None: one layer's bytes, once the layout is known)."""
         if staging_bytes is not None:
             staging_bytes = check_count(staging_bytes, "staging_bytes", minimum=0)
         pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)
@@ -215,7 +232,7 @@ class ExpertShuffler:
                     f"got {ranks_per_node}"
                 )
         if timeout is None:
-            timeout = getattr(transport, "timeout", DEFAULT_TIMEOUT)
+            timeout = getattr(self.transport, "timeout", DEFAULT_TIMEOUT)
         timeout = check_timeout(timeout)
         if copy_method not in ("auto", *COPY_METHODS):
             raise ValueError(
@@ -223,43 +240,14 @@ class ExpertShuffler:
             )
         copy_ctas = check_count(copy_ctas, "copy_ctas")
         self.copy_waves = check_count(copy_waves, "copy_waves")
-        self.weights = layers
-        self.num_local = rows
-        self.row_bytes = [[t[0].nbytes if rows else 0 for t in lw] for lw in layers]
-        self._bufs = Buffers(torch, [t for lw in layers for t in lw])
-        words = iter(self._bufs.words)  # buffer order: layer by layer, tensor by tensor
-        self.layout = Layout.of(
-            self.row_bytes, rows, [[next(words).element_size() for _ in lw] for lw in layers]
-        )
-        self.staging_bytes = self.layout.layer_bytes() if staging_bytes is None else staging_bytes
-        self._staging_auto = staging_bytes is None
         self.pack_threshold = pack_threshold
         self.transactional = transactional
         self.max_messages = max_messages_per_round
         self.ranks_per_node = ranks_per_node
         self.timeout = float(timeout)
-        self.device = layers[0][0].device
-        self._is_cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._is_cuda else None
-        self.profile = bool(profile) and self._is_cuda
-        self._active: RearrangeHandle | None = None
-        self._failed: BaseException | None = None
-        self._failed_peers: list[int] = []
-        self._gather_takes_timeout = _takes_timeout(transport.all_gather_bytes)
-        self._verified = False  # a verify has passed on this shuffler (shapes are fixed)
-        shapes = hashlib.sha256()
-        for lw in layers:
-            for t in lw:
-                shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-            shapes.update(b"|")
-        self._shapes_digest = shapes.digest()
-        self._pinned = None  # host buffer of the copy table (CUDA), see _host_int64
-        self._pinned_free = None  # event after the last copy out of it
         self.copy_ctas = copy_ctas
         self.copy_method = copy_method
-        if self._is_cuda:
-            self.copy_method = self._copy_method(copy_method)
-        transport.register_buffers(self._bufs.tensors)
+        return staging_bytes
 
     # ------------------------------------------------------------------------------------
     def plan(self, old_map, new_map) -> RearrangementPlan:
@@ -432,13 +420,63 @@ class ExpertShuffler:
         (every later call raises at once, so no retry can pair with a late peer's first
         call), raise the RearrangeError: every layer still old, every other rank named."""
         peers = [r for r in range(self.ep_size) if r != self.rank]
-        self._mark_failed(e, peers)
+        self.mark_failed(e, peers)
         msg = f"rearrangement failed on rank {self.rank} {where}: {type(e).__name__}: {e}"
         if refused is not None:
             msg += f"; this rank had also refused the input: {refused}"
         raise RearrangeError(msg, [], range(len(self.weights)), peers, e) from e
 
-    def _mark_failed(self, e: BaseException, peers) -> None:
+    # ---- package-internal: what a RearrangeHandle uses of its shuffler ------------------
+    @property
+    def torch_module(self):
+        """The torch module the weights belong to."""
+        return self._torch
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the weights are on a CUDA device."""
+        return self._is_cuda
+
+    @property
+    def exchange_stream(self):
+        """The shuffler's own CUDA stream (the exchange runs there); None on the CPU."""
+        return self._stream
+
+    def caller_stream(self, stream=None):
+        """``stream``, or the current CUDA stream of the weights' device (CUDA only)."""
+        return stream or self._torch.cuda.current_stream(self.device)
+
+    def executor(self, sched, rs) -> Executor:
+        """The executor of this rank's rounds ``rs`` of ``sched`` over this shuffler's weights;
+        where it copies its table out of the pinned host buffer, that buffer is marked busy
+        until the work enqueued so far on the exchange stream has run."""
+        ex = Executor(
+            self._torch,
+            sched,
+            rs,
+            self._bufs,
+            self.transport,
+            self.device,
+            self._stream,
+            self._host_int64,
+            copy_method=self.copy_method,
+            copy_ctas=self.copy_ctas,
+        )
+        if ex.uses_pinned:  # its pinned host buffer is free once this has run
+            self._pinned_free = self._torch.cuda.Event()
+            self._pinned_free.record(self._stream)
+        return ex
+
+    def attach(self, handle: RearrangeHandle) -> None:
+        """``handle`` is this shuffler's rearrangement in progress."""
+        self._active = handle
+
+    def detach(self, handle: RearrangeHandle) -> None:
+        """``handle`` has finished or failed: no rearrangement is in progress (if it was)."""
+        if self._active is handle:
+            self._active = None
+
+    def mark_failed(self, e: BaseException, peers) -> None:
         """Required reset: the transport is aborted and this shuffler refuses every later
         rearrangement (make a new transport and shuffler)."""
         self._failed = e
@@ -472,6 +510,56 @@ class ExpertShuffler:
         return buf[:n]
 
 
+def _checked_weights(torch, transport: Transport, expert_weights) -> tuple[list, int]:
+    """``expert_weights`` checked (a non-empty list per layer of contiguous, non-empty tensors
+    the transport takes, all with the same leading expert rows): the layers and that row count."""
+    if isinstance(expert_weights, (str, bytes)) or not hasattr(expert_weights, "__len__"):
+        raise TypeError("expert_weights must be a list (per layer) of lists of tensors")
+    if len(expert_weights) == 0:
+        raise ValueError("expert_weights is empty: give at least one layer")
+    layers = []
+    rows = None
+    for li, ws in enumerate(expert_weights):
+        if isinstance(ws, torch.Tensor) or not hasattr(ws, "__len__") or len(ws) == 0:
+            raise TypeError(f"expert_weights[{li}] must be a non-empty list of tensors")
+        lw = []
+        for ti, t in enumerate(ws):
+            name = f"expert_weights[{li}][{ti}]"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 1:
+                raise ValueError(f"{name} must have a leading expert dimension, got a 0-d tensor")
+            if t.numel() == 0:
+                raise ValueError(
+                    f"{name} is empty (shape {tuple(t.shape)}): every weight tensor holds "
+                    "at least one expert row of at least one element"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"{name} is not contiguous")
+            transport.check_tensor(t, name)
+            if rows is None:
+                rows = t.shape[0]
+            if t.shape[0] != rows:
+                raise ValueError(
+                    f"{name} has {t.shape[0]} expert rows but expert_weights[0][0] has {rows}: "
+                    "every weight tensor holds the same local experts"
+                )
+            lw.append(t)
+        layers.append(lw)
+    assert rows is not None  # expert_weights[0][0] exists (checked above)
+    return layers, rows
+
+
+def _shapes_digest(layers) -> bytes:
+    """A digest of every weight tensor's shape and dtype, layer by layer (what verify compares)."""
+    shapes = hashlib.sha256()
+    for lw in layers:
+        for t in lw:
+            shapes.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        shapes.update(b"|")
+    return shapes.digest()
+
+
 def _takes_timeout(fn) -> bool:
     try:
         return "timeout" in inspect.signature(fn).parameters
@@ -498,6 +586,21 @@ class _Round:
         self.marks = {}  # profile=True: phase name -> CUDA event
 
 
+def _count(st: RearrangeStats, sched, rs) -> None:
+    """The schedule's totals for this rank (``rs``) into ``st``."""
+    st.staging_bound = sched.staging_bound
+    st.rounds = len(sched.rounds)
+    st.layers_changed = sched.layers_changed
+    for ro in rs.rounds:
+        st.messages += len(ro.sends) + len(ro.recvs)
+        st.bytes_sent += ro.bytes_sent
+        st.bytes_received += ro.bytes_received
+        st.experts_sent += ro.experts_sent
+        st.experts_received += ro.experts_received
+        st.local_copies += ro.local_copies
+    st.peak_extra_bytes = rs.peak_extra_bytes
+
+
 class RearrangeHandle:
     """A rearrangement in progress (see :meth:`ExpertShuffler.rearrange_async`).
 
@@ -515,17 +618,7 @@ class RearrangeHandle:
         self._user_stream = stream
         self.schedule = sched = shuffler.schedule(plan)
         rs = sched.rank(shuffler.rank)
-        st.staging_bound = sched.staging_bound
-        st.rounds = len(sched.rounds)
-        st.layers_changed = sched.layers_changed
-        for ro in rs.rounds:
-            st.messages += len(ro.sends) + len(ro.recvs)
-            st.bytes_sent += ro.bytes_sent
-            st.bytes_received += ro.bytes_received
-            st.experts_sent += ro.experts_sent
-            st.experts_received += ro.experts_received
-            st.local_copies += ro.local_copies
-        st.peak_extra_bytes = rs.peak_extra_bytes
+        _count(st, sched, rs)
         self._rounds = [_Round(i, ro.layers, ro.peers) for i, ro in enumerate(rs.rounds)]
         self._next = 0  # next round to launch
         self._inflight: _Round | None = None
@@ -533,46 +626,37 @@ class RearrangeHandle:
         self._error: RearrangeError | None = None
         self._release: int | None = None  # driver event after the last consumer of staging
         self._ends: list[int] = []  # CUDA: the release event (driver handle) of each round
-        self._drv = None
+        self._drv: _cuda.Driver | None = None
         self._exec: Executor | None = None
         if rs.rounds:
-            self._exec = Executor(
-                shuffler._torch,
-                sched,
-                rs,
-                shuffler._bufs,
-                shuffler.transport,
-                shuffler.device,
-                shuffler._stream,
-                shuffler._host_int64,
-                copy_method=shuffler.copy_method,
-                copy_ctas=shuffler.copy_ctas,
-            )
-            n = len(rs.rounds)
-            if self._exec.uses_pinned:  # its pinned host buffer is free once this has run
-                shuffler._pinned_free = shuffler._torch.cuda.Event()
-                shuffler._pinned_free.record(shuffler._stream)
-            if shuffler._is_cuda:
-                st.peak_extra_bytes = self._exec.extra_bytes
-                st.table_bytes = self._exec.table_bytes
-                st.copy_method = shuffler.copy_method
-                # each round's release event (a driver event: ~1 us a call where torch's cost
-                # ~5), made now rather than on the host thread of a step that applies a round
-                self._drv = drv = _cuda.driver()
-                assert drv is not None  # CUDA weights: the driver loaded
-                drv.set_device(shuffler.device.index)
-                self._ends = [drv.event_create() for _ in range(n)]
-            st.round_launch_us = [0.0] * n
-            st.round_poll_us = [0.0] * n
-            st.round_apply_us = [0.0] * n
-            st.round_host_calls = [
-                a + c + int(getattr(self._exec.rounds[k][1], "host_calls", 0))
-                for k, (a, c) in enumerate(self._exec.host_calls)
-            ]
-        shuffler._active = self
+            self._exec = shuffler.executor(sched, rs)
+            self._prepare_rounds(len(rs.rounds))
+        shuffler.attach(self)
         st.setup_seconds = time.perf_counter() - t_setup
         if not rs.rounds:
             self._finish()
+
+    def _prepare_rounds(self, n: int) -> None:
+        """Per-round stats, and on CUDA each round's release event (a driver event: ~1 us a
+        call where torch's cost ~5), made now rather than on the host thread of a step that
+        applies a round."""
+        st, ex = self.stats, self._exec
+        assert ex is not None  # rounds: an executor
+        if self.s.on_cuda:
+            st.peak_extra_bytes = ex.extra_bytes
+            st.table_bytes = ex.table_bytes
+            st.copy_method = self.s.copy_method
+            self._drv = drv = _cuda.driver()
+            assert drv is not None  # CUDA weights: the driver loaded
+            drv.set_device(self.s.device.index)
+            self._ends = [drv.event_create() for _ in range(n)]
+        st.round_launch_us = [0.0] * n
+        st.round_poll_us = [0.0] * n
+        st.round_apply_us = [0.0] * n
+        st.round_host_calls = [
+            a + c + int(getattr(ex.rounds[k][1], "host_calls", 0))
+            for k, (a, c) in enumerate(ex.host_calls)
+        ]
 
     # ---- public ---------------------------------------------------------------------------
     @property
@@ -604,8 +688,8 @@ class RearrangeHandle:
         applied = []
         while not self.done:
             applied += self._advance(block=True, deadline=deadline)
-        if self.s._is_cuda:
-            (self._user_stream or self.s._torch.cuda.current_stream(self.s.device)).synchronize()
+        if self.s.on_cuda:
+            self.s.caller_stream(self._user_stream).synchronize()
         self.stats.seconds = time.perf_counter() - self._t0
         if self.s.profile:
             self.stats.gpu_ms = self._phase_times()
@@ -701,15 +785,14 @@ class RearrangeHandle:
         if partial:
             msg += f"; non-transactional mode: layers {partial} may be partly written"
         self._error = RearrangeError(msg, self.applied_layers, self.pending_layers, peers, e)
-        self.s._mark_failed(e, peers)
+        self.s.mark_failed(e, peers)
         self._release_exec()
         self._inflight = None
-        self.s._active = None
+        self.s.detach(self)
 
     def _finish(self) -> None:
         self._release_exec()
-        if self.s._active is self:
-            self.s._active = None
+        self.s.detach(self)
 
     def _release_exec(self) -> None:
         if self._exec is not None:
@@ -717,8 +800,9 @@ class RearrangeHandle:
                 # staging and the table were allocated on the exchange stream: once it has
                 # waited for the last apply (on the caller's streams), the allocator may hand
                 # their memory to that stream's later work (no record_stream per round)
-                assert self._drv is not None and self.s._stream is not None  # CUDA rounds
-                self._drv.stream_wait_event(self.s._stream.cuda_stream, self._release)
+                stream = self.s.exchange_stream
+                assert self._drv is not None and stream is not None  # CUDA rounds
+                self._drv.stream_wait_event(stream.cuda_stream, self._release)
             self._exec.release()
             self._exec = None
         if self._ends:  # work recorded on them completes first (cuEventDestroy)
@@ -731,8 +815,8 @@ class RearrangeHandle:
     def _launch(self, rnd: _Round) -> None:
         t_start = time.perf_counter()
         s = self.s
-        torch = s._torch
-        stream = s._stream
+        torch = s.torch_module
+        stream = s.exchange_stream
         # in flight from here: a failure inside launch (a host transport's exchange) names
         # this round's peers
         self._inflight = rnd
@@ -746,7 +830,7 @@ class RearrangeHandle:
                 drv.stream_wait_event(h, self._release)
             else:  # first round: after the caller's earlier work on the weights (round 0's
                 # release event, recorded again when round 0 is applied)
-                user = self._user_stream or torch.cuda.current_stream(s.device)
+                user = s.caller_stream(self._user_stream)
                 drv.event_record(self._ends[0], user.cuda_stream)
                 drv.stream_wait_event(h, self._ends[0])
         if s.profile:
@@ -795,18 +879,19 @@ class RearrangeHandle:
 
     def _apply(self, rnd: _Round) -> None:
         s = self.s
-        torch = s._torch
+        torch = s.torch_module
+        stream = s.exchange_stream
         drv = self._drv
-        if s._is_cuda:
-            assert drv is not None and s._stream is not None  # CUDA rounds: both made
-            cs = self._user_stream or torch.cuda.current_stream(s.device)
+        if s.on_cuda:
+            assert drv is not None and stream is not None  # CUDA rounds: both made
+            cs = s.caller_stream(self._user_stream)
             h = cs.cuda_stream
             ev = rnd.tround.end_event()
             if ev is None:  # the transport made its stream wait for the round's end
                 if s.profile:
-                    rnd.marks["exchanged"] = _mark(torch, s._stream)
+                    rnd.marks["exchanged"] = _mark(torch, stream)
                 ev = self._ends[rnd.index]  # re-recorded below, after this wait is enqueued
-                drv.event_record(ev, s._stream.cuda_stream)
+                drv.event_record(ev, stream.cuda_stream)
             drv.stream_wait_event(h, ev)
             if s.profile:
                 rnd.marks["apply"] = _mark(torch, cs)
