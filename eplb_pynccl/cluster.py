@@ -80,6 +80,50 @@ class HostCost:
             object.__setattr__(self, f, _num(getattr(self, f), f"HostCost.{f}", low_open=False))
 
 
+def _checked_host(host) -> dict:
+    """A copy of ``host``: one HostCost for every transport, none for another."""
+    if not isinstance(host, dict):
+        raise TypeError(f"host must be a dict of transport -> HostCost, got {type(host).__name__}")
+    for k, v in host.items():
+        if k not in TRANSPORTS:
+            raise ValueError(f"host: unknown transport {k!r} (known: {', '.join(TRANSPORTS)})")
+        if not isinstance(v, HostCost):
+            raise TypeError(f"host[{k!r}] must be a HostCost, got {type(v).__name__}")
+    missing = [t for t in TRANSPORTS if t not in host]
+    if missing:
+        raise ValueError(f"host lacks a HostCost for {', '.join(map(repr, missing))}")
+    return dict(host)
+
+
+def _nic_groups(nic_gpus, gpn: int, nics: int) -> tuple:
+    """The local GPUs each NIC serves: ``nic_gpus`` checked, or (None) split evenly."""
+    if nic_gpus is None:
+        if gpn % nics and nics % gpn:
+            raise ValueError(
+                f"nic_gpus must be given when {nics} NICs do not split {gpn} GPUs evenly"
+            )
+        if nics <= gpn:
+            per = gpn // nics
+            return tuple(tuple(range(j * per, (j + 1) * per)) for j in range(nics))
+        return tuple((j * gpn // nics,) for j in range(nics))  # several NICs per GPU: one each
+    try:
+        groups = tuple(
+            tuple(check_count(g, "nic_gpus entry", minimum=0) for g in grp) for grp in nic_gpus
+        )
+    except TypeError as e:
+        raise TypeError(f"nic_gpus must be a sequence of sequences of GPU ids: {e}") from None
+    if len(groups) != nics:
+        raise ValueError(f"nic_gpus lists {len(groups)} NICs, nics_per_node is {nics}")
+    seen = sorted(g for grp in groups for g in grp)
+    if any(not grp for grp in groups):
+        raise ValueError("nic_gpus: every NIC must serve at least one GPU")
+    if seen != list(range(gpn)):
+        raise ValueError(
+            f"nic_gpus must name every local GPU 0..{gpn - 1} exactly once, got {groups}"
+        )
+    return groups
+
+
 @dataclass(frozen=True)
 class Cluster:
     """GPUs, links and host costs (see the module docstring). Rates in bytes/s, times in s.
@@ -131,50 +175,8 @@ class Cluster:
             raise TypeError(
                 f"split_channels must be a bool, got {type(self.split_channels).__name__}"
             )
-        if not isinstance(self.host, dict):
-            raise TypeError(
-                f"host must be a dict of transport -> HostCost, got {type(self.host).__name__}"
-            )
-        for k, v in self.host.items():
-            if k not in TRANSPORTS:
-                raise ValueError(f"host: unknown transport {k!r} (known: {', '.join(TRANSPORTS)})")
-            if not isinstance(v, HostCost):
-                raise TypeError(f"host[{k!r}] must be a HostCost, got {type(v).__name__}")
-        missing = [t for t in TRANSPORTS if t not in self.host]
-        if missing:
-            raise ValueError(f"host lacks a HostCost for {', '.join(map(repr, missing))}")
-        object.__setattr__(self, "host", dict(self.host))
-        if self.nic_gpus is None:
-            if gpn % nics and nics % gpn:
-                raise ValueError(
-                    f"nic_gpus must be given when {nics} NICs do not split {gpn} GPUs evenly"
-                )
-            if nics <= gpn:
-                per = gpn // nics
-                groups = tuple(tuple(range(j * per, (j + 1) * per)) for j in range(nics))
-            else:  # several NICs per GPU: each NIC serves one GPU
-                groups = tuple((j * gpn // nics,) for j in range(nics))
-            object.__setattr__(self, "nic_gpus", groups)
-        else:
-            try:
-                groups = tuple(
-                    tuple(check_count(g, "nic_gpus entry", minimum=0) for g in grp)
-                    for grp in self.nic_gpus
-                )
-            except TypeError as e:
-                raise TypeError(
-                    f"nic_gpus must be a sequence of sequences of GPU ids: {e}"
-                ) from None
-            if len(groups) != nics:
-                raise ValueError(f"nic_gpus lists {len(groups)} NICs, nics_per_node is {nics}")
-            seen = sorted(g for grp in groups for g in grp)
-            if any(not grp for grp in groups):
-                raise ValueError("nic_gpus: every NIC must serve at least one GPU")
-            if seen != list(range(gpn)):
-                raise ValueError(
-                    f"nic_gpus must name every local GPU 0..{gpn - 1} exactly once, got {groups}"
-                )
-            object.__setattr__(self, "nic_gpus", groups)
+        object.__setattr__(self, "host", _checked_host(self.host))
+        object.__setattr__(self, "nic_gpus", _nic_groups(self.nic_gpus, gpn, nics))
 
     # ---- derived -----------------------------------------------------------------------------
     @property

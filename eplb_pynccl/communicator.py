@@ -400,6 +400,40 @@ def _p2p_method(is_send: bool, doc: str):
     return op
 
 
+def _as_unique_id(unique_id) -> UniqueId:
+    """A UniqueId, or its 128 bytes (bytes, bytearray) as one."""
+    if isinstance(unique_id, UniqueId):
+        return unique_id
+    if isinstance(unique_id, (bytes, bytearray)):
+        return UniqueId(bytes(unique_id))
+    raise TypeError(
+        "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
+        f"{type(unique_id).__name__}"
+    )
+
+
+def _config_options(lib, **given) -> dict[str, Any]:
+    """The ncclConfig options given (None: left out); an option too new for this NCCL is
+    raised here, before any NCCL call."""
+    options = {k: v for k, v in given.items() if v is not None}
+    if options:
+        from ._nccl.config import build_config
+
+        build_config(lib.version, **options)
+    return options
+
+
+def _existing_device(drv, dev: int | None) -> int:
+    """``dev`` (None: the current device), checked against the devices the driver sees."""
+    if dev is None:
+        dev = current_device()
+    if drv is not None:
+        n = drv.device_count()
+        if dev >= n:
+            raise ValueError(f"device {dev} does not exist: this machine has {n} CUDA device(s)")
+    return dev
+
+
 class Communicator:
     """A NCCL communicator over ``world_size`` ranks, one GPU each.
 
@@ -441,14 +475,7 @@ class Communicator:
         self._state = "init"
         self._pending = False  # non-blocking: the last grouped launch may still be in progress
         self._graphs: dict = {}  # id -> weakref of the CapturedP2P graphs of this communicator
-        if not isinstance(unique_id, UniqueId):
-            if isinstance(unique_id, (bytes, bytearray)):
-                unique_id = UniqueId(bytes(unique_id))
-            else:
-                raise TypeError(
-                    "unique_id must be a UniqueId or its 128 bytes (bytes, bytearray), got "
-                    f"{type(unique_id).__name__}"
-                )
+        unique_id = _as_unique_id(unique_id)
         rank, world_size = check_rank_world(rank, world_size)
         timeout = default_timeout() if timeout is None else check_timeout(timeout)
         if max_ctas is not None:
@@ -462,31 +489,18 @@ class Communicator:
         lib = self._lib = _library.load()
         self._stream_objs = lib._stream_objs  # stream handle -> prebuilt ctypes pointer
         _torch_tensor_cls()
-        options: dict[str, Any] = {
-            "blocking": None if blocking else 0,
-            "max_ctas": max_ctas,
-            "min_ctas": min_ctas,
-            "comm_name": comm_name,
-            "cga_cluster_size": cga_cluster_size,
-            "net_name": net_name,
-            "split_share": None if split_share is None else int(bool(split_share)),
-        }
-        options = {k: v for k, v in options.items() if v is not None}
-        # Config problems (option too new for this NCCL) are raised before any NCCL call.
-        if options:
-            from ._nccl.config import build_config
-
-            build_config(lib.version, **options)
-
+        options = _config_options(
+            lib,
+            blocking=None if blocking else 0,
+            max_ctas=max_ctas,
+            min_ctas=min_ctas,
+            comm_name=comm_name,
+            cga_cluster_size=cga_cluster_size,
+            net_name=net_name,
+            split_share=None if split_share is None else int(bool(split_share)),
+        )
         drv = _cuda.driver()
-        if dev is None:
-            dev = current_device()
-        if drv is not None:
-            n = drv.device_count()
-            if dev >= n:
-                raise ValueError(
-                    f"device {dev} does not exist: this machine has {n} CUDA device(s)"
-                )
+        dev = _existing_device(drv, dev)
         self._rank = rank
         self._world_size = world_size
         self._device = dev
@@ -497,13 +511,20 @@ class Communicator:
         # inside one needs no driver query (a shuffler's rows span a few hundred allocations)
         self._ranges: list = []
         self._starts: list = []
+        self._init_comm(drv, unique_id, options)
 
+    def _init_comm(self, drv, unique_id: UniqueId, options: dict[str, Any]) -> None:
+        """ncclCommInitRankConfig on this communicator's device (the caller's current device
+        is restored); non-blocking: waits until the communicator is ready."""
+        lib, dev = self._lib, self._device
         prev = drv.current_device() if drv is not None else None
         if drv is not None:
             drv.set_device(dev)
         try:
             try:
-                self._comm, rc = lib.comm_init_rank(world_size, bytes(unique_id), rank, options)
+                self._comm, rc = lib.comm_init_rank(
+                    self._world_size, bytes(unique_id), self._rank, options
+                )
             except NcclError as e:
                 if drv is None and e.code == Result.ncclUnhandledCudaError:  # without a driver
                     raise type(e)(

@@ -140,6 +140,38 @@ class _Local:
         }
 
 
+def _from_communicator(communicator, rank, world_size, device):
+    """rank, world_size and device taken from ``communicator`` (those given must agree)."""
+    if not isinstance(communicator, Communicator):
+        raise TypeError(
+            f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}"
+        )
+    if rank is not None and rank != communicator.rank:
+        raise ValueError(f"rank {rank} differs from the communicator's rank {communicator.rank}")
+    if world_size is not None and world_size != communicator.world_size:
+        raise ValueError(
+            f"world_size {world_size} differs from the communicator's {communicator.world_size}"
+        )
+    return (
+        communicator.rank,
+        communicator.world_size,
+        device if device is not None else communicator.device,
+    )
+
+
+def _from_setup(setup, timeout: float, rank, world_size):
+    """The setup transport made from ``setup``, and its rank and world_size (those given
+    must agree)."""
+    setup = _setup_transport(setup, timeout)
+    for name, v, own in (
+        ("rank", rank, setup.rank),
+        ("world_size", world_size, setup.world_size),
+    ):
+        if v is not None and v != own:
+            raise ValueError(f"{name} {v} differs from the setup transport's {name} {own}")
+    return setup, setup.rank, setup.world_size
+
+
 class IpcTransport(Transport):
     """Copy-engine rounds between the GPUs (or processes) of one node, NCCL across nodes.
 
@@ -197,31 +229,10 @@ class IpcTransport(Transport):
         signals: str = "auto",
     ) -> None:
         if communicator is not None:
-            if not isinstance(communicator, Communicator):
-                raise TypeError(
-                    f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}"
-                )
-            if rank is not None and rank != communicator.rank:
-                raise ValueError(
-                    f"rank {rank} differs from the communicator's rank {communicator.rank}"
-                )
-            if world_size is not None and world_size != communicator.world_size:
-                raise ValueError(
-                    f"world_size {world_size} differs from the communicator's {communicator.world_size}"
-                )
-            rank, world_size = communicator.rank, communicator.world_size
-            if device is None:
-                device = communicator.device
+            rank, world_size, device = _from_communicator(communicator, rank, world_size, device)
         timeout = default_timeout() if timeout is None else check_timeout(timeout)
         if setup is not None:
-            setup = _setup_transport(setup, timeout)
-            for name, v, own in (
-                ("rank", rank, setup.rank),
-                ("world_size", world_size, setup.world_size),
-            ):
-                if v is not None and v != own:
-                    raise ValueError(f"{name} {v} differs from the setup transport's {name} {own}")
-            rank, world_size = setup.rank, setup.world_size
+            setup, rank, world_size = _from_setup(setup, timeout, rank, world_size)
         if store is None and communicator is None and setup is None:
             raise ValueError(
                 "IpcTransport needs a store (set/get), a setup transport or group, or a "
