@@ -301,29 +301,27 @@ _S7_SETUP_PER_MESSAGE_GRAPH = (9.189 * MS - _S7_SETUP - _S7_RANK0_COPIES) / 1156
 _S7_GPU_PER_COPY = 0.052 * MS / 1148
 
 
+def _s7_host(per_op: float, per_round: float, setup_per_message: float) -> HostCost:
+    """A transport's host costs under Session 7's executor: its own per op, per round and
+    per message end of the set-up; nothing per copy; the shared set-up line, planning and
+    GPU time per row copy."""
+    return HostCost(
+        per_op=per_op,
+        per_copy=0.0,
+        per_round=per_round,
+        setup=_S7_SETUP,
+        plan_per_message=14 * US,
+        setup_per_message=setup_per_message,
+        setup_per_copy=_S7_SETUP_PER_COPY,
+        gpu_per_copy=_S7_GPU_PER_COPY,
+    )
+
+
 def _host_current() -> dict:
     """The executor as it is now (Session 7, D9): see :meth:`Cluster.preset`."""
     return {
-        "nccl": HostCost(
-            per_op=1.04 * US,
-            per_copy=0.0,
-            per_round=(0.151 + 0.007 + 0.057) * MS,
-            setup=_S7_SETUP,
-            plan_per_message=14 * US,
-            setup_per_message=_S7_SETUP_PER_MESSAGE_BATCH,
-            setup_per_copy=_S7_SETUP_PER_COPY,
-            gpu_per_copy=_S7_GPU_PER_COPY,
-        ),
-        "ipc": HostCost(
-            per_op=0.0,
-            per_copy=0.0,
-            per_round=(0.143 + 0.289 + 0.080) * MS,
-            setup=_S7_SETUP,
-            plan_per_message=14 * US,
-            setup_per_message=_S7_SETUP_PER_MESSAGE_GRAPH,
-            setup_per_copy=_S7_SETUP_PER_COPY,
-            gpu_per_copy=_S7_GPU_PER_COPY,
-        ),
+        "nccl": _s7_host(1.04 * US, (0.151 + 0.007 + 0.057) * MS, _S7_SETUP_PER_MESSAGE_BATCH),
+        "ipc": _s7_host(0.0, (0.143 + 0.289 + 0.080) * MS, _S7_SETUP_PER_MESSAGE_GRAPH),
         "torch": _torch_host(),
     }
 

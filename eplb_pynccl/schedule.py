@@ -962,16 +962,22 @@ def _pack(b: _RoundBuilder, w: _LayerWork, rb, pairs) -> tuple:
     return spans, blocks, b.index(rows), at
 
 
+def _pack_kernels(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging, tag, key):
+    """The small tensors' pack kernels (``key``) of the sends ("s": gather into the packed
+    block) or receives ("r": scatter out of it), where this layer packs any."""
+    if tag in st.packs:
+        _, blocks, ix, cnt = st.packs[tag]
+        for i in w.small:
+            b.kernel(key, fb + i, ix, cnt, blocks[i], rb[i])
+
+
 def _lay_out_pre(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStaging) -> None:
     """Phase A: local copies into rows nobody reads; the stash; packed sends."""
     if w.copies_a:
         _row_copies(b, "a", np.asarray(w.copies_a, dtype=_I64), rb, fb, range(len(rb)))
     for i, off in st.stash_block.items():
         b.kernel(("pre", "gather", "stash"), fb + i, st.stash_ix, len(w.stash_src), off, rb[i])
-    if "s" in st.packs:
-        _, blocks, ix, cnt = st.packs["s"]
-        for i in w.small:
-            b.kernel(("pre", "gather", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
+    _pack_kernels(b, w, rb, fb, st, "s", ("pre", "gather", "pack"))
 
 
 def _lay_out_messages(
@@ -1015,10 +1021,7 @@ def _lay_out_post(b: _RoundBuilder, w: _LayerWork, rb, fb: int, st: _LayerStagin
             b.kernel(("post", "scatter", "copy"), fb + i, st.c_dst_ix, nc, off, rb[i])
     for i, off in st.recv_block.items():
         b.kernel(("post", "scatter", "recv"), fb + i, st.recv_ix, len(w.recv_rows), off, rb[i])
-    if "r" in st.packs:
-        _, blocks, ix, cnt = st.packs["r"]
-        for i in w.small:
-            b.kernel(("post", "scatter", "pack"), fb + i, ix, cnt, blocks[i], rb[i])
+    _pack_kernels(b, w, rb, fb, st, "r", ("post", "scatter", "pack"))
     if w.copies_new:
         _row_copies(b, "new", np.asarray(w.copies_new, dtype=_I64), rb, fb, range(len(rb)))
 
