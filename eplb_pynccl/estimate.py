@@ -512,12 +512,10 @@ def estimate_stages(
 # ---- the vLLM-style baseline --------------------------------------------------------------------
 
 
-def _vllm_plan_estimate(plan: RearrangementPlan, row_bytes: list, cluster: Cluster, link: str):
-    L, ep = plan.num_layers, plan.ep_size
-    ntens = np.asarray([len(rb) for rb in row_bytes], dtype=_I64)
-    full = np.asarray([sum(rb) for rb in row_bytes], dtype=_I64)
-    active = np.flatnonzero(plan.changed.reshape(L, -1).any(axis=1))
-    R = L  # one "round" per layer; inactive layers cost nothing
+def _vllm_messages(plan: RearrangementPlan, ntens, full):
+    """vLLM-style messages, one per transfer per tensor, grouped by (layer, source,
+    destination): each group's layer (its round), source, destination, messages and bytes."""
+    ep = plan.ep_size
     tl, ts, td = plan.t_layer, plan.t_src_rank, plan.t_dst_rank
     # one message per transfer per tensor
     key = (tl * ep + ts) * ep + td
@@ -534,7 +532,13 @@ def _vllm_plan_estimate(plan: RearrangementPlan, row_bytes: list, cluster: Clust
         byts = cnt * full[rnd]
     else:
         rnd = src = dst = msgs = byts = np.zeros(0, dtype=_I64)
-    nv, ce, nic = _exchange_times(cluster, R, rnd, src, dst, msgs, byts, link == "ce")
+    return rnd, src, dst, msgs, byts
+
+
+def _vllm_local(plan: RearrangementPlan, cluster: Cluster, ntens, full):
+    """vLLM-style local copies: each layer's GPU time on its busiest rank, and the copies
+    per (layer, rank)."""
+    L, ep = plan.num_layers, plan.ep_size
     # local: old-content copies into the buffer before, duplicates after, then every changed
     # row copied back, one copy per row per tensor
     cb = np.zeros(L * ep)
@@ -546,6 +550,18 @@ def _vllm_plan_estimate(plan: RearrangementPlan, row_bytes: list, cluster: Clust
     cb = cb.reshape(L, ep) + ch * full[:, None]
     co = co.reshape(L, ep) + ch * ntens[:, None]
     local_gpu = (cb / cluster.local_bw + co * cluster.local_op).max(axis=1)
+    return local_gpu, co
+
+
+def _vllm_plan_estimate(plan: RearrangementPlan, row_bytes: list, cluster: Cluster, link: str):
+    L, ep = plan.num_layers, plan.ep_size
+    ntens = np.asarray([len(rb) for rb in row_bytes], dtype=_I64)
+    full = np.asarray([sum(rb) for rb in row_bytes], dtype=_I64)
+    active = np.flatnonzero(plan.changed.reshape(L, -1).any(axis=1))
+    R = L  # one "round" per layer; inactive layers cost nothing
+    rnd, src, dst, msgs, byts = _vllm_messages(plan, ntens, full)
+    nv, ce, nic = _exchange_times(cluster, R, rnd, src, dst, msgs, byts, link == "ce")
+    local_gpu, co = _vllm_local(plan, cluster, ntens, full)
     hc = cluster.host["torch"]
     ops = np.zeros(R * ep)
     np.add.at(ops, rnd * ep + src, msgs.astype(float))

@@ -597,14 +597,8 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     it is ``old_map``; it holds every expert ``new_map`` holds, so it is itself a valid
     placement (an engine may serve from it between the stages).
     """
-    ep = _positive(ep_size, "ep_size")
-    rpn = _positive(ranks_per_node, "ranks_per_node")
-    old, new = _two_maps(old_map, new_map)
+    ep, rpn, old, new = _relay_inputs(old_map, new_map, ep_size, ranks_per_node)
     L, N = old.shape
-    if N == 0 or N % ep:
-        raise ValueError(f"num_physical ({N}) is not a positive multiple of ep_size ({ep})")
-    check_ids(old, "old_map", None)
-    check_ids(new, "new_map", None)
     P = N // ep
     nodes = -(-ep // rpn)
     E = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
@@ -644,6 +638,20 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
     mid = newf.copy()
     mid[ch[is_f]] = oldf[ch[is_f]]
     return mid.reshape(L, N)
+
+
+def _relay_inputs(old_map, new_map, ep_size, ranks_per_node):
+    """relay_map's arguments checked: ep_size, ranks_per_node and the two maps (ids checked,
+    slots a positive multiple of ep_size)."""
+    ep = _positive(ep_size, "ep_size")
+    rpn = _positive(ranks_per_node, "ranks_per_node")
+    old, new = _two_maps(old_map, new_map)
+    N = old.shape[1]
+    if N == 0 or N % ep:
+        raise ValueError(f"num_physical ({N}) is not a positive multiple of ep_size ({ep})")
+    check_ids(old, "old_map", None)
+    check_ids(new, "new_map", None)
+    return ep, rpn, old, new
 
 
 def _choose_relays(rank, layer, starts, size, ep: int) -> np.ndarray:

@@ -158,10 +158,7 @@ class ExpertShuffler:
         copy_ctas: int = 16,
         copy_waves: int = DEFAULT_COPY_WAVES,
     ) -> None:
-        if not isinstance(transport, Transport):
-            raise TypeError(
-                f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}"
-            )
+        _check_transport(transport)
         torch = _optional.torch("ExpertShuffler")
         self._torch = torch
         self.transport = transport
@@ -508,6 +505,13 @@ class ExpertShuffler:
             self._pinned_free.synchronize()  # already complete unless a rearrangement was cut short
         buf[:n].numpy()[:] = values
         return buf[:n]
+
+
+def _check_transport(transport) -> None:
+    if not isinstance(transport, Transport):
+        raise TypeError(
+            f"transport must be an eplb_pynccl Transport, got {type(transport).__name__}"
+        )
 
 
 def _checked_weights(torch, transport: Transport, expert_weights) -> tuple[list, int]:

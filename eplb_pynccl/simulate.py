@@ -269,54 +269,8 @@ def _exchange(sched: Schedule, mems: list, k: int) -> None:
     memory as phase A left it, no send reads bytes a receive of the round writes on its rank,
     and no two receives write the same bytes."""
     rbytes = sched.layout.buf_row_bytes()
-    written = []
-    recv_cells = []
-    for m in mems:
-        r = m.rs.rank
-        rm = m.rs.rounds[k].recvs
-        w: set = set()
-        cells = []
-        for q in range(len(rm)):
-            what = f"round {k} rank {r} receive {q} from rank {int(rm.peer[q])}"
-            c = _rows_of(
-                sched,
-                m.rs,
-                int(rm.buf[q]),
-                int(rm.off[q]),
-                int(rm.nbytes[q]),
-                int(rbytes[rm.tensor[q]]),
-                what,
-            )
-            key = _keys(c)
-            if key & w:
-                raise ScheduleError(f"{what}: writes bytes another receive of the round writes")
-            w |= key
-            cells.append(c)
-        written.append(w)
-        recv_cells.append(cells)
-    deliveries = []
-    for m in mems:
-        r = m.rs.rank
-        sm = m.rs.rounds[k].sends
-        # the i-th send to p is the i-th receive from r on p (linked() checked sizes)
-        seen: dict = {}
-        for q in range(len(sm)):
-            p = int(sm.peer[q])
-            what = f"round {k} rank {r} send {q} to rank {p}"
-            c = _rows_of(
-                sched,
-                m.rs,
-                int(sm.buf[q]),
-                int(sm.off[q]),
-                int(sm.nbytes[q]),
-                int(rbytes[sm.tensor[q]]),
-                what,
-            )
-            if _keys(c) & written[r]:
-                raise ScheduleError(f"{what}: reads bytes a receive of the same round writes")
-            pos = seen.get(p, 0)
-            seen[p] = pos + 1
-            deliveries.append((p, r, pos, _read(m, c, False, what)))
+    written, recv_cells = _receive_cells(sched, mems, k, rbytes)
+    deliveries = _send_reads(sched, mems, k, rbytes, written)
     index: dict = {}
     for m in mems:
         rm = m.rs.rounds[k].recvs
@@ -327,6 +281,102 @@ def _exchange(sched: Schedule, mems: list, k: int) -> None:
         q = index[(p, r)][pos]
         c = recv_cells[p][q]
         _write(mems[p], c, vals, f"round {k} rank {p} receive {q} from rank {r}", live_ok)
+
+
+def _message_rows(sched: Schedule, m, ops, q: int, rbytes, what: str):
+    """The rows message ``q`` of ``ops`` (a round's sends or receives on ``m``'s rank) covers."""
+    return _rows_of(
+        sched,
+        m.rs,
+        int(ops.buf[q]),
+        int(ops.off[q]),
+        int(ops.nbytes[q]),
+        int(rbytes[ops.tensor[q]]),
+        what,
+    )
+
+
+def _receive_cells(sched: Schedule, mems: list, k: int, rbytes) -> tuple[list, list]:
+    """Per rank, the bytes round k's receives write (no two the same) and each receive's rows."""
+    written = []
+    recv_cells = []
+    for m in mems:
+        r = m.rs.rank
+        rm = m.rs.rounds[k].recvs
+        w: set = set()
+        cells = []
+        for q in range(len(rm)):
+            what = f"round {k} rank {r} receive {q} from rank {int(rm.peer[q])}"
+            c = _message_rows(sched, m, rm, q, rbytes, what)
+            key = _keys(c)
+            if key & w:
+                raise ScheduleError(f"{what}: writes bytes another receive of the round writes")
+            w |= key
+            cells.append(c)
+        written.append(w)
+        recv_cells.append(cells)
+    return written, recv_cells
+
+
+def _send_reads(sched: Schedule, mems: list, k: int, rbytes, written: list) -> list:
+    """Round k's sends read (none of bytes a receive of the round writes on its rank): per
+    send (destination, source, its position among the source's sends to it, the values)."""
+    deliveries = []
+    for m in mems:
+        r = m.rs.rank
+        sm = m.rs.rounds[k].sends
+        # the i-th send to p is the i-th receive from r on p (linked() checked sizes)
+        seen: dict = {}
+        for q in range(len(sm)):
+            p = int(sm.peer[q])
+            what = f"round {k} rank {r} send {q} to rank {p}"
+            c = _message_rows(sched, m, sm, q, rbytes, what)
+            if _keys(c) & written[r]:
+                raise ScheduleError(f"{what}: reads bytes a receive of the same round writes")
+            pos = seen.get(p, 0)
+            seen[p] = pos + 1
+            deliveries.append((p, r, pos, _read(m, c, False, what)))
+    return deliveries
+
+
+def _check_final(sched: Schedule, mems: list, new, cell: int) -> None:
+    """Every rank's rows hold exactly the experts of ``new`` (tags and bytes)."""
+    layout, P = sched.layout, sched.plan.slots_per_rank
+    first = layout.first_buf
+    for m in mems:
+        r = m.rs.rank
+        for layer, rb in enumerate(layout.row_bytes):
+            for i in range(len(rb)):
+                buf = int(first[layer]) + i
+                for j in range(P):
+                    e = int(new[layer, r * P + j])
+                    if e < 0:
+                        continue
+                    want = _tag(layer, e, i)
+                    if m.tags[buf][j] != want or not np.array_equal(
+                        m.data[buf][j], _cell_bytes(want, cell)
+                    ):
+                        raise ScheduleError(
+                            f"rank {r} layer {layer} tensor {i} row {j}: holds "
+                            f"{_untag(int(m.tags[buf][j]))}, new_map wants expert {e}"
+                        )
+
+
+def _figures(sched: Schedule, rs) -> dict:
+    """One rank's figures, as :func:`simulate_schedule` returns them."""
+    return {
+        "rank": rs.rank,
+        "rounds": len(rs.rounds),
+        "messages": rs.messages,
+        "bytes_sent": sum(x.bytes_sent for x in rs.rounds),
+        "bytes_received": sum(x.bytes_received for x in rs.rounds),
+        "experts_sent": sum(x.experts_sent for x in rs.rounds),
+        "experts_received": sum(x.experts_received for x in rs.rounds),
+        "local_copies": sum(x.local_copies for x in rs.rounds),
+        "peak_staging_bytes": rs.staging_bytes,
+        "peak_extra_bytes": rs.peak_extra_bytes,
+        "staging_bound": sched.staging_bound,
+    }
 
 
 def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> list[dict]:
@@ -345,10 +395,8 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
     final rows are not exactly those of ``new_map``. Returns per-rank figures.
     """
     cell = check_count(cell, "cell")
-    plan, layout = sched.plan, sched.layout
     old = np.asarray(old_map)
     new = np.asarray(new_map)
-    P = plan.slots_per_rank
     ranks = sched.linked()
     mems = []
     for rs in ranks:
@@ -370,40 +418,8 @@ def simulate_schedule(sched: Schedule, old_map, new_map, *, cell: int = 4) -> li
         _exchange(sched, mems, k)
         for m, ph in zip(mems, phases):
             _run_phase(sched, m, ph[k][1], k, "post")
-    first = layout.first_buf
-    for m in mems:
-        r = m.rs.rank
-        for layer, rb in enumerate(layout.row_bytes):
-            for i in range(len(rb)):
-                buf = int(first[layer]) + i
-                for j in range(P):
-                    e = int(new[layer, r * P + j])
-                    if e < 0:
-                        continue
-                    want = _tag(layer, e, i)
-                    if m.tags[buf][j] != want or not np.array_equal(
-                        m.data[buf][j], _cell_bytes(want, cell)
-                    ):
-                        raise ScheduleError(
-                            f"rank {r} layer {layer} tensor {i} row {j}: holds "
-                            f"{_untag(int(m.tags[buf][j]))}, new_map wants expert {e}"
-                        )
-    return [
-        {
-            "rank": rs.rank,
-            "rounds": len(rs.rounds),
-            "messages": rs.messages,
-            "bytes_sent": sum(x.bytes_sent for x in rs.rounds),
-            "bytes_received": sum(x.bytes_received for x in rs.rounds),
-            "experts_sent": sum(x.experts_sent for x in rs.rounds),
-            "experts_received": sum(x.experts_received for x in rs.rounds),
-            "local_copies": sum(x.local_copies for x in rs.rounds),
-            "peak_staging_bytes": rs.staging_bytes,
-            "peak_extra_bytes": rs.peak_extra_bytes,
-            "staging_bound": sched.staging_bound,
-        }
-        for rs in ranks
-    ]
+    _check_final(sched, mems, new, cell)
+    return [_figures(sched, rs) for rs in ranks]
 
 
 # ---- one entry point -----------------------------------------------------------------------
