@@ -697,9 +697,9 @@ def make_plots(out_dir: str, rows: list[dict], meta: dict) -> tuple[list[str], s
 # --------------------------------------------------------------------------------------------
 
 
-def synthetic_rows(world_size: int = 4) -> list[dict]:
+def _synthetic_bandwidth(n: int) -> list[dict]:
+    """Synthetic sendrecv and alltoall rows of every binding, and one binding's error."""
     rows: list[dict] = []
-    n = world_size
     for part, bus in (("sendrecv", 1.0), ("alltoall", (n - 1) / n)):
         for b, peak in (
             ("eplb_pynccl", 360.0),
@@ -732,6 +732,12 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
     rows.append(
         {"part": "sendrecv", "binding": "nccl4py", "world_size": n, "error": "ImportError: x"}
     )
+    return rows
+
+
+def _synthetic_overhead(n: int) -> list[dict]:
+    """Synthetic host overhead rows of every binding."""
+    rows: list[dict] = []
     for b, h in (
         ("eplb_pynccl", 1.2),
         ("eplb_pynccl[raw]", 0.9),
@@ -754,6 +760,12 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
                 "repeats": 50,
             }
         )
+    return rows
+
+
+def _synthetic_eplb(n: int) -> list[dict]:
+    """Synthetic EPLB rows of two cases, and a planner row."""
+    rows: list[dict] = []
     for case in ("dsv3-fp8 ep4 4L", "qwen3 ep4 8L"):
         for m, t in (
             ("vllm-style", 61.3),
@@ -781,6 +793,12 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
             "p90_ms": 3.9,
         }
     )
+    return rows
+
+
+def _synthetic_placement() -> list[dict]:
+    """Synthetic placement rows of two drifts, and a target row."""
+    rows: list[dict] = []
     for drift, k in (("steady", 1.0), ("regime", 2.0)):
         for pol, imb, gib in (
             ("deepseek", 1.08, 18.0),
@@ -821,13 +839,20 @@ def synthetic_rows(world_size: int = 4) -> list[dict]:
     return rows
 
 
-def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
-    """Exercise the statistics and every output path on synthetic rows. Returns the files written."""
-    import tempfile
+def synthetic_rows(world_size: int = 4) -> list[dict]:
+    n = world_size
+    return (
+        _synthetic_bandwidth(n)
+        + _synthetic_overhead(n)
+        + _synthetic_eplb(n)
+        + _synthetic_placement()
+    )
 
+
+def _check_statistics() -> None:
+    """selfcheck: the statistics and formatting helpers on known values."""
     from .harness import normalize_rows, parse_bytes, percentile, size_series, summarize
 
-    # statistics
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([5], 90) == 5
     s = summarize([3.0, 1.0, 2.0, 100.0])
@@ -852,6 +877,40 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
     assert nr == [{"part": "p", "x": 1.5, "y": 3}] and type(nr[0]["y"]) is int, nr
     # the CUDA-event arithmetic of micro._time_gpu: ms * 1e3 / iters = µs per iteration
     assert abs(2.0 * 1e3 / 20 - 100.0) < 1e-12
+
+
+def _check_tables(rows: list[dict], meta: dict, parts: dict, verbose: bool) -> list[str]:
+    """selfcheck: every part's table, the highlights and the markdown summary of ``rows``;
+    returns the highlights."""
+    for p in parts:
+        h, c = part_table(p, [r for r in rows if r["part"] == p])
+        assert c and all(len(r) == len(h) for r in c), (p, h, c[:1])
+        t = text_table(h, c)
+        assert t.count("\n") == len(c) + 1
+        if verbose:
+            print(f"--- {p}\n{t}")
+    h, c = part_table("sendrecv", [r for r in rows if r["part"] == "sendrecv"])
+    assert (
+        h[0] == "size" and "eplb_pynccl busbw" in h and c[0][0] == "8 B" and c[-1][0] == "512 MiB"
+    ), (h, c[-1])
+    hl = highlights(rows)
+    assert any("eplb_pynccl host 1.20 us/op = 2.00x cupy" in x and "meets" in x for x in hl), hl
+    assert any("eplb_pynccl[raw]" in x and "1.50x" in x for x in hl), hl
+    assert "placement targets: 1 met, 0 MISSED" in " ".join(hl), hl
+    h, c = part_table("placement", [r for r in rows if r["part"] == "placement"])
+    assert h[:3] == ["shape", "drift", "policy"] and len(c) == 8, (h, c[:1])
+    md = markdown_summary(meta, parts, rows)
+    assert md.count("## ") >= 6 and "| size |" in md and "error: nccl4py: ImportError: x" in md, md[
+        :500
+    ]
+    return hl
+
+
+def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
+    """Exercise the statistics and every output path on synthetic rows. Returns the files written."""
+    import tempfile
+
+    _check_statistics()
     # tables
     rows = synthetic_rows()
     meta = {
@@ -876,27 +935,7 @@ def selfcheck(out_dir: str | None = None, verbose: bool = True) -> list[str]:
             "placement-targets",
         )
     }
-    for p in parts:
-        h, c = part_table(p, [r for r in rows if r["part"] == p])
-        assert c and all(len(r) == len(h) for r in c), (p, h, c[:1])
-        t = text_table(h, c)
-        assert t.count("\n") == len(c) + 1
-        if verbose:
-            print(f"--- {p}\n{t}")
-    h, c = part_table("sendrecv", [r for r in rows if r["part"] == "sendrecv"])
-    assert (
-        h[0] == "size" and "eplb_pynccl busbw" in h and c[0][0] == "8 B" and c[-1][0] == "512 MiB"
-    ), (h, c[-1])
-    hl = highlights(rows)
-    assert any("eplb_pynccl host 1.20 us/op = 2.00x cupy" in x and "meets" in x for x in hl), hl
-    assert any("eplb_pynccl[raw]" in x and "1.50x" in x for x in hl), hl
-    assert "placement targets: 1 met, 0 MISSED" in " ".join(hl), hl
-    h, c = part_table("placement", [r for r in rows if r["part"] == "placement"])
-    assert h[:3] == ["shape", "drift", "policy"] and len(c) == 8, (h, c[:1])
-    md = markdown_summary(meta, parts, rows)
-    assert md.count("## ") >= 6 and "| size |" in md and "error: nccl4py: ImportError: x" in md, md[
-        :500
-    ]
+    hl = _check_tables(rows, meta, parts, verbose)
     # files
     out_dir = out_dir or tempfile.mkdtemp(prefix="bench_selfcheck_")
     os.makedirs(out_dir, exist_ok=True)
