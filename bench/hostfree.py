@@ -130,6 +130,75 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
     return rows
 
 
+def _torch_permutation_ms(torch, w, new, dev, reps: int) -> float:
+    """torch: index_select of every tensor into a temporary, copied back; median ms."""
+    L = len(w)
+    perm = [torch.from_numpy(new[layer]).to(dev) for layer in range(L)]
+
+    def torch_perm():
+        for layer in range(L):
+            for t in w[layer]:
+                t.copy_(torch.index_select(t, 0, perm[layer]))
+
+    ms = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch_perm()
+        torch.cuda.synchronize()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ms[1:]))
+
+
+def _shuffler_permutation(torch, ep, comm, w, old, new, dev, reps, method, ctas, waves) -> dict:
+    """ExpertShuffler permuting ``w`` from ``old`` to ``new`` and back, ``reps`` times after a
+    warm-up: its times, host figures and a check of every row after each forward permutation."""
+    L = len(w)
+    sh = ep.ExpertShuffler(
+        ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas, copy_waves=waves
+    )
+    cur = old
+    ms, gpu, okall = [], [], True
+    for k in range(reps + 1):
+        nxt = new if k % 2 == 0 else old
+        ref = [[t.clone() for t in lw] for lw in w]
+        torch.cuda.synchronize()
+        e0, e1 = _ev(torch), _ev(torch)
+        e0.record()
+        t0 = time.perf_counter()
+        st = sh.rearrange(cur, nxt, verify=False)
+        torch.cuda.synchronize()
+        ms.append((time.perf_counter() - t0) * 1e3)
+        e1.record()
+        e1.synchronize()
+        gpu.append(e0.elapsed_time(e1))
+        src = new if k % 2 == 0 else None
+        # check: row j of each tensor now holds old row (permutation) j
+        if k % 2 == 0:
+            for layer in range(L):
+                p = torch.from_numpy(src[layer]).to(dev)
+                okall &= all(  # bytes: random fp8/fp32 bytes hold NaNs
+                    torch.equal(t.view(torch.uint8), r[p].view(torch.uint8))
+                    for t, r in zip(w[layer], ref[layer])
+                )
+        del ref
+        cur = nxt
+    tm = float(np.median(ms[1:]))
+    return {
+        "method": f"ExpertShuffler {method}, {ctas} CTAs, {waves} waves",
+        "time_ms": tm,
+        "gpu_ms": float(np.median(gpu[1:])),
+        "floor_fraction": None,  # set by the caller (its place in the row kept)
+        "apply_host_ms": st.apply_seconds * 1e3,
+        "launch_host_ms": st.launch_seconds * 1e3,
+        "setup_ms": st.setup_seconds * 1e3,
+        "planner_ms": st.planner_seconds * 1e3,
+        "host_calls": sum(st.round_host_calls),
+        "extra_bytes": st.peak_extra_bytes,
+        "check": "ok" if okall else "FAIL",
+    }
+
+
 def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]:
     """EP1: a permutation of 2 layers × 72 DeepSeek-V3 experts (142 rows move)."""
     P, L = 72, 2
@@ -158,22 +227,7 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
     torch.cuda.empty_cache()
     base = {"case": "local-permutation", "what": f"dsv3 fp8 ep1 {L}L x {P}, {moved} rows moved"}
     rows.append({**base, "method": "HBM copy floor", "time_ms": floor_ms, "bytes": nbytes})
-    # torch: index_select of every tensor into a temporary, copied back
-    perm = [torch.from_numpy(new[layer]).to(dev) for layer in range(L)]
-
-    def torch_perm():
-        for layer in range(L):
-            for t in w[layer]:
-                t.copy_(torch.index_select(t, 0, perm[layer]))
-
-    ms = []
-    for _ in range(reps + 1):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch_perm()
-        torch.cuda.synchronize()
-        ms.append((time.perf_counter() - t0) * 1e3)
-    tm = float(np.median(ms[1:]))
+    tm = _torch_permutation_ms(torch, w, new, dev, reps)
     rows.append(
         {
             **base,
@@ -185,53 +239,8 @@ def local_permutation_rows(torch, ep, dev, device: int, reps: int) -> list[dict]
     variants = [("kernel", 16, 8), ("kernel", 32, 8), ("kernel", 132, 8), ("kernel", 132, 4)]
     variants += [("kernel", 132, 16), ("copy_engine", 16, 8), ("copy_engine", 16, 16)]
     for method, ctas, waves in variants:
-        sh = ep.ExpertShuffler(
-            ep.NcclTransport(comm), w, copy_method=method, copy_ctas=ctas, copy_waves=waves
-        )
-        cur = old
-        ms, gpu, okall = [], [], True
-        for k in range(reps + 1):
-            nxt = new if k % 2 == 0 else old
-            ref = [[t.clone() for t in lw] for lw in w]
-            torch.cuda.synchronize()
-            e0, e1 = _ev(torch), _ev(torch)
-            e0.record()
-            t0 = time.perf_counter()
-            st = sh.rearrange(cur, nxt, verify=False)
-            torch.cuda.synchronize()
-            ms.append((time.perf_counter() - t0) * 1e3)
-            e1.record()
-            e1.synchronize()
-            gpu.append(e0.elapsed_time(e1))
-            src = new if k % 2 == 0 else None
-            # check: row j of each tensor now holds old row (permutation) j
-            if k % 2 == 0:
-                for layer in range(L):
-                    p = torch.from_numpy(src[layer]).to(dev)
-                    okall &= all(  # bytes: random fp8/fp32 bytes hold NaNs
-                        torch.equal(t.view(torch.uint8), r[p].view(torch.uint8))
-                        for t, r in zip(w[layer], ref[layer])
-                    )
-            del ref
-            cur = nxt
-        tm = float(np.median(ms[1:]))
-        rows.append(
-            {
-                **base,
-                "method": f"ExpertShuffler {method}, {ctas} CTAs, {waves} waves",
-                "time_ms": tm,
-                "gpu_ms": float(np.median(gpu[1:])),
-                "floor_fraction": floor_ms / tm,
-                "apply_host_ms": st.apply_seconds * 1e3,
-                "launch_host_ms": st.launch_seconds * 1e3,
-                "setup_ms": st.setup_seconds * 1e3,
-                "planner_ms": st.planner_seconds * 1e3,
-                "host_calls": sum(st.round_host_calls),
-                "extra_bytes": st.peak_extra_bytes,
-                "check": "ok" if okall else "FAIL",
-            }
-        )
-        del sh
+        row = _shuffler_permutation(torch, ep, comm, w, old, new, dev, reps, method, ctas, waves)
+        rows.append({**base, **row, "floor_fraction": floor_ms / row["time_ms"]})
     comm.close()
     w = None
     torch.cuda.empty_cache()
