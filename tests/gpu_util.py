@@ -320,6 +320,23 @@ class RankPool:
         self.kill()
 
 
+def nccl_process_group(ctx: RankContext) -> None:
+    """In a GPU job: this rank's device made current, and torch.distributed's NCCL process
+    group over the job's store (once per process)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(ctx.device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl",
+            store=dist.PrefixStore("pg", ctx.store),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device_id=torch.device("cuda", ctx.device),
+        )
+
+
 def run_ranks(
     fn, world_size: int, *args, timeout: float = 120.0, grace: float = 15.0, env=None, devices=None
 ) -> list:

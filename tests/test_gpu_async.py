@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.gpu_util import RankFailure, run_ranks
+from tests.gpu_util import RankFailure, nccl_process_group, run_ranks
 from tests.shuffle_util import check_peer_death, peer_death_job
 
 pytestmark = pytest.mark.gpu
@@ -16,22 +16,11 @@ def _init(ctx, **comm_kw):
     import faulthandler
     import sys
 
-    import torch
-
     # a stuck rank prints every thread's stack (then the runner's timeout fails the test)
     faulthandler.dump_traceback_later(75, exit=False, file=sys.stderr)
-    import torch.distributed as dist
-
     import eplb_pynccl as ep
 
-    torch.cuda.set_device(ctx.device)
-    dist.init_process_group(
-        "nccl",
-        store=dist.PrefixStore("pg", ctx.store),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        device_id=torch.device("cuda", ctx.device),
-    )
+    nccl_process_group(ctx)
     comm = ep.Communicator.from_store(
         ctx.store, ctx.rank, ctx.world_size, ctx.device, key=ctx.key("uid"), **comm_kw
     )

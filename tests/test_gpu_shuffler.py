@@ -8,25 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.gpu_util import run_ranks
+from tests.gpu_util import nccl_process_group, run_ranks
 from tests.shuffle_util import GPU_SPECS, torch_specs
 
 pytestmark = pytest.mark.gpu
-
-
-def _pg(ctx):
-    import torch
-    import torch.distributed as dist
-
-    torch.cuda.set_device(ctx.device)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl",
-            store=dist.PrefixStore("pg", ctx.store),
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device_id=torch.device("cuda", ctx.device),
-        )
 
 
 def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, max_messages=1024):
@@ -35,7 +20,7 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
     import eplb_pynccl as ep
     from tests.shuffle_util import check_weights, make_weights, random_maps
 
-    _pg(ctx)
+    nccl_process_group(ctx)
     n, rank = ctx.world_size, ctx.rank
     dev = torch.device("cuda", ctx.device)
     if kind == "nccl":
