@@ -1491,7 +1491,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     has >= 2 replicas) becoming a replica of ``y``, one of the heaviest experts on ``A``.
     ``A`` loses; the donor's GPU and ``x``'s other holders may gain; ``y``'s other holders
     only lose (left out of the peak)."""
-    g, w, c, r_, P, ep = rd.g, rd.w, rd.c, rd.r_, st.P, st.ep
+    g, w, c, r_, P = rd.g, rd.w, rd.c, rd.r_, st.P
     La, N = w.shape
     idx, limit = rd.idx, rd.limit
     li = idx[:, None]
@@ -1517,14 +1517,18 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     wy_new = ly / (cy + 1)
     dy = ly / cy - wy_new
     Hx = st.H[li, x]  # [La, Kd, ep]
-    gpus = np.arange(ep)
-    others = (Hx > 0) & (gpus != rs[:, :, None]) & (gpus != A[:, None, None])
-    gxn = g[:, None, :] + Hx * dx[:, :, None]  # x's other holders after the drop
-    xpeak = np.where(others, gxn, -np.inf).max(2)
+    # x's replicas on its other holders (neither the donor's GPU nor A): where none, the
+    # load is g exactly (g + 0 * dx), so the excess they gain sums to the same without a mask
+    Ho = Hx.copy()
+    ar2, ak = np.arange(La)[:, None], np.arange(Kd)[None, :]
+    Ho[ar2, ak, rs] = 0
+    Ho[ar2, ak, A[:, None]] = 0
+    gxn = g[:, None, :] + Ho * dx[:, :, None]  # x's other holders after the drop
+    xpeak = np.where(Ho > 0, gxn, -np.inf).max(2)
     lim3 = limit[:, None, None]
-    x_over = np.where(
-        others, np.maximum(gxn - lim3, 0) - np.maximum(g[:, None, :] - lim3, 0), 0.0
-    ).sum(2)  # [La, Kd]: excess they gain
+    x_over = np.maximum(gxn - lim3, 0)
+    x_over -= np.maximum(g - limit[:, None], 0)[:, None, :]
+    x_over = x_over.sum(2)  # [La, Kd]: excess they gain
     hxA = st.H[li, x, A[:, None]]  # [La, Kd]
     hyA = st.H[li, y, A[:, None]]  # [La, Ky]
     hx_rs = st.H[li, x, rs]  # [La, Kd]
