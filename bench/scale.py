@@ -458,73 +458,84 @@ def _host_figures() -> str:
     )
 
 
-def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
-    """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
-    8 nodes and EP72 on NVL72, with the default options, with the best options of
-    :func:`option_rows`, and the exchange alone; network bytes per node with dedupe vs
-    without."""
+def _pick(rows: list[dict], model, topo, ep, policy, ex) -> dict | None:
+    """The first row of ``rows`` for that model, cluster, EP, policy and executor."""
+    for r in rows:
+        if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
+            model,
+            topo,
+            ep,
+            policy,
+            ex,
+        ):
+            return r
+    return None
+
+
+def _ratio_cases(default: list[dict], scanned: list[dict]):
+    """(label, candidate rows, the column compared) of each ratio of one cluster."""
+    return (
+        ("default options", default, "seconds_per_rebalance"),
+        ("best options", default + scanned, "seconds_per_rebalance"),
+        (
+            "exchange only (ours' set-up left out: the baseline has none)",
+            default + scanned,
+            "exchange_s",
+        ),
+    )
+
+
+def _ratio_target(head: str, label: str, r: dict, b: dict, key: str) -> dict:
+    """The target row of ours' row ``r`` against the baseline row ``b`` on column ``key``."""
+    base = b["seconds_per_rebalance"]
+    ratio = base / r[key] if r[key] > 0 else float("inf")
+    opt = f", staging {r['staging']}" if "staging" in r else ""
+    if r.get("options", "-") != "-":
+        opt += f", {r['options']}"
+    cause = (
+        f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
+        f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
+        f"{r['exchange_s'] * 1e3:.1f} ms (bound: {r['bound']}; busiest GPU "
+        f"{r['busiest_gpu_gb']:.2f} GB, the baseline's {b['busiest_gpu_gb']:.2f} GB); "
+        f"baseline {base * 1e3:.1f} ms ({b['bound']})"
+    )
+    return _target(
+        f"{head}, {label}: {r['executor']}{opt}",
+        round(ratio, 1),
+        ">= 20x",
+        ratio >= 20,
+        _host_figures(),
+        cause,
+    )
+
+
+def _speedup_targets(rows: list[dict], options) -> list[dict]:
+    """The ratios of migration_aware + ours over deepseek + vLLM-style, per target cluster."""
     out = []
-
-    def pick(model, topo, ep, policy, ex):
-        for r in rows:
-            if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
-                model,
-                topo,
-                ep,
-                policy,
-                ex,
-            ):
-                return r
-        return None
-
     for topo, ep in (("h100-ib400", 64), ("gb200-nvl72", 72)):
-        b = pick("dsv3", topo, ep, "deepseek", "vllm-style")
+        b = _pick(rows, "dsv3", topo, ep, "deepseek", "vllm-style")
         if b is None:
             continue
-        base = b["seconds_per_rebalance"]
         head = f"dsv3 {topo} EP{ep}: migration_aware + ours vs deepseek + vLLM-style"
         default = [
             r
             for r in (
-                pick("dsv3", topo, ep, "migration_aware", e)
+                _pick(rows, "dsv3", topo, ep, "migration_aware", e)
                 for e in ("ours nccl", "ours ipc+nccl", "ours dedupe")
             )
             if r
         ]
         scanned = [r for r in options if (r["cluster"], r["ep"]) == (topo, ep)]
-        for label, cands, key in (
-            ("default options", default, "seconds_per_rebalance"),
-            ("best options", default + scanned, "seconds_per_rebalance"),
-            (
-                "exchange only (ours' set-up left out: the baseline has none)",
-                default + scanned,
-                "exchange_s",
-            ),
-        ):
+        for label, cands, key in _ratio_cases(default, scanned):
             if not cands:
                 continue
             r = min(cands, key=lambda x: x[key])
-            ratio = base / r[key] if r[key] > 0 else float("inf")
-            opt = f", staging {r['staging']}" if "staging" in r else ""
-            if r.get("options", "-") != "-":
-                opt += f", {r['options']}"
-            cause = (
-                f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
-                f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
-                f"{r['exchange_s'] * 1e3:.1f} ms (bound: {r['bound']}; busiest GPU "
-                f"{r['busiest_gpu_gb']:.2f} GB, the baseline's {b['busiest_gpu_gb']:.2f} GB); "
-                f"baseline {base * 1e3:.1f} ms ({b['bound']})"
-            )
-            out.append(
-                _target(
-                    f"{head}, {label}: {r['executor']}{opt}",
-                    round(ratio, 1),
-                    ">= 20x",
-                    ratio >= 20,
-                    _host_figures(),
-                    cause,
-                )
-            )
+            out.append(_ratio_target(head, label, r, b, key))
+    return out
+
+
+def _dedupe_target(rows: list[dict]) -> list[dict]:
+    """Network bytes per node with dedupe over without, on the best deepseek sequence."""
     ded = [
         r
         for r in rows
@@ -532,19 +543,27 @@ def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
         and r["policy"] == "deepseek"
         and r.get("plain_network_gb", 0) > 0
     ]
-    if ded:
-        best = min(ded, key=lambda r: r["net_vs_plain"])
-        out.append(
-            _target(
-                "network bytes per node with dedupe / without (best sequence: "
-                f"{best['model']} EP{best['ep']} {best['policy']})",
-                best["net_vs_plain"],
-                "<= 0.6",
-                best["net_vs_plain"] <= 0.6,
-                "the planner's relay_map; bytes counted from the schedules, exact",
-            )
+    if not ded:
+        return []
+    best = min(ded, key=lambda r: r["net_vs_plain"])
+    return [
+        _target(
+            "network bytes per node with dedupe / without (best sequence: "
+            f"{best['model']} EP{best['ep']} {best['policy']})",
+            best["net_vs_plain"],
+            "<= 0.6",
+            best["net_vs_plain"] <= 0.6,
+            "the planner's relay_map; bytes counted from the schedules, exact",
         )
-    return out
+    ]
+
+
+def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
+    """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
+    8 nodes and EP72 on NVL72, with the default options, with the best options of
+    :func:`option_rows`, and the exchange alone; network bytes per node with dedupe vs
+    without."""
+    return _speedup_targets(rows, options) + _dedupe_target(rows)
 
 
 def host_targets(seed: int = 0, reps: int = 5) -> list[dict]:
