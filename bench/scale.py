@@ -279,6 +279,81 @@ def _estimates(old, new, ep, row, cluster) -> dict:
     return out
 
 
+def _per_executor(maps, ep: int, row, cluster) -> dict:
+    """Executor -> its estimates, one per rebalance of the placement sequence ``maps``."""
+    per: dict = {}
+    for t in range(1, len(maps)):
+        for ex, est in _estimates(maps[t - 1], maps[t], ep, row, cluster).items():
+            per.setdefault(ex, []).append(est)
+    return per
+
+
+def _dedupe_columns(ests, plain) -> dict:
+    """The 'ours dedupe' columns: 'auto' (two stages only where the model says faster) and
+    the network bytes against plain 'ours nccl'."""
+    auto = float(np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)]))
+    base = np.mean([p.max_network_bytes_per_node for p in plain])
+    return {
+        "seconds_auto": round(auto, 4),
+        "plain_network_gb": round(float(base) / GB, 3),
+        "net_vs_plain": round(
+            float(np.mean([e.max_network_bytes_per_node for e in ests])) / max(base, 1),
+            3,
+        ),
+    }
+
+
+def _scale_row(case: dict, slots: int, ex: str, ests, plain, build_ms: float) -> dict:
+    """One row of part 'scale': the means over the rebalances of one executor's ``ests``."""
+    share = {r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()}
+    secs = float(np.mean([e.seconds for e in ests]))
+    setup = float(np.mean([e.setup_seconds for e in ests]))
+    row = {
+        "kind": "scale",
+        "model": case["model"],
+        "cluster": case["cluster"],
+        "ep": case["ep"],
+        "nodes": case["nodes"],
+        "slots": slots,
+        "policy": case["policy"],
+        "executor": ex,
+        "seconds_per_rebalance": round(secs, 4),
+        "setup_s": round(setup, 4),
+        "exchange_s": round(secs - setup, 4),
+        "network_gb_per_node": round(
+            float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
+        ),
+        "busiest_gpu_gb": round(float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3),
+        "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
+        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+        "host_build_ms": round(build_ms, 1),
+        "rebalances": len(ests),
+    }
+    if ex == "ours dedupe":
+        row.update(_dedupe_columns(ests, plain))
+    note = ANCHORS.get((case["model"], case["cluster"], case["ep"], case["policy"], ex))
+    if note:
+        row["reported"] = note
+    return row
+
+
+def _cluster_rows(key: str, m, loads, topo: str, ep: int, cluster) -> list[dict]:
+    """The rows of one model on one cluster: every policy x executor."""
+    nodes = cluster.nodes if topo == "h100-ib400" else 1
+    rpn = 8 if topo == "h100-ib400" and ep > 8 else None
+    build_ms = None
+    rows = []
+    for policy in POLICIES:
+        maps = _sequence(m, ep, nodes, loads, policy)
+        if build_ms is None:
+            build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
+        per = _per_executor(maps, ep, m.row, cluster)
+        case = {"model": key, "cluster": topo, "ep": ep, "nodes": cluster.nodes, "policy": policy}
+        for ex, ests in per.items():
+            rows.append(_scale_row(case, maps[0].shape[1], ex, ests, per["ours nccl"], build_ms))
+    return rows
+
+
 def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
     from bench.loadgen import load_sequence
 
@@ -287,64 +362,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
         m = MODELS[key]
         loads = load_sequence(m.layers, m.experts, steps + 1, "moderate", seed=seed)
         for topo, ep, cluster in _clusters(m):
-            nodes = cluster.nodes if topo == "h100-ib400" else 1
-            rpn = 8 if topo == "h100-ib400" and ep > 8 else None
-            build_ms = None
-            for policy in POLICIES:
-                maps = _sequence(m, ep, nodes, loads, policy)
-                if build_ms is None:
-                    build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
-                per: dict = {}
-                for t in range(1, len(maps)):
-                    for ex, est in _estimates(maps[t - 1], maps[t], ep, m.row, cluster).items():
-                        per.setdefault(ex, []).append(est)
-                plain = per["ours nccl"]
-                for ex, ests in per.items():
-                    share = {
-                        r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()
-                    }
-                    secs = float(np.mean([e.seconds for e in ests]))
-                    setup = float(np.mean([e.setup_seconds for e in ests]))
-                    if ex == "ours dedupe":  # 'auto': two stages only where the model says faster
-                        auto = float(
-                            np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)])
-                        )
-                    row = {
-                        "kind": "scale",
-                        "model": key,
-                        "cluster": topo,
-                        "ep": ep,
-                        "nodes": cluster.nodes,
-                        "slots": maps[0].shape[1],
-                        "policy": policy,
-                        "executor": ex,
-                        "seconds_per_rebalance": round(secs, 4),
-                        "setup_s": round(setup, 4),
-                        "exchange_s": round(secs - setup, 4),
-                        "network_gb_per_node": round(
-                            float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
-                        ),
-                        "busiest_gpu_gb": round(
-                            float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3
-                        ),
-                        "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
-                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
-                        "host_build_ms": round(build_ms, 1),
-                        "rebalances": len(ests),
-                    }
-                    if ex == "ours dedupe":
-                        row["seconds_auto"] = round(auto, 4)
-                        base = np.mean([p.max_network_bytes_per_node for p in plain])
-                        row["plain_network_gb"] = round(float(base) / GB, 3)
-                        row["net_vs_plain"] = round(
-                            float(np.mean([e.max_network_bytes_per_node for e in ests]))
-                            / max(base, 1),
-                            3,
-                        )
-                    note = ANCHORS.get((key, topo, ep, policy, ex))
-                    if note:
-                        row["reported"] = note
-                    rows.append(row)
+            rows += _cluster_rows(key, m, loads, topo, ep, cluster)
     return rows
 
 
