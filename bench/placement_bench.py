@@ -113,6 +113,84 @@ def _seed(seed: int, shape: Shape, drift: str) -> int:
     ) % (1 << 63)
 
 
+def _keep_old_step(cur, loads, shape: Shape, st: dict) -> None:
+    """One rebalance of policy 'keep old': the imbalance of the placement kept, nothing moved."""
+    t0 = time.perf_counter()
+    im = placement_imbalance(cur, loads, shape.ep)
+    st["ms"].append((time.perf_counter() - t0) * 1e3)
+    st["imb"].append(im)
+    st["chg"].append(0.0)
+    st["recv"].append(0)
+    st["inter"].append(0)
+
+
+def _over_reference(res, loads, cur, shape: Shape, kw: dict) -> bool:
+    """The per-call promise: never more bytes than the relabelled reference would move from
+    this same placement (computed here, not timed)."""
+    ref = rebalance(
+        loads,
+        shape.physical,
+        shape.ep,
+        old_map=cur,
+        policy="deepseek_relabelled",
+        **kw,
+    )
+    return res.bytes_received_max > ref.bytes_received_max
+
+
+def _policy_steps(pol: str, seq, first, shape: Shape, steps: int, shifts: set, kw: dict) -> dict:
+    """Per-rebalance figures of one policy over the sequence ``seq``, from placement ``first``."""
+    cur = first
+    st: dict = {"imb": [], "chg": [], "recv": [], "inter": [], "ms": [], "shift_recv": []}
+    st["missed"], st["over_ref"] = 0, 0
+    for t in range(1, steps + 1):
+        if pol == "keep old":
+            _keep_old_step(cur, seq[t], shape, st)
+            continue
+        res = rebalance(seq[t], shape.physical, shape.ep, old_map=cur, policy=_API[pol], **kw)
+        st["ms"].append(res.seconds * 1e3)
+        st["imb"].append(res.imbalance)
+        st["chg"].append(float(res.slots_changed.sum()) / (shape.layers * shape.physical))
+        st["recv"].append(res.bytes_received_max)
+        st["inter"].append(res.internode_bytes_total)
+        if t in shifts:
+            st["shift_recv"].append(res.bytes_received_max)
+        if pol == "migration_aware":
+            st["missed"] += not res.reached_target
+            st["over_ref"] += _over_reference(res, seq[t], cur, shape, kw)
+        cur = res.new_map
+    return st
+
+
+def _policy_row(shape: Shape, drift: str, pol: str, steps: int, st: dict, shifts: set) -> dict:
+    """The row of one policy: means, peaks and medians of its per-rebalance figures ``st``."""
+    im = np.stack(st["imb"])  # [steps, layers]
+    recv, ms = st["recv"], st["ms"]
+    row = {
+        "shape": shape.label,
+        "drift": drift,
+        "policy": pol,
+        "rebalances": steps,
+        "imb_mean": round(float(im.mean()), 4),
+        "imb_max": round(float(im.max()), 4),
+        "imb_worst_layer_mean": round(float(im.max(1).mean()), 4),
+        "excess_pct": round(100 * float(im.mean() - 1), 3),
+        "excess_pct_max": round(100 * float(im.max() - 1), 2),
+        "changed_pct": round(100 * float(np.mean(st["chg"])), 2),
+        "recv_max_gib": round(float(np.mean(recv)) / GiB, 3),
+        "recv_max_gib_peak": round(float(np.max(recv)) / GiB, 3),
+        "internode_gib": round(float(np.mean(st["inter"])) / GiB, 3),
+        "ms_median": round(float(np.median(ms)), 2),
+        "ms_max": round(float(np.max(ms)), 2),
+    }
+    if shifts and pol != "keep old":
+        row["shift_recv_max_gib"] = round(float(np.mean(st["shift_recv"])) / GiB, 3)
+    if pol == "migration_aware":
+        row["target_missed"] = st["missed"]
+        row["over_ref"] = st["over_ref"]
+    return row
+
+
 def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[dict]:
     """One row per policy for ``steps`` consecutive rebalances of one shape and drift."""
     seq = load_sequence(
@@ -128,64 +206,8 @@ def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[di
     shifts = set(regime_steps(steps + 1, drift))
     rows = []
     for pol in POLICIES:
-        cur = first
-        imb, chg, recv, inter, ms, missed, over_ref, shift_recv = [], [], [], [], [], 0, 0, []
-        for t in range(1, steps + 1):
-            if pol == "keep old":
-                t0 = time.perf_counter()
-                im = placement_imbalance(cur, seq[t], shape.ep)
-                ms.append((time.perf_counter() - t0) * 1e3)
-                imb.append(im)
-                chg.append(0.0)
-                recv.append(0)
-                inter.append(0)
-                continue
-            res = rebalance(seq[t], shape.physical, shape.ep, old_map=cur, policy=_API[pol], **kw)
-            ms.append(res.seconds * 1e3)
-            imb.append(res.imbalance)
-            chg.append(float(res.slots_changed.sum()) / (shape.layers * shape.physical))
-            recv.append(res.bytes_received_max)
-            inter.append(res.internode_bytes_total)
-            if t in shifts:
-                shift_recv.append(res.bytes_received_max)
-            if pol == "migration_aware":
-                missed += not res.reached_target
-                # the per-call promise: never more bytes than the relabelled reference would
-                # move from this same placement (computed here, not timed)
-                ref = rebalance(
-                    seq[t],
-                    shape.physical,
-                    shape.ep,
-                    old_map=cur,
-                    policy="deepseek_relabelled",
-                    **kw,
-                )
-                over_ref += res.bytes_received_max > ref.bytes_received_max
-            cur = res.new_map
-        im = np.stack(imb)  # [steps, layers]
-        row = {
-            "shape": shape.label,
-            "drift": drift,
-            "policy": pol,
-            "rebalances": steps,
-            "imb_mean": round(float(im.mean()), 4),
-            "imb_max": round(float(im.max()), 4),
-            "imb_worst_layer_mean": round(float(im.max(1).mean()), 4),
-            "excess_pct": round(100 * float(im.mean() - 1), 3),
-            "excess_pct_max": round(100 * float(im.max() - 1), 2),
-            "changed_pct": round(100 * float(np.mean(chg)), 2),
-            "recv_max_gib": round(float(np.mean(recv)) / GiB, 3),
-            "recv_max_gib_peak": round(float(np.max(recv)) / GiB, 3),
-            "internode_gib": round(float(np.mean(inter)) / GiB, 3),
-            "ms_median": round(float(np.median(ms)), 2),
-            "ms_max": round(float(np.max(ms)), 2),
-        }
-        if shifts and pol != "keep old":
-            row["shift_recv_max_gib"] = round(float(np.mean(shift_recv)) / GiB, 3)
-        if pol == "migration_aware":
-            row["target_missed"] = missed
-            row["over_ref"] = over_ref
-        rows.append(row)
+        st = _policy_steps(pol, seq, first, shape, steps, shifts, kw)
+        rows.append(_policy_row(shape, drift, pol, steps, st, shifts))
     by = {r["policy"]: r for r in rows}
     ds = by["deepseek"]
     for r in rows:
@@ -194,8 +216,54 @@ def run_sequence(shape: Shape, drift: str, steps: int, seed: int = 0) -> list[di
     return rows
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """Rows of part 'placement-targets': each target of issue 11, met or missed, and why."""
+def _bytes_target(shape: str, drift: str, ma: dict, ds: dict) -> dict:
+    """Steady/moderate drift: migration_aware at deepseek's imbalance, with <= 1/10 its bytes."""
+    frac = ma["recv_max_gib"] / ds["recv_max_gib"] if ds["recv_max_gib"] else 0.0
+    ok_imb = ma["imb_mean"] <= ds["imb_mean"] + 1e-9
+    ok_b = frac <= BYTES_FRACTION_TARGET
+    why = []
+    if not ok_imb:
+        why.append(f"imbalance {ma['imb_mean']:.4f} > deepseek {ds['imb_mean']:.4f}")
+    if not ok_b:
+        why.append(f"bytes {frac:.1%} of deepseek's")
+    return {
+        "shape": shape,
+        "drift": drift,
+        "target": "imbalance <= deepseek's and bytes <= 1/10 of deepseek's",
+        "measured": f"imbalance {ma['imb_mean']:.4f} vs {ds['imb_mean']:.4f}; bytes "
+        f"{ma['recv_max_gib']:.3f} vs {ds['recv_max_gib']:.3f} GiB ({frac:.1%})",
+        "status": "met" if ok_imb and ok_b else "MISSED: " + "; ".join(why),
+    }
+
+
+def _regime_target(shape: str, drift: str, ma: dict, rl: dict) -> dict:
+    """Regime drift: migration_aware never moves more than deepseek relabelled, at its
+    imbalance."""
+    ok_b = ma["over_ref"] == 0 and ma["recv_max_gib"] <= rl["recv_max_gib"] + 1e-12
+    ok_imb = ma["imb_mean"] <= rl["imb_mean"] + 1e-9
+    why = []
+    if ma["over_ref"]:
+        why.append(
+            f"{ma['over_ref']} rebalance(s) moved more than the reference from the same placement"
+        )
+    if ma["recv_max_gib"] > rl["recv_max_gib"] + 1e-12:
+        why.append("more bytes than deepseek relabelled over the sequence")
+    if not ok_imb:
+        why.append(f"imbalance {ma['imb_mean']:.4f} > relabelled {rl['imb_mean']:.4f}")
+    return {
+        "shape": shape,
+        "drift": drift,
+        "target": "never more bytes than deepseek relabelled, at its imbalance",
+        "measured": f"bytes {ma['recv_max_gib']:.3f} vs {rl['recv_max_gib']:.3f} GiB "
+        f"(at shifts {ma.get('shift_recv_max_gib', 0):.3f} vs "
+        f"{rl.get('shift_recv_max_gib', 0):.3f}); imbalance {ma['imb_mean']:.4f} "
+        f"vs {rl['imb_mean']:.4f}",
+        "status": "met" if ok_b and ok_imb else "MISSED: " + "; ".join(why),
+    }
+
+
+def _policy_targets(rows: list[dict]) -> list[dict]:
+    """The bytes/imbalance target of each (shape, drift) of part 'placement' in ``rows``."""
     out = []
     keys = list(
         dict.fromkeys(
@@ -208,49 +276,16 @@ def targets(rows: list[dict]) -> list[dict]:
         if not (ma and ds and rl):
             continue
         if drift in ("steady", "moderate"):
-            frac = ma["recv_max_gib"] / ds["recv_max_gib"] if ds["recv_max_gib"] else 0.0
-            ok_imb = ma["imb_mean"] <= ds["imb_mean"] + 1e-9
-            ok_b = frac <= BYTES_FRACTION_TARGET
-            why = []
-            if not ok_imb:
-                why.append(f"imbalance {ma['imb_mean']:.4f} > deepseek {ds['imb_mean']:.4f}")
-            if not ok_b:
-                why.append(f"bytes {frac:.1%} of deepseek's")
-            out.append(
-                {
-                    "shape": shape,
-                    "drift": drift,
-                    "target": "imbalance <= deepseek's and bytes <= 1/10 of deepseek's",
-                    "measured": f"imbalance {ma['imb_mean']:.4f} vs {ds['imb_mean']:.4f}; bytes "
-                    f"{ma['recv_max_gib']:.3f} vs {ds['recv_max_gib']:.3f} GiB ({frac:.1%})",
-                    "status": "met" if ok_imb and ok_b else "MISSED: " + "; ".join(why),
-                }
-            )
+            out.append(_bytes_target(shape, drift, ma, ds))
         elif drift == "regime":
-            ok_b = ma["over_ref"] == 0 and ma["recv_max_gib"] <= rl["recv_max_gib"] + 1e-12
-            ok_imb = ma["imb_mean"] <= rl["imb_mean"] + 1e-9
-            why = []
-            if ma["over_ref"]:
-                why.append(
-                    f"{ma['over_ref']} rebalance(s) moved more than the reference from the same placement"
-                )
-            if ma["recv_max_gib"] > rl["recv_max_gib"] + 1e-12:
-                why.append("more bytes than deepseek relabelled over the sequence")
-            if not ok_imb:
-                why.append(f"imbalance {ma['imb_mean']:.4f} > relabelled {rl['imb_mean']:.4f}")
-            out.append(
-                {
-                    "shape": shape,
-                    "drift": drift,
-                    "target": "never more bytes than deepseek relabelled, at its imbalance",
-                    "measured": f"bytes {ma['recv_max_gib']:.3f} vs {rl['recv_max_gib']:.3f} GiB "
-                    f"(at shifts {ma.get('shift_recv_max_gib', 0):.3f} vs "
-                    f"{rl.get('shift_recv_max_gib', 0):.3f}); imbalance {ma['imb_mean']:.4f} "
-                    f"vs {rl['imb_mean']:.4f}",
-                    "status": "met" if ok_b and ok_imb else "MISSED: " + "; ".join(why),
-                }
-            )
-    for r in rows:  # the time target, at every drift level (judged on the median)
+            out.append(_regime_target(shape, drift, ma, rl))
+    return out
+
+
+def _time_targets(rows: list[dict]) -> list[dict]:
+    """The time target, at every drift level (judged on the median)."""
+    out = []
+    for r in rows:
         if r.get("shape") == "dsv3 ep32 4n" and r.get("policy") == "migration_aware":
             ds = next(
                 x
@@ -273,6 +308,12 @@ def targets(rows: list[dict]) -> list[dict]:
                     "status": status,
                 }
             )
+    return out
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Rows of part 'placement-targets': each target of issue 11, met or missed, and why."""
+    out = _policy_targets(rows) + _time_targets(rows)
     for r in out:
         r["part"] = "placement-targets"
     return out

@@ -593,13 +593,65 @@ def eplb_figure(rows: list[dict], meta: dict):
     return fig
 
 
+_PLACEMENT_MARKERS = "osD^vP*X"
+
+
+def _placement_panel(ax, fig, mine: list[dict], style) -> None:
+    """One shape's panel: a point per (drift, policy); points above the y range sit on the
+    top edge, side by side, each with its value. ``style(row)`` gives a point's color and
+    marker."""
+    import matplotlib.transforms as mtransforms
+
+    moving = [r["imb_mean"] for r in mine if r["recv_max_gib"] > 0] or [r["imb_mean"] for r in mine]
+    lo, hi = min(moving), max(moving)
+    top = hi + max(0.02, 0.15 * (hi - lo))
+    off = 0  # off-scale points on the top edge, side by side, each with its value
+    for r in mine:
+        kw = dict(s=36, **style(r))
+        if r["imb_mean"] <= top:
+            ax.scatter(r["recv_max_gib"], r["imb_mean"], **kw)
+            continue
+        dx = 10 + 18 * off  # points right of the point's own x
+        shift = mtransforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
+        ax.scatter(r["recv_max_gib"], top, transform=shift, clip_on=False, **kw)
+        ax.annotate(
+            f"{r['imb_mean']:.2f}",
+            (r["recv_max_gib"], top),
+            fontsize=6,
+            ha="center",
+            xytext=(dx, -11),
+            textcoords="offset points",
+        )
+        off += 1
+    ax.set_ylim(min(1.0, lo) - 0.005, top + 0.01)
+    ax.set_xlim(0, max(r["recv_max_gib"] for r in mine) * 2 + 0.02)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_title(mine[0]["shape"], fontsize=9)
+    ax.set_xlabel("GiB received by the busiest GPU per rebalance", fontsize=8)
+    ax.set_ylabel("imbalance (max / mean GPU load)", fontsize=8)
+    ax.grid(True, alpha=0.3)
+
+
+def _placement_legend(plt, policies: list, drifts: list, colors: list) -> list:
+    """Legend handles: a gray marker per policy, then a colored dot per drift."""
+    markers = _PLACEMENT_MARKERS
+    handles = [
+        plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=p)
+        for i, p in enumerate(policies)
+    ]
+    handles += [
+        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=d)
+        for i, d in enumerate(drifts)
+    ]
+    return handles
+
+
 def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
     """Bytes moved vs imbalance per shape: one point per (drift, policy)."""
     good = [r for r in rows if r.get("part") == "placement" and "imb_mean" in r]
     if not good:
         return None
     plt = _plt()
-    import matplotlib.transforms as mtransforms
 
     shapes = list(dict.fromkeys(r["shape"] for r in good))
     drifts = list(dict.fromkeys(r["drift"] for r in good))
@@ -610,54 +662,21 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
         nrow, cols, figsize=(max(9.0, 4.6 * cols), 3.8 * nrow + 0.6), squeeze=False
     )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^vP*X"
+    markers = _PLACEMENT_MARKERS
+
+    def style(r: dict) -> dict:
+        return dict(
+            color=colors[drifts.index(r["drift"]) % len(colors)],
+            marker=markers[policies.index(r["policy"]) % len(markers)],
+        )
+
     for k, shape in enumerate(shapes):
-        ax = axes[k // cols][k % cols]
-        mine = [r for r in good if r["shape"] == shape]
-        moving = [r["imb_mean"] for r in mine if r["recv_max_gib"] > 0] or [
-            r["imb_mean"] for r in mine
-        ]
-        lo, hi = min(moving), max(moving)
-        top = hi + max(0.02, 0.15 * (hi - lo))
-        off = 0  # off-scale points on the top edge, side by side, each with its value
-        for r in mine:
-            kw = dict(
-                s=36,
-                color=colors[drifts.index(r["drift"]) % len(colors)],
-                marker=markers[policies.index(r["policy"]) % len(markers)],
-            )
-            if r["imb_mean"] <= top:
-                ax.scatter(r["recv_max_gib"], r["imb_mean"], **kw)
-                continue
-            dx = 10 + 18 * off  # points right of the point's own x
-            shift = mtransforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
-            ax.scatter(r["recv_max_gib"], top, transform=shift, clip_on=False, **kw)
-            ax.annotate(
-                f"{r['imb_mean']:.2f}",
-                (r["recv_max_gib"], top),
-                fontsize=6,
-                ha="center",
-                xytext=(dx, -11),
-                textcoords="offset points",
-            )
-            off += 1
-        ax.set_ylim(min(1.0, lo) - 0.005, top + 0.01)
-        ax.set_xlim(0, max(r["recv_max_gib"] for r in mine) * 2 + 0.02)
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.set_title(shape, fontsize=9)
-        ax.set_xlabel("GiB received by the busiest GPU per rebalance", fontsize=8)
-        ax.set_ylabel("imbalance (max / mean GPU load)", fontsize=8)
-        ax.grid(True, alpha=0.3)
+        _placement_panel(
+            axes[k // cols][k % cols], fig, [r for r in good if r["shape"] == shape], style
+        )
     for k in range(len(shapes), nrow * cols):
         axes[k // cols][k % cols].axis("off")
-    handles = [
-        plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=p)
-        for i, p in enumerate(policies)
-    ]
-    handles += [
-        plt.Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=d)
-        for i, d in enumerate(drifts)
-    ]
+    handles = _placement_legend(plt, policies, drifts, colors)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8)
     fig.suptitle(
         f"EPLB placement: bytes moved vs imbalance, mean over the rebalances"

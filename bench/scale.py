@@ -279,6 +279,81 @@ def _estimates(old, new, ep, row, cluster) -> dict:
     return out
 
 
+def _per_executor(maps, ep: int, row, cluster) -> dict:
+    """Executor -> its estimates, one per rebalance of the placement sequence ``maps``."""
+    per: dict = {}
+    for t in range(1, len(maps)):
+        for ex, est in _estimates(maps[t - 1], maps[t], ep, row, cluster).items():
+            per.setdefault(ex, []).append(est)
+    return per
+
+
+def _dedupe_columns(ests, plain) -> dict:
+    """The 'ours dedupe' columns: 'auto' (two stages only where the model says faster) and
+    the network bytes against plain 'ours nccl'."""
+    auto = float(np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)]))
+    base = np.mean([p.max_network_bytes_per_node for p in plain])
+    return {
+        "seconds_auto": round(auto, 4),
+        "plain_network_gb": round(float(base) / GB, 3),
+        "net_vs_plain": round(
+            float(np.mean([e.max_network_bytes_per_node for e in ests])) / max(base, 1),
+            3,
+        ),
+    }
+
+
+def _scale_row(case: dict, slots: int, ex: str, ests, plain, build_ms: float) -> dict:
+    """One row of part 'scale': the means over the rebalances of one executor's ``ests``."""
+    share = {r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()}
+    secs = float(np.mean([e.seconds for e in ests]))
+    setup = float(np.mean([e.setup_seconds for e in ests]))
+    row = {
+        "kind": "scale",
+        "model": case["model"],
+        "cluster": case["cluster"],
+        "ep": case["ep"],
+        "nodes": case["nodes"],
+        "slots": slots,
+        "policy": case["policy"],
+        "executor": ex,
+        "seconds_per_rebalance": round(secs, 4),
+        "setup_s": round(setup, 4),
+        "exchange_s": round(secs - setup, 4),
+        "network_gb_per_node": round(
+            float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
+        ),
+        "busiest_gpu_gb": round(float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3),
+        "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
+        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
+        "host_build_ms": round(build_ms, 1),
+        "rebalances": len(ests),
+    }
+    if ex == "ours dedupe":
+        row.update(_dedupe_columns(ests, plain))
+    note = ANCHORS.get((case["model"], case["cluster"], case["ep"], case["policy"], ex))
+    if note:
+        row["reported"] = note
+    return row
+
+
+def _cluster_rows(key: str, m, loads, topo: str, ep: int, cluster) -> list[dict]:
+    """The rows of one model on one cluster: every policy x executor."""
+    nodes = cluster.nodes if topo == "h100-ib400" else 1
+    rpn = 8 if topo == "h100-ib400" and ep > 8 else None
+    build_ms = None
+    rows = []
+    for policy in POLICIES:
+        maps = _sequence(m, ep, nodes, loads, policy)
+        if build_ms is None:
+            build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
+        per = _per_executor(maps, ep, m.row, cluster)
+        case = {"model": key, "cluster": topo, "ep": ep, "nodes": cluster.nodes, "policy": policy}
+        for ex, ests in per.items():
+            rows.append(_scale_row(case, maps[0].shape[1], ex, ests, per["ours nccl"], build_ms))
+    return rows
+
+
 def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
     from bench.loadgen import load_sequence
 
@@ -287,64 +362,7 @@ def scale_rows(steps: int = 2, seed: int = 0, models=None) -> list[dict]:
         m = MODELS[key]
         loads = load_sequence(m.layers, m.experts, steps + 1, "moderate", seed=seed)
         for topo, ep, cluster in _clusters(m):
-            nodes = cluster.nodes if topo == "h100-ib400" else 1
-            rpn = 8 if topo == "h100-ib400" and ep > 8 else None
-            build_ms = None
-            for policy in POLICIES:
-                maps = _sequence(m, ep, nodes, loads, policy)
-                if build_ms is None:
-                    build_ms = _host_build_ms(maps[0], maps[1], ep, rpn, m.row)
-                per: dict = {}
-                for t in range(1, len(maps)):
-                    for ex, est in _estimates(maps[t - 1], maps[t], ep, m.row, cluster).items():
-                        per.setdefault(ex, []).append(est)
-                plain = per["ours nccl"]
-                for ex, ests in per.items():
-                    share = {
-                        r: float(np.mean([e.share()[r] for e in ests])) for r in ests[0].share()
-                    }
-                    secs = float(np.mean([e.seconds for e in ests]))
-                    setup = float(np.mean([e.setup_seconds for e in ests]))
-                    if ex == "ours dedupe":  # 'auto': two stages only where the model says faster
-                        auto = float(
-                            np.mean([min(e.seconds, p.seconds) for e, p in zip(ests, plain)])
-                        )
-                    row = {
-                        "kind": "scale",
-                        "model": key,
-                        "cluster": topo,
-                        "ep": ep,
-                        "nodes": cluster.nodes,
-                        "slots": maps[0].shape[1],
-                        "policy": policy,
-                        "executor": ex,
-                        "seconds_per_rebalance": round(secs, 4),
-                        "setup_s": round(setup, 4),
-                        "exchange_s": round(secs - setup, 4),
-                        "network_gb_per_node": round(
-                            float(np.mean([e.max_network_bytes_per_node for e in ests])) / GB, 3
-                        ),
-                        "busiest_gpu_gb": round(
-                            float(np.mean([e.busiest_gpu_bytes for e in ests])) / GB, 3
-                        ),
-                        "rounds": round(float(np.mean([e.rounds for e in ests])), 1),
-                        "bound": " / ".join(f"{r} {v:.0%}" for r, v in share.items() if v > 0),
-                        "host_build_ms": round(build_ms, 1),
-                        "rebalances": len(ests),
-                    }
-                    if ex == "ours dedupe":
-                        row["seconds_auto"] = round(auto, 4)
-                        base = np.mean([p.max_network_bytes_per_node for p in plain])
-                        row["plain_network_gb"] = round(float(base) / GB, 3)
-                        row["net_vs_plain"] = round(
-                            float(np.mean([e.max_network_bytes_per_node for e in ests]))
-                            / max(base, 1),
-                            3,
-                        )
-                    note = ANCHORS.get((key, topo, ep, policy, ex))
-                    if note:
-                        row["reported"] = note
-                    rows.append(row)
+            rows += _cluster_rows(key, m, loads, topo, ep, cluster)
     return rows
 
 
@@ -458,73 +476,84 @@ def _host_figures() -> str:
     )
 
 
-def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
-    """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
-    8 nodes and EP72 on NVL72, with the default options, with the best options of
-    :func:`option_rows`, and the exchange alone; network bytes per node with dedupe vs
-    without."""
+def _pick(rows: list[dict], model, topo, ep, policy, ex) -> dict | None:
+    """The first row of ``rows`` for that model, cluster, EP, policy and executor."""
+    for r in rows:
+        if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
+            model,
+            topo,
+            ep,
+            policy,
+            ex,
+        ):
+            return r
+    return None
+
+
+def _ratio_cases(default: list[dict], scanned: list[dict]):
+    """(label, candidate rows, the column compared) of each ratio of one cluster."""
+    return (
+        ("default options", default, "seconds_per_rebalance"),
+        ("best options", default + scanned, "seconds_per_rebalance"),
+        (
+            "exchange only (ours' set-up left out: the baseline has none)",
+            default + scanned,
+            "exchange_s",
+        ),
+    )
+
+
+def _ratio_target(head: str, label: str, r: dict, b: dict, key: str) -> dict:
+    """The target row of ours' row ``r`` against the baseline row ``b`` on column ``key``."""
+    base = b["seconds_per_rebalance"]
+    ratio = base / r[key] if r[key] > 0 else float("inf")
+    opt = f", staging {r['staging']}" if "staging" in r else ""
+    if r.get("options", "-") != "-":
+        opt += f", {r['options']}"
+    cause = (
+        f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
+        f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
+        f"{r['exchange_s'] * 1e3:.1f} ms (bound: {r['bound']}; busiest GPU "
+        f"{r['busiest_gpu_gb']:.2f} GB, the baseline's {b['busiest_gpu_gb']:.2f} GB); "
+        f"baseline {base * 1e3:.1f} ms ({b['bound']})"
+    )
+    return _target(
+        f"{head}, {label}: {r['executor']}{opt}",
+        round(ratio, 1),
+        ">= 20x",
+        ratio >= 20,
+        _host_figures(),
+        cause,
+    )
+
+
+def _speedup_targets(rows: list[dict], options) -> list[dict]:
+    """The ratios of migration_aware + ours over deepseek + vLLM-style, per target cluster."""
     out = []
-
-    def pick(model, topo, ep, policy, ex):
-        for r in rows:
-            if (r["model"], r["cluster"], r["ep"], r["policy"], r["executor"]) == (
-                model,
-                topo,
-                ep,
-                policy,
-                ex,
-            ):
-                return r
-        return None
-
     for topo, ep in (("h100-ib400", 64), ("gb200-nvl72", 72)):
-        b = pick("dsv3", topo, ep, "deepseek", "vllm-style")
+        b = _pick(rows, "dsv3", topo, ep, "deepseek", "vllm-style")
         if b is None:
             continue
-        base = b["seconds_per_rebalance"]
         head = f"dsv3 {topo} EP{ep}: migration_aware + ours vs deepseek + vLLM-style"
         default = [
             r
             for r in (
-                pick("dsv3", topo, ep, "migration_aware", e)
+                _pick(rows, "dsv3", topo, ep, "migration_aware", e)
                 for e in ("ours nccl", "ours ipc+nccl", "ours dedupe")
             )
             if r
         ]
         scanned = [r for r in options if (r["cluster"], r["ep"]) == (topo, ep)]
-        for label, cands, key in (
-            ("default options", default, "seconds_per_rebalance"),
-            ("best options", default + scanned, "seconds_per_rebalance"),
-            (
-                "exchange only (ours' set-up left out: the baseline has none)",
-                default + scanned,
-                "exchange_s",
-            ),
-        ):
+        for label, cands, key in _ratio_cases(default, scanned):
             if not cands:
                 continue
             r = min(cands, key=lambda x: x[key])
-            ratio = base / r[key] if r[key] > 0 else float("inf")
-            opt = f", staging {r['staging']}" if "staging" in r else ""
-            if r.get("options", "-") != "-":
-                opt += f", {r['options']}"
-            cause = (
-                f"ours {r['seconds_per_rebalance'] * 1e3:.1f} ms = set-up "
-                f"{r['setup_s'] * 1e3:.1f} + {r['rounds']:.0f} round(s) "
-                f"{r['exchange_s'] * 1e3:.1f} ms (bound: {r['bound']}; busiest GPU "
-                f"{r['busiest_gpu_gb']:.2f} GB, the baseline's {b['busiest_gpu_gb']:.2f} GB); "
-                f"baseline {base * 1e3:.1f} ms ({b['bound']})"
-            )
-            out.append(
-                _target(
-                    f"{head}, {label}: {r['executor']}{opt}",
-                    round(ratio, 1),
-                    ">= 20x",
-                    ratio >= 20,
-                    _host_figures(),
-                    cause,
-                )
-            )
+            out.append(_ratio_target(head, label, r, b, key))
+    return out
+
+
+def _dedupe_target(rows: list[dict]) -> list[dict]:
+    """Network bytes per node with dedupe over without, on the best deepseek sequence."""
     ded = [
         r
         for r in rows
@@ -532,19 +561,27 @@ def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
         and r["policy"] == "deepseek"
         and r.get("plain_network_gb", 0) > 0
     ]
-    if ded:
-        best = min(ded, key=lambda r: r["net_vs_plain"])
-        out.append(
-            _target(
-                "network bytes per node with dedupe / without (best sequence: "
-                f"{best['model']} EP{best['ep']} {best['policy']})",
-                best["net_vs_plain"],
-                "<= 0.6",
-                best["net_vs_plain"] <= 0.6,
-                "the planner's relay_map; bytes counted from the schedules, exact",
-            )
+    if not ded:
+        return []
+    best = min(ded, key=lambda r: r["net_vs_plain"])
+    return [
+        _target(
+            "network bytes per node with dedupe / without (best sequence: "
+            f"{best['model']} EP{best['ep']} {best['policy']})",
+            best["net_vs_plain"],
+            "<= 0.6",
+            best["net_vs_plain"] <= 0.6,
+            "the planner's relay_map; bytes counted from the schedules, exact",
         )
-    return out
+    ]
+
+
+def targets(rows: list[dict], options: list[dict] = ()) -> list[dict]:
+    """Issue 25's ratios: DeepSeek-V3, migration-aware + ours vs deepseek + vLLM-style, EP64 on
+    8 nodes and EP72 on NVL72, with the default options, with the best options of
+    :func:`option_rows`, and the exchange alone; network bytes per node with dedupe vs
+    without."""
+    return _speedup_targets(rows, options) + _dedupe_target(rows)
 
 
 def host_targets(seed: int = 0, reps: int = 5) -> list[dict]:
