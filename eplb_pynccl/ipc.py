@@ -140,18 +140,20 @@ class _Local:
         }
 
 
+def _agree(whose: str, rank, world_size, owner) -> None:
+    """The rank and world_size given (None: not given) are ``owner``'s own."""
+    for name, v, own in (("rank", rank, owner.rank), ("world_size", world_size, owner.world_size)):
+        if v is not None and v != own:
+            raise ValueError(f"{name} {v} differs from the {whose}'s {name} {own}")
+
+
 def _from_communicator(communicator, rank, world_size, device):
     """rank, world_size and device taken from ``communicator`` (those given must agree)."""
     if not isinstance(communicator, Communicator):
         raise TypeError(
             f"communicator must be an eplb_pynccl.Communicator, got {type(communicator).__name__}"
         )
-    if rank is not None and rank != communicator.rank:
-        raise ValueError(f"rank {rank} differs from the communicator's rank {communicator.rank}")
-    if world_size is not None and world_size != communicator.world_size:
-        raise ValueError(
-            f"world_size {world_size} differs from the communicator's {communicator.world_size}"
-        )
+    _agree("communicator", rank, world_size, communicator)
     return (
         communicator.rank,
         communicator.world_size,
@@ -163,12 +165,7 @@ def _from_setup(setup, timeout: float, rank, world_size):
     """The setup transport made from ``setup``, and its rank and world_size (those given
     must agree)."""
     setup = _setup_transport(setup, timeout)
-    for name, v, own in (
-        ("rank", rank, setup.rank),
-        ("world_size", world_size, setup.world_size),
-    ):
-        if v is not None and v != own:
-            raise ValueError(f"{name} {v} differs from the setup transport's {name} {own}")
+    _agree("setup transport", rank, world_size, setup)
     return setup, setup.rank, setup.world_size
 
 
