@@ -412,22 +412,31 @@ def _config() -> dict:
 # ---- transports ------------------------------------------------------------------------------
 
 
+def _is_ipc(t) -> bool:
+    return type(t).__name__ == "IpcTransport"
+
+
+def _close_ipc(t) -> None:
+    """Close ``t`` if it is an IpcTransport: dropping, best effort, whatever it raises (the
+    close is local; a communicator under it is shared and left open)."""
+    if _is_ipc(t):
+        with contextlib.suppress(Exception):
+            t.close()
+
+
 def _drop_ipc(t) -> None:
-    """Close an IpcTransport of a dropped weight set (local; its communicator is shared)."""
-    if type(t).__name__ != "IpcTransport":
+    """Forget and close the IpcTransport of a dropped weight set (other transports are
+    shared by every weight set and stay)."""
+    if not _is_ipc(t):
         return
     for k in [k for k, v in _world.items() if v is t]:
         del _world[k]
-    with contextlib.suppress(Exception):
-        t.close()
+    _close_ipc(t)
 
 
 def _drop_world() -> None:
     for t in list(_world.values()):  # dropping: best effort, whatever each one raises
-        close = getattr(t, "close", None)
-        if close is not None and type(t).__name__ == "IpcTransport":
-            with contextlib.suppress(Exception):
-                close()
+        _close_ipc(t)
         comm = getattr(t, "comm", None)
         if comm is not None and hasattr(comm, "abort"):
             with contextlib.suppress(Exception):
