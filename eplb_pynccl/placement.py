@@ -664,25 +664,33 @@ def _replicate(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
     brackets."""
     B, n = w.shape
     R = total - n
-    rows = np.arange(B)
     cnt = np.ones((B, n), dtype=_I64)
     if R <= _GREEDY_REPLICAS:
+        rows = np.arange(B)
         chosen = np.empty((B, R), dtype=_I64)
         for i in range(R):
             c = np.argmax(w / cnt, axis=1)
             chosen[:, i] = c
             cnt[rows, c] += 1
         return cnt, chosen
-    wf = w.astype(np.float64)
+    k = _extra_replicas(w.astype(np.float64), R)
+    cnt += k
+    return cnt, _greedy_order(w, k, R)
 
-    def above(t: np.ndarray) -> np.ndarray:
-        """[B, n]: how many k >= 1 have w / k > t (t > 0 per row), at most R."""
-        k = np.floor(np.minimum(wf / t[:, None], R + 1.0))
-        for _ in range(2):  # the floor of a rounded quotient is off by at most one
-            k = np.where((k < R + 1) & (wf / (k + 1) > t[:, None]), k + 1, k)
-            k = np.where((k >= 1) & ~(wf / np.maximum(k, 1) > t[:, None]), k - 1, k)
-        return np.minimum(k, R).astype(_I64)
 
+def _replicas_above(wf: np.ndarray, t: np.ndarray, R: int) -> np.ndarray:
+    """[B, n]: how many k >= 1 have ``wf / k > t`` (t > 0 per row), at most ``R``."""
+    k = np.floor(np.minimum(wf / t[:, None], R + 1.0))
+    for _ in range(2):  # the floor of a rounded quotient is off by at most one
+        k = np.where((k < R + 1) & (wf / (k + 1) > t[:, None]), k + 1, k)
+        k = np.where((k >= 1) & ~(wf / np.maximum(k, 1) > t[:, None]), k - 1, k)
+    return np.minimum(k, R).astype(_I64)
+
+
+def _extra_replicas(wf: np.ndarray, R: int) -> np.ndarray:
+    """int [B, n]: how many of the ``R`` further replicas of each row each item gets (the
+    ``R`` largest ``wf_i / k``, equal values by lowest index)."""
+    B, n = wf.shape
     # The R-th largest value lies in (lo, hi]: fewer than R values exceed W / R and at
     # least R exceed W / (R + n) (n: items with load). Every value in between is a
     # candidate (about n per row); sorting them finishes the selection.
@@ -691,7 +699,7 @@ def _replicate(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
     pos_n = (wf > 0).sum(1)
     hi = np.where(live, tot / R * (1 + 1e-9), 1.0)
     lo = np.where(live, tot / (R + pos_n + 1) * (1 - 1e-9), 0.5)
-    k_hi, k_lo = above(hi), above(lo)
+    k_hi, k_lo = _replicas_above(wf, hi, R), _replicas_above(wf, lo, R)
     if (k_hi.sum(1)[live] >= R).any() or (k_lo.sum(1)[live] < R).any():  # pragma: no cover
         raise AssertionError("replication bracket")  # cannot happen: bounds are loose
     extra = k_lo - k_hi  # candidates per item: its replicas k_hi + 1 .. k_lo
@@ -708,14 +716,19 @@ def _replicate(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
     zero = ~live  # nothing loaded: every argmax is item 0
     k[zero] = 0
     k[zero, 0] = R
-    cnt += k
-    # the order the greedy adds them: value descending, then lowest item first
+    return k
+
+
+def _greedy_order(w: np.ndarray, k: np.ndarray, R: int) -> np.ndarray:
+    """int [B, R]: the items of the ``R`` further replicas of each row (``k`` [B, n] of
+    each item) in the order the greedy adds them: value descending, then lowest item first."""
+    B, n = w.shape
     item = np.repeat(np.tile(np.arange(n), B), k.ravel()).reshape(B, R)
     first = np.cumsum(k, axis=1) - k  # where each item's run starts
     kk = np.arange(R)[None, :] - np.take_along_axis(first, item, 1) + 1  # k-th extra replica
     val = np.take_along_axis(w.astype(np.float64), item, 1) / kk
     order = np.lexsort((item, -val), axis=1)
-    return cnt, np.take_along_axis(item, order, 1)
+    return np.take_along_axis(item, order, 1)
 
 
 def _pack(w: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -830,49 +843,21 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     assignment and, read off its cost matrices, the rows the relabelled map changes and
     the experts each GPU receives (of which across nodes). :func:`_relabel_maps` builds
     the maps themselves, only for the layers that need them."""
-    lsa = _lsa()
     L, N = ref.shape
     P = N // ep
     gpn = ep // nodes
     items = ref.reshape(L, ep, P)  # pack p = the reference's GPU p
-    co = _gpu_counts(old, ep, E)
     occ = _occurrence(items.reshape(L * ep, P)).reshape(L, ep, P)
     distinct = (occ == 0).sum(2)[:, :, None]
     shared = _shared(items, occ, old, ep, 1)  # [L, pack, gpu]: experts both hold
     recv = distinct - shared  # experts the GPU lacks
-    # rows kept = sum_e min(new_e, old_e): the shared experts, plus each further copy of an
-    # expert in the pack that the GPU also held more than once (rare: counted one by one)
-    kept = shared.copy()
-    dl, dp, dj = np.nonzero(occ > 0)
-    if dl.size:
-        more = co[dl, :, items[dl, dp, dj]] > occ[dl, dp, dj][:, None]  # [dups, gpu]
-        np.add.at(kept, (dl, dp), more.astype(_I64))
+    kept = _rows_kept(items, occ, shared, _gpu_counts(old, ep, E))
     cost = recv * (P + 1) + (P - kept)
+    cross = None
     if nodes > 1:
         cross = distinct - _shared(items, occ, old, ep, gpn)  # [L, pack, node]
         cost += np.repeat(cross, gpn, axis=2) * (P + 1) ** 2
-    gpu_of_pack = np.empty((L, ep), dtype=_I64)
-    costf = cost.astype(np.float64)
-    if nodes_h == 1:
-        for layer in range(L):
-            gpu_of_pack[layer] = lsa(costf[layer])[1]
-    else:
-        # node pack a -> node b: the best GPU assignment inside b for every (a, b), then
-        # the best assignment of node packs to nodes on those optima
-        blocks = np.ascontiguousarray(
-            costf.reshape(L, nodes_h, gpn, nodes_h, gpn).transpose(0, 1, 3, 2, 4)
-        )  # [L, a, b, pack in a, gpu in b]
-        inner = np.empty((L, nodes_h, nodes_h, gpn), dtype=_I64)
-        for layer in range(L):
-            for a in range(nodes_h):
-                for b in range(nodes_h):
-                    inner[layer, a, b] = lsa(blocks[layer, a, b])[1]
-        val = np.take_along_axis(blocks, inner[..., None], 4)[..., 0].sum(3)  # [L, a, b]
-        for layer in range(L):
-            node = lsa(val[layer])[1]
-            gpu_of_pack[layer] = (
-                node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]
-            ).ravel()
+    gpu_of_pack = _assign_packs(cost.astype(np.float64), nodes_h, gpn)
     rows = np.arange(L)[:, None]
     pack_of_gpu = np.empty_like(gpu_of_pack)
     pack_of_gpu[rows, gpu_of_pack] = np.arange(ep)
@@ -880,9 +865,47 @@ def _relabel(ref, old, ep, nodes, nodes_h, E):
     changed = (P - kept[rows, pack_of_gpu, gpus]).sum(1)
     recv_g = recv[rows, pack_of_gpu, gpus]
     inter_g = np.zeros_like(recv_g)
-    if nodes > 1:
+    if cross is not None:
         inter_g = cross[rows, pack_of_gpu, gpus // gpn]
     return gpu_of_pack, changed, recv_g, inter_g
+
+
+def _rows_kept(items: np.ndarray, occ: np.ndarray, shared: np.ndarray, co: np.ndarray):
+    """int [L, pack, gpu]: the rows a GPU keeps if it takes the pack, sum_e min(new_e, old_e):
+    the shared experts, plus each further copy of an expert in the pack that the GPU also
+    held more than once (rare: counted one by one). ``co``: the old map's per-GPU counts."""
+    kept = shared.copy()
+    dl, dp, dj = np.nonzero(occ > 0)
+    if dl.size:
+        more = co[dl, :, items[dl, dp, dj]] > occ[dl, dp, dj][:, None]  # [dups, gpu]
+        np.add.at(kept, (dl, dp), more.astype(_I64))
+    return kept
+
+
+def _assign_packs(costf: np.ndarray, nodes_h: int, gpn: int) -> np.ndarray:
+    """int [L, ep]: the GPU of each pack minimising ``costf`` [L, pack, gpu]; with
+    ``nodes_h > 1`` node packs go whole to nodes: the best GPU assignment inside node b for
+    every (node pack a, b), then the best assignment of node packs to nodes on those optima."""
+    lsa = _lsa()
+    L, ep, _ = costf.shape
+    gpu_of_pack = np.empty((L, ep), dtype=_I64)
+    if nodes_h == 1:
+        for layer in range(L):
+            gpu_of_pack[layer] = lsa(costf[layer])[1]
+        return gpu_of_pack
+    blocks = np.ascontiguousarray(
+        costf.reshape(L, nodes_h, gpn, nodes_h, gpn).transpose(0, 1, 3, 2, 4)
+    )  # [L, a, b, pack in a, gpu in b]
+    inner = np.empty((L, nodes_h, nodes_h, gpn), dtype=_I64)
+    for layer in range(L):
+        for a in range(nodes_h):
+            for b in range(nodes_h):
+                inner[layer, a, b] = lsa(blocks[layer, a, b])[1]
+    val = np.take_along_axis(blocks, inner[..., None], 4)[..., 0].sum(3)  # [L, a, b]
+    for layer in range(L):
+        node = lsa(val[layer])[1]
+        gpu_of_pack[layer] = (node[:, None] * gpn + inner[layer, np.arange(nodes_h), node]).ravel()
+    return gpu_of_pack
 
 
 def _shared(items: np.ndarray, occ: np.ndarray, old: np.ndarray, ep: int, size: int) -> np.ndarray:
@@ -1491,44 +1514,19 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     has >= 2 replicas) becoming a replica of ``y``, one of the heaviest experts on ``A``.
     ``A`` loses; the donor's GPU and ``x``'s other holders may gain; ``y``'s other holders
     only lose (left out of the peak)."""
-    g, w, c, r_, P = rd.g, rd.w, rd.c, rd.r_, st.P
-    La, N = w.shape
+    g, c, r_ = rd.g, rd.c, rd.r_
     idx, limit = rd.idx, rd.limit
     li = idx[:, None]
-    cn, lm = st.cnt[idx], st.lam[idx]
     A = np.argmax(g, axis=1)
     gA = g[r_[:, 0], A]
-    sA = A[:, None] * P + np.arange(P)
-    Ky, Kd = min(P, _RECEIVERS), min(_DONORS, N)
-    ys = sA[r_, np.argsort(-w[r_, sA], axis=1, kind="stable")[:, :Ky]]
-    y = c[r_, ys]  # [La, Ky]
-    cnt_slot = cn[r_, c]
-    dx_slot = np.where(cnt_slot > 1, lm[r_, c] / np.maximum(cnt_slot - 1, 1) - w, np.inf)
-    key = g[:, np.arange(N) // P] - w + dx_slot  # donor GPU's load without it, plus x's rise
-    ds = np.argpartition(key, Kd - 1, axis=1)[:, :Kd] if Kd < N else np.tile(np.arange(N), (La, 1))
-    ds.sort(axis=1)
-    dok = np.isfinite(key[r_, ds])
+    cn, lm = st.cnt[idx], st.lam[idx]
+    y, ds, dok = _move_candidates(st, rd, cn, lm, A)
     x = c[r_, ds]
-    rs = ds // P
-    cx, lx = cn[r_, x], lm[r_, x]
-    wx_new = lx / np.maximum(cx - 1, 1)
-    dx = np.where(dok, wx_new - lx / cx, 0.0)
+    rs = ds // st.P
+    dx, wx_new, Hx, xpeak, x_over = _donor_side(st, rd, cn[r_, x], lm[r_, x], A, x, rs, dok)
     cy, ly = cn[r_, y], lm[r_, y]
     wy_new = ly / (cy + 1)
     dy = ly / cy - wy_new
-    Hx = st.H[li, x]  # [La, Kd, ep]
-    # x's replicas on its other holders (neither the donor's GPU nor A): where none, the
-    # load is g exactly (g + 0 * dx), so the excess they gain sums to the same without a mask
-    Ho = Hx.copy()
-    ar2, ak = np.arange(La)[:, None], np.arange(Kd)[None, :]
-    Ho[ar2, ak, rs] = 0
-    Ho[ar2, ak, A[:, None]] = 0
-    gxn = g[:, None, :] + Ho * dx[:, :, None]  # x's other holders after the drop
-    xpeak = np.where(Ho > 0, gxn, -np.inf).max(2)
-    lim3 = limit[:, None, None]
-    x_over = np.maximum(gxn - lim3, 0)
-    x_over -= np.maximum(g - limit[:, None], 0)[:, None, :]
-    x_over = x_over.sum(2)  # [La, Kd]: excess they gain
     hxA = st.H[li, x, A[:, None]]  # [La, Kd]
     hyA = st.H[li, y, A[:, None]]  # [La, Ky]
     hx_rs = st.H[li, x, rs]  # [La, Kd]
@@ -1541,6 +1539,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     new_rs = (g_rs + hx_rs * dx)[:, None, :] - hy_rs * dy[:, :, None] + delta
     peak = np.maximum(np.maximum(newA, new_rs), xpeak[:, None, :])
     gain = gA[:, None, None] - peak
+    lim3 = limit[:, None, None]
     red = (gA - limit)[:, None, None] - np.maximum(newA - lim3, 0) - x_over[:, None, :]
     red += np.where(
         at_A, 0.0, np.maximum(g_rs - limit[:, None], 0)[:, None, :] - np.maximum(new_rs - lim3, 0)
@@ -1548,6 +1547,7 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     gain = np.where(dok[:, None, :] & (x[:, None, :] != y[:, :, None]), gain, -np.inf)
     cost = st.write_cost(li[:, :, None], ds[:, None, :], y[:, :, None])  # [La, Ky, Kd]
     cost -= st.ccur[li, ds][:, None, :]
+    La, Kd = ds.shape
     score = _score(gain, red, cost, lim3 * _TOL).reshape(La, -1)
     best = np.argmax(score, axis=1)
     mi, mj = np.divmod(best, Kd)
@@ -1556,6 +1556,49 @@ def _best_move(st: _RepairState, rd: _Round) -> _Ops:
     touched = (Hx[ar, mj] > 0) | (st.H[idx, ym] > 0)
     touched[ar, rs[ar, mj]] = True
     return _Ops(score=score[ar, best], s=ds[ar, mj], x=xm, y=ym, touched=touched)
+
+
+def _move_candidates(st: _RepairState, rd: _Round, cn, lm, A: np.ndarray):
+    """The candidates of :func:`_best_move`: ``y`` [La, Ky], the heaviest experts on ``A``;
+    ``ds`` [La, Kd], the donor slots (sorted) whose GPU's load without them plus their
+    expert's rise is smallest; ``dok``: which donors can give (their expert has >= 2).
+    ``cn``, ``lm``: the active layers' replica counts and loads."""
+    g, w, c, r_, P = rd.g, rd.w, rd.c, rd.r_, st.P
+    La, N = w.shape
+    sA = A[:, None] * P + np.arange(P)
+    Ky, Kd = min(P, _RECEIVERS), min(_DONORS, N)
+    ys = sA[r_, np.argsort(-w[r_, sA], axis=1, kind="stable")[:, :Ky]]
+    y = c[r_, ys]  # [La, Ky]
+    cnt_slot = cn[r_, c]
+    dx_slot = np.where(cnt_slot > 1, lm[r_, c] / np.maximum(cnt_slot - 1, 1) - w, np.inf)
+    key = g[:, np.arange(N) // P] - w + dx_slot  # donor GPU's load without it, plus x's rise
+    ds = np.argpartition(key, Kd - 1, axis=1)[:, :Kd] if Kd < N else np.tile(np.arange(N), (La, 1))
+    ds.sort(axis=1)
+    return y, ds, np.isfinite(key[r_, ds])
+
+
+def _donor_side(st: _RepairState, rd: _Round, cx, lx, A, x, rs, dok):
+    """What giving up a replica of each donor's expert ``x`` (on GPU ``rs``) does to ``x``'s
+    other holders: ``(dx, wx_new, Hx, xpeak, x_over)`` - the per-replica rise, the new
+    per-replica load, ``x``'s replicas per GPU [La, Kd, ep], the peak load of its other
+    holders and the excess over the limit they gain [La, Kd]. ``cx``, ``lx``: ``x``'s
+    replica count and load."""
+    g, li, limit = rd.g, rd.idx[:, None], rd.limit
+    wx_new = lx / np.maximum(cx - 1, 1)
+    dx = np.where(dok, wx_new - lx / cx, 0.0)
+    Hx = st.H[li, x]  # [La, Kd, ep]
+    # x's replicas on its other holders (neither the donor's GPU nor A): where none, the
+    # load is g exactly (g + 0 * dx), so the excess they gain sums to the same without a mask
+    Ho = Hx.copy()
+    La, Kd = x.shape
+    ar2, ak = np.arange(La)[:, None], np.arange(Kd)[None, :]
+    Ho[ar2, ak, rs] = 0
+    Ho[ar2, ak, A[:, None]] = 0
+    gxn = g[:, None, :] + Ho * dx[:, :, None]  # x's other holders after the drop
+    xpeak = np.where(Ho > 0, gxn, -np.inf).max(2)
+    x_over = np.maximum(gxn - limit[:, None, None], 0)
+    x_over -= np.maximum(g - limit[:, None], 0)[:, None, :]
+    return dx, wx_new, Hx, xpeak, x_over.sum(2)
 
 
 def _apply(st: _RepairState, rd: _Round, sw: _Ops, mv: _Ops) -> np.ndarray:
