@@ -10,7 +10,14 @@ from typing import TypeVar
 
 from ._checks import check_timeout
 
-__all__ = ["TIMEOUT_ENV", "DEFAULT_TIMEOUT", "default_timeout", "Deadline", "poll_until"]
+__all__ = [
+    "TIMEOUT_ENV",
+    "DEFAULT_TIMEOUT",
+    "default_timeout",
+    "Deadline",
+    "poll_until",
+    "process_alive",
+]
 
 TIMEOUT_ENV = "EPLB_PYNCCL_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -76,3 +83,18 @@ def poll_until(
             continue
         time.sleep(delay)
         delay = min(delay * 2, cap)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) runs (a zombie that has exited but not been reaped does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ._checks import check_count
 from .cluster import Cluster
 from .planner import RearrangementPlan, plan_rearrangement
 from .schedule import (
@@ -412,9 +413,7 @@ def estimate_schedule(sched: Schedule, *, cluster: Cluster, transport: str = "nc
 
 
 def _plan_inputs(old_map, new_map, ep_size, cluster, ranks_per_node):
-    from .planner import _positive
-
-    ep = _positive(ep_size, "ep_size")
+    ep = check_count(ep_size, "ep_size")
     _check_cluster(cluster, ep)
     if ranks_per_node is None and cluster.nodes > 1 and ep > cluster.gpus_per_node:
         ranks_per_node = cluster.gpus_per_node
@@ -452,9 +451,9 @@ def estimate_rearrangement(
     if node_dedupe is False:
         ep, plan = _plan_inputs(old_map, new_map, ep_size, cluster, rpn)
         return _estimate_plan(plan, row_bytes, cluster, transport, schedule_opts)
-    from .planner import _positive, plan_stages
+    from .planner import plan_stages
 
-    ep = _positive(ep_size, "ep_size")
+    ep = check_count(ep_size, "ep_size")
     _check_cluster(cluster, ep)
     if rpn is None:
         rpn = min(cluster.gpus_per_node, ep)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._checks import check_count, check_rank_world, check_timeout, device_index
-from ._deadline import default_timeout, poll_until
+from ._deadline import default_timeout, poll_until, process_alive
 from ._nccl import cuda as _cuda
 from .communicator import Communicator
 from .errors import CommunicatorStateError
@@ -342,7 +342,7 @@ class IpcTransport(Transport):
 
     def _raise_if_a_peer_died(self) -> None:
         for p in self._local.peers.values():
-            if p.pid is not None and not _alive(p.pid):
+            if p.pid is not None and not process_alive(p.pid):
                 self.abort(f"peer rank {p.rank} (pid {p.pid}) exited")
                 raise RuntimeError(
                     f"rank {self.rank}: peer rank {p.rank} (pid {p.pid}) exited mid-round"
@@ -680,21 +680,6 @@ def _setup_transport(setup, timeout: float) -> Transport:
         "setup must be an eplb_pynccl Transport or a torch.distributed ProcessGroup, got "
         f"{type(setup).__name__}"
     )
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie that has exited but not been reaped does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class _Page:

@@ -241,10 +241,6 @@ def _index(value, name: str) -> int:
     return check_count(value, name, minimum=None)
 
 
-def _positive(value, name: str) -> int:
-    return check_count(value, name)
-
-
 def _two_maps(old_map, new_map):
     """Both maps as int64 [L, N], of the same shape."""
     old = expert_map(old_map, "old_map")
@@ -296,7 +292,7 @@ def plan_rearrangement(
         raise ValueError(
             f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
         )
-    nlog = None if num_logical is None else _positive(num_logical, "num_logical")
+    nlog = None if num_logical is None else check_count(num_logical, "num_logical")
     old, new = _two_maps(old_map, new_map)
     num_layers, num_physical = old.shape
     if num_physical == 0:
@@ -643,8 +639,8 @@ def relay_map(old_map, new_map, ep_size: int, ranks_per_node: int) -> np.ndarray
 def _relay_inputs(old_map, new_map, ep_size, ranks_per_node):
     """relay_map's arguments checked: ep_size, ranks_per_node and the two maps (ids checked,
     slots a positive multiple of ep_size)."""
-    ep = _positive(ep_size, "ep_size")
-    rpn = _positive(ranks_per_node, "ranks_per_node")
+    ep = check_count(ep_size, "ep_size")
+    rpn = check_count(ranks_per_node, "ranks_per_node")
     old, new = _two_maps(old_map, new_map)
     N = old.shape[1]
     if N == 0 or N % ep:
@@ -780,7 +776,7 @@ def stage_maps(
     Each stage is a whole rearrangement with the shuffler's guarantees; every intermediate
     map holds every expert of ``new_map``, so an engine may serve from it between stages
     (its expert-to-slot table must follow each stage's ``to`` map)."""
-    rpn = _positive(ranks_per_node, "ranks_per_node")
+    rpn = check_count(ranks_per_node, "ranks_per_node")
     node_dedupe = _dedupe_mode(node_dedupe)
     if node_dedupe is True:  # the maps only: the shuffler plans each stage itself
         mid = relay_map(old_map, new_map, ep_size, rpn)

@@ -166,15 +166,15 @@ class ExpertShuffler:
         self.ep_size = transport.world_size
         layers, rows = _checked_weights(torch, transport, expert_weights)
         staging_bytes = self._take_options(
-            staging_bytes,
-            pack_threshold,
-            transactional,
-            max_messages_per_round,
-            ranks_per_node,
-            timeout,
-            copy_method,
-            copy_ctas,
-            copy_waves,
+            staging_bytes=staging_bytes,
+            pack_threshold=pack_threshold,
+            transactional=transactional,
+            max_messages_per_round=max_messages_per_round,
+            ranks_per_node=ranks_per_node,
+            timeout=timeout,
+            copy_method=copy_method,
+            copy_ctas=copy_ctas,
+            copy_waves=copy_waves,
         )
         self.weights = layers
         self.num_local = rows
@@ -204,6 +204,7 @@ class ExpertShuffler:
 
     def _take_options(
         self,
+        *,
         staging_bytes,
         pack_threshold,
         transactional,
@@ -214,8 +215,9 @@ class ExpertShuffler:
         copy_ctas,
         copy_waves,
     ) -> int | None:
-        """The constructor's options checked, in the order they are listed, and kept;
-        returns ``staging_bytes`` checked (None: one layer's bytes, once the layout is known)."""
+        """The constructor's options checked, in the order they are listed, and kept; passed by
+        name (most are ints: a shifted position would pass the checks). Returns
+        ``staging_bytes`` checked (None: one layer's bytes, once the layout is known)."""
         if staging_bytes is not None:
             staging_bytes = check_count(staging_bytes, "staging_bytes", minimum=0)
         pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)

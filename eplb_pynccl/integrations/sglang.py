@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from .._deadline import process_alive
 from ..errors import RearrangeError
 from ..transport import Transport
 from ._world import ORIGINAL, nccl_communicator, signature_problems
@@ -791,11 +792,9 @@ def _elastic_inactive(args=None) -> bool:
 
 def _dead_peers(peers) -> list[int]:
     """Ranks of ``peers`` on this host whose process has exited."""
-    from ..ipc import _alive
-
     tab = _world.get("peers") or []
     host = socket.gethostname()
-    return [p for p in peers if p < len(tab) and tab[p][0] == host and not _alive(tab[p][1])]
+    return [p for p in peers if p < len(tab) and tab[p][0] == host and not process_alive(tab[p][1])]
 
 
 def _rearrange(weights, old, new, ranks_per_node: int, layer_ids, rank: int):
