@@ -108,14 +108,43 @@ def make_maps(seed: int, layers: int, num_logical: int, num_physical: int, ep: i
 
 
 # ---- weights: a per-(layer, expert, tensor) byte pattern made and checked on the device -------
+# The one oracle of expert contents for the bench and the tests (tests/shuffle_util.py reads it
+# on the host): byte j of tensor ``index`` of ``expert`` in ``layer`` is a 32-bit hash of j and
+# of a key hashed from the three, so every (layer, expert, tensor) has its own bytes and a row
+# moved to the wrong slot, shifted or cut short differs. The same integer steps run on int64
+# torch tensors (on the device) and numpy arrays.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit mixing hash (xorshift-multiply) of ints, int64 arrays or tensors alike."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def pattern_key(layer: int, expert: int, index: int) -> int:
+    """The 32-bit key of tensor ``index`` of ``expert`` in ``layer``."""
+    return _mix32(_mix32(_mix32(layer + 1) + expert + 1) + index + 1)
+
+
+def _pattern_bytes(idx, key: int):
+    """Bytes of the pattern at positions ``idx`` (int64) for ``key``."""
+    return _mix32(idx * 0x9E3779B1 + key) & 0xFF
 
 
 def pattern(torch, n: int, layer: int, expert: int, index: int, device):
-    """The ``n`` bytes of tensor ``index`` of ``expert`` in ``layer``."""
-    h = (layer * 1_000_003 + expert * 7919 + index * 104_729 + 17) & 0x7FFFFFFF
-    mul, add = (h % 251) * 2 + 1, h % 256
-    idx = torch.arange(n, device=device, dtype=torch.int32)
-    return ((idx * mul + add) & 0xFF).to(torch.uint8)
+    """The ``n`` bytes of tensor ``index`` of ``expert`` in ``layer`` (uint8, on ``device``)."""
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    return _pattern_bytes(idx, pattern_key(layer, expert, index)).to(torch.uint8)
+
+
+def pattern_np(n: int, layer: int, expert: int, index: int) -> np.ndarray:
+    """:func:`pattern` on the host: the same ``n`` bytes as a numpy uint8 array."""
+    idx = np.arange(n, dtype=np.int64)
+    return _pattern_bytes(idx, pattern_key(layer, expert, index)).astype(np.uint8)
 
 
 def expert_rows(torch, weights, amap, rank, P, first_layer):

@@ -31,8 +31,11 @@ def torch_specs(torch, specs):
 
 
 def expert_bytes(layer: int, expert: int, index: int, nbytes: int) -> np.ndarray:
-    rng = np.random.default_rng([layer, expert, index, 12345])
-    return rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    """The bytes of tensor ``index`` of ``expert`` in ``layer``: the bench's pattern (one
+    oracle of expert contents for the bench and the tests)."""
+    from bench.common import pattern_np
+
+    return pattern_np(nbytes, layer, expert, index)
 
 
 def make_weights(torch, specs, old_map, rank, ep_size, device):
