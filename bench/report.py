@@ -377,24 +377,27 @@ def write_json(path: str, meta: dict, parts: dict, rows: list[dict]) -> str:
     return path
 
 
-def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
-    out = ["# eplb_pynccl benchmark", ""]
-    keys = [
-        "date",
-        "hostname",
-        "mode",
-        "world_size",
-        "gpu_names",
-        "nccl_versions",
-        "torch",
-        "cupy",
-        "nccl4py",
-        "eplb_pynccl",
-        "python",
-        "seed",
-        "argv",
-    ]
-    for k in keys:
+_META_KEYS = (
+    "date",
+    "hostname",
+    "mode",
+    "world_size",
+    "gpu_names",
+    "nccl_versions",
+    "torch",
+    "cupy",
+    "nccl4py",
+    "eplb_pynccl",
+    "python",
+    "seed",
+    "argv",
+)
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    """The run's description: a ``- **key**: value`` line per known meta key, then the bindings."""
+    out = []
+    for k in _META_KEYS:
         if k in meta:
             v = meta[k]
             if isinstance(v, list) and k == "gpu_names":
@@ -406,6 +409,32 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             out.append(f"- **{k}**: {v}")
     if meta.get("bindings"):
         out.append("- **bindings**: " + "; ".join(f"{k}: {v}" for k, v in meta["bindings"].items()))
+    return out
+
+
+def _part_sections(parts: dict, rows: list[dict], cpu: bool) -> list[str]:
+    """A ``## part`` section per part with rows (parts first, then parts only rows name): its
+    table, then its notes, skipped cases and errors."""
+    out: list[str] = []
+    for p in dict.fromkeys([*parts, *(r.get("part") for r in rows)]):
+        prow = [r for r in rows if r.get("part") == p]
+        if not prow:
+            continue
+        h, c = part_table(p, prow)
+        out += ["", f"## {p}", ""]
+        if c:
+            out.append(md_table(h, c))
+        notes = [f"- note: {n}" for n in note_lines(p, prow, cpu)]
+        notes += [f"- skipped: {r['case']}: {r['skipped']}" for r in prow if "skipped" in r]
+        notes += [f"- error: {e}" for e in error_lines(prow)]
+        if notes:
+            out += [""] + notes
+    return out
+
+
+def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
+    cpu = meta.get("mode") == "cpu"
+    out = ["# eplb_pynccl benchmark", ""] + _meta_lines(meta)
     out += [
         "",
         "## Parts",
@@ -418,22 +447,10 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             ],
         ),
     ]
-    hl = highlights(rows, meta.get("mode") == "cpu")
+    hl = highlights(rows, cpu)
     if hl:
         out += ["", "## Highlights", ""] + [f"- {h}" for h in hl]
-    for p in dict.fromkeys([*parts, *(r.get("part") for r in rows)]):
-        prow = [r for r in rows if r.get("part") == p]
-        if not prow:
-            continue
-        h, c = part_table(p, prow)
-        out += ["", f"## {p}", ""]
-        if c:
-            out.append(md_table(h, c))
-        notes = [f"- note: {n}" for n in note_lines(p, prow, meta.get("mode") == "cpu")]
-        notes += [f"- skipped: {r['case']}: {r['skipped']}" for r in prow if "skipped" in r]
-        notes += [f"- error: {e}" for e in error_lines(prow)]
-        if notes:
-            out += [""] + notes
+    out += _part_sections(parts, rows, cpu)
     if plots:
         out += ["", "## Plots", ""] + [
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots
