@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
 import traceback
 
 import numpy as np
 
-from bench.harness import PartSkipped
+from bench.harness import PartSkipped, _free_port
 
 DSV3 = [
     ((4096, 7168), "float8_e4m3fn"),
@@ -33,12 +32,6 @@ DSV3 = [
     ((56, 16), "float32"),
 ]
 QWEN3 = [((1536, 2048), "bfloat16"), ((2048, 768), "bfloat16")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync_time(torch, fn, reps):

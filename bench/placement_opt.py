@@ -50,6 +50,74 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 else None
 
 
+def _step_optimum(load, cur, ep: int, ma, time_limit) -> tuple[float, float, int, int]:
+    """The best placement found per layer for one step: (experts received summed over layers,
+    lower bound summed, programs proven optimal, programs run)."""
+    best = bound = 0.0
+    proven = programs = 0
+    for layer in range(OPT_LAYERS):
+        ours = int(ma.experts_received[layer].sum())
+        o = min_received(
+            load[layer],
+            cur[layer],
+            ep,
+            float(ma.imbalance[layer]),
+            time_limit=time_limit,
+            at_most=ours,  # ours is a placement within the target: a cut-off
+        )
+        programs += 1
+        proven += o.proven
+        best += ours if o.received is None else o.received
+        bound += o.bound
+    return best, bound, proven, programs
+
+
+def _step_row(
+    label: str, t: int, load, cur, ep: int, N: int, time_limit
+) -> tuple[dict, np.ndarray, int, int]:
+    """One step's row, the map migration_aware moves to, and _step_optimum's program counts."""
+    ma = rebalance(load, N, ep, old_map=cur)
+    ds = rebalance(load, N, ep, old_map=cur, policy="deepseek")
+    best, bound, proven, programs = _step_optimum(load, cur, ep, ma, time_limit)
+    ours, dsr = int(ma.experts_received.sum()), int(ds.experts_received.sum())
+    row = {
+        "shape": label,
+        "step": t,
+        "ours": ours,
+        "optimum": int(best),
+        "bound": round(bound, 2),
+        "deepseek": dsr,
+        "ours_vs_opt": _ratio(ours, best),
+        "ours_vs_bound": _ratio(ours, bound),
+        "ds_vs_opt": _ratio(dsr, best),
+        "sources": ",".join(sorted(set(ma.layer_source))),
+    }
+    return row, ma.new_map, proven, programs
+
+
+def _summary_row(label: str, rows: list[dict], proven: int, programs: int, t0: float) -> dict:
+    """The shape's ``step`` = ``all`` row: sums over the steps, and the target's status."""
+    tot = {k: sum(r[k] for r in rows) for k in ("ours", "optimum", "bound", "deepseek")}
+    per = [r["ours_vs_opt"] for r in rows if r["ours_vs_opt"] is not None]
+    cum = _ratio(tot["ours"], tot["optimum"])
+    return {
+        "shape": label,
+        "step": "all",
+        **tot,
+        "bound": round(tot["bound"], 2),
+        "ours_vs_opt": cum,
+        "ours_vs_bound": _ratio(tot["ours"], tot["bound"]),
+        "ds_vs_opt": _ratio(tot["deepseek"], tot["optimum"]),
+        "step_median": round(float(np.median(per)), 3) if per else None,
+        "step_max": round(float(np.max(per)), 3) if per else None,
+        "proven": f"{proven}/{programs}",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "status": "met"
+        if cum is None or cum <= OPT_TARGET
+        else f"MISSED: ours {cum:.2f}x the best placement found (target {OPT_TARGET}x)",
+    }
+
+
 def shape_rows(ep, E, N, steps, seed, time_limit) -> list[dict]:
     """Rows of one shape: per step, then the summary (``step`` = ``all``)."""
     label = f"{ep} GPUs, {E} experts, {N} slots"
@@ -57,60 +125,11 @@ def shape_rows(ep, E, N, steps, seed, time_limit) -> list[dict]:
     cur = rebalance(seq[0], N, ep).new_map
     rows, proven, programs, t0 = [], 0, 0, time.perf_counter()
     for t in range(1, steps + 1):
-        ma = rebalance(seq[t], N, ep, old_map=cur)
-        ds = rebalance(seq[t], N, ep, old_map=cur, policy="deepseek")
-        best = bound = 0.0
-        for layer in range(OPT_LAYERS):
-            ours = int(ma.experts_received[layer].sum())
-            o = min_received(
-                seq[t, layer],
-                cur[layer],
-                ep,
-                float(ma.imbalance[layer]),
-                time_limit=time_limit,
-                at_most=ours,  # ours is a placement within the target: a cut-off
-            )
-            programs += 1
-            proven += o.proven
-            best += ours if o.received is None else o.received
-            bound += o.bound
-        ours, dsr = int(ma.experts_received.sum()), int(ds.experts_received.sum())
-        rows.append(
-            {
-                "shape": label,
-                "step": t,
-                "ours": ours,
-                "optimum": int(best),
-                "bound": round(bound, 2),
-                "deepseek": dsr,
-                "ours_vs_opt": _ratio(ours, best),
-                "ours_vs_bound": _ratio(ours, bound),
-                "ds_vs_opt": _ratio(dsr, best),
-                "sources": ",".join(sorted(set(ma.layer_source))),
-            }
-        )
-        cur = ma.new_map
-    tot = {k: sum(r[k] for r in rows) for k in ("ours", "optimum", "bound", "deepseek")}
-    per = [r["ours_vs_opt"] for r in rows if r["ours_vs_opt"] is not None]
-    cum = _ratio(tot["ours"], tot["optimum"])
-    rows.append(
-        {
-            "shape": label,
-            "step": "all",
-            **tot,
-            "bound": round(tot["bound"], 2),
-            "ours_vs_opt": cum,
-            "ours_vs_bound": _ratio(tot["ours"], tot["bound"]),
-            "ds_vs_opt": _ratio(tot["deepseek"], tot["optimum"]),
-            "step_median": round(float(np.median(per)), 3) if per else None,
-            "step_max": round(float(np.max(per)), 3) if per else None,
-            "proven": f"{proven}/{programs}",
-            "seconds": round(time.perf_counter() - t0, 1),
-            "status": "met"
-            if cum is None or cum <= OPT_TARGET
-            else f"MISSED: ours {cum:.2f}x the best placement found (target {OPT_TARGET}x)",
-        }
-    )
+        row, cur, p, n = _step_row(label, t, seq[t], cur, ep, N, time_limit)
+        rows.append(row)
+        proven += p
+        programs += n
+    rows.append(_summary_row(label, rows, proven, programs, t0))
     return rows
 
 

@@ -218,6 +218,11 @@ def _bindings(rows: list[dict]) -> list[str]:
     return seen
 
 
+def _rows_with(rows: list[dict], part: str, *keys: str) -> list[dict]:
+    """The rows of ``part`` that have every one of ``keys``."""
+    return [r for r in rows if r.get("part") == part and all(k in r for k in keys)]
+
+
 def part_table(part: str, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the readable table of one part."""
     rows = [r for r in rows if r.get("part", part) == part]
@@ -298,7 +303,7 @@ def highlights(rows: list[dict], cpu: bool = False) -> list[str]:
     """One-line conclusions: overhead ratios vs cupy, best busbw per binding, eplb vs floor,
     how many placement targets were met (their table has the lines)."""
     out = []
-    ov = [r for r in rows if r.get("part") == "overhead" and "host_us_per_op" in r]
+    ov = _rows_with(rows, "overhead", "host_us_per_op")
     cupy = next((r for r in ov if r["binding"] == "cupy"), None)
     for r in ov:
         if r["binding"].startswith("eplb_pynccl"):
@@ -315,7 +320,7 @@ def highlights(rows: list[dict], cpu: bool = False) -> list[str]:
                     f"overhead: {r['binding']} host {r['host_us_per_op']:.2f} us/op (no cupy row to compare)"
                 )
     for part in BW_PARTS:
-        good = [r for r in rows if r.get("part") == part and "busbw_gbps" in r]
+        good = _rows_with(rows, part, "busbw_gbps")
         if not good:
             continue
         top = max(r["size_bytes"] for r in good)
@@ -325,7 +330,7 @@ def highlights(rows: list[dict], cpu: bool = False) -> list[str]:
         fails = sorted({r["binding"] for r in good if r.get("check") not in (None, "ok")})
         if fails:
             out.append(f"{part}: DATA CHECK FAILED for {', '.join(fails)}")
-    tg = [r for r in rows if r.get("part") == "placement-targets"]
+    tg = _rows_with(rows, "placement-targets")
     if tg:
         missed = [r for r in tg if r["status"] != "met"]
         out.append(
@@ -333,7 +338,7 @@ def highlights(rows: list[dict], cpu: bool = False) -> list[str]:
             "placement-targets table; a MISSED target is a finding, not a failure: "
             "bench/README.md)"
         )
-    ep = [r for r in rows if r.get("part") == "eplb" and "time_ms" in r and "case" in r]
+    ep = _rows_with(rows, "eplb", "time_ms", "case")
     if ep and cpu:
         out.append(f"eplb: {CPU_NOTE}")
     for case in dict.fromkeys(r["case"] for r in ep):
@@ -377,24 +382,27 @@ def write_json(path: str, meta: dict, parts: dict, rows: list[dict]) -> str:
     return path
 
 
-def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
-    out = ["# eplb_pynccl benchmark", ""]
-    keys = [
-        "date",
-        "hostname",
-        "mode",
-        "world_size",
-        "gpu_names",
-        "nccl_versions",
-        "torch",
-        "cupy",
-        "nccl4py",
-        "eplb_pynccl",
-        "python",
-        "seed",
-        "argv",
-    ]
-    for k in keys:
+_META_KEYS = (
+    "date",
+    "hostname",
+    "mode",
+    "world_size",
+    "gpu_names",
+    "nccl_versions",
+    "torch",
+    "cupy",
+    "nccl4py",
+    "eplb_pynccl",
+    "python",
+    "seed",
+    "argv",
+)
+
+
+def _meta_lines(meta: dict) -> list[str]:
+    """The run's description: a ``- **key**: value`` line per known meta key, then the bindings."""
+    out = []
+    for k in _META_KEYS:
         if k in meta:
             v = meta[k]
             if isinstance(v, list) and k == "gpu_names":
@@ -406,6 +414,32 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             out.append(f"- **{k}**: {v}")
     if meta.get("bindings"):
         out.append("- **bindings**: " + "; ".join(f"{k}: {v}" for k, v in meta["bindings"].items()))
+    return out
+
+
+def _part_sections(parts: dict, rows: list[dict], cpu: bool) -> list[str]:
+    """A ``## part`` section per part with rows (parts first, then parts only rows name): its
+    table, then its notes, skipped cases and errors."""
+    out: list[str] = []
+    for p in dict.fromkeys([*parts, *(r.get("part") for r in rows)]):
+        prow = _rows_with(rows, p)
+        if not prow:
+            continue
+        h, c = part_table(p, prow)
+        out += ["", f"## {p}", ""]
+        if c:
+            out.append(md_table(h, c))
+        notes = [f"- note: {n}" for n in note_lines(p, prow, cpu)]
+        notes += [f"- skipped: {r['case']}: {r['skipped']}" for r in prow if "skipped" in r]
+        notes += [f"- error: {e}" for e in error_lines(prow)]
+        if notes:
+            out += [""] + notes
+    return out
+
+
+def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[str] = ()) -> str:
+    cpu = meta.get("mode") == "cpu"
+    out = ["# eplb_pynccl benchmark", ""] + _meta_lines(meta)
     out += [
         "",
         "## Parts",
@@ -418,22 +452,10 @@ def markdown_summary(meta: dict, parts: dict, rows: list[dict], plots: Sequence[
             ],
         ),
     ]
-    hl = highlights(rows, meta.get("mode") == "cpu")
+    hl = highlights(rows, cpu)
     if hl:
         out += ["", "## Highlights", ""] + [f"- {h}" for h in hl]
-    for p in dict.fromkeys([*parts, *(r.get("part") for r in rows)]):
-        prow = [r for r in rows if r.get("part") == p]
-        if not prow:
-            continue
-        h, c = part_table(p, prow)
-        out += ["", f"## {p}", ""]
-        if c:
-            out.append(md_table(h, c))
-        notes = [f"- note: {n}" for n in note_lines(p, prow, meta.get("mode") == "cpu")]
-        notes += [f"- skipped: {r['case']}: {r['skipped']}" for r in prow if "skipped" in r]
-        notes += [f"- error: {e}" for e in error_lines(prow)]
-        if notes:
-            out += [""] + notes
+    out += _part_sections(parts, rows, cpu)
     if plots:
         out += ["", "## Plots", ""] + [
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots
@@ -463,6 +485,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: str, dpi: int) -> str:
+    """Write ``fig`` to ``path`` and free it; returns ``path``."""
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def _title_suffix(meta: dict) -> str:
     g = meta.get("gpu_names") or []
     n = meta.get("world_size")
@@ -471,7 +500,7 @@ def _title_suffix(meta: dict) -> str:
 
 
 def plot_bandwidth(path: str, part: str, rows: list[dict], meta: dict) -> str | None:
-    good = [r for r in rows if r.get("part") == part and "busbw_gbps" in r]
+    good = _rows_with(rows, part, "busbw_gbps")
     if not good:
         return None
     plt = _plt()
@@ -499,13 +528,11 @@ def plot_bandwidth(path: str, part: str, rows: list[dict], meta: dict) -> str | 
     ax.legend()
     fig.suptitle(f"{part}{_title_suffix(meta)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def plot_overhead(path: str, rows: list[dict], meta: dict) -> str | None:
-    good = [r for r in rows if r.get("part") == "overhead" and "host_us_per_op" in r]
+    good = _rows_with(rows, "overhead", "host_us_per_op")
     if not good:
         return None
     plt = _plt()
@@ -522,9 +549,7 @@ def plot_overhead(path: str, rows: list[dict], meta: dict) -> str | None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def _is_reference(r: dict) -> bool:
@@ -535,18 +560,12 @@ def plot_eplb(path: str, rows: list[dict], meta: dict) -> str | None:
     fig = eplb_figure(rows, meta)
     if fig is None:
         return None
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def eplb_figure(rows: list[dict], meta: dict):
     """The EPLB plot (time and GB/s per case and method) as a matplotlib figure, or None."""
-    good = [
-        r
-        for r in rows
-        if r.get("part") == "eplb" and all(k in r for k in ("case", "method", "time_ms"))
-    ]
+    good = _rows_with(rows, "eplb", "case", "method", "time_ms")
     if not good:
         return None
     plt = _plt()
@@ -648,7 +667,7 @@ def _placement_legend(plt, policies: list, drifts: list, colors: list) -> list:
 
 def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
     """Bytes moved vs imbalance per shape: one point per (drift, policy)."""
-    good = [r for r in rows if r.get("part") == "placement" and "imb_mean" in r]
+    good = _rows_with(rows, "placement", "imb_mean")
     if not good:
         return None
     plt = _plt()
@@ -684,9 +703,7 @@ def plot_placement(path: str, rows: list[dict], meta: dict) -> str | None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def make_plots(out_dir: str, rows: list[dict], meta: dict) -> tuple[list[str], str | None]:

@@ -228,107 +228,76 @@ def _flags_what(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_flags(g: Any, flags: tuple) -> None:
+    """Add the ``(flag, type, default, help)`` rows of ``flags`` to the group ``g``, in order
+    (``type`` None: a string flag)."""
+    for flag, kind, default, text in flags:
+        g.add_argument(flag, type=kind, default=default, help=text)
+
+
 def _flags_micro(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("sendrecv / alltoall")
-    g.add_argument("--min-bytes", type=_bytes, default=8, help="smallest size (8, 4K, 1M, ...)")
-    g.add_argument("--max-bytes", type=_bytes, default=1 << 30, help="largest size")
-    g.add_argument("--step-factor", type=_count(2), default=4, help="size multiplier between steps")
-    g.add_argument("--iters", type=_count(1), default=20, help="timed iterations per repeat")
-    g.add_argument("--warmup", type=_count(0), default=5, help="untimed iterations before timing")
-    g.add_argument("--repeats", type=_count(1), default=5, help="repeats (the median is reported)")
-    g = ap.add_argument_group("overhead")
-    g.add_argument(
-        "--overhead-ops", type=_count(1), default=256, help="K: sends (and as many recvs) per group"
-    )
-    g.add_argument("--overhead-bytes", type=_bytes, default=4096, help="bytes per op")
-    g.add_argument(
-        "--overhead-repeats",
-        type=_count(1),
-        default=50,
-        help="timed groups (the median is reported)",
-    )
+    _add_flags(ap.add_argument_group("sendrecv / alltoall"), (
+        ("--min-bytes", _bytes, 8, "smallest size (8, 4K, 1M, ...)"),
+        ("--max-bytes", _bytes, 1 << 30, "largest size"),
+        ("--step-factor", _count(2), 4, "size multiplier between steps"),
+        ("--iters", _count(1), 20, "timed iterations per repeat"),
+        ("--warmup", _count(0), 5, "untimed iterations before timing"),
+        ("--repeats", _count(1), 5, "repeats (the median is reported)"),
+    ))  # fmt: skip
+    _add_flags(ap.add_argument_group("overhead"), (
+        ("--overhead-ops", _count(1), 256, "K: sends (and as many recvs) per group"),
+        ("--overhead-bytes", _bytes, 4096, "bytes per op"),
+        ("--overhead-repeats", _count(1), 50, "timed groups (the median is reported)"),
+    ))  # fmt: skip
 
 
 def _flags_eplb(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("eplb (passed to bench/eplb.py as ctx.args)")
-    g.add_argument(
-        "--eplb-cases",
-        default="",
-        help="comma-separated cases of bench/eplb.py CASES (default: dsv3, qwen3, dsv3-seq on "
-        "GPUs; their -cpu versions in CPU mode)",
-    )
-    g.add_argument(
-        "--eplb-layers-dsv3",
-        type=_count(1),
-        default=None,
-        help="layers of every DeepSeek-V3 case, CPU ones too (default: 4 on GPUs, 2 for -cpu cases)",
-    )
-    g.add_argument(
-        "--eplb-layers-qwen",
-        type=_count(1),
-        default=None,
-        help="layers of every Qwen3 case, CPU ones too (default: 8 on GPUs, 2 for -cpu cases)",
-    )
-    g.add_argument(
-        "--eplb-repeats", type=_count(1), default=5, help="timed repeats per EPLB method"
-    )
-    g.add_argument(
-        "--eplb-methods",
-        default="",
-        help="comma-separated methods of bench/eplb.py METHODS (default: every one the mode runs)",
-    )
-    g.add_argument(
-        "--eplb-seq-steps",
-        type=_count(1),
-        default=4,
-        help="rebalances per policy in the dsv3-seq case (bench/eplb_sequence.py)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for placements and data")
+    layers = "layers of every {} case, CPU ones too (default: {} on GPUs, 2 for -cpu cases)"
+    _add_flags(ap.add_argument_group("eplb (passed to bench/eplb.py as ctx.args)"), (
+        ("--eplb-cases", None, "", "comma-separated cases of bench/eplb.py CASES (default: "
+            "dsv3, qwen3, dsv3-seq on GPUs; their -cpu versions in CPU mode)"),
+        ("--eplb-layers-dsv3", _count(1), None, layers.format("DeepSeek-V3", 4)),
+        ("--eplb-layers-qwen", _count(1), None, layers.format("Qwen3", 8)),
+        ("--eplb-repeats", _count(1), 5, "timed repeats per EPLB method"),
+        ("--eplb-methods", None, "", "comma-separated methods of bench/eplb.py METHODS "
+            "(default: every one the mode runs)"),
+        ("--eplb-seq-steps", _count(1), 4, "rebalances per policy in the dsv3-seq case "
+            "(bench/eplb_sequence.py)"),
+        ("--seed", int, 0, "seed for placements and data"),
+    ))  # fmt: skip
+
+
+STRESS_VARIANTS = (
+    "default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,"
+    "lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read"
+)
 
 
 def _flags_stress_ipc(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("stress (bench/stress.py)")
-    g.add_argument(
-        "--stress-variants",
-        default="default,lockstep,step-after-read,lockstep-after-read,no-max-ctas,max-ctas-2,blocking,lazy-connect,small-forward,no-host-sync,ipc,ipc-after-read",
-        help="comma-separated variants (bench/stress.py VARIANTS)",
-    )
-    g.add_argument("--stress-steps", type=_count(1), default=500, help="forward steps per variant")
-    g.add_argument(
-        "--stress-timeout",
-        type=_seconds,
-        default=60.0,
-        help="communicator timeout (s) in the stress part: a hang fails the variant",
-    )
-    g = ap.add_argument_group("ipc (bench/ipc_bench.py)")
-    g.add_argument(
-        "--ipc-procs",
-        type=_count(2),
-        default=4,
-        help="processes of the copy-engine part, spread over the visible GPUs",
-    )
+    _add_flags(ap.add_argument_group("stress (bench/stress.py)"), (
+        ("--stress-variants", None, STRESS_VARIANTS, "comma-separated variants (bench/stress.py VARIANTS)"),
+        ("--stress-steps", _count(1), 500, "forward steps per variant"),
+        ("--stress-timeout", _seconds, 60.0, "communicator timeout (s) in the stress part: "
+            "a hang fails the variant"),
+    ))  # fmt: skip
+    _add_flags(ap.add_argument_group("ipc (bench/ipc_bench.py)"), (
+        ("--ipc-procs", _count(2), 4, "processes of the copy-engine part, spread over the "
+            "visible GPUs"),
+    ))  # fmt: skip
 
 
 def _flags_planner_placement(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("planner")
-    g.add_argument("--planner-repeats", type=_count(1), default=50, help="repeats of bench_planner")
-    g = ap.add_argument_group("placement (bench/placement_bench.py)")
-    g.add_argument(
-        "--placement-steps",
-        type=_count(1),
-        default=20,
-        help="consecutive rebalances per shape, drift level and policy",
-    )
-    g.add_argument(
-        "--placement-shapes",
-        default="",
-        help="comma-separated shapes (default: all of bench/placement_bench.py SHAPES)",
-    )
-    g.add_argument(
-        "--placement-drifts",
-        default="",
-        help="comma-separated drift levels (default: all of bench/loadgen.py DRIFTS)",
-    )
+    _add_flags(ap.add_argument_group("planner"), (
+        ("--planner-repeats", _count(1), 50, "repeats of bench_planner"),
+    ))  # fmt: skip
+    _add_flags(ap.add_argument_group("placement (bench/placement_bench.py)"), (
+        ("--placement-steps", _count(1), 20, "consecutive rebalances per shape, drift level "
+            "and policy"),
+        ("--placement-shapes", None, "", "comma-separated shapes (default: all of "
+            "bench/placement_bench.py SHAPES)"),
+        ("--placement-drifts", None, "", "comma-separated drift levels (default: all of "
+            "bench/loadgen.py DRIFTS)"),
+    ))  # fmt: skip
 
 
 def _flags_output(ap: argparse.ArgumentParser) -> None:

@@ -630,15 +630,9 @@ def host_targets(seed: int = 0, reps: int = 5) -> list[dict]:
     return out
 
 
-def plot(path: str, rows: list[dict]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+def _plot_time_and_network(axes, rows: list[dict]) -> None:
+    """Panels 1-2: predicted seconds and network GB per rebalance against EP (DeepSeek-V3, 8-GPU
+    nodes), a line per (policy, executor); network only for ours, and only where bytes cross."""
     sub = [r for r in rows if r["model"] == "dsv3" and r["cluster"] == "h100-ib400"]
     for policy in POLICIES:
         for ex in EXECUTORS:
@@ -665,6 +659,17 @@ def plot(path: str, rows: list[dict]) -> str | None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
+
+
+def _bound_shares(bound: str) -> dict[str, float]:
+    """A row's ``bound`` column ('nvlink 38% / nic 62%') as {resource: fraction of rounds}."""
+    return dict(
+        (p.split(" ")[0], float(p.split(" ")[1].rstrip("%")) / 100) for p in bound.split(" / ") if p
+    )
+
+
+def _plot_bound_bars(ax, rows: list[dict]) -> None:
+    """Panel 3: for migration_aware + ours nccl, stacked bars of what bounds the rounds."""
     res = ("host", "local", "nvlink", "copy_engine", "nic")
     bars = [
         r
@@ -676,19 +681,25 @@ def plot(path: str, rows: list[dict]) -> str | None:
     labels = [f"{'nvl72' if r['cluster'] == 'gb200-nvl72' else '8gpu'} EP{r['ep']}" for r in bars]
     bottom = np.zeros(len(bars))
     for res_name in res:
-        vals = []
-        for r in bars:
-            d = dict(
-                (p.split(" ")[0], float(p.split(" ")[1].rstrip("%")) / 100)
-                for p in r["bound"].split(" / ")
-                if p
-            )
-            vals.append(d.get(res_name, 0.0))
-        axes[2].bar(labels, vals, bottom=bottom, label=res_name)
+        vals = [_bound_shares(r["bound"]).get(res_name, 0.0) for r in bars]
+        ax.bar(labels, vals, bottom=bottom, label=res_name)
         bottom += np.asarray(vals)
-    axes[2].set_title("DeepSeek-V3, migration_aware + ours: share of rounds bound by")
-    axes[2].tick_params(axis="x", rotation=60)
-    axes[2].legend(fontsize=7)
+    ax.set_title("DeepSeek-V3, migration_aware + ours: share of rounds bound by")
+    ax.tick_params(axis="x", rotation=60)
+    ax.legend(fontsize=7)
+
+
+def plot(path: str, rows: list[dict]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    _plot_time_and_network(axes, rows)
+    _plot_bound_bars(axes[2], rows)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
