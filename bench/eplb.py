@@ -383,10 +383,9 @@ def _ring_exchange(ctx: BenchContext, torch, ep, src, dst, peers, total):
                 packed = torch.cuda.Event()
                 packed.record(pack_stream)
             cur.wait_event(packed)
-            with ep.group():
-                for p in peers:
-                    ctx.comm.send(ring[p][j % 2][:ln], p)
-                    ctx.comm.recv(dst[p][o : o + ln], p)
+            _issue_groups(
+                ctx, ep, [((p, ring[p][j % 2][:ln], p, dst[p][o : o + ln]) for p in peers)]
+            )
             ev = torch.cuda.Event()
             ev.record(cur)
             sent[j % 2] = ev
