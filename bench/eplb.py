@@ -273,6 +273,16 @@ def _probe_time(ctx: BenchContext, torch, issue, reps: int = 5) -> float:
     return max(ctx.allgather(float(np.median(times))))
 
 
+def _issue_groups(ctx: BenchContext, ep, groups) -> None:
+    """The probes' exchange: each group of (send peer, send tensor, recv peer, recv tensor)
+    in one ``ep.group()``, every send followed by its recv, on ``ctx.comm``."""
+    for grp in groups:
+        with ep.group():
+            for sp, st, rp, rt in grp:
+                ctx.comm.send(st, sp)
+                ctx.comm.recv(rt, rp)
+
+
 def run_p2p_shape(ctx: BenchContext):
     """Probe: the same bytes to every peer (DeepSeek-V3 sized: 24 w13 rows, 704 MB) as one
     message, as many EPLB-sized messages in one group, or as a sequence of groups of one
@@ -291,6 +301,35 @@ def run_p2p_shape(ctx: BenchContext):
     src = torch.full((total,), rank + 1, dtype=torch.uint8, device=ctx.device)  # peer p sends p + 1
     dst = [torch.empty(total, dtype=torch.uint8, device=ctx.device) for _ in range(n)]
     peers = [p for p in range(n) if p != rank]
+    shapes = _shape_plans(total, row, k)
+    ring_run = _ring_exchange(ctx, torch, ep, src, dst, peers, total)
+    rows = []
+    for name, groups in shapes.items():
+        for p in peers:
+            dst[p].zero_()
+
+        def issue(groups=groups):
+            if groups == "ring":
+                ring_run()
+                return
+            _issue_groups(ctx, ep, (_shape_ops(src, dst, peers, pieces) for pieces in groups))
+
+        t = _probe_time(ctx, torch, issue)
+        rows.append(
+            {
+                "shape": name,
+                "bytes_per_peer": total,
+                "time_ms": round(t * 1e3, 2),
+                "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
+                "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL",
+            }
+        )
+    return rows
+
+
+def _shape_plans(total: int, row: int, k: int) -> dict:
+    """The shapes of :func:`run_p2p_shape`: name -> groups, each a list of (offset, length)
+    pieces sent to (and received from) every peer in one group; ``"ring"``: the packed run."""
 
     def chunks(c):
         return [[(o, min(c, total - o))] for o in range(0, total, c)]
@@ -301,7 +340,7 @@ def run_p2p_shape(ctx: BenchContext):
         for ln in (row, row // 2):
             mixed.append((o, min(ln, total - o)))
             o += ln
-    shapes = {
+    return {
         "1 op/peer": [[(0, total)]],
         "24 ops/peer 29MB": [[(i * row, row) for i in range(k)]],
         "48 ops/peer 14.7MB": [[(i * row // 2, row // 2) for i in range(2 * k)]],
@@ -310,10 +349,23 @@ def run_p2p_shape(ctx: BenchContext):
         "22 groups x 32MiB/peer": chunks(32 * MiB),
         "11 groups x 64MiB/peer, packed": "ring",
     }
+
+
+def _shape_ops(src, dst, peers, pieces):
+    """One group of :func:`run_p2p_shape`: every piece of ``src`` to every peer, received
+    into the same piece of the peer's ``dst``."""
+    for p in peers:
+        for off, ln in pieces:
+            yield p, src[off : off + ln], p, dst[p][off : off + ln]
+
+
+def _ring_exchange(ctx: BenchContext, torch, ep, src, dst, peers, total):
+    """The packed shape of :func:`run_p2p_shape`: its two ring slots per rank of 64 MiB and a
+    pack stream, and the function that runs the exchange through them."""
     pack_stream = torch.cuda.Stream(ctx.device)
     ring = [
         [torch.empty(64 * MiB, dtype=torch.uint8, device=ctx.device) for _ in range(2)]
-        for _ in range(n)
+        for _ in range(ctx.world_size)
     ]
 
     def ring_run(c=64 * MiB):
@@ -331,41 +383,14 @@ def run_p2p_shape(ctx: BenchContext):
                 packed = torch.cuda.Event()
                 packed.record(pack_stream)
             cur.wait_event(packed)
-            with ep.group():
-                for p in peers:
-                    ctx.comm.send(ring[p][j % 2][:ln], p)
-                    ctx.comm.recv(dst[p][o : o + ln], p)
+            _issue_groups(
+                ctx, ep, [((p, ring[p][j % 2][:ln], p, dst[p][o : o + ln]) for p in peers)]
+            )
             ev = torch.cuda.Event()
             ev.record(cur)
             sent[j % 2] = ev
 
-    rows = []
-    for name, groups in shapes.items():
-        for p in peers:
-            dst[p].zero_()
-
-        def issue(groups=groups):
-            if groups == "ring":
-                ring_run()
-                return
-            for pieces in groups:
-                with ep.group():
-                    for p in peers:
-                        for off, ln in pieces:
-                            ctx.comm.send(src[off : off + ln], p)
-                            ctx.comm.recv(dst[p][off : off + ln], p)
-
-        t = _probe_time(ctx, torch, issue)
-        rows.append(
-            {
-                "shape": name,
-                "bytes_per_peer": total,
-                "time_ms": round(t * 1e3, 2),
-                "gbps_per_gpu": round(total * len(peers) / t / 1e9, 1),
-                "check": "ok" if all(bool((dst[p] == p + 1).all()) for p in peers) else "FAIL",
-            }
-        )
-    return rows
+    return ring_run
 
 
 def _skew_buffers(ctx: BenchContext):
@@ -389,24 +414,25 @@ def _skew_ok(dst, n, rank) -> str:
     return "ok" if all(bool((t == (rank - d) % n + 1).all()) for d, t in dst.items()) else "FAIL"
 
 
-def run_p2p_skew(ctx: BenchContext):
-    """Probe: an uneven exchange, as EPLB layers are (rank r sends 24, 16 and 8 rows of 29 MB
-    to r+1, r+2, r+3): one group of per-row messages, one group of one message per peer,
-    and sub-groups that each carry at most 8 rows per pair (so later groups hold only the
-    heavy pairs). Needs 4 ranks."""
-    import torch
+def _skew_ops(bufs, d: int, first: int, last: int, per_row: bool):
+    """(send peer, send tensor, recv peer, recv tensor) of rows [first, last) of the skew
+    exchange at distance ``d`` (to rank + d, from rank - d): one per row, or one for them
+    all. ``bufs``: what :func:`_skew_buffers` returns."""
+    n, rank, row, _, src, dst = bufs
+    step = 1 if per_row else last - first
+    for a in range(first, last, step):
+        sl = slice(a * row, (a + step) * row)
+        yield (rank + d) % n, src[d][sl], (rank - d) % n, dst[d][sl]
 
-    import eplb_pynccl as ep
 
-    n, rank, row, cnt, src, dst = _skew_buffers(ctx)
+def _skew_group(bufs, grp):
+    """The ops of one group of a skew plan: its (d, first, last, per_row) pieces in order."""
+    for d, a, b, per_row in grp:
+        yield from _skew_ops(bufs, d, a, b, per_row)
 
-    def ops(d, first, last, per_row):
-        # (send to rank + d, recv from rank - d) rows [first, last)
-        step = 1 if per_row else last - first
-        for a in range(first, last, step):
-            sl = slice(a * row, (a + step) * row)
-            yield (rank + d) % n, src[d][sl], (rank - d) % n, dst[d][sl]
 
+def _skew_plans(cnt: dict) -> dict:
+    """The plans of :func:`run_p2p_skew`: name -> groups of (d, first, last, per_row)."""
     plans = {
         "one group, per-row ops": [[(d, 0, cnt[d], True) for d in cnt]],
         "one group, one op per peer": [[(d, 0, cnt[d], False) for d in cnt]],
@@ -420,21 +446,30 @@ def run_p2p_skew(ctx: BenchContext):
     for name in list(plans):
         if "per-row" in name and "groups" not in name or name == "one group, one op per peer":
             plans[name + " (buffers ncclCommRegister'ed)"] = plans[name]
+    return plans
+
+
+def run_p2p_skew(ctx: BenchContext):
+    """Probe: an uneven exchange, as EPLB layers are (rank r sends 24, 16 and 8 rows of 29 MB
+    to r+1, r+2, r+3): one group of per-row messages, one group of one message per peer,
+    and sub-groups that each carry at most 8 rows per pair (so later groups hold only the
+    heavy pairs). Needs 4 ranks."""
+    import torch
+
+    import eplb_pynccl as ep
+
+    bufs = _skew_buffers(ctx)
+    n, rank, row, cnt, src, dst = bufs
     handles = []
     rows = []
-    for name, groups in plans.items():
+    for name, groups in _skew_plans(cnt).items():
         if "Register" in name and not handles:
             handles = [ctx.comm.register(t) for t in (*src.values(), *dst.values())]
         for d in cnt:
             dst[d].zero_()
 
         def issue(groups=groups):
-            for grp in groups:
-                with ep.group():
-                    for d, a, b, per_row in grp:
-                        for sp, st, rp, rt in ops(d, a, b, per_row):
-                            ctx.comm.send(st, sp)
-                            ctx.comm.recv(rt, rp)
+            _issue_groups(ctx, ep, (_skew_group(bufs, grp) for grp in groups))
 
         t = _probe_time(ctx, torch, issue)
         total = sum(cnt.values()) * row
@@ -460,7 +495,8 @@ def run_p2p_ctas(ctx: BenchContext):
 
     import eplb_pynccl as ep
 
-    n, rank, row, cnt, src, dst = _skew_buffers(ctx)
+    bufs = _skew_buffers(ctx)
+    n, rank, row, cnt, src, dst = bufs
     rows = []
     for ctas in (32, 16, 8, 4):
         comm = ep.Communicator.from_store(
@@ -470,11 +506,9 @@ def run_p2p_ctas(ctx: BenchContext):
         for per_row in (True, False):
             sends, recvs = [], []
             for d in cnt:
-                step = 1 if per_row else cnt[d]
-                for a in range(0, cnt[d], step):
-                    sl = slice(a * row, (a + step) * row)
-                    sends.append((src[d][sl], (rank + d) % n))
-                    recvs.append((dst[d][sl], (rank - d) % n))
+                for sp, st, rp, rt in _skew_ops(bufs, d, 0, cnt[d], per_row):
+                    sends.append((st, sp))
+                    recvs.append((rt, rp))
             batch = comm.prepare_p2p(sends, recvs)
             for d in cnt:
                 dst[d].zero_()

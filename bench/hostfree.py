@@ -49,7 +49,6 @@ def _timed(torch, stream, fn, reps):
 
 
 def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
-    from eplb_pynccl import copytables as ct
     from eplb_pynccl._nccl import cuda as cu
     from eplb_pynccl._nccl import rowcopy
 
@@ -59,39 +58,65 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
     h = s.cuda_stream
     rows = []
     for n, rb in ((1148, 4096), (1148, 56 << 10), (256, 1 << 20), (24, 4096 * 7168)):
-        src = torch.randint(0, 255, (n, rb), dtype=torch.uint8, device=dev)
-        dst = torch.zeros_like(src)
-        perm = np.random.default_rng(0).permutation(n)
-        want = src[torch.from_numpy(perm).to(dev)]
-        sp = src.data_ptr() + perm.astype(np.uint64) * rb
-        dp = dst.data_ptr() + np.arange(n, dtype=np.uint64) * rb
+        case = _CopyCase(torch, dev, (s, h), n, rb, reps)
+        rows += case.batch_rows(cu, drv)
+        rows += case.torch_rows()
+        rows += case.kernel_rows(k)
+        del case
+    torch.cuda.empty_cache()
+    return rows
+
+
+class _CopyCase:
+    """One size of the ``copies`` rows: ``n`` rows of ``rb`` bytes of ``src`` copied, in a
+    seeded permutation, into ``dst`` on ``stream`` (``streams``: the stream and its handle)
+    by each method; ``want`` is what ``dst`` must hold after each."""
+
+    def __init__(self, torch, dev, streams, n: int, rb: int, reps: int):
+        self.torch, self.dev, self.reps = torch, dev, reps
+        self.s, self.h = streams
+        self.n, self.rb = n, rb
+        self.src = torch.randint(0, 255, (n, rb), dtype=torch.uint8, device=dev)
+        self.dst = torch.zeros_like(self.src)
+        self.perm = np.random.default_rng(0).permutation(n)
+        self.want = self.src[torch.from_numpy(self.perm).to(dev)]
+        self.what = f"{n} x {rb / 1024:.0f} KiB"
+        self.nbytes = n * rb
+
+    def row(self, method, host_ms, gpu_ms, ok) -> dict:
+        return {
+            "case": "copies",
+            "what": self.what,
+            "method": method,
+            "host_ms": host_ms,
+            "gpu_ms": gpu_ms,
+            "gbps": self.nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None,
+            "check": "ok" if ok else "FAIL",
+        }
+
+    def batch_rows(self, cu, drv) -> list[dict]:
+        """One ``cuMemcpyBatchAsync`` of every row, without and with the copy-engine hint."""
+        torch, n, rb, h = self.torch, self.n, self.rb, self.h
+        sp = self.src.data_ptr() + self.perm.astype(np.uint64) * rb
+        dp = self.dst.data_ptr() + np.arange(n, dtype=np.uint64) * rb
         arrays = cu.copy_arrays(list(zip(dp.tolist(), sp.tolist(), [rb] * n)))
-        what = f"{n} x {rb / 1024:.0f} KiB"
-        nbytes = n * rb
-
-        def row(method, host_ms, gpu_ms, ok):
-            rows.append(
-                {
-                    "case": "copies",
-                    "what": what,
-                    "method": method,
-                    "host_ms": host_ms,
-                    "gpu_ms": gpu_ms,
-                    "gbps": nbytes / (gpu_ms * 1e-3) / 1e9 if gpu_ms else None,
-                    "check": "ok" if ok else "FAIL",
-                }
-            )
-
+        rows = []
         for ce in (False, True):
-            dst.zero_()
+            self.dst.zero_()
             hm, gm = _timed(
-                torch, s, lambda ce=ce: drv.memcpy_batch(*arrays, h, prefer_ce=ce), reps
+                torch, self.s, lambda ce=ce: drv.memcpy_batch(*arrays, h, prefer_ce=ce), self.reps
             )
             torch.cuda.synchronize()
-            row("cuMemcpyBatchAsync" + (" (CE hint)" if ce else ""), hm, gm, torch.equal(dst, want))
-        ix = torch.from_numpy(perm).to(dev)
-        iw = torch.arange(n, device=dev)
-        sw, dw = src.view(torch.int64), dst.view(torch.int64)
+            ok = torch.equal(self.dst, self.want)
+            rows.append(self.row("cuMemcpyBatchAsync" + (" (CE hint)" if ce else ""), hm, gm, ok))
+        return rows
+
+    def torch_rows(self) -> list[dict]:
+        """torch ``index_select`` into a temporary, ``index_copy_`` into ``dst``, int64 words."""
+        torch, dev, s = self.torch, self.dev, self.s
+        ix = torch.from_numpy(self.perm).to(dev)
+        iw = torch.arange(self.n, device=dev)
+        sw, dw = self.src.view(torch.int64), self.dst.view(torch.int64)
         tmp = torch.empty_like(sw)
 
         def torch_copy():
@@ -99,10 +124,19 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
                 torch.index_select(sw, 0, ix, out=tmp)
                 dw.index_copy_(0, iw, tmp)
 
-        dst.zero_()
-        hm, gm = _timed(torch, s, torch_copy, reps)
+        self.dst.zero_()
+        hm, gm = _timed(torch, s, torch_copy, self.reps)
         torch.cuda.synchronize()
-        row("torch index_select + index_copy_", hm, gm, torch.equal(dst, want))
+        return [
+            self.row("torch index_select + index_copy_", hm, gm, torch.equal(self.dst, self.want))
+        ]
+
+    def kernel_rows(self, k) -> list[dict]:
+        """The row-copy kernel: pieces of 1 MiB (the executor's) at every CTA bound; 256 KiB
+        at 132 CTAs (tail)."""
+        from eplb_pynccl import copytables as ct
+
+        torch, n, rb, perm, h = self.torch, self.n, self.rb, self.perm, self.h
         whole = ct.CopyTable(
             np.zeros(n, np.int64),
             perm.astype(np.int64) * rb,
@@ -110,24 +144,22 @@ def copies_rows(torch, dev, device: int, reps: int) -> list[dict]:
             np.arange(n, dtype=np.int64) * rb,
             np.full(n, rb, np.int64),
         )
-        bases = np.array([src.data_ptr(), dst.data_ptr()], dtype=np.int64)
-        # pieces of 1 MiB (the executor's) at every CTA bound; 256 KiB at 132 CTAs (tail)
+        bases = np.array([self.src.data_ptr(), self.dst.data_ptr()], dtype=np.int64)
+        rows = []
         for chunk, ctas_list in ((ct.DEFAULT_CHUNK, (8, 16, 32, 64, 132)), (256 << 10, (132,))):
             t = ct.split(whole, chunk)
             host = ct.resolve(t, bases, 0)
-            table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(dev)
+            table = torch.from_numpy(host.view(np.int64).reshape(-1)).to(self.dev)
             for ctas in ctas_list:
                 launch = k.prepare(table.data_ptr(), len(t), ctas, int(t.nbytes.max()))
-                dst.zero_()
-                hm, gm = _timed(torch, s, lambda launch=launch: launch.launch(h), reps)
+                self.dst.zero_()
+                hm, gm = _timed(torch, self.s, lambda launch=launch: launch.launch(h), self.reps)
                 torch.cuda.synchronize()
                 label = f"row-copy kernel, {ctas} CTAs"
                 if chunk != ct.DEFAULT_CHUNK:
                     label += f", {chunk >> 10} KiB pieces"
-                row(label, hm, gm, torch.equal(dst, want))
-        src = dst = want = tmp = table = None
-    torch.cuda.empty_cache()
-    return rows
+                rows.append(self.row(label, hm, gm, torch.equal(self.dst, self.want)))
+        return rows
 
 
 def _torch_permutation_ms(torch, w, new, dev, reps: int) -> float:
@@ -304,11 +336,28 @@ def nccl_pair_rows(torch, ep, dev, device: int, reps: int, pairs: int = 200) -> 
     """A 4 KiB self send/recv pair (1-rank communicators): GPU time per pair with the host
     ahead of the GPU (a sleep kernel first), and host time per pair; ours blocking and
     non-blocking, and cupy's communicator on the same libnccl when cupy imports."""
-    import importlib.util
-
     s = torch.cuda.Stream(dev)
     a = torch.zeros(1024, dtype=torch.float32, device=dev)
     b = torch.zeros_like(a)
+    runs = _pair_runs(ep, device, s, a, b)
+    out = {k: ([], []) for k in runs}
+    for _ in range(reps + 1):
+        for name, (fn, c) in runs.items():  # interleaved: host drift hits every binding alike
+            gpu_us, host_us = _pair_time(torch, s, fn, c, pairs)
+            out[name][0].append(gpu_us)
+            out[name][1].append(host_us)
+    rows = _pair_rows(out)
+    for _, c in runs.values():
+        if c is not None:
+            c.close()
+    return rows
+
+
+def _pair_runs(ep, device: int, s, a, b) -> dict:
+    """name -> (one send/recv pair of ``a`` into ``b`` on ``s``, its communicator to wait
+    on and close, or None): ours blocking, non-blocking, and cupy's where it imports."""
+    import importlib.util
+
     runs = {}
     for name, kw in (("ours blocking", {}), ("ours non-blocking", {"blocking": False})):
         c = ep.Communicator(ep.UniqueId.generate(), 0, 1, device=device, **kw)
@@ -332,27 +381,34 @@ def nccl_pair_rows(torch, ep, dev, device: int, reps: int, pairs: int = 200) -> 
             cnccl.groupEnd()
 
         runs["cupy"] = (cpair, None)
-    out = {k: ([], []) for k in runs}
-    for _ in range(reps + 1):
-        for name, (fn, c) in runs.items():  # interleaved: host drift hits every binding alike
-            fn()
-            if c is not None:
-                c.wait(s.cuda_stream)
-            torch.cuda.synchronize()
-            with torch.cuda.stream(s):
-                torch.cuda._sleep(40_000_000)  # ~20 ms: the host enqueues every pair first
-            e0, e1 = _ev(torch), _ev(torch)
-            e0.record(s)
-            t0 = time.perf_counter()
-            for _ in range(pairs):
-                fn()
-            t1 = time.perf_counter()
-            if c is not None and c._pending:
-                c.wait(s.cuda_stream)
-            e1.record(s)
-            e1.synchronize()
-            out[name][0].append(e0.elapsed_time(e1) * 1e3 / pairs)
-            out[name][1].append((t1 - t0) * 1e6 / pairs)
+    return runs
+
+
+def _pair_time(torch, s, fn, c, pairs: int) -> tuple[float, float]:
+    """(GPU µs, host µs) per pair of ``pairs`` calls of ``fn`` enqueued behind a ~20 ms sleep
+    kernel on ``s``, after one untimed call."""
+    fn()
+    if c is not None:
+        c.wait(s.cuda_stream)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(40_000_000)  # ~20 ms: the host enqueues every pair first
+    e0, e1 = _ev(torch), _ev(torch)
+    e0.record(s)
+    t0 = time.perf_counter()
+    for _ in range(pairs):
+        fn()
+    t1 = time.perf_counter()
+    if c is not None and c._pending:
+        c.wait(s.cuda_stream)
+    e1.record(s)
+    e1.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / pairs, (t1 - t0) * 1e6 / pairs
+
+
+def _pair_rows(out: dict) -> list[dict]:
+    """A row per binding of ``out`` (name -> per repeat GPU µs, host µs; the first repeat
+    left out), with its GPU time over cupy's where cupy ran."""
     rows = []
     cupy_gpu = float(np.median(out["cupy"][0][1:])) if "cupy" in out else None
     for name, (g, h) in out.items():
@@ -367,7 +423,4 @@ def nccl_pair_rows(torch, ep, dev, device: int, reps: int, pairs: int = 200) -> 
                 "gpu_vs_cupy": gu / cupy_gpu if cupy_gpu else None,
             }
         )
-    for _, c in runs.values():
-        if c is not None:
-            c.close()
     return rows

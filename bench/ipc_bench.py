@@ -306,6 +306,15 @@ def run_ipc(args) -> list[dict]:
         raise PartSkipped("--ipc-procs must be >= 2")
     ngpu = torch.cuda.device_count()
     devices = [r % ngpu for r in range(n)]
+    out = _run_workers(mp, args, n, devices)
+    rows = [r for rank in sorted(out) for r in out[rank]]
+    return _merged_rows(rows, n, ngpu)
+
+
+def _run_workers(mp, args, n: int, devices: list[int]) -> dict:
+    """rank -> rows of the ``n`` spawned :func:`_worker` processes; a rank's error (the first
+    to arrive) or a timeout (``--timeout``) raises. Every process is joined (killed after
+    10 s) before."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -338,7 +347,13 @@ def run_ipc(args) -> list[dict]:
                 p.kill()
     if errs:
         raise RuntimeError("ipc part failed: " + errs[0])
-    rows = [r for rank in sorted(out) for r in out[rank]]
+    return out
+
+
+def _merged_rows(rows: list[dict], n: int, ngpu: int) -> list[dict]:
+    """Every rank's rows by case and ``what`` (cases in a fixed order): one row per group of
+    the per-rank cases (each float column the slowest rank's, ``check`` the common one or
+    FAIL, no ``rank``), the others as they are; each with a ``note`` on the processes."""
     note = f"{n} processes on {ngpu} GPU(s)" + (
         " (copies inside one GPU, no link)" if ngpu == 1 else ""
     )

@@ -299,23 +299,52 @@ def _bw_rows(
 
 
 def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
+    """One part of the bandwidth table: every size in turn (:func:`_bw_size`) on a side
+    stream, then a row per binding disabled on the way."""
     import torch
 
     _need_gpu(ctx, part)
-    a = ctx.args
-    n, me = ctx.world_size, ctx.rank
+    names = _bw_bindings(ctx, part, extra)
+    sizes = _bw_sizes(ctx.args, part, ctx.world_size)
+    cap = max(sizes)
+    dead: dict[str, str] = {}
+    rows: list[dict] = []
+    notes = _bw_notes(part)
+    stream = torch.cuda.Stream(ctx.device)
+    with torch.cuda.stream(stream):
+        send = torch.empty(cap, dtype=torch.uint8, device=ctx.device)
+        recv = torch.empty(cap, dtype=torch.uint8, device=ctx.device)
+        for size in sizes:
+            rows += _bw_size(ctx, part, size, names, (send, recv, stream), dead, notes)
+        del send, recv
+    torch.cuda.synchronize(ctx.device)
+    torch.cuda.empty_cache()  # the blocks belong to this part's stream; later parts can't reuse them
+    for b, why in dead.items():
+        rows.append({"part": part, "binding": b, "world_size": ctx.world_size, "error": why})
+    return rows
+
+
+def _bw_bindings(ctx: BenchContext, part: str, extra: list[str]) -> list[str]:
+    """The bindings the part runs (the others logged as left out); none: PartSkipped."""
     names, left_out = _selected(ctx, BW_BINDINGS + extra)
     if left_out:
         ctx.log(f"{part}: left out: " + "; ".join(f"{k} ({v})" for k, v in left_out.items()))
     if not names:
         raise PartSkipped(f"{part}: no binding available ({left_out})")
+    return names
+
+
+def _bw_sizes(a: Any, part: str, n: int) -> list[int]:
+    """The sizes of the part; alltoall's rounded down to a multiple of ``n`` (at least ``n``)."""
     sizes = size_series(int(a.min_bytes), int(a.max_bytes), int(getattr(a, "step_factor", 4)))
     if part == "alltoall":
         sizes = sorted({(s // n) * n for s in sizes if s >= n})
-    cap = max(sizes)
-    dead: dict[str, str] = {}
-    rows: list[dict] = []
-    notes = {
+    return sizes
+
+
+def _bw_notes(part: str) -> dict[str, str]:
+    """The ``note`` of each binding's rows."""
+    return {
         "torch": "batch_isend_irecv of P2POps"
         + ("; self chunk by copy_" if part == "alltoall" else ""),
         "torch.all_to_all_single": "dist.all_to_all_single",
@@ -323,87 +352,142 @@ def _run_bw(ctx: BenchContext, part: str, extra: list[str]) -> list[dict]:
         "cupy": "raw pointers, groupStart/groupEnd",
         "nccl4py": "torch tensors, group_start/group_end",
     }
-    stream = torch.cuda.Stream(ctx.device)
-    with torch.cuda.stream(stream):
-        send = torch.empty(cap, dtype=torch.uint8, device=ctx.device)
-        recv = torch.empty(cap, dtype=torch.uint8, device=ctx.device)
-        for size in sizes:
-            t0 = time.perf_counter()
-            if part == "sendrecv":
-                nxt, prv = (me + 1) % n, (me - 1) % n
-                s_v, r_v = send[:size], recv[:size]
-                s_v.fill_(_pattern(me, nxt))
-                ops: list[Op] = [(True, s_v, nxt), (False, r_v, prv)]
-                expect = [(r_v, _pattern(prv, me))]
-            else:
-                c = size // n
-                ops, expect = [], []
-                for j in range(n):
-                    send[j * c : (j + 1) * c].fill_(_pattern(me, j))
-                    ops.append((True, send[j * c : (j + 1) * c], j))
-                for i in range(n):
-                    ops.append((False, recv[i * c : (i + 1) * c], i))
-                    expect.append((recv[i * c : (i + 1) * c], _pattern(i, me)))
-            mine: dict[str, Any] = {}
-            issues: dict[str, Issue] = {}
-            checks: dict[str, bool] = {}
-            for b in names:  # every binding set up, warmed and checked first
-                if b in dead:
-                    mine[b] = {"error": dead[b]}
-                    continue
-                try:
-                    if b == "torch.all_to_all_single":
-                        import torch.distributed as dist
 
-                        s_all, r_all = send[:size], recv[:size]
 
-                        def issue(s_all=s_all, r_all=r_all) -> None:  # noqa: E306
-                            dist.all_to_all_single(r_all, s_all)
-                    else:
-                        issue = P2P_BINDINGS[b][1](ctx, ops)
-                    recv[:size].zero_()
-                    for _ in range(int(a.warmup)):
-                        issue()
-                    stream.synchronize()
-                    checks[b] = all(bool((v == x).all()) for v, x in expect)
-                    issues[b] = issue
-                except Exception as e:  # noqa: BLE001 - disabled for the rest of the part
-                    mine[b] = {"error": f"{type(e).__name__}: {e}"}
-            # then the repeats interleaved (repeat j times every binding once): host drift
-            # hits all bindings alike; only bindings every rank set up, so barriers match
-            times: dict[str, list] = {b: [] for b in _set_up_everywhere(ctx, issues, mine)}
-            try:
-                for _ in range(int(a.repeats)):
-                    for b in times:
-                        times[b] += _time_gpu(ctx, issues[b], int(a.iters), 1)
-                for b in times:
-                    mine[b] = {**summarize(times[b]), "check": checks[b]}
-            except Exception as e:  # noqa: BLE001 - the size's timings are lost
-                for b in times:
-                    mine[b] = {"error": f"{type(e).__name__}: {e}"}
-            del issues
-            per_rank = ctx.allgather(mine)
-            for b in names:
-                errs = [pr[b]["error"] for pr in per_rank if "error" in pr[b]]
-                if errs and b not in dead:
-                    dead[b] = errs[0]
-                    ctx.log(f"{part}: {b} disabled: {errs[0]}")
-            bus = 1.0 if part == "sendrecv" else (n - 1) / n
-            new = _bw_rows(ctx, part, size, per_rank, names, bus, notes)
-            rows += new
-            ctx.log(
-                f"{part} {size:>11d} B ({time.perf_counter() - t0:5.1f} s): "
-                + "  ".join(
-                    f"{r['binding']} {r['time_us']:.1f}us {r['busbw_gbps']:.1f}GB/s{'' if r['check'] == 'ok' else ' FAIL'}"
-                    for r in new
-                )
-            )
-        del send, recv
-    torch.cuda.synchronize(ctx.device)
-    torch.cuda.empty_cache()  # the blocks belong to this part's stream; later parts can't reuse them
-    for b, why in dead.items():
-        rows.append({"part": part, "binding": b, "world_size": n, "error": why})
-    return rows
+def _bw_size(
+    ctx: BenchContext,
+    part: str,
+    size: int,
+    names: list[str],
+    bufs: tuple[Any, Any, Any],
+    dead: dict[str, str],
+    notes: dict[str, str],
+) -> list[dict]:
+    """One size: every binding set up, warmed and checked, then timed, interleaved; its rows.
+    ``bufs``: (send, recv, stream). A binding that fails on a rank goes into ``dead``."""
+    t0 = time.perf_counter()
+    ops, expect = _bw_ops(ctx, part, size, bufs[0], bufs[1])
+    mine: dict[str, Any] = {}
+    issues, checks = _bw_set_up_all(ctx, size, names, ops, expect, bufs, dead, mine)
+    # then the repeats interleaved (repeat j times every binding once): host drift
+    # hits all bindings alike; only bindings every rank set up, so barriers match
+    _bw_timed(ctx, issues, checks, mine)
+    del issues
+    per_rank = ctx.allgather(mine)
+    for b in names:
+        errs = [pr[b]["error"] for pr in per_rank if "error" in pr[b]]
+        if errs and b not in dead:
+            dead[b] = errs[0]
+            ctx.log(f"{part}: {b} disabled: {errs[0]}")
+    bus = 1.0 if part == "sendrecv" else (ctx.world_size - 1) / ctx.world_size
+    new = _bw_rows(ctx, part, size, per_rank, names, bus, notes)
+    ctx.log(
+        f"{part} {size:>11d} B ({time.perf_counter() - t0:5.1f} s): "
+        + "  ".join(
+            f"{r['binding']} {r['time_us']:.1f}us {r['busbw_gbps']:.1f}GB/s{'' if r['check'] == 'ok' else ' FAIL'}"
+            for r in new
+        )
+    )
+    return new
+
+
+def _bw_ops(
+    ctx: BenchContext, part: str, size: int, send: Any, recv: Any
+) -> tuple[list[Op], list[tuple[Any, int]]]:
+    """The size's ops (its send chunks filled with their patterns) and the (received view,
+    byte it must hold) pairs of the check: the ring for sendrecv, every rank for alltoall."""
+    n, me = ctx.world_size, ctx.rank
+    if part == "sendrecv":
+        nxt, prv = (me + 1) % n, (me - 1) % n
+        s_v, r_v = send[:size], recv[:size]
+        s_v.fill_(_pattern(me, nxt))
+        ops: list[Op] = [(True, s_v, nxt), (False, r_v, prv)]
+        expect = [(r_v, _pattern(prv, me))]
+    else:
+        c = size // n
+        ops, expect = [], []
+        for j in range(n):
+            send[j * c : (j + 1) * c].fill_(_pattern(me, j))
+            ops.append((True, send[j * c : (j + 1) * c], j))
+        for i in range(n):
+            ops.append((False, recv[i * c : (i + 1) * c], i))
+            expect.append((recv[i * c : (i + 1) * c], _pattern(i, me)))
+    return ops, expect
+
+
+def _bw_set_up_all(
+    ctx: BenchContext,
+    size: int,
+    names: list[str],
+    ops: list[Op],
+    expect: list[tuple[Any, int]],
+    bufs: tuple[Any, Any, Any],
+    dead: dict[str, str],
+    mine: dict[str, Any],
+) -> tuple[dict[str, Issue], dict[str, bool]]:
+    """(issue, check) of every binding not in ``dead``, set up, warmed and checked; a binding
+    dead or failing here gets its error in ``mine``."""
+    issues: dict[str, Issue] = {}
+    checks: dict[str, bool] = {}
+    for b in names:  # every binding set up, warmed and checked first
+        if b in dead:
+            mine[b] = {"error": dead[b]}
+            continue
+        try:
+            issue, checks[b] = _bw_set_up(ctx, b, size, ops, expect, bufs)
+            issues[b] = issue
+        except Exception as e:  # noqa: BLE001 - disabled for the rest of the part
+            mine[b] = {"error": f"{type(e).__name__}: {e}"}
+    return issues, checks
+
+
+def _bw_set_up(
+    ctx: BenchContext,
+    b: str,
+    size: int,
+    ops: list[Op],
+    expect: list[tuple[Any, int]],
+    bufs: tuple[Any, Any, Any],
+) -> tuple[Issue, bool]:
+    """Binding ``b``'s issue for the size, after ``--warmup`` untimed iterations, and whether
+    they received the expected bytes."""
+    send, recv, stream = bufs
+    if b == "torch.all_to_all_single":
+        issue = _all_to_all_single(send[:size], recv[:size])
+    else:
+        issue = P2P_BINDINGS[b][1](ctx, ops)
+    recv[:size].zero_()
+    for _ in range(int(ctx.args.warmup)):
+        issue()
+    stream.synchronize()
+    return issue, all(bool((v == x).all()) for v, x in expect)
+
+
+def _all_to_all_single(s_all: Any, r_all: Any) -> Issue:
+    import torch.distributed as dist
+
+    def issue() -> None:
+        dist.all_to_all_single(r_all, s_all)
+
+    return issue
+
+
+def _bw_timed(
+    ctx: BenchContext, issues: dict[str, Issue], checks: dict[str, bool], mine: dict[str, Any]
+) -> None:
+    """``--repeats`` rounds, each timing every binding every rank set up once (in
+    ``issues``' order); their figures (or the error that lost them) into ``mine``."""
+    a = ctx.args
+    times: dict[str, list] = {b: [] for b in _set_up_everywhere(ctx, issues, mine)}
+    try:
+        for _ in range(int(a.repeats)):
+            for b in times:
+                times[b] += _time_gpu(ctx, issues[b], int(a.iters), 1)
+        for b in times:
+            mine[b] = {**summarize(times[b]), "check": checks[b]}
+    except Exception as e:  # noqa: BLE001 - the size's timings are lost
+        for b in times:
+            mine[b] = {"error": f"{type(e).__name__}: {e}"}
 
 
 def run_sendrecv(ctx: BenchContext) -> list[dict]:

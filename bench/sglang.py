@@ -222,12 +222,7 @@ def rank_job(
     sg_batches: list = []  # per SGLang update: its batch_isend_irecv calls
     cpus: dict = {"sglang": [], "ours": []}  # per update: this process's CPU seconds
     original_rearrange = SH.ExpertShuffler.rearrange
-
-    def recorded(self, *a, **k):
-        st = original_rearrange(self, *a, **k)
-        stats.append(st)
-        return st
-
+    recorded = _recorded(original_rearrange, stats)
     # SGLang's own functions, taken before install(); ours installed once (as in a server:
     # its transport and shufflers are made on the first update and kept)
     update = _updater(U, torch.distributed, rank, meters, stats, per_update, sg_batches, cpus)
@@ -241,12 +236,8 @@ def rank_job(
         sg_batches.clear()
         for v in cpus.values():
             v.clear()
-        floor = [
-            _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, meters[0])
-            for x, y in zip(maps, maps[1:])
-        ]
-        one_round = _round_job(torch, rank, ws, device, meters[0])
-        times, peaks = _timed_updates(update, floor, w, metas, reps, one_round)
+        job = (rank, ws, device, meters[0])
+        times, peaks = _timed_job(torch, update, job, w, maps, metas, layer_bytes, reps)
     finally:
         S.uninstall()
         SH.ExpertShuffler.rearrange = original_rearrange
@@ -263,6 +254,30 @@ def rank_job(
         "changed": float(np.mean([(x != y).mean() for x, y in zip(maps, maps[1:])])),
         "threads": threads_used,
     }
+
+
+def _recorded(original_rearrange, stats: list):
+    """``ExpertShuffler.rearrange`` as ``original_rearrange``, each result also appended to
+    ``stats``."""
+
+    def recorded(self, *a, **k):
+        st = original_rearrange(self, *a, **k)
+        stats.append(st)
+        return st
+
+    return recorded
+
+
+def _timed_job(torch, update, job, w, maps, metas, layer_bytes: int, reps: int):
+    """(times, peaks) of :func:`_timed_updates` over ``maps``, with the gloo floor of each
+    of their updates and one gloo round; ``job``: (rank, world size, device, sync)."""
+    rank, ws, device, sync = job
+    floor = [
+        _floor_job(torch, rank, ws, x, y, layer_bytes // ROWS, device, sync)
+        for x, y in zip(maps, maps[1:])
+    ]
+    one_round = _round_job(torch, rank, ws, device, sync)
+    return _timed_updates(update, floor, w, metas, reps, one_round)
 
 
 def _update_figures(per_update: list) -> dict:
