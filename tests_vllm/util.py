@@ -60,7 +60,7 @@ def sequence(seed: int, steps: int, num_layers: int, ep_size: int, per_rank: int
     replicas, -1 slots, unchanged slots, experts moving across ranks and within one; every
     expert a map uses is held somewhere in the map before it (as vLLM's policy guarantees).
     The same on every rank (seeded)."""
-    from tests.shuffle_util import random_maps
+    from tests.shuffle_util import random_maps, restrict_to_held
 
     rng = np.random.default_rng(seed)
     num_logical = max(2, ep_size * per_rank - 2)
@@ -68,11 +68,7 @@ def sequence(seed: int, steps: int, num_layers: int, ep_size: int, per_rank: int
     maps = [cur]
     for _ in range(steps):
         _, nxt = random_maps(rng, num_layers, num_logical, ep_size, per_rank, empty_frac=empty)
-        for layer in range(num_layers):
-            held = set(cur[layer][cur[layer] >= 0].tolist())
-            for s in range(nxt.shape[1]):
-                if nxt[layer, s] >= 0 and nxt[layer, s] not in held:
-                    nxt[layer, s] = cur[layer, s]
+        restrict_to_held(cur, nxt)
         maps.append(nxt)
         cur = nxt
     return maps
