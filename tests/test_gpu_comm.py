@@ -290,6 +290,24 @@ def _job_self_send(ctx):
     return True
 
 
+def _stream_and_buffers(torch, dev, seed, N):
+    """A side stream, the payload of ``seed``, a zero send buffer and a 0xA5 receive buffer of
+    ``N`` bytes on ``dev``, the device synchronized."""
+    s = torch.cuda.Stream(device=dev)
+    payload = _payload(seed, N).to(dev)
+    x = torch.zeros(N, dtype=torch.uint8, device=dev)
+    y = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
+    torch.cuda.synchronize(dev)
+    return s, payload, x, y
+
+
+def _copy_after_sleep(torch, x, payload):
+    """On the current stream: a GPU sleep, then ``payload`` into ``x`` (a send issued on any
+    other stream reads x's zeros)."""
+    torch.cuda._sleep(SLEEP_CYCLES)
+    x.copy_(payload)
+
+
 def _job_torch_streams(ctx):
     torch, comm = _setup(ctx)
     from eplb_pynccl import group
@@ -299,14 +317,9 @@ def _job_torch_streams(ctx):
     N = 1 << 20
     # 1. stream= a torch.cuda.Stream. The payload lands in x on that stream only after a GPU
     # sleep: a send issued on any other stream would read x's zeros.
-    s = torch.cuda.Stream(device=dev)
-    payload = _payload(_seed(7, r), N).to(dev)
-    x = torch.zeros(N, dtype=torch.uint8, device=dev)
-    y = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
-    torch.cuda.synchronize(dev)
+    s, payload, x, y = _stream_and_buffers(torch, dev, _seed(7, r), N)
     with torch.cuda.stream(s):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        x.copy_(payload)
+        _copy_after_sleep(torch, x, payload)
     with group():
         comm.send(x, right, stream=s)
         comm.recv(y, left, stream=s)
@@ -315,14 +328,9 @@ def _job_torch_streams(ctx):
     _assert_bytes(y, _payload(_seed(7, left), N), "explicit torch stream")
     # 2. stream=None inside `with torch.cuda.stream(s2)`: the current stream is used, and
     # wait() (stream=None) waits for that stream too.
-    s2 = torch.cuda.Stream(device=dev)
-    payload2 = _payload(_seed(8, r), N).to(dev)
-    x2 = torch.zeros(N, dtype=torch.uint8, device=dev)
-    y2 = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
-    torch.cuda.synchronize(dev)
+    s2, payload2, x2, y2 = _stream_and_buffers(torch, dev, _seed(8, r), N)
     with torch.cuda.stream(s2):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        x2.copy_(payload2)
+        _copy_after_sleep(torch, x2, payload2)
         with group():
             comm.send(x2, right)
             comm.recv(y2, left)
