@@ -93,6 +93,20 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     _check_rank_views(plan, ep)
 
 
+_TRANSFER_FIELDS = ("layer", "src_rank", "src_row", "dst_rank", "dst_row", "expert")
+_COPY_FIELDS = ("layer", "rank", "src_row", "dst_row", "expert", "src_is_new")
+
+
+def _transfers(plan: RearrangementPlan):
+    """The transfer arrays t_*, in the order of _TRANSFER_FIELDS."""
+    return tuple(getattr(plan, "t_" + f) for f in _TRANSFER_FIELDS)
+
+
+def _copies(plan: RearrangementPlan):
+    """The copy arrays c_*, in the order of _COPY_FIELDS."""
+    return tuple(getattr(plan, "c_" + f) for f in _COPY_FIELDS)
+
+
 def _check_layout(plan: RearrangementPlan, old, new, ep):
     """Sizes, dtypes and shapes of the plan's arrays, `changed`, and the rank/row ranges."""
     L, N = old.shape
@@ -124,14 +138,8 @@ def _check_order_and_destinations(plan: RearrangementPlan, old, new, ep):
     """Sorted transfers and copies; the result is the new map; each changed row written once."""
     L, N = old.shape
     P = N // ep
-    tl, ts, td, tdr, te = (
-        plan.t_layer,
-        plan.t_src_rank,
-        plan.t_dst_rank,
-        plan.t_dst_row,
-        plan.t_expert,
-    )
-    cl, cr, cdr, ce = plan.c_layer, plan.c_rank, plan.c_dst_row, plan.c_expert
+    tl, ts, _, td, tdr, te = _transfers(plan)
+    cl, cr, _, cdr, ce, _ = _copies(plan)
     # ordering
     tkey = ((tl * ep + ts) * ep + td) * P + tdr
     assert (np.diff(tkey) > 0).all(), "transfers not sorted by (layer, src, dst, dst_row)"
@@ -165,13 +173,7 @@ def _check_transfer_endpoints(plan: RearrangementPlan, old, new, ep):
     """Each (layer, dst_rank, expert) once; sender holds it, receiver does not; best rows."""
     L, N = old.shape
     P = N // ep
-    tl, ts, tsr, td, te = (
-        plan.t_layer,
-        plan.t_src_rank,
-        plan.t_src_row,
-        plan.t_dst_rank,
-        plan.t_expert,
-    )
+    tl, ts, tsr, td, _, te = _transfers(plan)
     # no (layer, dst_rank, expert) crosses the network twice
     trip = set(zip(tl.tolist(), td.tolist(), te.tolist(), strict=True))
     assert len(trip) == tl.size
@@ -195,22 +197,8 @@ def _check_copies_and_sources(plan: RearrangementPlan, old, new, ep):
     """Each copy's source holds its expert (old or received); source_needed is what is read."""
     L, N = old.shape
     P = N // ep
-    tl, ts, tsr, td, tdr, te = (
-        plan.t_layer,
-        plan.t_src_rank,
-        plan.t_src_row,
-        plan.t_dst_rank,
-        plan.t_dst_row,
-        plan.t_expert,
-    )
-    cl, cr, csr, cdr, ce, cn = (
-        plan.c_layer,
-        plan.c_rank,
-        plan.c_src_row,
-        plan.c_dst_row,
-        plan.c_expert,
-        plan.c_src_is_new,
-    )
+    tl, ts, tsr, td, tdr, te = _transfers(plan)
+    cl, cr, csr, cdr, ce, cn = _copies(plan)
     old3 = old.reshape(L, ep, P)
     new3 = new.reshape(L, ep, P)
     # copies: old-content sources hold e in old; new-content sources receive e by network
