@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 Version = tuple[int, int, int]
@@ -495,7 +495,17 @@ def compare_table_to_header(
     """
     ours = parse_ours(header_text)
     out: list[str] = []
+    out += _table_functions(ours, functions)
+    out += _table_enums(ours, enums)
+    out += _table_datatype_since(ours, datatype_since)
+    out += _table_config(ours, list(config_fields))
+    if unique_id_bytes is not None:
+        out += _table_unique_id(ours, unique_id_bytes)
+    return out
 
+
+def _table_functions(ours: Ours, functions: Iterable) -> list[str]:
+    """table.FUNCTIONS against the header's prototypes, both ways."""
     table_protos = {
         f.name: Prototype(
             normalize_type(f.restype),
@@ -504,11 +514,16 @@ def compare_table_to_header(
         )
         for f in functions
     }
-    out += compare_prototypes(table_protos, ours.prototypes, TABLE_LABEL, OUR_LABEL)
+    out = compare_prototypes(table_protos, ours.prototypes, TABLE_LABEL, OUR_LABEL)
     for name in ours.prototypes:
         if name not in table_protos:
             out.append(f"function {name}: in {OUR_LABEL} but not in {TABLE_LABEL}")
+    return out
 
+
+def _table_enums(ours: Ours, enums: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The table's enums against the header's (less its count sentinels)."""
+    out: list[str] = []
     for ename, members in enums.items():
         got = ours.enums.get(ename)
         if got is None:
@@ -516,7 +531,12 @@ def compare_table_to_header(
             continue
         got = {k: v for k, v in got.items() if not _is_count(k)}
         out += compare_enum(ename, dict(members), got, TABLE_LABEL, OUR_LABEL)
+    return out
 
+
+def _table_datatype_since(ours: Ours, datatype_since: Mapping[str, Version]) -> list[str]:
+    """table.Dtype.since against the header's since annotations of ncclDataType_t, both ways."""
+    out: list[str] = []
     dtypes = ours.enums.get("ncclDataType_t", {})
     annotated = {k: v for k, v in ours.since.items() if k in dtypes}
     for k, v in datatype_since.items():
@@ -529,9 +549,12 @@ def compare_table_to_header(
     for k, v in annotated.items():
         if k not in datatype_since:
             out.append(f"since {k}: {vstr(v)} in {OUR_LABEL}, not in table.Dtype.since")
+    return out
 
-    cfg = list(config_fields)
-    out += compare_fields(
+
+def _table_config(ours: Ours, cfg: list) -> list[str]:
+    """CONFIG_FIELDS against the header's ncclConfig_t: fields, then each field's since."""
+    out = compare_fields(
         CONFIG_TYPEDEF,
         [(f.c_name, normalize_type(f.c_type)) for f in cfg],
         ours.config,
@@ -550,17 +573,17 @@ def compare_table_to_header(
                 f"{CONFIG_TYPEDEF} field {f.c_name}: since {vstr(f.since)} in {CONFIG_LABEL}, "
                 f"{vstr(got_since)} in {OUR_LABEL}"
             )
-
-    if unique_id_bytes is not None:
-        if ours.unique_id is None:
-            out.append(f"ncclUniqueId: not declared in {OUR_LABEL}")
-        else:
-            size = c_struct_size(ours.unique_id)
-            if size != unique_id_bytes:
-                out.append(
-                    f"ncclUniqueId: {unique_id_bytes} bytes in {TABLE_LABEL}, {size} in {OUR_LABEL}"
-                )
     return out
+
+
+def _table_unique_id(ours: Ours, unique_id_bytes: int) -> list[str]:
+    """The table's ncclUniqueId size against the header's struct."""
+    if ours.unique_id is None:
+        return [f"ncclUniqueId: not declared in {OUR_LABEL}"]
+    size = c_struct_size(ours.unique_id)
+    if size != unique_id_bytes:
+        return [f"ncclUniqueId: {unique_id_bytes} bytes in {TABLE_LABEL}, {size} in {OUR_LABEL}"]
+    return []
 
 
 def compare_header_to_installed(
@@ -579,13 +602,24 @@ def compare_header_to_installed(
     ours = parse_ours(header_text)
     label = f"nccl.h {vstr(version)}"
     v = tuple(version)
-    out: list[str] = []
 
     def due(name: str) -> bool:
         return tuple(ours.since.get(name, (0, 0, 0))) <= v
 
+    out: list[str] = []
+    out += _installed_prototypes(ours, installed_text, label, due)
+    out += _installed_enums(ours, installed_text, label, due)
+    out += _installed_config(ours, installed_text, label, due)
+    out += _installed_unique_id_and_comm(ours, installed_text, label)
+    return out
+
+
+def _installed_prototypes(
+    ours: Ours, installed_text: str, label: str, due: Callable[[str], bool]
+) -> list[str]:
+    """Our due prototypes are in nccl.h, identical; those not yet due are absent."""
     theirs = parse_prototypes(installed_text)
-    out += compare_prototypes(
+    out = compare_prototypes(
         {k: p for k, p in ours.prototypes.items() if due(k)}, theirs, OUR_LABEL, label
     )
     for k in ours.prototypes:
@@ -593,7 +627,14 @@ def compare_header_to_installed(
             out.append(
                 f"function {k}: in {label} although {OUR_LABEL} says since {vstr(ours.since[k])}"
             )
+    return out
 
+
+def _installed_enums(
+    ours: Ours, installed_text: str, label: str, due: Callable[[str], bool]
+) -> list[str]:
+    """Our due enumerators have nccl.h's values; those not yet due are absent."""
+    out: list[str] = []
     their_enums = parse_enums(installed_text)
     for ename in ENUMS:
         mine = ours.enums.get(ename)
@@ -617,15 +658,24 @@ def compare_header_to_installed(
                 out.append(f"enum {ename}: {k} in {OUR_LABEL} but not in {label}")
             elif got[k] != val:
                 out.append(f"enum {ename}: {k} = {val} in {OUR_LABEL}, {got[k]} in {label}")
+    return out
 
+
+def _installed_config(
+    ours: Ours, installed_text: str, label: str, due: Callable[[str], bool]
+) -> list[str]:
+    """Our due ncclConfig_t fields are exactly nccl.h's."""
     their_cfg = parse_struct(installed_text, CONFIG_TYPEDEF)
     if their_cfg is None:
-        out.append(f"{CONFIG_TYPEDEF}: not in {label}")
-    else:
-        out += compare_fields(
-            CONFIG_TYPEDEF, [f for f in ours.config if due(f[0])], their_cfg, OUR_LABEL, label
-        )
+        return [f"{CONFIG_TYPEDEF}: not in {label}"]
+    return compare_fields(
+        CONFIG_TYPEDEF, [f for f in ours.config if due(f[0])], their_cfg, OUR_LABEL, label
+    )
 
+
+def _installed_unique_id_and_comm(ours: Ours, installed_text: str, label: str) -> list[str]:
+    """ncclUniqueId of the same size, ncclComm_t of the same definition."""
+    out: list[str] = []
     their_uid = parse_struct(installed_text, "ncclUniqueId")
     if ours.unique_id is None or their_uid is None:
         out.append(f"ncclUniqueId: missing from {OUR_LABEL if ours.unique_id is None else label}")

@@ -47,6 +47,130 @@ def _held(old: np.ndarray, ep: int, E: int) -> np.ndarray:
     return held
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """The program's variables, in order: every ``y[g, e, k]``, every ``z[e, k]``, every
+    ``p[g, e]`` (``k`` in ``1 .. K``)."""
+
+    ep: int
+    E: int
+    K: int
+
+    @property
+    def ny(self) -> int:
+        return self.ep * self.E * self.K
+
+    @property
+    def nz(self) -> int:
+        return self.E * self.K
+
+    @property
+    def n(self) -> int:
+        return self.ny + self.nz + self.ep * self.E
+
+    def iy(self, g, e, k):  # k in 1..K
+        return (g * self.E + e) * self.K + (k - 1)
+
+    def iz(self, e, k):
+        return self.ny + e * self.K + (k - 1)
+
+    def ip(self, g, e):
+        return self.ny + self.nz + g * self.E + e
+
+
+class _Rows:
+    """Linear constraints ``lo <= a . x <= hi``, one row at a time (a sparse matrix in COO)."""
+
+    def __init__(self):
+        self.rows, self.cols, self.vals, self.lo, self.hi = [], [], [], [], []
+        self.r = 0
+
+    def add(self, entries, lb, ub):
+        for c, v in entries:
+            self.rows.append(self.r)
+            self.cols.append(c)
+            self.vals.append(v)
+        self.lo.append(lb)
+        self.hi.append(ub)
+        self.r += 1
+
+    def constraint(self, n):
+        from scipy.optimize import LinearConstraint
+        from scipy.sparse import coo_matrix
+
+        A = coo_matrix((self.vals, (self.rows, self.cols)), shape=(self.r, n)).tocsr()
+        return LinearConstraint(A, self.lo, self.hi)
+
+
+def _add_model(rows: _Rows, col: _Columns, lam, P: int, cap: float) -> None:
+    """The model's constraints: replica counts per expert, the GPUs' slots and loads."""
+    ep, E = col.ep, col.E
+    ks = range(1, col.K + 1)
+    for e in range(E):
+        rows.add([(col.iz(e, k), 1.0) for k in ks], 1, 1)
+        for k in ks:
+            rows.add(
+                [(col.iy(g, e, k), 1.0) for g in range(ep)] + [(col.iz(e, k), -float(k))], 0, 0
+            )
+            for g in range(ep):
+                rows.add([(col.iy(g, e, k), 1.0), (col.iz(e, k), -float(min(P, k)))], -np.inf, 0)
+                rows.add([(col.iy(g, e, k), 1.0), (col.ip(g, e), -float(min(P, k)))], -np.inf, 0)
+    for g in range(ep):
+        rows.add([(col.iy(g, e, k), 1.0) for e in range(E) for k in ks], P, P)
+        rows.add([(col.iy(g, e, k), lam[e] / k) for e in range(E) for k in ks], -np.inf, cap)
+        for e in range(E):
+            rows.add([(col.iy(g, e, k), 1.0) for k in ks] + [(col.ip(g, e), -float(P))], -np.inf, 0)
+
+
+def _upper_bounds(col: _Columns, lam, P: int, N: int, cap: float) -> np.ndarray:
+    """Each variable's upper bound; replica counts ``k`` no placement within ``cap`` can have
+    are fixed at 0."""
+    ep, E = col.ep, col.E
+    ks = range(1, col.K + 1)
+    # a replica weighs lam / k <= cap, so k >= lam / cap; the others' minima bound k above
+    kmin = np.maximum(1, np.ceil(lam / cap - 1e-12)).astype(np.int64) if cap > 0 else np.ones(E)
+    kmax = N - (kmin.sum() - kmin)
+    ub = np.empty(col.n)
+    for g in range(ep):
+        for e in range(E):
+            for k in ks:
+                ub[col.iy(g, e, k)] = min(P, k)
+    ub[col.ny :] = 1.0
+    for e in range(E):
+        for k in ks:
+            if not kmin[e] <= k <= kmax[e]:
+                ub[col.iz(e, k)] = 0.0
+                for g in range(ep):
+                    ub[col.iy(g, e, k)] = 0.0
+    return ub
+
+
+def _received_cost(col: _Columns, held: np.ndarray) -> np.ndarray:
+    """The objective: 1 for each ``p[g, e]`` where ``old`` had no ``e`` on GPU ``g``."""
+    c = np.zeros(col.n)
+    for g in range(col.ep):
+        for e in range(col.E):
+            c[col.ip(g, e)] = 0.0 if held[g, e] else 1.0
+    return c
+
+
+def _optimum(res, col: _Columns, c: np.ndarray, seconds: float) -> Optimum:
+    """The solver's answer as an :class:`Optimum` (the map GPU by GPU, expert by expert)."""
+    if res.x is None:
+        bound = getattr(res, "mip_dual_bound", None)
+        return Optimum(None, float(bound or 0.0), False, None, seconds)
+    x = np.rint(res.x).astype(np.int64)
+    ks = range(1, col.K + 1)
+    new = []
+    for g in range(col.ep):
+        for e in range(col.E):
+            new += [e] * int(sum(x[col.iy(g, e, k)] for k in ks))
+    received = int(round(float(c @ res.x)))
+    proven = res.status == 0
+    bound = float(received) if proven else float(getattr(res, "mip_dual_bound", 0.0) or 0.0)
+    return Optimum(received, bound, proven, np.array(new, dtype=np.int64), seconds)
+
+
 def min_received(
     loads,
     old,
@@ -63,99 +187,33 @@ def min_received(
     that prunes the search; the program stays feasible)."""
     import time
 
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
+    from scipy.optimize import Bounds, milp
 
     t0 = time.perf_counter()
     lam = np.asarray(loads, dtype=np.float64)
     old = np.asarray(old, dtype=np.int64)
     E, N = lam.size, old.size
     P = N // ep
-    K = N - E + 1
     top = lam.max() if lam.max() > 0 else 1.0
     lam = lam / top
     held = _held(old, ep, E)
-    ny, nz, npv = ep * E * K, E * K, ep * E
-
-    def iy(g, e, k):  # k in 1..K
-        return (g * E + e) * K + (k - 1)
-
-    def iz(e, k):
-        return ny + e * K + (k - 1)
-
-    def ip(g, e):
-        return ny + nz + g * E + e
-
-    n = ny + nz + npv
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    r = 0
-
-    def add(entries, lb, ub):
-        nonlocal r
-        for c, v in entries:
-            rows.append(r)
-            cols.append(c)
-            vals.append(v)
-        lo.append(lb)
-        hi.append(ub)
-        r += 1
-
-    ks = range(1, K + 1)
+    col = _Columns(ep, E, N - E + 1)
     cap = target * lam.sum() / ep * (1 + rel_slack)
-    # a replica weighs lam / k <= cap, so k >= lam / cap; the others' minima bound k above
-    kmin = np.maximum(1, np.ceil(lam / cap - 1e-12)).astype(np.int64) if cap > 0 else np.ones(E)
-    kmax = N - (kmin.sum() - kmin)
-    for e in range(E):
-        add([(iz(e, k), 1.0) for k in ks], 1, 1)
-        for k in ks:
-            add([(iy(g, e, k), 1.0) for g in range(ep)] + [(iz(e, k), -float(k))], 0, 0)
-            for g in range(ep):
-                add([(iy(g, e, k), 1.0), (iz(e, k), -float(min(P, k)))], -np.inf, 0)
-                add([(iy(g, e, k), 1.0), (ip(g, e), -float(min(P, k)))], -np.inf, 0)
-    for g in range(ep):
-        add([(iy(g, e, k), 1.0) for e in range(E) for k in ks], P, P)
-        add([(iy(g, e, k), lam[e] / k) for e in range(E) for k in ks], -np.inf, cap)
-        for e in range(E):
-            add([(iy(g, e, k), 1.0) for k in ks] + [(ip(g, e), -float(P))], -np.inf, 0)
-    ub = np.empty(n)
-    for g in range(ep):
-        for e in range(E):
-            for k in ks:
-                ub[iy(g, e, k)] = min(P, k)
-    ub[ny:] = 1.0
-    for e in range(E):
-        for k in ks:
-            if not kmin[e] <= k <= kmax[e]:
-                ub[iz(e, k)] = 0.0
-                for g in range(ep):
-                    ub[iy(g, e, k)] = 0.0
-    c = np.zeros(n)
-    for g in range(ep):
-        for e in range(E):
-            c[ip(g, e)] = 0.0 if held[g, e] else 1.0
+    rows = _Rows()
+    _add_model(rows, col, lam, P, cap)
+    ub = _upper_bounds(col, lam, P, N, cap)
+    c = _received_cost(col, held)
     if at_most is not None:
-        add([(i, 1.0) for i in np.flatnonzero(c)], -np.inf, float(at_most))
-    A = coo_matrix((vals, (rows, cols)), shape=(r, n)).tocsr()
+        rows.add([(i, 1.0) for i in np.flatnonzero(c)], -np.inf, float(at_most))
+    n = col.n
     res = milp(
         c,
-        constraints=LinearConstraint(A, lo, hi),
+        constraints=rows.constraint(n),
         integrality=np.ones(n),
         bounds=Bounds(np.zeros(n), ub),
         options={"time_limit": float(time_limit), "disp": False},
     )
-    seconds = time.perf_counter() - t0
-    if res.x is None:
-        bound = getattr(res, "mip_dual_bound", None)
-        return Optimum(None, float(bound or 0.0), False, None, seconds)
-    x = np.rint(res.x).astype(np.int64)
-    new = []
-    for g in range(ep):
-        for e in range(E):
-            new += [e] * int(sum(x[iy(g, e, k)] for k in ks))
-    received = int(round(float(c @ res.x)))
-    proven = res.status == 0
-    bound = float(received) if proven else float(getattr(res, "mip_dual_bound", 0.0) or 0.0)
-    return Optimum(received, bound, proven, np.array(new, dtype=np.int64), seconds)
+    return _optimum(res, col, c, time.perf_counter() - t0)
 
 
 def layer_figures(new, loads, old, ep: int) -> tuple[float, int]:

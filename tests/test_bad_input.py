@@ -100,12 +100,12 @@ def test_bad_maps_are_refused_before_anything_moves():
         assert out["not divisible"][1] == "num_physical (7) is not divisible by ep_size (2)"
 
 
-def test_bad_weights_are_refused_by_the_constructor():
-    from eplb_pynccl import ExpertShuffler
+class Local:  # not an eplb_pynccl Transport: the constructor refuses it by name
+    pass
 
-    class Local:  # a transport for one process (no peers): enough for constructor checks
-        pass
 
+def _one_rank_transport():
+    """A Transport of one process: the constructor's checks run, nothing may be exchanged."""
     import eplb_pynccl.transport as tr
 
     class OneRank(tr.Transport):
@@ -125,120 +125,156 @@ def test_bad_weights_are_refused_by_the_constructor():
         def all_gather_bytes(self, data):
             return [data]
 
-    t = OneRank()
-    good = torch.zeros(4, 8)
-    cases = [
-        (
-            lambda: ExpertShuffler(Local(), [[good]]),
-            TypeError,
-            "transport must be an eplb_pynccl Transport, got Local",
-        ),
-        (
-            lambda: ExpertShuffler(t, []),
-            ValueError,
-            "expert_weights is empty: give at least one layer",
-        ),
-        (
-            lambda: ExpertShuffler(t, [good]),
-            TypeError,
-            r"expert_weights\[0\] must be a non-empty list of tensors",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good, "x"]]),
-            TypeError,
-            r"expert_weights\[0\]\[1\] must be a torch.Tensor, got str",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[torch.tensor(1.0)]]),
-            ValueError,
-            "must have a leading expert dimension",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[torch.zeros(8, 4).t()]]),
-            ValueError,
-            r"expert_weights\[0\]\[0\] is not contiguous",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good], [torch.zeros(5, 8)]]),
-            ValueError,
-            "has 5 expert rows but expert_weights",
-        ),
-        (lambda: ExpertShuffler(t, [[torch.zeros(4, 8, device="meta")]]), ValueError, "is on meta"),
-        (
-            lambda: ExpertShuffler(t, [[good]], staging_bytes=-1),
-            ValueError,
-            "staging_bytes must be >= 0, got -1",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], max_messages_per_round=0),
-            ValueError,
-            "max_messages_per_round must be >= 1, got 0",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], timeout=-1),
-            ValueError,
-            r"timeout must be a positive number of seconds, got -1$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], timeout=0),
-            ValueError,
-            r"timeout must be a positive number of seconds, got 0$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], timeout=float("nan")),
-            ValueError,
-            r"timeout must be a finite number of seconds, got nan$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], timeout=True),
-            ValueError,
-            r"timeout must be a positive number of seconds, got True$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], pack_threshold=True),
-            TypeError,
-            r"pack_threshold must be an int, got bool$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], timeout="5"),
-            ValueError,
-            r"timeout must be a positive number of seconds, got '5'$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], ranks_per_node=3),
-            ValueError,
-            r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], ranks_per_node=0),
-            ValueError,
-            r"ranks_per_node must be >= 1, got 0$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], pack_threshold=-1),
-            ValueError,
-            "pack_threshold must be >= 0, got -1",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[torch.zeros(0, 8)]]),
-            ValueError,
-            r"^expert_weights\[0\]\[0\] is empty \(shape \(0, 8\)\): every weight tensor holds "
-            r"at least one expert row of at least one element$",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good, torch.zeros(4, 0)]]),
-            ValueError,
-            r"^expert_weights\[0\]\[1\] is empty \(shape \(4, 0\)\)",
-        ),
-        (
-            lambda: ExpertShuffler(t, [[good]], transactional="no"),
-            TypeError,
-            r"^transactional must be a bool, got str$",
-        ),
-    ]
-    for make, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            make()
+    return OneRank()
+
+
+_GOOD = torch.zeros(4, 8)
+
+# (constructor call given the ExpertShuffler class and a one-rank transport, exception, message)
+_BAD_WEIGHTS = [
+    pytest.param(
+        lambda Shuffler, t: Shuffler(Local(), [[_GOOD]]),
+        TypeError,
+        "transport must be an eplb_pynccl Transport, got Local",
+        id="not-a-transport",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, []),
+        ValueError,
+        "expert_weights is empty: give at least one layer",
+        id="no-layers",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [_GOOD]),
+        TypeError,
+        r"expert_weights\[0\] must be a non-empty list of tensors",
+        id="layer-not-a-list",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD, "x"]]),
+        TypeError,
+        r"expert_weights\[0\]\[1\] must be a torch.Tensor, got str",
+        id="weight-not-a-tensor",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[torch.tensor(1.0)]]),
+        ValueError,
+        "must have a leading expert dimension",
+        id="0-D-weight",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[torch.zeros(8, 4).t()]]),
+        ValueError,
+        r"expert_weights\[0\]\[0\] is not contiguous",
+        id="not-contiguous",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD], [torch.zeros(5, 8)]]),
+        ValueError,
+        "has 5 expert rows but expert_weights",
+        id="rows-differ-between-layers",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[torch.zeros(4, 8, device="meta")]]),
+        ValueError,
+        "is on meta",
+        id="meta-device",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], staging_bytes=-1),
+        ValueError,
+        "staging_bytes must be >= 0, got -1",
+        id="negative-staging_bytes",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], max_messages_per_round=0),
+        ValueError,
+        "max_messages_per_round must be >= 1, got 0",
+        id="zero-max_messages_per_round",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=-1),
+        ValueError,
+        r"timeout must be a positive number of seconds, got -1$",
+        id="negative-timeout",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=0),
+        ValueError,
+        r"timeout must be a positive number of seconds, got 0$",
+        id="zero-timeout",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=float("nan")),
+        ValueError,
+        r"timeout must be a finite number of seconds, got nan$",
+        id="nan-timeout",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=True),
+        ValueError,
+        r"timeout must be a positive number of seconds, got True$",
+        id="bool-timeout",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], pack_threshold=True),
+        TypeError,
+        r"pack_threshold must be an int, got bool$",
+        id="bool-pack_threshold",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout="5"),
+        ValueError,
+        r"timeout must be a positive number of seconds, got '5'$",
+        id="str-timeout",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], ranks_per_node=3),
+        ValueError,
+        r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$",
+        id="ranks_per_node-above-ep_size",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], ranks_per_node=0),
+        ValueError,
+        r"ranks_per_node must be >= 1, got 0$",
+        id="zero-ranks_per_node",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], pack_threshold=-1),
+        ValueError,
+        "pack_threshold must be >= 0, got -1",
+        id="negative-pack_threshold",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[torch.zeros(0, 8)]]),
+        ValueError,
+        r"^expert_weights\[0\]\[0\] is empty \(shape \(0, 8\)\): every weight tensor holds "
+        r"at least one expert row of at least one element$",
+        id="no-expert-rows",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD, torch.zeros(4, 0)]]),
+        ValueError,
+        r"^expert_weights\[0\]\[1\] is empty \(shape \(4, 0\)\)",
+        id="rows-of-no-elements",
+    ),
+    pytest.param(
+        lambda Shuffler, t: Shuffler(t, [[_GOOD]], transactional="no"),
+        TypeError,
+        r"^transactional must be a bool, got str$",
+        id="str-transactional",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, exc, msg", _BAD_WEIGHTS)
+def test_bad_weights_are_refused_by_the_constructor(make, exc, msg):
+    from eplb_pynccl import ExpertShuffler
+
+    t = _one_rank_transport()
+    with pytest.raises(exc, match=msg):
+        make(ExpertShuffler, t)
 
 
 def _disagree_job(rank, world, what):

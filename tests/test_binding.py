@@ -90,6 +90,11 @@ def mapped_nccl():
     return sorted(found)
 def err(e):
     return {"type": type(e).__name__, "msg": str(e), "oserror": isinstance(e, OSError)}
+def caught(res, key, call):
+    try:
+        call()
+    except Exception as e:
+        res[key] = err(e)
 """
 
 
@@ -248,14 +253,8 @@ def test_a_library_that_is_not_nccl_is_refused():
         import eplb_pynccl
         from eplb_pynccl._nccl import library as L
         res = {{}}
-        try:
-            eplb_pynccl.library_path()
-        except Exception as e:
-            res["env"] = err(e)
-        try:
-            L.load({full!r})
-        except Exception as e:
-            res["explicit"] = err(e)
+        caught(res, "env", eplb_pynccl.library_path)
+        caught(res, "explicit", lambda: L.load({full!r}))
         out(res=res, loaded=L.loaded() is not None)
         """,
         env={ENV_VAR: soname},
@@ -344,15 +343,9 @@ def test_already_loaded_library_wins_and_cannot_be_switched(tmp_path):
         cands = L.candidate_paths()
         lib = L.load()
         res = {{"cands0": cands[0], "source": lib.source, "path": lib.path}}
-        try:
-            L.load({other!r})
-        except Exception as e:
-            res["explicit"] = err(e)
+        caught(res, "explicit", lambda: L.load({other!r}))
         os.environ["EPLB_PYNCCL_NCCL_SO"] = {other!r}
-        try:
-            eplb_pynccl.library_path()
-        except Exception as e:
-            res["env"] = err(e)
+        caught(res, "env", eplb_pynccl.library_path)
         os.environ["EPLB_PYNCCL_NCCL_SO"] = {str(link)!r}   # the same file: accepted
         res["same_file"] = eplb_pynccl.library_path()
         res["mapped"] = mapped_nccl()
@@ -387,14 +380,8 @@ def test_too_old_library_is_refused():
         from eplb_pynccl._nccl import library as L
         L.MIN_VERSION = (99, 0, 0)
         res = {{}}
-        try:
-            L.load()
-        except Exception as e:
-            res["discovery"] = err(e)
-        try:
-            L.load({wheel_path!r})
-        except Exception as e:
-            res["explicit"] = err(e)
+        caught(res, "discovery", L.load)
+        caught(res, "explicit", lambda: L.load({wheel_path!r}))
         out(loaded=L.loaded() is not None, **res)
         """
     )

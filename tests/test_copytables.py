@@ -132,6 +132,47 @@ def test_resolve_gives_device_pointers():
     assert out.tolist() == [[1008, 9000, 4], [9016, 2032, 5]]
 
 
+def _content(layer, expert, i, rb):
+    """Row bytes of tensor ``i`` of ``expert`` in ``layer``: distinct per (layer, expert, i)."""
+    return np.full(rb, (layer * 31 + expert * 7 + i * 3) % 251, dtype=np.uint8)
+
+
+def _rows_of(lay, emap, r, layer, i, slots, rowb):
+    """Rank ``r``'s buffer of tensor ``i`` in ``layer`` as the map ``emap`` fills it."""
+    b = lay.buf(layer, i)
+    return np.concatenate(
+        [_content(layer, int(emap[layer, r * slots + j]), i, rowb[b]) for j in range(slots)]
+    )
+
+
+def _run_round(sched_ranks, k, mems):
+    """Round ``k`` on every rank: the pre ops, the messages delivered by hand, the post ops."""
+    ep = len(mems)
+    for r in range(ep):
+        for op in sched_ranks[r].rounds[k].pre:
+            run_table(ct.split(ct.op_table(op, sched_ranks[r].index), 16), mems[r])
+    sent = []
+    for r in range(ep):
+        ro = sched_ranks[r].rounds[k]
+        for q in range(len(ro.sends)):
+            b, o, n = int(ro.sends.buf[q]), int(ro.sends.off[q]), int(ro.sends.nbytes[q])
+            sent.append(
+                (
+                    r,
+                    int(ro.sends.peer[q]),
+                    int(ro.sends.rbuf[q]),
+                    int(ro.sends.roff[q]),
+                    mems[r][b][o : o + n].copy(),
+                )
+            )
+    for _, p, b, o, d in sent:
+        mems[p][b][o : o + len(d)] = d
+    for r in range(ep):
+        for op in sched_ranks[r].rounds[k].post:
+            assert isinstance(op, (Copies, Kernels))
+            run_table(ct.split(ct.op_table(op, sched_ranks[r].index), 16), mems[r])
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), ep=st.sampled_from([1, 2, 3, 4]))
 def test_schedule_ops_as_tables_give_the_new_weights(seed, ep):
@@ -150,54 +191,20 @@ def test_schedule_ops_as_tables_give_the_new_weights(seed, ep):
     nb = lay.num_bufs
     rowb = lay.buf_row_bytes()
 
-    def content(layer, expert, i, rb):
-        return np.full(rb, (layer * 31 + expert * 7 + i * 3) % 251, dtype=np.uint8)
-
     mems = []
     for r in range(ep):
         m = {}
         for layer in range(layers):
             for i in range(2):
-                b = lay.buf(layer, i)
-                rb = rowb[b]
-                m[b] = np.concatenate(
-                    [content(layer, int(old[layer, r * slots + j]), i, rb) for j in range(slots)]
-                )
+                m[lay.buf(layer, i)] = _rows_of(lay, old, r, layer, i, slots, rowb)
         m[STAGING] = np.zeros(max(ranks[r].staging_bytes, 1), dtype=np.uint8)
         mems.append(m)
     assert nb == len(mems[0]) - 1
     for k in range(len(sched.rounds)):
-        for r in range(ep):
-            for op in ranks[r].rounds[k].pre:
-                run_table(ct.split(ct.op_table(op, ranks[r].index), 16), mems[r])
-        sent = []
-        for r in range(ep):
-            ro = ranks[r].rounds[k]
-            for q in range(len(ro.sends)):
-                b, o, n = int(ro.sends.buf[q]), int(ro.sends.off[q]), int(ro.sends.nbytes[q])
-                sent.append(
-                    (
-                        r,
-                        int(ro.sends.peer[q]),
-                        int(ro.sends.rbuf[q]),
-                        int(ro.sends.roff[q]),
-                        mems[r][b][o : o + n].copy(),
-                    )
-                )
-        for _, p, b, o, d in sent:
-            mems[p][b][o : o + len(d)] = d
-        for r in range(ep):
-            for op in ranks[r].rounds[k].post:
-                assert isinstance(op, (Copies, Kernels))
-                run_table(ct.split(ct.op_table(op, ranks[r].index), 16), mems[r])
+        _run_round(ranks, k, mems)
     for r in range(ep):
         for layer in range(layers):
             for i in range(2):
                 b = lay.buf(layer, i)
-                want = np.concatenate(
-                    [
-                        content(layer, int(new[layer, r * slots + j]), i, rowb[b])
-                        for j in range(slots)
-                    ]
-                )
+                want = _rows_of(lay, new, r, layer, i, slots, rowb)
                 np.testing.assert_array_equal(mems[r][b], want, err_msg=f"rank {r} buf {b}")

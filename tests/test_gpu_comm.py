@@ -290,6 +290,24 @@ def _job_self_send(ctx):
     return True
 
 
+def _stream_and_buffers(torch, dev, seed, N):
+    """A side stream, the payload of ``seed``, a zero send buffer and a 0xA5 receive buffer of
+    ``N`` bytes on ``dev``, the device synchronized."""
+    s = torch.cuda.Stream(device=dev)
+    payload = _payload(seed, N).to(dev)
+    x = torch.zeros(N, dtype=torch.uint8, device=dev)
+    y = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
+    torch.cuda.synchronize(dev)
+    return s, payload, x, y
+
+
+def _copy_after_sleep(torch, x, payload):
+    """On the current stream: a GPU sleep, then ``payload`` into ``x`` (a send issued on any
+    other stream reads x's zeros)."""
+    torch.cuda._sleep(SLEEP_CYCLES)
+    x.copy_(payload)
+
+
 def _job_torch_streams(ctx):
     torch, comm = _setup(ctx)
     from eplb_pynccl import group
@@ -299,14 +317,9 @@ def _job_torch_streams(ctx):
     N = 1 << 20
     # 1. stream= a torch.cuda.Stream. The payload lands in x on that stream only after a GPU
     # sleep: a send issued on any other stream would read x's zeros.
-    s = torch.cuda.Stream(device=dev)
-    payload = _payload(_seed(7, r), N).to(dev)
-    x = torch.zeros(N, dtype=torch.uint8, device=dev)
-    y = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
-    torch.cuda.synchronize(dev)
+    s, payload, x, y = _stream_and_buffers(torch, dev, _seed(7, r), N)
     with torch.cuda.stream(s):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        x.copy_(payload)
+        _copy_after_sleep(torch, x, payload)
     with group():
         comm.send(x, right, stream=s)
         comm.recv(y, left, stream=s)
@@ -315,14 +328,9 @@ def _job_torch_streams(ctx):
     _assert_bytes(y, _payload(_seed(7, left), N), "explicit torch stream")
     # 2. stream=None inside `with torch.cuda.stream(s2)`: the current stream is used, and
     # wait() (stream=None) waits for that stream too.
-    s2 = torch.cuda.Stream(device=dev)
-    payload2 = _payload(_seed(8, r), N).to(dev)
-    x2 = torch.zeros(N, dtype=torch.uint8, device=dev)
-    y2 = torch.full((N,), 0xA5, dtype=torch.uint8, device=dev)
-    torch.cuda.synchronize(dev)
+    s2, payload2, x2, y2 = _stream_and_buffers(torch, dev, _seed(8, r), N)
     with torch.cuda.stream(s2):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        x2.copy_(payload2)
+        _copy_after_sleep(torch, x2, payload2)
         with group():
             comm.send(x2, right)
             comm.recv(y2, left)
@@ -421,7 +429,7 @@ def _job_p2p_and_prepared(ctx):
 
 def _job_captured_batch(ctx):
     torch, comm = _setup(ctx)
-    from eplb_pynccl import CapturedP2P, Communicator, CommunicatorStateError, group
+    from eplb_pynccl import CapturedP2P
 
     r, n, dev = ctx.rank, ctx.world_size, ctx.device
     N = 4096 + 5
@@ -434,6 +442,21 @@ def _job_captured_batch(ctx):
     torch.cuda.synchronize(dev)
     g = batch.capture()
     assert isinstance(g, CapturedP2P) and g.num_ops == 2 * len(peers) and not g.released
+    _replay_captured(ctx, torch, g, x, y, peers, N)
+    _released_by_the_caller(torch, comm, dev, sends, recvs)
+    _capture_refusals(comm, batch)
+    # a communicator with a live graph closes (collective) without hanging, releasing it; one
+    # aborted releases its graphs too
+    out = {}
+    for how in ("close", "abort"):
+        out[how] = _released_with_its_communicator(ctx, torch, how, sends, recvs)
+    g.release()
+    return True
+
+
+def _replay_captured(ctx, torch, g, x, y, peers, N):
+    """The captured graph replayed on the default stream, a torch stream and an int handle."""
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
     s = torch.cuda.Stream(device=dev)
     for k, stream in ((31, None), (32, s), (33, s.cuda_stream)):
         for p in peers:  # the graph reads its buffers' contents when it runs
@@ -444,6 +467,12 @@ def _job_captured_batch(ctx):
         torch.cuda.synchronize(dev)
         for p in peers:
             _assert_bytes(y[p], _payload(_seed(k, p * n + r), N), f"replay {k} from {p}")
+
+
+def _released_by_the_caller(torch, comm, dev, sends, recvs):
+    """prepare_p2p(graph=True) captures at once; once released, a launch is refused."""
+    from eplb_pynccl import CapturedP2P, CommunicatorStateError
+
     g2 = comm.prepare_p2p(sends, recvs, graph=True)
     assert isinstance(g2, CapturedP2P)
     g2.launch()
@@ -454,36 +483,45 @@ def _job_captured_batch(ctx):
         match=r"^this captured batch was released \(released by the caller\); capture it again$",
     ):
         g2.launch()
+
+
+def _capture_refusals(comm, batch):
+    """No capture inside group(), none of an empty batch."""
+    from eplb_pynccl import group
+
     with pytest.raises(RuntimeError, match=r"^capture\(\) cannot run inside group\(\)"):
         with group():
             batch.capture()
     with pytest.raises(ValueError, match=r"^capture\(\) of an empty batch"):
         comm.prepare_p2p([], []).capture()
-    # a communicator with a live graph closes (collective) without hanging, releasing it; one
-    # aborted releases its graphs too
-    out = {}
-    for how in ("close", "abort"):
-        c = Communicator.from_store(
-            ctx.store, r, n, device=dev, key=ctx.key(f"graph-{how}"), timeout=60
-        )
-        b = c.prepare_p2p(sends, recvs)
-        b.launch()
-        torch.cuda.synchronize(dev)
-        gg = b.capture()
+
+
+def _released_with_its_communicator(ctx, torch, how, sends, recvs):
+    """A new communicator with a live graph, closed or aborted (``how``): the graph is
+    released and refused; returns the seconds close() or abort() took."""
+    from eplb_pynccl import Communicator, CommunicatorStateError
+
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
+    c = Communicator.from_store(
+        ctx.store, r, n, device=dev, key=ctx.key(f"graph-{how}"), timeout=60
+    )
+    b = c.prepare_p2p(sends, recvs)
+    b.launch()
+    torch.cuda.synchronize(dev)
+    gg = b.capture()
+    gg.launch()
+    torch.cuda.synchronize(dev)
+    t0 = time.monotonic()
+    getattr(c, how)()
+    elapsed = time.monotonic() - t0
+    assert gg.released
+    word = "closed" if how == "close" else "aborted"
+    with pytest.raises(
+        CommunicatorStateError,
+        match=f"^this captured batch was released \\(its communicator was {word}\\); capture it again$",
+    ):
         gg.launch()
-        torch.cuda.synchronize(dev)
-        t0 = time.monotonic()
-        getattr(c, how)()
-        out[how] = time.monotonic() - t0
-        assert gg.released
-        word = "closed" if how == "close" else "aborted"
-        with pytest.raises(
-            CommunicatorStateError,
-            match=f"^this captured batch was released \\(its communicator was {word}\\); capture it again$",
-        ):
-            gg.launch()
-    g.release()
-    return True
+    return elapsed
 
 
 def _job_raw_tuples_wrong_device(ctx):
@@ -589,10 +627,18 @@ def _job_dlpack_and_cai(ctx):
 
 def _job_collectives(ctx):
     torch, comm = _setup(ctx)
-    from eplb_pynccl import group
-
-    r, n, dev = ctx.rank, ctx.world_size, ctx.device
     out = {}
+    x = _all_reduces(ctx, torch, comm, out)
+    g, b = _gathers_and_broadcast(ctx, torch, comm, out)
+    _collectives_in_one_group(ctx, torch, comm, out)
+    _collective_argument_errors(ctx, torch, comm, x, g, b)
+    _ring(ctx, comm, 17)  # still healthy
+    return out
+
+
+def _all_reduces(ctx, torch, comm, out):
+    """all_reduce with every op, in place and into out=, in three dtypes; returns x."""
+    r, dev = ctx.rank, ctx.device
     x = torch.full((16,), float(r + 1), dtype=torch.float32, device=dev)
     comm.all_reduce(x)
     comm.wait(timeout=30)
@@ -616,6 +662,12 @@ def _job_collectives(ctx):
         avg.cpu().tolist(),
         bf.float().cpu().tolist(),
     )
+    return x
+
+
+def _gathers_and_broadcast(ctx, torch, comm, out):
+    """all_gather (int32, fp8 checked byte for byte) and broadcast; returns g and b."""
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
     g = torch.arange(5, dtype=torch.int32, device=dev) + 100 * r
     gathered = torch.full((5 * n,), -1, dtype=torch.int32, device=dev)
     comm.all_gather(g, gathered)
@@ -632,7 +684,14 @@ def _job_collectives(ctx):
             _payload(_seed(16, q), 64, "float8_e4m3fn"),
             f"fp8 all_gather part {q}",
         )
-    # two collectives fused in one group
+    return g, b
+
+
+def _collectives_in_one_group(ctx, torch, comm, out):
+    """Two collectives fused in one group."""
+    from eplb_pynccl import group
+
+    r, dev = ctx.rank, ctx.device
     u = torch.full((3,), float(r + 1), device=dev)
     v = torch.full((3,), float(r + 1), device=dev)
     with group():
@@ -640,7 +699,11 @@ def _job_collectives(ctx):
         comm.all_reduce(v, op="max")
     comm.wait(timeout=30)
     out["group"] = [u.cpu().tolist(), v.cpu().tolist()]
-    # argument errors, raised before NCCL
+
+
+def _collective_argument_errors(ctx, torch, comm, x, g, b):
+    """Argument errors, raised before NCCL."""
+    n, dev = ctx.world_size, ctx.device
     errs = [
         (
             lambda: comm.all_reduce(x, op="bogus"),
@@ -677,8 +740,6 @@ def _job_collectives(ctx):
     for call, exc, msg in errs:
         with pytest.raises(exc, match="^" + re.escape(msg)):
             call()
-    _ring(ctx, comm, 17)  # still healthy
-    return out
 
 
 def _job_barrier_connect_wait(ctx):
@@ -704,26 +765,39 @@ def _job_barrier_connect_wait(ctx):
 
 def _job_validation(ctx):
     torch, comm = _setup(ctx)
-    from eplb_pynccl import Communicator, UniqueId, group
-
     r, n, dev = ctx.rank, ctx.world_size, ctx.device
-    right, left = (r + 1) % n, (r - 1) % n
-    ndev = torch.cuda.device_count()
     x = _payload(_seed(19, r), 256).to(dev)
+    _refuses_bad_peers(comm, n, x)
+    bad_bufs, cpu, cpu_msg = _refuses_bad_buffers(ctx, torch, comm)
+    _refuses_missing_devices(torch)
+    _failed_groups_issue_nothing(ctx, torch, comm, bad_bufs, cpu, cpu_msg)
+    return len(bad_bufs)
 
-    def raises(exc, msg, call):
-        with pytest.raises(exc, match="^" + re.escape(msg) + "$"):
-            call()
 
+def _raises(exc, msg, call):
+    with pytest.raises(exc, match="^" + re.escape(msg) + "$"):
+        call()
+
+
+def _refuses_bad_peers(comm, n, x):
+    """Peers out of range, or not an int."""
     for bad in (n, -1, n + 7):
-        raises(
+        _raises(
             ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.send(x, bad)
         )
-        raises(
+        _raises(
             ValueError, f"peer must be in [0, {n}), got {bad}", lambda bad=bad: comm.recv(x, bad)
         )
     for bad, tname in (("1", "str"), (True, "bool"), (1.0, "float"), (None, "NoneType")):
-        raises(TypeError, f"peer must be an int, got {tname}", lambda bad=bad: comm.send(x, bad))
+        _raises(TypeError, f"peer must be an int, got {tname}", lambda bad=bad: comm.send(x, bad))
+
+
+def _refuses_bad_buffers(ctx, torch, comm):
+    """Non-contiguous, CPU and other-GPU buffers; returns them with their messages, and the
+    CPU buffer and its message."""
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
+    right, left = (r + 1) % n, (r - 1) % n
+    ndev = torch.cuda.device_count()
     noncontig = torch.arange(12, dtype=torch.float32, device=dev).view(3, 4).t()
     nc_msg = "buf is not contiguous (shape (4, 3), strides (1, 4)); pass .contiguous()"
     cpu = torch.zeros(64, dtype=torch.uint8)
@@ -738,22 +812,35 @@ def _job_validation(ctx):
             )
         )
     for buf, msg in bad_bufs:
-        raises(ValueError, msg, lambda buf=buf: comm.send(buf, right))
-        raises(ValueError, msg, lambda buf=buf: comm.recv(buf, left))
-    raises(
+        _raises(ValueError, msg, lambda buf=buf: comm.send(buf, right))
+        _raises(ValueError, msg, lambda buf=buf: comm.recv(buf, left))
+    return bad_bufs, cpu, cpu_msg
+
+
+def _refuses_missing_devices(torch):
+    from eplb_pynccl import Communicator, UniqueId
+
+    ndev = torch.cuda.device_count()
+    _raises(
         ValueError,
         f"device {ndev} does not exist: this machine has {ndev} CUDA device(s)",
         lambda: Communicator(UniqueId(bytes(128)), 0, 1, device=ndev),
     )
-    raises(
+    _raises(
         ValueError,
         f"device {ndev + 3} does not exist: this machine has {ndev} CUDA device(s)",
         lambda: Communicator(UniqueId(bytes(128)), 0, 1, device=f"cuda:{ndev + 3}"),
     )
 
-    # In a group, a bad op discards everything queued in that group. If the unmatched send
-    # below (or the all-reduce) had been issued, the exchanges after it would receive the
-    # stale bytes, hang (wait() times out), or z would change.
+
+def _failed_groups_issue_nothing(ctx, torch, comm, bad_bufs, cpu, cpu_msg):
+    """In a group, a bad op discards everything queued in that group. If the unmatched send
+    below (or the all-reduce) had been issued, the exchanges after it would receive the
+    stale bytes, hang (wait() times out), or z would change."""
+    from eplb_pynccl import group
+
+    r, n, dev = ctx.rank, ctx.world_size, ctx.device
+    right, left = (r + 1) % n, (r - 1) % n
     stale = _payload(_seed(20, r), 4096).to(dev)
     z = torch.full((16,), float(r + 1), device=dev)
     for buf, msg in bad_bufs:
@@ -777,7 +864,6 @@ def _job_validation(ctx):
     _ring(ctx, comm, 22)
     torch.cuda.synchronize(dev)
     assert z.cpu().tolist() == [float(r + 1)] * 16, "a discarded all_reduce ran"
-    return len(bad_bufs)
 
 
 def _job_abort_and_wait_timeout(ctx):

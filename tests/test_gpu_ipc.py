@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from tests.gpu_util import RankFailure, run_ranks
-from tests.shuffle_util import GPU_SPECS, check_peer_death, peer_death_job, torch_specs
+from tests.shuffle_util import (
+    GPU_SPECS,
+    check_peer_death,
+    peer_death_job,
+    restrict_to_held,
+    torch_specs,
+)
 
 pytestmark = pytest.mark.gpu(gpus=1)
 
@@ -66,12 +72,7 @@ def _ipc_job(ctx, seed, rearrangements, signals="auto"):
     out = []
     for k in range(rearrangements):
         _, nxt = random_maps(rng, len(specs), num_logical, n, P, empty_frac=0.1)
-        for layer in range(len(specs)):  # nxt may only need experts cur holds
-            held = set(cur[layer][cur[layer] >= 0].tolist())
-            bad = [
-                s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held
-            ]
-            nxt[layer, bad] = cur[layer, bad]
+        restrict_to_held(cur, nxt)  # nxt may only need experts cur holds
         sh = shufflers["transactional"]
         if k % 2:
             h = sh.rearrange_async(cur, nxt)

@@ -101,7 +101,7 @@ CASES = {
 def test_shuffler_local_moves_exact(case, mode, method):
     torch = _torch()
     import eplb_pynccl as ep
-    from tests.shuffle_util import check_weights, random_maps
+    from tests.shuffle_util import check_weights, random_maps, restrict_to_held
 
     specs_raw, offset = CASES[case]
     specs = [[(shape, getattr(torch, dt)) for shape, dt in layer] for layer in specs_raw]
@@ -117,10 +117,7 @@ def test_shuffler_local_moves_exact(case, mode, method):
     try:
         for it in range(4):
             _, nxt = random_maps(rng, len(specs), 7, 1, P, empty_frac=0.1)
-            for layer in range(len(specs)):
-                held = set(cur[layer][cur[layer] >= 0].tolist())
-                miss = [s for s in range(P) if nxt[layer, s] >= 0 and nxt[layer, s] not in held]
-                nxt[layer, miss] = cur[layer, miss]
+            restrict_to_held(cur, nxt)
             side = torch.cuda.Stream(dev)
             if mode == "sync":
                 st = sh.rearrange(cur, nxt, stream=side)

@@ -84,66 +84,82 @@ def _job(ctx, rendezvous, seed):
     from sglang.srt.eplb import expert_location_updater as U
 
     from eplb_pynccl.integrations import sglang as S
-    from tests.shuffle_util import check_weights, make_weights
-    from tests_sglang.util import metadata, sequence, single_layer_update, specs
 
     rank, n = ctx.rank, ctx.world_size
     dev = torch.device("cuda", ctx.device)
     num_physical = PER_RANK * n
     num_logical = num_physical - 1
-    layers = list(range(LAYERS))
     out = {"raw": [], "returns": [], "single": [], "updater": None, "kept": None}
 
     S.install(transport="ipc")
     try:
-        # every layer of an update: SGLang's _update_expert_weights_raw
-        maps = sequence(seed, STEPS, LAYERS, num_logical, num_physical)
-        metas = [metadata(torch, m, num_logical, n) for m in maps]
-        w = make_weights(torch, [specs(torch)] * LAYERS, maps[0], rank, n, dev)
-        ptrs = [t.data_ptr() for layer in w for t in layer]
-        for a, b, m in zip(metas, metas[1:], maps[1:]):
-            got = U._update_expert_weights_raw({i: w[i] for i in layers}, a, b, layers, 1, rank)
-            torch.cuda.synchronize(dev)
-            out["returns"].append(got)
-            out["raw"].append(check_weights(torch, w, m, rank, n))
-        out["kept"] = ptrs == [t.data_ptr() for layer in w for t in layer]
-
-        # one layer, called directly
-        one = sequence(seed + 1, STEPS, 1, num_logical, num_physical)
-        w1 = make_weights(torch, [specs(torch)], one[0], rank, n, dev)
-        for a, b in zip(one, one[1:]):
-            logs = single_layer_update(
-                torch, w1[0], a[0], b[0], PER_RANK, n, rank=rank, world_size=n
-            )
-            torch.cuda.synchronize(dev)
-            out["single"].append((logs, check_weights(torch, w1, b, rank, n)))
-
-        # SGLang's updater end to end, on a subset of the layers
-        old, new = sequence(seed + 2, 1, LAYERS, num_logical, num_physical)
-        w2 = make_weights(torch, [specs(torch)] * LAYERS, old, rank, n, dev)
-        el.set_global_expert_location_metadata(
-            metadata(torch, old, num_logical, n), allow_overwrite=True
-        )
-        subset = [2, 0]
-        missing = U.ExpertLocationUpdater().update(
-            {i: w2[i] for i in layers},
-            metadata(torch, new, num_logical, n),
-            update_layer_ids=subset,
-            nnodes=1,
-            rank=rank,
-        )
-        torch.cuda.synchronize(dev)
-        expect = old.copy()
-        expect[subset] = new[subset]
-        meta = el.get_global_expert_location_metadata()
-        out["updater"] = {
-            "missing": missing,
-            "bad": check_weights(torch, w2, expect, rank, n),
-            "map": bool(np.array_equal(meta.physical_to_logical_map_cpu.numpy(), expect)),
-        }
+        _every_layer_raw(torch, U, dev, seed, rank, n, num_logical, num_physical, out)
+        _one_layer_directly(torch, dev, seed, rank, n, num_logical, num_physical, out)
+        _updater_end_to_end(torch, el, U, dev, seed, rank, n, num_logical, num_physical, out)
     finally:
         S.uninstall()
     return out
+
+
+def _every_layer_raw(torch, U, dev, seed, rank, n, num_logical, num_physical, out):
+    """Every layer of an update: SGLang's _update_expert_weights_raw."""
+    from tests.shuffle_util import check_weights, make_weights
+    from tests_sglang.util import metadata, sequence, specs
+
+    layers = list(range(LAYERS))
+    maps = sequence(seed, STEPS, LAYERS, num_logical, num_physical)
+    metas = [metadata(torch, m, num_logical, n) for m in maps]
+    w = make_weights(torch, [specs(torch)] * LAYERS, maps[0], rank, n, dev)
+    ptrs = [t.data_ptr() for layer in w for t in layer]
+    for a, b, m in zip(metas, metas[1:], maps[1:]):
+        got = U._update_expert_weights_raw({i: w[i] for i in layers}, a, b, layers, 1, rank)
+        torch.cuda.synchronize(dev)
+        out["returns"].append(got)
+        out["raw"].append(check_weights(torch, w, m, rank, n))
+    out["kept"] = ptrs == [t.data_ptr() for layer in w for t in layer]
+
+
+def _one_layer_directly(torch, dev, seed, rank, n, num_logical, num_physical, out):
+    """One layer: update_expert_weights_single_layer called directly."""
+    from tests.shuffle_util import check_weights, make_weights
+    from tests_sglang.util import sequence, single_layer_update, specs
+
+    one = sequence(seed + 1, STEPS, 1, num_logical, num_physical)
+    w1 = make_weights(torch, [specs(torch)], one[0], rank, n, dev)
+    for a, b in zip(one, one[1:]):
+        logs = single_layer_update(torch, w1[0], a[0], b[0], PER_RANK, n, rank=rank, world_size=n)
+        torch.cuda.synchronize(dev)
+        out["single"].append((logs, check_weights(torch, w1, b, rank, n)))
+
+
+def _updater_end_to_end(torch, el, U, dev, seed, rank, n, num_logical, num_physical, out):
+    """SGLang's updater end to end, on a subset of the layers (its global metadata updated)."""
+    from tests.shuffle_util import check_weights, make_weights
+    from tests_sglang.util import metadata, sequence, specs
+
+    layers = list(range(LAYERS))
+    old, new = sequence(seed + 2, 1, LAYERS, num_logical, num_physical)
+    w2 = make_weights(torch, [specs(torch)] * LAYERS, old, rank, n, dev)
+    el.set_global_expert_location_metadata(
+        metadata(torch, old, num_logical, n), allow_overwrite=True
+    )
+    subset = [2, 0]
+    missing = U.ExpertLocationUpdater().update(
+        {i: w2[i] for i in layers},
+        metadata(torch, new, num_logical, n),
+        update_layer_ids=subset,
+        nnodes=1,
+        rank=rank,
+    )
+    torch.cuda.synchronize(dev)
+    expect = old.copy()
+    expect[subset] = new[subset]
+    meta = el.get_global_expert_location_metadata()
+    out["updater"] = {
+        "missing": missing,
+        "bad": check_weights(torch, w2, expect, rank, n),
+        "map": bool(np.array_equal(meta.physical_to_logical_map_cpu.numpy(), expect)),
+    }
 
 
 @pytest.mark.parametrize("procs", [2, 3, 4])

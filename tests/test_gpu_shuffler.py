@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.gpu_util import nccl_process_group, run_ranks
-from tests.shuffle_util import GPU_SPECS, torch_specs
+from tests.shuffle_util import GPU_SPECS, restrict_to_held, torch_specs
 
 pytestmark = pytest.mark.gpu
 
@@ -48,12 +48,7 @@ def _shuffle_job(ctx, seed, kind, transactional, staging_bytes, pack_threshold, 
     out = []
     for _ in range(3):
         _, nxt = random_maps(rng, len(specs), num_logical, n, P, empty_frac=0.05)
-        for layer in range(len(specs)):  # nxt may only need experts cur holds
-            held = set(cur[layer][cur[layer] >= 0].tolist())
-            bad = [
-                s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held
-            ]
-            nxt[layer, bad] = cur[layer, bad]
+        restrict_to_held(cur, nxt)  # nxt may only need experts cur holds
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)

@@ -50,85 +50,80 @@ def _devices(procs):
     return [r % n for r in range(procs)]
 
 
-def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
-    import torch
-    import torch.distributed as dist
-
-    from eplb_pynccl.integrations import vllm as V
-    from tests.shuffle_util import check_weights, make_weights
-
+def _vllm_rebalance_execute():
+    """vLLM's rebalance_execute module, or None where vLLM does not import (then its calls are
+    emulated; with $EPLB_PYNCCL_TEST_REQUIRE_VLLM set the import error is raised)."""
     try:
         import vllm.distributed.eplb.rebalance_execute as rx
     except Exception:  # noqa: BLE001 - no vLLM (or one that does not import): emulate its calls
         if os.environ.get(REQUIRE_VLLM):
             raise
         rx = None
-    torch.cuda.set_device(ctx.device)
-    torch.zeros(1, device=ctx.device)  # CUDA up before the rendezvous: set-up is then quick
-    dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=ctx.rank, world_size=ctx.world_size
-    )
-    rank, n = ctx.rank, ctx.world_size
-    maps = [np.asarray(m, dtype=np.int64) for m in maps]
-    dev = torch.device("cuda", ctx.device)
-    specs = [[(shape, getattr(torch, dt)) for shape, dt in SPECS]] * LAYERS
-    ws = make_weights(torch, specs, maps[0], rank, n, dev)
-    buf = [torch.empty_like(t) for t in ws[0]]
-    ptrs = [t.data_ptr() for layer in ws for t in layer]
-    gc = SimpleNamespace(cpu_group=dist.group.WORLD)
+    return rx
+
+
+def _make_communicator(torch, V, gc, ws, buf, rx, timeout):
+    """The IPC communicator: vLLM's create_communicator path, or the same set-up without vLLM."""
     if rx is not None:
-        comm = V.create_communicator(gc, ws, buf, transport="ipc", timeout=timeout)
-    else:
-        t, path = V._setup_ipc(torch, gc.cpu_group, ws, timeout)
-        comm = V._CommunicatorImpl(t, ws, buf, ipc=path)
-    emu = VllmCalls(torch, V, comm, rank, n, P)
-    if victim == rank:
-        real = comm.execute
+        return V.create_communicator(gc, ws, buf, transport="ipc", timeout=timeout)
+    t, path = V._setup_ipc(torch, gc.cpu_group, ws, timeout)
+    return V._CommunicatorImpl(t, ws, buf, ipc=path)
 
-        def execute():  # dies in the second layer, its sends and receives queued
-            if comm._layer == 1:
-                os._exit(3)
-            real()
 
-        comm.execute = execute
-    handoff, consumed = queue.Queue(), queue.Queue()
-    failure = {}
+def _die_in_the_second_layer(comm):
+    """This rank's process exits inside execute() of layer 1, its sends and receives queued."""
+    real = comm.execute
 
-    def worker():  # vLLM's async EPLB thread
-        try:
-            if hasattr(torch, "accelerator"):
-                torch.accelerator.set_device_index(ctx.device)
-            else:
-                torch.cuda.set_device(ctx.device)
-            stream = torch.Stream(device=torch.device("cuda", ctx.device))
-            comm.set_stream(stream)
-            for old, new in zip(maps, maps[1:]):
-                for layer in range(LAYERS):
-                    failure["t0"] = time.monotonic()
-                    if rx is not None:
-                        md = rx.transfer_layer(
-                            torch.from_numpy(old[layer]),
-                            torch.from_numpy(new[layer]),
-                            ws[layer],
-                            buf,
-                            dist.group.WORLD,
-                            comm,
-                            stream=stream,
-                            layer_idx=layer,
-                        )
-                    else:
-                        md = emu.transfer(old[layer], new[layer], ws[layer], buf, stream, layer)
-                    stream.synchronize()
-                    handoff.put((layer, md, old[layer], new[layer]))
-                    consumed.get(timeout=60).wait(stream)  # the main thread's copy-out
-            handoff.put(None)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            failure["elapsed"] = time.monotonic() - failure.get("t0", time.monotonic())
-            handoff.put(("error", f"{type(e).__name__}: {e}"))
+    def execute():  # dies in the second layer, its sends and receives queued
+        if comm._layer == 1:
+            os._exit(3)
+        real()
 
-    th = threading.Thread(target=worker, daemon=True)
-    th.start()
-    side = torch.cuda.Stream(dev)
+    comm.execute = execute
+
+
+def _async_worker(ctx, torch, comm, rx, emu, maps, ws, buf, handoff, consumed, failure):
+    """vLLM's async EPLB thread: every layer of every rearrangement into the buffer on its own
+    stream, handed to the main thread, the next layer only after the main thread's copy-out."""
+    import torch.distributed as dist
+
+    try:
+        if hasattr(torch, "accelerator"):
+            torch.accelerator.set_device_index(ctx.device)
+        else:
+            torch.cuda.set_device(ctx.device)
+        stream = torch.Stream(device=torch.device("cuda", ctx.device))
+        comm.set_stream(stream)
+        for old, new in zip(maps, maps[1:]):
+            for layer in range(LAYERS):
+                failure["t0"] = time.monotonic()
+                if rx is not None:
+                    md = rx.transfer_layer(
+                        torch.from_numpy(old[layer]),
+                        torch.from_numpy(new[layer]),
+                        ws[layer],
+                        buf,
+                        dist.group.WORLD,
+                        comm,
+                        stream=stream,
+                        layer_idx=layer,
+                    )
+                else:
+                    md = emu.transfer(old[layer], new[layer], ws[layer], buf, stream, layer)
+                stream.synchronize()
+                handoff.put((layer, md, old[layer], new[layer]))
+                consumed.get(timeout=60).wait(stream)  # the main thread's copy-out
+        handoff.put(None)
+    except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        failure["elapsed"] = time.monotonic() - failure.get("t0", time.monotonic())
+        handoff.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _forward_and_copy_out(torch, dev, side, rx, emu, maps, ws, buf, rank, n, handoff, consumed):
+    """The main thread: matmuls on their own stream, each finished layer copied out of the
+    buffer, the weights checked after every rearrangement; returns (bad, steps, error)."""
+    from tests.shuffle_util import check_weights
+
     a = torch.randn(256, 256, device=dev)
     bad, step, spins, error = [], 0, 0, None
     while True:  # the forward passes, on their own stream, and the copy-out after each layer
@@ -158,6 +153,46 @@ def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
             torch.cuda.current_stream().synchronize()
             step += 1
             bad.append(check_weights(torch, ws, maps[step], rank, n))
+    return bad, step, error
+
+
+def _job(ctx, rendezvous, maps, victim=None, outdir=None, timeout=30.0):
+    import torch
+    import torch.distributed as dist
+
+    from eplb_pynccl.integrations import vllm as V
+    from tests.shuffle_util import check_weights, make_weights
+
+    rx = _vllm_rebalance_execute()
+    torch.cuda.set_device(ctx.device)
+    torch.zeros(1, device=ctx.device)  # CUDA up before the rendezvous: set-up is then quick
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=ctx.rank, world_size=ctx.world_size
+    )
+    rank, n = ctx.rank, ctx.world_size
+    maps = [np.asarray(m, dtype=np.int64) for m in maps]
+    dev = torch.device("cuda", ctx.device)
+    specs = [[(shape, getattr(torch, dt)) for shape, dt in SPECS]] * LAYERS
+    ws = make_weights(torch, specs, maps[0], rank, n, dev)
+    buf = [torch.empty_like(t) for t in ws[0]]
+    ptrs = [t.data_ptr() for layer in ws for t in layer]
+    gc = SimpleNamespace(cpu_group=dist.group.WORLD)
+    comm = _make_communicator(torch, V, gc, ws, buf, rx, timeout)
+    emu = VllmCalls(torch, V, comm, rank, n, P)
+    if victim == rank:
+        _die_in_the_second_layer(comm)
+    handoff, consumed = queue.Queue(), queue.Queue()
+    failure = {}
+    th = threading.Thread(
+        target=_async_worker,
+        args=(ctx, torch, comm, rx, emu, maps, ws, buf, handoff, consumed, failure),
+        daemon=True,
+    )
+    th.start()
+    side = torch.cuda.Stream(dev)
+    bad, step, error = _forward_and_copy_out(
+        torch, dev, side, rx, emu, maps, ws, buf, rank, n, handoff, consumed
+    )
     th.join(30)
     side.synchronize()
     torch.cuda.current_stream().synchronize()

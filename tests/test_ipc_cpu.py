@@ -208,77 +208,94 @@ class _Rank:
         self.pulls_landed = 0  # highest round whose pulls have landed (at the done event)
 
 
-def _run(seed: int, n: int, rounds: int, p_edge: float):
-    rng = np.random.default_rng(seed)
-    # per round: who pulls from whom (a directed graph over the node's ranks)
-    graph = [
-        [[p for p in range(n) if p != r and rng.random() < p_edge] for r in range(n)]
-        for _ in range(rounds)
-    ]
-    ranks = [_Rank(r) for r in range(n)]
-    now = [0]
-    log = []
+class _VirtualNode:
+    """``n`` ranks running :class:`RoundProtocol` for ``rounds`` rounds, one random rank a
+    scheduler tick; events complete a random number of ticks after they are recorded."""
 
-    def make(rank, q):
-        sources = graph[q - 1][rank.r]
-        readers = [p for p in range(n) if rank.r in graph[q - 1][p]]
+    def __init__(self, seed: int, n: int, rounds: int, p_edge: float):
+        self.rng = rng = np.random.default_rng(seed)
+        self.n, self.rounds = n, rounds
+        # per round: who pulls from whom (a directed graph over the node's ranks)
+        self.graph = [
+            [[p for p in range(n) if p != r and rng.random() < p_edge] for r in range(n)]
+            for _ in range(rounds)
+        ]
+        self.ranks = [_Rank(r) for r in range(n)]
+        self.now = 0
+        self.log: list[tuple[int, int, int]] = []
+        self.readers_of: dict[int, list[int]] = {}
 
-        def peer_ready(p, q):
-            s = ranks[p]
-            ok = s.c_ready >= q and s.ready.complete(now[0])
-            if ok:  # the record we see is round q's: the source has not moved on (no ABA)
-                assert s.ready.round == q, (p, q, s.ready.round)
-            return ok
+    def _peer_ready(self, p, q):
+        s = self.ranks[p]
+        ok = s.c_ready >= q and s.ready.complete(self.now)
+        if ok:  # the record we see is round q's: the source has not moved on (no ABA)
+            assert s.ready.round == q, (p, q, s.ready.round)
+        return ok
 
-        def peer_done(p, q):
-            s = ranks[p]
-            return s.c_done >= q and s.done.complete(now[0])
+    def _peer_done(self, p, q):
+        s = self.ranks[p]
+        return s.c_done >= q and s.done.complete(self.now)
+
+    def _protocol(self, rank: _Rank, q: int):
+        """Round ``q``'s protocol for ``rank``, and the ranks that read its rows."""
+        sources = self.graph[q - 1][rank.r]
+        readers = [p for p in range(self.n) if rank.r in self.graph[q - 1][p]]
 
         def pull(p):
-            s = ranks[p]
+            s = self.ranks[p]
             # the source's rows of round q are stable (its phase A done) and not yet overwritten
             assert s.launched == q and s.round == q - 1, (rank.r, p, q, s.launched, s.round)
-            log.append((q, rank.r, p))
+            self.log.append((q, rank.r, p))
 
         def finish():
-            rank.done.record(q, now[0], int(rng.integers(0, 4)))
+            rank.done.record(q, self.now, int(self.rng.integers(0, 4)))
             rank.c_done = q
 
         def local_done():
-            if rank.done.complete(now[0]):
+            if rank.done.complete(self.now):
                 rank.pulls_landed = max(rank.pulls_landed, rank.done.round)
                 return True
             return False
 
         return RoundProtocol(
-            sources, readers, peer_ready, peer_done, pull, finish, local_done
+            sources, readers, self._peer_ready, self._peer_done, pull, finish, local_done
         ), readers
 
-    readers_of = {}
-    for _ in range(200_000):
-        if all(k.round == rounds for k in ranks):
-            break
-        now[0] += 1
-        rank = ranks[int(rng.integers(0, n))]
-        if rank.round == rounds:
-            continue
+    def _tick(self):
+        """One rank launches its next round, or polls it and applies it once it is done."""
+        self.now += 1
+        ranks = self.ranks
+        rank = ranks[int(self.rng.integers(0, self.n))]
+        if rank.round == self.rounds:
+            return
         q = rank.round + 1
         if rank.launched < q:  # launch: ready after this rank's phase A
-            rank.proto, readers_of[rank.r] = make(rank, q)
+            rank.proto, self.readers_of[rank.r] = self._protocol(rank, q)
             rank.launched = q
-            rank.ready.record(q, now[0], int(rng.integers(0, 4)))
+            rank.ready.record(q, self.now, int(self.rng.integers(0, 4)))
             rank.c_ready = q
             rank.proto.start(q)
             rank.proto.poll()
         elif rank.proto.poll():  # done: apply (overwrite rows readers copied)
-            for p in readers_of[rank.r]:
+            for p in self.readers_of[rank.r]:
                 assert ranks[p].pulls_landed >= q or (
-                    ranks[p].done.round >= q and ranks[p].done.complete(now[0])
+                    ranks[p].done.round >= q and ranks[p].done.complete(self.now)
                 ), (rank.r, p, q)
             rank.round = q
-    assert all(k.round == rounds for k in ranks), "the protocol deadlocked"
-    expect = sorted((q + 1, r, p) for q in range(rounds) for r in range(n) for p in graph[q][r])
-    assert sorted(log) == expect  # every pull exactly once
+
+    def run(self):
+        rounds, n, graph = self.rounds, self.n, self.graph
+        for _ in range(200_000):
+            if all(k.round == rounds for k in self.ranks):
+                break
+            self._tick()
+        assert all(k.round == rounds for k in self.ranks), "the protocol deadlocked"
+        expect = sorted((q + 1, r, p) for q in range(rounds) for r in range(n) for p in graph[q][r])
+        assert sorted(self.log) == expect  # every pull exactly once
+
+
+def _run(seed: int, n: int, rounds: int, p_edge: float):
+    _VirtualNode(seed, n, rounds, p_edge).run()
 
 
 @settings(max_examples=200, deadline=None)

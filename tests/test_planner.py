@@ -84,6 +84,31 @@ def permutation_maps(seed, num_layers, ep, per_rank, num_logical, num_redundant,
 def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     old = np.asarray(old, dtype=np.int64)
     new = np.asarray(new, dtype=np.int64)
+    _check_layout(plan, old, new, ep)
+    _check_order_and_destinations(plan, old, new, ep)
+    _check_transfer_endpoints(plan, old, new, ep)
+    _check_copies_and_sources(plan, old, new, ep)
+    if rpn is not None:
+        _check_node_preference(plan, old, ep, rpn)
+    _check_rank_views(plan, ep)
+
+
+_TRANSFER_FIELDS = ("layer", "src_rank", "src_row", "dst_rank", "dst_row", "expert")
+_COPY_FIELDS = ("layer", "rank", "src_row", "dst_row", "expert", "src_is_new")
+
+
+def _transfers(plan: RearrangementPlan):
+    """The transfer arrays t_*, in the order of _TRANSFER_FIELDS."""
+    return tuple(getattr(plan, "t_" + f) for f in _TRANSFER_FIELDS)
+
+
+def _copies(plan: RearrangementPlan):
+    """The copy arrays c_*, in the order of _COPY_FIELDS."""
+    return tuple(getattr(plan, "c_" + f) for f in _COPY_FIELDS)
+
+
+def _check_layout(plan: RearrangementPlan, old, new, ep):
+    """Sizes, dtypes and shapes of the plan's arrays, `changed`, and the rank/row ranges."""
     L, N = old.shape
     P = N // ep
     assert (plan.num_layers, plan.num_physical, plan.ep_size, plan.slots_per_rank) == (
@@ -103,27 +128,18 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     changed = (new != old) & (new != -1)
     np.testing.assert_array_equal(plan.changed, changed)
 
-    tl, ts, tsr, td, tdr, te = (
-        plan.t_layer,
-        plan.t_src_rank,
-        plan.t_src_row,
-        plan.t_dst_rank,
-        plan.t_dst_row,
-        plan.t_expert,
-    )
-    cl, cr, csr, cdr, ce, cn = (
-        plan.c_layer,
-        plan.c_rank,
-        plan.c_src_row,
-        plan.c_dst_row,
-        plan.c_expert,
-        plan.c_src_is_new,
-    )
-    for a in (ts, td):
+    for a in (plan.t_src_rank, plan.t_dst_rank):
         assert ((a >= 0) & (a < ep)).all()
-    for a in (tsr, tdr, csr, cdr):
+    for a in (plan.t_src_row, plan.t_dst_row, plan.c_src_row, plan.c_dst_row):
         assert ((a >= 0) & (a < P)).all()
 
+
+def _check_order_and_destinations(plan: RearrangementPlan, old, new, ep):
+    """Sorted transfers and copies; the result is the new map; each changed row written once."""
+    L, N = old.shape
+    P = N // ep
+    tl, ts, _, td, tdr, te = _transfers(plan)
+    cl, cr, _, cdr, ce, _ = _copies(plan)
     # ordering
     tkey = ((tl * ep + ts) * ep + td) * P + tdr
     assert (np.diff(tkey) > 0).all(), "transfers not sorted by (layer, src, dst, dst_row)"
@@ -135,6 +151,7 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     np.testing.assert_array_equal(np.where(new == -1, -1, out), new)
 
     # destinations: exactly the changed rows, each once, with the right expert
+    changed = (new != old) & (new != -1)
     t_dst_slot = td * P + tdr
     c_dst_slot = cr * P + cdr
     written = np.zeros((L, N), dtype=np.int64)
@@ -144,6 +161,19 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     np.testing.assert_array_equal(te, new[tl, t_dst_slot])
     np.testing.assert_array_equal(ce, new[cl, c_dst_slot])
 
+
+def _best_row(old3, new3, layer, rank, e):
+    """The preferred source row: an unchanged holder row, else the lowest holder row."""
+    rows = np.flatnonzero(old3[layer, rank] == e)
+    keep = rows[new3[layer, rank, rows] == e]
+    return int(keep[0] if keep.size else rows[0])
+
+
+def _check_transfer_endpoints(plan: RearrangementPlan, old, new, ep):
+    """Each (layer, dst_rank, expert) once; sender holds it, receiver does not; best rows."""
+    L, N = old.shape
+    P = N // ep
+    tl, ts, tsr, td, _, te = _transfers(plan)
     # no (layer, dst_rank, expert) crosses the network twice
     trip = set(zip(tl.tolist(), td.tolist(), te.tolist(), strict=True))
     assert len(trip) == tl.size
@@ -157,16 +187,20 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
         assert e not in old3[layer, dst]
 
     # preferred source rows: an unchanged holder row, else the lowest holder row
-    def best_row(layer, rank, e):
-        rows = np.flatnonzero(old3[layer, rank] == e)
-        keep = rows[new3[layer, rank, rows] == e]
-        return int(keep[0] if keep.size else rows[0])
-
     for layer, src, srow, e in zip(
         tl.tolist(), ts.tolist(), tsr.tolist(), te.tolist(), strict=True
     ):
-        assert srow == best_row(layer, src, e)
+        assert srow == _best_row(old3, new3, layer, src, e)
 
+
+def _check_copies_and_sources(plan: RearrangementPlan, old, new, ep):
+    """Each copy's source holds its expert (old or received); source_needed is what is read."""
+    L, N = old.shape
+    P = N // ep
+    tl, ts, tsr, td, tdr, te = _transfers(plan)
+    cl, cr, csr, cdr, ce, cn = _copies(plan)
+    old3 = old.reshape(L, ep, P)
+    new3 = new.reshape(L, ep, P)
     # copies: old-content sources hold e in old; new-content sources receive e by network
     recv_rows = {
         (layer, d, r): e
@@ -181,7 +215,7 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
             assert e not in old3[layer, rank]
         else:
             assert old3[layer, rank, srow] == e
-            assert srow == best_row(layer, rank, e)
+            assert srow == _best_row(old3, new3, layer, rank, e)
 
     # source_needed: exactly the rows whose old content is read
     needed = np.zeros((L, N), dtype=bool)
@@ -189,16 +223,27 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
     needed[cl[~cn], cr[~cn] * P + csr[~cn]] = True
     np.testing.assert_array_equal(plan.source_needed, needed)
 
-    # node preference
-    if rpn is not None:
-        for layer, src, dst, e in zip(
-            tl.tolist(), ts.tolist(), td.tolist(), te.tolist(), strict=True
-        ):
-            holders = np.flatnonzero((old3[layer] == e).any(axis=1))
-            if (holders // rpn == dst // rpn).any():
-                assert src // rpn == dst // rpn
 
-    # per-rank views agree with the plan and with each other
+def _check_node_preference(plan: RearrangementPlan, old, ep, rpn):
+    """A transfer comes from the receiver's node whenever a rank of that node holds the expert."""
+    L, N = old.shape
+    old3 = old.reshape(L, ep, N // ep)
+    for layer, src, dst, e in zip(
+        plan.t_layer.tolist(),
+        plan.t_src_rank.tolist(),
+        plan.t_dst_rank.tolist(),
+        plan.t_expert.tolist(),
+        strict=True,
+    ):
+        holders = np.flatnonzero((old3[layer] == e).any(axis=1))
+        if (holders // rpn == dst // rpn).any():
+            assert src // rpn == dst // rpn
+
+
+def _check_rank_views(plan: RearrangementPlan, ep):
+    """Per-rank views agree with the plan and with each other (each send is a peer's recv)."""
+    P = plan.slots_per_rank
+    tl, ts, td, cl, cr = plan.t_layer, plan.t_src_rank, plan.t_dst_rank, plan.c_layer, plan.c_rank
     views = [plan.rank_view(r) for r in range(ep)]
     assert sum(v.num_sends for v in views) == plan.num_transfers
     assert sum(v.num_recvs for v in views) == plan.num_transfers
@@ -222,7 +267,7 @@ def check_plan(plan: RearrangementPlan, old, new, ep, rpn=None):
                 (a.s_expert[sm], b.r_expert[rm]),
             ):
                 np.testing.assert_array_equal(x, y)
-    for layer in range(L):
+    for layer in range(plan.num_layers):
         inv = plan.layer_ranks_involved(layer)
         expect = set(ts[tl == layer].tolist()) | set(td[tl == layer].tolist())
         expect |= set(cr[cl == layer].tolist())

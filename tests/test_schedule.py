@@ -191,6 +191,12 @@ def _two_rank_case(transactional=True, **kw):
     return fresh, old, new
 
 
+def _assert_refused(sched, old, new, match):
+    """The virtual cluster refuses the planted schedule: a ScheduleError matching ``match``."""
+    with pytest.raises(ScheduleError, match=match):
+        simulate_schedule(sched, old, new)
+
+
 def _replace(ro, phase, i, op):
     getattr(ro, phase)[i] = op
 
@@ -199,30 +205,31 @@ def test_planted_wrong_final_rows():
     sched, old, new = _two_rank_case()
     ro = sched.rank(0).rounds[0]
     ro.post = [op for op in ro.post if not (isinstance(op, Kernels) and op.what == "recv")]
-    with pytest.raises(
-        ScheduleError,
-        match=r"^rank 0 layer 0 tensor 0 row 0: holds layer 0 expert 0 tensor 0, new_map wants expert 4$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^rank 0 layer 0 tensor 0 row 0: holds layer 0 expert 0 tensor 0, new_map wants expert 4$",
+    )
 
 
 def test_planted_send_and_receive_sequences_that_differ():
     sched, old, new = _two_rank_case()
     m = sched.rank(0).rounds[0].sends
     m.nbytes[0] -= 64  # one row less than the receiver expects
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
+    )
     sched, old, new = _two_rank_case()
     ro = sched.rank(1).rounds[0]
     keep = np.arange(len(ro.recvs)) != 0  # a receive missing: the NCCL group would hang
     ro.recvs = dataclasses.replace(
         ro.recvs, **{f.name: getattr(ro.recvs, f.name)[keep] for f in dataclasses.fields(ro.recvs)}
     )
-    with pytest.raises(ScheduleError, match=r"^round 0: \d+ sends but \d+ receives in all$"):
-        simulate_schedule(sched, old, new)
+    _assert_refused(sched, old, new, r"^round 0: \d+ sends but \d+ receives in all$")
 
 
 def test_planted_messages_swapped_between_tensors():
@@ -232,11 +239,12 @@ def test_planted_messages_swapped_between_tensors():
     for f in ("tensor", "buf", "off", "nbytes"):
         a = getattr(m, f)
         a[i], a[j] = a[j], a[i]
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0: message 0 from rank 0 to rank 1 has \d+ bytes, the receive 0 on rank 1 \d+$",
+    )
 
 
 def test_planted_read_after_overwrite():
@@ -256,11 +264,12 @@ def test_planted_read_after_overwrite():
     simulate_schedule(sched, old, new)
     sched, ro, cs = waves()
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + cs[::-1]
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0 rank 0 post wave 1 \(copies\) copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0 rank 0 post wave 1 \(copies\) copy 0: reads rows \[2\] of buffer 0 after they were overwritten$",
+    )
     # the three merged into one batch of independent copies depend on each other
     sched, ro, cs = waves()
     merged = Copies(
@@ -270,11 +279,12 @@ def test_planted_read_after_overwrite():
         )
     )
     ro.post = [op for op in ro.post if not isinstance(op, Copies)] + [merged]
-    with pytest.raises(
-        ScheduleError,
-        match=r"depends on another copy of its wave|reads a row another copy of its wave writes",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"depends on another copy of its wave|reads a row another copy of its wave writes",
+    )
 
 
 def test_planted_duplicate_before_its_source_arrives():
@@ -286,26 +296,23 @@ def test_planted_duplicate_before_its_source_arrives():
     assert len(dup) == 1
     ro.post.remove(dup[0])
     ro.post.insert(0, dup[0])  # before the staged receive is scattered into its source row
-    with pytest.raises(
-        ScheduleError, match=r"reads rows \[0\] of buffer 0 as new, but they were not written yet$"
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched, old, new, r"reads rows \[0\] of buffer 0 as new, but they were not written yet$"
+    )
 
 
 def test_planted_staging_beyond_the_bound():
     sched, old, new = _two_rank_case()
     rs = sched.rank(0)
     sched.staging_bound = rs.peak_extra_bytes - 1
-    with pytest.raises(
-        ScheduleError, match=r"^rank 0: staging \d+ B \+ index \d+ B exceed the bound of \d+ B$"
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched, old, new, r"^rank 0: staging \d+ B \+ index \d+ B exceed the bound of \d+ B$"
+    )
     sched, old, new = _two_rank_case()
     m = sched.rank(1).rounds[0].recvs
     k = int(np.flatnonzero(m.buf == STAGING)[0])
     m.off[k] = sched.rank(1).staging_bytes  # past the end of the rank's staging
-    with pytest.raises(ScheduleError, match=r"outside the rank's staging of \d+ B$"):
-        simulate_schedule(sched, old, new)
+    _assert_refused(sched, old, new, r"outside the rank's staging of \d+ B$")
 
 
 def test_planted_live_write_before_the_exchange_in_transactional_mode():
@@ -314,11 +321,12 @@ def test_planted_live_write_before_the_exchange_in_transactional_mode():
     copies = next(op for op in ro.post if isinstance(op, Copies) and not op.reads_new)
     ro.post.remove(copies)  # the old-content local copies, moved before the exchange
     ro.pre.append(copies)
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0 rank 0 pre wave \d \(copies\) copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0 rank 0 pre wave \d \(copies\) copy 0: writes live rows \[\d\] of buffer 0 before the round's exchange completed \(transactional\)$",
+    )
 
 
 def test_planted_send_reading_bytes_a_receive_writes():
@@ -337,23 +345,24 @@ def test_planted_send_reading_bytes_a_receive_writes():
     assert ro.recvs.buf.tolist() == [0] and ro.recvs.off.tolist() == [0]  # straight into row 0
     assert ro.sends.off.tolist() == [16]
     ro.sends.off[0] = 0
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0: receive 0 on rank 1 expects bytes at \(0, 16\) on rank 0, which sends \(0, 0\)$",
-    ):
-        simulate_schedule(sched, old, new)  # the two ends disagree
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0: receive 0 on rank 1 expects bytes at \(0, 16\) on rank 0, which sends \(0, 0\)$",
+    )  # the two ends disagree
     sched._linked = False
     sched.rank(1).rounds[0].recvs.roff[0] = 0  # both ends agree on the racing bytes
-    with pytest.raises(
-        ScheduleError,
-        match=r"^round 0 rank 0 send 0 to rank 1: reads bytes a receive of the same round writes$",
-    ):
-        simulate_schedule(sched, old, new)
+    _assert_refused(
+        sched,
+        old,
+        new,
+        r"^round 0 rank 0 send 0 to rank 1: reads bytes a receive of the same round writes$",
+    )
 
 
 def test_planted_misaligned_message():
     sched, old, new = _two_rank_case()
     m = sched.rank(0).rounds[0].sends
     m.off[0] += 1
-    with pytest.raises(ScheduleError, match=r"is not the start of a row$|expects bytes at|targets"):
-        simulate_schedule(sched, old, new)
+    _assert_refused(sched, old, new, r"is not the start of a row$|expects bytes at|targets")

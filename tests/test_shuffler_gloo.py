@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.shuffle_util import run_gloo, torch_specs
+from tests.shuffle_util import restrict_to_held, run_gloo, torch_specs
 
 torch = pytest.importorskip("torch")
 
@@ -44,12 +44,7 @@ def _rearrange_job(
     cur = old
     for _ in range(rounds):
         _, nxt = random_maps(rng, len(specs), num_logical, world, P, empty_frac=0.1)
-        # nxt must only need experts cur holds: reuse the generator's guarantee against cur
-        held = [set(cur[l][cur[l] >= 0].tolist()) for l in range(len(specs))]
-        for l in range(len(specs)):
-            for s in range(nxt.shape[1]):
-                if nxt[l, s] >= 0 and nxt[l, s] not in held[l]:
-                    nxt[l, s] = cur[l, s]
+        restrict_to_held(cur, nxt)  # nxt must only need experts cur holds
         stats = sh.rearrange(cur, nxt, verify=True)
         bad = check_weights(T, weights, nxt, rank, world)
         assert stats.peak_extra_bytes <= stats.staging_bound, (
@@ -144,11 +139,7 @@ def _config_sweep_job(rank, world, seed, n):
         _, nxt = random_maps(
             rng, len(specs), num_logical, world, P, empty_frac=0.1, keep_frac=float(rng.random())
         )
-        for layer in range(len(specs)):
-            held = set(cur[layer][cur[layer] >= 0].tolist())
-            for s in range(nxt.shape[1]):
-                if nxt[layer, s] >= 0 and nxt[layer, s] not in held:
-                    nxt[layer, s] = cur[layer, s]
+        restrict_to_held(cur, nxt)
         sh = ExpertShuffler(TorchTransport(), weights, **cfg)
         sh.rearrange(cur, nxt)
         bad = check_weights(T, weights, nxt, rank, world)

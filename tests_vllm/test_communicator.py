@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 
 from tests_vllm.util import (
+    STEPS,
     TIMEOUT,
     CountingTransport,
     buffer,
-    clone,
     coordinator,
     differences,
-    sequence,
+    side_by_side,
     specs,
     weights,
 )
-
-NUM_LAYERS, PER_RANK, STEPS = 3, 4, 4
 
 
 def _run_vllm(path, rx, torch, old, new, ws, buf, gc, comm, batching):
@@ -51,18 +49,12 @@ def _run_vllm(path, rx, torch, old, new, ws, buf, gc, comm, batching):
 def vllm_paths_job(ctx, seed, dtype, path, batching, groups=None):
     import torch
     import vllm.distributed.eplb.rebalance_execute as rx
-    from vllm.distributed.eplb.eplb_communicator import create_eplb_communicator
 
     from eplb_pynccl.integrations import vllm as V
     from tests.shuffle_util import check_weights
 
-    gc = coordinator(ctx, groups)
+    gc, maps, ref, ours, ref_buf, our_buf, ref_comm = side_by_side(ctx, torch, seed, dtype, groups)
     ep_rank, ep_size = gc.rank_in_group, gc.world_size
-    maps = sequence(seed, STEPS, NUM_LAYERS, ep_size, PER_RANK)
-    ref = weights(torch, specs(torch, dtype), NUM_LAYERS, maps[0], ep_rank, ep_size)
-    ours = clone(ref)
-    ref_buf, our_buf = buffer(torch, ref), buffer(torch, ours)
-    ref_comm = create_eplb_communicator(gc, "torch_nccl", ref, ref_buf)
     our_comm = V.create_communicator(gc, ours, our_buf)
     ptrs = [t.data_ptr() for ws in ours for t in ws]
     steps = []

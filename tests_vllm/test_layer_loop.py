@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from tests_vllm.util import (
+    PER_RANK,
     TIMEOUT,
     buffer,
     clone,
     coordinator,
     differences,
     sequence,
+    side_by_side,
     specs,
     weights,
 )
-
-NUM_LAYERS, PER_RANK, STEPS = 3, 4, 4
 
 
 def loop_job(ctx, seed, dtype, which):
@@ -32,13 +32,8 @@ def loop_job(ctx, seed, dtype, which):
     from eplb_pynccl.integrations import vllm as V
     from tests.shuffle_util import check_weights
 
-    gc = coordinator(ctx)
+    gc, maps, ref, ours, ref_buf, our_buf, ref_comm = side_by_side(ctx, torch, seed, dtype)
     ep_rank, ep_size = gc.rank_in_group, gc.world_size
-    maps = sequence(seed, STEPS, NUM_LAYERS, ep_size, PER_RANK)
-    ref = weights(torch, specs(torch, dtype), NUM_LAYERS, maps[0], ep_rank, ep_size)
-    ours = clone(ref)
-    ref_buf, our_buf = buffer(torch, ref), buffer(torch, ours)
-    ref_comm = create_eplb_communicator(gc, "torch_nccl", ref, ref_buf)
     if which == "foreign":
         our_comm = create_eplb_communicator(gc, "torch_nccl", ours, our_buf)
     else:

@@ -3,6 +3,8 @@ expert weights with known bytes, and sequences of random vLLM-style maps."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from eplb_pynccl.transport import Transport
@@ -10,6 +12,8 @@ from tests.engine_suite import clone as clone  # re-exported for the suite's tes
 from tests.engine_suite import gloo_world
 
 TIMEOUT = 120  # seconds for a job of a few rearrangements on 2 cores (they take well under 10)
+# the shape the side-by-side jobs move: layers, slots per EP rank, rearrangements in a row
+NUM_LAYERS, PER_RANK, STEPS = 3, 4, 4
 
 
 def coordinator(ctx, groups=None):
@@ -56,7 +60,7 @@ def sequence(seed: int, steps: int, num_layers: int, ep_size: int, per_rank: int
     replicas, -1 slots, unchanged slots, experts moving across ranks and within one; every
     expert a map uses is held somewhere in the map before it (as vLLM's policy guarantees).
     The same on every rank (seeded)."""
-    from tests.shuffle_util import random_maps
+    from tests.shuffle_util import random_maps, restrict_to_held
 
     rng = np.random.default_rng(seed)
     num_logical = max(2, ep_size * per_rank - 2)
@@ -64,14 +68,38 @@ def sequence(seed: int, steps: int, num_layers: int, ep_size: int, per_rank: int
     maps = [cur]
     for _ in range(steps):
         _, nxt = random_maps(rng, num_layers, num_logical, ep_size, per_rank, empty_frac=empty)
-        for layer in range(num_layers):
-            held = set(cur[layer][cur[layer] >= 0].tolist())
-            for s in range(nxt.shape[1]):
-                if nxt[layer, s] >= 0 and nxt[layer, s] not in held:
-                    nxt[layer, s] = cur[layer, s]
+        restrict_to_held(cur, nxt)
         maps.append(nxt)
         cur = nxt
     return maps
+
+
+class SideBySide(NamedTuple):
+    """The start of a job that runs vLLM's loop and ours on the same maps (see side_by_side)."""
+
+    gc: Any
+    maps: list
+    ref: list
+    ours: list
+    ref_buf: list
+    our_buf: list
+    ref_comm: Any
+
+
+def side_by_side(ctx, torch, seed: int, dtype: str, groups=None) -> SideBySide:
+    """vLLM's GroupCoordinator, ``STEPS + 1`` maps (``NUM_LAYERS`` layers, ``PER_RANK`` slots
+    per rank), the reference weights with vLLM's torch_nccl communicator, our copy of them, and
+    a buffer for each."""
+    from vllm.distributed.eplb.eplb_communicator import create_eplb_communicator
+
+    gc = coordinator(ctx, groups)
+    ep_rank, ep_size = gc.rank_in_group, gc.world_size
+    maps = sequence(seed, STEPS, NUM_LAYERS, ep_size, PER_RANK)
+    ref = weights(torch, specs(torch, dtype), NUM_LAYERS, maps[0], ep_rank, ep_size)
+    ours = clone(ref)
+    ref_buf, our_buf = buffer(torch, ref), buffer(torch, ours)
+    ref_comm = create_eplb_communicator(gc, "torch_nccl", ref, ref_buf)
+    return SideBySide(gc, maps, ref, ours, ref_buf, our_buf, ref_comm)
 
 
 def row_bytes(torch, ws) -> list:
