@@ -231,12 +231,26 @@ class RankPool:
         task = (fn.__module__, getattr(module, "__file__", None), fn.__qualname__, args)
         for c in self._conns:
             c.send(task)
-        n = self.world_size
-        results: list = [None] * n
-        errors: dict[int, str] = {}
-        pending = set(range(n))
         start = time.monotonic()
-        deadline = start + timeout
+        results, errors, pending = self._collect(start + timeout, grace)
+        if not pending and not errors:
+            return results
+        # Something failed or hung: the processes may be stuck inside NCCL; kill them all.
+        self.kill()
+        elapsed = time.monotonic() - start
+        if errors:
+            self._raise_errors(fn.__qualname__, errors, pending, grace)
+        raise RankTimeout(
+            f"{fn.__qualname__}: ranks {sorted(pending)} of {self.world_size} did not finish "
+            f"within {timeout:g} s (waited {elapsed:.1f} s); all rank processes were killed"
+        )
+
+    def _collect(self, deadline: float, grace: float):
+        """``(results, errors, pending)``: each rank's result or error, waiting until
+        ``deadline``, or ``grace`` seconds after the first error, for the ranks still running."""
+        results: list = [None] * self.world_size
+        errors: dict[int, str] = {}
+        pending = set(range(self.world_size))
         first_error_at = None
         while pending:
             now = time.monotonic()
@@ -251,48 +265,48 @@ class RankPool:
                 conn, proc = self._conns[r], self._procs[r]
                 if conn not in ready and proc.sentinel not in ready:
                     continue
-                msg = None
-                try:
-                    if conn.poll():
-                        msg = conn.recv()
-                except (EOFError, OSError):
-                    msg = None
-                if msg is None:
-                    proc.join(1.0)
-                    errors[r] = (
-                        f"rank {r} exited (exit code {proc.exitcode}) without reporting a result"
-                    )
-                elif msg[0] == "ok":
-                    results[r] = msg[1]
+                ok, value = self._outcome(r)
+                if ok:
+                    results[r] = value
                 else:
-                    _, tname, text, tb = msg
-                    errors[r] = f"rank {r} raised {tname}: {text}\n{tb}"
+                    errors[r] = value
                 pending.discard(r)
                 if r in errors and first_error_at is None:
                     first_error_at = time.monotonic()
-        if not pending and not errors:
-            return results
-        # Something failed or hung: the processes may be stuck inside NCCL; kill them all.
-        self.kill()
-        elapsed = time.monotonic() - start
-        if errors:
-            lines = [f"{len(errors)} of {n} ranks failed in {fn.__qualname__}:"]
-            lines += [errors[r] for r in sorted(errors)]
-            if pending:
-                lines.append(
-                    f"ranks {sorted(pending)} had not finished {grace:g} s after the first "
-                    "failure; all rank processes were killed"
-                )
-            skipped = [r for r in errors if "raised Skipped:" in errors[r]]
-            if len(skipped) == len(errors) and not pending:
-                import pytest
+        return results, errors, pending
 
-                pytest.skip(errors[skipped[0]].split("raised Skipped: ", 1)[1].split("\n", 1)[0])
-            raise RankFailure("\n".join(lines))
-        raise RankTimeout(
-            f"{fn.__qualname__}: ranks {sorted(pending)} of {n} did not finish within "
-            f"{timeout:g} s (waited {elapsed:.1f} s); all rank processes were killed"
-        )
+    def _outcome(self, r: int):
+        """``(True, result)`` or ``(False, error text)`` of rank ``r``, which is ready."""
+        conn, proc = self._conns[r], self._procs[r]
+        msg = None
+        try:
+            if conn.poll():
+                msg = conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if msg is None:
+            proc.join(1.0)
+            return False, f"rank {r} exited (exit code {proc.exitcode}) without reporting a result"
+        if msg[0] == "ok":
+            return True, msg[1]
+        _, tname, text, tb = msg
+        return False, f"rank {r} raised {tname}: {text}\n{tb}"
+
+    def _raise_errors(self, name: str, errors: dict, pending: set, grace: float) -> None:
+        """RankFailure naming every failed rank (pytest's skip where every failure is one)."""
+        lines = [f"{len(errors)} of {self.world_size} ranks failed in {name}:"]
+        lines += [errors[r] for r in sorted(errors)]
+        if pending:
+            lines.append(
+                f"ranks {sorted(pending)} had not finished {grace:g} s after the first "
+                "failure; all rank processes were killed"
+            )
+        skipped = [r for r in errors if "raised Skipped:" in errors[r]]
+        if len(skipped) == len(errors) and not pending:
+            import pytest
+
+            pytest.skip(errors[skipped[0]].split("raised Skipped: ", 1)[1].split("\n", 1)[0])
+        raise RankFailure("\n".join(lines))
 
     def kill(self) -> None:
         """Kill every rank process now (SIGKILL) and reap it."""
