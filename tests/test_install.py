@@ -155,13 +155,8 @@ def _local_imports(root: Path) -> set[str]:
     return found
 
 
-def test_sdist_runs_its_own_suites_and_make_rules(sdist):
-    """From the unpacked sdist (issue 22 item 2): the three suites collect without errors,
-    every local module their files import exists (tests import tests_vllm's helpers inside
-    test functions, which collection does not see), the Makefile has the lint, test-vllm and
-    test-sglang rules with what they need, and make lint's ruff runs pass there."""
-    _, _, src = sdist
-    env = dict(os.environ, PYTHONPATH=str(src))
+def _assert_imports_its_own_package(src: Path, env: dict[str, str]) -> None:
+    """eplb_pynccl imported from the unpacked sdist ``src``, not from elsewhere."""
     where = subprocess.run(
         [sys.executable, "-c", "import eplb_pynccl; print(eplb_pynccl.__file__)"],
         capture_output=True,
@@ -172,6 +167,9 @@ def test_sdist_runs_its_own_suites_and_make_rules(sdist):
     )
     assert Path(where.stdout.strip()).is_relative_to(src), where.stdout + where.stderr
 
+
+def _assert_suites_collect(src: Path, env: dict[str, str]) -> None:
+    """The three suites collect without errors, each with tests."""
     r = subprocess.run(
         [
             sys.executable,
@@ -197,13 +195,10 @@ def test_sdist_runs_its_own_suites_and_make_rules(sdist):
     for suite in ("tests/", "tests_vllm/", "tests_sglang/"):
         assert any(line.startswith(suite) for line in r.stdout.splitlines()), suite
 
-    missing = sorted(
-        m
-        for m in _local_imports(src)
-        if not any((src / (m.replace(".", "/") + t)).exists() for t in (".py", "/__init__.py"))
-    )
-    assert not missing, missing
 
+def _make_lint_ruff_commands(src: Path, env: dict[str, str]) -> list[str]:
+    """make -n of the lint, test-vllm and test-sglang rules works; make lint's two ruff
+    command lines."""
     make = subprocess.run(
         ["make", "-n", "lint", "test-vllm", "test-sglang", f"PY={sys.executable}", "SETUP="],
         capture_output=True,
@@ -215,6 +210,27 @@ def test_sdist_runs_its_own_suites_and_make_rules(sdist):
     assert make.returncode == 0, make.stdout + make.stderr
     ruff = [line for line in make.stdout.splitlines() if " -m ruff " in line]
     assert len(ruff) == 2, make.stdout
+    return ruff
+
+
+def test_sdist_runs_its_own_suites_and_make_rules(sdist):
+    """From the unpacked sdist (issue 22 item 2): the three suites collect without errors,
+    every local module their files import exists (tests import tests_vllm's helpers inside
+    test functions, which collection does not see), the Makefile has the lint, test-vllm and
+    test-sglang rules with what they need, and make lint's ruff runs pass there."""
+    _, _, src = sdist
+    env = dict(os.environ, PYTHONPATH=str(src))
+    _assert_imports_its_own_package(src, env)
+    _assert_suites_collect(src, env)
+
+    missing = sorted(
+        m
+        for m in _local_imports(src)
+        if not any((src / (m.replace(".", "/") + t)).exists() for t in (".py", "/__init__.py"))
+    )
+    assert not missing, missing
+
+    ruff = _make_lint_ruff_commands(src, env)
     pytest.importorskip("ruff")
     for cmd in ruff:
         run = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=src, timeout=300)

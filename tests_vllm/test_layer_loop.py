@@ -20,20 +20,13 @@ from tests_vllm.util import (
 )
 
 
-def loop_job(ctx, seed, dtype, which):
-    """``which``: "ours" (our communicator), "foreign" (vLLM's communicator: our loop falls back
-    to TorchTransport(ep_group)), "patched" (vLLM's eplb_state name after register())."""
-    import torch
+def _our_comm_and_loop(gc, ours, our_buf, which):
+    """The communicator and the loop that ``which`` names (see loop_job)."""
     import vllm.distributed.eplb.eplb_state as es
-    import vllm.distributed.eplb.rebalance_execute as rx
     from vllm.distributed.eplb.eplb_communicator import create_eplb_communicator
 
-    from eplb_pynccl import RearrangeStats
     from eplb_pynccl.integrations import vllm as V
-    from tests.shuffle_util import check_weights
 
-    gc, maps, ref, ours, ref_buf, our_buf, ref_comm = side_by_side(ctx, torch, seed, dtype)
-    ep_rank, ep_size = gc.rank_in_group, gc.world_size
     if which == "foreign":
         our_comm = create_eplb_communicator(gc, "torch_nccl", ours, our_buf)
     else:
@@ -43,8 +36,22 @@ def loop_job(ctx, seed, dtype, which):
         loop = es.rearrange_expert_weights_inplace
     else:
         loop = V.rearrange_expert_weights_inplace
-    ptrs = [t.data_ptr() for ws in ours for t in ws]
-    before_buf = [b.clone() for b in our_buf]
+    return our_comm, loop
+
+
+def _same_bytes(torch, xs, ys):
+    # bytes, not values: random bytes hold NaNs, which torch.equal never finds equal
+    return all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(xs, ys))
+
+
+def _loop_steps(torch, gc, maps, ref, ours, ref_buf, our_buf, ref_comm, our_comm, loop):
+    """vLLM's loop on ``ref`` and ``loop`` on ``ours`` for each pair of successive maps."""
+    import vllm.distributed.eplb.rebalance_execute as rx
+
+    from eplb_pynccl import RearrangeStats
+    from tests.shuffle_util import check_weights
+
+    ep_rank, ep_size = gc.rank_in_group, gc.world_size
     out = []
     for old, new in zip(maps, maps[1:]):
         rx.rearrange_expert_weights_inplace(
@@ -61,7 +68,11 @@ def loop_job(ctx, seed, dtype, which):
                 stats.layers_changed if stats is not None else None,
             )
         )
-    # vLLM's profile pass moves nothing
+    return out
+
+
+def _profile_pass(torch, gc, maps, ours, our_buf, our_comm, loop):
+    """vLLM's profile pass moves nothing: (its return value, whether ``ours`` is unchanged)."""
     snapshot = [t.clone() for ws in ours for t in ws]
     prof = loop(
         torch.from_numpy(maps[-1]),
@@ -72,19 +83,26 @@ def loop_job(ctx, seed, dtype, which):
         our_comm,
         True,
     )
-    # bytes, not values: random bytes hold NaNs, which torch.equal never finds equal
-    unchanged = all(
-        torch.equal(a.view(torch.uint8), t.view(torch.uint8))
-        for a, t in zip(snapshot, [t for ws in ours for t in ws])
-    )
+    unchanged = _same_bytes(torch, snapshot, [t for ws in ours for t in ws])
+    return prof, unchanged
+
+
+def loop_job(ctx, seed, dtype, which):
+    """``which``: "ours" (our communicator), "foreign" (vLLM's communicator: our loop falls back
+    to TorchTransport(ep_group)), "patched" (vLLM's eplb_state name after register())."""
+    import torch
+
+    gc, maps, ref, ours, ref_buf, our_buf, ref_comm = side_by_side(ctx, torch, seed, dtype)
+    our_comm, loop = _our_comm_and_loop(gc, ours, our_buf, which)
+    ptrs = [t.data_ptr() for ws in ours for t in ws]
+    before_buf = [b.clone() for b in our_buf]
+    out = _loop_steps(torch, gc, maps, ref, ours, ref_buf, our_buf, ref_comm, our_comm, loop)
+    profile = _profile_pass(torch, gc, maps, ours, our_buf, our_comm, loop)
     return {
         "steps": out,
         "same_storage": ptrs == [t.data_ptr() for ws in ours for t in ws],
-        "buffer_untouched": all(
-            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-            for a, b in zip(before_buf, our_buf)
-        ),
-        "profile": (prof, unchanged),
+        "buffer_untouched": _same_bytes(torch, before_buf, our_buf),
+        "profile": profile,
         "changed": [
             sorted({int(x) for x in np.nonzero((o != n).any(axis=1))[0]})
             for o, n in zip(maps, maps[1:])
@@ -138,6 +156,37 @@ def test_patched_loop_keeps_vllms_loop_for_vllms_communicators(pools):
         assert (name, ret, bad) == ("TorchDistNcclEplbCommunicator", None, [])
 
 
+def _rank_mapping_maps(direction, ep_size, L):
+    """rank_mapping and the old and new maps (L layers) of rank_mapping_job's ``direction``."""
+    P, E = 3, 5
+    rng = np.random.default_rng(11)
+    if direction == "down":
+        mapping = {0: 0, 1: -1, 2: 1}
+        old = np.stack([rng.permutation(np.arange(ep_size * P) % E) for _ in range(L)])
+        new = np.stack([rng.permutation(np.arange(2 * P) % E) for _ in range(L)])
+    else:
+        mapping = {0: 0, 1: 2}
+        old = np.stack([rng.permutation(np.arange(2 * P) % E) for _ in range(L)])
+        new = np.stack([rng.permutation(np.arange(ep_size * P) % E) for _ in range(L)])
+    return mapping, old, new
+
+
+def _same_layout_as_vllm(direction, old, new, laid_old, laid_new, mapping, ep_size):
+    """Whether vLLM's own helpers lay the maps out the same way as ours."""
+    import torch
+    import vllm.distributed.eplb.rebalance_execute as rx
+
+    if direction == "down":
+        theirs = rx._map_new_expert_indices_with_rank_mapping(
+            torch.from_numpy(new), mapping
+        ).numpy()
+        return np.array_equal(theirs, laid_new) and np.array_equal(laid_old, old)
+    theirs = rx._map_old_expert_indices_with_rank_mapping(
+        torch.from_numpy(old), mapping, ep_size
+    ).numpy()
+    return np.array_equal(theirs, laid_old) and np.array_equal(laid_new, new)
+
+
 def rank_mapping_job(ctx, direction):
     """Elastic EP on 3 processes: 'down' from 3 EP ranks to 2 (rank 1 leaves), 'up' from 2 to 3
     (new rank 1 joins); vLLM's loop and ours from the same maps and rank_mapping."""
@@ -151,16 +200,8 @@ def rank_mapping_job(ctx, direction):
 
     gc = coordinator(ctx)
     ep_rank, ep_size = gc.rank_in_group, gc.world_size
-    L, P, E = 2, 3, 5
-    rng = np.random.default_rng(11)
-    if direction == "down":
-        mapping = {0: 0, 1: -1, 2: 1}
-        old = np.stack([rng.permutation(np.arange(ep_size * P) % E) for _ in range(L)])
-        new = np.stack([rng.permutation(np.arange(2 * P) % E) for _ in range(L)])
-    else:
-        mapping = {0: 0, 1: 2}
-        old = np.stack([rng.permutation(np.arange(2 * P) % E) for _ in range(L)])
-        new = np.stack([rng.permutation(np.arange(ep_size * P) % E) for _ in range(L)])
+    L = 2
+    mapping, old, new = _rank_mapping_maps(direction, ep_size, L)
     # the weights as laid out on the current EP group
     laid_old, laid_new = _apply_rank_mapping(old, new, mapping, ep_size)
     ref = weights(torch, specs(torch, "mixed"), L, laid_old, ep_rank, ep_size)
@@ -186,17 +227,7 @@ def rank_mapping_job(ctx, direction):
         our_comm,
         rank_mapping=mapping,
     )
-    # vLLM's own helpers lay the maps out the same way as ours
-    if direction == "down":
-        theirs = rx._map_new_expert_indices_with_rank_mapping(
-            torch.from_numpy(new), mapping
-        ).numpy()
-        same_layout = np.array_equal(theirs, laid_new) and np.array_equal(laid_old, old)
-    else:
-        theirs = rx._map_old_expert_indices_with_rank_mapping(
-            torch.from_numpy(old), mapping, ep_size
-        ).numpy()
-        same_layout = np.array_equal(theirs, laid_old) and np.array_equal(laid_new, new)
+    same_layout = _same_layout_as_vllm(direction, old, new, laid_old, laid_new, mapping, ep_size)
     return (
         differences(torch, ref, ours, laid_new, ep_rank, ep_size),
         check_weights(torch, ours, laid_new, ep_rank, ep_size),

@@ -318,7 +318,7 @@ def build(
     return sizes
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("site", type=Path, help="site-packages (or virtual environment) with it")
     ap.add_argument("--engine", choices=sorted(ENGINES), default="vllm")
@@ -336,7 +336,25 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--exclude", action="append", default=[], metavar="DIST")
     ap.add_argument("--max-mib", type=float, default=45.0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _report(out: Path, sizes: dict[str, int], max_mib: float) -> int:
+    """Print the largest entries and the archive's size; 1 where it is over ``max_mib``."""
+    size = out.stat().st_size
+    total = sum(sizes.values())
+    print(f"largest entries (uncompressed, of {total / 2**20:.0f} MiB):")
+    for top, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {n / 2**20:7.1f} MiB  {top}")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    if size > max_mib * 2**20:
+        print(f"FAIL: larger than --max-mib {max_mib}")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     engine, xy = args.engine, args.python.replace(".", "")
     spec = ENGINES[engine]
     out = args.out or REPO / "build" / f"{engine}-py{xy}.tar.xz"
@@ -371,16 +389,7 @@ def main(argv=None) -> int:
         "env": spec["env"] if spec["target_env"] is None else spec["target_env"],
     }
     sizes = build(site, paths, wheel_files, out, manifest, f"{engine}-site")
-    size = out.stat().st_size
-    total = sum(sizes.values())
-    print(f"largest entries (uncompressed, of {total / 2**20:.0f} MiB):")
-    for top, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {n / 2**20:7.1f} MiB  {top}")
-    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
-    if size > args.max_mib * 2**20:
-        print(f"FAIL: larger than --max-mib {args.max_mib}")
-        return 1
-    return 0
+    return _report(out, sizes, args.max_mib)
 
 
 if __name__ == "__main__":
