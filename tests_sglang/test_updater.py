@@ -182,6 +182,62 @@ def test_dead_peer_named_within_timeout(world_size):
         assert secs < timeout + 5.0, (rank, secs)
 
 
+def _record_steps(S) -> list:
+    """The steps each update of SGLang's drop-in takes (pure: the same on every rank), as they
+    are planned."""
+    planned = []
+    plan_steps = S._plan_steps
+
+    def recorded(*a, **k):
+        planned.append(plan_steps(*a, **k))
+        return planned[-1]
+
+    S._plan_steps = recorded
+    return planned
+
+
+def _exit_at_second_step(S) -> None:
+    """This process exits (code 3) as the drop-in starts its second step."""
+    step = S._step
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(3)
+        return step(*a, **k)
+
+    S._step = dying
+
+
+def _partial_update(torch, w, e, steps, old, new, rank, world_size) -> tuple:
+    """What a survivor reports of the RearrangeError ``e``: its layer lists, the layers it
+    names as between two placements, which placement (old, step 1, step 2, new) each layer
+    holds, and what the steps were."""
+    import numpy as np
+
+    from tests.shuffle_util import check_weights
+
+    layers = range(len(w))
+    names = ("old", "1", "2", "new")
+    bad = {
+        name: {int(x.split()[3]) for x in check_weights(torch, w, m, rank, world_size)}
+        for name, m in zip(names, (old, steps[0], steps[1], new))
+    }
+    held = [[name for name in names if i not in bad[name]] for i in layers]
+    between = re.search(r"layers (\[[0-9, ]*\]) are between", str(e))
+    return (
+        "RearrangeError",
+        e.completed_layers,
+        e.pending_layers,
+        None if between is None else between.group(1),
+        held,
+        len(steps),
+        [bool((steps[0][i] != old[i]).any()) for i in layers],
+        [bool(np.array_equal(steps[0][i], new[i])) for i in layers],
+    )
+
+
 def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
     """An update split into steps (small rows, a quarter of a layer of staging); rank
     ``dead`` exits as its second step starts. The survivors report the RearrangeError's
@@ -189,14 +245,12 @@ def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
     second's, or neither)."""
     try:
         os.environ.update(RANK_ENV)
-        import numpy as np
         import torch
         import torch.distributed as dist
         from sglang.srt.eplb import expert_location_updater as U
 
         from eplb_pynccl.errors import RearrangeError
         from eplb_pynccl.integrations import sglang as S
-        from tests.shuffle_util import check_weights
 
         dist.init_process_group(
             "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
@@ -204,26 +258,10 @@ def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
         num_physical = PER_RANK * world_size
         old, new = sequence(9, 1, NUM_LAYERS, num_physical - 1, num_physical)
         w = weights(torch, old, rank, world_size, NUM_LAYERS)
-        planned = []
-        plan_steps = S._plan_steps
-
-        def recorded(*a, **k):  # the steps the update takes (pure: the same on every rank)
-            planned.append(plan_steps(*a, **k))
-            return planned[-1]
-
-        S._plan_steps = recorded
+        planned = _record_steps(S)
         S.install(timeout=timeout)
         if rank == dead:
-            step = S._step
-            calls = []
-
-            def dying(*a, **k):
-                calls.append(1)
-                if len(calls) == 2:
-                    os._exit(3)
-                return step(*a, **k)
-
-            S._step = dying
+            _exit_at_second_step(S)
         layers = list(range(NUM_LAYERS))
         t0 = time.monotonic()
         try:
@@ -237,30 +275,8 @@ def _dying_between_steps(rank, world_size, rendezvous, dead, timeout, q):
             )
             q.put((rank, "no error", time.monotonic() - t0))
         except RearrangeError as e:
-            steps = planned[0]
-            names = ("old", "1", "2", "new")
-            bad = {
-                name: {int(x.split()[3]) for x in check_weights(torch, w, m, rank, world_size)}
-                for name, m in zip(names, (old, steps[0], steps[1], new))
-            }
-            held = [[name for name in names if i not in bad[name]] for i in layers]
-            between = re.search(r"layers (\[[0-9, ]*\]) are between", str(e))
-            q.put(
-                (
-                    rank,
-                    (
-                        "RearrangeError",
-                        e.completed_layers,
-                        e.pending_layers,
-                        None if between is None else between.group(1),
-                        held,
-                        len(steps),
-                        [bool((steps[0][i] != old[i]).any()) for i in layers],
-                        [bool(np.array_equal(steps[0][i], new[i])) for i in layers],
-                    ),
-                    time.monotonic() - t0,
-                )
-            )
+            report = _partial_update(torch, w, e, planned[0], old, new, rank, world_size)
+            q.put((rank, report, time.monotonic() - t0))
         q.close()
         q.join_thread()
         time.sleep(3.0)
