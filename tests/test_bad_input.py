@@ -130,151 +130,156 @@ def _one_rank_transport():
 
 _GOOD = torch.zeros(4, 8)
 
-# (constructor call given the ExpertShuffler class and a one-rank transport, exception, message)
+
+def _bad(weights, exc, msg, id, transport=None, **options):
+    """A case of the constructor's refusals: ``ExpertShuffler(transport, weights, **options)``
+    (``transport`` None: a one-rank transport) raises ``exc`` matching ``msg``."""
+    return pytest.param(transport, weights, options, exc, msg, id=id)
+
+
+# (transport, expert_weights, options, exception, message)
 _BAD_WEIGHTS = [
-    pytest.param(
-        lambda Shuffler, t: Shuffler(Local(), [[_GOOD]]),
+    _bad(
+        [[_GOOD]],
         TypeError,
         "transport must be an eplb_pynccl Transport, got Local",
-        id="not-a-transport",
+        "not-a-transport",
+        transport=Local(),
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, []),
-        ValueError,
-        "expert_weights is empty: give at least one layer",
-        id="no-layers",
-    ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [_GOOD]),
+    _bad([], ValueError, "expert_weights is empty: give at least one layer", "no-layers"),
+    _bad(
+        [_GOOD],
         TypeError,
         r"expert_weights\[0\] must be a non-empty list of tensors",
-        id="layer-not-a-list",
+        "layer-not-a-list",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD, "x"]]),
+    _bad(
+        [[_GOOD, "x"]],
         TypeError,
         r"expert_weights\[0\]\[1\] must be a torch.Tensor, got str",
-        id="weight-not-a-tensor",
+        "weight-not-a-tensor",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[torch.tensor(1.0)]]),
-        ValueError,
-        "must have a leading expert dimension",
-        id="0-D-weight",
-    ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[torch.zeros(8, 4).t()]]),
+    _bad([[torch.tensor(1.0)]], ValueError, "must have a leading expert dimension", "0-D-weight"),
+    _bad(
+        [[torch.zeros(8, 4).t()]],
         ValueError,
         r"expert_weights\[0\]\[0\] is not contiguous",
-        id="not-contiguous",
+        "not-contiguous",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD], [torch.zeros(5, 8)]]),
+    _bad(
+        [[_GOOD], [torch.zeros(5, 8)]],
         ValueError,
         "has 5 expert rows but expert_weights",
-        id="rows-differ-between-layers",
+        "rows-differ-between-layers",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[torch.zeros(4, 8, device="meta")]]),
-        ValueError,
-        "is on meta",
-        id="meta-device",
-    ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], staging_bytes=-1),
+    _bad([[torch.zeros(4, 8, device="meta")]], ValueError, "is on meta", "meta-device"),
+    _bad(
+        [[_GOOD]],
         ValueError,
         "staging_bytes must be >= 0, got -1",
-        id="negative-staging_bytes",
+        "negative-staging_bytes",
+        staging_bytes=-1,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], max_messages_per_round=0),
+    _bad(
+        [[_GOOD]],
         ValueError,
         "max_messages_per_round must be >= 1, got 0",
-        id="zero-max_messages_per_round",
+        "zero-max_messages_per_round",
+        max_messages_per_round=0,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=-1),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"timeout must be a positive number of seconds, got -1$",
-        id="negative-timeout",
+        "negative-timeout",
+        timeout=-1,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=0),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"timeout must be a positive number of seconds, got 0$",
-        id="zero-timeout",
+        "zero-timeout",
+        timeout=0,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=float("nan")),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"timeout must be a finite number of seconds, got nan$",
-        id="nan-timeout",
+        "nan-timeout",
+        timeout=float("nan"),
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout=True),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"timeout must be a positive number of seconds, got True$",
-        id="bool-timeout",
+        "bool-timeout",
+        timeout=True,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], pack_threshold=True),
+    _bad(
+        [[_GOOD]],
         TypeError,
         r"pack_threshold must be an int, got bool$",
-        id="bool-pack_threshold",
+        "bool-pack_threshold",
+        pack_threshold=True,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], timeout="5"),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"timeout must be a positive number of seconds, got '5'$",
-        id="str-timeout",
+        "str-timeout",
+        timeout="5",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], ranks_per_node=3),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"ranks_per_node counts EP ranks per node, at most ep_size \(1\); got 3$",
-        id="ranks_per_node-above-ep_size",
+        "ranks_per_node-above-ep_size",
+        ranks_per_node=3,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], ranks_per_node=0),
+    _bad(
+        [[_GOOD]],
         ValueError,
         r"ranks_per_node must be >= 1, got 0$",
-        id="zero-ranks_per_node",
+        "zero-ranks_per_node",
+        ranks_per_node=0,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], pack_threshold=-1),
+    _bad(
+        [[_GOOD]],
         ValueError,
         "pack_threshold must be >= 0, got -1",
-        id="negative-pack_threshold",
+        "negative-pack_threshold",
+        pack_threshold=-1,
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[torch.zeros(0, 8)]]),
+    _bad(
+        [[torch.zeros(0, 8)]],
         ValueError,
         r"^expert_weights\[0\]\[0\] is empty \(shape \(0, 8\)\): every weight tensor holds "
         r"at least one expert row of at least one element$",
-        id="no-expert-rows",
+        "no-expert-rows",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD, torch.zeros(4, 0)]]),
+    _bad(
+        [[_GOOD, torch.zeros(4, 0)]],
         ValueError,
         r"^expert_weights\[0\]\[1\] is empty \(shape \(4, 0\)\)",
-        id="rows-of-no-elements",
+        "rows-of-no-elements",
     ),
-    pytest.param(
-        lambda Shuffler, t: Shuffler(t, [[_GOOD]], transactional="no"),
+    _bad(
+        [[_GOOD]],
         TypeError,
         r"^transactional must be a bool, got str$",
-        id="str-transactional",
+        "str-transactional",
+        transactional="no",
     ),
 ]
 
 
-@pytest.mark.parametrize("make, exc, msg", _BAD_WEIGHTS)
-def test_bad_weights_are_refused_by_the_constructor(make, exc, msg):
+@pytest.mark.parametrize("transport, weights, options, exc, msg", _BAD_WEIGHTS)
+def test_bad_weights_are_refused_by_the_constructor(transport, weights, options, exc, msg):
     from eplb_pynccl import ExpertShuffler
 
-    t = _one_rank_transport()
+    t = _one_rank_transport() if transport is None else transport
     with pytest.raises(exc, match=msg):
-        make(ExpertShuffler, t)
+        ExpertShuffler(t, weights, **options)
 
 
 def _disagree_job(rank, world, what):
