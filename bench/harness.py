@@ -781,7 +781,8 @@ class ChildRun:
     interrupted: bool = False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no socket holds now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -826,7 +827,7 @@ class _Supervisor:
         self.parts = [p.name for p in parts]
         self.args, self.on_part_done, self.log = args, on_part_done, log
         self.stall = stall = float(args.stall_timeout)
-        port = int(getattr(args, "master_port", 0) or 0) or _free_port()
+        port = int(getattr(args, "master_port", 0) or 0) or free_port()
         self.store = dist.TCPStore(
             "127.0.0.1",
             port,

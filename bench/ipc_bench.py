@@ -23,7 +23,7 @@ import traceback
 
 import numpy as np
 
-from bench.harness import PartSkipped, _free_port
+from bench.harness import PartSkipped, free_port
 
 DSV3 = [
     ((4096, 7168), "float8_e4m3fn"),
@@ -317,7 +317,7 @@ def _run_workers(mp, args, n: int, devices: list[int]) -> dict:
     10 s) before."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     opts = {
         "reps": int(getattr(args, "eplb_repeats", 5) or 5),
         "seed": int(getattr(args, "seed", 0)),
