@@ -673,9 +673,10 @@ def _replicate(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
             chosen[:, i] = c
             cnt[rows, c] += 1
         return cnt, chosen
-    k = _extra_replicas(w.astype(np.float64), R)
+    wf = w.astype(np.float64)
+    k = _extra_replicas(wf, R)
     cnt += k
-    return cnt, _greedy_order(w, k, R)
+    return cnt, _greedy_order(wf, k, R)
 
 
 def _replicas_above(wf: np.ndarray, t: np.ndarray, R: int) -> np.ndarray:
@@ -719,14 +720,15 @@ def _extra_replicas(wf: np.ndarray, R: int) -> np.ndarray:
     return k
 
 
-def _greedy_order(w: np.ndarray, k: np.ndarray, R: int) -> np.ndarray:
+def _greedy_order(wf: np.ndarray, k: np.ndarray, R: int) -> np.ndarray:
     """int [B, R]: the items of the ``R`` further replicas of each row (``k`` [B, n] of
-    each item) in the order the greedy adds them: value descending, then lowest item first."""
-    B, n = w.shape
+    each item, ``wf`` the float64 loads) in the order the greedy adds them: value
+    descending, then lowest item first."""
+    B, n = wf.shape
     item = np.repeat(np.tile(np.arange(n), B), k.ravel()).reshape(B, R)
     first = np.cumsum(k, axis=1) - k  # where each item's run starts
     kk = np.arange(R)[None, :] - np.take_along_axis(first, item, 1) + 1  # k-th extra replica
-    val = np.take_along_axis(w.astype(np.float64), item, 1) / kk
+    val = np.take_along_axis(wf, item, 1) / kk
     order = np.lexsort((item, -val), axis=1)
     return np.take_along_axis(item, order, 1)
 
