@@ -86,7 +86,7 @@ def poll_until(
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` (on this host) runs (a zombie that has exited but not been reaped does not)."""
+    """Whether process ``pid`` (on this host) runs; a zombie, exited but not reaped, does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
