@@ -680,8 +680,9 @@ def _plot_bound_bars(ax, rows: list[dict]) -> None:
     ]
     labels = [f"{'nvl72' if r['cluster'] == 'gb200-nvl72' else '8gpu'} EP{r['ep']}" for r in bars]
     bottom = np.zeros(len(bars))
+    shares = [_bound_shares(r["bound"]) for r in bars]
     for res_name in res:
-        vals = [_bound_shares(r["bound"]).get(res_name, 0.0) for r in bars]
+        vals = [s.get(res_name, 0.0) for s in shares]
         ax.bar(labels, vals, bottom=bottom, label=res_name)
         bottom += np.asarray(vals)
     ax.set_title("DeepSeek-V3, migration_aware + ours: share of rounds bound by")
