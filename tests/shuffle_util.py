@@ -79,8 +79,8 @@ def restrict_to_held(cur, nxt):
     """``nxt`` changed in place to need only experts ``cur`` holds: a slot of a layer asking
     for an expert that layer of ``cur`` does not hold keeps its ``cur`` expert."""
     for layer in range(nxt.shape[0]):
-        held = set(cur[layer][cur[layer] >= 0].tolist())
-        bad = [s for s in range(nxt.shape[1]) if nxt[layer, s] >= 0 and nxt[layer, s] not in held]
+        held = cur[layer][cur[layer] >= 0]
+        bad = (nxt[layer] >= 0) & ~np.isin(nxt[layer], held)
         nxt[layer, bad] = cur[layer, bad]
 
 
