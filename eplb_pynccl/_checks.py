@@ -29,6 +29,7 @@ __all__ = [
     "check_real",
     "check_index",
     "check_rank_world",
+    "check_ranks_per_node",
     "device_index",
     "current_device",
     "to_numpy",
@@ -156,6 +157,18 @@ def check_rank_world(rank: Any, world_size: Any) -> tuple[int, int]:
     r = _integer(rank, "rank")
     n = check_count(world_size, "world_size")
     return check_index(r, "rank", n), n
+
+
+def check_ranks_per_node(value: Any, ep_size: int) -> int | None:
+    """``ranks_per_node`` (None: not given): EP ranks per node, from 1 to ``ep_size``."""
+    if value is None:
+        return None
+    rpn = check_count(value, "ranks_per_node")
+    if rpn > ep_size:
+        raise ValueError(
+            f"ranks_per_node counts EP ranks per node, at most ep_size ({ep_size}); got {rpn}"
+        )
+    return rpn
 
 
 def current_device() -> int:

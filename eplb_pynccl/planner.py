@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_count, check_ids, check_index, expert_map
+from ._checks import check_count, check_ids, check_index, check_ranks_per_node, expert_map
 
 __all__ = [
     "RankPlan",
@@ -287,11 +287,7 @@ def plan_rearrangement(
             nowhere in that layer.
     """
     ep = check_count(ep_size, "ep_size")
-    rpn = None if ranks_per_node is None else check_count(ranks_per_node, "ranks_per_node")
-    if rpn is not None and rpn > ep:
-        raise ValueError(
-            f"ranks_per_node counts EP ranks per node, at most ep_size ({ep}); got {rpn}"
-        )
+    rpn = check_ranks_per_node(ranks_per_node, ep)
     nlog = None if num_logical is None else check_count(num_logical, "num_logical")
     old, new = _two_maps(old_map, new_map)
     num_layers, num_physical = old.shape

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import numpy as np
 
 from . import _optional
-from ._checks import check_bool, check_count, check_timeout, to_numpy
+from ._checks import check_bool, check_count, check_ranks_per_node, check_timeout, to_numpy
 from ._deadline import DEFAULT_TIMEOUT, poll_until
 from ._nccl import cuda as _cuda
 from ._nccl import rowcopy as _rowcopy
@@ -223,13 +223,7 @@ class ExpertShuffler:
         pack_threshold = check_count(pack_threshold, "pack_threshold", minimum=0)
         transactional = check_bool(transactional, "transactional")
         max_messages_per_round = check_count(max_messages_per_round, "max_messages_per_round")
-        if ranks_per_node is not None:
-            ranks_per_node = check_count(ranks_per_node, "ranks_per_node")
-            if ranks_per_node > self.ep_size:
-                raise ValueError(
-                    f"ranks_per_node counts EP ranks per node, at most ep_size ({self.ep_size}); "
-                    f"got {ranks_per_node}"
-                )
+        ranks_per_node = check_ranks_per_node(ranks_per_node, self.ep_size)
         if timeout is None:
             timeout = getattr(self.transport, "timeout", DEFAULT_TIMEOUT)
         timeout = check_timeout(timeout)
